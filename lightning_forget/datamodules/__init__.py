@@ -1,0 +1,5 @@
+"""Datamodules for task streams."""
+
+from lightning_forget.datamodules.base import ContinualDataModule
+
+__all__ = ["ContinualDataModule"]

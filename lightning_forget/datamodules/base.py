@@ -1,0 +1,169 @@
+"""``ContinualDataModule``: a task sequence served inside one ``Trainer.fit``."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from lightning_forget.tasks import check_dataloader_reloading
+
+__all__ = ["ContinualDataModule"]
+
+
+class ContinualDataModule(pl.LightningDataModule):
+    """Base class of datamodules that serve a sequence of tasks in one fit.
+
+    Subclasses implement :meth:`train_dataset` and :meth:`val_dataset` (and optionally
+    :meth:`test_dataset`) for a task index; this class turns them into loaders:
+
+    - ``train_dataloader()`` serves the current task ``epoch // epochs_per_task`` (all tasks at
+      once in ``joint`` mode, or the fixed ``task`` when one is set);
+    - ``val_dataloader()`` / ``test_dataloader()`` serve one loader per task, in task order, so
+      ``dataloader_idx`` is the task a validation batch belongs to.
+
+    The Trainer must reload training loaders every epoch
+    (``reload_dataloaders_every_n_epochs=1``) and run ``num_tasks * epochs_per_task`` epochs
+    (``max_epochs``; a clear error says so otherwise).
+
+    Args:
+        num_tasks: number of tasks in the stream.
+        epochs_per_task: training epochs spent on each task.
+        batch_size: training and evaluation batch size.
+        num_workers: ``DataLoader`` workers.
+        joint: train on the union of all tasks (the upper-bound baseline); the run is then one
+            training phase of ``epochs_per_task`` epochs, evaluated on every task.
+        task: serve only this task's training data (for one-``fit``-per-task use).
+        seed: seed for shuffling and any random split.
+        eval_batch_size: evaluation batch size (defaults to ``batch_size``).
+        drop_last: drop the last incomplete training batch.
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        epochs_per_task: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        joint: bool = False,
+        task: Optional[int] = None,
+        seed: int = 0,
+        eval_batch_size: Optional[int] = None,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_tasks", num_tasks), ("epochs_per_task", epochs_per_task), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
+        if task is not None and not (0 <= task < num_tasks):
+            raise ValueError(f"`task` must be in [0, {num_tasks - 1}] (or None for the whole stream), got {task!r}.")
+        if joint and task is not None:
+            raise ValueError("`joint=True` trains on every task at once; it cannot be combined with `task`.")
+        self.num_tasks = num_tasks
+        self.epochs_per_task = epochs_per_task
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.joint = joint
+        self.task = task
+        self.seed = seed
+        self.drop_last = drop_last
+
+    # ------------------------------------------------------------------ the schedule
+    @property
+    def num_train_phases(self) -> int:
+        """Number of successive training phases in one fit (1 in joint or fixed-task mode)."""
+        return 1 if (self.joint or self.task is not None) else self.num_tasks
+
+    @property
+    def max_epochs(self) -> int:
+        """The ``max_epochs`` a Trainer needs to go through the whole stream."""
+        return self.num_train_phases * self.epochs_per_task
+
+    def task_of_epoch(self, epoch: int) -> int:
+        """The task trained in ``epoch``.
+
+        In joint mode every task is trained at once, so the run counts as being in the last
+        task (its accuracy row is the final one). With a fixed ``task`` it is that task.
+        """
+        if self.joint:
+            return self.num_tasks - 1
+        if self.task is not None:
+            return self.task
+        return min(epoch // self.epochs_per_task, self.num_tasks - 1)
+
+    def is_last_epoch_of_task(self, epoch: int) -> bool:
+        """Whether ``epoch`` is the last epoch of its training phase."""
+        return (epoch + 1) % self.epochs_per_task == 0
+
+    @property
+    def current_task(self) -> int:
+        """The task of the attached trainer's current epoch (0 without a trainer)."""
+        trainer = self.trainer
+        return self.task_of_epoch(trainer.current_epoch) if trainer is not None else 0
+
+    # ------------------------------------------------------------------ what subclasses provide
+    def train_dataset(self, task: int) -> Dataset:  # pragma: no cover - abstract
+        """The training set of ``task``."""
+        raise NotImplementedError
+
+    def val_dataset(self, task: int) -> Dataset:  # pragma: no cover - abstract
+        """The validation set of ``task``."""
+        raise NotImplementedError
+
+    def test_dataset(self, task: int) -> Dataset:
+        """The test set of ``task`` (defaults to the validation set)."""
+        return self.val_dataset(task)
+
+    # ------------------------------------------------------------------ loaders
+    def _generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+
+    def _check_trainer(self) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            return
+        check_dataloader_reloading(trainer)
+        max_epochs = getattr(trainer, "max_epochs", None)
+        stops_early = max_epochs is not None and 0 <= max_epochs < self.max_epochs
+        limited_otherwise = getattr(trainer, "max_steps", -1) != -1 or getattr(trainer, "fast_dev_run", False)
+        if stops_early and not limited_otherwise:
+            raise RuntimeError(
+                f"{type(self).__name__} has {self.num_train_phases} training phases × "
+                f"{self.epochs_per_task} epochs = {self.max_epochs} epochs, but the Trainer stops "
+                f"after max_epochs={max_epochs}, before the last task. Fix: "
+                f"`Trainer(max_epochs={self.max_epochs})`."
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        self._check_trainer()
+        if self.joint:
+            dataset: Dataset = ConcatDataset([self.train_dataset(t) for t in range(self.num_tasks)])
+        else:
+            dataset = self.train_dataset(self.current_task)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=self._generator(epoch),
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+            persistent_workers=False,
+        )
+
+    def _eval_loaders(self, make: Any) -> list[DataLoader]:
+        return [
+            DataLoader(make(t), batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+            for t in range(self.num_tasks)
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.val_dataset)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.test_dataset)

@@ -1,0 +1,172 @@
+"""The task protocol: which task a run is in, and callbacks that react to task boundaries.
+
+A continual run is a sequence of tasks. ``lightning_forget`` supports two ways of running one:
+
+1. **One fit over a** :class:`~lightning_forget.datamodules.ContinualDataModule`: the datamodule
+   knows ``num_tasks`` and ``epochs_per_task``; the task of an epoch is
+   ``epoch // epochs_per_task``; ``train_dataloader()`` serves the current task, so the Trainer
+   must reload dataloaders every epoch (``reload_dataloaders_every_n_epochs=1``). Checkpoints and
+   resume need nothing special: the epoch says where the run is.
+2. **One fit per task** with plain datamodules (a new dataset each time) and the same callback
+   objects: each ``fit`` is one task, and the task counter lives in the callback's
+   ``state_dict``.
+
+:class:`ContinualCallback` turns either mode into ``on_task_start`` / ``on_task_end`` events and
+:func:`current_task` tells any code the task the trainer is in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+try:  # Python 3.12+
+    from typing import override
+except ImportError:  # pragma: no cover
+    from typing_extensions import override
+
+__all__ = ["ContinualCallback", "current_task", "is_continual_datamodule", "task_schedule"]
+
+
+def is_continual_datamodule(datamodule: Any) -> bool:
+    """Whether ``datamodule`` drives a task sequence inside one fit (duck-typed)."""
+    return (
+        datamodule is not None
+        and hasattr(datamodule, "num_tasks")
+        and hasattr(datamodule, "epochs_per_task")
+        and callable(getattr(datamodule, "task_of_epoch", None))
+    )
+
+
+def task_schedule(trainer: "pl.Trainer") -> Optional[Any]:
+    """The trainer's continual datamodule, or ``None`` when the run is one task per fit."""
+    datamodule = getattr(trainer, "datamodule", None)
+    return datamodule if is_continual_datamodule(datamodule) else None
+
+
+def current_task(trainer: "pl.Trainer") -> int:
+    """The index (0-based) of the task the trainer is training on now.
+
+    With a continual datamodule this is ``datamodule.task_of_epoch(trainer.current_epoch)``.
+    With one fit per task it is the counter of the first :class:`ContinualCallback` attached to
+    the trainer. Without either, the run is a single task: 0.
+    """
+    datamodule = task_schedule(trainer)
+    if datamodule is not None:
+        return int(datamodule.task_of_epoch(trainer.current_epoch))
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, ContinualCallback):
+            return callback.task
+    return 0
+
+
+def check_dataloader_reloading(trainer: "pl.Trainer") -> None:
+    """Raise a clear error when a continual datamodule would not get its next task's loader."""
+    datamodule = task_schedule(trainer)
+    if datamodule is None or datamodule.num_train_phases <= 1:
+        return
+    every = getattr(trainer, "reload_dataloaders_every_n_epochs", 0)
+    if every != 1:
+        raise RuntimeError(
+            f"{type(datamodule).__name__} serves a new task's training data every "
+            f"`epochs_per_task` epochs, but the Trainer was built with "
+            f"reload_dataloaders_every_n_epochs={every}, so it would train on task 0 forever. "
+            "Fix: pass `Trainer(reload_dataloaders_every_n_epochs=1, ...)` (or set "
+            "`trainer.reload_dataloaders_every_n_epochs: 1` in the YAML)."
+        )
+
+
+class ContinualCallback(Callback):
+    """Base class for callbacks that act on task boundaries.
+
+    Subclasses override :meth:`on_task_start` and :meth:`on_task_end` (and any Lightning hook;
+    call ``super()`` from the hooks this class uses: ``setup``, ``on_train_start``,
+    ``on_train_epoch_start``, ``on_train_epoch_end``, ``on_train_end``, ``state_dict`` and
+    ``load_state_dict``).
+
+    Each task's start and end fire exactly once, also across a resume: the indices of the last
+    started and ended tasks are part of the state, so a run resumed in the middle of a task does
+    not start it again.
+
+    Note:
+        Saved state: ``task`` (the task counter used in one-fit-per-task mode), ``started``
+        and ``ended`` (last task whose start/end fired), ``version``.
+    """
+
+    _STATE_VERSION = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task: int = 0
+        self._started: int = -1
+        self._ended: int = -1
+
+    # ------------------------------------------------------------------ task events
+    def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        """Called once when training on ``task`` begins (before its first batch)."""
+
+    def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        """Called once when training on ``task`` is over (after its last validation)."""
+
+    def current_task(self, trainer: "pl.Trainer") -> int:
+        """The task being trained (see :func:`current_task`)."""
+        datamodule = task_schedule(trainer)
+        if datamodule is not None:
+            return int(datamodule.task_of_epoch(trainer.current_epoch))
+        return self.task
+
+    # ------------------------------------------------------------------ dispatch
+    def _fire_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        if task > self._started:
+            self._started = task
+            self.on_task_start(trainer, pl_module, task)
+
+    def _fire_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        if task > self._ended:
+            self._ended = task
+            self.on_task_end(trainer, pl_module, task)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            check_dataloader_reloading(trainer)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if task_schedule(trainer) is None:
+            # One fit per task: a fit that starts after the previous task ended is the next task.
+            if self._ended >= self.task:
+                self.task = self._ended + 1
+            self._fire_start(trainer, pl_module, self.task)
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        datamodule = task_schedule(trainer)
+        if datamodule is not None:
+            task = int(datamodule.task_of_epoch(trainer.current_epoch))
+            self.task = task
+            self._fire_start(trainer, pl_module, task)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        datamodule = task_schedule(trainer)
+        if datamodule is not None and datamodule.is_last_epoch_of_task(trainer.current_epoch):
+            self._fire_end(trainer, pl_module, int(datamodule.task_of_epoch(trainer.current_epoch)))
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if task_schedule(trainer) is None:
+            self._fire_end(trainer, pl_module, self.task)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self._STATE_VERSION, "task": self.task, "started": self._started, "ended": self._ended}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.task = int(state_dict.get("task", 0))
+        self._started = int(state_dict.get("started", -1))
+        self._ended = int(state_dict.get("ended", -1))
