@@ -1,0 +1,218 @@
+"""``ContinualClassifier``: a LightningModule for class- and task-incremental classification."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_forget.metrics.accuracy_matrix import AccuracyMatrix
+from lightning_forget.nn.backbones import build_backbone
+from lightning_forget.tasks import current_task
+
+__all__ = ["ContinualClassifier", "default_optimizer", "split_xy"]
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """SGD with lr 0.05 (the default of :class:`ContinualClassifier`)."""
+    return torch.optim.SGD(params, lr=0.05)
+
+
+def split_xy(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` from a batch that is a ``(x, y)`` pair or a dict with ``"x"`` and ``"y"``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and "x" in batch and "y" in batch:
+        return batch["x"], batch["y"]
+    raise TypeError(
+        "ContinualClassifier expects batches `(x, y)` or dicts with keys 'x' and 'y', got "
+        f"{type(batch).__name__}; override `ContinualClassifier.split_batch` for other layouts."
+    )
+
+
+class ContinualClassifier(pl.LightningModule):
+    """A classifier for continual streams: a backbone, one linear head over all classes.
+
+    The head is shared by all tasks (class-incremental). With ``task_incremental=True`` the
+    evaluation of task ``t`` masks the logits to ``t``'s classes (task-incremental evaluation,
+    training unchanged), using ``classes_per_task`` or the datamodule's ``classes_of_task``.
+
+    Validation on a :class:`~lightning_forget.datamodules.ContinualDataModule` sees one loader
+    per task; ``dataloader_idx`` is the evaluated task. Counts go into an
+    :class:`~lightning_forget.metrics.AccuracyMatrix` (row: the task being trained; column: the
+    evaluated task), synced across ranks and kept in checkpoints.
+
+    Args:
+        backbone: ``"mlp"``, ``"resnet"`` or any ``nn.Module`` mapping inputs to feature vectors
+            (in YAML a ``class_path``/``init_args`` block). Its output size is read from
+            ``out_features`` or found with one forward pass on a zero input.
+        num_classes: size of the head (linked from the datamodule by the CLI).
+        input_shape: shape of one input, without batch dimension (linked by the CLI).
+        num_tasks: number of tasks, the size of the accuracy matrix (linked by the CLI).
+        hidden_sizes: widths of the built-in MLP.
+        resnet_width: first-stage width of the built-in ResNet.
+        task_incremental: mask logits to the evaluated task's classes in validation/test.
+        classes_per_task: the classes of each task, for ``task_incremental`` without a
+            datamodule that provides ``classes_of_task``.
+        optimizer: optimizer factory (LightningCLI style); default SGD(lr=0.05).
+        lr_scheduler: optional scheduler factory (stepped every epoch).
+        report: add a :class:`~lightning_forget.callbacks.ContinualMetrics` callback (accuracy
+            table and files at the end of the stream) unless the Trainer already has one.
+
+    Note:
+        Logged keys: ``train/loss``, ``val/loss``, ``val/acc/task_{t}`` (for every evaluated
+        task), ``val/acc_avg`` (mean over the tasks seen so far), and the same under ``test/``.
+    """
+
+    def __init__(
+        self,
+        backbone: Union[nn.Module, str] = "mlp",
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (1, 28, 28),
+        num_tasks: int = 1,
+        hidden_sizes: Sequence[int] = (256, 256),
+        resnet_width: int = 20,
+        task_incremental: bool = False,
+        classes_per_task: Optional[list[list[int]]] = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        report: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"`num_classes` must be an int >= 2, got {num_classes!r}.")
+        if not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
+        if classes_per_task is not None and len(classes_per_task) != num_tasks:
+            raise ValueError(
+                f"`classes_per_task` lists {len(classes_per_task)} tasks but `num_tasks={num_tasks}`; "
+                "give one list of classes per task."
+            )
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        if isinstance(backbone, str):
+            kwargs: dict[str, Any] = {"hidden_sizes": hidden_sizes} if backbone == "mlp" else {"width": resnet_width}
+            backbone = build_backbone(backbone, self.input_shape, **kwargs)
+        self.backbone = backbone
+        self.head = nn.Linear(self._feature_size(backbone), num_classes)
+        self.num_classes = num_classes
+        self.num_tasks = num_tasks
+        self.task_incremental = task_incremental
+        self.classes_per_task = classes_per_task
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.report = report
+        self.val_matrix = AccuracyMatrix(num_tasks)
+        self.test_matrix = AccuracyMatrix(num_tasks)
+
+    def _feature_size(self, backbone: nn.Module) -> int:
+        size = getattr(backbone, "out_features", None)
+        if isinstance(size, int):
+            return size
+        was_training = backbone.training
+        backbone.eval()
+        with torch.no_grad():
+            out = backbone(torch.zeros(2, *self.input_shape))
+        backbone.train(was_training)
+        if out.dim() != 2:
+            raise ValueError(
+                f"The backbone must return flat features (batch, features); it returned shape "
+                f"{tuple(out.shape)} for `input_shape={self.input_shape}`. Add a flatten/pooling layer."
+            )
+        return int(out.shape[1])
+
+    # ------------------------------------------------------------------ forward and steps
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    def split_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(inputs, targets)`` of a batch; override for other batch layouts."""
+        return split_xy(batch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = self.split_batch(batch)
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
+        return loss
+
+    def _task_classes(self, task: int) -> Optional[list[int]]:
+        if self.classes_per_task is not None:
+            return list(self.classes_per_task[task])
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        classes_of_task = getattr(datamodule, "classes_of_task", None)
+        return list(classes_of_task(task)) if callable(classes_of_task) else None
+
+    def _masked(self, logits: Tensor, task: int) -> Tensor:
+        if not self.task_incremental:
+            return logits
+        classes = self._task_classes(task)
+        if classes is None:
+            raise RuntimeError(
+                "`task_incremental=True` needs each task's classes: pass `classes_per_task` or use a "
+                "datamodule with `classes_of_task(task)` (e.g. SplitMNIST)."
+            )
+        mask = torch.full_like(logits, float("-inf"))
+        mask[:, classes] = 0.0
+        return logits + mask
+
+    def _eval_step(self, batch: Any, dataloader_idx: int, matrix: AccuracyMatrix, stage: str) -> None:
+        x, y = self.split_batch(batch)
+        task = current_task(self.trainer) if self._trainer is not None else 0
+        if dataloader_idx >= self.num_tasks or task >= self.num_tasks:
+            raise RuntimeError(
+                f"Evaluating task {dataloader_idx} while training task {task}, but the module was built "
+                f"with `num_tasks={self.num_tasks}`. Pass the stream's number of tasks as `num_tasks`."
+            )
+        logits = self._masked(self(x), dataloader_idx)
+        loss = nn.functional.cross_entropy(logits, y)
+        matrix.update(logits, y, train_task=task, eval_task=dataloader_idx)
+        self.log(f"{stage}/loss", loss, batch_size=y.shape[0], add_dataloader_idx=True, sync_dist=True)
+
+    def _log_row(self, matrix: AccuracyMatrix, stage: str) -> None:
+        task = current_task(self.trainer)
+        row = matrix.compute()[task]
+        measured = ~torch.isnan(row)
+        for j in torch.nonzero(measured).flatten().tolist():
+            self.log(f"{stage}/acc/task_{j}", row[j], add_dataloader_idx=False)
+        seen = row[: task + 1]
+        seen = seen[~torch.isnan(seen)]
+        if seen.numel():
+            self.log(f"{stage}/acc_avg", seen.mean(), prog_bar=stage == "val", add_dataloader_idx=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_matrix.reset_row(current_task(self.trainer))
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, self.val_matrix, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_row(self.val_matrix, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_matrix.reset_row(current_task(self.trainer))
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, self.test_matrix, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_row(self.test_matrix, "test")
+
+    # ------------------------------------------------------------------ optimisation and callbacks
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        if not self.report:
+            return []
+        from lightning_forget.callbacks.continual_metrics import ContinualMetrics
+
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(cb, ContinualMetrics) for cb in trainer.callbacks):
+            return []
+        return [ContinualMetrics()]
