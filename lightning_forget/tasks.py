@@ -146,6 +146,10 @@ class ContinualCallback(Callback):
         datamodule = task_schedule(trainer)
         if datamodule is not None:
             task = int(datamodule.task_of_epoch(trainer.current_epoch))
+            # A checkpoint written at the last validation of a task (before `on_train_epoch_end`)
+            # resumes at the next task's first epoch: end the previous task first.
+            if task > 0 and self._started >= task - 1:
+                self._fire_end(trainer, pl_module, task - 1)
             self.task = task
             self._fire_start(trainer, pl_module, task)
 

@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_forget.tasks import check_dataloader_reloading
 
-__all__ = ["ContinualDataModule"]
+__all__ = ["ContinualDataModule", "EpochShuffleSampler"]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``.
+
+    Unlike ``RandomSampler`` with a generator, the order does not depend on how often the
+    sampler was iterated before, so a resumed run sees the same batches as an uninterrupted
+    one. Lightning calls :meth:`set_epoch` at every epoch start.
+    """
+
+    def __init__(self, length: int, seed: int = 0, epoch: int = 0) -> None:
+        self.length = int(length)
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class ContinualDataModule(pl.LightningDataModule):
@@ -72,6 +98,7 @@ class ContinualDataModule(pl.LightningDataModule):
         self.task = task
         self.seed = seed
         self.drop_last = drop_last
+        self._warned_short = False
 
     # ------------------------------------------------------------------ the schedule
     @property
@@ -131,12 +158,13 @@ class ContinualDataModule(pl.LightningDataModule):
         max_epochs = getattr(trainer, "max_epochs", None)
         stops_early = max_epochs is not None and 0 <= max_epochs < self.max_epochs
         limited_otherwise = getattr(trainer, "max_steps", -1) != -1 or getattr(trainer, "fast_dev_run", False)
-        if stops_early and not limited_otherwise:
-            raise RuntimeError(
+        if stops_early and not limited_otherwise and not self._warned_short:
+            self._warned_short = True
+            rank_zero_warn(
                 f"{type(self).__name__} has {self.num_train_phases} training phases × "
                 f"{self.epochs_per_task} epochs = {self.max_epochs} epochs, but the Trainer stops "
-                f"after max_epochs={max_epochs}, before the last task. Fix: "
-                f"`Trainer(max_epochs={self.max_epochs})`."
+                f"after max_epochs={max_epochs}, before the last task. To train the whole stream "
+                f"pass `Trainer(max_epochs={self.max_epochs})`."
             )
 
     def train_dataloader(self) -> DataLoader:
@@ -146,14 +174,16 @@ class ContinualDataModule(pl.LightningDataModule):
         else:
             dataset = self.train_dataset(self.current_task)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        sampler = EpochShuffleSampler(len(dataset), seed=self.seed, epoch=epoch)  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
+            # A private generator for the loader's worker seed, so building a loader never
+            # consumes the global RNG (a resumed run would otherwise see other dropout masks).
             generator=self._generator(epoch),
             num_workers=self.num_workers,
             drop_last=self.drop_last,
-            persistent_workers=False,
         )
 
     def _eval_loaders(self, make: Any) -> list[DataLoader]:

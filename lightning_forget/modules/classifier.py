@@ -91,7 +91,10 @@ class ContinualClassifier(pl.LightningModule):
                 f"`classes_per_task` lists {len(classes_per_task)} tasks but `num_tasks={num_tasks}`; "
                 "give one list of classes per task."
             )
-        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        # Factories and module instances are not plain values: checkpoints load with
+        # `weights_only=True`, so only plain hyperparameters are saved (the CLI saves the config).
+        ignored = ["optimizer", "lr_scheduler"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignored)
         self.input_shape = tuple(int(d) for d in input_shape)
         if isinstance(backbone, str):
             kwargs: dict[str, Any] = {"hidden_sizes": hidden_sizes} if backbone == "mlp" else {"width": resnet_width}

@@ -1,0 +1,162 @@
+"""Harnesses every method's tests reuse: quiet trainers, crash-and-resume, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_forget.modules import ContinualClassifier
+from tests.helpers.data import BlobStream
+
+
+def tiny_classifier(dm: Any, **kwargs: Any) -> ContinualClassifier:
+    """A small MLP classifier sized for ``dm`` (no report callback unless asked)."""
+    kwargs.setdefault("hidden_sizes", [16])
+    kwargs.setdefault("report", False)
+    return ContinualClassifier(
+        backbone="mlp", num_classes=dm.num_classes, input_shape=dm.input_shape, num_tasks=dm.num_tasks, **kwargs
+    )
+
+
+def quiet_trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without progress bars, summaries or sanity checks."""
+    kwargs.setdefault("accelerator", "cpu")
+    kwargs.setdefault("devices", 1)
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("reload_dataloaders_every_n_epochs", 1)
+    return pl.Trainer(
+        default_root_dir=str(tmp_path),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def flat_tensors(obj: Any) -> torch.Tensor:
+    """Every tensor and number inside a (nested) state, flattened into one float64 vector."""
+    parts: list[torch.Tensor] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.dtype != torch.bool and not value.is_complex():
+                parts.append(value.detach().double().flatten().cpu())
+            else:
+                parts.append(value.detach().to(torch.float64).flatten().cpu())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(torch.tensor([float(value)], dtype=torch.float64))
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(obj)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def params_vector(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().double().flatten().cpu() for p in module.parameters()])
+
+
+def run_stream(
+    tmp_path: Path,
+    make_callback: Callable[[], Callback],
+    *,
+    epochs_per_task: int = 2,
+    resume_after_epoch: Optional[int] = None,
+    make_data: Callable[..., Any] = BlobStream,
+    make_model: Callable[[Any], pl.LightningModule] = tiny_classifier,
+    extra_callbacks: Callable[[], list[Callback]] = list,
+    seed: int = 0,
+) -> tuple[pl.LightningModule, Callback]:
+    """Train a whole stream; with ``resume_after_epoch=e``, first train and checkpoint every
+    epoch, then resume a fresh model and callback from the checkpoint written after epoch
+    ``e`` and return what the resumed run ends with."""
+    pl.seed_everything(seed)
+    dm = make_data(epochs_per_task=epochs_per_task)
+    model = make_model(dm)
+    callback = make_callback()
+    ckpt_dir = tmp_path / "ckpt"
+    callbacks = [callback, *extra_callbacks()]
+    if resume_after_epoch is None:
+        trainer = quiet_trainer(tmp_path, callbacks, max_epochs=dm.max_epochs)
+        trainer.fit(model, dm)
+        return model, callback
+    saver = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    trainer = quiet_trainer(tmp_path, [*callbacks, saver], max_epochs=resume_after_epoch + 1, enable_checkpointing=True)
+    trainer.fit(model, dm)
+    pl.seed_everything(seed + 1)  # the resumed run must not depend on the global seed
+    dm2 = make_data(epochs_per_task=epochs_per_task)
+    model2 = make_model(dm2)
+    callback2 = make_callback()
+    trainer2 = quiet_trainer(tmp_path, [callback2, *extra_callbacks()], max_epochs=dm2.max_epochs)
+    trainer2.fit(model2, dm2, ckpt_path=str(ckpt_dir / f"epoch={resume_after_epoch}.ckpt"))
+    return model2, callback2
+
+
+class RankFingerprint(Callback):
+    """At train end, gathers parameter and callback-state fingerprints of every rank and
+    writes rank 0's comparison to ``out`` (JSON) so the parent test can assert on it."""
+
+    def __init__(self, watched: Callback, out: str) -> None:
+        self.watched = watched
+        self.out = out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = params_vector(pl_module)
+        state = flat_tensors(self.watched.state_dict())
+        fingerprint = torch.cat([params, state]).to(torch.float64)
+        length = torch.tensor([float(fingerprint.numel())], dtype=torch.float64)
+        lengths = trainer.strategy.all_gather(length).flatten()
+        if lengths.min() != lengths.max():
+            result: dict[str, Any] = {"equal_length": False, "lengths": lengths.tolist()}
+        else:
+            gathered = trainer.strategy.all_gather(fingerprint)
+            result = {
+                "equal_length": True,
+                "world_size": int(gathered.shape[0]),
+                "max_param_diff": float((gathered[0, : params.numel()] - gathered[1, : params.numel()]).abs().max()),
+                "max_state_diff": float((gathered[0, params.numel():] - gathered[1, params.numel():]).abs().max())
+                if state.numel()
+                else 0.0,
+                "state_size": int(state.numel()),
+                "global_step": int(trainer.global_step),
+            }
+        if trainer.global_rank == 0:
+            Path(self.out).write_text(json.dumps(result))
+
+
+def run_ddp_pair(
+    tmp_path: Path,
+    make_callback: Callable[[], Callback],
+    *,
+    make_data: Callable[..., Any] = BlobStream,
+    make_model: Callable[[Any], pl.LightningModule] = tiny_classifier,
+    epochs_per_task: int = 1,
+) -> dict[str, Any]:
+    """Train a stream with 2 CPU processes (``ddp_spawn``, gloo) and compare the ranks."""
+    pl.seed_everything(0)
+    dm = make_data(epochs_per_task=epochs_per_task)
+    model = make_model(dm)
+    callback = make_callback()
+    out = str(tmp_path / "ranks.json")
+    trainer = quiet_trainer(
+        tmp_path,
+        [callback, RankFingerprint(callback, out)],
+        max_epochs=dm.max_epochs,
+        devices=2,
+        strategy="ddp_spawn",
+    )
+    trainer.fit(model, dm)
+    return json.loads(Path(out).read_text())
+
