@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_forget.callbacks import DarkExperienceReplay, ExperienceReplay
+from lightning_forget.callbacks import ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LRRewarming
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import flat_tensors, params_vector, run_ddp_pair, run_stream, tiny_classifier
@@ -69,6 +69,29 @@ ROWS = [
             ({"beta": "x"}, ValueError, "beta"),
             ({"buffer_size": 2.5}, ValueError, "buffer_size"),
         ],
+    ),
+    Row(
+        "LRRewarming",
+        LRRewarming,
+        {"max_lr": 0.1, "min_lr": 0.01, "warmup": 0.25},
+        [
+            ({"max_lr": -1}, ValueError, "max_lr"),
+            ({"max_lr": 0.1, "warmup": -1}, ValueError, "warmup"),
+            ({"max_lr": 0.1, "decay": "step"}, ValueError, "decay"),
+            ({"max_lr": 0.1, "mode": "x"}, ValueError, "mode"),
+        ],
+    ),
+    Row(
+        "LRRewarming-infinite",
+        LRRewarming,
+        {"max_lr": 0.1, "min_lr": 0.01, "warmup": 3, "mode": "infinite", "cooldown_steps": 10, "anneal_steps": 4},
+        [],
+    ),
+    Row(
+        "ContinualMetrics",
+        ContinualMetrics,
+        {"key": "val/acc/task_{task}", "report": False},
+        [({"key": "val/acc/{t}"}, ValueError, "key"), ({"report": 1}, TypeError, "report")],
     ),
 ]
 

@@ -1,5 +1,7 @@
 """Continual-learning and unlearning methods as Lightning callbacks."""
 
+from lightning_forget.callbacks.continual_metrics import ContinualMetrics
+from lightning_forget.callbacks.lr_rewarming import LRRewarming
 from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceReplay
 
-__all__ = ["ExperienceReplay", "DarkExperienceReplay"]
+__all__ = ["ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "LRRewarming"]

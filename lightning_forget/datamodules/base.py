@@ -131,7 +131,7 @@ class ContinualDataModule(pl.LightningDataModule):
     def current_task(self) -> int:
         """The task of the attached trainer's current epoch (0 without a trainer)."""
         trainer = self.trainer
-        return self.task_of_epoch(trainer.current_epoch) if trainer is not None else 0
+        return self.task_of_epoch(trainer.current_epoch if trainer is not None else 0)
 
     # ------------------------------------------------------------------ what subclasses provide
     def train_dataset(self, task: int) -> Dataset:  # pragma: no cover - abstract

@@ -78,10 +78,12 @@ def run_stream(
     make_model: Callable[[Any], pl.LightningModule] = tiny_classifier,
     extra_callbacks: Callable[[], list[Callback]] = list,
     seed: int = 0,
+    save_on_train_epoch_end: Optional[bool] = None,
 ) -> tuple[pl.LightningModule, Callback]:
     """Train a whole stream; with ``resume_after_epoch=e``, first train and checkpoint every
     epoch, then resume a fresh model and callback from the checkpoint written after epoch
-    ``e`` and return what the resumed run ends with."""
+    ``e`` and return what the resumed run ends with. ``save_on_train_epoch_end=False`` writes
+    checkpoints at validation end, before ``on_train_epoch_end`` hooks run."""
     pl.seed_everything(seed)
     dm = make_data(epochs_per_task=epochs_per_task)
     model = make_model(dm)
@@ -92,7 +94,13 @@ def run_stream(
         trainer = quiet_trainer(tmp_path, callbacks, max_epochs=dm.max_epochs)
         trainer.fit(model, dm)
         return model, callback
-    saver = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    saver = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="{epoch}",
+        save_top_k=-1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=save_on_train_epoch_end,
+    )
     trainer = quiet_trainer(tmp_path, [*callbacks, saver], max_epochs=resume_after_epoch + 1, enable_checkpointing=True)
     trainer.fit(model, dm)
     pl.seed_everything(seed + 1)  # the resumed run must not depend on the global seed

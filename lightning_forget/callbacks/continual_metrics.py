@@ -1,0 +1,298 @@
+"""``ContinualMetrics``: build the accuracy matrix from logged validation accuracies and report it."""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_forget import reporting
+from lightning_forget.tasks import ContinualCallback, task_schedule
+
+try:  # Python 3.12+
+    from typing import override
+except ImportError:  # pragma: no cover
+    from typing_extensions import override
+
+__all__ = ["ContinualMetrics"]
+
+_DATALOADER_SUFFIX = "/dataloader_idx_"
+#: Logged keys, with the functional metric each one holds.
+LOGGED_KEYS = {"cl/acc_avg": "average_accuracy", "cl/forgetting": "forgetting", "cl/bwt": "bwt"}
+
+
+def _key_pattern(key: str) -> tuple[re.Pattern[str], bool]:
+    """Regex matching the logged keys of ``key`` (task in group 1) and whether it is a template.
+
+    Raises:
+        ValueError: if ``key`` is not a valid template with at most one bare ``{task}`` field.
+    """
+    try:
+        parts = list(string.Formatter().parse(key))
+    except ValueError as error:
+        raise ValueError(
+            f"`key`={key!r} is not a valid format template ({error}). Fix: e.g. key='val/acc/task_{{task}}'."
+        ) from error
+    fields = [(field, spec, conversion) for _, field, spec, conversion in parts if field is not None]
+    if not fields:
+        # Lightning's multi-dataloader form: "<key>/dataloader_idx_<task>".
+        return re.compile(re.escape(key) + re.escape(_DATALOADER_SUFFIX) + r"(\d+)$"), False
+    if fields != [("task", "", None)]:
+        raise ValueError(
+            f"`key`={key!r} must contain exactly one '{{task}}' field (no other field, format spec or "
+            "conversion). Fix: e.g. key='val/acc/task_{task}', or a plain name such as 'val_acc' "
+            "logged from one dataloader per task."
+        )
+    pattern = "".join(re.escape(literal) + (r"(\d+)" if field is not None else "") for literal, field, _, _ in parts)
+    # Lightning appends "/dataloader_idx_<k>" to keys logged from several loaders unless
+    # `add_dataloader_idx=False`; the task in the template wins.
+    return re.compile(pattern + "(?:" + re.escape(_DATALOADER_SUFFIX) + r"\d+)?$"), True
+
+
+class ContinualMetrics(ContinualCallback):
+    """Fill the accuracy matrix at every task end, log forgetting/BWT, and report at the end.
+
+    The accuracy matrix ``R[i, j]`` (accuracy on task ``j`` after training task ``i``) and the
+    metrics computed from it are the standard way to report a continual run: average accuracy
+    and backward transfer (Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual
+    Learning", NeurIPS 2017), forgetting (Chaudhry et al., "Riemannian Walk for Incremental
+    Learning: Understanding Forgetting and Intransigence", ECCV 2018).
+
+    Mechanism: this callback computes nothing itself. It works with any LightningModule that logs
+    its validation accuracy per task, under ``key`` formatted with the task index
+    (``self.log(f"val/acc/task_{t}", acc)``), or under one name logged from every validation
+    dataloader, which Lightning suffixes with ``/dataloader_idx_{t}`` (``key="val_acc"``; a bare
+    ``val_acc`` from a single dataloader counts as task 0). At each task end (after that task's
+    last validation) it reads ``trainer.callback_metrics``, writes row ``task`` of the matrix
+    (columns: every task found in the keys; the matrix grows when the number of tasks is not
+    known, as with one ``fit`` per task), and logs the summary metrics. At the end of the stream
+    (the last task of a :class:`~lightning_forget.datamodules.ContinualDataModule`; every task end
+    in one-fit-per-task mode, since any fit may be the last; or ``on_fit_end`` when the run
+    stopped early) rank 0 prints a rich table and writes the report files. A template key also
+    matches when Lightning appended ``/dataloader_idx_{k}`` (``add_dataloader_idx=True``). A task
+    that ends without a validation since it started gets no row (and a warning), since the
+    logged values would be those of an earlier task.
+
+    Under DDP the row read on rank 0 is broadcast, so the matrix is identical on every rank; log
+    the accuracies with ``sync_dist=True`` (or as a torchmetric such as
+    :class:`~lightning_forget.metrics.AccuracyMatrix`) so that they are global, not rank 0's.
+
+    Args:
+        key: the logged accuracy: a template with a ``{task}`` field (default
+            ``"val/acc/task_{task}"``), or a plain name logged from one dataloader per task.
+        report: print the table and write the files at the end of the stream.
+        log_dir: where to write the files; defaults to ``trainer.log_dir`` (the logger's
+            version directory, or ``default_root_dir`` without a logger).
+        filename_prefix: prepended to the file names (for several instances in one directory).
+
+    Raises:
+        TypeError: if an argument has the wrong type, or ``key`` is empty.
+        ValueError: if ``key`` has template fields other than one bare ``{task}``.
+
+    Note:
+        Logged keys: ``cl/acc_avg`` (average accuracy on the tasks seen), ``cl/forgetting``,
+        ``cl/bwt``; metrics that are undefined (forgetting after one task) are not logged. With a
+        continual datamodule they are logged through ``pl_module.log`` at the task's last epoch
+        end; with one fit per task (where ``on_train_end`` forbids ``self.log``) they go straight
+        to ``trainer.loggers`` and into ``trainer.callback_metrics``.
+
+        Files (in ``log_dir``, with ``filename_prefix``): ``metrics.json``,
+        ``accuracy_matrix.csv``, ``accuracy_matrix.png`` (see
+        :func:`lightning_forget.reporting.write_report`).
+
+        Saved state: ``matrix`` (the ``(T, T)`` float64 CPU tensor, NaN where not measured),
+        ``reported`` (last row reported), and the task counters of
+        :class:`~lightning_forget.tasks.ContinualCallback` (``task``, ``started``, ``ended``,
+        ``version``).
+    """
+
+    def __init__(
+        self,
+        key: str = "val/acc/task_{task}",
+        report: bool = True,
+        log_dir: Optional[str] = None,
+        filename_prefix: str = "",
+    ) -> None:
+        super().__init__()
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"`key` must be a non-empty str such as 'val/acc/task_{{task}}', got {key!r}.")
+        pattern, is_template = _key_pattern(key)
+        if not isinstance(report, bool):
+            raise TypeError(f"`report` must be a bool, got {report!r}.")
+        if log_dir is not None and not isinstance(log_dir, (str, Path)):
+            raise TypeError(f"`log_dir` must be a path string or None (use the trainer's log dir), got {log_dir!r}.")
+        if not isinstance(filename_prefix, str):
+            raise TypeError(f"`filename_prefix` must be a str, got {filename_prefix!r}.")
+        self.key = key
+        self.report = report
+        self.log_dir = None if log_dir is None else str(log_dir)
+        self.filename_prefix = filename_prefix
+        self._pattern, self._is_template = pattern, is_template
+        self._matrix: Tensor = torch.empty(0, 0, dtype=torch.float64)
+        self._reported: int = -1
+        self._validated: Optional[bool] = None  # None: unknown (e.g. after a resume)
+        self._pending: dict[int, float] = {}  # the current task's latest validation row
+
+    # ------------------------------------------------------------------ public views
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(key=self.key)
+
+    @property
+    def matrix(self) -> Tensor:
+        """The accuracy matrix so far: ``(T, T)`` float64, NaN where not measured."""
+        return self._matrix.clone()
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """:func:`lightning_forget.reporting.summarize` of :attr:`matrix` (``None`` when undefined)."""
+        return reporting.summarize(self._matrix)
+
+    # ------------------------------------------------------------------ reading the logs
+    def read_accuracies(self, metrics: dict[str, Any]) -> dict[int, float]:
+        """The per-task accuracies in ``metrics`` (``{task: value}``) that match :attr:`key`."""
+        found: dict[int, float] = {}
+        for name, value in metrics.items():
+            match = self._pattern.match(name)
+            if match is not None:
+                found[int(match.group(1))] = float(value)
+        if not found and not self._is_template and self.key in metrics:
+            found[0] = float(metrics[self.key])  # one dataloader: Lightning adds no suffix
+        return found
+
+    def _grow(self, size: int) -> None:
+        old = self._matrix.shape[0]
+        if size > old:
+            grown = torch.full((size, size), float("nan"), dtype=torch.float64)
+            grown[:old, :old] = self._matrix
+            self._matrix = grown
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        super().on_task_start(trainer, pl_module, task)
+        self._validated = False
+        self._pending = {}
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking:
+            return
+        # Read the task's row at every validation, where the epoch's logged values are final,
+        # and keep it in the state: a checkpoint written at validation end (before the task's
+        # end fires) then still holds it, while `callback_metrics` is empty after a resume.
+        # Rank 0's reading decides, so that the state is the same on all ranks.
+        self._pending = trainer.strategy.broadcast(self.read_accuracies(dict(trainer.callback_metrics)), src=0)
+        self._validated = True
+
+    @override
+    def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        super().on_task_end(trainer, pl_module, task)
+        if self._validated is False:
+            rank_zero_warn(
+                f"ContinualMetrics: no validation ran during task {task}, so its row of the accuracy "
+                "matrix is left empty (the logged values would be stale). Fix: validate at least at "
+                "the last epoch of each task (`check_val_every_n_epoch`, `limit_val_batches`)."
+            )
+            return
+        accuracies = dict(self._pending)
+        if not accuracies:
+            rank_zero_warn(
+                f"ContinualMetrics: no logged metric matches key={self.key!r} at the end of task {task}; "
+                f"the logged keys are {sorted(trainer.callback_metrics)}. Fix: log the accuracy of each "
+                "task under that key (e.g. self.log(f'val/acc/task_{t}', acc)) or pass the matching `key`."
+            )
+            return
+        datamodule = task_schedule(trainer)
+        known_tasks = int(datamodule.num_tasks) if datamodule is not None else 0
+        self._grow(max(known_tasks, task + 1, max(accuracies) + 1))
+        self._matrix[task] = float("nan")
+        for column, value in accuracies.items():
+            self._matrix[task, column] = value
+        self._log_summary(trainer, pl_module, continual_datamodule=datamodule is not None)
+        stream_over = datamodule is None or task >= int(datamodule.num_tasks) - 1
+        if stream_over:
+            self._write(trainer)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_end(trainer, pl_module)
+        # A run stopped before its last task (or a fixed-task datamodule) still gets its report.
+        last = int(torch.isfinite(self._matrix).any(dim=1).nonzero().max()) if self._matrix.numel() else -1
+        if last >= 0 and last != self._reported:
+            self._write(trainer)
+
+    # ------------------------------------------------------------------ outputs
+    def _log_summary(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", continual_datamodule: bool
+    ) -> None:
+        summary = self.summary
+        values = {name: summary[field] for name, field in LOGGED_KEYS.items() if summary[field] is not None}
+        if not values:
+            return
+        if continual_datamodule:
+            # Called from on_train_epoch_end, where self.log is allowed. The values are equal on all
+            # ranks, so the sync (a mean of equal numbers) changes nothing and keeps Lightning quiet.
+            for name, value in values.items():
+                pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=True)
+            return
+        # One fit per task: called from on_train_end, where self.log is refused.
+        for name, value in values.items():
+            trainer.callback_metrics[name] = torch.tensor(float(value))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+
+    def _write(self, trainer: "pl.Trainer") -> None:
+        last = int(torch.isfinite(self._matrix).any(dim=1).nonzero().max())
+        self._reported = last
+        if not self.report:
+            return
+        # trainer.log_dir broadcasts: it must be read on every rank, before the rank-0 guard.
+        directory = self.log_dir or trainer.log_dir or trainer.default_root_dir
+        if not trainer.is_global_zero:
+            return
+        summary = self.summary
+        reporting.print_report(self._matrix, summary, title=f"Accuracy matrix after task {last}")
+        paths = reporting.write_report(
+            directory,
+            self._matrix,
+            summary,
+            extra={"key": self.key, "global_step": trainer.global_step, "epoch": trainer.current_epoch},
+            prefix=self.filename_prefix,
+            title=f"Accuracy matrix after task {last}",
+        )
+        rank_zero_info(f"ContinualMetrics: wrote {', '.join(str(path) for path in paths.values())}")
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            {
+                "matrix": self._matrix.clone(),
+                "reported": self._reported,
+                "pending": {int(k): float(v) for k, v in self._pending.items()},
+            }
+        )
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        matrix = state_dict.get("matrix")
+        self._matrix = (
+            torch.empty(0, 0, dtype=torch.float64)
+            if matrix is None
+            else torch.as_tensor(matrix, dtype=torch.float64).cpu().clone()
+        )
+        self._reported = int(state_dict.get("reported", -1))
+        self._pending = {int(k): float(v) for k, v in state_dict.get("pending", {}).items()}
+        self._validated = None

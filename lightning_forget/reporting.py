@@ -1,0 +1,234 @@
+"""End-of-run reporting: a rich table of the accuracy matrix, and JSON, CSV and PNG files.
+
+These are plain functions with no collectives: call them on one process only (the
+:class:`~lightning_forget.callbacks.continual_metrics.ContinualMetrics` callback calls them on
+global rank 0 with values that are identical on every rank).
+
+Convention: ``R[i, j]`` is the accuracy on task ``j`` after training task ``i``, ``NaN`` where not
+measured (see :mod:`lightning_forget.metrics.functional`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from lightning_forget.metrics.functional import (
+    MatrixLike,
+    as_accuracy_matrix,
+    average_accuracy,
+    average_incremental_accuracy,
+    backward_transfer,
+    forgetting,
+    last_measured_row,
+    learning_accuracy,
+)
+
+__all__ = ["summarize", "render_accuracy_table", "print_report", "write_report", "REPORT_FILES"]
+
+#: File names :func:`write_report` writes (before the optional prefix).
+REPORT_FILES = {"json": "metrics.json", "csv": "accuracy_matrix.csv", "png": "accuracy_matrix.png"}
+
+_SUMMARY_LABELS = {
+    "average_accuracy": "ACC",
+    "average_incremental_accuracy": "AIA",
+    "forgetting": "Forgetting",
+    "bwt": "BWT",
+    "learning_accuracy": "LA",
+}
+
+
+def _none_if_nan(value: Any) -> Any:
+    """JSON-ready copy: non-finite floats become ``None``, containers are walked."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(key): _none_if_nan(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_none_if_nan(item) for item in value]
+    if isinstance(value, np.generic):
+        return _none_if_nan(value.item())
+    if hasattr(value, "tolist"):  # tensors and arrays
+        return _none_if_nan(value.tolist())
+    return value
+
+
+def summarize(R: MatrixLike) -> dict[str, Any]:
+    """The summary metrics of an accuracy matrix, JSON-ready (undefined values are ``None``).
+
+    Args:
+        R: accuracy matrix (tensor, array or nested lists).
+
+    Returns:
+        ``{"average_accuracy", "average_incremental_accuracy", "forgetting", "bwt",
+        "learning_accuracy", "num_tasks", "tasks_trained"}``: the functional metrics of
+        :mod:`lightning_forget.metrics.functional` at the last measured row, the number of
+        tasks (columns) and the number of rows up to the last measured one.
+    """
+    matrix = as_accuracy_matrix(R)
+    last = last_measured_row(matrix)
+    summary = {
+        "average_accuracy": average_accuracy(matrix),
+        "average_incremental_accuracy": average_incremental_accuracy(matrix),
+        "forgetting": forgetting(matrix),
+        "bwt": backward_transfer(matrix),
+        "learning_accuracy": learning_accuracy(matrix),
+        "num_tasks": int(matrix.shape[1]),
+        "tasks_trained": 0 if last is None else last + 1,
+    }
+    return _none_if_nan(summary)
+
+
+def _format(value: Optional[float], decimals: int = 4) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.{decimals}f}"
+
+
+def render_accuracy_table(
+    R: MatrixLike, summary: Optional[Mapping[str, Any]] = None, title: str = "Accuracy matrix"
+) -> Table:
+    """A rich table of ``R`` (rows "after task i", columns "task j") with the summary as caption.
+
+    The last column is the average accuracy over the tasks seen at that row. The caption holds
+    ACC (average accuracy at the last row), AIA (average incremental accuracy), forgetting, BWT
+    and LA (learning accuracy); see :mod:`lightning_forget.metrics.functional`.
+
+    Args:
+        R: accuracy matrix.
+        summary: output of :func:`summarize` (computed from ``R`` when ``None``).
+        title: the table's title.
+
+    Returns:
+        A :class:`rich.table.Table` ready for ``Console.print``.
+    """
+    matrix = as_accuracy_matrix(R)
+    summary = summarize(matrix) if summary is None else summary
+    table = Table(title=title, title_style="bold", show_lines=False)
+    table.add_column("after training", style="bold", no_wrap=True)
+    for column in range(matrix.shape[1]):
+        table.add_column(f"task {column}", justify="right")
+    table.add_column("ACC", justify="right", style="cyan")
+    last = last_measured_row(matrix)
+    for row in range(matrix.shape[0] if last is None else last + 1):
+        cells = [
+            _format(float(value)) if row >= column else f"[dim]{_format(float(value))}[/dim]"
+            for column, value in enumerate(matrix[row])
+        ]
+        table.add_row(f"task {row}", *cells, _format(average_accuracy(matrix, row)))
+    # "name=value" has no space, so a narrow table wraps the caption between items only.
+    caption = [f"{label}={_format(summary.get(key))}" for key, label in _SUMMARY_LABELS.items() if key in summary]
+    table.caption = " | ".join(caption)
+    return table
+
+
+def print_report(
+    R: MatrixLike,
+    summary: Optional[Mapping[str, Any]] = None,
+    title: str = "Continual learning: accuracy after each task",
+    console: Optional[Console] = None,
+) -> None:
+    """Print :func:`render_accuracy_table` with a rich console (stdout unless one is given).
+
+    Args:
+        R: accuracy matrix.
+        summary: output of :func:`summarize` (computed when ``None``).
+        title: the table's title.
+        console: where to print; a new ``rich.console.Console()`` when ``None``.
+    """
+    (console or Console()).print(render_accuracy_table(R, summary, title))
+
+
+def _write_csv(path: Path, matrix: np.ndarray) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([""] + [f"task {column}" for column in range(matrix.shape[1])])
+        for row, values in enumerate(matrix):
+            writer.writerow([f"after task {row}"] + ["" if not math.isfinite(v) else repr(float(v)) for v in values])
+
+
+def _write_heatmap(path: Path, matrix: np.ndarray, summary: Mapping[str, Any], title: str) -> None:
+    # The object-oriented API with an Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, columns = matrix.shape
+    finite = matrix[np.isfinite(matrix)]
+    top = 1.0 if finite.size == 0 or finite.max() <= 1.0 else 100.0
+    side = min(max(4.0, 0.75 * columns + 2.0), 20.0)
+    figure = Figure(figsize=(side + 1.2, min(max(3.5, 0.75 * rows + 1.8), 20.0)), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0.0, vmax=top, aspect="auto")
+    axes.set_facecolor("#e6e6e6")  # unmeasured cells
+    figure.colorbar(image, ax=axes, label="accuracy")
+    axes.set_xlabel("evaluated on task j")
+    axes.set_ylabel("after training task i")
+    step = max(1, columns // 20)
+    axes.set_xticks(range(0, columns, step))
+    axes.set_yticks(range(0, rows, max(1, rows // 20)))
+    if rows * columns <= 400:
+        size = 10 if columns <= 8 else 8
+        for row in range(rows):
+            for column in range(columns):
+                value = matrix[row, column]
+                if math.isfinite(value):
+                    colour = "black" if value > 0.6 * top else "white"
+                    text = f"{value:.2f}" if top == 1.0 else f"{value:.1f}"
+                    axes.text(column, row, text, ha="center", va="center", color=colour, fontsize=size)
+    subtitle = ", ".join(
+        f"{name} {_format(summary.get(key), 3)}"
+        for key, name in (("average_accuracy", "ACC"), ("forgetting", "F"), ("bwt", "BWT"))
+        if key in summary
+    )
+    axes.set_title(f"{title}\n{subtitle}" if subtitle else title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_report(
+    log_dir: Union[str, Path],
+    R: MatrixLike,
+    summary: Optional[Mapping[str, Any]] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+    prefix: str = "",
+    title: str = "Accuracy matrix",
+) -> dict[str, Path]:
+    """Write ``metrics.json``, ``accuracy_matrix.csv`` and ``accuracy_matrix.png`` into ``log_dir``.
+
+    - ``metrics.json``: ``{"summary": {...}, "accuracy_matrix": [[...]], "extra": {...}}`` with
+      ``null`` for unmeasured entries and undefined metrics;
+    - ``accuracy_matrix.csv``: a header row ``,task 0,task 1,...`` then one row
+      ``after task i,...`` per row of ``R`` (empty cells where not measured);
+    - ``accuracy_matrix.png``: an annotated heatmap (x: "evaluated on task j",
+      y: "after training task i").
+
+    Args:
+        log_dir: directory to write into (created if missing).
+        R: accuracy matrix.
+        summary: output of :func:`summarize` (computed when ``None``).
+        extra: more JSON-serialisable values to store under ``"extra"`` (method name, config).
+        prefix: prepended to each file name (for several reports in one directory).
+        title: title of the heatmap.
+
+    Returns:
+        ``{"json": path, "csv": path, "png": path}``.
+    """
+    matrix = as_accuracy_matrix(R).numpy()
+    summary = summarize(matrix) if summary is None else summary
+    directory = Path(log_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {kind: directory / f"{prefix}{name}" for kind, name in REPORT_FILES.items()}
+    payload = {"summary": dict(summary), "accuracy_matrix": matrix.tolist(), "extra": dict(extra or {})}
+    paths["json"].write_text(json.dumps(_none_if_nan(payload), indent=2, default=str) + "\n")
+    _write_csv(paths["csv"], matrix)
+    _write_heatmap(paths["png"], matrix, summary, title)
+    return paths

@@ -1,0 +1,106 @@
+"""The task protocol in both modes: one fit over a stream, and one fit per task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+from torch.utils.data import DataLoader
+
+from lightning_forget.tasks import ContinualCallback, current_task
+from tests.helpers.data import BlobStream
+from tests.helpers.harness import quiet_trainer, run_stream, tiny_classifier
+
+
+class Recorder(ContinualCallback):
+    """Records task events and the task seen by `current_task` at each training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, int, int]] = []
+        self.batch_tasks: set[tuple[int, int]] = set()
+
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        self.events.append(("start", task, trainer.current_epoch))
+
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        self.events.append(("end", task, trainer.current_epoch))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        task = current_task(trainer)
+        self.batch_tasks.update((task, int(label) // 2) for label in batch[1])
+
+
+def test_one_fit_over_a_stream_fires_each_boundary_once(tmp_path: Any) -> None:
+    dm = BlobStream(num_tasks=3, epochs_per_task=2)
+    recorder = Recorder()
+    quiet_trainer(tmp_path, [recorder], max_epochs=dm.max_epochs).fit(tiny_classifier(dm), dm)
+    assert recorder.events == [
+        ("start", 0, 0), ("end", 0, 1), ("start", 1, 2), ("end", 1, 3), ("start", 2, 4), ("end", 2, 5),
+    ]
+    # current_task(trainer) agrees with the classes of the batches being trained.
+    assert {task for task, _ in recorder.batch_tasks} == {0, 1, 2}
+    assert all(task == cls_task for task, cls_task in recorder.batch_tasks)
+
+
+def test_one_fit_per_task_with_plain_loaders(tmp_path: Any) -> None:
+    stream = BlobStream(num_tasks=3)
+    model = tiny_classifier(stream)
+    recorder = Recorder()
+    for task in range(3):
+        trainer = quiet_trainer(tmp_path / str(task), [recorder], max_epochs=1, reload_dataloaders_every_n_epochs=0)
+        loaders = [DataLoader(stream.val_dataset(t), batch_size=8) for t in range(task + 1)]
+        trainer.fit(model, DataLoader(stream.train_dataset(task), batch_size=8), loaders)
+        assert recorder.task == task
+    assert [(kind, task) for kind, task, _ in recorder.events] == [
+        ("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 2), ("end", 2),
+    ]
+    assert all(task == cls_task for task, cls_task in recorder.batch_tasks)
+    # The accuracy matrix of the module has one row per fit.
+    matrix = model.val_matrix.compute()
+    assert not matrix[2, :3].isnan().any() and matrix[0, 1:].isnan().all()
+
+
+def test_task_counter_survives_state_round_trip() -> None:
+    recorder = Recorder()
+    recorder.task, recorder._started, recorder._ended = 2, 2, 1
+    other = Recorder()
+    other.load_state_dict(recorder.state_dict())
+    assert (other.task, other._started, other._ended) == (2, 2, 1)
+
+
+def test_resumed_stream_does_not_restart_a_task(tmp_path: Any) -> None:
+    made: list[Recorder] = []
+
+    def make() -> Recorder:
+        made.append(Recorder())
+        return made[-1]
+
+    run_stream(tmp_path, make, resume_after_epoch=1)  # checkpoint after the last epoch of task 0
+    assert [(kind, task) for kind, task, _ in made[-1].events] == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    # A checkpoint written at validation end precedes on_train_epoch_end: the resumed run ends
+    # task 0 (missed before the checkpoint) before it starts task 1.
+    run_stream(tmp_path / "val_end", make, resume_after_epoch=1, save_on_train_epoch_end=False)
+    assert [(kind, task) for kind, task, _ in made[-1].events] == [
+        ("end", 0), ("start", 1), ("end", 1), ("start", 2), ("end", 2),
+    ]
+    run_stream(tmp_path / "mid", make, resume_after_epoch=2)  # checkpoint in the middle of task 1
+    assert [(kind, task) for kind, task, _ in made[-1].events] == [("end", 1), ("start", 2), ("end", 2)]
+
+
+def test_missing_dataloader_reload_is_a_clear_error(tmp_path: Any) -> None:
+    dm = BlobStream()
+    trainer = quiet_trainer(tmp_path, [Recorder()], max_epochs=dm.max_epochs, reload_dataloaders_every_n_epochs=0)
+    with pytest.raises(RuntimeError, match="reload_dataloaders_every_n_epochs=1"):
+        trainer.fit(tiny_classifier(dm), dm)
+
+
+def test_joint_mode_trains_everything_as_the_last_task(tmp_path: Any) -> None:
+    dm = BlobStream(joint=True, epochs_per_task=2)
+    recorder = Recorder()
+    model = tiny_classifier(dm)
+    quiet_trainer(tmp_path, [recorder], max_epochs=dm.max_epochs).fit(model, dm)
+    assert [(kind, task) for kind, task, _ in recorder.events] == [("start", 2), ("end", 2)]
+    assert {cls_task for _, cls_task in recorder.batch_tasks} == {0, 1, 2}
+    assert not model.val_matrix.compute()[2].isnan().any()
