@@ -7,7 +7,8 @@ Usage::
     lightning-forget merge --pretrained a.ckpt --finetuned b.ckpt c.ckpt --method ties --output m.pt
 
 Numbers the data decides are written once: the datamodule's ``num_tasks``, ``num_classes``
-and ``input_shape`` are linked into the model's arguments when the model takes them.
+``input_shape`` (classifiers) and ``vocab_size``, ``corpus_names`` and ``block_size`` (language
+models) are linked into the model's arguments when the model takes them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import lightning_forget.callbacks  # noqa: F401  (importable class paths for YAM
 import lightning_forget.datamodules  # noqa: F401
 import lightning_forget.modules  # noqa: F401
 
-__all__ = ["ForgetCLI", "main", "LINKED_ARGUMENTS"]
+__all__ = ["ForgetCLI", "main", "console_main", "LINKED_ARGUMENTS"]
 
 #: datamodule attribute → model constructor argument, linked at instantiation. jsonargparse
 #: skips a link whose source attribute or target argument the chosen classes do not have.
@@ -29,6 +30,9 @@ LINKED_ARGUMENTS: tuple[tuple[str, str], ...] = (
     ("data.num_tasks", "model.init_args.num_tasks"),
     ("data.num_classes", "model.init_args.num_classes"),
     ("data.input_shape", "model.init_args.input_shape"),
+    ("data.vocab_size", "model.init_args.vocab_size"),
+    ("data.corpus_names", "model.init_args.corpus_names"),
+    ("data.block_size", "model.init_args.block_size"),
 )
 
 
@@ -58,5 +62,11 @@ def main(args: Optional[list[str]] = None) -> Optional[ForgetCLI]:
     )
 
 
-if __name__ == "__main__":  # pragma: no cover
+def console_main() -> int:
+    """The ``lightning-forget`` console script (exit status 0 on success)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    console_main()

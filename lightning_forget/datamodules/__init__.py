@@ -9,9 +9,11 @@ from lightning_forget.datamodules.split import (
     SplitDigits,
     SplitMNIST,
 )
+from lightning_forget.datamodules.text import ByteTokenizer, TextStreamDataModule
 from lightning_forget.datamodules.vision import SplitCIFAR10, SplitCIFAR100
 
 __all__ = [
+    "ByteTokenizer",
     "ContinualDataModule",
     "DomainIncrementalDataModule",
     "PermutedMNIST",
@@ -21,4 +23,5 @@ __all__ = [
     "SplitDataModule",
     "SplitDigits",
     "SplitMNIST",
+    "TextStreamDataModule",
 ]

@@ -17,8 +17,8 @@ __all__ = ["ContinualClassifier", "default_optimizer", "split_xy"]
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
-    """SGD with lr 0.05 (the default of :class:`ContinualClassifier`)."""
-    return torch.optim.SGD(params, lr=0.05)
+    """SGD with lr 0.1 (the default of :class:`ContinualClassifier`; Mammoth's Seq-MNIST setting)."""
+    return torch.optim.SGD(params, lr=0.1)
 
 
 def split_xy(batch: Any) -> tuple[Tensor, Tensor]:
@@ -57,7 +57,7 @@ class ContinualClassifier(pl.LightningModule):
         task_incremental: mask logits to the evaluated task's classes in validation/test.
         classes_per_task: the classes of each task, for ``task_incremental`` without a
             datamodule that provides ``classes_of_task``.
-        optimizer: optimizer factory (LightningCLI style); default SGD(lr=0.05).
+        optimizer: optimizer factory (LightningCLI style); default SGD(lr=0.1).
         lr_scheduler: optional scheduler factory (stepped every epoch).
         report: add a :class:`~lightning_forget.callbacks.ContinualMetrics` callback (accuracy
             table and files at the end of the stream) unless the Trainer already has one.

@@ -1,0 +1,107 @@
+"""One call that runs a method over a stream and returns its accuracy matrix (demos, benchmarks).
+
+This is a convenience over an ordinary ``Trainer.fit``: the callbacks are the library's own,
+nothing here is needed to use them in an existing training script.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_forget.callbacks.continual_metrics import ContinualMetrics
+from lightning_forget.datamodules.base import ContinualDataModule
+from lightning_forget.reporting import summarize
+
+__all__ = ["RunResult", "run_continual"]
+
+
+@dataclass
+class RunResult:
+    """What one continual run produced."""
+
+    name: str
+    matrix: torch.Tensor
+    summary: dict[str, Any]
+    train_seconds: float
+    peak_rss_mb: float
+    rss_after_task_mb: list[float] = field(default_factory=list)
+
+
+class _TaskMemory(Callback):
+    """Peak resident memory of the process at each task end (MB)."""
+
+    def __init__(self) -> None:
+        self.after_task: list[float] = []
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        datamodule = trainer.datamodule
+        if isinstance(datamodule, ContinualDataModule) and datamodule.is_last_epoch_of_task(trainer.current_epoch):
+            self.after_task.append(_peak_rss_mb())
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_continual(
+    name: str,
+    datamodule: ContinualDataModule,
+    model: "pl.LightningModule",
+    callbacks: Sequence[Callback] = (),
+    seed: int = 0,
+    progress_bar: bool = True,
+    report: bool = False,
+    default_root_dir: Optional[str] = None,
+    trainer_kwargs: Optional[dict[str, Any]] = None,
+    make_trainer: Callable[..., pl.Trainer] = pl.Trainer,
+) -> RunResult:
+    """Train ``model`` on every task of ``datamodule`` with ``callbacks`` in one ``fit``.
+
+    Args:
+        name: a label for the result.
+        datamodule: the stream (its ``max_epochs`` sets the Trainer's).
+        model: a module that logs ``val/acc/task_{t}`` (e.g. ``ContinualClassifier``).
+        callbacks: the method's callbacks.
+        seed: passed to ``seed_everything`` before training.
+        progress_bar: show Lightning's progress bar.
+        report: print the rich table and write the report files at the end.
+        default_root_dir: where logs go (``None``: Lightning's default).
+        trainer_kwargs: any other ``Trainer`` arguments.
+        make_trainer: the Trainer class (tests pass a quiet one).
+    """
+    pl.seed_everything(seed, verbose=False)
+    metrics = ContinualMetrics(report=report)
+    memory = _TaskMemory()
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": datamodule.max_epochs,
+        "reload_dataloaders_every_n_epochs": 1,
+        "enable_progress_bar": progress_bar,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "logger": report,
+        "enable_checkpointing": False,
+    }
+    if default_root_dir is not None:
+        kwargs["default_root_dir"] = default_root_dir
+    kwargs.update(trainer_kwargs or {})
+    trainer = make_trainer(callbacks=[*callbacks, metrics, memory], **kwargs)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule)
+    seconds = time.perf_counter() - start
+    return RunResult(
+        name=name,
+        matrix=metrics.matrix,
+        summary=summarize(metrics.matrix),
+        train_seconds=seconds,
+        peak_rss_mb=_peak_rss_mb(),
+        rss_after_task_mb=memory.after_task,
+    )
