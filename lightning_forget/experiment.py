@@ -31,11 +31,11 @@ class RunResult:
     summary: dict[str, Any]
     train_seconds: float
     peak_rss_mb: float
-    rss_after_task_mb: list[float] = field(default_factory=list)
+    rss_after_task_mb: list[float] = field(default_factory=list)  # resident memory at task ends
 
 
 class _TaskMemory(Callback):
-    """Peak resident memory of the process at each task end (MB)."""
+    """Resident memory of the process at each task end (MB)."""
 
     def __init__(self) -> None:
         self.after_task: list[float] = []
@@ -43,11 +43,21 @@ class _TaskMemory(Callback):
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         datamodule = trainer.datamodule
         if isinstance(datamodule, ContinualDataModule) and datamodule.is_last_epoch_of_task(trainer.current_epoch):
-            self.after_task.append(_peak_rss_mb())
+            self.after_task.append(current_rss_mb())
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    """The process's resident memory now (Linux ``/proc``; the peak elsewhere), in MB."""
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * resource.getpagesize() / 2**20
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        return _peak_rss_mb()
 
 
 def run_continual(

@@ -148,7 +148,7 @@ class ContinualCallback(Callback):
             task = int(datamodule.task_of_epoch(trainer.current_epoch))
             # A checkpoint written at the last validation of a task (before `on_train_epoch_end`)
             # resumes at the next task's first epoch: end the previous task first.
-            if task > 0 and self._started >= task - 1:
+            if task > 0 and self._started == task - 1:
                 self._fire_end(trainer, pl_module, task - 1)
             self.task = task
             self._fire_start(trainer, pl_module, task)

@@ -326,7 +326,7 @@ def test_continual_metrics_ddp_identical_on_ranks(tmp_path: Path) -> None:
     torch.testing.assert_close(gathered[0], gathered[1], equal_nan=True, rtol=0, atol=0)
     # the module's synced AccuracyMatrix and the callback agree (global accuracies)
     torch.testing.assert_close(gathered[0].float(), result["module"], equal_nan=True)
-    assert (tmp_path / "metrics.json").exists()
+    assert (tmp_path / "continual_report" / "metrics.json").exists()  # no logger: a subfolder
 
 
 def test_continual_metrics_skips_task_without_validation(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from pathlib import Path
@@ -257,6 +258,9 @@ class ContinualMetrics(ContinualCallback):
             return
         # trainer.log_dir broadcasts: it must be read on every rank, before the rank-0 guard.
         directory = self.log_dir or trainer.log_dir or trainer.default_root_dir
+        if self.log_dir is None and not trainer.loggers:
+            # Without a logger, Lightning's log dir is the working directory: use a subfolder.
+            directory = os.path.join(trainer.default_root_dir, "continual_report")
         if not trainer.is_global_zero:
             return
         summary = self.summary

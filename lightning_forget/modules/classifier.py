@@ -179,11 +179,13 @@ class ContinualClassifier(pl.LightningModule):
         row = matrix.compute()[task]
         measured = ~torch.isnan(row)
         for j in torch.nonzero(measured).flatten().tolist():
-            self.log(f"{stage}/acc/task_{j}", row[j], add_dataloader_idx=False)
+            # Values come from the synced matrix (equal on all ranks); sync_dist only keeps
+            # Lightning from warning about epoch-level logging under DDP.
+            self.log(f"{stage}/acc/task_{j}", row[j], add_dataloader_idx=False, sync_dist=True)
         seen = row[: task + 1]
         seen = seen[~torch.isnan(seen)]
         if seen.numel():
-            self.log(f"{stage}/acc_avg", seen.mean(), prog_bar=stage == "val", add_dataloader_idx=False)
+            self.log(f"{stage}/acc_avg", seen.mean(), prog_bar=stage == "val", add_dataloader_idx=False, sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
         self.val_matrix.reset_row(current_task(self.trainer))
