@@ -1,4 +1,4 @@
-"""ER vs fine-tuning vs joint training on embedded Split MNIST (figures for docs/results.md).
+"""ER (and DER++) vs fine-tuning vs joint training on embedded Split MNIST (docs/results.md).
 
 For each seed: fine-tune, ER with buffers of 200 and 500, and joint training, all with the same
 MLP (256-256), SGD lr 0.1, batch 10, one epoch per task (Mammoth's Seq-MNIST protocol) on the
@@ -13,6 +13,7 @@ Printed, measured in this one run:
 
     python benchmarks/er_split_mnist.py            # full: 3 seeds (a few minutes on 2 cores)
     python benchmarks/er_split_mnist.py --quick    # seconds: 1 seed, 5 batches per task
+    python benchmarks/er_split_mnist.py --methods er200 derpp200 er500 derpp500   # DER++ vs ER
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lightning_forget.callbacks import ExperienceReplay
+from lightning_forget.callbacks import DarkExperienceReplay, ExperienceReplay
 from lightning_forget.datamodules import SplitMNIST
 from lightning_forget.experiment import RunResult, run_continual
 from lightning_forget.modules import ContinualClassifier
@@ -46,6 +47,9 @@ def run(method: str, seed: int, quick: bool) -> tuple[RunResult, Any]:
     replay = None
     if method.startswith("er"):
         replay = ExperienceReplay(buffer_size=int(method[2:]), seed=seed)
+    elif method.startswith("derpp"):
+        replay = DarkExperienceReplay(buffer_size=int(method[5:]), alpha=0.1, beta=0.5, seed=seed)
+    if replay is not None:
         callbacks.append(replay)
     trainer_kwargs = {"limit_train_batches": 5} if quick else {}
     result = run_continual(method, data, model, callbacks, seed=seed, progress_bar=False, trainer_kwargs=trainer_kwargs)
@@ -62,9 +66,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 batches per task (seconds)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["finetune", "er200", "er500", "joint"],
+        help="finetune, joint, erN or derppN (N = buffer size); finetune and joint are always run",
+    )
     args = parser.parse_args(argv)
     seeds = [0] if args.quick else list(range(args.seeds))
-    methods = ["finetune", "er200", "er500", "joint"]
+    methods = ["finetune", *[m for m in args.methods if m not in ("finetune", "joint")], "joint"]
     results: dict[str, list[RunResult]] = {m: [] for m in methods}
     memory: dict[str, list[list[float]]] = {m: [] for m in methods}
     buffer_mb: dict[str, float] = {}

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_forget.callbacks import ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LRRewarming
+from lightning_forget.callbacks import ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import flat_tensors, params_vector, run_ddp_pair, run_stream, tiny_classifier
@@ -93,6 +93,17 @@ ROWS = [
         {"key": "val/acc/task_{task}", "report": False},
         [({"key": "val/acc/{t}"}, ValueError, "key"), ({"report": 1}, TypeError, "report")],
     ),
+    Row(
+        "LiNeS",
+        LiNeS,
+        {"alpha": 0.3, "save_unscaled": False},
+        [
+            ({"head_policy": "x"}, ValueError, "head_policy"),
+            ({"apply_at": "x"}, ValueError, "apply_at"),
+            ({"alpha_grid": [0.1, 0.2]}, ValueError, "alpha_grid"),
+        ],
+    ),
+    Row("LiNeS-task_end", LiNeS, {"alpha": 0.5, "apply_at": "task_end", "save_unscaled": False}, []),
 ]
 
 

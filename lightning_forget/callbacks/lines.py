@@ -1,0 +1,470 @@
+"""LiNeS as a Lightning callback: scale the fine-tuning residual linearly with depth at the end."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_forget import merging
+from lightning_forget.tasks import ContinualCallback
+
+try:  # Python 3.12+
+    from typing import override
+except ImportError:  # pragma: no cover
+    from typing_extensions import override
+
+__all__ = ["LiNeS", "load_weights"]
+
+ScoreFn = Callable[["pl.LightningModule"], float]
+
+
+def load_weights(path: Union[str, os.PathLike]) -> tuple[dict[str, Tensor], Optional[dict[str, Any]]]:
+    """Load a state dict from ``path``: a Lightning checkpoint (its ``"state_dict"``) or a plain one.
+
+    Args:
+        path: file written by ``torch.save`` (a state dict) or by Lightning (a checkpoint).
+
+    Returns:
+        ``(state_dict, checkpoint)`` where ``checkpoint`` is the whole checkpoint dict when the
+        file was a Lightning checkpoint, else ``None``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file holds neither a state dict nor a checkpoint.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No weights file at {path!r}; pass the path of a Lightning checkpoint or a state dict.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - checkpoints may hold objects the safe unpickler refuses
+        rank_zero_warn(f"{path!r} holds non-tensor objects; loading it with the full unpickler (trusted files only).")
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        return dict(obj["state_dict"]), dict(obj)
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return dict(obj), None
+    raise ValueError(
+        f"{path!r} holds a {type(obj).__name__} that is neither a Lightning checkpoint (a dict with "
+        "'state_dict') nor a state dict of tensors."
+    )
+
+
+def _align_names(names: list[str], loaded: Mapping[str, Tensor], path: str) -> dict[str, Tensor]:
+    """Map the module's parameter names onto the loaded keys, allowing one fixed prefix."""
+    if all(n in loaded for n in names):
+        return {n: loaded[n] for n in names}
+    first = names[0]
+    parts = first.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i]) + "."
+        if all(n.startswith(prefix) and n[len(prefix):] in loaded for n in names):
+            return {n: loaded[n[len(prefix):]] for n in names}
+    missing = [n for n in names if n not in loaded][:5]
+    raise KeyError(
+        f"`pretrained_ckpt`={path!r} lacks parameters of the model, e.g. {missing} (its keys look "
+        f"like {list(loaded)[:3]}). Save the pre-trained weights from the same LightningModule, "
+        "or a state dict of the wrapped model (a fixed prefix such as 'model.' is recognised)."
+    )
+
+
+class LiNeS(ContinualCallback):
+    """LiNeS: after fine-tuning, scale each layer's update linearly with depth.
+
+    From "LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging"
+    (Wang, Dimitriadis, Favero, Ortiz-Jimenez, Fleuret, Frossard; ICLR 2025).
+
+    Mechanism: fine-tuning moves the weights from θ_0 to θ_ft; the residual τ = θ_ft − θ_0 of
+    block ℓ (of L) is scaled by λ(ℓ) = α + β·(ℓ−1)/(L−1) and the model becomes θ_0 + λ⊙τ.
+    Shallow layers return toward the pre-trained weights (restoring general ability and
+    reducing forgetting of what the model knew), deep layers keep the task-specific update.
+    Parameters outside the blocks (embeddings, final norms) get α; the output head follows
+    ``head_policy``. Blocks are found from parameter names (see
+    :func:`lightning_forget.merging.block_depths`). The edit is training-free and happens once,
+    at the end of ``fit`` (``on_train_end``), under ``torch.no_grad()``.
+
+    θ_0 is a CPU snapshot of the floating-point parameters taken at ``on_fit_start`` (or loaded
+    from ``pretrained_ckpt``). Under DDP every rank holds identical weights, so each snapshots
+    itself and applies the same deterministic edit; the swept α is broadcast from rank 0.
+    Sharded strategies (FSDP, DeepSpeed) are refused: scale a consolidated checkpoint with
+    :func:`lightning_forget.merging.lines_scale` instead.
+
+    **Choosing α.** Either a fixed ``alpha`` or a sweep over ``alpha_grid``: for each α the
+    scaled weights are written into the model and scored, then the best is kept. The score is
+    ``score_fn(module)`` (Python use; called on every rank, rank 0's value decides), or else
+    the mean of the metric ``monitor`` that the module's own ``validation_step`` logs over
+    ``trainer.val_dataloaders`` (run by this callback, not by ``trainer.validate``, which cannot
+    be called inside ``fit``; values are averaged over batches weighted by ``batch_size`` and
+    reduced across ranks; logged ``torchmetrics`` objects are computed). With several
+    validation loaders the key gets Lightning's ``/dataloader_idx_{i}`` suffix unless logged
+    with ``add_dataloader_idx=False``.
+
+    **apply_at="task_end" (experimental, not in the paper).** In a continual run the residual
+    of each task, relative to the weights at that task's start, is scaled when the task ends
+    (at the end of the task's last epoch, after its validation: that validation, and a
+    checkpoint written at it, still see the unscaled weights). Optimizer state is left as is.
+
+    **Weights are never lost.** Checkpoints written during ``fit`` hold the unscaled weights
+    (the edit happens after them); the scaled model exists in memory after ``fit`` returns, so
+    save it explicitly (``trainer.save_checkpoint(...)``) if you need it on disk.
+
+    Args:
+        alpha: scale of the first block and of the non-block parameters (paper default in its
+            demo: 0.1; 0 resets them to θ_0, 1 keeps the fine-tuned model).
+        beta: increase of the scale to the last block; ``None`` → ``1 − alpha`` (the last block
+            keeps its full update).
+        layer_pattern: regex whose capture group is the block index, for models the built-in
+            patterns do not know.
+        depth_map: explicit ``parameter name -> block index`` map.
+        head_policy: scale of the output head: ``"exclude"`` keeps the fine-tuned head (default),
+            ``"alpha"``, ``"alpha_plus_beta"``, ``"one"``.
+        head_pattern: regex of head parameter names (default
+            :data:`lightning_forget.merging.DEFAULT_HEAD_PATTERN`).
+        pretrained_ckpt: path of θ_0 (a Lightning checkpoint or a state dict) instead of the
+            snapshot at fit start.
+        apply_at: ``"fit_end"`` (the paper) or ``"task_end"`` (experimental).
+        alpha_grid: values of α to sweep (β follows ``beta``, or ``1 − α`` when ``None``).
+        monitor: metric logged in ``validation_step`` that scores a sweep.
+        mode: ``"max"`` or ``"min"``: which score is best.
+        score_fn: callable ``module -> float`` that scores a sweep instead of ``monitor``.
+        save_unscaled: keep the unscaled fine-tuned weights in :attr:`unscaled_state_dict`
+            and write them to ``<log_dir>/unscaled_weights.pt`` (rank 0).
+
+    Raises:
+        ValueError: an argument is out of range or inconsistent (each message names it).
+        TypeError: ``score_fn`` is not callable.
+
+    Note:
+        Logged keys (through ``trainer.loggers`` on rank 0): ``lines/alpha``, ``lines/beta``,
+        ``lines/scale/block_{i}`` for each block, and in a sweep ``lines/sweep/score_alpha_{a}``.
+        Saved state: ``theta0`` (CPU tensors; ``None`` when ``pretrained_ckpt`` is used),
+        ``applied_alpha``, the task counters of :class:`ContinualCallback`, ``version``. Files:
+        ``unscaled_weights.pt`` (``unscaled_weights_task_{t}.pt`` with ``apply_at="task_end"``).
+        With ``strategy="ddp_spawn"`` the attributes set at the end of fit live in the worker
+        processes; use the files.
+    """
+
+    _LINES_STATE_VERSION = 1
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        beta: Optional[float] = None,
+        layer_pattern: Optional[str] = None,
+        depth_map: Optional[dict[str, int]] = None,
+        head_policy: merging.HeadPolicy = "exclude",
+        head_pattern: Optional[str] = None,
+        pretrained_ckpt: Optional[str] = None,
+        apply_at: Literal["fit_end", "task_end"] = "fit_end",
+        alpha_grid: Optional[list[float]] = None,
+        monitor: Optional[str] = None,
+        mode: Literal["max", "min"] = "max",
+        score_fn: Optional[ScoreFn] = None,
+        save_unscaled: bool = True,
+    ) -> None:
+        super().__init__()
+        self.alpha = merging._check_real("alpha", alpha)
+        self.beta = None if beta is None else merging._check_real("beta", beta)
+        if layer_pattern is not None:
+            merging._compile_layer_pattern(layer_pattern)
+        if depth_map is not None and not isinstance(depth_map, Mapping):
+            raise ValueError(f"`depth_map` must be a dict parameter name -> block index, got {type(depth_map).__name__}.")
+        if head_policy not in ("exclude", "alpha", "alpha_plus_beta", "one"):
+            raise ValueError(
+                f"`head_policy` must be 'exclude', 'alpha', 'alpha_plus_beta' or 'one', got {head_policy!r}."
+            )
+        if head_pattern is not None:
+            merging.head_names([], {}, head_pattern)
+        if pretrained_ckpt is not None and not isinstance(pretrained_ckpt, (str, os.PathLike)):
+            raise ValueError(f"`pretrained_ckpt` must be a file path, got {pretrained_ckpt!r}.")
+        if apply_at not in ("fit_end", "task_end"):
+            raise ValueError(f"`apply_at` must be 'fit_end' or 'task_end', got {apply_at!r}.")
+        if apply_at == "task_end" and pretrained_ckpt is not None:
+            raise ValueError(
+                f"`pretrained_ckpt`={pretrained_ckpt!r} sets the reference of apply_at='fit_end'; with "
+                "'task_end' each task is scaled relative to the weights at its start. Drop one of them."
+            )
+        if mode not in ("max", "min"):
+            raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}.")
+        if score_fn is not None and not callable(score_fn):
+            raise TypeError(f"`score_fn` must be a callable module -> float, got {type(score_fn).__name__}.")
+        if alpha_grid is not None:
+            if isinstance(alpha_grid, (str, bytes)) or not hasattr(alpha_grid, "__iter__") or len(list(alpha_grid)) == 0:
+                raise ValueError(f"`alpha_grid` must be a non-empty list of numbers, got {alpha_grid!r}.")
+            alpha_grid = [merging._check_real("alpha_grid[i]", a) for a in alpha_grid]
+            if score_fn is None and monitor is None:
+                raise ValueError(
+                    f"`alpha_grid`={alpha_grid} needs a score: pass `monitor` (a metric your "
+                    "validation_step logs) or `score_fn` (a callable module -> float)."
+                )
+            if apply_at == "task_end":
+                raise ValueError("`alpha_grid` sweeps are supported with apply_at='fit_end' only; fix `alpha` for 'task_end'.")
+        elif monitor is not None or score_fn is not None:
+            raise ValueError("`monitor`/`score_fn` score an α sweep; pass `alpha_grid` too (or drop them).")
+        self.layer_pattern = layer_pattern
+        self.depth_map = dict(depth_map) if depth_map is not None else None
+        self.head_policy = head_policy
+        self.head_pattern = head_pattern
+        self.pretrained_ckpt = None if pretrained_ckpt is None else os.fspath(pretrained_ckpt)
+        self.apply_at = apply_at
+        self.alpha_grid = alpha_grid
+        self.monitor = monitor
+        self.mode = mode
+        self.score_fn = score_fn
+        self.save_unscaled = bool(save_unscaled)
+
+        self.theta0: Optional[dict[str, Tensor]] = None
+        self.unscaled_state_dict: Optional[dict[str, Tensor]] = None
+        self.applied_alpha: Optional[float] = None
+        self.sweep_scores: dict[float, float] = {}
+        self.block_scales: list[float] = []
+        self._restored = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(alpha=self.alpha, beta=self.beta, apply_at=self.apply_at)
+
+    # ------------------------------------------------------------------ lifecycle
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__.lower()
+        if "fsdp" in strategy or "deepspeed" in strategy:
+            raise NotImplementedError(
+                f"LiNeS edits full parameters and cannot run under the sharded {type(trainer.strategy).__name__}. "
+                "Fix: train without the callback, then scale the consolidated checkpoint with "
+                "`lightning_forget.merging.lines_scale(pretrained, finetuned, alpha)`."
+            )
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        names = self._param_names(pl_module)
+        # Fail before training when the depth cannot be inferred.
+        merging.block_depths(names, self.layer_pattern, self.depth_map)
+        if self.apply_at == "fit_end" and not self._restored:
+            if self.pretrained_ckpt is not None:
+                loaded, _ = load_weights(self.pretrained_ckpt)
+                self.theta0 = {n: t.detach().float().cpu().clone() for n, t in _align_names(names, loaded, self.pretrained_ckpt).items()}
+            else:
+                self.theta0 = self._snapshot(pl_module)
+
+    @override
+    def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        if self.apply_at == "task_end":
+            self.theta0 = self._snapshot(pl_module)
+
+    @override
+    def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        if self.apply_at == "task_end":
+            self._apply(trainer, pl_module, suffix=f"_task_{task}")
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.apply_at == "fit_end":
+            self._apply(trainer, pl_module, suffix="")
+        self._restored = False
+
+    # ------------------------------------------------------------------ the edit
+    @staticmethod
+    def _param_names(pl_module: "pl.LightningModule") -> list[str]:
+        return [n for n, p in pl_module.named_parameters() if p.is_floating_point()]
+
+    @staticmethod
+    def _snapshot(pl_module: "pl.LightningModule") -> dict[str, Tensor]:
+        return {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters() if p.is_floating_point()}
+
+    def _beta_for(self, alpha: float) -> float:
+        return 1.0 - alpha if self.beta is None else self.beta
+
+    def scaled_state(self, alpha: float) -> tuple[dict[str, Tensor], list[float]]:
+        """θ_0 + λ⊙τ for ``alpha`` from the kept unscaled weights, and the per-block scales."""
+        if self.theta0 is None or self.unscaled_state_dict is None:
+            raise RuntimeError("LiNeS has no θ_0 / fine-tuned weights yet; they exist after `fit` starts and ends.")
+        beta = self._beta_for(alpha)
+        names = list(self.unscaled_state_dict)
+        scales, per_block = merging.lines_scale_map(
+            names, alpha, beta, self.layer_pattern, self.depth_map, self.head_policy, self.head_pattern
+        )
+        out = {}
+        for name, ft in self.unscaled_state_dict.items():
+            scale = scales[name]
+            if scale is None:
+                out[name] = ft
+            else:
+                base = self.theta0[name].float()
+                out[name] = (base + scale * (ft.float() - base)).to(ft.dtype)
+        return out, per_block
+
+    @staticmethod
+    @torch.no_grad()
+    def _write(pl_module: "pl.LightningModule", state: Mapping[str, Tensor]) -> None:
+        params = dict(pl_module.named_parameters())
+        for name, value in state.items():
+            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+
+    def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", suffix: str) -> None:
+        if self.theta0 is None:
+            raise RuntimeError("LiNeS has no θ_0 snapshot; it is taken at fit start (was `on_fit_start` skipped?).")
+        missing = [n for n in self._param_names(pl_module) if n not in self.theta0]
+        if missing:
+            raise RuntimeError(f"The model gained parameters after θ_0 was taken, e.g. {missing[:5]}; LiNeS cannot scale them.")
+        self.unscaled_state_dict = self._snapshot(pl_module)
+        if self.save_unscaled:
+            self._save_unscaled(trainer, suffix)
+        alpha = self.alpha if self.alpha_grid is None else self._sweep(trainer, pl_module)
+        state, per_block = self.scaled_state(alpha)
+        self._write(pl_module, state)
+        self.applied_alpha, self.block_scales = alpha, per_block
+        if not self.save_unscaled:
+            self.unscaled_state_dict = None
+        metrics = {"lines/alpha": alpha, "lines/beta": self._beta_for(alpha)}
+        metrics.update({f"lines/scale/block_{i}": s for i, s in enumerate(per_block)})
+        metrics.update({f"lines/sweep/score_alpha_{a:g}": s for a, s in self.sweep_scores.items()})
+        self._log(trainer, metrics)
+        rank_zero_info(
+            f"LiNeS: scaled the fine-tuning residual over {len(per_block)} blocks with α={alpha:g}, "
+            f"β={self._beta_for(alpha):g} (scales {per_block[0]:.3g} → {per_block[-1]:.3g})."
+        )
+
+    def _save_unscaled(self, trainer: "pl.Trainer", suffix: str) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir  # `log_dir` broadcasts: call it on every rank
+        if trainer.is_global_zero:
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, f"unscaled_weights{suffix}.pt")
+            torch.save(self.unscaled_state_dict, path)
+            rank_zero_info(f"LiNeS: kept the unscaled fine-tuned weights in {path}.")
+
+    @staticmethod
+    def _log(trainer: "pl.Trainer", metrics: dict[str, float]) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.save()
+
+    # ------------------------------------------------------------------ the sweep
+    def _sweep(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> float:
+        from tqdm.auto import tqdm
+
+        scores = []
+        for alpha in tqdm(self.alpha_grid, desc="LiNeS α sweep", disable=not trainer.is_global_zero):
+            state, _ = self.scaled_state(alpha)
+            self._write(pl_module, state)
+            score = float(self.score_fn(pl_module)) if self.score_fn is not None else self._evaluate(trainer, pl_module)
+            scores.append(score)
+        scores = trainer.strategy.broadcast(scores, src=0)
+        self.sweep_scores = dict(zip(self.alpha_grid, scores))
+        best: Optional[int] = None
+        for i, score in enumerate(scores):  # the first of equal scores wins
+            if math.isnan(score):
+                continue
+            if best is None or (score > scores[best] if self.mode == "max" else score < scores[best]):
+                best = i
+        if best is None:
+            raise RuntimeError(f"Every LiNeS sweep score was NaN for α in {self.alpha_grid}.")
+        return self.alpha_grid[best]
+
+    def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> float:
+        """Mean of ``monitor`` logged by ``validation_step`` over the validation loaders."""
+        from torchmetrics import Metric
+
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            raise RuntimeError(
+                f"LiNeS' sweep scores α with `monitor`={self.monitor!r} on the validation data, but the "
+                "trainer has none. Fix: give the model/datamodule a val_dataloader, or pass `score_fn`."
+            )
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        multiple = len(loaders) > 1
+        total = torch.zeros(2, dtype=torch.float64)
+        metric_objs: dict[str, Metric] = {}
+        seen: set[str] = set()
+        idx_box = [0]
+
+        def record(name: str, value: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True) -> None:
+            key = f"{name}/dataloader_idx_{idx_box[0]}" if multiple and add_dataloader_idx else name
+            seen.add(key)
+            if key != self.monitor:
+                return
+            if isinstance(value, Metric):
+                metric_objs[key] = value
+                return
+            weight = float(batch_size) if batch_size else 1.0
+            total[0] += float(value) * weight
+            total[1] += weight
+
+        def log(name: str, value: Any, *args: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True, **kwargs: Any) -> None:
+            record(name, value, batch_size, add_dataloader_idx)
+
+        def log_dict(dictionary: Mapping[str, Any], *args: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True, **kwargs: Any) -> None:
+            for name, value in dictionary.items():
+                record(name, value, batch_size, add_dataloader_idx)
+
+        metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+        for m in metrics:
+            m.reset()
+        was_training = pl_module.training
+        pl_module.eval()
+        pl_module.log, pl_module.log_dict = log, log_dict  # type: ignore[method-assign]
+        try:
+            with torch.no_grad():
+                for i, loader in enumerate(loaders):
+                    idx_box[0] = i
+                    for batch_idx, batch in enumerate(loader):
+                        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=i)
+                        if multiple:
+                            pl_module.validation_step(batch, batch_idx, i)
+                        else:
+                            pl_module.validation_step(batch, batch_idx)
+        finally:
+            del pl_module.log, pl_module.log_dict
+            pl_module.train(was_training)
+        if self.monitor in metric_objs:
+            value = float(metric_objs[self.monitor].compute())
+        else:
+            total = trainer.strategy.reduce(total.to(pl_module.device), reduce_op="sum").cpu()
+            if float(total[1]) == 0.0:
+                raise RuntimeError(
+                    f"LiNeS' sweep `monitor`={self.monitor!r} was never logged by validation_step; keys "
+                    f"logged: {sorted(seen)}. Fix `monitor` or pass `score_fn`."
+                )
+            value = float(total[0] / total[1])
+        for m in metrics:
+            m.reset()
+        return value
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            {
+                "lines_version": self._LINES_STATE_VERSION,
+                "theta0": None if (self.pretrained_ckpt is not None and self.apply_at == "fit_end") or self.theta0 is None
+                else {n: t.detach().cpu() for n, t in self.theta0.items()},
+                "applied_alpha": self.applied_alpha,
+            }
+        )
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        version = state_dict.get("lines_version", self._LINES_STATE_VERSION)
+        if version > self._LINES_STATE_VERSION:
+            raise RuntimeError(f"LiNeS state version {version} is newer than this library's {self._LINES_STATE_VERSION}; upgrade lightning_forget.")
+        theta0 = state_dict.get("theta0")
+        if theta0 is not None:
+            self.theta0 = {n: t.detach().cpu() for n, t in theta0.items()}
+            self._restored = True
+        self.applied_alpha = state_dict.get("applied_alpha")

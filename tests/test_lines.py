@@ -1,0 +1,332 @@
+"""Tests of the LiNeS callback (lightning_forget.callbacks.lines) and its benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_forget.callbacks.lines import LiNeS
+from lightning_forget.merging import lines_scale
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class BlockNet(pl.LightningModule):
+    """Three residual-free 'blocks' and a head; names `blocks.N.*` and `head.*`."""
+
+    def __init__(self, seed: int = 0, lr: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.head = nn.Linear(4, 3)
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y), batch_size=len(x))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _loader(seed: int = 1, n: int = 24) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def _params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"alpha": float("nan")}, ValueError, "alpha"),
+        ({"beta": "x"}, ValueError, "beta"),
+        ({"head_policy": "drop"}, ValueError, "head_policy"),
+        ({"apply_at": "epoch_end"}, ValueError, "apply_at"),
+        ({"mode": "best"}, ValueError, "mode"),
+        ({"layer_pattern": r"blocks\.\d+"}, ValueError, "layer_pattern"),
+        ({"alpha_grid": []}, ValueError, "alpha_grid"),
+        ({"alpha_grid": [0.1, 0.2]}, ValueError, "monitor"),
+        ({"monitor": "val_loss"}, ValueError, "alpha_grid"),
+        ({"alpha_grid": [0.1], "score_fn": 3}, TypeError, "score_fn"),
+        ({"alpha_grid": [0.1], "monitor": "m", "apply_at": "task_end"}, ValueError, "task_end"),
+        ({"pretrained_ckpt": "x.pt", "apply_at": "task_end"}, ValueError, "pretrained_ckpt"),
+        ({"depth_map": [1, 2]}, ValueError, "depth_map"),
+    ],
+)
+def test_constructor_errors(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        LiNeS(**kwargs)
+
+
+def test_pickle_and_state_key() -> None:
+    cb = LiNeS(alpha=0.3)
+    assert pickle.loads(pickle.dumps(cb)).alpha == 0.3
+    assert LiNeS(alpha=0.3).state_key != LiNeS(alpha=0.5).state_key
+
+
+# ---------------------------------------------------------------------------------- fidelity
+@pytest.mark.parametrize("head_policy", ["exclude", "alpha"])
+def test_callback_equals_pure_function(tmp_path: Path, head_policy: str) -> None:
+    model = BlockNet()
+    theta0 = _params(model)
+    cb = LiNeS(alpha=0.2, head_policy=head_policy)  # type: ignore[arg-type]
+    _trainer(tmp_path, [cb]).fit(model, _loader())
+    assert cb.unscaled_state_dict is not None
+    expected = lines_scale(theta0, cb.unscaled_state_dict, alpha=0.2, head_policy=head_policy)  # type: ignore[arg-type]
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, expected[name], atol=1e-7), name
+    assert not torch.allclose(model.blocks[0].weight, cb.unscaled_state_dict["blocks.0.weight"])  # it did something
+    assert cb.block_scales == pytest.approx([0.2, 0.6, 1.0])
+    saved = torch.load(tmp_path / "unscaled_weights.pt", weights_only=True)
+    assert all(torch.equal(saved[n], cb.unscaled_state_dict[n]) for n in saved)
+
+
+def test_logs_block_scales(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = LiNeS(alpha=0.4)
+    logger = CSVLogger(str(tmp_path), name="run")
+    _trainer(tmp_path, [cb], logger=logger).fit(BlockNet(), _loader())
+    text = (Path(logger.log_dir) / "metrics.csv").read_text()
+    for key in ("lines/alpha", "lines/beta", "lines/scale/block_0", "lines/scale/block_2"):
+        assert key in text
+    assert (Path(logger.log_dir) / "unscaled_weights.pt").is_file()
+
+
+def test_pretrained_ckpt_with_prefix(tmp_path: Path) -> None:
+    pretrained = BlockNet(seed=5)
+    theta0 = _params(pretrained)
+    # a state dict of the bare network (no LightningModule prefix) is accepted
+    torch.save({n: p for n, p in theta0.items()}, tmp_path / "theta0.pt")
+    model = BlockNet(seed=0)
+    cb = LiNeS(alpha=0.0, beta=0.5, pretrained_ckpt=str(tmp_path / "theta0.pt"), save_unscaled=True)
+    _trainer(tmp_path, [cb]).fit(model, _loader())
+    expected = lines_scale(theta0, cb.unscaled_state_dict, alpha=0.0, beta=0.5)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, expected[name], atol=1e-7)
+    assert cb.state_dict()["theta0"] is None  # the path is the reference, the checkpoint stays small
+
+
+class _Wrapped(BlockNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.ModuleDict({"a": self.blocks[0]})
+        del self.blocks
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner["a"](x)))
+
+
+def test_unknown_depth_fails_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="layer_pattern") as err:
+        _trainer(tmp_path, [LiNeS()]).fit(_Wrapped(), _loader())
+    assert "inner.a.weight" in str(err.value)
+    model = _Wrapped()
+    _trainer(tmp_path, [LiNeS(depth_map={"inner.a.weight": 0, "inner.a.bias": 0})]).fit(model, _loader())
+
+
+# ---------------------------------------------------------------------------------- sweep
+def test_sweep_with_monitor_picks_best_alpha(tmp_path: Path) -> None:
+    model = BlockNet()
+    theta0 = _params(model)
+    grid = [0.0, 0.5, 1.0]
+    cb = LiNeS(alpha_grid=grid, monitor="val_loss", mode="min")
+    val = _loader(seed=2, n=20)  # 20 samples in batches of 8: weighted by batch size
+    _trainer(tmp_path, [cb], max_epochs=3).fit(model, _loader(), val)
+    x = torch.cat([b[0] for b in val])
+    y = torch.cat([b[1] for b in val])
+    losses = {}
+    probe = BlockNet()
+    for a in grid:
+        probe.load_state_dict(lines_scale(theta0, cb.unscaled_state_dict, alpha=a))
+        with torch.no_grad():
+            losses[a] = nn.functional.cross_entropy(probe(x), y).item()
+    assert cb.sweep_scores == pytest.approx(losses, rel=1e-5)
+    best = min(grid, key=lambda a: losses[a])
+    assert cb.applied_alpha == best
+    expected = lines_scale(theta0, cb.unscaled_state_dict, alpha=best)
+    assert all(torch.allclose(p, expected[n], atol=1e-7) for n, p in model.named_parameters())
+
+
+def _distance_to_start(module: pl.LightningModule) -> float:
+    return float(module.blocks[0].weight.norm())
+
+
+def test_sweep_with_score_fn(tmp_path: Path) -> None:
+    cb = LiNeS(alpha_grid=[0.9, 0.1, 0.5], score_fn=_distance_to_start, mode="max", save_unscaled=False)
+    _trainer(tmp_path, [cb]).fit(BlockNet(), _loader())
+    assert set(cb.sweep_scores) == {0.9, 0.1, 0.5} and cb.applied_alpha in (0.9, 0.1, 0.5)
+    assert cb.sweep_scores[cb.applied_alpha] == max(cb.sweep_scores.values())
+    assert cb.unscaled_state_dict is None and not (tmp_path / "unscaled_weights.pt").exists()
+
+
+# ---------------------------------------------------------------------------------- resume
+def test_resume_keeps_theta0(tmp_path: Path) -> None:
+    # uninterrupted: 2 epochs
+    full = BlockNet(seed=0)
+    theta0 = _params(full)
+    cb_full = LiNeS(alpha=0.3)
+    _trainer(tmp_path / "full", [cb_full], max_epochs=2).fit(full, _loader())
+
+    # interrupted after epoch 1 (the checkpoint holds the unscaled weights and θ0) ...
+    ckpt_dir = tmp_path / "ckpt"
+    first = BlockNet(seed=0)
+    _trainer(tmp_path / "a", [LiNeS(alpha=0.3), ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1)],
+             max_epochs=1, enable_checkpointing=True).fit(first, _loader())
+    ckpt = next(ckpt_dir.glob("*.ckpt"))
+    # ... and resumed into a differently initialised model: θ0 must come from the checkpoint
+    resumed = BlockNet(seed=123)
+    cb = LiNeS(alpha=0.3)
+    _trainer(tmp_path / "b", [cb], max_epochs=2).fit(resumed, _loader(), ckpt_path=str(ckpt))
+    assert all(torch.equal(cb.theta0[n], theta0[n]) for n in theta0)
+    for name, p in resumed.named_parameters():
+        assert torch.allclose(p, dict(full.named_parameters())[name], atol=1e-6)
+
+    state = cb_full.state_dict()
+    fresh = LiNeS(alpha=0.3)
+    fresh.load_state_dict(pickle.loads(pickle.dumps(state)))
+    assert "version" in state and all(torch.equal(fresh.theta0[n], theta0[n]) for n in theta0)
+
+
+def test_task_end_one_fit_per_task(tmp_path: Path) -> None:
+    model = BlockNet()
+    cb = LiNeS(alpha=0.5, apply_at="task_end")
+    for task in range(2):
+        start = _params(model)
+        _trainer(tmp_path, [cb]).fit(model, _loader(seed=10 + task))
+        assert torch.equal(cb.theta0["blocks.0.weight"], start["blocks.0.weight"])
+        expected = lines_scale(start, cb.unscaled_state_dict, alpha=0.5)
+        assert all(torch.allclose(p, expected[n], atol=1e-7) for n, p in model.named_parameters())
+    assert cb.task == 1 and (tmp_path / "unscaled_weights_task_1.pt").is_file()
+
+
+class _TwoTasks:
+    """A ContinualDataModule of two random tasks (built lazily to keep imports light)."""
+
+    @staticmethod
+    def make() -> Any:
+        from lightning_forget.datamodules.base import ContinualDataModule
+
+        class TwoTasks(ContinualDataModule):
+            def train_dataset(self, task: int) -> TensorDataset:
+                return _loader(seed=20 + task).dataset
+
+            def val_dataset(self, task: int) -> TensorDataset:
+                return _loader(seed=30 + task, n=8).dataset
+
+        return TwoTasks(num_tasks=2, epochs_per_task=1, batch_size=8)
+
+
+class _TaskEndRecorder(Callback):
+    """Records the weights when each task starts (before LiNeS' snapshot would differ)."""
+
+    def __init__(self) -> None:
+        self.starts: list[dict[str, torch.Tensor]] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.starts.append(_params(pl_module))
+
+
+def test_task_end_in_one_continual_fit(tmp_path: Path) -> None:
+    model = BlockNet()
+    cb = LiNeS(alpha=0.25, apply_at="task_end")
+    rec = _TaskEndRecorder()
+    _trainer(tmp_path, [cb, rec], max_epochs=2, reload_dataloaders_every_n_epochs=1,
+             num_sanity_val_steps=0).fit(model, datamodule=_TwoTasks.make())
+    assert len(rec.starts) == 2 and cb._ended == 1
+    # the last task was scaled relative to the weights at its start
+    assert all(torch.equal(cb.theta0[n], rec.starts[1][n]) for n in rec.starts[1])
+    expected = lines_scale(rec.starts[1], cb.unscaled_state_dict, alpha=0.25)
+    assert all(torch.allclose(p, expected[n], atol=1e-7) for n, p in model.named_parameters())
+    assert (tmp_path / "unscaled_weights_task_0.pt").is_file() and (tmp_path / "unscaled_weights_task_1.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------- DDP
+class _Checksum(Callback):
+    """After LiNeS (listed first) edits the weights, gather a checksum from every rank."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).double()
+        checksum = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype)).sum()])
+        gathered = trainer.strategy.all_gather(checksum)
+        lines = [cb for cb in trainer.callbacks if isinstance(cb, LiNeS)][0]
+        expected = lines_scale(lines.theta0, lines.unscaled_state_dict, alpha=0.2)
+        matches = all(torch.allclose(p, expected[n], atol=1e-7) for n, p in pl_module.named_parameters())
+        if trainer.is_global_zero:
+            torch.save({"gathered": gathered.cpu(), "matches": matches}, self.path)
+
+
+def test_ddp_two_processes_identical_weights(tmp_path: Path) -> None:
+    path = str(tmp_path / "checksums.pt")
+    trainer = _trainer(tmp_path, [LiNeS(alpha=0.2), _Checksum(path)], devices=2, strategy="ddp_spawn", max_epochs=2)
+    trainer.fit(BlockNet(), _loader(n=32))
+    result = torch.load(path, weights_only=True)
+    gathered = result["gathered"]
+    assert gathered.shape == (2, 2)
+    assert torch.equal(gathered[0], gathered[1])
+    assert result["matches"]
+
+
+# ---------------------------------------------------------------------------------- benchmark
+def test_benchmark_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_lines", ROOT / "benchmarks" / "lines.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "LiNeS" in out and "TIES" in out
+    assert results["single"] and results["merge"]
+
+
+def test_configurable_from_yaml_style_config() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callback", type=LiNeS)
+    config = parser.parse_args([
+        "--callback",
+        '{"class_path": "lightning_forget.callbacks.lines.LiNeS", "init_args": {"alpha": 0.2, "head_policy": "alpha",'
+        ' "alpha_grid": [0.1, 0.5], "monitor": "val/acc", "layer_pattern": "(?:^|\\\\.)unit(\\\\d+)\\\\."}}',
+    ])
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    callback = instantiate(config).callback
+    assert isinstance(callback, LiNeS) and callback.alpha_grid == [0.1, 0.5] and callback.head_policy == "alpha"
+    assert callback.layer_pattern == r"(?:^|\.)unit(\d+)\."
