@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_forget.callbacks import ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
+from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import flat_tensors, params_vector, run_ddp_pair, run_stream, tiny_classifier
@@ -103,6 +103,17 @@ ROWS = [
             ({"alpha_grid": [0.1, 0.2]}, ValueError, "alpha_grid"),
         ],
     ),
+    Row(
+        "ContinualEvaluation",
+        ContinualEvaluation,
+        {"every_n_steps": 2, "samples_per_task": 10, "save_plot": False, "save_csv": False},
+        [
+            ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+            ({"samples_per_task": 0}, ValueError, "samples_per_task"),
+            ({"max_eval_fraction": 2.0}, ValueError, "max_eval_fraction"),
+            ({"window": 0}, ValueError, "window"),
+        ],
+    ),
     Row("LiNeS-task_end", LiNeS, {"alpha": 0.5, "apply_at": "task_end", "save_unscaled": False}, []),
 ]
 
@@ -123,7 +134,7 @@ def test_pickles_and_copies(row: Row) -> None:
     callback = row.build()
     restored = pickle.loads(pickle.dumps(callback))
     assert type(restored) is row.cls
-    assert torch.equal(flat_tensors(restored.state_dict()), flat_tensors(callback.state_dict()))
+    assert torch.allclose(flat_tensors(restored.state_dict()), flat_tensors(callback.state_dict()), equal_nan=True)
     copy.deepcopy(callback)
 
 
@@ -157,7 +168,9 @@ def test_resume_mid_task_equals_uninterrupted(row: Row, tmp_path: Any) -> None:
     # epochs_per_task=2: the checkpoint after epoch 2 is in the middle of task 1.
     resumed_model, resumed_cb = run_stream(tmp_path / "resumed", row.build, resume_after_epoch=2, **kwargs)
     assert torch.allclose(params_vector(full_model), params_vector(resumed_model), atol=1e-6)
-    assert torch.allclose(flat_tensors(full_cb.state_dict()), flat_tensors(resumed_cb.state_dict()), atol=1e-6)
+    assert torch.allclose(
+        flat_tensors(full_cb.state_dict()), flat_tensors(resumed_cb.state_dict()), atol=1e-6, equal_nan=True
+    )
 
 
 @pytest.mark.ddp

@@ -330,3 +330,24 @@ def test_configurable_from_yaml_style_config() -> None:
     callback = instantiate(config).callback
     assert isinstance(callback, LiNeS) and callback.alpha_grid == [0.1, 0.5] and callback.head_policy == "alpha"
     assert callback.layer_pattern == r"(?:^|\.)unit(\d+)\."
+
+
+def test_sweep_scores_epoch_level_metrics_and_keeps_the_accuracy_matrix(tmp_path) -> None:
+    """ContinualClassifier logs val/acc_avg in on_validation_epoch_end; the sweep must see it,
+    and must not wipe the module's accumulated AccuracyMatrix."""
+    from lightning_forget.callbacks import LiNeS as _LiNeS
+    from tests.helpers.data import BlobStream
+    from tests.helpers.harness import quiet_trainer, tiny_classifier
+
+    dm = BlobStream(num_tasks=2, epochs_per_task=2)
+    model = tiny_classifier(dm)
+    lines = _LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val/acc_avg", save_unscaled=False)
+    seen = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_end(self, trainer, pl_module):  # runs before LiNeS (listed first)
+            seen["before"] = pl_module.val_matrix.compute().clone()
+
+    quiet_trainer(tmp_path, [Snapshot(), lines], max_epochs=dm.max_epochs).fit(model, dm)
+    assert lines.applied_alpha in (0.0, 0.5, 1.0)
+    assert torch.equal(model.val_matrix.compute().nan_to_num(-1), seen["before"].nan_to_num(-1))

@@ -484,7 +484,7 @@ def test_ddp_two_processes_same_lr_and_parameters(tmp_path: Path) -> None:
     dm = StreamDM()
     cb = LRRewarming(max_lr=MAX_LR, min_lr=MIN_LR, warmup=0.25, reset_optimizer_state=True)
     rec = Recorder(out=tmp_path)
-    trainer = _trainer(tmp_path, [cb, rec], dm.max_epochs, devices=2, strategy="ddp_fork")
+    trainer = _trainer(tmp_path, [cb, rec], dm.max_epochs, devices=2, strategy="ddp_spawn")
     trainer.fit(TinyModel("adam"), datamodule=dm)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     lengths = _task_lengths(ranks=2)

@@ -223,7 +223,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
 def test_accuracy_matrix_ddp_sums_counts(tmp_path: Path) -> None:
     # fork: the children inherit the imports, so the test takes about a second, not a re-import.
     args = (2, str(tmp_path / "init"), str(tmp_path))
-    mp.start_processes(_ddp_worker, args=args, nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_ddp_worker, args=args, nprocs=2, join=True, start_method="spawn")
     # global: (0,0) = 3/4; (1,0) = 0/1; (1,1) = 3/4; (0,1) never measured
     expected = torch.tensor([[0.75, NAN], [0.0, 0.75]])
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]

@@ -318,7 +318,7 @@ def test_continual_metrics_ddp_identical_on_ranks(tmp_path: Path) -> None:
     pl.seed_everything(0)
     dm, model = ThreeTasks(), TaskAccModule()
     callbacks = [ContinualMetrics(), GatherMatrix(str(tmp_path / "gathered.pt"))]
-    trainer = make_trainer(tmp_path, callbacks, dm.max_epochs, devices=2, strategy="ddp_fork", logger=False)
+    trainer = make_trainer(tmp_path, callbacks, dm.max_epochs, devices=2, strategy="ddp_spawn", logger=False)
     trainer.fit(model, datamodule=dm)
     result = torch.load(tmp_path / "gathered.pt")
     gathered = result["gathered"]

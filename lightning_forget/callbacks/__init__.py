@@ -1,8 +1,11 @@
 """Continual-learning and unlearning methods as Lightning callbacks."""
 
+from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.callbacks.lr_rewarming import LRRewarming
 from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceReplay
 
-__all__ = ["ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "LiNeS", "LRRewarming"]
+__all__ = [
+    "ContinualEvaluation",
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "LiNeS", "LRRewarming"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Mapping
@@ -375,7 +376,8 @@ class LiNeS(ContinualCallback):
         return self.alpha_grid[best]
 
     def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> float:
-        """Mean of ``monitor`` logged by ``validation_step`` over the validation loaders."""
+        """Mean of ``monitor`` logged by the module's validation (its ``validation_step`` and its
+        ``on_validation_epoch_start``/``_end`` hooks) over the validation loaders."""
         from torchmetrics import Metric
 
         loaders = trainer.val_dataloaders
@@ -390,9 +392,10 @@ class LiNeS(ContinualCallback):
         metric_objs: dict[str, Metric] = {}
         seen: set[str] = set()
         idx_box = [0]
+        suffix_box = [multiple]  # epoch-level logs (on_validation_epoch_end) carry no index
 
         def record(name: str, value: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True) -> None:
-            key = f"{name}/dataloader_idx_{idx_box[0]}" if multiple and add_dataloader_idx else name
+            key = f"{name}/dataloader_idx_{idx_box[0]}" if suffix_box[0] and add_dataloader_idx else name
             seen.add(key)
             if key != self.monitor:
                 return
@@ -411,6 +414,9 @@ class LiNeS(ContinualCallback):
                 record(name, value, batch_size, add_dataloader_idx)
 
         metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+        # The module's metrics may hold a whole run's counts (e.g. an accuracy matrix): keep
+        # their states and put them back after the sweep's evaluation.
+        saved = [{name: copy.deepcopy(getattr(m, name)) for name in m._defaults} for m in metrics]
         for m in metrics:
             m.reset()
         was_training = pl_module.training
@@ -418,6 +424,7 @@ class LiNeS(ContinualCallback):
         pl_module.log, pl_module.log_dict = log, log_dict  # type: ignore[method-assign]
         try:
             with torch.no_grad():
+                pl_module.on_validation_epoch_start()
                 for i, loader in enumerate(loaders):
                     idx_box[0] = i
                     for batch_idx, batch in enumerate(loader):
@@ -426,11 +433,19 @@ class LiNeS(ContinualCallback):
                             pl_module.validation_step(batch, batch_idx, i)
                         else:
                             pl_module.validation_step(batch, batch_idx)
+                suffix_box[0] = False
+                pl_module.on_validation_epoch_end()
+                # A logged Metric object is computed before its state is put back.
+                metric_value = float(metric_objs[self.monitor].compute()) if self.monitor in metric_objs else None
         finally:
             del pl_module.log, pl_module.log_dict
             pl_module.train(was_training)
-        if self.monitor in metric_objs:
-            value = float(metric_objs[self.monitor].compute())
+            for m, states in zip(metrics, saved):
+                m.reset()
+                for name, value in states.items():
+                    setattr(m, name, value)
+        if metric_value is not None:
+            value = metric_value
         else:
             total = trainer.strategy.reduce(total.to(pl_module.device), reduce_op="sum").cpu()
             if float(total[1]) == 0.0:
@@ -439,8 +454,6 @@ class LiNeS(ContinualCallback):
                     f"logged: {sorted(seen)}. Fix `monitor` or pass `score_fn`."
                 )
             value = float(total[0] / total[1])
-        for m in metrics:
-            m.reset()
         return value
 
     # ------------------------------------------------------------------ state

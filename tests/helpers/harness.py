@@ -129,7 +129,8 @@ class RankFingerprint(Callback):
         if lengths.min() != lengths.max():
             result: dict[str, Any] = {"equal_length": False, "lengths": lengths.tolist()}
         else:
-            gathered = trainer.strategy.all_gather(fingerprint)
+            # Unmeasured entries are NaN in some states; equal NaNs count as equal.
+            gathered = trainer.strategy.all_gather(torch.nan_to_num(fingerprint, nan=-1.2345e30))
             result = {
                 "equal_length": True,
                 "world_size": int(gathered.shape[0]),

@@ -1,0 +1,317 @@
+"""Continual-evaluation metrics of the stability gap, as pure functions over accuracy curves.
+
+Paper: Matthias De Lange, Gido van de Ven, Tinne Tuytelaars, "Continual evaluation for lifelong
+learning: Identifying the stability gap", ICLR 2023.
+
+When a model starts training on a new task, its accuracy on earlier tasks often collapses for a
+few hundred iterations and then partly recovers (the *stability gap*). Evaluating only at task
+ends misses it. *Continual evaluation* measures every task's accuracy every few training
+iterations, and these metrics summarise the resulting curves:
+
+- :func:`min_acc` (min-ACC): the worst accuracy each earlier task fell to after it was learned;
+- :func:`wc_acc` (WC-ACC): worst-case accuracy, current-task accuracy traded against min-ACC;
+- :func:`windowed_forgetting` (WF^w): the largest drop on an earlier task within a short window;
+- :func:`windowed_plasticity` (WP^w): the largest gain on a task while it is being trained.
+
+All functions take an :class:`EvalCurves` (or build one with :func:`as_curves`) and evaluate the
+metric *now*, i.e. at its last evaluation; slice the curves with :meth:`EvalCurves.upto` to get
+the value at an earlier evaluation. Nothing here depends on Lightning.
+
+Conventions (shared by every function):
+
+- ``steps[n]`` is the training iteration (optimizer step count, 1-based: the model after
+  ``steps[n]`` updates) of evaluation ``n``; strictly increasing.
+- ``acc[n, i]`` is the accuracy on task ``i`` at evaluation ``n``, ``NaN`` where task ``i`` was
+  not evaluated (e.g. not seen yet).
+- ``task_end_steps[i]`` is the last iteration of task ``i`` (only tasks that have ended are
+  listed). An evaluation at ``steps[n] == task_end_steps[i]`` sees the model that has just
+  finished task ``i``; it still belongs to task ``i``.
+- The *current task* at evaluation ``n`` is ``k = #{i : task_end_steps[i] < steps[n]}``
+  (0-based), and the *previous tasks* are ``0 .. k-1``.
+
+Note:
+    The formulas of min-ACC and WC-ACC follow the paper as recalled in METHODS.md §9. The exact
+    window definition (pairs of evaluations rather than iterations, inclusion of the task-end
+    evaluation in WF), the handling of tasks with too few evaluations, and the window sizes the
+    paper reports (w = 10, 100) are UNVERIFIED against the official code
+    (``mattdl/ContinualEvaluation``), which could not be consulted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EvalCurves",
+    "as_curves",
+    "current_task_index",
+    "min_acc",
+    "wc_acc",
+    "windowed_forgetting",
+    "windowed_plasticity",
+    "stability_metrics",
+]
+
+_ArrayLike = Union[Tensor, Sequence[float], Sequence[Sequence[float]]]
+
+
+class EvalCurves(NamedTuple):
+    """Accuracy curves of a continually evaluated run.
+
+    Attributes:
+        steps: ``(N,)`` int64, training iteration of each evaluation (strictly increasing).
+        acc: ``(N, T)`` float64, accuracy of each task at each evaluation, ``NaN`` = not evaluated.
+        task_end_steps: ``(E,)`` int64, last iteration of each task that has ended (``E <= T``).
+    """
+
+    steps: Tensor
+    acc: Tensor
+    task_end_steps: Tensor
+
+    @property
+    def num_evals(self) -> int:
+        """Number of evaluations ``N``."""
+        return int(self.steps.numel())
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of task columns ``T``."""
+        return int(self.acc.shape[1])
+
+    def upto(self, num_evals: int) -> "EvalCurves":
+        """The curves as they were after the first ``num_evals`` evaluations."""
+        return EvalCurves(self.steps[:num_evals], self.acc[:num_evals], self.task_end_steps)
+
+
+def as_curves(
+    steps: _ArrayLike, acc: _ArrayLike, task_end_steps: _ArrayLike
+) -> EvalCurves:
+    """Build and check an :class:`EvalCurves` from tensors or nested sequences.
+
+    Raises:
+        ValueError: if shapes disagree, ``steps`` is not strictly increasing, ``acc`` is not 2-D,
+            or ``task_end_steps`` is not strictly increasing or lists more tasks than ``acc`` has.
+    """
+    steps_t = torch.as_tensor(steps, dtype=torch.int64).reshape(-1)
+    acc_t = torch.as_tensor(acc, dtype=torch.float64)
+    if acc_t.numel() == 0 and acc_t.dim() < 2:
+        acc_t = acc_t.reshape(0, 0)
+    ends_t = torch.as_tensor(task_end_steps, dtype=torch.int64).reshape(-1)
+    if acc_t.dim() != 2:
+        raise ValueError(f"`acc` must be a (num_evals, num_tasks) matrix, got shape {tuple(acc_t.shape)}.")
+    if acc_t.shape[0] != steps_t.numel():
+        raise ValueError(
+            f"`acc` has {acc_t.shape[0]} rows but `steps` has {steps_t.numel()} entries; "
+            "give one row of task accuracies per evaluation step."
+        )
+    if steps_t.numel() > 1 and not bool((steps_t[1:] > steps_t[:-1]).all()):
+        raise ValueError(f"`steps` must be strictly increasing, got {steps_t.tolist()}.")
+    if ends_t.numel() > 1 and not bool((ends_t[1:] > ends_t[:-1]).all()):
+        raise ValueError(f"`task_end_steps` must be strictly increasing, got {ends_t.tolist()}.")
+    if ends_t.numel() > acc_t.shape[1] and acc_t.shape[0] > 0:
+        raise ValueError(
+            f"`task_end_steps` lists {ends_t.numel()} ended tasks but `acc` has only "
+            f"{acc_t.shape[1]} task columns."
+        )
+    return EvalCurves(steps_t, acc_t, ends_t)
+
+
+def _check(curves: EvalCurves) -> EvalCurves:
+    if not isinstance(curves, EvalCurves):
+        raise TypeError(
+            f"Expected an EvalCurves, got {type(curves).__name__}; build one with "
+            "`as_curves(steps, acc, task_end_steps)`."
+        )
+    return curves
+
+
+def _check_window(window: int) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+        raise ValueError(
+            f"`window` must be an int >= 2 (a window of w evaluations holds pairs up to w-1 "
+            f"evaluations apart), got {window!r}."
+        )
+
+
+def current_task_index(curves: EvalCurves) -> int:
+    """The current task ``k`` at the last evaluation: the number of tasks ended strictly before it.
+
+    Returns -1 when there is no evaluation yet.
+    """
+    curves = _check(curves)
+    if curves.num_evals == 0:
+        return -1
+    now = int(curves.steps[-1])
+    return int((curves.task_end_steps < now).sum())
+
+
+def _task_min_after_end(curves: EvalCurves, task: int) -> float:
+    """min over evaluations n with ``task_end_steps[task] < steps[n] <= now`` of ``acc[n, task]``."""
+    after = curves.steps > curves.task_end_steps[task]
+    values = curves.acc[after, task]
+    values = values[~torch.isnan(values)]
+    return float(values.min()) if values.numel() else math.nan
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def min_acc(curves: EvalCurves) -> float:
+    r"""min-ACC at the last evaluation ``t`` (current task ``k``).
+
+    .. math::
+        \text{min-ACC}_{T_k} = \frac{1}{k} \sum_{i<k} \min_{|T_i| < n \le t} A(E_i, f_n)
+
+    (``k`` previous tasks with 0-based indices; the paper writes ``1/(k-1)`` with 1-based ``k``.)
+    For each previous task, the minimum runs over the evaluations strictly after its last
+    iteration up to now, ignoring ``NaN``; a previous task with no such evaluation is left out of
+    the mean.
+
+    Returns:
+        The value, or ``NaN`` when there is no previous task (still in the first task) or no
+        previous task has been evaluated after it ended.
+    """
+    curves = _check(curves)
+    k = current_task_index(curves)
+    if k <= 0:
+        return math.nan
+    return _nanmean([_task_min_after_end(curves, i) for i in range(k)])
+
+
+def wc_acc(curves: EvalCurves) -> float:
+    r"""WC-ACC (worst-case accuracy) at the last evaluation ``t`` (current task ``k``).
+
+    .. math::
+        \text{WC-ACC}_t = \frac{1}{k+1} A(E_k, f_t) + \Big(1 - \frac{1}{k+1}\Big)\,\text{min-ACC}_{T_k}
+
+    with 0-based ``k`` (the paper's ``1/k`` with 1-based ``k``). In the first task it is the
+    current accuracy ``A(E_0, f_t)``. If min-ACC is undefined later on (no previous task evaluated
+    after its end) the current accuracy is returned as well.
+
+    Returns:
+        The value, or ``NaN`` when the current task was not evaluated at the last evaluation.
+    """
+    curves = _check(curves)
+    k = current_task_index(curves)
+    if k < 0 or k >= curves.num_tasks:
+        return math.nan
+    current = float(curves.acc[-1, k])
+    if k == 0:
+        return current
+    worst = min_acc(curves)
+    if math.isnan(worst):
+        return current
+    return current / (k + 1) + (1.0 - 1.0 / (k + 1)) * worst
+
+
+def _max_windowed_change(values: Tensor, window: int, sign: float) -> float:
+    """max over pairs ``n1 < n2 <= n1 + window - 1`` of ``sign * (values[n2] - values[n1])``.
+
+    Pairs with a ``NaN`` end are skipped; the result is clipped at 0; ``NaN`` with < 2 values.
+    """
+    n = values.numel()
+    if int((~torch.isnan(values)).sum()) < 2:
+        return math.nan
+    best = 0.0
+    for lag in range(1, min(window, n)):
+        diff = sign * (values[lag:] - values[:-lag])
+        diff = diff[~torch.isnan(diff)]
+        if diff.numel():
+            best = max(best, float(diff.max()))
+    return best
+
+
+def windowed_forgetting(curves: EvalCurves, window: int = 10) -> float:
+    r"""WF^w: the largest accuracy drop on a previous task within ``window`` consecutive evaluations.
+
+    For each previous task ``i < k`` take its accuracies ``a_1, a_2, ...`` at the evaluations with
+    ``task_end_steps[i] <= steps[n] <= now`` (the first one, when present, is the model that has
+    just finished task ``i``, so the drop right after the switch is inside the window). Then
+
+    .. math::
+        F_i^w = \max\Big(0, \max_{n_1 < n_2 \le n_1 + w - 1} a_{n_1} - a_{n_2}\Big),
+        \qquad \text{WF}^w = \frac{1}{|\mathcal{I}|} \sum_{i \in \mathcal{I}} F_i^w
+
+    where ``I`` holds the previous tasks with at least two evaluations in that range.
+
+    Args:
+        curves: the curves.
+        window: ``w``, the number of consecutive evaluations in a window (>= 2). With evaluation
+            every ρ iterations, a window spans ``(w - 1)·ρ`` iterations.
+
+    Returns:
+        The value, or ``NaN`` when no previous task has two evaluations after its end.
+
+    Raises:
+        ValueError: if ``window`` is not an int >= 2.
+
+    Note:
+        UNVERIFIED vs the paper: windows count evaluations (the paper's per-iteration evaluation
+        makes them iterations), the task-end evaluation is included, tasks with fewer than two
+        evaluations are left out, and no normalisation beyond the mean over tasks is applied.
+    """
+    curves = _check(curves)
+    _check_window(window)
+    k = current_task_index(curves)
+    per_task = []
+    for i in range(max(k, 0)):
+        since_end = curves.steps >= curves.task_end_steps[i]
+        per_task.append(_max_windowed_change(curves.acc[since_end, i], window, sign=-1.0))
+    return _nanmean(per_task)
+
+
+def windowed_plasticity(curves: EvalCurves, window: int = 10) -> float:
+    r"""WP^w: the largest accuracy gain on a task while it is trained, within ``window`` evaluations.
+
+    For each task ``i <= k`` take its accuracies at the evaluations with
+    ``task_end_steps[i-1] < steps[n] <= task_end_steps[i]`` (the current task: up to now; task 0:
+    from the first evaluation). Then
+
+    .. math::
+        P_i^w = \max\Big(0, \max_{n_1 < n_2 \le n_1 + w - 1} a_{n_2} - a_{n_1}\Big),
+        \qquad \text{WP}^w = \frac{1}{|\mathcal{I}|} \sum_{i \in \mathcal{I}} P_i^w
+
+    where ``I`` holds the tasks with at least two evaluations while they were trained.
+
+    Args:
+        curves: the curves.
+        window: ``w``, the number of consecutive evaluations in a window (>= 2).
+
+    Returns:
+        The value, or ``NaN`` when no task has two evaluations during its training.
+
+    Raises:
+        ValueError: if ``window`` is not an int >= 2.
+
+    Note:
+        UNVERIFIED vs the paper: same window convention as :func:`windowed_forgetting`.
+    """
+    curves = _check(curves)
+    _check_window(window)
+    k = current_task_index(curves)
+    per_task = []
+    for i in range(k + 1 if k >= 0 else 0):
+        mask = torch.ones_like(curves.steps, dtype=torch.bool)
+        if i > 0:
+            mask &= curves.steps > curves.task_end_steps[i - 1]
+        if i < curves.task_end_steps.numel():
+            mask &= curves.steps <= curves.task_end_steps[i]
+        if i < curves.num_tasks:
+            per_task.append(_max_windowed_change(curves.acc[mask, i], window, sign=1.0))
+    return _nanmean(per_task)
+
+
+def stability_metrics(curves: EvalCurves, window: int = 10) -> dict[str, float]:
+    """All four metrics at the last evaluation: ``min_acc``, ``wc_acc``, ``wf``, ``wp``."""
+    return {
+        "min_acc": min_acc(curves),
+        "wc_acc": wc_acc(curves),
+        "wf": windowed_forgetting(curves, window),
+        "wp": windowed_plasticity(curves, window),
+    }
