@@ -39,3 +39,10 @@ def test_ddp_example_keeps_ranks_identical() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ranks=2" in out.stdout and "identical_across_ranks=True" in out.stdout, out.stdout[-2000:]
+
+
+def test_continual_pretraining_example() -> None:
+    import continual_pretraining
+
+    losses = continual_pretraining.main(["--fast"])
+    assert {"val/loss/task_0", "val/loss/task_1"} <= set(losses)
