@@ -309,8 +309,9 @@ class GatherMatrix(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = next(cb for cb in trainer.callbacks if isinstance(cb, ContinualMetrics))
         gathered = trainer.strategy.all_gather(metrics.matrix)
+        module = pl_module.acc.compute()  # a synced compute: every rank must call it
         if trainer.is_global_zero:
-            torch.save({"gathered": gathered, "module": pl_module.acc.compute()}, self.path)
+            torch.save({"gathered": gathered, "module": module}, self.path)
 
 
 @pytest.mark.ddp
