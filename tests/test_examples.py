@@ -46,3 +46,11 @@ def test_continual_pretraining_example() -> None:
 
     losses = continual_pretraining.main(["--fast"])
     assert {"val/loss/task_0", "val/loss/task_1"} <= set(losses)
+
+
+def test_lines_finetune_example(tmp_path: Path) -> None:
+    import lines_finetune
+
+    results = lines_finetune.main(["--fast", "--out", str(tmp_path)])
+    assert set(results) >= {"pre-trained", "fine-tuned (unscaled)"} and len(results) == 3
+    assert (tmp_path / "pretrained.ckpt").exists()
