@@ -23,6 +23,7 @@ import statistics
 from functools import partial
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -34,6 +35,7 @@ from lightning_forget.modules import ContinualClassifier
 
 
 def run(method: str, seed: int, quick: bool) -> tuple[RunResult, Any]:
+    pl.seed_everything(seed, verbose=False)  # the model's initial weights depend on the seed only
     data = SplitMNIST(epochs_per_task=1, batch_size=10, joint=method == "joint", seed=seed)
     model = ContinualClassifier(
         hidden_sizes=[256, 256],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
+import lightning.pytorch as pl
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -59,6 +60,7 @@ def main() -> None:
     results: list[RunResult] = []
     for name, callbacks, joint in runs:
         console.rule(f"[bold]{name}")
+        pl.seed_everything(args.seed, verbose=False)  # same initial weights for every run
         data, model = build(joint, args.epochs_per_task)
         result = run_continual(name, data, model, callbacks(), seed=args.seed, progress_bar=not args.no_progress)
         results.append(result)
