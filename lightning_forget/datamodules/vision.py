@@ -184,13 +184,13 @@ class SplitCIFAR10(_SplitCIFAR):
         )
 
 
-class SplitCIFAR100(_SplitCIFAR):
+class SplitCIFAR100(SplitCIFAR10):
     """Split CIFAR-100: the hundred CIFAR-100 classes in class-incremental tasks (default 10 × 10).
 
     Rebuffi, Kolesnikov, Sperl & Lampert, "iCaRL: Incremental Classifier and Representation
     Learning" (CVPR 2017).
 
-    Mechanism: as :class:`SplitCIFAR10`, over torchvision's CIFAR-100 (fine labels), normalised
+    Mechanism (and constructor, inherited): as :class:`SplitCIFAR10`, over torchvision's CIFAR-100 (fine labels), normalised
     with ``CIFAR100_MEAN``/``CIFAR100_STD``. iCaRL's protocol shuffles the class order with a
     fixed seed: use ``shuffle_classes=True`` (seeded by ``seed``) or an explicit
     ``class_order``.
@@ -228,40 +228,3 @@ class SplitCIFAR100(_SplitCIFAR):
     _DEFAULT_NUM_TASKS = 10
     _MEAN, _STD = CIFAR100_MEAN, CIFAR100_STD
 
-    def __init__(
-        self,
-        root: str,
-        download: bool = False,
-        classes_per_task: Optional[Union[int, list[int]]] = None,
-        num_tasks: Optional[int] = None,
-        class_order: Optional[list[int]] = None,
-        shuffle_classes: bool = False,
-        val_fraction: float = 0.0,
-        augment: bool = False,
-        epochs_per_task: int = 1,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        joint: bool = False,
-        task: Optional[int] = None,
-        seed: int = 0,
-        eval_batch_size: Optional[int] = None,
-        drop_last: bool = False,
-    ) -> None:
-        self._init_cifar(
-            root,
-            download,
-            augment,
-            classes_per_task=classes_per_task,
-            num_tasks=num_tasks,
-            class_order=class_order,
-            shuffle_classes=shuffle_classes,
-            val_fraction=val_fraction,
-            epochs_per_task=epochs_per_task,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            joint=joint,
-            task=task,
-            seed=seed,
-            eval_batch_size=eval_batch_size,
-            drop_last=drop_last,
-        )
