@@ -39,3 +39,23 @@ def test_stream_numbers_are_linked_into_the_model(tmp_path: Path) -> None:
     cli = main(["fit", "--config", str(path)])
     model = cli.model
     assert model.num_tasks == 4 and model.num_classes == 8 and tuple(model.input_shape) == (5,)
+
+
+def test_backbone_by_class_path(tmp_path: Path) -> None:
+    config: dict[str, Any] = {
+        "trainer": {"accelerator": "cpu", "fast_dev_run": 1, "logger": False, "enable_progress_bar": False,
+                    "reload_dataloaders_every_n_epochs": 1, "default_root_dir": str(tmp_path)},
+        "model": {
+            "class_path": "lightning_forget.modules.ContinualClassifier",
+            "init_args": {
+                "backbone": {"class_path": "torch.nn.Sequential", "init_args": {}},
+                "input_shape": [6],
+            },
+        },
+        "data": {"class_path": "tests.helpers.data.BlobStream", "init_args": {"dim": 6}},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = main(["fit", "--config", str(path)])
+    # an empty Sequential is the identity: the head sits on the raw 6 features
+    assert cli.model.head.in_features == 6 and cli.trainer.global_step == 1
