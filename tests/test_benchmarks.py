@@ -21,3 +21,12 @@ def test_er_split_mnist_quick() -> None:
     assert set(summary) == {"finetune", "er200", "er500", "joint"}
     for method in summary.values():
         assert 0.0 <= method["average_accuracy"][0] <= 1.0
+
+
+def test_continual_pretraining_quick() -> None:
+    module = load("continual_pretraining")
+    results = module.main(["--quick"])
+    assert set(results) == set(module.RUNS)
+    assert results["a_no_rewarm"]["gap_closed_mean"] == 0.0 and results["d_union"]["gap_closed_mean"] == 1.0
+    assert results["c_rewarm_replay25"]["replayed_blocks_task1"] > results["c_rewarm_replay5"]["replayed_blocks_task1"] > 0
+    assert all(row["steps"] == results["d_union"]["steps"] for row in results.values())  # same compute
