@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def test_existing_trainer_example() -> None:
+def test_existing_trainer_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the example writes its report under the working directory
     import existing_trainer
 
     metrics = existing_trainer.main(["--fast"])
@@ -22,7 +23,8 @@ def test_existing_trainer_example() -> None:
     assert not torch.isnan(metrics.matrix.diagonal()).any()
 
 
-def test_one_fit_per_task_example() -> None:
+def test_one_fit_per_task_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     import one_fit_per_task
 
     metrics = one_fit_per_task.main(["--fast"])
@@ -31,17 +33,18 @@ def test_one_fit_per_task_example() -> None:
 
 
 @pytest.mark.ddp
-def test_ddp_example_keeps_ranks_identical() -> None:
+def test_ddp_example_keeps_ranks_identical(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "ddp.py"), "--fast"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ranks=2" in out.stdout and "identical_across_ranks=True" in out.stdout, out.stdout[-2000:]
 
 
-def test_continual_pretraining_example() -> None:
+def test_continual_pretraining_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     import continual_pretraining
 
     losses = continual_pretraining.main(["--fast"])
