@@ -19,6 +19,10 @@ each run relative to (a), measured in this run.
 
     python benchmarks/continual_pretraining.py            # full (a few minutes on 2 cores)
     python benchmarks/continual_pretraining.py --quick    # seconds, used by the tests
+
+Every run uses ``torch.set_num_threads(--threads)`` (default 2, the machine's core count) so the
+wall-time ratios compare like with like. Each result also holds ``lr_trace``, the learning rate of
+every optimizer step (read in ``on_before_optimizer_step``), so the schedules can be checked.
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ from rich.table import Table
 from lightning_forget.callbacks import LRRewarming
 from lightning_forget.datamodules import TextStreamDataModule
 from lightning_forget.modules import CausalLMModule
+
+class _LRTrace(pl.Callback):
+    """Record the learning rate (first param group) used by every optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+
 
 RUNS = ("a_no_rewarm", "b_rewarm", "c_rewarm_replay5", "c_rewarm_replay25", "d_union")
 
@@ -71,6 +85,8 @@ def _schedule(args: argparse.Namespace, run: str) -> LRRewarming:
 
 
 def _run(args: argparse.Namespace, run: str) -> dict[str, Any]:
+    """Train one run from the shared initial weights; return its final per-corpus val losses."""
+    torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     data = _data(args, run)
     model = CausalLMModule(
@@ -82,11 +98,12 @@ def _run(args: argparse.Namespace, run: str) -> dict[str, Any]:
         block_size=args.block_size,
         optimizer=partial(torch.optim.AdamW, lr=args.max_lr, weight_decay=0.1),
     )
+    trace = _LRTrace()
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=data.max_epochs,
         reload_dataloaders_every_n_epochs=1,
-        callbacks=[_schedule(args, run)],
+        callbacks=[_schedule(args, run), trace],
         check_val_every_n_epoch=data.max_epochs,  # validate once, at the end
         limit_val_batches=args.val_batches,
         num_sanity_val_steps=0,
@@ -109,10 +126,19 @@ def _run(args: argparse.Namespace, run: str) -> dict[str, Any]:
         "seconds": seconds,
         "steps": trainer.global_step,
         "replayed_blocks_task1": replayed,
+        "lr_trace": trace.lrs,
     }
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
+    """Run (a)-(d), print the table, and return ``{run: {prose, code, mean, gap_closed_*, ...}}``.
+
+    Args:
+        argv: command-line arguments (``None``: ``sys.argv[1:]``); ``["--quick"]`` for a smoke run.
+
+    Raises:
+        SystemExit: on invalid arguments (argparse), e.g. a non-positive step count.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and data, a few steps (seconds)")
     parser.add_argument("--steps-per-task", type=int, default=400)
@@ -125,7 +151,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--max-chars", type=int, default=250_000, help="characters read from each corpus")
     parser.add_argument("--val-batches", type=int, default=20, help="validation batches per corpus")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every run")
     args = parser.parse_args(argv)
+    for name in ("steps_per_task", "batch_size", "block_size", "n_layer", "n_embd", "max_chars", "val_batches", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}.")
+    if not 0.0 <= args.min_lr <= args.max_lr:
+        parser.error(f"need 0 <= --min-lr <= --max-lr, got min_lr={args.min_lr}, max_lr={args.max_lr}.")
     if args.quick:
         args.steps_per_task, args.block_size, args.n_embd = 6, 32, 32
         args.max_chars, args.val_batches = 20_000, 2
@@ -143,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
         title=(
             f"Tiny GPT-2 ({args.n_layer} layers, {args.n_embd} wide, byte tokens), prose -> code, "
             f"{args.steps_per_task} steps x {args.batch_size} x {args.block_size} tokens per task, "
-            f"AdamW max_lr {args.max_lr:g}, min_lr {args.min_lr:g}"
+            f"AdamW max_lr {args.max_lr:g}, min_lr {args.min_lr:g}, seed {args.seed}, {args.threads} threads"
         )
     )
     for column in ("run", "val loss prose", "val loss code", "mean", "gap a→d closed (prose/code/mean)", "replayed blocks", "time vs (a)"):
@@ -158,7 +190,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
             str(row["replayed_blocks_task1"]),
             f"{row['time_vs_a']:.2f}x",
         )
-    Console(width=170).print(table)
+    Console(width=150).print(table)
     return results
 
 

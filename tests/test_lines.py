@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.merging import lines_scale
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.benchmarks import load_benchmark
 
 
 class BlockNet(pl.LightningModule):
@@ -306,11 +304,7 @@ def test_ddp_two_processes_identical_weights(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- benchmark
 def test_benchmark_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("bench_lines", ROOT / "benchmarks" / "lines.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    results = module.main(["--quick"])
+    results = load_benchmark("lines").main(["--quick"])
     out = capsys.readouterr().out
     assert "LiNeS" in out and "TIES" in out
     assert results["single"] and results["merge"]
