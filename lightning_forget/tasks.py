@@ -22,6 +22,8 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from lightning_forget.distributed import unshare_memory
+
 try:  # Python 3.12+
     from typing import override
 except ImportError:  # pragma: no cover
@@ -90,6 +92,10 @@ class ContinualCallback(Callback):
     started and ended tasks are part of the state, so a run resumed in the middle of a task does
     not start it again.
 
+    ``setup`` gives the callback private copies of tensors that arrived in shared memory
+    (``strategy="ddp_spawn"`` pickles callbacks into the workers, and ``torch.multiprocessing``
+    shares every pickled CPU tensor; see :func:`lightning_forget.distributed.unshare_memory`).
+
     Note:
         Saved state: ``task`` (the task counter used in one-fit-per-task mode), ``started``
         and ``ended`` (last task whose start/end fired), ``version``.
@@ -130,6 +136,9 @@ class ContinualCallback(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # Under ddp_spawn this object was pickled into the worker with its tensors in shared
+        # memory, one storage for all ranks: take private copies before any rank writes.
+        unshare_memory(self)
         if stage == "fit":
             check_dataloader_reloading(trainer)
 

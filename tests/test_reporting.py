@@ -311,8 +311,10 @@ class GatherMatrix(Callback):
         gathered = trainer.strategy.all_gather(metrics.matrix)
         # The rows the module logged at each task's last validation (synced AccuracyMatrix values).
         logged = torch.stack([pl_module.history[t] for t in sorted(pl_module.history)])
+        # Each rank's own counts: their sum over ranks is what the synced matrix divides by.
+        totals = trainer.strategy.all_gather(pl_module.acc.total)
         if trainer.is_global_zero:
-            torch.save({"gathered": gathered, "module": logged}, self.path)
+            torch.save({"gathered": gathered, "module": logged, "totals": totals}, self.path)
 
 
 @pytest.mark.ddp
@@ -328,6 +330,9 @@ def test_continual_metrics_ddp_identical_on_ranks(tmp_path: Path) -> None:
     torch.testing.assert_close(gathered[0], gathered[1], equal_nan=True, rtol=0, atol=0)
     # the callback holds exactly the global accuracies the module logged at each task end
     torch.testing.assert_close(gathered[0].float(), result["module"], equal_nan=True)
+    # every cell counted each validation sample of its task exactly once across the two ranks
+    # (ddp_spawn once shared the counters' memory between ranks, doubling a row)
+    assert torch.equal(result["totals"].sum(dim=0), torch.full((3, 3), 24))
     assert (tmp_path / "continual_report" / "metrics.json").exists()  # no logger: a subfolder
 
 

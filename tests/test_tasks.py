@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from lightning_forget.tasks import ContinualCallback, current_task
@@ -104,3 +105,54 @@ def test_joint_mode_trains_everything_as_the_last_task(tmp_path: Any) -> None:
     assert [(kind, task) for kind, task, _ in recorder.events] == [("start", 2), ("end", 2)]
     assert {cls_task for _, cls_task in recorder.batch_tasks} == {0, 1, 2}
     assert not model.val_matrix.compute()[2].isnan().any()
+
+
+class RankStamp(ContinualCallback):
+    """Holds a tensor made before `fit`; every rank writes its rank into it, then reads it back."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.stamp = torch.zeros(1)
+        self.nested = {"rows": [torch.zeros(2)]}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        rank = trainer.global_rank
+        self.stamp.fill_(rank)
+        self.nested["rows"][0].fill_(rank)
+        trainer.strategy.barrier()  # both ranks have written before either reads
+        seen = torch.stack([self.stamp[0], self.nested["rows"][0][0]])
+        gathered = trainer.strategy.all_gather(seen)
+        if trainer.is_global_zero:
+            torch.save(gathered, self.path)
+
+
+@pytest.mark.ddp
+def test_callback_tensors_are_private_to_each_rank_under_ddp_spawn(tmp_path: Any) -> None:
+    """torch.multiprocessing puts pickled CPU tensors in shared memory: without `unshare_memory`
+    in `setup`, rank 0 would read rank 1's write (one storage for both)."""
+    path = str(tmp_path / "stamps.pt")
+    dm = BlobStream(num_tasks=2, epochs_per_task=1)
+    trainer = quiet_trainer(tmp_path, [RankStamp(path)], max_epochs=1, devices=2, strategy="ddp_spawn")
+    trainer.fit(tiny_classifier(dm), datamodule=dm)
+    assert torch.equal(torch.load(path), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+
+
+def test_unshare_memory_copies_only_shared_tensors() -> None:
+    from lightning_forget.buffers import ReservoirBuffer
+    from lightning_forget.distributed import unshare_memory
+
+    callback = Recorder()
+    private = torch.ones(3)
+    callback.shared = torch.arange(4.0).share_memory_()
+    callback.private = private
+    callback.containers = {"a": [torch.zeros(2).share_memory_()], "b": (torch.ones(1).share_memory_(), 5)}
+    callback.buffer = ReservoirBuffer(capacity=4)
+    callback.buffer.probe = torch.full((2,), 7.0).share_memory_()
+    unshare_memory(callback)
+    assert not callback.shared.is_shared() and torch.equal(callback.shared, torch.arange(4.0))
+    assert callback.private is private  # untouched
+    assert not callback.containers["a"][0].is_shared()
+    assert not callback.containers["b"][0].is_shared() and callback.containers["b"][1] == 5
+    assert not callback.buffer.probe.is_shared() and torch.equal(callback.buffer.probe, torch.full((2,), 7.0))

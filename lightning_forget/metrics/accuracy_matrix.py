@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_forget.distributed import unshare_memory
+
 __all__ = ["AccuracyMatrix"]
 
 
@@ -114,6 +116,12 @@ class AccuracyMatrix(Metric):
         total = self.total.to(torch.float32)
         accuracy = self.correct.to(torch.float32) / total.clamp_min(1)
         return torch.where(self.total > 0, accuracy, torch.full_like(accuracy, float("nan")))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Unpickled in a ddp_spawn worker, the counters arrive in shared memory, one storage for
+        # every rank; each rank must count into its own copy or the synced sums are wrong.
+        unshare_memory(self)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,14 +1,19 @@
 """Make `ddp_spawn` workers leave cleanly.
 
-A gloo process group that is still alive when a worker's interpreter exits sometimes aborts the
-process ("terminate called without an active exception", SIGABRT) after all its work is done;
-DESIGN.md §10 records the same for plain `ddp`, fixed by destroying the group after `fit`. Lightning's
-spawn launcher does not destroy it, so in tests the worker function is wrapped to do so once the
-worker has handed back its results.
+A gloo process group sometimes aborts a worker at interpreter exit, after all its work is done
+("terminate called without an active exception", SIGABRT): a C++ thread is destroyed while still
+joinable during static destruction. DESIGN.md §10 records the same for plain `ddp`. Destroying the
+group first was not enough (CI still saw the abort), so a worker whose function returned normally
+now leaves with ``os._exit(0)``, skipping the interpreter's teardown. That is safe here: Lightning
+hands rank 0's results back through a `SimpleQueue`, whose `put` has written them to the pipe
+before it returns, and torch's spawn wrapper has nothing left to do on success. A worker that
+raises still goes through the normal path, so torch reports its traceback.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import torch.distributed as dist
@@ -17,12 +22,21 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 _ORIGINAL = _MultiProcessingLauncher._wrapping_function
 
 
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _wrapping_function(self: _MultiProcessingLauncher, *args: Any, **kwargs: Any) -> None:
     try:
         _ORIGINAL(self, *args, **kwargs)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        _destroy_group()
+        raise
+    _destroy_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def destroy_process_group_when_workers_finish() -> None:
