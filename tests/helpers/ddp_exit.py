@@ -12,6 +12,7 @@ raises still goes through the normal path, so torch reports its traceback.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from typing import Any
@@ -28,6 +29,7 @@ def _destroy_group() -> None:
 
 
 def _wrapping_function(self: _MultiProcessingLauncher, *args: Any, **kwargs: Any) -> None:
+    faulthandler.enable(all_threads=True)  # a native abort prints where each thread was
     try:
         _ORIGINAL(self, *args, **kwargs)
     except BaseException:
