@@ -14,7 +14,7 @@ no download) four times in the same process (plus, in full mode, an untimed warm
 4. DER++ (``DarkExperienceReplay(buffer_size=200, alpha=0.1, beta=0.5)``) with the same evaluation.
 
 It prints final average accuracy (full validation sets, after the last task) next to min-ACC,
-WC-ACC, WF^w and WP^w, the evaluation overhead measured inside each run (evaluation time /
+WC-ACC, WF^w and WP^w (official-code convention, and the stricter "phase" one), the evaluation overhead measured inside each run (evaluation time /
 training time, per the callback's timers) and each run's training time per step over run 1's
 (evaluation should leave it near 1; ER's replay makes its steps dearer); it writes
 each run's ``stability_gap.png`` and ``continual_eval.csv`` plus ``results.json`` into
@@ -39,6 +39,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
+from lightning_forget.metrics.stability import windowed_forgetting, windowed_plasticity
 
 
 def _parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -157,6 +158,8 @@ def _run(name: str, args: argparse.Namespace, evaluate: bool, replay: Optional[s
             wc_acc=evaluator.wc_acc,
             wf=evaluator.wf,
             wp=evaluator.wp,
+            wf_phase=windowed_forgetting(evaluator.curves, args.window, scope="phase"),
+            wp_phase=windowed_plasticity(evaluator.curves, args.window, scope="phase"),
             eval_over_train=evaluator.eval_time_s / max(evaluator.train_time_s, 1e-12),
             interval=evaluator.interval,
         )
@@ -197,8 +200,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     for row in results:
         row["wall_vs_no_eval"] = row["wall_s"] / reference_wall
         row["step_vs_no_eval"] = row["train_ms_per_step"] / reference_step
-    columns = ["run", "steps", "evaluations", "final_acc", "min_acc", "wc_acc", "wf", "wp", "eval_over_train", "step_vs_no_eval"]
-    header = ["run", "steps", "evals", "final acc", "min-ACC", "WC-ACC", f"WF{args.window}", f"WP{args.window}", "eval/train", "step/ft-no-eval"]
+    columns = ["run", "steps", "evaluations", "final_acc", "min_acc", "wc_acc", "wf", "wp", "wf_phase", "wp_phase", "eval_over_train", "step_vs_no_eval"]
+    w = args.window
+    header = ["run", "steps", "evals", "final acc", "min-ACC", "WC-ACC", f"WF{w}", f"WP{w}", f"WF{w} phase", f"WP{w} phase", "eval/train", "step/ft-no-eval"]
     widths = [max(len(h), 18 if i == 0 else 9) for i, h in enumerate(header)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("-+-".join("-" * w for w in widths))

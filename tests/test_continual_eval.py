@@ -84,43 +84,76 @@ def test_wc_acc_hand_computed(curves: EvalCurves) -> None:
     assert wc_acc(curves.upto(2)) == pytest.approx(0.9)
 
 
-def test_windowed_forgetting_hand_computed(curves: EvalCurves) -> None:
+def test_windowed_forgetting_phase_hand_computed(curves: EvalCurves) -> None:
+    wf = lambda c, w: windowed_forgetting(c, window=w, scope="phase")  # noqa: E731
     # task 0 from step 4 on: [0.9, 0.6, 0.3, 0.7, 0.6]; task 1 from step 8 on: [0.8, 0.5, 0.1]
     # w = 2 (adjacent pairs): task 0 drops 0.3, 0.3, -0.4, 0.1 -> 0.3; task 1 drops 0.3, 0.4 -> 0.4
-    assert windowed_forgetting(curves, window=2) == pytest.approx((0.3 + 0.4) / 2)
+    assert wf(curves, 2) == pytest.approx((0.3 + 0.4) / 2)
     # w = 3 adds lag-2 pairs: task 0: 0.9-0.3 = 0.6 -> 0.6; task 1: 0.8-0.1 = 0.7 -> 0.7
-    assert windowed_forgetting(curves, window=3) == pytest.approx((0.6 + 0.7) / 2)
+    assert wf(curves, 3) == pytest.approx((0.6 + 0.7) / 2)
     # a window longer than the curves sees every ordered pair: same as w = 3 here
-    assert windowed_forgetting(curves, window=10) == pytest.approx(0.65)
+    assert wf(curves, 10) == pytest.approx(0.65)
     # at step 8 (k = 1): task 0 from step 4: [0.9, 0.6, 0.3] -> w=2: 0.3
-    assert windowed_forgetting(curves.upto(4), window=2) == pytest.approx(0.3)
-    assert math.isnan(windowed_forgetting(curves.upto(2), window=2))
+    assert wf(curves.upto(4), 2) == pytest.approx(0.3)
+    assert math.isnan(wf(curves.upto(2), 2))
+
+
+def test_windowed_forgetting_official_hand_computed(curves: EvalCurves) -> None:
+    """Default scope "seen" = Mattdl/ContinualEvaluation: every seen task, the current one
+    included, over all its measurements; a task measured once counts as 0."""
+    # task 0: [0.5, 0.9, 0.6, 0.3, 0.7, 0.6]; task 1: [0.4, 0.8, 0.5, 0.1]; task 2: [0.6, 0.9]
+    # w = 2: task 0 max adjacent drop 0.3; task 1 0.4; task 2 none -> 0; mean over 3 tasks
+    assert windowed_forgetting(curves, window=2) == pytest.approx((0.3 + 0.4 + 0.0) / 3)
+    # w = 3: task 0: 0.9 - 0.3 = 0.6; task 1: 0.8 - 0.1 = 0.7; task 2: 0
+    assert windowed_forgetting(curves, window=3) == pytest.approx((0.6 + 0.7) / 3)
+    # step 4 (still task 0): [0.5, 0.9] only rises -> 0, not NaN; step 2: one measurement -> 0
+    assert windowed_forgetting(curves.upto(2), window=2) == 0.0
+    assert windowed_forgetting(curves.upto(1), window=2) == 0.0
+    # the current task's own dip while it is trained counts under "seen", not under "phase"
+    dip = as_curves([1, 2, 3], [[0.5], [0.2], [0.8]], [])
+    assert windowed_forgetting(dip, window=2) == pytest.approx(0.3)
+    assert math.isnan(windowed_forgetting(dip, window=2, scope="phase"))
+    # no evaluation at all
+    assert math.isnan(windowed_forgetting(curves.upto(0), window=2))
 
 
 def test_windowed_forgetting_clips_at_zero() -> None:
     # an earlier task that only improves has no forgetting: 0, not negative
     rising = as_curves([1, 2, 3], [[0.5, NAN], [0.6, 0.1], [0.8, 0.2]], [1])
     assert windowed_forgetting(rising, window=2) == 0.0
+    assert windowed_forgetting(rising, window=2, scope="phase") == 0.0
 
 
 def test_windowed_plasticity_hand_computed(curves: EvalCurves) -> None:
-    # task 0 while trained (step <= 4): [0.5, 0.9] -> +0.4
-    # task 1 (4 < step <= 8): [0.4, 0.8] -> +0.4
-    # task 2 (step > 8): [0.6, 0.9] -> +0.3
-    assert windowed_plasticity(curves, window=2) == pytest.approx((0.4 + 0.4 + 0.3) / 3)
-    assert windowed_plasticity(curves.upto(4), window=2) == pytest.approx(0.4)
+    wp = lambda c, w: windowed_plasticity(c, window=w, scope="phase")  # noqa: E731
+    # phase: task 0 while trained (step <= 4): [0.5, 0.9] -> +0.4
+    # task 1 (4 < step <= 8): [0.4, 0.8] -> +0.4; task 2 (step > 8): [0.6, 0.9] -> +0.3
+    assert wp(curves, 2) == pytest.approx((0.4 + 0.4 + 0.3) / 3)
+    assert wp(curves.upto(4), 2) == pytest.approx(0.4)
     # one evaluation only: nothing to compare
-    assert math.isnan(windowed_plasticity(curves.upto(1), window=2))
+    assert math.isnan(wp(curves.upto(1), 2))
+    # seen (official): whole histories; here the largest adjacent gains are the same
+    # (task 0: 0.4, task 1: 0.4, task 2: 0.3)
+    assert windowed_plasticity(curves, window=2) == pytest.approx((0.4 + 0.4 + 0.3) / 3)
+    assert windowed_plasticity(curves.upto(1), window=2) == 0.0
+    # a task that keeps improving after it ended: counted under "seen" only
+    late = as_curves([1, 2, 3], [[0.5, NAN], [0.6, 0.1], [0.9, 0.2]], [1])
+    assert windowed_plasticity(late, window=2) == pytest.approx((0.3 + 0.1) / 2)
+    assert windowed_plasticity(late, window=2, scope="phase") == pytest.approx(0.1)
 
 
 def test_stability_metrics_bundle(curves: EvalCurves) -> None:
-    out = stability_metrics(curves, window=2)
+    out = stability_metrics(curves, window=2, scope="phase")
     assert out == pytest.approx({"min_acc": 0.2, "wc_acc": 0.3 + 0.4 / 3, "wf": 0.35, "wp": 1.1 / 3})
+    out = stability_metrics(curves, window=2)
+    assert out == pytest.approx({"min_acc": 0.2, "wc_acc": 0.3 + 0.4 / 3, "wf": 0.7 / 3, "wp": 1.1 / 3})
 
 
 def test_metric_input_errors(curves: EvalCurves) -> None:
     with pytest.raises(ValueError, match="window"):
         windowed_forgetting(curves, window=1)
+    with pytest.raises(ValueError, match="scope"):
+        windowed_plasticity(curves, window=2, scope="previous")
     with pytest.raises(ValueError, match="strictly increasing"):
         as_curves([2, 2], [[0.1], [0.2]], [])
     with pytest.raises(ValueError, match="rows"):
@@ -236,6 +269,8 @@ def test_constructor_errors() -> None:
         ContinualEvaluation(batch_size=0)
     with pytest.raises(ValueError, match="window"):
         ContinualEvaluation(window=1)
+    with pytest.raises(ValueError, match="scope"):
+        ContinualEvaluation(window_scope="all")
     with pytest.raises(ValueError, match="max_eval_fraction"):
         ContinualEvaluation(max_eval_fraction=1.5)
     with pytest.raises(ValueError, match="seed"):

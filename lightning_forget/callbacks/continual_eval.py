@@ -25,6 +25,8 @@ from torch.utils.data._utils.collate import default_collate
 
 from lightning_forget.metrics.stability import (
     EvalCurves,
+    _check_scope,
+    _check_window,
     as_curves,
     min_acc,
     wc_acc,
@@ -103,6 +105,10 @@ class ContinualEvaluation(ContinualCallback):
         seed: seed of the subsample draw (task ``t`` uses ``seed * 1_000_003 + t``).
         batch_size: evaluation mini-batch size.
         window: ``w`` of WF^w and WP^w, in evaluations (>= 2).
+        window_scope: which measurements WF^w and WP^w use: ``"seen"`` (every seen task over
+            its whole history, as the official code) or ``"phase"`` (forgetting after a task
+            ended, plasticity while it is trained); see
+            :func:`lightning_forget.metrics.windowed_forgetting`.
         max_eval_fraction: if set, in ``(0, 1)``: widen the interval when evaluation exceeds this
             fraction of evaluation + training time.
         eval_at_task_end: also evaluate at the last step of every task (so each task's final
@@ -141,6 +147,7 @@ class ContinualEvaluation(ContinualCallback):
         seed: int = 0,
         batch_size: int = 256,
         window: int = 10,
+        window_scope: str = "seen",
         max_eval_fraction: Optional[float] = None,
         eval_at_task_end: bool = True,
         input_key: str = "x",
@@ -155,10 +162,8 @@ class ContinualEvaluation(ContinualCallback):
         _positive_int("batch_size", batch_size)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an int, got {seed!r}.")
-        if not isinstance(window, int) or isinstance(window, bool) or window < 2:
-            raise ValueError(
-                f"`window` must be an int >= 2 (evaluations per window for WF/WP), got {window!r}."
-            )
+        _check_window(window)
+        _check_scope(window_scope)
         if max_eval_fraction is not None:
             if isinstance(max_eval_fraction, bool) or not isinstance(max_eval_fraction, (int, float)):
                 raise ValueError(f"`max_eval_fraction` must be a float in (0, 1) or None, got {max_eval_fraction!r}.")
@@ -177,6 +182,7 @@ class ContinualEvaluation(ContinualCallback):
         self.seed = seed
         self.batch_size = batch_size
         self.window = window
+        self.window_scope = window_scope
         self.max_eval_fraction = None if max_eval_fraction is None else float(max_eval_fraction)
         self.eval_at_task_end = eval_at_task_end
         self.input_key = input_key
@@ -235,12 +241,12 @@ class ContinualEvaluation(ContinualCallback):
     @property
     def wf(self) -> float:
         """Windowed forgetting WF^w (w = ``window``) at the last evaluation."""
-        return windowed_forgetting(self.curves, self.window)
+        return windowed_forgetting(self.curves, self.window, self.window_scope)
 
     @property
     def wp(self) -> float:
         """Windowed plasticity WP^w (w = ``window``) at the last evaluation."""
-        return windowed_plasticity(self.curves, self.window)
+        return windowed_plasticity(self.curves, self.window, self.window_scope)
 
     @property
     def final_accuracies(self) -> list[float]:

@@ -270,7 +270,8 @@ class LRRewarming(ContinualCallback):
     Optimizer state at task switches: with ``reset_optimizer_state=True`` the optimizer's
     per-parameter state (Adam moments, step counts, momentum buffers) is cleared at the start of
     every task after the first. With ``False`` (the default, as METHODS.md §7.2 asks) it is
-    kept: in one-fit-per-task mode, where each fit builds a fresh optimizer, the callback hands
+    kept (summaries of the paper say its runs reset the optimizer states between datasets: pass
+    ``True`` to match them): in one-fit-per-task mode, where each fit builds a fresh optimizer, the callback hands
     the previous fit's per-parameter state to the new optimizer when the next task starts (the
     new optimizer keeps its own hyperparameters; a mismatch in parameter count is reported
     with a warning and the state is not carried).
@@ -287,9 +288,12 @@ class LRRewarming(ContinualCallback):
     Args:
         max_lr: peak learning rate ``eta_max`` (first param group).
         min_lr: final learning rate ``eta_min`` of a decay or anneal; default ``0.1 * max_lr``
-            (METHODS.md §7.2; UNVERIFIED constant).
+            (METHODS.md §7.2; the paper's runs use 3e-4 → 3e-5 and 1.2e-4 → 1.2e-5 according to
+            summaries of its Table 14 and a co-author's GPT-NeoX config; the paper text itself
+            was not read).
         warmup: warm-up length: an ``int >= 0`` is a number of steps, a ``float`` in ``[0, 1)``
-            a fraction of the task's steps, ``W = ceil(warmup * T)`` (default 1%, UNVERIFIED).
+            a fraction of the task's steps, ``W = ceil(warmup * T)`` (default 1%, the paper's
+            value per summaries of it, with 0-2% reported to behave alike).
             In ``infinite`` mode the fraction is of the first task's steps.
         decay: ``"cosine"`` or ``"linear"``: the shape of the re-decay (``rewarm``) or of the
             cooldown (``infinite``).
@@ -300,7 +304,8 @@ class LRRewarming(ContinualCallback):
         cooldown_steps: ``infinite`` mode: cooldown length ``C`` from ``max_lr`` to
             ``constant_lr``.
         constant_lr: ``infinite`` mode: the constant LR; default ``(max_lr + min_lr) / 2``
-            (UNVERIFIED).
+            (1.65e-4 for 3e-4 / 3e-5, the value reported for the paper's 405M infinite runs;
+            its cooldown shape is not verified: ours is ``decay``, cosine or linear).
         anneal: ``infinite`` mode: the anneal's shape, ``"exponential"`` (default; needs
             ``min_lr > 0``), ``"cosine"`` or ``"linear"``.
         anneal_steps: ``infinite`` mode: default anneal length ``A`` in steps.

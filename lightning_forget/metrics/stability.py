@@ -30,11 +30,14 @@ Conventions (shared by every function):
   (0-based), and the *previous tasks* are ``0 .. k-1``.
 
 Note:
-    The formulas of min-ACC and WC-ACC follow the paper as recalled in METHODS.md §9. The exact
-    window definition (pairs of evaluations rather than iterations, inclusion of the task-end
-    evaluation in WF), the handling of tasks with too few evaluations, and the window sizes the
-    paper reports (w = 10, 100) are UNVERIFIED against the official code
-    (``mattdl/ContinualEvaluation``), which could not be consulted.
+    Checked against the official code (``Mattdl/ContinualEvaluation``,
+    ``src/eval/continual_eval_metrics.py``): min-ACC takes, per task, the minimum over the
+    evaluations made while another task is trained, averaged over tasks; WC-ACC is the mean of
+    the current task's accuracy and the other tasks' minima; WF^w / WP^w keep, per seen task
+    (the current one included), the largest drop / gain between two of its last ``w``
+    measurements, maximised over time and averaged over tasks; reported windows are w = 10 and
+    100. The default ``scope="seen"`` of the windowed metrics reproduces that; ``scope="phase"``
+    is a stricter reading (see :func:`windowed_forgetting`).
 """
 
 from __future__ import annotations
@@ -213,105 +216,120 @@ def wc_acc(curves: EvalCurves) -> float:
 def _max_windowed_change(values: Tensor, window: int, sign: float) -> float:
     """max over pairs ``n1 < n2 <= n1 + window - 1`` of ``sign * (values[n2] - values[n1])``.
 
-    Pairs with a ``NaN`` end are skipped; the result is clipped at 0; ``NaN`` with < 2 values.
+    ``NaN`` entries (evaluations where the task was not measured) are dropped first, so a window
+    holds ``window`` consecutive *measurements*. The result is clipped at 0: 0 with one value,
+    ``NaN`` with none.
     """
+    values = values[~torch.isnan(values)]
     n = values.numel()
-    if int((~torch.isnan(values)).sum()) < 2:
+    if n == 0:
         return math.nan
     best = 0.0
     for lag in range(1, min(window, n)):
-        diff = sign * (values[lag:] - values[:-lag])
-        diff = diff[~torch.isnan(diff)]
-        if diff.numel():
-            best = max(best, float(diff.max()))
+        best = max(best, float((sign * (values[lag:] - values[:-lag])).max()))
     return best
 
 
-def windowed_forgetting(curves: EvalCurves, window: int = 10) -> float:
-    r"""WF^w: the largest accuracy drop on a previous task within ``window`` consecutive evaluations.
+_SCOPES = ("seen", "phase")
 
-    For each previous task ``i < k`` take its accuracies ``a_1, a_2, ...`` at the evaluations with
-    ``task_end_steps[i] <= steps[n] <= now`` (the first one, when present, is the model that has
-    just finished task ``i``, so the drop right after the switch is inside the window). Then
+
+def _check_scope(scope: str) -> None:
+    if scope not in _SCOPES:
+        raise ValueError(
+            f"`scope` must be 'seen' (every seen task over its whole measured history, as the "
+            f"official code) or 'phase' (forgetting after a task ended, plasticity while it is "
+            f"trained), got {scope!r}."
+        )
+
+
+def _windowed(curves: EvalCurves, window: int, scope: str, sign: float) -> float:
+    """Mean over tasks of the largest ``sign``-change within ``window`` measurements (see callers)."""
+    curves = _check(curves)
+    _check_window(window)
+    _check_scope(scope)
+    k = current_task_index(curves)
+    per_task = []
+    for i in range(min(k + 1, curves.num_tasks) if k >= 0 else 0):
+        if scope == "seen":
+            mask = torch.ones_like(curves.steps, dtype=torch.bool)
+        elif sign < 0:  # forgetting of a previous task, from its last iteration on
+            if i >= k:
+                continue
+            mask = curves.steps >= curves.task_end_steps[i]
+        else:  # plasticity of a task while it is trained
+            mask = torch.ones_like(curves.steps, dtype=torch.bool)
+            if i > 0:
+                mask &= curves.steps > curves.task_end_steps[i - 1]
+            if i < curves.task_end_steps.numel():
+                mask &= curves.steps <= curves.task_end_steps[i]
+        values = curves.acc[mask, i]
+        if scope == "phase" and int((~torch.isnan(values)).sum()) < 2:
+            continue  # nothing to compare within the phase
+        per_task.append(_max_windowed_change(values, window, sign))
+    return _nanmean(per_task)
+
+
+def windowed_forgetting(curves: EvalCurves, window: int = 10, scope: str = "seen") -> float:
+    r"""WF^w: the largest accuracy drop of a task within ``window`` consecutive evaluations.
+
+    For a task ``i`` with measured accuracies ``a_1, a_2, ...`` (in evaluation order),
 
     .. math::
         F_i^w = \max\Big(0, \max_{n_1 < n_2 \le n_1 + w - 1} a_{n_1} - a_{n_2}\Big),
-        \qquad \text{WF}^w = \frac{1}{|\mathcal{I}|} \sum_{i \in \mathcal{I}} F_i^w
+        \qquad \text{WF}^w = \frac{1}{|\mathcal{I}|} \sum_{i \in \mathcal{I}} F_i^w .
 
-    where ``I`` holds the previous tasks with at least two evaluations in that range.
-
-    Args:
-        curves: the curves.
-        window: ``w``, the number of consecutive evaluations in a window (>= 2). With evaluation
-            every ρ iterations, a window spans ``(w - 1)·ρ`` iterations.
-
-    Returns:
-        The value, or ``NaN`` when no previous task has two evaluations after its end.
-
-    Raises:
-        ValueError: if ``window`` is not an int >= 2.
-
-    Note:
-        UNVERIFIED vs the paper: windows count evaluations (the paper's per-iteration evaluation
-        makes them iterations), the task-end evaluation is included, tasks with fewer than two
-        evaluations are left out, and no normalisation beyond the mean over tasks is applied.
-    """
-    curves = _check(curves)
-    _check_window(window)
-    k = current_task_index(curves)
-    per_task = []
-    for i in range(max(k, 0)):
-        since_end = curves.steps >= curves.task_end_steps[i]
-        per_task.append(_max_windowed_change(curves.acc[since_end, i], window, sign=-1.0))
-    return _nanmean(per_task)
-
-
-def windowed_plasticity(curves: EvalCurves, window: int = 10) -> float:
-    r"""WP^w: the largest accuracy gain on a task while it is trained, within ``window`` evaluations.
-
-    For each task ``i <= k`` take its accuracies at the evaluations with
-    ``task_end_steps[i-1] < steps[n] <= task_end_steps[i]`` (the current task: up to now; task 0:
-    from the first evaluation). Then
-
-    .. math::
-        P_i^w = \max\Big(0, \max_{n_1 < n_2 \le n_1 + w - 1} a_{n_2} - a_{n_1}\Big),
-        \qquad \text{WP}^w = \frac{1}{|\mathcal{I}|} \sum_{i \in \mathcal{I}} P_i^w
-
-    where ``I`` holds the tasks with at least two evaluations while they were trained.
+    ``scope="seen"`` (default) follows the official code (``WindowedForgettingPluginMetric`` in
+    ``Mattdl/ContinualEvaluation``, ``src/eval/continual_eval_metrics.py``): ``I`` is every task
+    seen so far *including the current one*, each over all its measurements up to now (a task
+    measured once counts as 0). ``scope="phase"`` keeps only previous tasks ``i < k``, measured
+    from their last iteration on (the task-end evaluation included, so the drop right after the
+    switch is inside the window), and leaves out tasks with fewer than two such measurements.
 
     Args:
         curves: the curves.
-        window: ``w``, the number of consecutive evaluations in a window (>= 2).
+        window: ``w``, the number of consecutive measurements in a window (>= 2); the official
+            code reports w = 10 and w = 100. With evaluation every ρ iterations, a window spans
+            ``(w - 1)·ρ`` iterations (the official runs evaluate every iteration).
+        scope: ``"seen"`` or ``"phase"`` (above).
 
     Returns:
-        The value, or ``NaN`` when no task has two evaluations during its training.
+        The value, or ``NaN`` when no task qualifies.
 
     Raises:
-        ValueError: if ``window`` is not an int >= 2.
-
-    Note:
-        UNVERIFIED vs the paper: same window convention as :func:`windowed_forgetting`.
+        ValueError: if ``window`` is not an int >= 2 or ``scope`` is unknown.
     """
-    curves = _check(curves)
-    _check_window(window)
-    k = current_task_index(curves)
-    per_task = []
-    for i in range(k + 1 if k >= 0 else 0):
-        mask = torch.ones_like(curves.steps, dtype=torch.bool)
-        if i > 0:
-            mask &= curves.steps > curves.task_end_steps[i - 1]
-        if i < curves.task_end_steps.numel():
-            mask &= curves.steps <= curves.task_end_steps[i]
-        if i < curves.num_tasks:
-            per_task.append(_max_windowed_change(curves.acc[mask, i], window, sign=1.0))
-    return _nanmean(per_task)
+    return _windowed(curves, window, scope, sign=-1.0)
 
 
-def stability_metrics(curves: EvalCurves, window: int = 10) -> dict[str, float]:
+def windowed_plasticity(curves: EvalCurves, window: int = 10, scope: str = "seen") -> float:
+    r"""WP^w: the largest accuracy gain of a task within ``window`` consecutive evaluations.
+
+    The same as :func:`windowed_forgetting` with the largest *increase*
+    ``a_{n_2} - a_{n_1}``. ``scope="seen"`` (default, the official code's
+    ``WindowedPlasticityPluginMetric``): every seen task including the current one, over all its
+    measurements. ``scope="phase"``: each task ``i <= k`` only while it is trained
+    (``task_end_steps[i-1] < steps[n] <= task_end_steps[i]``; the current task up to now), tasks
+    with fewer than two such measurements left out.
+
+    Args:
+        curves: the curves.
+        window: ``w``, the number of consecutive measurements in a window (>= 2).
+        scope: ``"seen"`` or ``"phase"``.
+
+    Returns:
+        The value, or ``NaN`` when no task qualifies.
+
+    Raises:
+        ValueError: if ``window`` is not an int >= 2 or ``scope`` is unknown.
+    """
+    return _windowed(curves, window, scope, sign=1.0)
+
+
+def stability_metrics(curves: EvalCurves, window: int = 10, scope: str = "seen") -> dict[str, float]:
     """All four metrics at the last evaluation: ``min_acc``, ``wc_acc``, ``wf``, ``wp``."""
     return {
         "min_acc": min_acc(curves),
         "wc_acc": wc_acc(curves),
-        "wf": windowed_forgetting(curves, window),
-        "wp": windowed_plasticity(curves, window),
+        "wf": windowed_forgetting(curves, window, scope),
+        "wp": windowed_plasticity(curves, window, scope),
     }
