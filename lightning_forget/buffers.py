@@ -45,6 +45,20 @@ class ReplayBuffer:
         self.size = 0
         self.num_seen = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A torch.Generator does not survive torch.multiprocessing's pickling with the default
+        # file-descriptor sharing ("unable to resize file" in the worker; `strategy="ddp_spawn"`
+        # pickles callbacks and their buffers): carry its state as plain bytes instead.
+        state = self.__dict__.copy()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator_state = state["generator"]
+        self.__dict__.update(state)
+        self.generator = torch.Generator()
+        self.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
         return self.size

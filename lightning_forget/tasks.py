@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_forget.distributed import unshare_memory
 
@@ -141,6 +143,17 @@ class ContinualCallback(Callback):
         unshare_memory(self)
         if stage == "fit":
             check_dataloader_reloading(trainer)
+            in_workers = isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+            if in_workers and task_schedule(trainer) is None:
+                rank_zero_warn(
+                    f"{type(self).__name__}: with `strategy=\"ddp_spawn\"`/`\"ddp_fork\"` the fit runs in worker "
+                    "processes, and what this callback learns there (task counter, buffers, snapshots) "
+                    "is not returned when `fit` ends. If this is one of several fits, one per task, "
+                    "the next fit would start again from task 0 with empty state. Fix: use "
+                    "`strategy=\"ddp\"` (its processes keep the callbacks between fits) or one fit "
+                    "over a ContinualDataModule.",
+                    category=UserWarning,
+                )
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

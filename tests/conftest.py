@@ -2,10 +2,6 @@
 
 import os
 
-import torch.multiprocessing
-
-# `ddp_spawn` pickles the model, datamodule and callbacks into its workers. The default
-# file-descriptor sharing cannot share empty tensors ("unable to resize file"), which
-# buffers and metrics legitimately hold; the file-system strategy can.
-torch.multiprocessing.set_sharing_strategy("file_system")
+# `ddp_spawn` tests run with torch's default (file-descriptor) sharing strategy, as a user's
+# process does; the library's objects are made to survive it (see ReplayBuffer.__getstate__).
 os.environ.setdefault("PYTHONHASHSEED", "0")

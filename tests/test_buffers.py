@@ -114,3 +114,20 @@ def test_batches_must_be_consistent() -> None:
         buffer.add({"x": torch.zeros(2, 1)})
     with pytest.raises(RuntimeError, match="empty"):
         ReservoirBuffer(3).sample(2)
+
+
+@pytest.mark.parametrize("kind", ["reservoir", "class_balanced"])
+def test_pickled_buffer_continues_with_the_same_random_stream(kind: str) -> None:
+    """The generator travels as bytes (ddp_spawn pickling cannot carry a torch.Generator)."""
+    import pickle
+
+    buffer = make_buffer(kind, 8, seed=3)
+    buffer.add({"x": torch.randn(20, 2), "y": torch.arange(20) % 4})
+    copy = pickle.loads(pickle.dumps(buffer))
+    assert isinstance(copy.generator, torch.Generator)
+    assert torch.equal(copy.generator.get_state(), buffer.generator.get_state())
+    batch = {"x": torch.randn(30, 2), "y": torch.arange(30) % 4}
+    buffer.add(batch)
+    copy.add(batch)
+    for key, value in buffer.contents().items():
+        assert torch.equal(value, copy.contents()[key])

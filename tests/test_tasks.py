@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -156,3 +161,43 @@ def test_unshare_memory_copies_only_shared_tensors() -> None:
     assert not callback.containers["a"][0].is_shared()
     assert not callback.containers["b"][0].is_shared() and callback.containers["b"][1] == 5
     assert not callback.buffer.probe.is_shared() and torch.equal(callback.buffer.probe, torch.full((2,), 7.0))
+
+
+def test_one_fit_per_task_under_ddp_spawn_warns_that_state_stays_in_workers(tmp_path: Any) -> None:
+    """ddp_spawn returns only weights and metrics to the main process: a second fit per task
+    would restart at task 0 with empty state (seen: task counter 0 and an empty buffer after a
+    ddp_spawn fit). The hook runs in the worker; here it is called directly."""
+    trainer = quiet_trainer(tmp_path, [], devices=2, strategy="ddp_spawn", max_epochs=1)
+    callback = Recorder()
+    with pytest.warns(UserWarning, match='strategy="ddp"'):
+        callback.setup(trainer, tiny_classifier(BlobStream()), "fit")
+    single = quiet_trainer(tmp_path, [], max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.setup(single, tiny_classifier(BlobStream()), "fit")
+
+
+@pytest.mark.ddp
+def test_replay_and_metrics_start_under_ddp_spawn_with_default_sharing(tmp_path: Any) -> None:
+    """A user's process keeps torch's default (file-descriptor) sharing, which cannot carry a
+    torch.Generator into a spawn worker; the test process uses file_system, so run a script."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "import lightning.pytorch as pl\n"
+        "from lightning_forget.callbacks import ContinualMetrics, ExperienceReplay\n"
+        "from lightning_forget.modules import ContinualClassifier\n"
+        "if __name__ == '__main__':\n"
+        "    assert torch.multiprocessing.get_sharing_strategy() == 'file_descriptor'\n"
+        "    x, y = torch.randn(32, 4), torch.randint(0, 4, (32,))\n"
+        "    model = ContinualClassifier(num_classes=4, num_tasks=2, input_shape=[4], hidden_sizes=[8], report=False)\n"
+        "    trainer = pl.Trainer(accelerator='cpu', devices=2, strategy='ddp_spawn', max_epochs=1, logger=False,\n"
+        "                         enable_checkpointing=False, enable_progress_bar=False,\n"
+        "                         callbacks=[ExperienceReplay(buffer_size=8), ContinualMetrics(report=False)])\n"
+        "    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))\n"
+        "    print('FIT-DONE')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "FIT-DONE" in out.stdout, out.stderr[-3000:]
