@@ -271,10 +271,10 @@ class LRRewarming(ContinualCallback):
     per-parameter state (Adam moments, step counts, momentum buffers) is cleared at the start of
     every task after the first. With ``False`` (the default, as METHODS.md §7.2 asks) it is
     kept (summaries of the paper say its runs reset the optimizer states between datasets: pass
-    ``True`` to match them): in one-fit-per-task mode, where each fit builds a fresh optimizer, the callback hands
-    the previous fit's per-parameter state to the new optimizer when the next task starts (the
-    new optimizer keeps its own hyperparameters; a mismatch in parameter count is reported
-    with a warning and the state is not carried).
+    ``True`` to match them): in one-fit-per-task mode, where each fit builds a fresh optimizer,
+    the callback hands the previous fit's per-parameter state to the new optimizer when the next
+    task starts (the new optimizer keeps its own hyperparameters; a mismatch in parameter count
+    is reported with a warning and the state is not carried).
 
     Branching a release checkpoint off an infinite schedule without disturbing the main run:
     save a checkpoint during the constant phase (``ModelCheckpoint(every_n_train_steps=...)``)
