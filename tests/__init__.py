@@ -1,6 +1,6 @@
 """Test package. Importing it (as every `ddp_spawn` worker does when it unpickles a test's
 objects) applies the clean-exit fix below."""
 
-from tests.helpers.ddp_exit import destroy_process_group_when_workers_finish
+from tests.helpers.ddp_exit import install_clean_worker_exit
 
-destroy_process_group_when_workers_finish()
+install_clean_worker_exit()

@@ -1,8 +1,8 @@
 """Make `ddp_spawn` workers leave cleanly.
 
 A gloo process group sometimes aborts a worker at interpreter exit, after all its work is done
-("terminate called without an active exception", SIGABRT): a C++ thread is destroyed while still
-joinable during static destruction. DESIGN.md §10 records the same for plain `ddp`. Destroying the
+("terminate called without an active exception", SIGABRT; most likely a C++ thread destroyed
+while still joinable during teardown; the root cause was not found). DESIGN.md §10 records the same for plain `ddp`. Destroying the
 group first was not enough (CI still saw the abort), so a worker whose function returned normally
 now leaves with ``os._exit(0)``, skipping the interpreter's teardown. That is safe here: Lightning
 hands rank 0's results back through a `SimpleQueue`, whose `put` has written them to the pipe
@@ -41,7 +41,7 @@ def _wrapping_function(self: _MultiProcessingLauncher, *args: Any, **kwargs: Any
     os._exit(0)
 
 
-def destroy_process_group_when_workers_finish() -> None:
-    """Install the wrapper (idempotent)."""
+def install_clean_worker_exit() -> None:
+    """Wrap Lightning's spawn worker function: destroy the group, then ``os._exit(0)`` (idempotent)."""
     if _MultiProcessingLauncher._wrapping_function is not _wrapping_function:
         _MultiProcessingLauncher._wrapping_function = _wrapping_function  # type: ignore[method-assign]
