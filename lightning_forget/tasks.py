@@ -98,12 +98,19 @@ class ContinualCallback(Callback):
     (``strategy="ddp_spawn"`` pickles callbacks into the workers, and ``torch.multiprocessing``
     shares every pickled CPU tensor; see :func:`lightning_forget.distributed.unshare_memory`).
 
+    Checkpointed state has one layout for every subclass: ``{"version": STATE_VERSION,
+    "protocol": {...}, "method": method_state()}``. Subclasses override :meth:`method_state` and
+    :meth:`load_method_state` (never ``state_dict`` itself), read keys strictly, and bump
+    :attr:`STATE_VERSION` with a :meth:`migrate_state` branch when their layout changes.
+
     Note:
-        Saved state: ``task`` (the task counter used in one-fit-per-task mode), ``started``
-        and ``ended`` (last task whose start/end fired), ``version``.
+        Saved state: ``protocol`` = ``task`` (the task counter used in one-fit-per-task mode),
+        ``started`` and ``ended`` (last task whose start/end fired); ``method`` = the subclass's
+        state; ``version``.
     """
 
-    _STATE_VERSION = 1
+    #: Version of the subclass's checkpointed state layout (see :meth:`migrate_state`).
+    STATE_VERSION: int = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -187,12 +194,71 @@ class ContinualCallback(Callback):
             self._fire_end(trainer, pl_module, self.task)
 
     # ------------------------------------------------------------------ state
+    # One rule for every subclass (DESIGN.md §5):
+    #   {"version": <the subclass's STATE_VERSION>,
+    #    "protocol": {"task", "started", "ended"},      <- this class's own, namespaced
+    #    "method": <what method_state() returns>}
+    # Subclasses implement `method_state` / `load_method_state` (plain key access: a renamed key
+    # must fail, not silently reset) and, when they change their layout, bump STATE_VERSION and
+    # implement `migrate_state` for the older versions they can read.
+
+    def method_state(self) -> dict[str, Any]:
+        """The subclass's checkpointed state: plain values and CPU tensors (override)."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`method_state` returned; read keys with ``state[key]`` (override)."""
+        if state:
+            raise RuntimeError(
+                f"{type(self).__name__} keeps no method state, but the checkpoint has {sorted(state)}: "
+                "it was written by another callback class or an incompatible version."
+            )
+
+    def migrate_state(self, state: dict[str, Any], version: int) -> dict[str, Any]:
+        """Turn method state written at an older ``version`` into the current layout (override).
+
+        The default knows no older layout and raises.
+        """
+        raise RuntimeError(
+            f"{type(self).__name__} cannot read checkpoint state of version {version} (this library "
+            f"writes version {self.STATE_VERSION}); resume with the lightning_forget release that wrote it."
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self._STATE_VERSION, "task": self.task, "started": self._started, "ended": self._ended}
+        return {
+            "version": int(self.STATE_VERSION),
+            "protocol": {"task": self.task, "started": self._started, "ended": self._ended},
+            "method": self.method_state(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.task = int(state_dict.get("task", 0))
-        self._started = int(state_dict.get("started", -1))
-        self._ended = int(state_dict.get("ended", -1))
+        state = dict(state_dict)
+        if "protocol" not in state:
+            # Checkpoints written by lightning_forget 0.1.0 kept every key at the top level, with
+            # the protocol's counters beside the method's keys; read them as version 1.
+            protocol = {key: state.pop(key) for key in ("task", "started", "ended")}
+            for legacy in ("version", "base_version", "lines_version"):
+                state.pop(legacy, None)
+            state = {"version": 1, "protocol": protocol, "method": state}
+        version = int(state["version"])
+        if version > self.STATE_VERSION:
+            raise RuntimeError(
+                f"{type(self).__name__}: the checkpoint's state has version {version}, newer than this "
+                f"library's {self.STATE_VERSION}. Fix: upgrade lightning_forget to resume it."
+            )
+        method = dict(state["method"])
+        if version < self.STATE_VERSION:
+            method = self.migrate_state(method, version)
+        protocol = state["protocol"]
+        self.task = int(protocol["task"])
+        self._started = int(protocol["started"])
+        self._ended = int(protocol["ended"])
+        try:
+            self.load_method_state(method)
+        except KeyError as error:
+            raise RuntimeError(
+                f"{type(self).__name__}: the checkpoint's state lacks the key {error.args[0]!r} (it has "
+                f"{sorted(method)}); it was written by an incompatible version of this callback."
+            ) from error

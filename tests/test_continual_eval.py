@@ -338,7 +338,7 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
     cb = ContinualEvaluation(every_n_steps=4, samples_per_task=12, save_csv=False, save_plot=False)
     _fit(tmp_path, [cb])
     state = cb.state_dict()
-    assert state["version"] == 1 and state["data"] == {}  # datamodule mode keeps only indices
+    assert state["version"] == 1 and state["method"]["data"] == {}  # datamodule mode keeps only indices
     restored = ContinualEvaluation(every_n_steps=4, samples_per_task=12)
     restored.load_state_dict(copy.deepcopy(pickle.loads(pickle.dumps(state))))
     assert torch.equal(restored.curves.steps, cb.curves.steps)
@@ -474,7 +474,7 @@ def test_one_fit_per_task_keeps_earlier_subsamples(tmp_path: Path) -> None:
     assert curves.steps.tolist() == [3, 6] and curves.task_end_steps.tolist() == [3, 6]
     # task 0 (kept from the first fit) is evaluated in the second fit
     assert not math.isnan(float(curves.acc[-1, 0])) and not math.isnan(float(curves.acc[-1, 1]))
-    assert set(state["data"]) == {0} and state["data"][0]["image"].shape == (10, NUM_FEATURES)
+    assert set(state["method"]["data"]) == {0} and state["method"]["data"][0]["image"].shape == (10, NUM_FEATURES)
     fresh = ContinualEvaluation(every_n_steps=3, samples_per_task=10, input_key="image", target_key="label")
     fresh.load_state_dict(state)
     assert fresh.task == 0 and torch.equal(fresh._data[0]["label"], cb._data[0]["label"])
@@ -514,7 +514,7 @@ def test_ddp_two_processes_curves_identical_and_counts_summed(tmp_path: Path) ->
     trainer = _trainer(tmp_path, dm.max_epochs, [cb, _DumpPerRank(str(tmp_path))], devices=2, strategy="ddp_spawn")
     trainer.fit(model, datamodule=dm)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    a, b = ranks[0]["state"], ranks[1]["state"]
+    a, b = ranks[0]["state"]["method"], ranks[1]["state"]["method"]
     # 64 samples / 2 ranks / batch 8 = 4 steps per task: ends at 4, 8, 12
     assert a["steps"] == b["steps"] == [2, 4, 6, 8, 10, 12]
     assert a["task_end_steps"] == b["task_end_steps"] == [4, 8, 12]

@@ -135,7 +135,7 @@ def test_pretrained_ckpt_with_prefix(tmp_path: Path) -> None:
     expected = lines_scale(theta0, cb.unscaled_state_dict, alpha=0.0, beta=0.5)
     for name, p in model.named_parameters():
         assert torch.allclose(p, expected[name], atol=1e-7)
-    assert cb.state_dict()["theta0"] is None  # the path is the reference, the checkpoint stays small
+    assert cb.state_dict()["method"]["theta0"] is None  # the path is the reference, the checkpoint stays small
 
 
 class _Wrapped(BlockNet):

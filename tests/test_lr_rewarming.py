@@ -259,7 +259,7 @@ def test_rewarm_one_fit_matches_formula_and_lr_monitor(tmp_path: Path) -> None:
     # LearningRateMonitor sees the callback's scheduler
     assert monitor.lrs["lr_rewarming/lr/pg1"] == pytest.approx(expected)
     assert monitor.lrs["lr_rewarming/lr/pg2"] == pytest.approx([0.5 * v for v in expected])
-    state = cb.state_dict()
+    state = cb.state_dict()["method"]
     assert state["steps"] == 20
     assert state["segments"] == [[0, 6, 2], [6, 10, 3], [16, 4, 1]]
 
@@ -305,7 +305,7 @@ def test_one_fit_per_task_rewarms_and_carries_adam_state(tmp_path: Path, reset: 
     assert cb.task == 1
     assert [lr[0] for lr in first.lrs] == pytest.approx(_expected_rewarm([6], 0.25))
     assert [lr[0] for lr in second.lrs] == pytest.approx(_expected_rewarm([10], 0.25))  # re-warmed
-    assert cb.state_dict()["segments"] == [[0, 6, 2], [6, 10, 3]]
+    assert cb.state_dict()["method"]["segments"] == [[0, 6, 2], [6, 10, 3]]
     assert [cb.lr_at(6 + n) for n in range(10)] == pytest.approx(_expected_rewarm([10], 0.25))
     if reset:
         assert second.adam_steps[0] is None
@@ -428,7 +428,7 @@ def test_infinite_release_branch_anneals_while_main_stays_constant(tmp_path: Pat
     trainer.fit(TinyModel(), datamodule=StreamDM(), ckpt_path=ckpt)
     assert rec_branch.steps == [12, 13, 14, 15]
     assert [lr[0] for lr in rec_branch.lrs] == pytest.approx([const * (MIN_LR / const) ** (k / 4) for k in (1, 2, 3, 4)])
-    assert branch.state_dict()["anneal_start"] == 12
+    assert branch.state_dict()["method"]["anneal_start"] == 12
 
 
 def test_infinite_one_fit_per_task_warms_up_once(tmp_path: Path) -> None:
@@ -442,7 +442,7 @@ def test_infinite_one_fit_per_task_warms_up_once(tmp_path: Path) -> None:
     expected = [schedule_lr(s, MAX_LR, MIN_LR, 2, None, mode="infinite", cooldown_steps=3) for s in range(16)]
     assert [lr[0] for lr in recs[0].lrs + recs[1].lrs] == pytest.approx(expected)
     assert [lr[0] for lr in recs[1].lrs] == pytest.approx([0.5 * (MAX_LR + MIN_LR)] * 10)
-    assert cb.state_dict()["steps"] == 16 and cb.state_dict()["warmup_steps"] == 2
+    assert cb.state_dict()["method"]["steps"] == 16 and cb.state_dict()["method"]["warmup_steps"] == 2
 
 
 class ManualModel(TinyModel):

@@ -249,7 +249,7 @@ def test_continual_metrics_state_dict_resume(tmp_path: Path) -> None:
     for task in range(2):
         fit_task(tmp_path, first, model, dm, task)
     state = first.state_dict()
-    assert state["version"] == 1 and state["matrix"].shape == (2, 2) and state["matrix"].device.type == "cpu"
+    assert state["version"] == 1 and state["method"]["matrix"].shape == (2, 2) and state["method"]["matrix"].device.type == "cpu"
     assert first.state_key == "ContinualMetrics{'key': 'val/acc/task_{task}'}"
     resumed = ContinualMetrics(report=False)
     resumed.load_state_dict(state)
@@ -268,7 +268,7 @@ def test_continual_metrics_checkpoint_resume_matches_uninterrupted(tmp_path: Pat
     trainer.fit(model, datamodule=dm)
 
     saved = torch.load(tmp_path / "ckpt" / "epoch=1.ckpt", weights_only=False)
-    assert saved["callbacks"][full.state_key]["matrix"].shape == (3, 3)  # rows 0-1 in the checkpoint
+    assert saved["callbacks"][full.state_key]["method"]["matrix"].shape == (3, 3)  # rows 0-1 in the checkpoint
     resumed = ContinualMetrics(report=False)
     trainer = make_trainer(tmp_path, [resumed], dm.max_epochs, logger=False)
     trainer.fit(TaskAccModule(), datamodule=ThreeTasks(), ckpt_path=str(tmp_path / "ckpt" / "epoch=1.ckpt"))

@@ -138,7 +138,6 @@ class ContinualEvaluation(ContinualCallback):
         (one-fit-per-task mode only: each task's collated subsample) and ``version``.
     """
 
-    _STATE_VERSION = 1
 
     def __init__(
         self,
@@ -602,39 +601,26 @@ class ContinualEvaluation(ContinualCallback):
 
     # ------------------------------------------------------------------ state
     @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            {
-                "version": self._STATE_VERSION,
-                "base_version": super()._STATE_VERSION,
-                "steps": list(self._steps),
-                "acc": [list(row) for row in self._acc],
-                "task_end_steps": list(self._task_end_steps),
-                "interval": self._interval,
-                "step_offset": self._step_offset,
-                "indices": {int(t): list(idx) for t, idx in self._indices.items()},
-                "data": dict(self._data) if self._stores_data else {},
-            }
-        )
-        return state
+    def method_state(self) -> dict[str, Any]:
+        return {
+            "steps": list(self._steps),
+            "acc": [list(row) for row in self._acc],
+            "task_end_steps": list(self._task_end_steps),
+            "interval": self._interval,
+            "step_offset": self._step_offset,
+            "indices": {int(t): list(idx) for t, idx in self._indices.items()},
+            "data": dict(self._data) if self._stores_data else {},
+        }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version")
-        if version != self._STATE_VERSION:
-            rank_zero_warn(
-                f"ContinualEvaluation state has version {version!r}, expected {self._STATE_VERSION}; "
-                "loading what matches."
-            )
-        super().load_state_dict(state_dict)
-        self._steps = [int(s) for s in state_dict.get("steps", [])]
-        self._acc = [[float(a) for a in row] for row in state_dict.get("acc", [])]
-        self._task_end_steps = [int(s) for s in state_dict.get("task_end_steps", [])]
-        self._interval = int(state_dict.get("interval", self.every_n_steps))
-        self._step_offset = int(state_dict.get("step_offset", 0))
-        self._indices = {int(t): [int(i) for i in idx] for t, idx in state_dict.get("indices", {}).items()}
-        self._data = {int(t): data for t, data in state_dict.get("data", {}).items()}
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self._steps = [int(s) for s in state["steps"]]
+        self._acc = [[float(a) for a in row] for row in state["acc"]]
+        self._task_end_steps = [int(s) for s in state["task_end_steps"]]
+        self._interval = int(state["interval"])
+        self._step_offset = int(state["step_offset"])
+        self._indices = {int(t): [int(i) for i in idx] for t, idx in state["indices"].items()}
+        self._data = {int(t): data for t, data in state["data"].items()}
         self._stores_data = bool(self._data)
         self._rebuild_running_min()
 

@@ -277,26 +277,16 @@ class ContinualMetrics(ContinualCallback):
 
     # ------------------------------------------------------------------ state
     @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            {
-                "matrix": self._matrix.clone(),
-                "reported": self._reported,
-                "pending": {int(k): float(v) for k, v in self._pending.items()},
-            }
-        )
-        return state
+    def method_state(self) -> dict[str, Any]:
+        return {
+            "matrix": self._matrix.clone(),
+            "reported": self._reported,
+            "pending": {int(k): float(v) for k, v in self._pending.items()},
+        }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        matrix = state_dict.get("matrix")
-        self._matrix = (
-            torch.empty(0, 0, dtype=torch.float64)
-            if matrix is None
-            else torch.as_tensor(matrix, dtype=torch.float64).cpu().clone()
-        )
-        self._reported = int(state_dict.get("reported", -1))
-        self._pending = {int(k): float(v) for k, v in state_dict.get("pending", {}).items()}
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self._matrix = torch.as_tensor(state["matrix"], dtype=torch.float64).cpu().clone()
+        self._reported = int(state["reported"])
+        self._pending = {int(k): float(v) for k, v in state["pending"].items()}
         self._validated = None

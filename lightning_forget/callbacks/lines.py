@@ -152,7 +152,6 @@ class LiNeS(ContinualCallback):
         processes; use the files.
     """
 
-    _LINES_STATE_VERSION = 1
 
     def __init__(
         self,
@@ -458,26 +457,17 @@ class LiNeS(ContinualCallback):
 
     # ------------------------------------------------------------------ state
     @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            {
-                "lines_version": self._LINES_STATE_VERSION,
-                "theta0": None if (self.pretrained_ckpt is not None and self.apply_at == "fit_end") or self.theta0 is None
-                else {n: t.detach().cpu() for n, t in self.theta0.items()},
-                "applied_alpha": self.applied_alpha,
-            }
-        )
-        return state
+    def method_state(self) -> dict[str, Any]:
+        keep_theta0 = not (self.pretrained_ckpt is not None and self.apply_at == "fit_end") and self.theta0 is not None
+        return {
+            "theta0": {n: t.detach().cpu() for n, t in self.theta0.items()} if keep_theta0 else None,
+            "applied_alpha": self.applied_alpha,
+        }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        version = state_dict.get("lines_version", self._LINES_STATE_VERSION)
-        if version > self._LINES_STATE_VERSION:
-            raise RuntimeError(f"LiNeS state version {version} is newer than this library's {self._LINES_STATE_VERSION}; upgrade lightning_forget.")
-        theta0 = state_dict.get("theta0")
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        theta0 = state["theta0"]
         if theta0 is not None:
             self.theta0 = {n: t.detach().cpu() for n, t in theta0.items()}
             self._restored = True
-        self.applied_alpha = state_dict.get("applied_alpha")
+        self.applied_alpha = state["applied_alpha"]

@@ -333,7 +333,6 @@ class LRRewarming(ContinualCallback):
         arguments still restores the main run's clock).
     """
 
-    _STATE_VERSION = 1
     SCHEDULER_NAME = "lr_rewarming/lr"
 
     def __init__(
@@ -723,31 +722,24 @@ class LRRewarming(ContinualCallback):
 
     # ------------------------------------------------------------------ state
     @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            {
-                "version": self._STATE_VERSION,
-                "steps": self.steps,
-                "segments": [list(segment) for segment in self._segments],
-                "warmup_steps": self._warmup_steps,
-                "anneal_start": self._anneal_start,
-                "anneal_steps": self._anneal_len,
-            }
-        )
-        return state
+    def method_state(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "segments": [list(segment) for segment in self._segments],
+            "warmup_steps": self._warmup_steps,
+            "anneal_start": self._anneal_start,
+            "anneal_steps": self._anneal_len,
+        }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._steps_before_fit = int(state_dict.get("steps", 0))
-        self._segments = [[int(v) for v in segment] for segment in state_dict.get("segments", [])]
-        warmup_steps = state_dict.get("warmup_steps")
-        if warmup_steps is not None:
-            self._warmup_steps = int(warmup_steps)
-        if state_dict.get("anneal_start") is not None:
-            self._anneal_start = int(state_dict["anneal_start"])
-            self._anneal_len = int(state_dict["anneal_steps"])
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self._steps_before_fit = int(state["steps"])
+        self._segments = [[int(v) for v in segment] for segment in state["segments"]]
+        if state["warmup_steps"] is not None:
+            self._warmup_steps = int(state["warmup_steps"])
+        if state["anneal_start"] is not None:
+            self._anneal_start = int(state["anneal_start"])
+            self._anneal_len = int(state["anneal_steps"])
         self._global_step_at_start = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -35,8 +35,6 @@ class _BufferCallback(ContinualCallback):
     may override :meth:`to_fields` / :meth:`from_fields` for other layouts.
     """
 
-    _STATE_VERSION = 1
-
     def __init__(
         self,
         buffer_size: int,
@@ -105,15 +103,12 @@ class _BufferCallback(ContinualCallback):
 
     # ------------------------------------------------------------------ state
     @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update({"version": self._STATE_VERSION, "buffer": self.buffer.state_dict()})
-        return state
+    def method_state(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict()}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.buffer.load_state_dict(state_dict["buffer"])
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.buffer.load_state_dict(state["buffer"])
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
