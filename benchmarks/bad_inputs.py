@@ -1,0 +1,321 @@
+"""Tally how the public classes answer bad input: clear error, unclear error, crash, or silence.
+
+Each case gives one public class or function one wrong argument (or a run whose data contradicts
+an argument) and records what happens:
+
+- **clear**: an exception raised by ``lightning_forget`` itself that names the argument;
+- **unclear**: an exception raised by ``lightning_forget`` that does not name it;
+- **crash**: an exception raised from inside torch, Lightning or another dependency (a raw
+  traceback the user must decode);
+- **silent**: nothing raised: the bad value was accepted.
+
+Run ``python benchmarks/bad_inputs.py`` (``--verbose`` prints every case with its message). The
+tally is the figure quoted in the first-contact issue's closing note; a test runs the script in
+``--quick`` mode so it cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+
+import lightning.pytorch as pl  # noqa: E402
+
+for _name in ("lightning.pytorch", "lightning.fabric"):  # Lightning sets INFO on import
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1] / "lightning_forget")
+
+
+def _tiny_trainer(tmp: str, callbacks: Optional[list] = None, **kwargs: Any) -> pl.Trainer:
+    kwargs.setdefault("max_epochs", 1)
+    return pl.Trainer(
+        default_root_dir=tmp,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks or [],
+        **kwargs,
+    )
+
+
+def _blobs(num_classes: int = 4, dim: int = 8, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, dim, generator=gen), torch.randint(0, num_classes, (n,), generator=gen)
+
+
+def _split_data(num_classes: int = 4, dim: int = 8, **kwargs: Any):
+    from lightning_forget.datamodules import SplitDataModule
+
+    x, y = _blobs(num_classes, dim, 64)
+    kwargs.setdefault("classes_per_task", 2)
+    kwargs.setdefault("batch_size", 8)
+    return SplitDataModule(train=(x, y), **kwargs)
+
+
+class _Plain(pl.LightningModule):
+    """An ordinary user module: (x, y) batches, logs val_acc per loader."""
+
+    def __init__(self, dim: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch[0], batch[1]
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_plain(callback: Any) -> None:
+    x, y = _blobs()
+    with tempfile.TemporaryDirectory() as tmp:
+        loader = DataLoader(TensorDataset(x, y), batch_size=8)
+        _tiny_trainer(tmp, [callback]).fit(_Plain(), loader, loader)
+
+
+def _fit_classifier(model_kwargs: dict[str, Any], data_kwargs: Optional[dict[str, Any]] = None) -> None:
+    from lightning_forget.modules import ContinualClassifier
+
+    data = _split_data(**(data_kwargs or {}))
+    data.setup("fit")
+    kwargs = {"num_classes": data.num_classes, "input_shape": data.input_shape, "num_tasks": data.num_tasks,
+              "hidden_sizes": [8], "report": False}
+    kwargs.update(model_kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        _tiny_trainer(tmp, max_epochs=data.max_epochs, reload_dataloaders_every_n_epochs=1).fit(
+            ContinualClassifier(**kwargs), data
+        )
+
+
+def _fit_lm(model_kwargs: dict[str, Any]) -> None:
+    from lightning_forget.datamodules import TextStreamDataModule
+    from lightning_forget.modules import CausalLMModule
+
+    data = TextStreamDataModule(block_size=32, max_chars_per_corpus=8000, batch_size=4, blocks_per_task=8)
+    kwargs = {"block_size": 32, "n_layer": 1, "n_embd": 16, "n_head": 2}
+    kwargs.update(model_kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        _tiny_trainer(tmp, max_epochs=data.max_epochs, reload_dataloaders_every_n_epochs=1, limit_train_batches=2,
+                      limit_val_batches=1).fit(CausalLMModule(**kwargs), data)
+
+
+def _state(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {f"layers.{i}.weight": torch.randn(3, 3, generator=gen) for i in range(3)}
+
+
+def _nan_state() -> dict[str, torch.Tensor]:
+    state = _state(1)
+    state["layers.1.weight"][0, 0] = float("nan")
+    return state
+
+
+def cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """(class, what is wrong, argument the error must name, thunk)."""
+    from lightning_forget import merging
+    from lightning_forget.buffers import ReservoirBuffer, make_buffer
+    from lightning_forget.callbacks import (
+        ContinualEvaluation,
+        ContinualMetrics,
+        DarkExperienceReplay,
+        ExperienceReplay,
+        LiNeS,
+        LRRewarming,
+    )
+    from lightning_forget.datamodules import SplitDigits, SplitMNIST, TextStreamDataModule
+    from lightning_forget.modules import CausalLMModule, ContinualClassifier
+
+    unwritable = "/proc/lightning_forget_cannot_write_here"
+    out: list[tuple[str, str, str, Callable[[], Any]]] = [
+        ("ExperienceReplay", "buffer_size=0", "buffer_size", lambda: ExperienceReplay(buffer_size=0)),
+        ("ExperienceReplay", "buffer_size=2.5", "buffer_size", lambda: ExperienceReplay(buffer_size=2.5)),
+        ("ExperienceReplay", "buffer_size=True", "buffer_size", lambda: ExperienceReplay(buffer_size=True)),
+        ("ExperienceReplay", "replay_batch_size=-1", "replay_batch_size", lambda: ExperienceReplay(replay_batch_size=-1)),
+        ("ExperienceReplay", "buffer='fifo'", "buffer", lambda: ExperienceReplay(buffer="fifo")),
+        ("ExperienceReplay", "seed='0'", "seed", lambda: ExperienceReplay(seed="0")),
+        ("ExperienceReplay", "target_key names no field (fit)", "target_key",
+         lambda: _fit_plain(ExperienceReplay(buffer_size=8, target_key="label"))),
+        ("DarkExperienceReplay", "alpha=-1", "alpha", lambda: DarkExperienceReplay(alpha=-1.0)),
+        ("DarkExperienceReplay", "alpha=nan", "alpha", lambda: DarkExperienceReplay(alpha=float("nan"))),
+        ("DarkExperienceReplay", "beta=inf", "beta", lambda: DarkExperienceReplay(beta=float("inf"))),
+        ("DarkExperienceReplay", "buffer_size=-3", "buffer_size", lambda: DarkExperienceReplay(buffer_size=-3)),
+        ("DarkExperienceReplay", "alpha='0.1'", "alpha", lambda: DarkExperienceReplay(alpha="0.1")),
+        ("LRRewarming", "max_lr=0", "max_lr", lambda: LRRewarming(max_lr=0.0)),
+        ("LRRewarming", "max_lr=nan", "max_lr", lambda: LRRewarming(max_lr=float("nan"))),
+        ("LRRewarming", "min_lr > max_lr", "min_lr", lambda: LRRewarming(max_lr=1e-3, min_lr=1e-2)),
+        ("LRRewarming", "warmup=-0.5", "warmup", lambda: LRRewarming(max_lr=1e-3, warmup=-0.5)),
+        ("LRRewarming", "decay='step'", "decay", lambda: LRRewarming(max_lr=1e-3, decay="step")),
+        ("LRRewarming", "steps_per_task=0", "steps_per_task", lambda: LRRewarming(max_lr=1e-3, steps_per_task=0)),
+        ("LiNeS", "alpha=1.5", "alpha", lambda: LiNeS(alpha=1.5)),
+        ("LiNeS", "alpha=-0.1", "alpha", lambda: LiNeS(alpha=-0.1)),
+        ("LiNeS", "alpha=nan", "alpha", lambda: LiNeS(alpha=float("nan"))),
+        ("LiNeS", "head_policy='drop'", "head_policy", lambda: LiNeS(head_policy="drop")),
+        ("LiNeS", "apply_at='epoch'", "apply_at", lambda: LiNeS(apply_at="epoch")),
+        ("LiNeS", "layer_pattern='('", "layer_pattern", lambda: LiNeS(layer_pattern="(")),
+        ("LiNeS", "pretrained_ckpt missing file", "pretrained_ckpt", lambda: LiNeS(pretrained_ckpt="/nonexistent.ckpt")),
+        ("ContinualEvaluation", "every_n_steps=0", "every_n_steps", lambda: ContinualEvaluation(every_n_steps=0)),
+        ("ContinualEvaluation", "samples_per_task=0", "samples_per_task", lambda: ContinualEvaluation(samples_per_task=0)),
+        ("ContinualEvaluation", "window=0", "window", lambda: ContinualEvaluation(window=0)),
+        ("ContinualEvaluation", "max_eval_fraction=2", "max_eval_fraction", lambda: ContinualEvaluation(max_eval_fraction=2.0)),
+        ("ContinualEvaluation", "window_scope='all'", "window_scope", lambda: ContinualEvaluation(window_scope="all")),
+        ("ContinualEvaluation", "unwritable log_dir (fit)", "log_dir",
+         lambda: _fit_plain(ContinualEvaluation(every_n_steps=1, log_dir=unwritable))),
+        ("ContinualMetrics", "key=3", "key", lambda: ContinualMetrics(key=3)),
+        ("ContinualMetrics", "report='yes'", "report", lambda: ContinualMetrics(report="yes")),
+        ("ContinualMetrics", "log_dir=5", "log_dir", lambda: ContinualMetrics(log_dir=5)),
+        ("ContinualMetrics", "unwritable log_dir (fit)", "log_dir",
+         lambda: _fit_plain(ContinualMetrics(key="val_acc", log_dir=unwritable))),
+        ("ContinualClassifier", "input_shape=[]", "input_shape", lambda: ContinualClassifier(input_shape=[])),
+        ("ContinualClassifier", "input_shape=(-1, 28)", "input_shape", lambda: ContinualClassifier(input_shape=(-1, 28))),
+        ("ContinualClassifier", "hidden_sizes=[0]", "hidden_sizes", lambda: ContinualClassifier(hidden_sizes=[0])),
+        ("ContinualClassifier", "num_classes=0", "num_classes", lambda: ContinualClassifier(num_classes=0)),
+        ("ContinualClassifier", "resnet_width=0", "resnet_width",
+         lambda: ContinualClassifier(backbone="resnet", resnet_width=0)),
+        ("ContinualClassifier", "optimizer='adam'", "optimizer", lambda: ContinualClassifier(optimizer="adam")),
+        ("ContinualClassifier", "backbone='vgg'", "backbone", lambda: ContinualClassifier(backbone="vgg")),
+        ("ContinualClassifier", "label >= num_classes (fit)", "num_classes",
+         lambda: _fit_classifier({"num_classes": 2})),
+        ("ContinualClassifier", "input_shape does not match the data (fit)", "input_shape",
+         lambda: _fit_classifier({"input_shape": (5,)})),
+        ("CausalLMModule", "corpus_names too short (fit)", "corpus_names",
+         lambda: _fit_lm({"corpus_names": ["prose"]})),
+        ("CausalLMModule", "corpus_names duplicated", "corpus_names",
+         lambda: CausalLMModule(corpus_names=["a", "a"])),
+        ("CausalLMModule", "vocab_size below the data's (fit)", "vocab_size", lambda: _fit_lm({"vocab_size": 50})),
+        ("CausalLMModule", "block_size below the data's (fit)", "block_size", lambda: _fit_lm({"block_size": 8})),
+        ("CausalLMModule", "model='bert'", "model", lambda: CausalLMModule(model="bert")),
+        ("CausalLMModule", "dropout=1.5", "dropout", lambda: CausalLMModule(dropout=1.5)),
+        ("CausalLMModule", "n_embd not divisible by n_head", "n_head", lambda: CausalLMModule(n_embd=30, n_head=4)),
+        ("SplitMNIST", "classes_per_task=3 (10 classes)", "classes_per_task", lambda: SplitMNIST(classes_per_task=3)),
+        ("SplitMNIST", "epochs_per_task=0", "epochs_per_task", lambda: SplitMNIST(epochs_per_task=0)),
+        ("SplitMNIST", "batch_size=0", "batch_size", lambda: SplitMNIST(batch_size=0)),
+        ("SplitMNIST", "val_fraction=1.5", "val_fraction", lambda: SplitMNIST(val_fraction=1.5)),
+        ("SplitMNIST", "class_order with a duplicate", "class_order",
+         lambda: SplitMNIST(class_order=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8]).setup("fit")),
+        ("SplitMNIST", "task=7 (5 tasks)", "task", lambda: SplitMNIST(task=7).setup("fit")),
+        ("SplitDigits", "num_tasks=0", "num_tasks", lambda: SplitDigits(num_tasks=0)),
+        ("SplitDigits", "seed=1.5", "seed", lambda: SplitDigits(seed=1.5)),
+        ("SplitDigits", "num_workers=-1", "num_workers", lambda: SplitDigits(num_workers=-1)),
+        ("SplitDigits", "eval_batch_size=0", "eval_batch_size", lambda: SplitDigits(eval_batch_size=0)),
+        ("SplitDigits", "class_order with a label absent from the data", "class_order",
+         lambda: SplitDigits(class_order=list(range(9)) + [42]).setup("fit")),
+        ("TextStreamDataModule", "corpora=['nope']", "corpora", lambda: TextStreamDataModule(corpora=["nope"]).setup("fit")),
+        ("TextStreamDataModule", "block_size=0", "block_size", lambda: TextStreamDataModule(block_size=0)),
+        ("TextStreamDataModule", "replay_fraction=1.5", "replay_fraction", lambda: TextStreamDataModule(replay_fraction=1.5)),
+        ("TextStreamDataModule", "val_fraction=-0.1", "val_fraction", lambda: TextStreamDataModule(val_fraction=-0.1)),
+        ("TextStreamDataModule", "tokenizer path missing", "tokenizer",
+         lambda: TextStreamDataModule(tokenizer="/nonexistent/tokenizer").setup("fit")),
+        ("ReplayBuffer", "capacity=0", "capacity", lambda: ReservoirBuffer(0)),
+        ("ReplayBuffer", "capacity='10'", "capacity", lambda: ReservoirBuffer("10")),
+        ("ReplayBuffer", "kind='fifo'", "buffer", lambda: make_buffer("fifo", 10)),
+        ("ReplayBuffer", "fields of different lengths", "batch",
+         lambda: ReservoirBuffer(4).add({"x": torch.zeros(3, 2), "y": torch.zeros(2)})),
+        ("ReplayBuffer", "sample(-1)", "n", lambda: (lambda b: (b.add({"x": torch.zeros(3, 2)}), b.sample(-1)))(ReservoirBuffer(4))),
+        ("lines_scale", "alpha=-1", "alpha", lambda: merging.lines_scale(_state(), _state(1), alpha=-1.0)),
+        ("lines_scale", "alpha=nan", "alpha", lambda: merging.lines_scale(_state(), _state(1), alpha=float("nan"))),
+        ("lines_scale", "head_policy='drop'", "head_policy",
+         lambda: merging.lines_scale(_state(), _state(1), alpha=0.5, head_policy="drop")),
+        ("lines_scale", "different keys", "finetuned",
+         lambda: merging.lines_scale(_state(), {"other.weight": torch.zeros(3, 3)}, alpha=0.5)),
+        ("lines_scale", "layer_pattern matching nothing", "layer_pattern",
+         lambda: merging.lines_scale(_state(), _state(1), alpha=0.5, layer_pattern=r"blocks\.(\d+)")),
+        ("ties_merge", "k=0", "k", lambda: merging.ties_merge(_state(), [_state(1)], k=0.0)),
+        ("ties_merge", "k=1.5", "k", lambda: merging.ties_merge(_state(), [_state(1)], k=1.5)),
+        ("ties_merge", "empty finetuned_list", "finetuned_list", lambda: merging.ties_merge(_state(), [])),
+        ("ties_merge", "NaN in a fine-tuned model", "layers.1.weight",
+         lambda: merging.ties_merge(_state(), [_nan_state(), _state(2)])),
+        ("ties_merge", "scaling=nan", "scaling", lambda: merging.ties_merge(_state(), [_state(1)], scaling=float("nan"))),
+        ("task_arithmetic", "empty finetuned_list", "finetuned_list", lambda: merging.task_arithmetic(_state(), [])),
+        ("task_arithmetic", "scaling=inf", "scaling",
+         lambda: merging.task_arithmetic(_state(), [_state(1)], scaling=float("inf"))),
+        ("task_arithmetic", "shape mismatch", "finetuned_list",
+         lambda: merging.task_arithmetic(_state(), [{k: torch.zeros(2, 2) for k in _state()}])),
+        ("task_arithmetic", "NaN in a fine-tuned model", "layers.1.weight",
+         lambda: merging.task_arithmetic(_state(), [_nan_state()])),
+        ("task_arithmetic", "finetuned_list not a list", "finetuned_list",
+         lambda: merging.task_arithmetic(_state(), _state(1))),
+    ]
+    return out
+
+
+def classify(arg: str, thunk: Callable[[], Any]) -> tuple[str, str]:
+    """(category, message) for one case."""
+    try:
+        result = thunk()
+        if isinstance(result, dict):
+            bad = [k for k, v in result.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all()]
+            if bad:
+                return "silent", f"returned non-finite values in {bad[:3]}"
+        return "silent", "accepted"
+    except BaseException as error:  # noqa: BLE001 - the tally needs every outcome
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        frames = traceback.extract_tb(error.__traceback__)
+        raised_by_us = bool(frames) and frames[-1].filename.startswith(PACKAGE_DIR)
+        text = f"{type(error).__name__}: {error}".replace("\n", " ")
+        if not raised_by_us:
+            return "crash", text
+        return ("clear" if arg in str(error) else "unclear"), text
+
+
+def main(argv: Optional[list[str]] = None) -> Counter:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="print every case and its message")
+    parser.add_argument("--quick", action="store_true", help="constructor cases only (no fits), for the test")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    total: Counter = Counter()
+    per_class: dict[str, Counter] = defaultdict(Counter)
+    rows = []
+    for owner, what, arg, thunk in cases():
+        if args.quick and "(fit)" in what:
+            continue
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            category, text = classify(arg, thunk)
+        total[category] += 1
+        per_class[owner][category] += 1
+        rows.append((owner, what, category, text))
+    if args.verbose:
+        for owner, what, category, text in rows:
+            print(f"{category:8s} {owner:22s} {what:45s} {text[:160]}")
+        print()
+    kinds = ("clear", "unclear", "crash", "silent")
+    print(f"{'class':24s}" + "".join(f"{k:>9s}" for k in kinds))
+    for owner, counts in per_class.items():
+        print(f"{owner:24s}" + "".join(f"{counts[k]:9d}" for k in kinds))
+    print(f"{'total (' + str(sum(total.values())) + ' cases)':24s}" + "".join(f"{total[k]:9d}" for k in kinds))
+    return total
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
