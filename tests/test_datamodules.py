@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
-import lightning_forget.datamodules.split as split_module
+import lightning_forget.datamodules.sources as sources_module
 from lightning_forget.datamodules import (
     ContinualDataModule,
     DomainIncrementalDataModule,
@@ -326,7 +326,7 @@ class _FakeCIFAR100(_FakeCIFAR10):
 @pytest.fixture
 def fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     fake = types.SimpleNamespace(datasets=types.SimpleNamespace(MNIST=_FakeMNIST, CIFAR10=_FakeCIFAR10, CIFAR100=_FakeCIFAR100))
-    monkeypatch.setattr(split_module, "_import_torchvision", lambda purpose: fake)
+    monkeypatch.setattr(sources_module, "import_torchvision", lambda purpose: fake)
     _FakeMNIST.calls = []
     return fake
 
