@@ -10,7 +10,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_forget.datamodules.loaders import ResumableBatchSampler, ResumableDataLoader, seeded_generator
+from lightning_forget.datamodules.loaders import ResumableDataLoader, seeded_generator
 from lightning_forget.tasks import check_dataloader_reloading
 
 __all__ = ["ContinualDataModule", "EpochShuffleSampler"]
@@ -181,11 +181,13 @@ class ContinualDataModule(pl.LightningDataModule):
         sampler = EpochShuffleSampler(len(dataset), seed=self.seed, epoch=epoch)  # type: ignore[arg-type]
         return ResumableDataLoader(
             dataset,
-            batch_sampler=ResumableBatchSampler(sampler, self.batch_size, self.drop_last),
+            batch_size=self.batch_size,
+            sampler=sampler,
             # A private generator for the workers' base seed, so iterating a loader never
             # consumes the global RNG (a resumed run would otherwise see other dropout masks).
             generator=seeded_generator(self.seed, epoch),
             num_workers=self.num_workers,
+            drop_last=self.drop_last,
         )
 
     def _eval_loaders(self, make: Any, salt: int) -> list[DataLoader]:

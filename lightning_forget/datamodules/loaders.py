@@ -12,13 +12,14 @@ checkpoint written in ``on_train_batch_end`` the batches served equal the batche
 plain ``DataLoader`` has no such state: Lightning warns ("your dataloader is not resumable") and
 starts the epoch from its first batch again.
 
-:class:`ResumableDataLoader` is that loader: a ``DataLoader`` over a
-:class:`ResumableBatchSampler` that counts the batches its iterator has handed out; its state is
-that count, and after ``load_state_dict`` the next iterator skips that many batches of indices
-(without loading their samples) and serves the rest. The order itself is a function of
-``(seed, epoch)`` (``EpochShuffleSampler``), so the skipped batches are those the interrupted run
-saw. Under DDP Lightning rebuilds the batch sampler around its ``DistributedSampler`` (from the
-saved constructor arguments), and each rank skips its own first batches.
+:class:`ResumableDataLoader` is that loader: a ``DataLoader`` that counts the batches its
+iterator has handed out; its state is that count, and after ``load_state_dict`` the next iterator
+skips that many batches of indices (without loading their samples) and serves the rest. The
+order itself is a function of ``(seed, epoch)`` (``EpochShuffleSampler``, or Lightning's
+``DistributedSampler`` wrapper, seeded and set to the epoch), so the skipped batches are those
+the interrupted run saw. Under DDP Lightning rebuilds the loader (the same class, from its saved
+constructor arguments) around its distributed sampler, and each rank skips its own first
+batches.
 
 torchdata's ``StatefulDataLoader`` (0.11) also installs here without moving torch and resumes
 exactly under Lightning 2.6; it was not chosen because it would add a dependency for what is a
@@ -34,12 +35,13 @@ each ``iter()`` so that the worker seeds depend on ``(seed, epoch)`` only.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import itertools
+from typing import Any, Iterable, Iterator
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ResumableBatchSampler", "ResumableDataLoader", "seeded_generator"]
+__all__ = ["ResumableDataLoader", "seeded_generator"]
 
 _STATE_VERSION = 1
 
@@ -49,32 +51,28 @@ def seeded_generator(seed: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(salt))
 
 
-class ResumableBatchSampler(BatchSampler):
-    """A ``BatchSampler`` whose next iteration can start ``skip`` batches in.
+class _SkipFirst:
+    """The batches of ``index_sampler`` after its first ``skip`` (indices only: nothing is loaded)."""
 
-    Args:
-        sampler: the sample indices (Lightning swaps in a distributed one under DDP).
-        batch_size: samples per batch.
-        drop_last: drop the last incomplete batch.
-    """
+    def __init__(self, index_sampler: Iterable[Any], skip: int) -> None:
+        self.index_sampler = index_sampler
+        self.skip = skip
 
-    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
-        super().__init__(sampler, batch_size, drop_last)
-        self.skip = 0
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.index_sampler), self.skip, None)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        skip, self.skip = self.skip, 0
-        for number, batch in enumerate(super().__iter__()):
-            if number >= skip:
-                yield batch
+    def __len__(self) -> int:
+        return max(0, len(self.index_sampler) - self.skip)  # type: ignore[arg-type]
 
 
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` whose position in the epoch travels in Lightning's checkpoint.
 
-    Build it with ``batch_sampler=ResumableBatchSampler(...)`` and ``generator=``; everything
-    else is ``DataLoader``'s. ``len()`` stays the full epoch (Lightning counts the batches done
-    before the checkpoint itself).
+    Built like any ``DataLoader`` (``sampler=``, ``batch_size=``, ``generator=`` ...), so
+    Lightning can rebuild it around a distributed sampler. ``len()`` stays the full epoch
+    (Lightning counts the batches done before the checkpoint itself). The skip acts on the
+    index sampler that the iterator reads (``DataLoader._index_sampler``), so the skipped
+    batches are never loaded, with or without workers.
 
     Note:
         State: ``{"version": 1, "batches_served": n}``, the batches the current iterator handed
@@ -83,19 +81,26 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
-        if not isinstance(self.batch_sampler, ResumableBatchSampler):
-            raise TypeError(
-                f"ResumableDataLoader needs `batch_sampler=ResumableBatchSampler(...)`, got "
-                f"{type(self.batch_sampler).__name__}."
-            )
         self._seed = None if self.generator is None else self.generator.initial_seed()
         self._served = 0
+        self._skip = 0
+        self._skipping = 0
+
+    @property
+    def _index_sampler(self) -> Any:
+        index_sampler = super()._index_sampler
+        return _SkipFirst(index_sampler, self._skipping) if self._skipping else index_sampler
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         if self.generator is not None and self._seed is not None:
             self.generator.manual_seed(self._seed)
-        self._served = self.batch_sampler.skip  # type: ignore[union-attr]
-        return self._counted(super().__iter__())
+        self._served = self._skip
+        self._skipping, self._skip = self._skip, 0
+        try:
+            iterator = super().__iter__()  # reads `_index_sampler` once, here
+        finally:
+            self._skipping = 0
+        return self._counted(iterator)
 
     def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:
@@ -113,6 +118,4 @@ class ResumableDataLoader(DataLoader):
                 f"ResumableDataLoader state version {state_dict['version']!r} is not supported "
                 f"(this version reads {_STATE_VERSION})."
             )
-        served = int(state_dict["batches_served"])
-        self.batch_sampler.skip = served  # type: ignore[union-attr]
-        self._served = served
+        self._skip = self._served = int(state_dict["batches_served"])
