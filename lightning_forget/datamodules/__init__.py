@@ -1,14 +1,15 @@
-"""Datamodules for task streams."""
+"""Datamodules for task streams.
+
+Layers, bottom up: :mod:`.base` (``ContinualDataModule``: the task schedule and the loaders),
+:mod:`.pools` and :mod:`.sources` (labelled samples and where they come from),
+:mod:`.class_incremental` and :mod:`.domain_incremental` (streams over any labelled data),
+:mod:`.presets` and :mod:`.vision` (named benchmarks), and :mod:`.text` (text streams).
+"""
 
 from lightning_forget.datamodules.base import ContinualDataModule
-from lightning_forget.datamodules.split import (
-    DomainIncrementalDataModule,
-    PermutedMNIST,
-    RotatedMNIST,
-    SplitDataModule,
-    SplitDigits,
-    SplitMNIST,
-)
+from lightning_forget.datamodules.class_incremental import SplitDataModule
+from lightning_forget.datamodules.domain_incremental import DomainIncrementalDataModule
+from lightning_forget.datamodules.presets import PermutedMNIST, RotatedMNIST, SplitDigits, SplitMNIST
 from lightning_forget.datamodules.text import ByteTokenizer, TextStreamDataModule
 from lightning_forget.datamodules.vision import SplitCIFAR10, SplitCIFAR100
 

@@ -10,6 +10,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_forget.datamodules.loaders import ResumableDataLoader, seeded_generator
 from lightning_forget.tasks import check_dataloader_reloading
 
 __all__ = ["ContinualDataModule", "EpochShuffleSampler"]
@@ -53,6 +54,12 @@ class ContinualDataModule(pl.LightningDataModule):
     The Trainer must reload training loaders every epoch
     (``reload_dataloaders_every_n_epochs=1``) and run ``num_tasks * epochs_per_task`` epochs
     (``max_epochs``; a clear error says so otherwise).
+
+    The training loader is a :class:`~lightning_forget.datamodules.loaders.ResumableDataLoader`:
+    its position in the epoch is saved in Lightning's checkpoints, so a run resumed from a
+    checkpoint written mid-epoch (``ModelCheckpoint(every_n_train_steps=k)``) trains on exactly
+    the batches the uninterrupted run would have. Every loader has its own seeded generator, so
+    iterating one never draws from the global torch RNG.
 
     Args:
         num_tasks: number of tasks in the stream.
@@ -147,9 +154,6 @@ class ContinualDataModule(pl.LightningDataModule):
         return self.val_dataset(task)
 
     # ------------------------------------------------------------------ loaders
-    def _generator(self, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
-
     def _check_trainer(self) -> None:
         trainer = self.trainer
         if trainer is None:
@@ -175,25 +179,31 @@ class ContinualDataModule(pl.LightningDataModule):
             dataset = self.train_dataset(self.current_task)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         sampler = EpochShuffleSampler(len(dataset), seed=self.seed, epoch=epoch)  # type: ignore[arg-type]
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            # A private generator for the loader's worker seed, so building a loader never
+            # A private generator for the workers' base seed, so iterating a loader never
             # consumes the global RNG (a resumed run would otherwise see other dropout masks).
-            generator=self._generator(epoch),
+            generator=seeded_generator(self.seed, epoch),
             num_workers=self.num_workers,
             drop_last=self.drop_last,
         )
 
-    def _eval_loaders(self, make: Any) -> list[DataLoader]:
+    def _eval_loaders(self, make: Any, salt: int) -> list[DataLoader]:
         return [
-            DataLoader(make(t), batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+            DataLoader(
+                make(t),
+                batch_size=self.eval_batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                generator=seeded_generator(self.seed, salt + t),
+            )
             for t in range(self.num_tasks)
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders(self.val_dataset)
+        return self._eval_loaders(self.val_dataset, salt=500_000)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders(self.test_dataset)
+        return self._eval_loaders(self.test_dataset, salt=700_000)

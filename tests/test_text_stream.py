@@ -1,4 +1,4 @@
-"""Tests of the text stream: tokenizers, embedded corpora, blocks, token replay, DDP sharding."""
+"""TextStreamDataModule: blocks, token replay, budgets, errors, DDP sharding (datamodules/text_stream.py)."""
 
 from __future__ import annotations
 
@@ -11,105 +11,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_forget.datamodules.text import (
-    ByteTokenizer,
-    TextStreamDataModule,
-    corpus_name,
-    load_corpus,
-    load_tokenizer,
-    token_stream,
-)
-
-SMALL = 20_000  # characters per corpus in these tests
+from lightning_forget.datamodules.text import TextStreamDataModule, load_corpus, token_stream
+from tests.helpers.harness import quiet_trainer
+from tests.helpers.text import SMALL, small_text_dm, text_file  # noqa: F401 (fixture)
 
 
-def _dm(**kwargs) -> TextStreamDataModule:
-    kwargs.setdefault("max_chars_per_corpus", SMALL)
-    kwargs.setdefault("block_size", 32)
-    dm = TextStreamDataModule(**kwargs)
-    dm.setup("fit")
-    return dm
-
-
-@pytest.fixture()
-def text_file(tmp_path: Path) -> str:
-    path = tmp_path / "notes.txt"
-    path.write_text("Ein kleiner deutscher Text über Bäume und Flüsse. " * 400, encoding="utf-8")
-    return str(path)
-
-
-# ------------------------------------------------------------------ tokenizers
-def test_byte_tokenizer_round_trip() -> None:
-    tok = ByteTokenizer()
-    for text in ["", "hello world", "Grüße, 世界! 🙂\n\ttabs", "x" * 1000]:
-        ids = tok.encode(text)
-        assert all(0 <= i < 256 for i in ids)
-        assert tok.decode(ids) == text
-        assert tok.encode_tensor(text).tolist() == ids
-    assert tok.vocab_size == 257 and tok.eos_id == 256
-    assert tok.decode([104, 256, 105]) == "hi"  # EOS is dropped
-    assert tok.decode(torch.tensor([104, 105])) == "hi"
-    assert load_tokenizer(None) is load_tokenizer(None)
-
-
-def test_hf_tokenizer_by_local_path(tmp_path: Path) -> None:
-    tokenizers = pytest.importorskip("tokenizers")
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = tokenizers.ByteLevelBPETokenizer()
-    bpe.train_from_iterator(load_corpus("python_docs", 30_000), vocab_size=300, special_tokens=["<eos>"])
-    hf = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
-    hf.save_pretrained(tmp_path / "tok")
-
-    tok = load_tokenizer(str(tmp_path / "tok"))
-    text = "The with statement is used to wrap the execution of a block."
-    assert tok.decode(tok.encode(text)) == text
-    assert tok.eos_id == hf.eos_token_id
-    dm = _dm(corpora=["python_docs"], tokenizer=str(tmp_path / "tok"))
-    assert dm.vocab_size == len(hf)
-    block = dm.train_dataset(0)[0]["input_ids"]
-    assert int(block.max()) < dm.vocab_size
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
-        load_tokenizer(str(tmp_path / "missing"))
-
-
-# ------------------------------------------------------------------ corpora
-@pytest.mark.parametrize("name", ["python_docs", "python_code"])
-def test_builtin_corpora_load_deterministically(name: str) -> None:
-    docs = load_corpus(name, 50_000)
-    assert docs and all(isinstance(d, str) for d in docs)
-    assert sum(len(d) for d in docs) == 50_000
-    assert load_corpus(name, 50_000) == docs
-    stream = token_stream(name, 50_000)
-    assert stream.dtype == torch.long and stream.numel() >= 50_000
-    assert token_stream(name, 50_000) is stream  # cached
-    if name == "python_code":
-        assert "import" in "".join(docs)
-    else:
-        assert "statement" in "".join(docs)
-
-
-def test_local_corpora(tmp_path: Path, text_file: str) -> None:
-    assert load_corpus(text_file)[0].startswith("Ein kleiner")
-    assert load_corpus("path:" + text_file, 10) == ["Ein kleine"]
-    folder = tmp_path / "dir"
-    (folder / "sub").mkdir(parents=True)
-    (folder / "b.txt").write_text("second", encoding="utf-8")
-    (folder / "a.md").write_text("first", encoding="utf-8")
-    (folder / "sub" / "c.txt").write_text("third", encoding="utf-8")
-    (folder / "image.png").write_bytes(b"\x89PNG")
-    assert load_corpus(str(folder)) == ["first", "second", "third"]
-    assert corpus_name("path:" + str(folder)) == "dir"
-    # Documents are joined by the EOS id.
-    stream = token_stream(str(folder))
-    assert stream.tolist().count(256) == 2
-    with pytest.raises(ValueError, match="Unknown corpus"):
-        load_corpus("wikipedia")
-
-
-# ------------------------------------------------------------------ blocks
 def test_blocks_shape_and_split() -> None:
-    dm = _dm(corpora=["python_docs", "python_code"], block_size=32, val_fraction=0.1)
+    dm = small_text_dm(corpora=["python_docs", "python_code"], block_size=32, val_fraction=0.1)
     for t in range(2):
         item = dm.train_dataset(t)[0]
         assert set(item) == {"input_ids", "labels"}
@@ -130,11 +38,9 @@ def test_blocks_shape_and_split() -> None:
     assert len(loaders) == 2
     assert next(iter(loaders[0]))["input_ids"].shape == (16, 32)
 
-
-# ------------------------------------------------------------------ replay
 @pytest.mark.parametrize("replay_fraction", [0.0, 0.05, 0.25, 0.5])
 def test_replay_fraction_is_exact(replay_fraction: float, text_file: str) -> None:
-    dm = _dm(corpora=["python_docs", "python_code", text_file], replay_fraction=replay_fraction)
+    dm = small_text_dm(corpora=["python_docs", "python_code", text_file], replay_fraction=replay_fraction)
     for t in range(3):
         n_t = dm.num_train_blocks(t)
         index = dm.task_indices(t)
@@ -156,12 +62,11 @@ def test_replay_fraction_is_exact(replay_fraction: float, text_file: str) -> Non
         assert c == 0
         assert torch.equal(dataset[len(dataset) - 1]["input_ids"], token_stream("python_docs", SMALL)[b * 32 : b * 32 + 32])
 
-
 def test_budget_override_and_repetition() -> None:
-    small = _dm(corpora=["python_docs", "python_code"], blocks_per_task=10, replay_fraction=0.25)
+    small = small_text_dm(corpora=["python_docs", "python_code"], blocks_per_task=10, replay_fraction=0.25)
     assert small.replay_counts(1) == (7, 3)  # round(2.5) = 3, half rounded up
     assert len(small.task_indices(0)) == 10 and len(set(small.task_indices(0))) == 10
-    big = _dm(corpora=["python_docs", "python_code"], blocks_per_task=1000, max_chars_per_corpus=8_000)
+    big = small_text_dm(corpora=["python_docs", "python_code"], blocks_per_task=1000, max_chars_per_corpus=8_000)
     n0 = big.num_train_blocks(0)
     index = big.task_indices(0)
     assert len(index) == 1000 and n0 < 1000
@@ -169,28 +74,25 @@ def test_budget_override_and_repetition() -> None:
     counts = np.bincount([b for _, b in index])
     assert counts.max() - counts.min() <= 1
 
-
 def test_determinism_and_seed() -> None:
     kwargs = dict(corpora=["python_docs", "python_code"], replay_fraction=0.25)
-    a = _dm(seed=3, **kwargs)
+    a = small_text_dm(seed=3, **kwargs)
     torch.manual_seed(123)
     np.random.seed(5)
-    b = _dm(seed=3, **kwargs)
+    b = small_text_dm(seed=3, **kwargs)
     _ = b.task_indices(1)  # order of calls does not matter
     assert a.task_indices(0) == b.task_indices(0) and a.task_indices(1) == b.task_indices(1)
-    c = _dm(seed=4, **kwargs)
+    c = small_text_dm(seed=4, **kwargs)
     assert a.task_indices(1) != c.task_indices(1)
     assert a.replay_counts(1) == c.replay_counts(1)
 
-
 def test_joint_budget_is_the_sum_of_task_budgets() -> None:
-    dm = _dm(corpora=["python_docs", "python_code"], joint=True, replay_fraction=0.25, batch_size=8)
+    dm = small_text_dm(corpora=["python_docs", "python_code"], joint=True, replay_fraction=0.25, batch_size=8)
     assert dm.max_epochs == 1
     total = dm.num_train_blocks(0) + dm.num_train_blocks(1)
     loader = dm.train_dataloader()
     assert len(loader.dataset) == total
     assert all(c == 1 for c, _ in dm.task_indices(1, with_replay=False))
-
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
@@ -212,7 +114,6 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         TextStreamDataModule(**kwargs)
 
-
 def test_corpus_too_short(tmp_path: Path) -> None:
     path = tmp_path / "tiny.txt"
     path.write_text("too short", encoding="utf-8")
@@ -220,8 +121,6 @@ def test_corpus_too_short(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="too few"):
         dm.setup("fit")
 
-
-# ------------------------------------------------------------------ DDP
 class _RecordShards(Callback):
     """Writes, per rank and epoch, the task indices, the sampler's shard and the batches seen."""
 
@@ -249,7 +148,6 @@ class _RecordShards(Callback):
         }
         torch.save(record, os.path.join(self.out, f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.pt"))
 
-
 @pytest.mark.ddp
 def test_ddp_ranks_share_index_lists_and_get_disjoint_shards(tmp_path: Path) -> None:
     from lightning_forget.modules.causal_lm import CausalLMModule
@@ -261,11 +159,9 @@ def test_ddp_ranks_share_index_lists_and_get_disjoint_shards(tmp_path: Path) -> 
     dm = TextStreamDataModule(**kwargs)
     pl.seed_everything(0)
     model = CausalLMModule(model="gpt2", vocab_size=dm.vocab_size, block_size=32, n_layer=2, n_embd=32, n_head=2)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=dm.max_epochs,
-        reload_dataloaders_every_n_epochs=1, limit_val_batches=1, num_sanity_val_steps=0,
-        callbacks=[_RecordShards(str(tmp_path))], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+    trainer = quiet_trainer(
+        tmp_path, [_RecordShards(str(tmp_path))], devices=2, strategy="ddp_spawn", max_epochs=dm.max_epochs,
+        limit_val_batches=1,
     )
     trainer.fit(model, datamodule=dm)
 
