@@ -1,0 +1,181 @@
+"""Gradients outside the DDP-wrapped training step, and parameters broadcast from rank 0.
+
+Some methods need a gradient that is not the training step's: refresh learning's unlearn step
+(a gradient-ascent step on the current batch before the usual update, Wang et al., "A Unified
+and General Framework for Continual Learning", ICLR 2024) and k-FPF's inner fine-tuning loop on
+the buffer (Zhao et al., "Does Continual Learning Equally Forget All Parameters?", ICML 2023).
+Two rules make such a gradient safe:
+
+1. It is computed with :func:`torch.autograd.grad`, which returns the gradients instead of
+   adding them into ``param.grad``. Under ``accumulate_grad_batches > 1`` the ``.grad`` of every
+   parameter holds the partial sum of the micro-batches seen so far; a ``backward()`` from a
+   hook would add a foreign gradient into it (and DDP's reducer would not be involved).
+2. Under DDP every rank sees different data, so the gradient differs per rank. It is averaged
+   across ranks through ``trainer.strategy.reduce(..., reduce_op="mean")``: one flattened
+   collective per dtype, not one per tensor. Every rank must call it (it is a collective).
+
+Weight edits decided on one rank (an inner loop run only on rank 0, a choice made from rank 0's
+data) are made identical everywhere with :func:`broadcast_parameters`, one
+``trainer.strategy.broadcast`` of the flattened tensors.
+
+Only the ``strategy`` object is used (anything with Lightning's ``reduce`` and ``broadcast``
+signatures works), so the maths here is testable without a Trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "average_gradients",
+    "broadcast_parameters",
+    "compute_gradients",
+    "flatten_tensors",
+    "synced_gradients",
+    "unflatten_tensors",
+]
+
+NamedParameters = Union[nn.Module, Mapping[str, Tensor], Iterable[tuple[str, Tensor]]]
+
+
+def _named(params: NamedParameters, *, trainable_only: bool) -> dict[str, Tensor]:
+    if isinstance(params, nn.Module):
+        named = dict(params.named_parameters())
+    elif isinstance(params, Mapping):
+        named = dict(params)
+    else:
+        named = dict(params)
+    if trainable_only:
+        named = {name: p for name, p in named.items() if p.requires_grad}
+    for name, value in named.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"parameter {name!r} must be a Tensor, got {type(value).__name__}.")
+    return named
+
+
+def compute_gradients(
+    loss: Tensor, params: NamedParameters, *, retain_graph: bool = False, create_graph: bool = False
+) -> dict[str, Tensor]:
+    """Gradients of a scalar ``loss`` with respect to named parameters, without touching ``.grad``.
+
+    Args:
+        loss: a scalar tensor.
+        params: a module (its trainable parameters), a mapping name → tensor, or ``(name, tensor)``
+            pairs. Tensors that do not require gradients are skipped when a module is given and
+            refused otherwise.
+        retain_graph: keep the graph for a second call.
+        create_graph: build a graph of the gradient (for higher-order terms).
+
+    Returns:
+        name → gradient (same shape, dtype and device as the parameter); a parameter the loss
+        does not depend on gets zeros.
+
+    Raises:
+        ValueError: ``loss`` is not a scalar, or a given tensor does not require gradients.
+    """
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"`loss` must be a scalar tensor, got {shape}. Fix: reduce it (e.g. `.mean()`) first.")
+    named = _named(params, trainable_only=isinstance(params, nn.Module))
+    frozen = [name for name, p in named.items() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"`params` must require gradients, got frozen tensors {frozen[:5]}. "
+            "Fix: pass only parameters with requires_grad=True."
+        )
+    if not named:
+        return {}
+    grads = torch.autograd.grad(
+        loss, list(named.values()), retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
+    )
+    return {
+        name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(named.items(), grads)
+    }
+
+
+def flatten_tensors(tensors: Mapping[str, Tensor]) -> dict[torch.dtype, Tensor]:
+    """Concatenate tensors into one flat vector per dtype (in the mapping's order)."""
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for value in tensors.values():
+        groups.setdefault(value.dtype, []).append(value.detach().reshape(-1))
+    return {dtype: torch.cat(parts) for dtype, parts in groups.items()}
+
+
+def unflatten_tensors(flat: Mapping[torch.dtype, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`flatten_tensors`: split flat vectors back into tensors shaped as ``like``."""
+    offsets = {dtype: 0 for dtype in flat}
+    out: dict[str, Tensor] = {}
+    for name, ref in like.items():
+        start = offsets[ref.dtype]
+        stop = start + ref.numel()
+        out[name] = flat[ref.dtype][start:stop].view_as(ref).to(ref.device)
+        offsets[ref.dtype] = stop
+    return out
+
+
+def _world_size(strategy: Any) -> int:
+    return int(getattr(strategy, "world_size", 1) or 1)
+
+
+def average_gradients(strategy: Any, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Mean of per-rank gradients across ranks: one ``strategy.reduce`` per dtype.
+
+    Every rank must call this with the same names in the same order (it is a collective). On one
+    process the gradients come back unchanged (as new tensors).
+
+    Args:
+        strategy: ``trainer.strategy`` (or any object with Lightning's ``reduce`` signature).
+        grads: name → gradient, e.g. from :func:`compute_gradients`.
+    """
+    if not grads:
+        return {}
+    flat = flatten_tensors(grads)
+    if _world_size(strategy) > 1:
+        # `reduce` averages in place and returns the result; the flat buffers are ours.
+        flat = {dtype: strategy.reduce(value.clone(), reduce_op="mean") for dtype, value in flat.items()}
+    return unflatten_tensors(flat, grads)
+
+
+def synced_gradients(
+    trainer: Any, loss: Tensor, params: NamedParameters, *, retain_graph: bool = False
+) -> dict[str, Tensor]:
+    """:func:`compute_gradients` then :func:`average_gradients` through ``trainer.strategy``.
+
+    The result is what one process would compute from the union of every rank's batch when the
+    ranks hold equal batch sizes and ``loss`` is a per-sample mean.
+    """
+    grads = compute_gradients(loss, params, retain_graph=retain_graph)
+    return average_gradients(trainer.strategy, grads)
+
+
+@torch.no_grad()
+def broadcast_parameters(strategy: Any, params: NamedParameters, *, src: int = 0) -> None:
+    """Copy rank ``src``'s values of named tensors into every rank, in place.
+
+    One ``strategy.broadcast`` of the flattened tensors (per dtype, in one object). Every rank
+    must call it with the same names in the same order. Frozen parameters are included when a
+    module is given: a broadcast is about values, not about training.
+
+    Args:
+        strategy: ``trainer.strategy`` (or any object with Lightning's ``broadcast`` signature).
+        params: a module, a mapping name → tensor, or ``(name, tensor)`` pairs.
+        src: the rank whose values win.
+    """
+    named = _named(params, trainable_only=False)
+    if not named or _world_size(strategy) <= 1:
+        return
+    names = list(named)
+    flat = flatten_tensors(named)
+    received = strategy.broadcast({"names": names, "flat": flat}, src=src)
+    if received["names"] != names:
+        raise RuntimeError(
+            "broadcast_parameters: ranks passed different parameter names "
+            f"(rank {src} sent {received['names'][:5]}..., this rank has {names[:5]}...). "
+            "Fix: call it with the same parameters on every rank."
+        )
+    for name, value in unflatten_tensors(received["flat"], named).items():
+        named[name].copy_(value)
