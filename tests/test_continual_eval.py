@@ -569,3 +569,18 @@ def test_windowed_plasticity_official_variant_differs_where_hand_computed() -> N
     # rising curves: both agree
     rising = as_curves([1, 2, 3], [[0.1], [0.4], [0.9]], [])
     assert windowed_plasticity(rising, window=3, official=True) == windowed_plasticity(rising, window=3) == pytest.approx(0.8)
+
+
+def test_unwritable_log_dir_fails_in_setup(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    cb = ContinualEvaluation(every_n_steps=2, samples_per_task=8, log_dir=str(blocker / "out"))
+    steps: list[int] = []
+
+    class Count(Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            steps.append(trainer.global_step)
+
+    with pytest.raises(RuntimeError, match="log_dir"):
+        _fit(tmp_path, [cb, Count()])
+    assert steps == []  # refused before the first training step
