@@ -30,7 +30,7 @@ Conventions (shared by every function):
   (0-based), and the *previous tasks* are ``0 .. k-1``.
 
 Note:
-    Checked against the official code (``Mattdl/ContinualEvaluation``,
+    Conventions of the official implementation (``Mattdl/ContinualEvaluation``,
     ``src/eval/continual_eval_metrics.py``): min-ACC takes, per task, the minimum over the
     evaluations made while another task is trained, averaged over tasks; WC-ACC is the mean of
     the current task's accuracy and the other tasks' minima; WF^w / WP^w keep, per seen task
