@@ -7,9 +7,9 @@ ones), matches re-training on the union of the data. Runs, all from the same ini
 with the same number of optimizer steps and tokens:
 
   (a) no re-warming, no replay: warm-up + cosine decay to min_lr over the prose task, then the
-      code task continues at the constant min_lr (`LRRewarming(mode="infinite")` with a
+      code task continues at the constant min_lr (`InfiniteLRSchedule` with a
       cool-down of the first task's length and `constant_lr=min_lr`);
-  (b) re-warm + re-decay: `LRRewarming(mode="rewarm")` restarts warm-up + cosine at each task;
+  (b) re-warm + re-decay: `LRRewarming` restarts warm-up + cosine at each task;
   (c) (b) + token replay of 5% and of 25% of each code-task block budget (`replay_fraction`);
   (d) re-training on the union (`joint=True`, same total blocks), one warm-up + cosine.
 
@@ -38,7 +38,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lightning_forget.callbacks import LRRewarming
+from lightning_forget.callbacks import InfiniteLRSchedule, LRRewarming
+from lightning_forget.callbacks.lr_schedule import BaseLRSchedule
 from lightning_forget.datamodules import TextStreamDataModule
 from lightning_forget.modules import CausalLMModule
 
@@ -69,11 +70,10 @@ def _data(args: argparse.Namespace, run: str) -> TextStreamDataModule:
     )
 
 
-def _schedule(args: argparse.Namespace, run: str) -> LRRewarming:
+def _schedule(args: argparse.Namespace, run: str) -> BaseLRSchedule:
     warmup = max(1, math.ceil(0.01 * args.steps_per_task))
     if run == "a_no_rewarm":
-        return LRRewarming(
-            mode="infinite",
+        return InfiniteLRSchedule(
             max_lr=args.max_lr,
             min_lr=args.min_lr,
             warmup=warmup,

@@ -160,6 +160,7 @@ def _run(name: str, args: argparse.Namespace, evaluate: bool, replay: Optional[s
             wp=evaluator.wp,
             wf_phase=windowed_forgetting(evaluator.curves, args.window, scope="phase"),
             wp_phase=windowed_plasticity(evaluator.curves, args.window, scope="phase"),
+            wp_official=windowed_plasticity(evaluator.curves, args.window, official=True),
             eval_over_train=evaluator.eval_time_s / max(evaluator.train_time_s, 1e-12),
             interval=evaluator.interval,
         )
@@ -200,9 +201,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     for row in results:
         row["wall_vs_no_eval"] = row["wall_s"] / reference_wall
         row["step_vs_no_eval"] = row["train_ms_per_step"] / reference_step
-    columns = ["run", "steps", "evaluations", "final_acc", "min_acc", "wc_acc", "wf", "wp", "wf_phase", "wp_phase", "eval_over_train", "step_vs_no_eval"]
+    columns = ["run", "steps", "evaluations", "final_acc", "min_acc", "wc_acc", "wf", "wp", "wf_phase", "wp_phase", "wp_official", "eval_over_train", "step_vs_no_eval"]
     w = args.window
-    header = ["run", "steps", "evals", "final acc", "min-ACC", "WC-ACC", f"WF{w}", f"WP{w}", f"WF{w} phase", f"WP{w} phase", "eval/train", "step/ft-no-eval"]
+    header = ["run", "steps", "evals", "final acc", "min-ACC", "WC-ACC", f"WF{w}", f"WP{w}", f"WF{w} phase", f"WP{w} phase", f"WP{w} official", "eval/train", "step/ft-no-eval"]
     widths = [max(len(h), 18 if i == 0 else 9) for i, h in enumerate(header)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("-+-".join("-" * w for w in widths))

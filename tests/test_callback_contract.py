@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
+from lightning_forget.callbacks import InfiniteLRSchedule
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import flat_tensors, params_vector, run_ddp_pair, run_stream, tiny_classifier
@@ -82,10 +83,13 @@ ROWS = [
         ],
     ),
     Row(
-        "LRRewarming-infinite",
-        LRRewarming,
-        {"max_lr": 0.1, "min_lr": 0.01, "warmup": 3, "mode": "infinite", "cooldown_steps": 10, "anneal_steps": 4},
-        [],
+        "InfiniteLRSchedule",
+        InfiniteLRSchedule,
+        {"max_lr": 0.1, "min_lr": 0.01, "warmup": 3, "cooldown_steps": 10, "anneal_steps": 4},
+        [
+            ({"max_lr": 0.1, "cooldown_steps": -1}, ValueError, "cooldown_steps"),
+            ({"max_lr": 0.1, "anneal": "step"}, ValueError, "anneal"),
+        ],
     ),
     Row(
         "ContinualMetrics",

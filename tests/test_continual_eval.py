@@ -556,3 +556,31 @@ def test_predict_can_be_overridden(tmp_path: Path) -> None:
     assert acc[:, 0].tolist() == [0.0, 0.0, 0.0] and acc[1:, 1].tolist() == [0.0, 0.0]
     labels = Blobs().val_dataset(2)[cb._indices[2]][1]
     assert float(acc[-1, 2]) == pytest.approx(float((labels == 5).double().mean()))
+
+
+def test_windowed_plasticity_official_variant_differs_where_hand_computed() -> None:
+    # one task measured [0.5, 0.2, 0.8], w = 3: the largest gain within the window is 0.8 - 0.2 = 0.6;
+    # the official code skips the start 0.2 (below the running maximum 0.5) and finds 0.8 - 0.5 = 0.3
+    curves = as_curves([1, 2, 3], [[0.5], [0.2], [0.8]], [])
+    assert windowed_plasticity(curves, window=3) == pytest.approx(0.6)
+    assert windowed_plasticity(curves, window=3, official=True) == pytest.approx(0.3)
+    # w = 2: windows [0.2, 0.8] are seen in full by both -> 0.6
+    assert windowed_plasticity(curves, window=2, official=True) == pytest.approx(0.6)
+    # rising curves: both agree
+    rising = as_curves([1, 2, 3], [[0.1], [0.4], [0.9]], [])
+    assert windowed_plasticity(rising, window=3, official=True) == windowed_plasticity(rising, window=3) == pytest.approx(0.8)
+
+
+def test_unwritable_log_dir_fails_in_setup(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    cb = ContinualEvaluation(every_n_steps=2, samples_per_task=8, log_dir=str(blocker / "out"))
+    steps: list[int] = []
+
+    class Count(Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            steps.append(trainer.global_step)
+
+    with pytest.raises(RuntimeError, match="log_dir"):
+        _fit(tmp_path, [cb, Count()])
+    assert steps == []  # refused before the first training step

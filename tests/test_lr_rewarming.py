@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_forget.callbacks import InfiniteLRSchedule
 from lightning_forget.callbacks.lr_rewarming import LRRewarming, resolve_warmup, schedule_lr
 from lightning_forget.datamodules.base import ContinualDataModule
 
@@ -213,14 +214,18 @@ def test_schedule_lr_errors() -> None:
     ],
 )
 def test_constructor_errors(kwargs: dict[str, Any], error: type, match: str) -> None:
+    cls = LRRewarming
+    if kwargs.get("mode") == "infinite":
+        kwargs = {k: v for k, v in kwargs.items() if k != "mode"}
+        cls = InfiniteLRSchedule
     with pytest.raises(error, match=match):
-        LRRewarming(**kwargs)
+        cls(**kwargs)
 
 
 def test_defaults_pickle_and_method_errors() -> None:
     cb = LRRewarming(max_lr=3e-4)
     assert cb.min_lr == pytest.approx(3e-5)
-    inf = LRRewarming(max_lr=1.0, min_lr=0.1, mode="infinite")
+    inf = InfiniteLRSchedule(max_lr=1.0, min_lr=0.1)
     assert inf.constant_lr == pytest.approx(0.55)
     clone = pickle.loads(pickle.dumps(cb))
     assert clone.state_dict() == cb.state_dict()
@@ -370,8 +375,8 @@ def test_resume_mid_task_matches_uninterrupted(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- infinite
-def _infinite(**kwargs: Any) -> LRRewarming:
-    return LRRewarming(max_lr=MAX_LR, min_lr=MIN_LR, warmup=2, mode="infinite", cooldown_steps=4, **kwargs)
+def _infinite(**kwargs: Any) -> InfiniteLRSchedule:
+    return InfiniteLRSchedule(max_lr=MAX_LR, min_lr=MIN_LR, warmup=2, cooldown_steps=4, **kwargs)
 
 
 def _expected_infinite(steps: range, **kwargs: Any) -> list[float]:
@@ -381,7 +386,7 @@ def _expected_infinite(steps: range, **kwargs: Any) -> list[float]:
 
 
 class AnnealAt(pl.Callback):
-    def __init__(self, cb: LRRewarming, step: int, length: int) -> None:
+    def __init__(self, cb: InfiniteLRSchedule, step: int, length: int) -> None:
         self.cb, self.step, self.length = cb, step, length
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -433,7 +438,7 @@ def test_infinite_release_branch_anneals_while_main_stays_constant(tmp_path: Pat
 
 def test_infinite_one_fit_per_task_warms_up_once(tmp_path: Path) -> None:
     model = TinyModel()
-    cb = LRRewarming(max_lr=MAX_LR, min_lr=MIN_LR, warmup=0.25, mode="infinite", cooldown_steps=3)
+    cb = InfiniteLRSchedule(max_lr=MAX_LR, min_lr=MIN_LR, warmup=0.25, cooldown_steps=3)
     recs = [Recorder(), Recorder()]
     for rec, data in zip(recs, (_task_data(0, 24), _task_data(1, 40))):
         trainer = _trainer(tmp_path, [cb, rec], 2, reload_dataloaders_every_n_epochs=0)
@@ -493,3 +498,94 @@ def test_ddp_two_processes_same_lr_and_parameters(tmp_path: Path) -> None:
     assert [lr[0] for lr in r0["lrs"]] == pytest.approx(_expected_rewarm(lengths, 0.25))
     for key in r0["params"]:
         assert torch.equal(r0["params"][key], r1["params"][key])
+
+
+# ---------------------------------------------------------------------------------------- the split (issue 10.2)
+def test_schedule_functions_match_schedule_lr() -> None:
+    from lightning_forget.schedules import TaskSegment, infinite_lr, rewarm_lr, segment_lr
+
+    for n in range(0, 120, 7):
+        assert rewarm_lr(n, 1.0, 0.1, 10, 100) == schedule_lr(n, 1.0, 0.1, 10, 100)
+        assert infinite_lr(n, 1.0, 0.1, 10, 20, 0.5, anneal_start=60, anneal_steps=10) == schedule_lr(
+            n, 1.0, 0.1, 10, mode="infinite", cooldown_steps=20, constant_lr=0.5, anneal_start=60, anneal_steps=10
+        )
+    segment = TaskSegment(start=30, total_steps=100, warmup_steps=10)
+    assert segment_lr(30 + 54, segment, 1.0, 0.1) == pytest.approx(0.55)
+    assert segment == (30, 100, 10) and segment.total_steps == 100
+    with pytest.raises(ValueError, match="mode"):
+        schedule_lr(0, 1.0, mode="cyclic")  # type: ignore[arg-type]
+
+
+def test_segments_are_named(tmp_path: Path) -> None:
+    from lightning_forget.schedules import TaskSegment
+
+    dm = StreamDM()
+    cb = LRRewarming(max_lr=MAX_LR, min_lr=MIN_LR, warmup=0.25)
+    _trainer(tmp_path, [cb], dm.max_epochs).fit(TinyModel(), datamodule=dm)
+    assert cb.segments == (TaskSegment(0, 6, 2), TaskSegment(6, 10, 3), TaskSegment(16, 4, 1))
+    assert cb.segments[1].warmup_steps == 3
+    assert cb.state_dict()["method"]["segments"] == [[0, 6, 2], [6, 10, 3], [16, 4, 1]]  # plain lists on disk
+
+
+def test_mode_infinite_is_deprecated_and_builds_the_new_class() -> None:
+    with pytest.warns(DeprecationWarning, match="InfiniteLRSchedule"):
+        cb = LRRewarming(max_lr=1.0, min_lr=0.1, warmup=2, mode="infinite", cooldown_steps=5, anneal_steps=3)
+    assert type(cb) is InfiniteLRSchedule
+    assert (cb.cooldown_steps, cb.anneal_steps, cb.constant_lr) == (5, 3, pytest.approx(0.55))
+    assert cb.SCHEDULER_NAME == "lr_rewarming/lr"  # the LR key existing runs log
+    assert InfiniteLRSchedule.SCHEDULER_NAME == "infinite_lr/lr"
+    assert type(pickle.loads(pickle.dumps(cb))) is InfiniteLRSchedule
+    with pytest.warns(DeprecationWarning):  # positional `mode` too
+        assert type(LRRewarming(1.0, 0.1, 2, "cosine", None, False, "infinite")) is InfiniteLRSchedule
+    assert type(LRRewarming(max_lr=1.0)) is LRRewarming
+    assert type(pickle.loads(pickle.dumps(LRRewarming(max_lr=1.0)))) is LRRewarming
+
+
+def test_legacy_infinite_checkpoint_resumes_with_the_new_class(tmp_path: Path) -> None:
+    """A checkpoint of `LRRewarming(mode="infinite")` keeps its state under the key "LRRewarming"."""
+    dm = StreamDM()
+    full, rec_full = _infinite(), Recorder()
+    _trainer(tmp_path, [full, rec_full], dm.max_epochs).fit(TinyModel(), datamodule=dm)
+
+    stopped = _infinite()
+    trainer = _trainer(tmp_path, [stopped], dm.max_epochs, max_steps=11)  # an epoch end inside task 1
+    trainer.fit(TinyModel(), datamodule=StreamDM())
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    ckpt["callbacks"] = {"LRRewarming": ckpt["callbacks"]["InfiniteLRSchedule"]}
+    torch.save(ckpt, tmp_path / "legacy.ckpt")
+
+    resumed, rec = _infinite(), Recorder()
+    _trainer(tmp_path, [resumed, rec], dm.max_epochs).fit(TinyModel(), datamodule=StreamDM(), ckpt_path=tmp_path / "legacy.ckpt")
+    assert rec.steps == list(range(11, 20))
+    assert [lr[0] for lr in rec.lrs] == pytest.approx([lr[0] for lr in rec_full.lrs[11:]])
+    assert resumed.state_dict()["method"] == full.state_dict()["method"]
+    # the re-warming callback refuses an infinite schedule's state instead of misreading it
+    with pytest.raises(RuntimeError, match="InfiniteLRSchedule"):
+        LRRewarming(max_lr=MAX_LR).load_state_dict(full.state_dict())
+
+
+def test_deprecated_infinite_yaml_still_runs(tmp_path: Path) -> None:
+    import yaml
+
+    from lightning_forget.cli import main
+
+    config = {
+        "trainer": {
+            "accelerator": "cpu", "fast_dev_run": 2, "reload_dataloaders_every_n_epochs": 1, "logger": False,
+            "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+            "callbacks": [{
+                "class_path": "lightning_forget.callbacks.LRRewarming",
+                "init_args": {"mode": "infinite", "max_lr": 0.1, "min_lr": 0.01, "warmup": 3, "cooldown_steps": 10},
+            }],
+        },
+        "model": {"class_path": "lightning_forget.modules.ContinualClassifier", "init_args": {"hidden_sizes": [16], "report": False}},
+        "data": {"class_path": "tests.helpers.data.BlobStream"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.warns(DeprecationWarning, match="InfiniteLRSchedule"):
+        cli = main(["fit", "--config", str(path)])
+    built = [cb for cb in cli.trainer.callbacks if isinstance(cb, InfiniteLRSchedule)]
+    assert len(built) == 1 and built[0].cooldown_steps == 10
+    assert cli.trainer.global_step > 0

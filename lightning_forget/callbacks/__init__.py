@@ -2,10 +2,11 @@
 
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
+from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.callbacks.lr_rewarming import LRRewarming
 from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceReplay
 
 __all__ = [
     "ContinualEvaluation",
-    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "LiNeS", "LRRewarming"]
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "InfiniteLRSchedule", "LiNeS", "LRRewarming"]

@@ -294,6 +294,8 @@ class ContinualEvaluation(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        if self.save_csv or self.save_plot:
+            self._check_writable(self.log_dir or trainer.log_dir or trainer.default_root_dir)
         name = type(trainer.strategy).__name__
         if any(sharded in name for sharded in ("FSDP", "DeepSpeed", "ModelParallel")):
             raise NotImplementedError(
@@ -356,6 +358,21 @@ class ContinualEvaluation(ContinualCallback):
                 f"ContinualEvaluation: {len(self._steps)} evaluations, min-ACC={self.min_acc:.4f}, "
                 f"WC-ACC={self.wc_acc:.4f}, WF{self.window}={self.wf:.4f}, WP{self.window}={self.wp:.4f}; "
                 f"wrote {directory}"
+            )
+
+    def _check_writable(self, directory: str) -> None:
+        """Fail before training, not after it, when the CSV/PNG could not be written."""
+        probe = os.path.abspath(directory)
+        while not os.path.exists(probe):
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                break
+            probe = parent
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+            raise RuntimeError(
+                f"ContinualEvaluation writes continual_eval.csv and stability_gap.png into {directory!r}, which "
+                f"cannot be created or written ({probe!r} is {'not a directory' if not os.path.isdir(probe) else 'read-only'}). "
+                "Fix: pass a writable `log_dir`, or `save_csv=False, save_plot=False`."
             )
 
     # ------------------------------------------------------------------ evaluation
