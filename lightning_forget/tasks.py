@@ -86,7 +86,8 @@ class ContinualCallback(Callback):
     """Base class for callbacks that act on task boundaries.
 
     Subclasses override :meth:`on_task_start` and :meth:`on_task_end` (and any Lightning hook;
-    call ``super()`` from the hooks this class uses: ``setup``, ``on_train_start``,
+    call ``super()`` from the hooks this class uses: ``setup``, ``on_sanity_check_start``,
+    ``on_train_start``,
     ``on_train_epoch_start``, ``on_train_epoch_end``, ``on_train_end``, ``state_dict`` and
     ``load_state_dict``).
 
@@ -162,12 +163,22 @@ class ContinualCallback(Callback):
                     category=UserWarning,
                 )
 
+    def _advance_to_next_fit(self) -> None:
+        # One fit per task: a fit that starts after the previous task ended is the next task.
+        if self._ended >= self.task:
+            self.task = self._ended + 1
+
+    @override
+    def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # The sanity check runs before `on_train_start`: advance the counter first, so that what
+        # it evaluates is filed under the task about to be trained, not the one that has ended.
+        if task_schedule(trainer) is None:
+            self._advance_to_next_fit()
+
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if task_schedule(trainer) is None:
-            # One fit per task: a fit that starts after the previous task ended is the next task.
-            if self._ended >= self.task:
-                self.task = self._ended + 1
+            self._advance_to_next_fit()
             self._fire_start(trainer, pl_module, self.task)
 
     @override
