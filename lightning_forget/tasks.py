@@ -82,11 +82,51 @@ def check_dataloader_reloading(trainer: "pl.Trainer") -> None:
         )
 
 
+def _stream_text(datamodule: Any) -> str:
+    return (
+        f"{type(datamodule).__name__}'s stream is {datamodule.max_epochs} epochs "
+        f"({datamodule.num_train_phases} training phases x epochs_per_task={datamodule.epochs_per_task})"
+    )
+
+
+def check_stream_length(trainer: "pl.Trainer") -> None:
+    """Warn when the Trainer's ``max_epochs``/``max_steps`` do not cover the continual stream.
+
+    The stream is ``num_tasks × epochs_per_task`` epochs. A shorter run leaves its last task
+    unfinished (:class:`ContinualCallback` then ends it at train end); a longer one keeps
+    training the last task.
+    """
+    datamodule = task_schedule(trainer)
+    if datamodule is None:
+        return
+    max_epochs = getattr(trainer, "max_epochs", None)
+    max_steps = getattr(trainer, "max_steps", -1)
+    fix = f"Fix: pass `Trainer(max_epochs={datamodule.max_epochs})` (the datamodule's `max_epochs`) and no `max_steps`."
+    if max_steps is not None and max_steps != -1:
+        rank_zero_warn(
+            f"The Trainer stops after max_steps={max_steps} steps, but {_stream_text(datamodule)}: a task "
+            "boundary falls where the epochs say, so the run may stop in the middle of a task (which is then "
+            f"ended at train end) or train the last task for extra steps. {fix}",
+            category=UserWarning,
+        )
+    elif max_epochs not in (None, -1) and int(max_epochs) != int(datamodule.max_epochs):
+        effect = (
+            "the last tasks are not trained (the unfinished one is ended at train end)"
+            if max_epochs < datamodule.max_epochs
+            else "the last task is trained for the extra epochs"
+        )
+        rank_zero_warn(
+            f"The Trainer has max_epochs={max_epochs}, but {_stream_text(datamodule)}: {effect}. {fix}",
+            category=UserWarning,
+        )
+
+
 class ContinualCallback(Callback):
     """Base class for callbacks that act on task boundaries.
 
     Subclasses override :meth:`on_task_start` and :meth:`on_task_end` (and any Lightning hook;
-    call ``super()`` from the hooks this class uses: ``setup``, ``on_train_start``,
+    call ``super()`` from the hooks this class uses: ``setup``, ``on_sanity_check_start``,
+    ``on_train_start``,
     ``on_train_epoch_start``, ``on_train_epoch_end``, ``on_train_end``, ``state_dict`` and
     ``load_state_dict``).
 
@@ -150,6 +190,7 @@ class ContinualCallback(Callback):
         unshare_memory(self)
         if stage == "fit":
             check_dataloader_reloading(trainer)
+            check_stream_length(trainer)
             in_workers = isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
             if in_workers and task_schedule(trainer) is None:
                 rank_zero_warn(
@@ -162,12 +203,22 @@ class ContinualCallback(Callback):
                     category=UserWarning,
                 )
 
+    def _advance_to_next_fit(self) -> None:
+        # One fit per task: a fit that starts after the previous task ended is the next task.
+        if self._ended >= self.task:
+            self.task = self._ended + 1
+
+    @override
+    def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # The sanity check runs before `on_train_start`: advance the counter first, so that what
+        # it evaluates is filed under the task about to be trained, not the one that has ended.
+        if task_schedule(trainer) is None:
+            self._advance_to_next_fit()
+
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if task_schedule(trainer) is None:
-            # One fit per task: a fit that starts after the previous task ended is the next task.
-            if self._ended >= self.task:
-                self.task = self._ended + 1
+            self._advance_to_next_fit()
             self._fire_start(trainer, pl_module, self.task)
 
     @override
@@ -181,6 +232,13 @@ class ContinualCallback(Callback):
                 self._fire_end(trainer, pl_module, task - 1)
             self.task = task
             self._fire_start(trainer, pl_module, task)
+            if trainer.current_epoch == datamodule.max_epochs:
+                rank_zero_warn(
+                    f"Epoch {trainer.current_epoch} is past the end of the stream ({_stream_text(datamodule)}); "
+                    f"the extra epochs train task {task} again. Fix: pass "
+                    f"`Trainer(max_epochs={datamodule.max_epochs})` and no `max_steps`.",
+                    category=UserWarning,
+                )
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -192,6 +250,16 @@ class ContinualCallback(Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if task_schedule(trainer) is None:
             self._fire_end(trainer, pl_module, self.task)
+        elif self._started > self._ended:
+            # The run stopped inside a task (max_steps, max_epochs, early stopping): end it, so
+            # that its end-of-task work (snapshots, reports) is not lost.
+            rank_zero_warn(
+                f"Training stopped in the middle of task {self._started} (epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step}); ending that task now. If the run stopped by `max_steps` or "
+                "`max_epochs`, make them match the stream (see the datamodule's `max_epochs`).",
+                category=UserWarning,
+            )
+            self._fire_end(trainer, pl_module, self._started)
 
     # ------------------------------------------------------------------ state
     # One rule for every subclass (DESIGN.md §5):

@@ -233,3 +233,51 @@ def test_accuracy_matrix_ddp_sums_counts(tmp_path: Path) -> None:
     assert results[0]["local_total"].tolist() == [[2, 0], [1, 0]]
     assert results[1]["local_total"].tolist() == [[2, 0], [0, 4]]
     assert results[1]["local_correct"].tolist() == [[1, 0], [0, 3]]
+
+
+def test_accuracy_matrix_with_one_task_stays_square() -> None:
+    # torchmetrics squeezes one-element results; R[0, 0] must still index (issue 8 A1).
+    metric = AccuracyMatrix(num_tasks=1)
+    metric.update(torch.tensor([0, 1]), torch.tensor([0, 0]), train_task=0, eval_task=0)
+    result = metric.compute()
+    assert result.shape == (1, 1)
+    assert float(result[0, 0]) == 0.5
+    assert metric.compute().shape == (1, 1)  # the cached value too
+
+
+def _ddp_checkpoint_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        metric = AccuracyMatrix(num_tasks=2)
+        # rank 0: 1 of 2 correct on cell (0, 0); rank 1: 4 of 4. Global: 5 / 6.
+        n = 2 if rank == 0 else 4
+        target = torch.zeros(n, dtype=torch.long)
+        if rank == 0:
+            target[0] = 1
+        metric.update(torch.zeros(n, dtype=torch.long), target, train_task=0, eval_task=0)
+        before = metric.compute()
+        box = [metric.state_dict()]
+        dist.broadcast_object_list(box, src=0)  # every rank resumes from rank 0's checkpoint
+        resumed = AccuracyMatrix(num_tasks=2)
+        resumed.load_state_dict(box[0])
+        after = resumed.compute()
+        torch.save(
+            {"before": before, "after": after, "saved_total": box[0]["total"], "local_total": metric.total.clone()},
+            os.path.join(out_dir, f"ckpt{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_accuracy_matrix_checkpoint_holds_the_synced_counts(tmp_path: Path) -> None:
+    # Rank 0 writes the checkpoint: it must hold the global counts, and a resume on 2 ranks
+    # must compute the global matrix again, not rank 0's local one (issue 8 A9).
+    args = (2, str(tmp_path / "init"), str(tmp_path))
+    mp.start_processes(_ddp_checkpoint_worker, args=args, nprocs=2, join=True, start_method="spawn")
+    results = [torch.load(tmp_path / f"ckpt{rank}.pt") for rank in range(2)]
+    for result in results:
+        assert math.isclose(float(result["before"][0, 0]), 5 / 6, rel_tol=1e-6)
+        assert math.isclose(float(result["after"][0, 0]), 5 / 6, rel_tol=1e-6)
+    assert results[0]["saved_total"].tolist() == [[6, 0], [0, 0]]
+    assert results[0]["local_total"].tolist() == [[2, 0], [0, 0]]  # live counts stay local

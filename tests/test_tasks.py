@@ -201,3 +201,45 @@ def test_replay_and_metrics_start_under_ddp_spawn_with_default_sharing(tmp_path:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 0 and "FIT-DONE" in out.stdout, out.stderr[-3000:]
+
+
+def test_max_steps_short_of_the_stream_warns_and_ends_the_last_task(tmp_path: Any) -> None:
+    # 3 tasks x 2 epochs x 6 batches = 36 steps; stopping at 27 is inside task 2 (issue 8 A7).
+    dm = BlobStream(num_tasks=3, epochs_per_task=2)
+    recorder = Recorder()
+    trainer = quiet_trainer(tmp_path, [recorder], max_steps=27)
+    with pytest.warns(UserWarning, match="max_steps=27") as caught:
+        trainer.fit(tiny_classifier(dm), dm)
+    assert any("middle of task 2" in str(w.message) for w in caught)
+    assert [(kind, task) for kind, task, _ in recorder.events][-2:] == [("start", 2), ("end", 2)]
+
+
+def test_max_epochs_past_the_stream_warns(tmp_path: Any) -> None:
+    dm = BlobStream(num_tasks=2, epochs_per_task=1)
+    recorder = Recorder()
+    trainer = quiet_trainer(tmp_path, [recorder], max_epochs=3)
+    with pytest.warns(UserWarning, match="max_epochs=3") as caught:
+        trainer.fit(tiny_classifier(dm), dm)
+    assert any("past the end of the stream" in str(w.message) for w in caught)
+    assert [(kind, task) for kind, task, _ in recorder.events] == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+
+
+def test_matching_stream_length_does_not_warn(tmp_path: Any) -> None:
+    dm = BlobStream(num_tasks=2, epochs_per_task=1)
+    trainer = quiet_trainer(tmp_path, [Recorder()], max_epochs=dm.max_epochs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(stream|middle of task).*")
+        trainer.fit(tiny_classifier(dm), dm)
+
+
+def test_one_fit_per_task_with_default_sanity_check(tmp_path: Any) -> None:
+    # Lightning's default num_sanity_val_steps=2 runs before on_train_start (issue 8 A4).
+    stream = BlobStream(num_tasks=3)
+    model = tiny_classifier(stream)
+    recorder = Recorder()
+    for task in range(3):
+        trainer = quiet_trainer(tmp_path / str(task), [recorder], max_epochs=1, reload_dataloaders_every_n_epochs=0)
+        assert trainer.num_sanity_val_steps == 2
+        loaders = [DataLoader(stream.val_dataset(t), batch_size=4) for t in range(task + 1)]
+        trainer.fit(model, DataLoader(stream.train_dataset(task), batch_size=8), loaders)
+    assert model.val_matrix.total.tolist() == [[24, 0, 0], [24, 24, 0], [24, 24, 24]]

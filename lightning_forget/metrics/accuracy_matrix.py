@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+import functools
+from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -24,6 +26,13 @@ def _task_index(value: Union[int, Tensor], name: str, num_tasks: int) -> int:
             f"0-based task index, or build AccuracyMatrix(num_tasks=...) with more tasks."
         )
     return value
+
+
+def _process_group_rank(group: Any) -> int:
+    """This process's rank in ``group`` (the default group when ``None``); 0 outside DDP."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return int(dist.get_rank(group)) if group is not None else int(dist.get_rank())
 
 
 class AccuracyMatrix(Metric):
@@ -63,7 +72,10 @@ class AccuracyMatrix(Metric):
 
     Note:
         Saved state (``state_dict``, persistent): ``correct`` and ``total``, both ``(T, T)``
-        ``int64`` counts.
+        ``int64`` counts. Under DDP they are the *global* counts as of the last synced
+        :meth:`compute` (plus this rank's counts since then), so rank 0's checkpoint holds the
+        whole matrix; when such a state is loaded in a process group, ranks other than 0 start
+        from zero counts, so that the synced sums are the checkpoint's again.
     """
 
     is_differentiable = False
@@ -83,6 +95,9 @@ class AccuracyMatrix(Metric):
         zeros = torch.zeros(num_tasks, num_tasks, dtype=torch.long)
         self.add_state("correct", default=zeros.clone(), dist_reduce_fx="sum", persistent=True)
         self.add_state("total", default=zeros.clone(), dist_reduce_fx="sum", persistent=True)
+        # Global minus local counts at the last synced compute(): added to the local counts in
+        # state_dict(), so that rank 0's checkpoint holds the synced sums (None: not synced).
+        self._sync_offset: Optional[dict[str, Tensor]] = None
 
     def update(
         self, preds: Tensor, target: Tensor, train_task: Union[int, Tensor], eval_task: Union[int, Tensor]
@@ -113,9 +128,39 @@ class AccuracyMatrix(Metric):
 
     def compute(self) -> Tensor:
         """The ``(T, T)`` float accuracy matrix, ``NaN`` where nothing was counted."""
+        if self._is_synced and self._cache is not None:
+            # Inside torchmetrics' sync context: the states are the global sums and the cache
+            # holds this rank's own counts, which are restored afterwards.
+            self._sync_offset = {
+                name: getattr(self, name).detach().clone() - self._cache[name].to(getattr(self, name).device)
+                for name in ("correct", "total")
+            }
         total = self.total.to(torch.float32)
         accuracy = self.correct.to(torch.float32) / total.clamp_min(1)
         return torch.where(self.total > 0, accuracy, torch.full_like(accuracy, float("nan")))
+
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def keep_square(*args: Any, **kwargs: Any) -> Any:
+            # torchmetrics squeezes a one-element result to a 0-dim tensor; with one task the
+            # matrix must still be (1, 1) so that R[i, j] indexing works.
+            return wrapped(*args, **kwargs).reshape(self.num_tasks, self.num_tasks)
+
+        return keep_square
+
+    def state_dict(self, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self._sync_offset is not None:
+            for name, offset in self._sync_offset.items():
+                if prefix + name in state:
+                    state[prefix + name] = state[prefix + name] + offset.to(state[prefix + name].device)
+        return state
+
+    def reset(self) -> None:
+        super().reset()
+        self._sync_offset = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -125,6 +170,12 @@ class AccuracyMatrix(Metric):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sync_offset = None
+        if _process_group_rank(self.process_group) > 0:
+            # The checkpoint holds the global counts (see state_dict): keep them on one rank only,
+            # or the synced sums would count them once per rank.
+            self.correct = torch.zeros_like(self.correct)
+            self.total = torch.zeros_like(self.total)
         if int(self.total.sum()) > 0:
             # Restored counts are data: compute() after a resume should not warn "before update".
             self._update_count = max(self._update_count, 1)
@@ -142,4 +193,7 @@ class AccuracyMatrix(Metric):
         row = _task_index(train_task, "train_task", self.num_tasks)
         self.correct[row].zero_()
         self.total[row].zero_()
+        if self._sync_offset is not None:
+            for offset in self._sync_offset.values():
+                offset[row].zero_()
         self._computed = None  # drop the cached compute() result

@@ -108,6 +108,7 @@ class ContinualClassifier(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.report = report
+        self._report_callback: Optional[pl.Callback] = None
         self.val_matrix = AccuracyMatrix(num_tasks)
         self.test_matrix = AccuracyMatrix(num_tasks)
 
@@ -171,10 +172,17 @@ class ContinualClassifier(pl.LightningModule):
             )
         logits = self._masked(self(x), dataloader_idx)
         loss = nn.functional.cross_entropy(logits, y)
-        matrix.update(logits, y, train_task=task, eval_task=dataloader_idx)
+        if not self._sanity_checking():
+            matrix.update(logits, y, train_task=task, eval_task=dataloader_idx)
         self.log(f"{stage}/loss", loss, batch_size=y.shape[0], add_dataloader_idx=True, sync_dist=True)
 
+    def _sanity_checking(self) -> bool:
+        return self._trainer is not None and bool(self._trainer.sanity_checking)
+
     def _log_row(self, matrix: AccuracyMatrix, stage: str) -> None:
+        if self._sanity_checking():
+            # A few batches before training: they must not overwrite a row of the matrix.
+            return
         task = current_task(self.trainer)
         row = matrix.compute()[task]
         measured = ~torch.isnan(row)
@@ -188,7 +196,8 @@ class ContinualClassifier(pl.LightningModule):
             self.log(f"{stage}/acc_avg", seen.mean(), prog_bar=stage == "val", add_dataloader_idx=False, sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
-        self.val_matrix.reset_row(current_task(self.trainer))
+        if not self._sanity_checking():
+            self.val_matrix.reset_row(current_task(self.trainer))
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, self.val_matrix, "val")
@@ -218,6 +227,12 @@ class ContinualClassifier(pl.LightningModule):
         from lightning_forget.callbacks.continual_metrics import ContinualMetrics
 
         trainer = self._trainer
-        if trainer is not None and any(isinstance(cb, ContinualMetrics) for cb in trainer.callbacks):
+        if trainer is not None and any(
+            isinstance(cb, ContinualMetrics) and cb is not self._report_callback for cb in trainer.callbacks
+        ):
             return []
-        return [ContinualMetrics()]
+        # One instance for the module's lifetime: with one fit per task (a new Trainer each time)
+        # the same callback, with its task counter and matrix, sees every fit.
+        if self._report_callback is None:
+            self._report_callback = ContinualMetrics()
+        return [self._report_callback]

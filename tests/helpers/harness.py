@@ -24,7 +24,8 @@ def tiny_classifier(dm: Any, **kwargs: Any) -> ContinualClassifier:
 
 
 def quiet_trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    """A CPU Trainer without progress bars, summaries or sanity checks."""
+    """A CPU Trainer without progress bars or summaries; everything else is Lightning's default
+    (the sanity check included: pass ``num_sanity_val_steps=0`` only in a test about it)."""
     kwargs.setdefault("accelerator", "cpu")
     kwargs.setdefault("devices", 1)
     kwargs.setdefault("logger", False)
@@ -35,7 +36,6 @@ def quiet_trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> p
         callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
         deterministic=True,
         **kwargs,
     )

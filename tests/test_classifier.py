@@ -1,0 +1,73 @@
+"""ContinualClassifier: plain fits, its report callback across fits, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_forget.modules import ContinualClassifier
+from tests.helpers.data import BlobStream
+from tests.helpers.harness import quiet_trainer
+
+
+def test_default_single_task_fit_validates(tmp_path: Path) -> None:
+    # num_tasks=1 (the default): the 1x1 accuracy matrix is indexed at every validation end.
+    stream = BlobStream(num_tasks=3)
+    model = ContinualClassifier(num_classes=6, input_shape=(8,), hidden_sizes=[8], report=False)
+    trainer = quiet_trainer(tmp_path, [], max_epochs=1)
+    trainer.fit(model, DataLoader(stream.train_dataset(0), batch_size=8), DataLoader(stream.val_dataset(0), batch_size=8))
+    assert "val/acc/task_0" in trainer.callback_metrics
+    assert model.val_matrix.compute().shape == (1, 1)
+
+
+def _fit_tasks_with_new_trainers(tmp_path: Path, model: ContinualClassifier, stream: BlobStream, **kwargs: Any) -> list[Any]:
+    trainers = []
+    for task in range(stream.num_tasks):
+        trainer = quiet_trainer(tmp_path / f"fit{task}", [], max_epochs=1, **kwargs)
+        val = [DataLoader(stream.val_dataset(t), batch_size=4) for t in range(task + 1)]
+        trainer.fit(model, DataLoader(stream.train_dataset(task), batch_size=8), val)
+        trainers.append(trainer)
+    return trainers
+
+
+def test_report_callback_is_one_instance_across_fits(tmp_path: Path) -> None:
+    # report=True with a new Trainer per task: configure_callbacks must hand the same
+    # ContinualMetrics to every fit, so the tasks count up and the matrix grows (issue 8 A2).
+    from lightning_forget.callbacks import ContinualMetrics
+
+    stream = BlobStream(num_tasks=3)
+    model = ContinualClassifier(num_classes=6, input_shape=(8,), num_tasks=3, hidden_sizes=[8], report=True)
+    trainers = _fit_tasks_with_new_trainers(tmp_path, model, stream)
+    found = [[cb for cb in trainer.callbacks if isinstance(cb, ContinualMetrics)] for trainer in trainers]
+    assert all(len(cbs) == 1 for cbs in found)
+    assert found[0][0] is found[1][0] is found[2][0]
+    metrics = found[2][0]
+    assert metrics.task == 2
+    assert torch.isfinite(metrics.matrix.tril()).all()
+    torch.testing.assert_close(metrics.matrix.float(), model.val_matrix.compute(), equal_nan=True)
+    import json
+
+    payload = json.loads(next((tmp_path / "fit2").rglob("metrics.json")).read_text())
+    assert payload["summary"]["tasks_trained"] == 3
+
+
+def test_sanity_check_does_not_overwrite_the_previous_row(tmp_path: Path) -> None:
+    # Lightning's default num_sanity_val_steps=2 with one fit per task: the 2 sanity batches
+    # ran before the task counter advanced and replaced the previous task's row (issue 8 A4).
+    stream = BlobStream(num_tasks=3)
+    model = ContinualClassifier(num_classes=6, input_shape=(8,), num_tasks=3, hidden_sizes=[8], report=False)
+    from lightning_forget.callbacks import ContinualMetrics
+
+    metrics = ContinualMetrics(report=False)
+    for task in range(3):
+        trainer = quiet_trainer(tmp_path / f"fit{task}", [metrics], max_epochs=1)
+        assert trainer.num_sanity_val_steps == 2
+        val = [DataLoader(stream.val_dataset(t), batch_size=4) for t in range(task + 1)]
+        trainer.fit(model, DataLoader(stream.train_dataset(task), batch_size=8), val)
+    # 24 validation samples per task, all counted in every measured cell
+    assert model.val_matrix.total.tolist() == [[24, 0, 0], [24, 24, 0], [24, 24, 24]]
+    torch.testing.assert_close(metrics.matrix.float(), model.val_matrix.compute(), equal_nan=True)
