@@ -157,6 +157,9 @@ class ContinualCallback(Callback):
         self.task: int = 0
         self._started: int = -1
         self._ended: int = -1
+        #: True while `on_task_end` runs from `on_train_end` (a run stopped inside a task), where
+        #: Lightning refuses `self.log`.
+        self._stopped_inside_task = False
 
     # ------------------------------------------------------------------ task events
     def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
@@ -259,7 +262,11 @@ class ContinualCallback(Callback):
                 "`max_epochs`, make them match the stream (see the datamodule's `max_epochs`).",
                 category=UserWarning,
             )
-            self._fire_end(trainer, pl_module, self._started)
+            self._stopped_inside_task = True
+            try:
+                self._fire_end(trainer, pl_module, self._started)
+            finally:
+                self._stopped_inside_task = False
 
     # ------------------------------------------------------------------ state
     # One rule for every subclass (DESIGN.md §5):

@@ -217,7 +217,7 @@ class ContinualMetrics(ContinualCallback):
         self._matrix[task] = float("nan")
         for column, value in accuracies.items():
             self._matrix[task, column] = value
-        self._log_summary(trainer, pl_module, continual_datamodule=datamodule is not None)
+        self._log_summary(trainer, pl_module, can_self_log=datamodule is not None and not self._stopped_inside_task)
         stream_over = datamodule is None or task >= int(datamodule.num_tasks) - 1
         if stream_over:
             self._write(trainer)
@@ -232,19 +232,19 @@ class ContinualMetrics(ContinualCallback):
 
     # ------------------------------------------------------------------ outputs
     def _log_summary(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", continual_datamodule: bool
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", can_self_log: bool
     ) -> None:
         summary = self.summary
         values = {name: summary[field] for name, field in LOGGED_KEYS.items() if summary[field] is not None}
         if not values:
             return
-        if continual_datamodule:
+        if can_self_log:
             # Called from on_train_epoch_end, where self.log is allowed. The values are equal on all
             # ranks, so the sync (a mean of equal numbers) changes nothing and keeps Lightning quiet.
             for name, value in values.items():
                 pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=True)
             return
-        # One fit per task: called from on_train_end, where self.log is refused.
+        # Called from on_train_end (one fit per task, or a run stopped inside a task): self.log is refused.
         for name, value in values.items():
             trainer.callback_metrics[name] = torch.tensor(float(value))
         if trainer.is_global_zero:
