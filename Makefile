@@ -1,29 +1,46 @@
-# The README's two commands: `make demo` and `make test`.
+# The README's two commands: `make demo` and `make test` (plus `make docs` for the API reference).
+#
+# `make demo` installs only what the demo needs (torch and the base dependencies of
+# pyproject.toml); `make test` adds the `dev` extra (pytest, transformers, peft, diffusers, the
+# docs tools). pip prints what it collects and installs, so the first run is not silent.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.installed
+BASE_STAMP := $(VENV)/.installed-base
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test install clean
+.PHONY: demo test docs install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch is pinned first so pip takes the CPU wheel instead of a multi-GB CUDA build.
-$(STAMP): $(PY) pyproject.toml
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
-	touch $(STAMP)
+# torch is pinned first so pip takes the CPU wheel instead of a multi-GB CUDA build; everything
+# installed after it sees torch as satisfied and leaves it alone.
+$(BASE_STAMP): $(PY) pyproject.toml
+	@echo "==> installing torch==2.13.0 (CPU wheel), then lightning_forget's base dependencies"
+	$(PIP) install --progress-bar on torch==2.13.0
+	$(PIP) install --progress-bar on -e .
+	touch $(BASE_STAMP)
 
-install: $(STAMP)
+$(DEV_STAMP): $(BASE_STAMP) pyproject.toml
+	@echo "==> installing the dev extra (pytest, transformers, peft, diffusers, docs tools)"
+	$(PIP) install --progress-bar on -e ".[dev]"
+	touch $(DEV_STAMP)
 
-demo: $(STAMP)
+install: $(BASE_STAMP)
+
+install-dev: $(DEV_STAMP)
+
+demo: $(BASE_STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest -m "not slow" tests
 
+docs: $(DEV_STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) lightning_logs .pytest_cache
+	rm -rf $(VENV) lightning_logs .pytest_cache site
