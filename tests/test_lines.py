@@ -70,7 +70,7 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
     ("kwargs", "error", "match"),
     [
         ({"alpha": float("nan")}, ValueError, "alpha"),
-        ({"beta": "x"}, ValueError, "beta"),
+        ({"beta": "x"}, TypeError, "beta"),  # a wrong type is a TypeError (validation.py's rule)
         ({"head_policy": "drop"}, ValueError, "head_policy"),
         ({"apply_at": "epoch_end"}, ValueError, "apply_at"),
         ({"mode": "best"}, ValueError, "mode"),

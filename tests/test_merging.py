@@ -43,7 +43,7 @@ def test_lines_scales_bad_arguments() -> None:
         lines_scales(0, 0.1, 0.9)
     with pytest.raises(ValueError, match="alpha"):
         lines_scales(3, float("nan"), 0.9)
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(TypeError, match="beta"):  # a wrong type is a TypeError (validation.py's rule)
         lines_scales(3, 0.1, "x")  # type: ignore[arg-type]
 
 
@@ -174,7 +174,8 @@ def test_depth_unknown_model_lists_names() -> None:
 def test_depth_explicit_pattern_and_map() -> None:
     names = ["stem.weight", "trunk.unit7.w", "trunk.unit8.w", "trunk.unit9.w"]
     depths, num = block_depths(names, layer_pattern=r"(?:^|\.)unit(\d+)\.")
-    assert num == 10 and depths["trunk.unit9.w"] == 9 and depths["stem.weight"] is None
+    # the distinct matched indices are the blocks (issue 9.9): units 7, 8, 9 are blocks 0, 1, 2
+    assert num == 3 and depths["trunk.unit9.w"] == 2 and depths["stem.weight"] is None
     depths, num = block_depths(names, depth_map={"trunk.unit7.w": 0, "trunk.unit8.w": 1, "trunk.unit9.w": 2})
     assert num == 3 and depths["trunk.unit8.w"] == 1 and depths["stem.weight"] is None
     with pytest.raises(ValueError, match="capture group"):
@@ -290,14 +291,14 @@ def test_ties_hand_computed_three_tasks() -> None:
     #   e0: {4} -> 4 (−2 disagrees);  e1: {5, 3} -> 4;  e2: {2} -> 2;
     #   e3: {−6, −2} -> −4;           e4: {4} -> 4 (−3 disagrees)
     # merged τ = [4, 4, 2, -4, 4];  θ = θ0 + 0.5·τ = [3, 3, 2, -1, 3]
-    out = ties_merge(base, finetuned, k=0.6, scaling=0.5)
+    out = ties_merge(base, finetuned, k=0.6, scaling=0.5, trim="ceil")
     assert torch.allclose(out["w"], torch.tensor([3.0, 3.0, 2.0, -1.0, 3.0]))
     # norm-ratio α = (1/T)·‖Στ‖₁/‖τ_ties‖₁ = ‖[3, 7, 2.5, -7.5, 1.2]‖₁ / (3·18) = 21.2 / 54
-    ties_tau = merging.ties_vector([{"w": torch.tensor(t)} for t in taus], k=0.6)
+    ties_tau = merging.ties_vector([{"w": torch.tensor(t)} for t in taus], k=0.6, trim="ceil")
     alpha = norm_ratio_alpha([{"w": torch.tensor(t)} for t in taus], ties_tau)
     assert alpha == pytest.approx(21.2 / 54)
     # with LiNeS on a one-block model (the name `w` is outside any block -> α; use depth_map)
-    lined = merge(base, finetuned, method="ties", k=0.6, lines_beta=0.5, depth_map={"w": 0})
+    lined = merge(base, finetuned, method="ties", k=0.6, lines_beta=0.5, depth_map={"w": 0}, trim="ceil")
     assert torch.allclose(lined["w"], torch.tensor([1.0] * 5) + (21.2 / 54 + 0.5) * torch.tensor([4.0, 4.0, 2.0, -4.0, 4.0]))
 
 

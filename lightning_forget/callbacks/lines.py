@@ -170,18 +170,14 @@ class LiNeS(ContinualCallback):
         save_unscaled: bool = True,
     ) -> None:
         super().__init__()
-        self.alpha = merging._check_real("alpha", alpha)
-        self.beta = None if beta is None else merging._check_real("beta", beta)
+        self.alpha = merging.check_alpha(alpha)
+        self.beta = None if beta is None else merging.check_beta(beta)
         if layer_pattern is not None:
-            merging._compile_layer_pattern(layer_pattern)
+            merging.check_layer_pattern(layer_pattern)
         if depth_map is not None and not isinstance(depth_map, Mapping):
             raise ValueError(f"`depth_map` must be a dict parameter name -> block index, got {type(depth_map).__name__}.")
-        if head_policy not in ("exclude", "alpha", "alpha_plus_beta", "one"):
-            raise ValueError(
-                f"`head_policy` must be 'exclude', 'alpha', 'alpha_plus_beta' or 'one', got {head_policy!r}."
-            )
-        if head_pattern is not None:
-            merging.head_names([], {}, head_pattern)
+        merging.check_head_policy(head_policy)
+        merging.check_head_pattern(head_pattern)
         if pretrained_ckpt is not None and not isinstance(pretrained_ckpt, (str, os.PathLike)):
             raise ValueError(f"`pretrained_ckpt` must be a file path, got {pretrained_ckpt!r}.")
         if apply_at not in ("fit_end", "task_end"):
@@ -198,7 +194,7 @@ class LiNeS(ContinualCallback):
         if alpha_grid is not None:
             if isinstance(alpha_grid, (str, bytes)) or not hasattr(alpha_grid, "__iter__") or len(list(alpha_grid)) == 0:
                 raise ValueError(f"`alpha_grid` must be a non-empty list of numbers, got {alpha_grid!r}.")
-            alpha_grid = [merging._check_real("alpha_grid[i]", a) for a in alpha_grid]
+            alpha_grid = [merging.check_alpha(a, f"alpha_grid[{i}]") for i, a in enumerate(alpha_grid)]
             if score_fn is None and monitor is None:
                 raise ValueError(
                     f"`alpha_grid`={alpha_grid} needs a score: pass `monitor` (a metric your "
