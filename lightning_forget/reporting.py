@@ -46,6 +46,30 @@ _SUMMARY_LABELS = {
 }
 
 
+def ensure_writable_dir(directory: Union[str, Path], owner: str, files: str, fix: str) -> None:
+    """Create ``directory`` and prove a file can be written there, or raise before any training.
+
+    Called from callbacks' ``setup()`` so that an unwritable output folder fails at once instead
+    of after the whole run. ``os.access`` is not enough (it says yes to root on read-only mounts
+    such as ``/proc``): the check creates the folder and writes and removes a probe file.
+
+    Raises:
+        RuntimeError: the folder cannot be created or written; the message names ``files``, the
+            folder, the cause and ``fix``.
+    """
+    path = Path(directory)
+    probe = path / ".lightning_forget_write_probe"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RuntimeError(
+            f"{owner} writes {files} into {str(path)!r}, which cannot be created or written "
+            f"({type(error).__name__}: {error.strerror or error}). Fix: {fix}."
+        ) from error
+
+
 def _none_if_nan(value: Any) -> Any:
     """JSON-ready copy: non-finite floats become ``None``, containers are walked."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -358,3 +358,30 @@ def test_row_survives_a_checkpoint_written_at_validation_end(tmp_path) -> None:
     _, resumed = run_stream(tmp_path / "resumed", make, resume_after_epoch=1, save_on_train_epoch_end=False)
     assert not torch.isnan(full.matrix).any()
     assert torch.equal(full.matrix, resumed.matrix)
+
+
+def test_an_unwritable_report_folder_fails_in_setup_before_training(tmp_path: Any) -> None:
+    # A file where the folder should be: creating the folder fails (os.access alone would not
+    # notice read-only mounts when running as root).
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    from lightning_forget.callbacks import ContinualMetrics
+    from tests.helpers.data import BlobStream
+    from tests.helpers.harness import quiet_trainer, tiny_classifier
+
+    dm = BlobStream(num_tasks=2)
+    model = tiny_classifier(dm)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = quiet_trainer(tmp_path, [ContinualMetrics(log_dir=str(blocker / "report"))], max_epochs=dm.max_epochs)
+    with pytest.raises(RuntimeError, match="log_dir"):
+        trainer.fit(model, dm)
+    assert trainer.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_ensure_writable_dir_creates_the_folder(tmp_path: Any) -> None:
+    from lightning_forget.reporting import ensure_writable_dir
+
+    target = tmp_path / "a" / "b"
+    ensure_writable_dir(target, "X", "files", "fix")
+    assert target.is_dir() and not any(target.iterdir())

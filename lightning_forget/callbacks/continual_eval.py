@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from lightning_forget import reporting
 from lightning_forget.metrics.stability import (
     EvalCurves,
     _check_scope,
@@ -362,18 +363,10 @@ class ContinualEvaluation(ContinualCallback):
 
     def _check_writable(self, directory: str) -> None:
         """Fail before training, not after it, when the CSV/PNG could not be written."""
-        probe = os.path.abspath(directory)
-        while not os.path.exists(probe):
-            parent = os.path.dirname(probe)
-            if parent == probe:
-                break
-            probe = parent
-        if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-            raise RuntimeError(
-                f"ContinualEvaluation writes continual_eval.csv and stability_gap.png into {directory!r}, which "
-                f"cannot be created or written ({probe!r} is {'not a directory' if not os.path.isdir(probe) else 'read-only'}). "
-                "Fix: pass a writable `log_dir`, or `save_csv=False, save_plot=False`."
-            )
+        reporting.ensure_writable_dir(
+            directory, "ContinualEvaluation", "continual_eval.csv and stability_gap.png",
+            "pass a writable `log_dir`, or `save_csv=False, save_plot=False`",
+        )
 
     # ------------------------------------------------------------------ evaluation
     def _step(self, trainer: "pl.Trainer") -> int:

@@ -251,16 +251,32 @@ class ContinualMetrics(ContinualCallback):
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
 
+    def _directory(self, trainer: "pl.Trainer") -> str:
+        """Where the report files go (read on every rank: ``trainer.log_dir`` broadcasts)."""
+        directory = self.log_dir or trainer.log_dir or trainer.default_root_dir
+        if self.log_dir is None and not trainer.loggers:
+            # Without a logger, Lightning's log dir is the working directory: use a subfolder.
+            directory = os.path.join(trainer.default_root_dir, "continual_report")
+        return directory
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.report:
+            # Fail now, not after the whole run, when the report could not be written.
+            directory = self._directory(trainer)
+            if trainer.is_global_zero:
+                reporting.ensure_writable_dir(
+                    directory, "ContinualMetrics", "metrics.json, accuracy_matrix.csv and accuracy_matrix.png",
+                    "pass a writable `log_dir`, or `report=False`",
+                )
+
     def _write(self, trainer: "pl.Trainer") -> None:
         last = int(torch.isfinite(self._matrix).any(dim=1).nonzero().max())
         self._reported = last
         if not self.report:
             return
-        # trainer.log_dir broadcasts: it must be read on every rank, before the rank-0 guard.
-        directory = self.log_dir or trainer.log_dir or trainer.default_root_dir
-        if self.log_dir is None and not trainer.loggers:
-            # Without a logger, Lightning's log dir is the working directory: use a subfolder.
-            directory = os.path.join(trainer.default_root_dir, "continual_report")
+        directory = self._directory(trainer)
         if not trainer.is_global_zero:
             return
         summary = self.summary
