@@ -71,3 +71,49 @@ def test_sanity_check_does_not_overwrite_the_previous_row(tmp_path: Path) -> Non
     # 24 validation samples per task, all counted in every measured cell
     assert model.val_matrix.total.tolist() == [[24, 0, 0], [24, 24, 0], [24, 24, 24]]
     torch.testing.assert_close(metrics.matrix.float(), model.val_matrix.compute(), equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        ({"input_shape": []}, ValueError, "input_shape"),
+        ({"input_shape": (-1, 28)}, ValueError, "input_shape"),
+        ({"input_shape": "28"}, TypeError, "input_shape"),
+        ({"hidden_sizes": [0]}, ValueError, "hidden_sizes"),
+        ({"backbone": "resnet", "resnet_width": 0}, ValueError, "resnet_width"),
+        ({"optimizer": "adam"}, TypeError, "optimizer"),
+        ({"num_classes": 2.5}, TypeError, "num_classes"),
+        ({"num_tasks": 0}, ValueError, "num_tasks"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs, error, name) -> None:
+    from lightning_forget.modules import ContinualClassifier
+
+    with pytest.raises(error, match=name):
+        ContinualClassifier(**kwargs)
+
+
+@pytest.mark.parametrize("bad, name", [({"input_shape": (5,)}, "input_shape")])
+def test_data_that_contradict_the_arguments_fail_at_the_first_batch(tmp_path, bad, name) -> None:
+    from tests.helpers.data import BlobStream
+    from tests.helpers.harness import quiet_trainer
+    from lightning_forget.modules import ContinualClassifier
+
+    dm = BlobStream(num_tasks=2)
+    kwargs = {"num_classes": dm.num_classes, "input_shape": dm.input_shape, "num_tasks": dm.num_tasks,
+              "hidden_sizes": [8], "report": False}
+    kwargs.update(bad)
+    model = ContinualClassifier(**kwargs)
+    trainer = quiet_trainer(tmp_path, [], max_epochs=dm.max_epochs, num_sanity_val_steps=0)
+    with pytest.raises(ValueError, match=name):
+        trainer.fit(model, dm)
+    assert trainer.global_step == 0
+
+
+def test_a_label_outside_num_classes_fails_at_the_first_training_batch(tmp_path) -> None:
+    from lightning_forget.modules import ContinualClassifier
+
+    model = ContinualClassifier(num_classes=2, input_shape=(8,), hidden_sizes=[4], report=False)
+    x, y = torch.randn(8, 8), torch.tensor([0, 1, 2, 0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match="num_classes"):
+        model._check_first_batch(x, y)

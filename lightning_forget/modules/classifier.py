@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_forget.metrics.accuracy_matrix import AccuracyMatrix
 from lightning_forget.nn.backbones import build_backbone
 from lightning_forget.tasks import current_task
+from lightning_forget.validation import check_int, check_int_sequence, message
 
 __all__ = ["ContinualClassifier", "default_optimizer", "split_xy"]
 
@@ -82,10 +83,24 @@ class ContinualClassifier(pl.LightningModule):
         report: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an int >= 2, got {num_classes!r}.")
-        if not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
+        check_int("num_classes", num_classes, min=2, fix="pass the number of classes of the whole stream")
+        check_int("num_tasks", num_tasks, min=1)
+        input_shape = check_int_sequence(
+            "input_shape", input_shape, min=1, fix="pass the shape of one sample without the batch dimension, e.g. [1, 28, 28]"
+        )
+        if isinstance(backbone, str) and backbone == "mlp":
+            check_int_sequence("hidden_sizes", hidden_sizes, min=1, allow_empty=True,
+                               fix="pass positive layer widths, e.g. [256, 256] ([] for a linear model)")
+        if isinstance(backbone, str) and backbone != "mlp":
+            check_int("resnet_width", resnet_width, min=1, fix="pass the width of the first stage, e.g. 20")
+        if isinstance(optimizer, str):
+            raise TypeError(
+                message(
+                    "optimizer", "a callable that builds an optimizer from the parameters", optimizer,
+                    "pass e.g. `functools.partial(torch.optim.Adam, lr=1e-3)` in Python, or in YAML "
+                    "`optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.001}}`",
+                )
+            )
         if classes_per_task is not None and len(classes_per_task) != num_tasks:
             raise ValueError(
                 f"`classes_per_task` lists {len(classes_per_task)} tasks but `num_tasks={num_tasks}`; "
@@ -96,6 +111,8 @@ class ContinualClassifier(pl.LightningModule):
         ignored = ["optimizer", "lr_scheduler"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
         self.save_hyperparameters(ignore=ignored)
         self.input_shape = tuple(int(d) for d in input_shape)
+        # The input shape is only known to matter for the backbones built here.
+        self._builtin_backbone = isinstance(backbone, str)
         if isinstance(backbone, str):
             kwargs: dict[str, Any] = {"hidden_sizes": hidden_sizes} if backbone == "mlp" else {"width": resnet_width}
             backbone = build_backbone(backbone, self.input_shape, **kwargs)
@@ -109,6 +126,7 @@ class ContinualClassifier(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.report = report
         self._report_callback: Optional[pl.Callback] = None
+        self._checked_first_batch = False
         self.val_matrix = AccuracyMatrix(num_tasks)
         self.test_matrix = AccuracyMatrix(num_tasks)
 
@@ -136,8 +154,34 @@ class ContinualClassifier(pl.LightningModule):
         """``(inputs, targets)`` of a batch; override for other batch layouts."""
         return split_xy(batch)
 
+    def on_train_epoch_start(self) -> None:
+        # Each epoch (a new task's data, in a continual run) gets its first batch checked.
+        self._checked_first_batch = False
+
+    def _check_first_batch(self, x: Tensor, y: Tensor) -> None:
+        """A clear error, naming the argument, when the data contradict ``input_shape``/``num_classes``.
+
+        Checked on the first batch of every epoch (one host sync per epoch, not per step).
+        """
+        if self._checked_first_batch:
+            return
+        self._checked_first_batch = True
+        if self._builtin_backbone and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"`input_shape` is {list(self.input_shape)}, but the data's samples have shape "
+                f"{list(x.shape[1:])}. Fix: pass input_shape={list(x.shape[1:])} (the CLI links it from the datamodule)."
+            )
+        if y.numel() and not y.dtype.is_floating_point:
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"`num_classes` is {self.num_classes}, but the data has label {high if high >= self.num_classes else low}. "
+                    f"Fix: pass num_classes={max(high + 1, self.num_classes)} (labels must lie in [0, num_classes))."
+                )
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = self.split_batch(batch)
+        self._check_first_batch(x, y)
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
         return loss
