@@ -84,7 +84,7 @@ def test_batch_transform_runs_before_the_step() -> None:
 
 def test_missing_loss_gets_a_clear_error() -> None:
     module = Linear()
-    module.training_step = lambda batch, batch_idx: None  # type: ignore[method-assign]
+    module.training_step = lambda batch, batch_idx: {"logits": torch.zeros(2)}  # type: ignore[method-assign]
     hooks = training_step_hooks(module)
     hooks.add_loss_term("t", lambda m, b, i, o: torch.zeros(()))
     with pytest.raises(TypeError, match="return the loss tensor"):
