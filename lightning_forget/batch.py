@@ -15,7 +15,15 @@ tensors** (every tensor whose first dimension is the batch size, keyed by dict k
 field, or position as a string ``"0"``, ``"1"``, ...) and the rest (scalars, tensors of another
 length, non-tensor values), which :meth:`SplitBatch.rebuild` puts back unchanged. Per-sample
 values that are not tensors (a list of file names) cannot be stored or joined with replayed
-samples; callbacks that need to add rows refuse them with a clear error.
+samples; callbacks that need to add rows refuse them with a clear error
+(:meth:`SplitBatch.require_tensors`).
+
+**Two-stream batches.** Lightning's ``CombinedLoader`` (a dict of loaders passed as
+``train_dataloaders``, e.g. ``{"forget": ..., "retain": ...}`` or ``{"stream": ..., "replay": ...}``)
+yields a dict of batches. ``stream`` names the sub-batch to read (``stream="retain"``; an ``int``
+for a list of loaders); :meth:`SplitBatch.rebuild` puts the edited sub-batch back beside the
+untouched others. A two-stream batch read without ``stream`` raises an error listing the streams.
+:func:`stream_names` lists them.
 
 No Lightning in this module.
 """
@@ -30,7 +38,15 @@ from torch import Tensor
 
 from lightning_forget.validation import message
 
-__all__ = ["BatchFields", "MissingFieldError", "SplitBatch", "INPUT_KEYS", "TARGET_KEYS", "logits_of"]
+__all__ = [
+    "BatchFields",
+    "MissingFieldError",
+    "SplitBatch",
+    "INPUT_KEYS",
+    "TARGET_KEYS",
+    "logits_of",
+    "stream_names",
+]
 
 FieldKey = Union[str, int, None]
 
@@ -60,8 +76,31 @@ def _items(batch: Any) -> list[tuple[str, Any]]:
     if isinstance(batch, (tuple, list)):
         return [(str(i), v) for i, v in enumerate(batch)]
     raise TypeError(
-        f"Batches must be a tuple, list, namedtuple or dict of tensors, got {type(batch).__name__}."
+        f"Batches must be a tuple, list, namedtuple or dict of tensors, got {type(batch).__name__}. "
+        "Fix: make the loader yield `(x, y, ...)` or a dict of per-sample tensors."
     )
+
+
+def _is_sub_batch(value: Any) -> bool:
+    return isinstance(value, (Mapping, tuple, list)) and not isinstance(value, Tensor)
+
+
+def stream_names(batch: Any) -> list[str]:
+    """The stream names of a two-stream batch (a dict of batches from ``CombinedLoader``), else ``[]``.
+
+    A dict counts as a batch of streams when none of its values is a tensor and at least one is a
+    tuple, list or dict (a sub-batch).
+    """
+    if not isinstance(batch, Mapping) or not batch:
+        return []
+    values = list(batch.values())
+    if any(isinstance(v, Tensor) for v in values) or not any(_is_sub_batch(v) for v in values):
+        return []
+    # a dict whose sub-batches are lists of per-sample strings is still one batch
+    if not any(isinstance(v, Mapping) or (isinstance(v, (tuple, list)) and any(isinstance(i, Tensor) for i in v))
+               for v in values):
+        return []
+    return [str(k) for k in batch]
 
 
 @dataclass
@@ -83,6 +122,8 @@ class SplitBatch:
     size: int
     other_per_sample: list[str] = field(default_factory=list)
     _like: Any = None
+    stream: Union[str, int, None] = None
+    _outer: Any = None
 
     @property
     def input(self) -> Tensor:
@@ -92,11 +133,38 @@ class SplitBatch:
     def target(self) -> Optional[Tensor]:
         return None if self.target_name is None else self.fields[self.target_name]
 
+    def require_tensors(self, owner: str, action: str = "join replayed samples to the batch") -> None:
+        """Refuse a batch with per-sample values that are not tensors (they would be misaligned).
+
+        Raises:
+            TypeError: :attr:`other_per_sample` is not empty.
+        """
+        if self.other_per_sample:
+            raise TypeError(
+                f"{owner}: the batch's per-sample field(s) {self.other_per_sample} are lists, not tensors, "
+                f"so {owner} cannot {action} without misaligning them with the tensor fields. Fix: "
+                "return them as tensors from the loader's collate_fn, or drop them from the training batch."
+            )
+
     def rebuild(self, fields: Mapping[str, Tensor]) -> Any:
         """A batch of the original layout (same type, same non-per-sample values) holding ``fields``.
 
-        ``fields`` must have every name of :attr:`fields`; rows may have been added (replay).
+        ``fields`` must have every name of :attr:`fields`; rows may have been added (replay). For
+        a two-stream batch, the other streams are returned unchanged.
         """
+        inner = self._rebuild_inner(fields)
+        if self.stream is None:
+            return inner
+        outer = self._outer
+        if isinstance(outer, Mapping):
+            out = dict(outer)
+            out[self.stream] = inner
+            return type(outer)(out) if type(outer) is not dict else out
+        values = list(outer)
+        values[int(self.stream)] = inner  # type: ignore[arg-type]
+        return type(outer)(values)
+
+    def _rebuild_inner(self, fields: Mapping[str, Tensor]) -> Any:
         missing = set(self.fields) - set(fields)
         if missing:
             raise KeyError(f"Cannot rebuild the batch: fields {sorted(missing)} are missing.")
@@ -121,14 +189,22 @@ class BatchFields:
             model input; ``None`` finds it (position 0, or the first of :data:`INPUT_KEYS`).
         target_key: the same for the target (labels); ``None`` finds it (position 1, or the
             first of :data:`TARGET_KEYS`).
+        stream: for two-stream batches (a dict of batches from ``CombinedLoader``), the name
+            (``str``) or position (``int``) of the sub-batch to read; ``None`` for one-stream batches.
         owner: the name of the class using it, for error messages.
 
     Raises:
         TypeError: a key that is neither ``str``, ``int`` nor ``None``.
     """
 
-    def __init__(self, input_key: FieldKey = None, target_key: FieldKey = None, owner: str = "callback") -> None:
-        for name, value in (("input_key", input_key), ("target_key", target_key)):
+    def __init__(
+        self,
+        input_key: FieldKey = None,
+        target_key: FieldKey = None,
+        owner: str = "callback",
+        stream: FieldKey = None,
+    ) -> None:
+        for name, value in (("input_key", input_key), ("target_key", target_key), ("stream", stream)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
                 raise TypeError(
                     message(name, "a str (dict key or namedtuple field), an int (tuple position) or None", value,
@@ -136,10 +212,45 @@ class BatchFields:
                 )
         self.input_key = input_key
         self.target_key = target_key
+        self.stream = stream
         self.owner = owner
 
     def __repr__(self) -> str:
-        return f"BatchFields(input_key={self.input_key!r}, target_key={self.target_key!r})"
+        stream = f", stream={self.stream!r}" if self.stream is not None else ""
+        return f"BatchFields(input_key={self.input_key!r}, target_key={self.target_key!r}{stream})"
+
+    # ------------------------------------------------------------------ streams
+    def sub_batch(self, batch: Any) -> Any:
+        """The one-stream batch to read: ``batch[stream]``, or ``batch`` itself when ``stream=None``.
+
+        Raises:
+            KeyError: ``stream`` names no stream of ``batch``, or ``batch`` has several streams and
+                ``stream`` is ``None`` (the message lists them).
+        """
+        names = stream_names(batch) if isinstance(batch, Mapping) else []
+        if self.stream is None:
+            if names:
+                raise MissingFieldError(
+                    f"{self.owner}: the batch holds several streams {names} (a dict of batches, as "
+                    "Lightning's CombinedLoader yields); `stream`=None does not say which one to read. "
+                    f"Fix: pass `stream=` naming one of {names}."
+                )
+            return batch
+        if isinstance(batch, Mapping):
+            if self.stream in batch:
+                return batch[self.stream]
+            raise MissingFieldError(
+                f"{self.owner}: `stream`={self.stream!r} is not a stream of the batch; its keys are "
+                f"{[str(k) for k in batch]}. Fix: pass `stream=` naming one of them."
+            )
+        if isinstance(batch, (tuple, list)) and isinstance(self.stream, int) and -len(batch) <= self.stream < len(batch):
+            inner = batch[self.stream]
+            if _is_sub_batch(inner):
+                return inner
+        raise MissingFieldError(
+            f"{self.owner}: `stream`={self.stream!r} names a sub-batch, but the batch is a "
+            f"{type(batch).__name__} without one there. Fix: pass `stream=None` for one-stream batches."
+        )
 
     # ------------------------------------------------------------------ finding fields
     def _find(self, batch: Any, key: FieldKey, defaults: tuple[str, ...], position: int, arg: str,
@@ -187,13 +298,15 @@ class BatchFields:
         return self._find(batch, self.target_key, TARGET_KEYS, 1, "target_key", required=required)
 
     def input(self, batch: Any) -> Tensor:
-        """The model input of ``batch``."""
-        return dict(_items(batch))[self.input_name(batch)]
+        """The model input of ``batch`` (of its ``stream`` for a two-stream batch)."""
+        inner = self.sub_batch(batch)
+        return dict(_items(inner))[self.input_name(inner)]
 
     def target(self, batch: Any) -> Tensor:
-        """The target of ``batch``."""
-        name = self.target_name(batch)
-        return dict(_items(batch))[name]  # type: ignore[index]
+        """The target of ``batch`` (of its ``stream`` for a two-stream batch)."""
+        inner = self.sub_batch(batch)
+        name = self.target_name(inner)
+        return dict(_items(inner))[name]  # type: ignore[index]
 
     # ------------------------------------------------------------------ splitting
     def split(self, batch: Any, require_target: bool = True) -> SplitBatch:
@@ -203,6 +316,8 @@ class BatchFields:
             KeyError: the input or target cannot be found (the message names the argument).
             TypeError: the input or target is not a tensor with a batch dimension.
         """
+        outer = batch
+        batch = self.sub_batch(outer)
         input_name = self.input_name(batch)
         target_name = self.target_name(batch, required=require_target)
         items = dict(_items(batch))
@@ -225,7 +340,8 @@ class BatchFields:
                 fields[name] = value
             elif isinstance(value, (list, tuple)) and not isinstance(value, Tensor) and len(value) == size and size > 1:
                 others.append(name)
-        return SplitBatch(fields, input_name, target_name, size, others, _like=batch)
+        stream = None if batch is outer else self.stream
+        return SplitBatch(fields, input_name, target_name, size, others, _like=batch, stream=stream, _outer=outer)
 
     def check(self, batch: Any, require_target: bool = True) -> SplitBatch:
         """:meth:`split`, meant for the first batch of a fit (same errors)."""

@@ -2,36 +2,106 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
-__all__ = ["gather_batch", "rank_generator", "unshare_memory"]
+__all__ = ["gather_batch", "rank_generator", "sampler_padding_mask", "unshare_memory"]
+
+
+def _field_layout(fields: Mapping[str, Tensor]) -> list[tuple[str, tuple[int, ...], torch.dtype, int]]:
+    """``(name, sample shape, dtype, bytes per sample)`` of each field, in order."""
+    layout = []
+    for key, value in fields.items():
+        shape = tuple(value.shape[1:])
+        layout.append((key, shape, value.dtype, math.prod(shape) * value.element_size()))
+    return layout
+
+
+def _pack_rows(fields: Mapping[str, Tensor], n: int, device: torch.device) -> Tensor:
+    """Every field's rows as bytes, side by side: an ``(n, bytes per sample)`` uint8 tensor."""
+    parts = []
+    for value in fields.values():
+        value = value.detach().to(device).contiguous()
+        if value.dtype == torch.bool:
+            value = value.to(torch.uint8)
+        width = math.prod(value.shape[1:])
+        parts.append(value.reshape(n, width).view(torch.uint8) if width else value.new_zeros((n, 0), dtype=torch.uint8))
+    return torch.cat(parts, dim=1) if parts else torch.zeros((n, 0), dtype=torch.uint8, device=device)
+
+
+def _unpack_rows(rows: Tensor, layout: list[tuple[str, tuple[int, ...], torch.dtype, int]]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    offset = 0
+    n = rows.shape[0]
+    for key, shape, dtype, nbytes in layout:
+        chunk = rows[:, offset : offset + nbytes].contiguous()
+        offset += nbytes
+        if dtype == torch.bool:
+            value = chunk.reshape(n, *shape).bool()
+        elif nbytes:
+            value = chunk.view(dtype).reshape(n, *shape)
+        else:
+            value = torch.zeros((n, *shape), dtype=dtype, device=rows.device)
+        out[key] = value
+    return out
 
 
 def gather_batch(trainer: "pl.Trainer", fields: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Concatenate a per-rank batch of fields across ranks, in rank order.
 
-    Ranks may hold different numbers of samples (a last, smaller batch); rows are padded for
-    the collective and trimmed after. On one process the batch comes back unchanged.
+    Two collectives whatever the number of fields: one gathers the ranks' row counts, the other
+    the rows themselves, every field packed side by side as bytes (so fields of any dtype travel
+    together). Ranks may hold different numbers of rows (a last, smaller batch; padded rows
+    dropped): rows are padded for the collective and trimmed after. On one process the batch
+    comes back unchanged.
     """
     if trainer.world_size <= 1:
         return dict(fields)
     strategy = trainer.strategy
     first = next(iter(fields.values()))
-    size = torch.tensor([first.shape[0]], device=first.device)
-    sizes = strategy.all_gather(size).flatten().tolist()
+    n = int(first.shape[0])
+    device = first.device
+    sizes = strategy.all_gather(torch.tensor([n], device=device, dtype=torch.long)).flatten().tolist()
     longest = int(max(sizes))
-    gathered: dict[str, Tensor] = {}
-    for key, value in fields.items():
-        pad = longest - value.shape[0]
-        if pad:
-            value = torch.cat([value, value.new_zeros((pad, *value.shape[1:]))])
-        stacked = strategy.all_gather(value.contiguous())  # (world, longest, ...)
-        gathered[key] = torch.cat([stacked[r, : int(n)] for r, n in enumerate(sizes)])
-    return gathered
+    layout = _field_layout(fields)
+    rows = _pack_rows(fields, n, device)
+    if longest > n:
+        rows = torch.cat([rows, rows.new_zeros((longest - n, rows.shape[1]))])
+    stacked = strategy.all_gather(rows)  # (world, longest, bytes per sample)
+    joined = torch.cat([stacked[r, : int(k)] for r, k in enumerate(sizes)])
+    return _unpack_rows(joined, layout)
+
+
+def sampler_padding_mask(trainer: "pl.Trainer", batch_idx: int, num_rows: int) -> Optional[Tensor]:
+    """Which rows of this rank's training batch ``batch_idx`` are padding of a ``DistributedSampler``.
+
+    With ``drop_last=False`` (Lightning's default), ``DistributedSampler`` makes every rank draw
+    the same number of samples by repeating the first ``total_size - len(dataset)`` indices of the
+    epoch's order; rank ``r``'s ``i``-th sample of the epoch is position ``i * world + r`` of that
+    padded order, so it is a repeat exactly when that position is ``>= len(dataset)``. Returns a
+    boolean mask (``True`` = padded repeat), or ``None`` when the loader is not sampled that way
+    (one process, a custom batch sampler, several loaders) and nothing can be said.
+
+    The rule needs the batch's position in the epoch (``batch_idx * batch_size``), which holds for
+    the library's loaders and any loader Lightning resumes at its exact batch.
+    """
+    if trainer.world_size <= 1:
+        return None
+    loader = getattr(trainer, "train_dataloader", None)
+    sampler = getattr(loader, "sampler", None)
+    batch_size = getattr(loader, "batch_size", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last or not batch_size:
+        return None
+    dataset_len = len(sampler.dataset)  # type: ignore[arg-type]
+    if sampler.total_size <= dataset_len:
+        return None
+    local = batch_idx * int(batch_size) + torch.arange(num_rows)
+    return local * int(sampler.num_replicas) + int(sampler.rank) >= dataset_len
 
 
 def rank_generator(seed: int, *keys: int) -> torch.Generator:
@@ -51,7 +121,10 @@ def unshare_memory(obj: Any) -> None:
     parameters and buffers of ``nn.Module``s, but not the tensors of callbacks or metric states;
     those silently sum or overwrite each other across ranks. This walks ``obj``'s attributes
     (through dicts, lists and tuples, and into objects defined in ``lightning_forget``) and
-    replaces each shared tensor with a clone. Tensors that are not shared are left as they are.
+    replaces each shared tensor with a clone; an ``nn.Module`` it reaches (a teacher, a snapshot
+    held by a callback) gets private copies of its shared parameters (``param.data``, so the
+    ``Parameter`` objects and any optimizer holding them stay the same) and buffers. Tensors that
+    are not shared are left as they are.
 
     Args:
         obj: a callback, metric, buffer or container to fix in place.
@@ -77,8 +150,19 @@ def unshare_memory(obj: Any) -> None:
             value[:] = [fix(item) for item in value]
         elif isinstance(value, tuple) and not hasattr(value, "_fields"):
             return tuple(fix(item) for item in value)
-        elif not isinstance(value, (type, torch.nn.Module)) and type(value).__module__.startswith("lightning_forget"):
+        elif isinstance(value, torch.nn.Module):
+            fix_module(value)
+        elif not isinstance(value, type) and type(value).__module__.startswith("lightning_forget"):
             fix_attributes(value)
         return value
+
+    def fix_module(module: torch.nn.Module) -> None:
+        for param in module.parameters():
+            if param.device.type == "cpu" and param.data.is_shared():
+                param.data = param.data.clone()
+        for sub in module.modules():
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None and buffer.device.type == "cpu" and buffer.is_shared():
+                    sub._buffers[name] = buffer.clone()
 
     fix_attributes(obj)

@@ -12,14 +12,59 @@ into a shared ``loss`` attribute; they register with :func:`training_step_hooks`
   its value is added to the step's loss (``output`` is what ``training_step`` returned; ``batch``
   is the batch the user's step saw).
 
-Both run in registration order. The hooks wrap the module's ``training_step`` on the instance
-(the class is untouched) and are removed with :func:`remove_training_step_hooks` at teardown.
+How several callbacks compose
+-----------------------------
+- **Order.** Transforms run in registration order, which is the order of the callbacks'
+  ``setup`` calls, i.e. their order in ``Trainer(callbacks=[...])``; then the user's step; then
+  the loss terms, in registration order. Each transform receives the batch as the transforms
+  before it left it, so the user's step and every loss term see the batch after *all*
+  transforms.
+- **Rows.** A transform may only *append* rows to the batch (or leave it unchanged): the rows
+  the loader produced stay first and in order, so ``batch[:context.stream_size]`` is always the
+  loader's batch. A transform that adds rows records them in the step's :class:`StepContext`
+  (:meth:`StepContext.add_replay`).
+- **After the step.** Lightning hands the *loader's* batch (before any transform) to
+  ``on_train_batch_end``; callbacks that store samples there store the stream rows only, and
+  read per-row outputs of the step through ``[:context.stream_size]``.
+
+The per-step context
+--------------------
+:func:`step_context` returns the :class:`StepContext` of the current (or last) step: which rows of
+the batch the user's step saw are replayed, from which callback and stream, with their stored
+fields and task ids when the buffer keeps them. It is created at the start of each step and kept
+until the next one, so ``on_train_batch_end`` hooks of any callback can read it.
+
+What the wrapped step accepts
+-----------------------------
+A ``training_step(self, batch)`` without ``batch_idx`` is called without it (as Lightning does). A
+step that returns ``None`` (Lightning's "skip this batch") is returned as is: loss terms are not
+computed for it, and :attr:`StepContext.skipped` is set, so callbacks do not store its samples.
+
+Manual optimization (``automatic_optimization=False``): the user's step calls
+``manual_backward`` itself, so terms added to what it returns would change nothing. Such a step
+must add the terms itself, before its backward, with :func:`add_loss_terms`::
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = add_loss_terms(self, self.compute_loss(batch), batch, batch_idx)
+        opt.zero_grad(); self.manual_backward(loss); opt.step()
+
+A manual step that does not call it while terms are registered raises a ``RuntimeError`` at its
+first step (never silently trains without the terms).
+
+The hooks wrap the module's ``training_step`` on the instance (the class is untouched; an instance
+``training_step`` the user set before is kept and restored) and are removed with
+:func:`remove_training_step_hooks` at teardown. A ``copy.deepcopy`` or pickle of the module does
+not carry the hooks (nor the callbacks and buffers behind them): the copy gets the module's own
+``training_step``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -27,17 +72,103 @@ from torch import Tensor
 import lightning.pytorch as pl
 
 __all__ = [
+    "ReplaySegment",
+    "StepContext",
     "TrainingStepHooks",
-    "training_step_hooks",
-    "remove_training_step_hooks",
+    "add_loss_terms",
     "output_loss",
+    "remove_training_step_hooks",
     "replace_output_loss",
+    "step_context",
+    "training_step_hooks",
 ]
 
 BatchTransform = Callable[["pl.LightningModule", Any, int], Any]
 LossTerm = Callable[["pl.LightningModule", Any, int, Any], Optional[Tensor]]
 
-_ATTR = "_lightning_forget_step_hooks"
+
+@dataclass
+class ReplaySegment:
+    """Rows a transform appended to the batch: ``rows`` ``[start, stop)`` of its stream.
+
+    Attributes:
+        source: the name the transform was registered under (the callback's ``state_key``).
+        start: first row (in the stream's sub-batch as the user's step saw it).
+        stop: one past the last row.
+        fields: the stored fields of those rows, as drawn from the buffer (by buffer field name).
+        task_ids: the task each row was stored in, when the buffer keeps it, else ``None``.
+        stream: the stream of a two-stream batch the rows were joined to (``None``: one stream).
+    """
+
+    source: str
+    start: int
+    stop: int
+    fields: dict[str, Tensor] = field(default_factory=dict)
+    task_ids: Optional[Tensor] = None
+    stream: Union[str, int, None] = None
+
+    @property
+    def rows(self) -> Tensor:
+        return torch.arange(self.start, self.stop)
+
+
+@dataclass
+class StepContext:
+    """What the batch transforms did to this step's batch (see the module docstring).
+
+    Attributes:
+        batch_idx: the step's batch index.
+        stream_size: rows the loader produced, per stream (key ``None`` for a one-stream batch).
+        segments: replayed rows, one :class:`ReplaySegment` per transform that added rows.
+        skipped: the user's step returned ``None`` (Lightning skipped the batch).
+    """
+
+    batch_idx: int = 0
+    stream_size: dict[Union[str, int, None], int] = field(default_factory=dict)
+    segments: list[ReplaySegment] = field(default_factory=list)
+    skipped: bool = False
+
+    def loader_size(self, stream: Union[str, int, None] = None) -> Optional[int]:
+        """Rows the loader produced in ``stream`` (``None`` when no transform recorded it)."""
+        return self.stream_size.get(stream)
+
+    def add_replay(
+        self,
+        source: str,
+        stream_size: int,
+        added: int,
+        fields: Optional[dict[str, Tensor]] = None,
+        task_ids: Optional[Tensor] = None,
+        stream: Union[str, int, None] = None,
+    ) -> ReplaySegment:
+        """Record that ``source`` appended ``added`` rows to a sub-batch of ``stream_size`` rows.
+
+        ``stream_size`` is the size of the sub-batch the transform received; the first call for
+        a stream fixes the loader's size of that stream.
+        """
+        self.stream_size.setdefault(stream, stream_size - sum(
+            s.stop - s.start for s in self.segments if s.stream == stream))
+        segment = ReplaySegment(source, stream_size, stream_size + added, dict(fields or {}), task_ids, stream)
+        self.segments.append(segment)
+        return segment
+
+    def replay_rows(self, stream: Union[str, int, None] = None) -> Tensor:
+        """Indices of the replayed rows of ``stream`` in the batch the user's step saw."""
+        rows = [s.rows for s in self.segments if s.stream == stream]
+        return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
+    def is_replay(self, num_rows: int, stream: Union[str, int, None] = None) -> Tensor:
+        """A boolean mask over ``num_rows`` rows: ``True`` where the row is replayed."""
+        mask = torch.zeros(num_rows, dtype=torch.bool)
+        mask[self.replay_rows(stream)] = True
+        return mask
+
+    def replay_task_ids(self, stream: Union[str, int, None] = None) -> Optional[Tensor]:
+        """Task ids of the replayed rows (in row order), or ``None`` when a buffer keeps none."""
+        segments = [s for s in self.segments if s.stream == stream]
+        if not segments or any(s.task_ids is None for s in segments):
+            return None
+        return torch.cat([s.task_ids.cpu() for s in segments])  # type: ignore[union-attr]
 
 
 def output_loss(output: Any) -> Optional[Tensor]:
@@ -62,21 +193,41 @@ def replace_output_loss(output: Any, loss: Tensor) -> Any:
     )
 
 
+def _takes_batch_idx(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn(batch, batch_idx)`` is a valid call (Lightning's own rule for training_step)."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins, odd callables: assume the usual signature
+        return True
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.name == "batch_idx" for p in parameters)
+
+
 class TrainingStepHooks:
     """The registry of batch transforms and loss terms of one LightningModule.
 
     It replaces ``pl_module.training_step`` on the instance by itself (it is callable with the
-    same signature) and calls the original in between its transforms and terms.
+    same signature) and calls the original in between its transforms and terms. It is the only
+    thing it adds to the module's ``__dict__``; a deep copy or pickle of the module gets the
+    module's own ``training_step`` instead (see :meth:`__deepcopy__`).
     """
 
     def __init__(self, pl_module: "pl.LightningModule") -> None:
         self.module = pl_module
+        #: what ``training_step`` was in the instance ``__dict__`` before (``None``: the class's).
+        self.instance_step = pl_module.__dict__.get("training_step")
         self.original = pl_module.training_step
         # Lightning's `is_overridden` follows `__wrapped__` to the user's method.
         self.__wrapped__ = self.original
         self.transforms: "OrderedDict[str, BatchTransform]" = OrderedDict()
         self.terms: "OrderedDict[str, LossTerm]" = OrderedDict()
+        self.context = StepContext()
+        self._terms_applied = False
+        self._step_batch: Optional[tuple[Any, int]] = None
 
+    # ------------------------------------------------------------------ registration
     def add_batch_transform(self, name: str, fn: BatchTransform) -> None:
         """Register ``fn`` under ``name`` (replacing an earlier one of the same name)."""
         self.transforms[name] = fn
@@ -90,46 +241,143 @@ class TrainingStepHooks:
         self.transforms.pop(name, None)
         self.terms.pop(name, None)
 
+    @property
+    def is_empty(self) -> bool:
+        return not self.transforms and not self.terms
+
+    # ------------------------------------------------------------------ copies
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        # A copy of the module (a teacher, an EMA, a snapshot) is a model, not a second trainee:
+        # it gets the module's own training_step, not the callbacks (and their buffers).
+        import copy
+
+        if self.instance_step is not None:
+            return copy.deepcopy(self.instance_step, memo)
+        new_module = memo.get(id(self.module))
+        if new_module is None:  # the registry copied on its own: copy the original step
+            return copy.deepcopy(self.original, memo)
+        return type(self.module).training_step.__get__(new_module)
+
+    def __reduce__(self) -> Any:
+        # Pickling the module (ddp_spawn, torch.save of a whole module) leaves the hooks behind.
+        if self.instance_step is not None:
+            return (_identity, (self.instance_step,))
+        return (_class_step, (self.module,))
+
+    # ------------------------------------------------------------------ the step
+    def apply_terms(self, batch: Any, batch_idx: int, output: Any, loss: Tensor) -> Tensor:
+        """``loss`` plus every registered term (each gets ``output``, what the step returned)."""
+        self._terms_applied = True
+        for fn in self.terms.values():
+            term = fn(self.module, batch, batch_idx, output)
+            if term is not None:
+                loss = loss + term
+        return loss
+
     def __call__(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
+        self.context = StepContext(batch_idx=batch_idx)
         for fn in self.transforms.values():
             batch = fn(self.module, batch, batch_idx)
-        output = self.original(batch, batch_idx, *args, **kwargs)
+        self._step_batch = (batch, batch_idx)
+        self._terms_applied = False
+        if _takes_batch_idx(self.original):
+            output = self.original(batch, batch_idx, *args, **kwargs)
+        else:
+            output = self.original(batch, *args, **kwargs)
+        self._step_batch = None
+        if output is None:  # Lightning's "skip this batch"
+            self.context.skipped = True
+            return None
         if not self.terms:
+            return output
+        if not getattr(self.module, "automatic_optimization", True):
+            if not self._terms_applied:
+                raise RuntimeError(
+                    f"{type(self.module).__name__} uses manual optimization "
+                    "(`automatic_optimization=False`) and its training_step ran its own backward, so the "
+                    f"loss terms of {', '.join(self.terms)} would change nothing. Fix: add them before "
+                    "`manual_backward` with `loss = lightning_forget.losses.add_loss_terms(self, loss, "
+                    "batch, batch_idx)`, or use automatic optimization."
+                )
             return output
         loss = output_loss(output)
         if loss is None:
             raise TypeError(
                 f"{type(self.module).__name__}.training_step returned {type(output).__name__}, but a "
                 f"callback adds loss terms ({', '.join(self.terms)}) and needs the step's loss: "
-                "return the loss tensor or a dict with a 'loss' key. Manual optimization is not "
-                "supported by loss-term callbacks."
+                "return the loss tensor, a dict with a 'loss' key, or None to skip the batch."
             )
-        for fn in self.terms.values():
-            term = fn(self.module, batch, batch_idx, output)
-            if term is not None:
-                loss = loss + term
-        return replace_output_loss(output, loss)
+        return replace_output_loss(output, self.apply_terms(batch, batch_idx, output, loss))
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _class_step(module: "pl.LightningModule") -> Any:
+    return type(module).training_step.__get__(module)
+
+
+def _installed(pl_module: "pl.LightningModule") -> Optional[TrainingStepHooks]:
+    hooks = pl_module.__dict__.get("training_step")
+    return hooks if isinstance(hooks, TrainingStepHooks) else None
 
 
 def training_step_hooks(pl_module: "pl.LightningModule") -> TrainingStepHooks:
     """The hook registry of ``pl_module``, installed on first use."""
-    hooks = pl_module.__dict__.get(_ATTR)
+    hooks = _installed(pl_module)
     if hooks is None:
         hooks = TrainingStepHooks(pl_module)
-        pl_module.__dict__[_ATTR] = hooks
-        pl_module.training_step = hooks  # type: ignore[method-assign]
+        pl_module.__dict__["training_step"] = hooks
     return hooks
 
 
 def remove_training_step_hooks(pl_module: "pl.LightningModule", name: str) -> None:
-    """Remove ``name``; when nothing is left, give the module its own ``training_step`` back."""
-    hooks = pl_module.__dict__.get(_ATTR)
+    """Remove ``name``; when nothing is left, give the module its own ``training_step`` back
+    (the instance attribute the user had set before, or the class's method)."""
+    hooks = _installed(pl_module)
     if hooks is None:
         return
     hooks.remove(name)
-    if not hooks.transforms and not hooks.terms:
-        del pl_module.__dict__[_ATTR]
-        pl_module.__dict__.pop("training_step", None)
+    if hooks.is_empty:
+        if hooks.instance_step is not None:
+            pl_module.__dict__["training_step"] = hooks.instance_step
+        else:
+            del pl_module.__dict__["training_step"]
+
+
+def step_context(pl_module: "pl.LightningModule") -> StepContext:
+    """The :class:`StepContext` of the current (or last) training step of ``pl_module``.
+
+    An empty context (no replayed rows) when no callback registered hooks.
+    """
+    hooks = _installed(pl_module)
+    return hooks.context if hooks is not None else StepContext()
+
+
+def add_loss_terms(pl_module: "pl.LightningModule", loss: Tensor, batch: Any = None, batch_idx: Optional[int] = None) -> Tensor:
+    """``loss`` plus the registered loss terms: for ``training_step``s with manual optimization.
+
+    Call it before ``manual_backward``. ``batch``/``batch_idx`` default to the step's own (after
+    the batch transforms). Under automatic optimization the terms are added for you: do not call it.
+
+    Raises:
+        RuntimeError: called under automatic optimization, or outside a training step.
+    """
+    hooks = _installed(pl_module)
+    if hooks is None or not hooks.terms:
+        return loss
+    if getattr(pl_module, "automatic_optimization", True):
+        raise RuntimeError(
+            "add_loss_terms is for training steps with manual optimization; under automatic "
+            "optimization the loss terms are added to what training_step returns. Fix: remove the call."
+        )
+    step = getattr(hooks, "_step_batch", None)
+    if step is None:
+        raise RuntimeError("add_loss_terms must be called inside the module's training_step.")
+    batch = step[0] if batch is None else batch
+    batch_idx = step[1] if batch_idx is None else batch_idx
+    return hooks.apply_terms(batch, batch_idx, {"loss": loss}, loss)
 
 
 def cross_entropy_on(pl_module: "pl.LightningModule", x: Tensor, y: Tensor) -> Tensor:

@@ -74,3 +74,20 @@ def test_logits_of_every_output_kind() -> None:
         assert logits_of(output) is z
     with pytest.raises(TypeError, match="Cannot find logits"):
         logits_of({"scores": z})
+
+
+def test_two_stream_batches_are_read_by_stream_name() -> None:
+    from lightning_forget.batch import stream_names
+
+    batch = {"forget": (X, Y), "retain": {"image": X + 1, "label": Y}}
+    assert stream_names(batch) == ["forget", "retain"]
+    with pytest.raises(MissingFieldError, match=r"several streams \['forget', 'retain'\].*`stream=`"):
+        BatchFields().split(batch)
+    with pytest.raises(MissingFieldError, match="`stream`='other'"):
+        BatchFields(stream="other").split(batch)
+    split = BatchFields(stream="retain").split(batch)
+    assert torch.equal(split.input, X + 1) and split.stream == "retain"
+    rebuilt = split.rebuild(_grown(split))
+    assert rebuilt["retain"]["image"].shape[0] == 8 and rebuilt["forget"] is batch["forget"]
+    assert torch.equal(BatchFields(stream="forget").target(batch), Y)
+    assert stream_names({"x": X, "y": Y}) == [] and stream_names({"x": X, "meta": ["a"] * 4}) == []

@@ -67,8 +67,9 @@ ROWS = [
         {"buffer_size": 16, "alpha": 0.3, "beta": 0.5},
         [
             ({"alpha": -1.0}, ValueError, "alpha"),
-            ({"beta": "x"}, ValueError, "beta"),
-            ({"buffer_size": 2.5}, ValueError, "buffer_size"),
+            ({"beta": "x"}, TypeError, "beta"),
+            ({"buffer_size": 2.5}, TypeError, "buffer_size"),
+            ({"alpha": float("nan")}, ValueError, "alpha"),
         ],
     ),
     Row(

@@ -84,7 +84,7 @@ def test_batch_transform_runs_before_the_step() -> None:
 
 def test_missing_loss_gets_a_clear_error() -> None:
     module = Linear()
-    module.training_step = lambda batch, batch_idx: None  # type: ignore[method-assign]
+    module.training_step = lambda batch, batch_idx: {"logits": torch.zeros(2)}  # type: ignore[method-assign]
     hooks = training_step_hooks(module)
     hooks.add_loss_term("t", lambda m, b, i, o: torch.zeros(()))
     with pytest.raises(TypeError, match="return the loss tensor"):
@@ -114,3 +114,58 @@ def test_forward_term_under_ddp_equals_single_process_full_batch(tmp_path: Any) 
     plain = Linear()
     quiet_trainer(tmp_path / "plain", [], max_epochs=5).fit(plain, DataLoader(_data(), batch_size=8))
     assert not torch.allclose(params_vector(plain), params_vector(ddp), atol=1e-4)
+
+
+def test_removing_hooks_restores_an_instance_training_step() -> None:
+    module = Linear()
+
+    def custom(batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.tensor(123.0)
+
+    module.training_step = custom  # type: ignore[method-assign]
+    training_step_hooks(module).add_loss_term("t", lambda *a: None)
+    remove_training_step_hooks(module, "t")
+    assert module.training_step is custom
+
+
+class SkipAndNoIdx(Linear):
+    def training_step(self, batch: Any) -> Any:  # type: ignore[override]
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2:
+            return None  # Lightning: skip this batch
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+
+def test_step_without_batch_idx_and_skipped_batches_work_with_terms(tmp_path: Any) -> None:
+    term = ForwardTerm()
+    module = SkipAndNoIdx()
+    quiet_trainer(tmp_path, [term], max_epochs=1).fit(module, DataLoader(_data(), batch_size=2))
+    assert module.calls == 4
+
+
+class Manual(Linear):
+    def __init__(self, use_helper: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.use_helper = use_helper
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_forget.losses import add_loss_terms
+
+        opt = self.optimizers()
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        if self.use_helper:
+            loss = add_loss_terms(self, loss, batch, batch_idx)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_needs_add_loss_terms_and_then_matches_automatic(tmp_path: Any) -> None:
+    with pytest.raises(RuntimeError, match="manual optimization.*add_loss_terms"):
+        quiet_trainer(tmp_path, [ForwardTerm()], max_epochs=1).fit(Manual(False), DataLoader(_data(), batch_size=4))
+    manual, automatic = Manual(True), Linear()
+    quiet_trainer(tmp_path, [ForwardTerm()], max_epochs=2).fit(manual, DataLoader(_data(), batch_size=4))
+    quiet_trainer(tmp_path, [ForwardTerm()], max_epochs=2).fit(automatic, DataLoader(_data(), batch_size=4))
+    assert torch.allclose(params_vector(manual), params_vector(automatic), atol=1e-6)

@@ -109,7 +109,7 @@ def test_derpp_needs_the_forward_call(tmp_path: Any) -> None:
 
 def test_replay_rejects_unknown_batch_layouts() -> None:
     er = ExperienceReplay(buffer_size=4)
-    with pytest.raises(TypeError, match="to_fields"):
+    with pytest.raises(TypeError, match="Batches must be a tuple, list, namedtuple or dict of tensors, got Tensor"):
         er.to_fields(torch.zeros(3))
     fields = er.to_fields({"x": torch.zeros(3, 2), "y": torch.zeros(3), "meta": "text"})
     assert set(fields) == {"x", "y"}

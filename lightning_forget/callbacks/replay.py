@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_forget.batch import BatchFields, SplitBatch, logits_of
 from lightning_forget.buffers import ReplayBuffer, make_buffer
-from lightning_forget.distributed import gather_batch, rank_generator
-from lightning_forget.losses import remove_training_step_hooks, training_step_hooks
+from lightning_forget.distributed import gather_batch, rank_generator, sampler_padding_mask
+from lightning_forget.losses import StepContext, remove_training_step_hooks, step_context, training_step_hooks
 from lightning_forget.tasks import ContinualCallback
+from lightning_forget.validation import check_choice, check_float, check_int
 
 try:  # Python 3.12+
     from typing import override
@@ -20,19 +23,20 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["ExperienceReplay", "DarkExperienceReplay"]
 
+FieldKey = Union[str, int, None]
 
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+#: Buffer names of the input and target of positional batches (tuples, lists, namedtuples).
+_POSITIONAL_INPUT, _POSITIONAL_TARGET = "x", "y"
 
 
 class _BufferCallback(ContinualCallback):
     """Shared machinery: a rank-consistent buffer fed with every stream batch.
 
-    Batches are ``(x, y)`` pairs or dicts of tensors with a common first dimension. Subclasses
-    may override :meth:`to_fields` / :meth:`from_fields` for other layouts.
+    Batches are read through :class:`~lightning_forget.batch.BatchFields` (``input_key``,
+    ``target_key``, ``stream``): any tuple, namedtuple or dict of per-sample tensors, or one
+    stream of a two-stream batch. Every per-sample tensor is stored. The buffer names them by
+    their dict key; for positional batches the input is stored as ``"x"``, the target as ``"y"``
+    and any other position under its index (``"2"``, ...) or namedtuple field name.
     """
 
     def __init__(
@@ -41,51 +45,71 @@ class _BufferCallback(ContinualCallback):
         replay_batch_size: Optional[int],
         buffer: Literal["reservoir", "class_balanced"],
         seed: int,
-        target_key: str,
+        input_key: FieldKey,
+        target_key: FieldKey,
+        stream: FieldKey,
     ) -> None:
         super().__init__()
-        _positive_int("buffer_size", buffer_size)
-        _positive_int("replay_batch_size", replay_batch_size, allow_none=True)
-        if buffer not in ("reservoir", "class_balanced"):
-            raise ValueError(f"`buffer` must be 'reservoir' or 'class_balanced', got {buffer!r}.")
-        if not isinstance(seed, int):
-            raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
-        self.buffer_size = buffer_size
-        self.replay_batch_size = replay_batch_size
-        self.buffer_kind = buffer
-        self.seed = seed
-        self.target_key = target_key
+        owner = type(self).__name__
+        self.buffer_size = check_int("buffer_size", buffer_size, min=1, fix="pass the number of samples to keep, e.g. 500")
+        self.replay_batch_size = check_int(
+            "replay_batch_size", replay_batch_size, min=1, allow_none=True,
+            fix="pass the number of replayed samples per step, or None for the stream batch size",
+        )
+        self.buffer_kind = check_choice("buffer", buffer, ("reservoir", "class_balanced"))
+        self.seed = check_int("seed", seed)
+        self.fields = BatchFields(input_key, target_key, owner=owner, stream=stream)
+        self.input_key, self.target_key, self.stream = input_key, target_key, stream
         self.buffer: ReplayBuffer = make_buffer(buffer, buffer_size, seed=seed)
-        if buffer == "class_balanced":
-            self.buffer.label_key = target_key  # type: ignore[attr-defined]
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(buffer_size=self.buffer_size, buffer=self.buffer_kind, seed=self.seed)
 
     # ------------------------------------------------------------------ batch layout
+    def split(self, batch: Any) -> SplitBatch:
+        """The batch taken apart (see :class:`~lightning_forget.batch.SplitBatch`), checked.
+
+        Raises:
+            KeyError: ``input_key``/``target_key``/``stream`` name no field of the batch.
+            TypeError: the input/target is not a per-sample tensor, or the batch holds per-sample
+                lists that replayed rows would misalign.
+        """
+        split = self.fields.split(batch)
+        split.require_tensors(type(self).__name__)
+        if hasattr(self.buffer, "label_key") and split.target_name is not None:
+            self.buffer.label_key = self._buffer_names(split)[split.target_name]  # type: ignore[attr-defined]
+        return split
+
+    def _buffer_names(self, split: SplitBatch) -> dict[str, str]:
+        """Batch field name -> buffer field name."""
+        if isinstance(split._like, Mapping):
+            return {name: name for name in split.fields}
+        names = {}
+        for name in split.fields:
+            if name == split.input_name:
+                names[name] = _POSITIONAL_INPUT
+            elif name == split.target_name:
+                names[name] = _POSITIONAL_TARGET
+            else:
+                names[name] = name
+        if len(set(names.values())) != len(names):
+            raise ValueError(
+                f"{type(self).__name__}: the batch's fields {sorted(split.fields)} clash with the buffer's names "
+                f"'x'/'y' for the input and target. Fix: rename the namedtuple field, or use a dict batch."
+            )
+        return names
+
     def to_fields(self, batch: Any) -> dict[str, Tensor]:
-        """The per-sample tensors of a stream batch, by field name."""
-        if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(b, Tensor) for b in batch):
-            return {"x": batch[0], self.target_key: batch[1]}
-        if isinstance(batch, dict):
-            fields = {k: v for k, v in batch.items() if isinstance(v, Tensor) and v.dim() > 0}
-            if self.target_key in fields:
-                n = fields[self.target_key].shape[0]
-                return {k: v for k, v in fields.items() if v.shape[0] == n}
-        raise TypeError(
-            f"{type(self).__name__} handles batches `(x, y)` or dicts of tensors with a "
-            f"{self.target_key!r} key, got {type(batch).__name__}. Override "
-            f"`{type(self).__name__}.to_fields` and `.from_fields` for other batch layouts."
-        )
+        """The per-sample tensors of a stream batch, by buffer field name."""
+        split = self.split(batch)
+        return {self._buffer_names(split)[name]: value for name, value in split.fields.items()}
 
     def from_fields(self, like: Any, fields: dict[str, Tensor]) -> Any:
-        """A batch of the same layout as ``like`` holding ``fields``."""
-        if isinstance(like, (tuple, list)):
-            return type(like)((fields["x"], fields[self.target_key]))
-        out = dict(like)
-        out.update(fields)
-        return out
+        """A batch of the same layout as ``like`` holding ``fields`` (by buffer field name)."""
+        split = self.split(like)
+        names = self._buffer_names(split)
+        return split.rebuild({name: fields[names[name]] for name in split.fields})
 
     # ------------------------------------------------------------------ drawing and storing
     def draw(self, trainer: "pl.Trainer", batch_idx: int, n: int, salt: int = 0) -> dict[str, Tensor]:
@@ -93,13 +117,32 @@ class _BufferCallback(ContinualCallback):
         gen = rank_generator(self.seed, trainer.global_step, batch_idx, trainer.global_rank, salt)
         return self.buffer.sample(n, generator=gen, return_indices=True)
 
-    def store(self, trainer: "pl.Trainer", fields: dict[str, Tensor]) -> None:
-        """Offer the stream samples of all ranks to the buffer (same on every rank)."""
+    def task_ids_of(self, drawn: dict[str, Tensor]) -> Optional[Tensor]:
+        """The task ids of drawn samples, when the buffer stores them (its ``task_key`` field)."""
+        key = getattr(self.buffer, "task_key", None)
+        return drawn[key] if key is not None and key in drawn else None
+
+    def store(self, trainer: "pl.Trainer", batch_idx: int, fields: dict[str, Tensor]) -> None:
+        """Offer the stream samples of all ranks to the buffer (the same on every rank).
+
+        Rows a ``DistributedSampler`` repeated to even out the ranks are dropped first, so every
+        sample of the dataset is offered once per epoch.
+        """
         fields = {k: v.detach() for k, v in fields.items()}
+        padded = sampler_padding_mask(trainer, batch_idx, int(next(iter(fields.values())).shape[0]))
+        if padded is not None and bool(padded.any()):
+            keep = ~padded
+            fields = {k: v[keep.to(v.device)] for k, v in fields.items()}
         self.buffer.add(gather_batch(trainer, fields))
 
-    def replay_size(self, stream_fields: dict[str, Tensor]) -> int:
-        return self.replay_batch_size or int(stream_fields[self.target_key].shape[0])
+    def replay_size(self, stream_rows: int) -> int:
+        return self.replay_batch_size or int(stream_rows)
+
+    @staticmethod
+    def _loader_rows(context: StepContext, split: SplitBatch) -> int:
+        """Rows of the loader's batch in the (possibly already joined) sub-batch ``split``."""
+        size = context.loader_size(split.stream)
+        return int(split.size if size is None else size)
 
     # ------------------------------------------------------------------ state
     @override
@@ -111,6 +154,26 @@ class _BufferCallback(ContinualCallback):
         self.buffer.load_state_dict(state["buffer"])
 
     @override
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        # Lightning restores a callback's state by its `state_key`, which includes the buffer
+        # settings: a resume with another `buffer_size` would find no state and silently start
+        # with an empty buffer. Refuse instead, naming what the checkpoint holds.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        claimed = {callback.state_key for callback in trainer.callbacks}
+        prefix = type(self).__qualname__ + "{"
+        orphans = [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
+        if orphans:
+            raise RuntimeError(
+                f"{type(self).__name__}: the checkpoint holds the state of {orphans}, but this callback is "
+                f"{self.state_key}; resuming would drop the stored buffer and start with an empty one. "
+                "Fix: build the callback with the checkpoint's buffer_size/buffer/seed"
+                + ("/alpha/beta" if isinstance(self, DarkExperienceReplay) else "")
+                + " to resume, or start a new run without `ckpt_path`."
+            )
+
+    @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         remove_training_step_hooks(pl_module, self.state_key)
 
@@ -119,28 +182,38 @@ class ExperienceReplay(_BufferCallback):
     """Experience Replay (ER): train on the stream batch joined with samples from a buffer.
 
     Chaudhry et al., "On Tiny Episodic Memories in Continual Learning" (arXiv 2019); the
-    reservoir variant used by Mammoth and the DER paper. Before each training step, a batch of
-    ``replay_batch_size`` samples drawn from the buffer is concatenated to the stream batch, so
-    the module's own ``training_step`` computes its loss over both (the mean cross-entropy over
-    the joint batch, as in Mammoth's ``er``). After the step, the stream samples of every rank
-    are offered to the buffer.
+    reservoir variant of Buzzega et al. (NeurIPS 2020). Before each training step, a batch of
+    ``replay_batch_size`` samples drawn from the buffer is appended to the stream batch, so the
+    module's own ``training_step`` computes its loss over both (the mean loss over the joint
+    batch). After the step, the stream samples of every rank are offered to the buffer.
 
-    Works with any LightningModule whose batches are ``(x, y)`` pairs or dicts of tensors
-    sharing a first dimension (all such fields are stored and replayed). Under DDP the buffer
-    receives the gathered stream samples of all ranks, so it is identical on every rank; each
-    rank draws its replay samples with a generator seeded from ``(seed, global_step,
-    batch_idx, rank)``.
+    Works with any LightningModule whose batches are tuples, namedtuples or dicts of per-sample
+    tensors (all such fields are stored and replayed; per-sample lists are refused with an error,
+    since replayed rows would misalign them), and with two-stream batches from ``CombinedLoader``
+    (``stream=`` names the sub-batch replay joins). Under DDP the buffer receives the gathered
+    stream samples of all ranks, less the repeats ``DistributedSampler`` pads the last batch with,
+    so it is identical on every rank; each rank draws its replay samples with a generator seeded
+    from ``(seed, global_step, batch_idx, rank)``.
+
+    The replayed rows are appended after the loader's rows and recorded in the step's context
+    (:func:`lightning_forget.losses.step_context`): other callbacks can read which rows are
+    replayed, their stored fields and (when the buffer keeps them) task ids.
 
     Args:
         buffer_size: samples kept in memory (over the whole stream; memory does not grow).
         replay_batch_size: replayed samples per step (default: the stream batch size).
         buffer: ``"reservoir"`` (uniform over everything seen) or ``"class_balanced"``.
         seed: seed of the buffer and of the replay draws.
-        target_key: name of the label field (dict batches; for ``(x, y)`` it names ``y``).
+        input_key: the model input's dict key or namedtuple field (``str``) or tuple position
+            (``int``); ``None`` finds it (see :class:`~lightning_forget.batch.BatchFields`).
+        target_key: the same for the labels.
+        stream: the sub-batch of a two-stream batch to replay into (``None``: one-stream batches).
 
     Raises:
+        TypeError: an argument of the wrong type; a batch layout it cannot read (first batch).
         ValueError: a non-positive size or an unknown buffer kind.
-        TypeError: a batch layout it cannot split (override ``to_fields``/``from_fields``).
+        KeyError: ``input_key``/``target_key``/``stream`` name no field of the batch (first batch).
+        RuntimeError: a resume from a checkpoint written with other buffer settings.
 
     Note:
         Logged keys: ``replay/buffer_size`` (samples held). Saved state: the buffer (stored
@@ -153,9 +226,11 @@ class ExperienceReplay(_BufferCallback):
         replay_batch_size: Optional[int] = None,
         buffer: Literal["reservoir", "class_balanced"] = "reservoir",
         seed: int = 0,
-        target_key: str = "y",
+        input_key: Optional[Union[str, int]] = None,
+        target_key: Optional[Union[str, int]] = None,
+        stream: Optional[Union[str, int]] = None,
     ) -> None:
-        super().__init__(buffer_size, replay_batch_size, buffer, seed, target_key)
+        super().__init__(buffer_size, replay_batch_size, buffer, seed, input_key, target_key, stream)
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -164,20 +239,59 @@ class ExperienceReplay(_BufferCallback):
             training_step_hooks(pl_module).add_batch_transform(self.state_key, self._join_replay)
 
     def _join_replay(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> Any:
+        split = self.split(batch)
         if self.buffer.is_empty:
             return batch
-        stream = self.to_fields(batch)
-        replay = self.draw(pl_module.trainer, batch_idx, self.replay_size(stream))
-        device = stream[self.target_key].device
-        joined = {k: torch.cat([v, replay[k].to(device, v.dtype)]) for k, v in stream.items()}
-        return self.from_fields(batch, joined)
+        context = step_context(pl_module)
+        names = self._buffer_names(split)
+        drawn = self.draw(pl_module.trainer, batch_idx, self.replay_size(self._loader_rows(context, split)))
+        missing = sorted(set(names.values()) - set(drawn))
+        if missing:
+            raise RuntimeError(
+                f"ExperienceReplay: the batch's fields {sorted(names.values())} are not all in the buffer "
+                f"(it holds {sorted(k for k in drawn if k != 'index')}); the batch layout changed during the run."
+            )
+        joined = {
+            name: torch.cat([value, drawn[names[name]].to(value.device, value.dtype)]) for name, value in split.fields.items()
+        }
+        stored = {k: v for k, v in drawn.items() if k != "index"}
+        context.add_replay(
+            self.state_key, split.size, int(drawn["index"].numel()), stored, self.task_ids_of(drawn), split.stream
+        )
+        return split.rebuild(joined)
 
     @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.store(trainer, self.to_fields(batch))
+        if step_context(pl_module).skipped:
+            return
+        self.store(trainer, batch_idx, self.to_fields(batch))
         pl_module.log("replay/buffer_size", float(len(self.buffer)), on_step=True, on_epoch=False)
+
+
+class _ForwardCapture:
+    """The forward hook of :class:`DarkExperienceReplay`; a copy of the module gets a no-op."""
+
+    def __init__(self, owner: "DarkExperienceReplay") -> None:
+        self.owner = owner
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.owner._capture(output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _no_capture
+
+    def __reduce__(self) -> Any:
+        return (_no_capture_factory, ())
+
+
+def _no_capture(module: nn.Module, args: Any, output: Any) -> None:
+    return None
+
+
+def _no_capture_factory() -> Any:
+    return _no_capture
 
 
 class DarkExperienceReplay(_BufferCallback):
@@ -189,14 +303,18 @@ class DarkExperienceReplay(_BufferCallback):
 
         CE(stream) + α · MSE(f(x₁), z₁) + β · CE(f(x₂), y₂),
 
-    where ``(x₁, z₁)`` and ``(x₂, y₂)`` are two independent draws from the buffer
-    (METHODS.md §1.3; Mammoth defaults α = 0.1, β = 0.5). The module's own ``training_step``
-    computes CE(stream); the two replay terms are added inside the same step through
-    :mod:`lightning_forget.losses`, so DDP reduces one gradient.
+    where ``(x₁, z₁)`` and ``(x₂, y₂)`` are two independent draws from the buffer (the paper's
+    defaults on Split MNIST: α = 0.1, β = 0.5). The module's own ``training_step`` computes
+    CE(stream); the two replay terms are added inside the same step through
+    :mod:`lightning_forget.losses`, so DDP reduces one gradient. Logits are stored in float32
+    whatever the training precision (bf16 logits would lose about two decimal digits).
 
-    The stream logits are captured from the module's forward call inside ``training_step``
-    (the first ``pl_module(x)`` of the step), so the module must call ``self(x)``; override
-    :meth:`stream_logits` otherwise.
+    The stream logits are captured from the module's first forward call inside
+    ``training_step`` (the module must call ``self(x)``; the forward may return a tensor, a dict
+    or an object with ``logits``, see :func:`~lightning_forget.batch.logits_of`); override
+    :meth:`stream_logits` otherwise. The replay forwards call ``pl_module(x)`` with the stored
+    input. Combined with :class:`ExperienceReplay` (in either order), the captured forward covers
+    the joined batch and its first rows, the loader's, are the ones stored.
 
     Args:
         buffer_size: samples kept (with their logits).
@@ -205,16 +323,24 @@ class DarkExperienceReplay(_BufferCallback):
         replay_batch_size: samples per buffer draw (default: the stream batch size).
         buffer: ``"reservoir"`` or ``"class_balanced"``.
         seed: seed of the buffer and of the draws.
-        target_key: name of the label field.
+        input_key: the model input's field (see :class:`ExperienceReplay`).
+        target_key: the labels' field.
+        stream: the sub-batch of a two-stream batch whose samples are stored.
 
     Raises:
-        ValueError: bad sizes or negative weights.
-        RuntimeError: the module's training step never called its forward.
+        TypeError: an argument of the wrong type.
+        ValueError: bad sizes, negative or non-finite weights.
+        RuntimeError: the module's training step never called its forward; a resume from a
+            checkpoint written with other settings; manual optimization without
+            :func:`~lightning_forget.losses.add_loss_terms` (first step).
 
     Note:
         Logged keys: ``derpp/mse``, ``derpp/ce`` (the unweighted replay terms),
-        ``replay/buffer_size``. Saved state: the buffer (inputs, labels, logits) and counters.
+        ``derpp/buffer_size``. Saved state: the buffer (inputs, labels, logits) and counters.
     """
+
+    #: Buffer field of the stored logits.
+    LOGITS = "logits"
 
     def __init__(
         self,
@@ -224,15 +350,15 @@ class DarkExperienceReplay(_BufferCallback):
         replay_batch_size: Optional[int] = None,
         buffer: Literal["reservoir", "class_balanced"] = "reservoir",
         seed: int = 0,
-        target_key: str = "y",
+        input_key: Optional[Union[str, int]] = None,
+        target_key: Optional[Union[str, int]] = None,
+        stream: Optional[Union[str, int]] = None,
     ) -> None:
-        super().__init__(buffer_size, replay_batch_size, buffer, seed, target_key)
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative float, got {value!r}.")
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+        super().__init__(buffer_size, replay_batch_size, buffer, seed, input_key, target_key, stream)
+        self.alpha = check_float("alpha", alpha, min=0.0, fix="pass a finite weight >= 0 for the logit MSE, e.g. 0.1")
+        self.beta = check_float("beta", beta, min=0.0, fix="pass a finite weight >= 0 for the buffer CE, e.g. 0.5")
         self._captured: Optional[Tensor] = None
+        self._capture_error: Optional[str] = None
         self._armed = False
         self._hook: Any = None
 
@@ -244,7 +370,7 @@ class DarkExperienceReplay(_BufferCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update({"_hook": None, "_captured": None, "_armed": False})
+        state.update({"_hook": None, "_captured": None, "_armed": False, "_capture_error": None})
         return state
 
     @override
@@ -255,7 +381,8 @@ class DarkExperienceReplay(_BufferCallback):
         hooks = training_step_hooks(pl_module)
         hooks.add_batch_transform(self.state_key, self._arm)
         hooks.add_loss_term(self.state_key, self._replay_loss)
-        self._hook = pl_module.register_forward_hook(self._capture)
+        if self._hook is None:
+            self._hook = pl_module.register_forward_hook(_ForwardCapture(self))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -264,38 +391,66 @@ class DarkExperienceReplay(_BufferCallback):
             self._hook.remove()
             self._hook = None
 
+    def to_fields(self, batch: Any) -> dict[str, Tensor]:
+        fields = super().to_fields(batch)
+        if self.LOGITS in fields:
+            raise ValueError(
+                f"DarkExperienceReplay stores the logits under {self.LOGITS!r}, but the batch already has a "
+                f"field of that name. Fix: rename the batch's {self.LOGITS!r} field."
+            )
+        return fields
+
     def _arm(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> Any:
+        self.split(batch)  # check the layout before the step
         self._captured = None
+        self._capture_error = None
         self._armed = True
         return batch
 
-    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _capture(self, output: Any) -> None:
         if self._armed:
             self._armed = False
-            self._captured = output.detach() if isinstance(output, Tensor) else None
+            try:
+                self._captured = logits_of(output).detach()
+            except TypeError as error:
+                self._captured, self._capture_error = None, str(error)
 
     def stream_logits(self, pl_module: "pl.LightningModule", batch: Any) -> Tensor:
-        """The logits of the stream batch from this step's forward (override if not captured)."""
+        """The logits of this step's first forward (override if the step does not call ``self(x)``).
+
+        Rows are those of the batch the user's step saw: the loader's rows first.
+        """
         if self._captured is None:
+            detail = f" ({self._capture_error})" if self._capture_error else ""
             raise RuntimeError(
                 f"DarkExperienceReplay needs the logits of the stream batch, but "
                 f"{type(pl_module).__name__}.training_step did not call the module's forward "
-                "(`self(x)`) returning a logits tensor. Call `self(x)` in training_step, or "
+                f"(`self(x)`) returning logits{detail}. Call `self(x)` in training_step, or "
                 "override `DarkExperienceReplay.stream_logits`."
             )
         return self._captured
+
+    def replay_logits(self, pl_module: "pl.LightningModule", drawn: dict[str, Tensor], input_name: str) -> Tensor:
+        """The module's logits for drawn buffer samples (override for forwards taking more than ``x``)."""
+        return logits_of(pl_module(drawn[input_name].to(pl_module.device)))
 
     def _replay_loss(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int, output: Any) -> Optional[Tensor]:
         self._armed = False
         if self.buffer.is_empty:
             return None
         trainer = pl_module.trainer
-        n = self.replay_size(self.to_fields(batch))
+        split = self.split(batch)
+        names = self._buffer_names(split)
+        input_name, target_name = names[split.input_name], names[split.target_name]  # type: ignore[index]
+        n = self.replay_size(self._loader_rows(step_context(pl_module), split))
         first = self.draw(trainer, batch_idx, n, salt=1)
         second = self.draw(trainer, batch_idx, n, salt=2)
-        device = pl_module.device
-        mse = nn.functional.mse_loss(pl_module(first["x"].to(device)), first["logits"].to(device))
-        ce = nn.functional.cross_entropy(pl_module(second["x"].to(device)), second[self.target_key].to(device))
+        out = self.replay_logits(pl_module, first, input_name)
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        mse = nn.functional.mse_loss(out.to(dtype), first[self.LOGITS].to(out.device, dtype))
+        ce = nn.functional.cross_entropy(
+            self.replay_logits(pl_module, second, input_name), second[target_name].to(pl_module.device)
+        )
         pl_module.log_dict({"derpp/mse": mse.detach(), "derpp/ce": ce.detach()}, on_step=True, on_epoch=False)
         return self.alpha * mse + self.beta * ce
 
@@ -303,8 +458,22 @@ class DarkExperienceReplay(_BufferCallback):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._armed = False
+        if step_context(pl_module).skipped:
+            self._captured = None
+            return
         fields = self.to_fields(batch)
-        fields["logits"] = self.stream_logits(pl_module, batch)
-        self.store(trainer, fields)
+        n = int(next(iter(fields.values())).shape[0])
+        logits = self.stream_logits(pl_module, batch)
+        if logits.shape[0] < n:
+            raise RuntimeError(
+                f"DarkExperienceReplay: the captured forward returned {logits.shape[0]} rows of logits for a "
+                f"batch of {n} samples; the first forward in training_step must cover the whole batch. "
+                "Fix: call `self(x)` on the full batch first, or override `stream_logits`."
+            )
+        logits = logits[:n]
+        # fp32 at least, whatever the training precision (bf16-mixed forwards return bf16 logits)
+        fields[self.LOGITS] = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        self.store(trainer, batch_idx, fields)
         self._captured = None
-        pl_module.log("replay/buffer_size", float(len(self.buffer)), on_step=True, on_epoch=False)
+        pl_module.log("derpp/buffer_size", float(len(self.buffer)), on_step=True, on_epoch=False)
