@@ -32,7 +32,16 @@ from lightning_forget.metrics.functional import (
     learning_accuracy,
 )
 
-__all__ = ["summarize", "render_accuracy_table", "print_report", "write_report", "REPORT_FILES"]
+__all__ = [
+    "summarize",
+    "render_accuracy_table",
+    "print_report",
+    "write_report",
+    "results_dir",
+    "announce_results",
+    "ensure_writable_dir",
+    "REPORT_FILES",
+]
 
 #: File names :func:`write_report` writes (before the optional prefix).
 REPORT_FILES = {"json": "metrics.json", "csv": "accuracy_matrix.csv", "png": "accuracy_matrix.png"}
@@ -44,6 +53,44 @@ _SUMMARY_LABELS = {
     "bwt": "BWT",
     "learning_accuracy": "LA",
 }
+
+
+def results_dir(trainer: Any, override: Optional[Union[str, Path]] = None) -> str:
+    """The one folder every lightning_forget output of a run goes to.
+
+    The rule: ``override`` (a callback's own ``log_dir=`` argument) when given; else the first
+    logger's directory (``trainer.log_dir``: ``lightning_logs/version_N`` for the default
+    TensorBoard/CSV loggers); else ``trainer.default_root_dir`` (the working directory unless the
+    Trainer was given one). Call it on every rank: ``trainer.log_dir`` broadcasts rank 0's value.
+    """
+    if override is not None:
+        return str(override)
+    directory = trainer.log_dir
+    return str(directory if directory is not None else trainer.default_root_dir)
+
+
+def announce_results(trainer: Any, owner: str, paths: Any) -> None:
+    """Print ``"<owner>: results written to <folder>: <files>"`` once, on global rank 0.
+
+    Every callback that writes files ends its run with this line, so a user always sees where the
+    tables, plots and weights went. ``paths`` is one path or an iterable (or mapping) of paths.
+    """
+    if not getattr(trainer, "is_global_zero", True):
+        return
+    if isinstance(paths, Mapping):
+        paths = list(paths.values())
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = [Path(path) for path in paths]
+    if not paths:
+        return
+    folders = {path.parent.resolve() for path in paths}
+    folder = folders.pop() if len(folders) == 1 else None
+    if folder is not None:
+        message = f"{owner}: results written to {folder}: {', '.join(path.name for path in paths)}"
+    else:
+        message = f"{owner}: results written to {', '.join(str(path.resolve()) for path in paths)}"
+    print(message, flush=True)
 
 
 def ensure_writable_dir(directory: Union[str, Path], owner: str, files: str, fix: str) -> None:

@@ -333,7 +333,7 @@ def test_continual_metrics_ddp_identical_on_ranks(tmp_path: Path) -> None:
     # every cell counted each validation sample of its task exactly once across the two ranks
     # (ddp_spawn once shared the counters' memory between ranks, doubling a row)
     assert torch.equal(result["totals"].sum(dim=0), torch.full((3, 3), 24))
-    assert (tmp_path / "continual_report" / "metrics.json").exists()  # no logger: a subfolder
+    assert (tmp_path / "metrics.json").exists()  # no logger: default_root_dir (reporting.results_dir)
 
 
 def test_continual_metrics_skips_task_without_validation(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import string
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_forget import reporting
@@ -88,8 +87,9 @@ class ContinualMetrics(ContinualCallback):
         key: the logged accuracy: a template with a ``{task}`` field (default
             ``"val/acc/task_{task}"``), or a plain name logged from one dataloader per task.
         report: print the table and write the files at the end of the stream.
-        log_dir: where to write the files; defaults to ``trainer.log_dir`` (the logger's
-            version directory, or ``default_root_dir`` without a logger).
+        log_dir: where to write the files; defaults to the run's results folder
+            (:func:`lightning_forget.reporting.results_dir`: the logger's version directory,
+            else the Trainer's ``default_root_dir``).
         filename_prefix: prepended to the file names (for several instances in one directory).
 
     Raises:
@@ -253,11 +253,7 @@ class ContinualMetrics(ContinualCallback):
 
     def _directory(self, trainer: "pl.Trainer") -> str:
         """Where the report files go (read on every rank: ``trainer.log_dir`` broadcasts)."""
-        directory = self.log_dir or trainer.log_dir or trainer.default_root_dir
-        if self.log_dir is None and not trainer.loggers:
-            # Without a logger, Lightning's log dir is the working directory: use a subfolder.
-            directory = os.path.join(trainer.default_root_dir, "continual_report")
-        return directory
+        return reporting.results_dir(trainer, self.log_dir)
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -289,7 +285,7 @@ class ContinualMetrics(ContinualCallback):
             prefix=self.filename_prefix,
             title=f"Accuracy matrix after task {last}",
         )
-        rank_zero_info(f"ContinualMetrics: wrote {', '.join(str(path) for path in paths.values())}")
+        reporting.announce_results(trainer, "ContinualMetrics", paths)
 
     # ------------------------------------------------------------------ state
     @override
