@@ -93,8 +93,9 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, error, name) -> Non
         ContinualClassifier(**kwargs)
 
 
-@pytest.mark.parametrize("bad, name", [({"input_shape": (5,)}, "input_shape")])
-def test_data_that_contradict_the_arguments_fail_at_the_first_batch(tmp_path, bad, name) -> None:
+@pytest.mark.parametrize("sanity_steps", [None, 0], ids=["lightning-default-sanity-check", "no-sanity-check"])
+@pytest.mark.parametrize("bad, name", [({"input_shape": (5,)}, "input_shape"), ({"num_classes": 3}, "num_classes")])
+def test_data_that_contradict_the_arguments_fail_at_the_first_batch(tmp_path, bad, name, sanity_steps) -> None:
     from tests.helpers.data import BlobStream
     from tests.helpers.harness import quiet_trainer
     from lightning_forget.modules import ContinualClassifier
@@ -104,10 +105,15 @@ def test_data_that_contradict_the_arguments_fail_at_the_first_batch(tmp_path, ba
               "hidden_sizes": [8], "report": False}
     kwargs.update(bad)
     model = ContinualClassifier(**kwargs)
-    trainer = quiet_trainer(tmp_path, [], max_epochs=dm.max_epochs, num_sanity_val_steps=0)
+    extra = {} if sanity_steps is None else {"num_sanity_val_steps": sanity_steps}
+    trainer = quiet_trainer(tmp_path, [], max_epochs=dm.max_epochs, **extra)
+    # With Lightning's default the sanity check's validation batches come first: they are
+    # checked too, so the message is ours, not a raw shape or index error from torch.
     with pytest.raises(ValueError, match=name):
         trainer.fit(model, dm)
-    assert trainer.global_step == 0
+    if name == "input_shape":
+        assert trainer.global_step == 0  # every batch has the wrong shape: the first one fails
+    # (labels >= 3 first appear in task 1's data: the fit stops there, with our message)
 
 
 def test_a_label_outside_num_classes_fails_at_the_first_training_batch(tmp_path) -> None:

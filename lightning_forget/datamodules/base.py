@@ -11,6 +11,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_forget.datamodules.loaders import ResumableDataLoader, seeded_generator
+from lightning_forget.validation import check_bool, check_int
 from lightning_forget.tasks import check_dataloader_reloading
 
 __all__ = ["ContinualDataModule", "EpochShuffleSampler"]
@@ -88,10 +89,13 @@ class ContinualDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value in (("num_tasks", num_tasks), ("epochs_per_task", epochs_per_task), ("batch_size", batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
+            check_int(name, value, min=1)
+        check_int("num_workers", num_workers, min=0)
+        check_int("seed", seed, fix="pass an integer seed")
+        check_int("eval_batch_size", eval_batch_size, min=1, allow_none=True, fix="omit it to use `batch_size`")
+        check_bool("joint", joint)
+        check_bool("drop_last", drop_last)
+        check_int("task", task, allow_none=True)
         if task is not None and not (0 <= task < num_tasks):
             raise ValueError(f"`task` must be in [0, {num_tasks - 1}] (or None for the whole stream), got {task!r}.")
         if joint and task is not None:

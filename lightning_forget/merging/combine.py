@@ -26,6 +26,7 @@ from lightning_forget.merging.vectors import (
     StateLike,
     apply_scaled,
     check_finite,
+    check_pair,
     real,
     state_and_params,
     task_vector,
@@ -63,6 +64,7 @@ def _task_vectors(pretrained: StateLike, finetuned_list: Sequence[StateLike]) ->
             )
     check_finite(base, [n for n in params if n in base], "pretrained")
     for i, s in enumerate(states):
+        check_pair(base, s, params, f"finetuned_list[{i}]")
         check_finite(s, params, f"finetuned_list[{i}]")
     taus = [task_vector(base, {n: s[n] for n in params}) for s in states]
     return base, list(states), params, taus

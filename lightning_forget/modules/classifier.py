@@ -158,14 +158,28 @@ class ContinualClassifier(pl.LightningModule):
         # Each epoch (a new task's data, in a continual run) gets its first batch checked.
         self._checked_first_batch = False
 
-    def _check_first_batch(self, x: Tensor, y: Tensor) -> None:
+    def on_validation_epoch_start(self) -> None:
+        # The sanity check and every validation see their loaders' first batches checked too: a
+        # bad `input_shape`/`num_classes` must fail with our message before Lightning's first step.
+        self._checked_eval_loaders = set()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _check_first_batch(self, x: Tensor, y: Tensor, loader: Optional[int] = None) -> None:
         """A clear error, naming the argument, when the data contradict ``input_shape``/``num_classes``.
 
-        Checked on the first batch of every epoch (one host sync per epoch, not per step).
+        Checked on the first training batch of every epoch and on the first batch of each
+        evaluation loader (one host sync per epoch and loader, not per step).
         """
-        if self._checked_first_batch:
-            return
-        self._checked_first_batch = True
+        if loader is None:
+            if self._checked_first_batch:
+                return
+            self._checked_first_batch = True
+        else:
+            checked = self.__dict__.setdefault("_checked_eval_loaders", set())
+            if loader in checked:
+                return
+            checked.add(loader)
         if self._builtin_backbone and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"`input_shape` is {list(self.input_shape)}, but the data's samples have shape "
@@ -179,10 +193,24 @@ class ContinualClassifier(pl.LightningModule):
                     f"Fix: pass num_classes={max(high + 1, self.num_classes)} (labels must lie in [0, num_classes))."
                 )
 
+    def _cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy, with torch's bare out-of-range error turned into one naming ``num_classes``.
+
+        The first batch of each epoch is checked explicitly; a label beyond ``num_classes`` in a
+        later batch is caught here at no cost (no host sync per step).
+        """
+        try:
+            return nn.functional.cross_entropy(logits, y)
+        except IndexError as error:
+            raise ValueError(
+                f"`num_classes` is {self.num_classes}, but a batch has a label outside [0, {self.num_classes}) "
+                f"(torch: {error}). Fix: pass num_classes equal to the number of classes of the whole stream."
+            ) from error
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = self.split_batch(batch)
         self._check_first_batch(x, y)
-        loss = nn.functional.cross_entropy(self(x), y)
+        loss = self._cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
         return loss
 
@@ -208,6 +236,7 @@ class ContinualClassifier(pl.LightningModule):
 
     def _eval_step(self, batch: Any, dataloader_idx: int, matrix: AccuracyMatrix, stage: str) -> None:
         x, y = self.split_batch(batch)
+        self._check_first_batch(x, y, loader=dataloader_idx)
         task = current_task(self.trainer) if self._trainer is not None else 0
         if dataloader_idx >= self.num_tasks or task >= self.num_tasks:
             raise RuntimeError(
@@ -215,7 +244,7 @@ class ContinualClassifier(pl.LightningModule):
                 f"with `num_tasks={self.num_tasks}`. Pass the stream's number of tasks as `num_tasks`."
             )
         logits = self._masked(self(x), dataloader_idx)
-        loss = nn.functional.cross_entropy(logits, y)
+        loss = self._cross_entropy(logits, y)
         if not self._sanity_checking():
             matrix.update(logits, y, train_task=task, eval_task=dataloader_idx)
         self.log(f"{stage}/loss", loss, batch_size=y.shape[0], add_dataloader_idx=True, sync_dist=True)
