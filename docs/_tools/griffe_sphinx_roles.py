@@ -4,8 +4,9 @@ The docstrings are Google style and are read both by ``help()`` and by mkdocstri
 other objects with Sphinx roles (``:class:`~lightning_forget.callbacks.LiNeS```,
 ``:func:`lightning_forget.reporting.results_dir```), which Markdown would print verbatim. This
 extension rewrites them to inline code, as Sphinx shows them: ``~`` keeps the last dotted part,
-otherwise the full path. ``.. math::`` blocks become indented code blocks, so the formula keeps
-its layout instead of being reflowed into the paragraph.
+otherwise the full path. ``.. math::`` blocks become fenced code blocks, so the formula keeps its
+layout instead of being reflowed into the paragraph, and a paragraph ending in reST's literal
+marker ``::`` ends in one colon (the indented block after it is already Markdown code).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import griffe
 
 _ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc|const|ref|term):`(~?)([^`]+)`")
 _MATH = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n")
+_LITERAL = re.compile(r"(?<=\S)::[ \t]*$", re.MULTILINE)
+# A line that is one word and the marker (``Example::``) would read as a Google section header
+# with one colon, so it becomes an emphasised label instead.
+_LABEL = re.compile(r"^(?P<indent>[ \t]*)(?P<word>\w+)::[ \t]*$", re.MULTILINE)
 
 
 def _role(match: re.Match[str]) -> str:
@@ -58,7 +63,9 @@ def _math_blocks(text: str) -> str:
 
 def convert(text: str) -> str:
     """The docstring ``text`` with Sphinx roles and math blocks turned into Markdown."""
-    return _math_blocks(_ROLE.sub(_role, text))
+    text = _math_blocks(_ROLE.sub(_role, text))
+    text = _LABEL.sub(lambda m: f"{m.group('indent')}*{m.group('word')}:*", text)
+    return _LITERAL.sub(":", text)
 
 
 class SphinxRolesToMarkdown(griffe.Extension):
