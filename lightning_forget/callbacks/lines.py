@@ -136,9 +136,7 @@ class LiNeS(ContinualCallback):
         mode: ``"max"`` or ``"min"``: which score is best.
         score_fn: callable ``module -> float`` that scores a sweep instead of ``monitor``.
         save_unscaled: keep the unscaled fine-tuned weights in :attr:`unscaled_state_dict`
-            and write them to ``unscaled_weights.pt`` (rank 0) in the run's results folder
-            (:func:`lightning_forget.reporting.results_dir`: the logger's version directory,
-            e.g. ``lightning_logs/version_N``, else ``trainer.default_root_dir``).
+            and write them to ``<log_dir>/unscaled_weights.pt`` (rank 0).
 
     Raises:
         ValueError: an argument is out of range or inconsistent (each message names it).
