@@ -219,7 +219,7 @@ def single_task(data: dict[str, Any], quick: bool, seed: int) -> dict[str, Any]:
     ft_val: dict[str, float] = {}
 
     def tradeoff(module: pl.LightningModule) -> float:
-        """METHODS §6.2: 2·(target / fine-tuned target) + control / pre-trained control (val)."""
+        """LiNeS' α score on val: 2·(target / fine-tuned target) + control / pre-trained control."""
         tgt = accuracy(module.net, subset(data["val"], target), target)
         ctl = accuracy(module.net, subset(data["val"], control), control)
         if "target" not in ft_val:  # the first grid point is α = 1: the fine-tuned model

@@ -14,7 +14,8 @@ no download) four times in the same process (plus, in full mode, an untimed warm
 4. DER++ (``DarkExperienceReplay(buffer_size=200, alpha=0.1, beta=0.5)``) with the same evaluation.
 
 It prints final average accuracy (full validation sets, after the last task) next to min-ACC,
-WC-ACC, WF^w and WP^w (official-code convention, and the stricter "phase" one), the evaluation overhead measured inside each run (evaluation time /
+WC-ACC, WF^w and WP^w (default ``scope="seen"``, the stricter "phase" one, and WP^w with
+``official=True``), the evaluation overhead measured inside each run (evaluation time /
 training time, per the callback's timers) and each run's training time per step over run 1's
 (evaluation should leave it near 1; ER's replay makes its steps dearer); it writes
 each run's ``stability_gap.png`` and ``continual_eval.csv`` plus ``results.json`` into

@@ -269,7 +269,7 @@ class ContinualCallback(Callback):
                 self._stopped_inside_task = False
 
     # ------------------------------------------------------------------ state
-    # One rule for every subclass (DESIGN.md §5):
+    # One rule for every subclass:
     #   {"version": <the subclass's STATE_VERSION>,
     #    "protocol": {"task", "started", "ended"},      <- this class's own, namespaced
     #    "method": <what method_state() returns>}

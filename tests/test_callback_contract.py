@@ -1,4 +1,4 @@
-"""The contract every callback keeps (DESIGN.md §8): one row per callback.
+"""The contract every callback keeps: one row per callback.
 
 For each row: constructor errors name the argument, the callback pickles and deep-copies,
 LightningCLI builds it from YAML and runs `fast_dev_run`, a run resumed mid-task ends with the

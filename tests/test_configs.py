@@ -1,4 +1,4 @@
-"""Every shipped YAML runs through the CLI with fast overrides (DESIGN.md §8)."""
+"""Every shipped YAML runs through the CLI with fast overrides."""
 
 from __future__ import annotations
 

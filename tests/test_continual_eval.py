@@ -99,8 +99,8 @@ def test_windowed_forgetting_phase_hand_computed(curves: EvalCurves) -> None:
 
 
 def test_windowed_forgetting_official_hand_computed(curves: EvalCurves) -> None:
-    """Default scope "seen" = Mattdl/ContinualEvaluation: every seen task, the current one
-    included, over all its measurements; a task measured once counts as 0."""
+    """Default scope "seen": every seen task, the current one included, over all its
+    measurements; a task measured once counts as 0."""
     # task 0: [0.5, 0.9, 0.6, 0.3, 0.7, 0.6]; task 1: [0.4, 0.8, 0.5, 0.1]; task 2: [0.6, 0.9]
     # w = 2: task 0 max adjacent drop 0.3; task 1 0.4; task 2 none -> 0; mean over 3 tasks
     assert windowed_forgetting(curves, window=2) == pytest.approx((0.3 + 0.4 + 0.0) / 3)
@@ -132,7 +132,7 @@ def test_windowed_plasticity_hand_computed(curves: EvalCurves) -> None:
     assert wp(curves.upto(4), 2) == pytest.approx(0.4)
     # one evaluation only: nothing to compare
     assert math.isnan(wp(curves.upto(1), 2))
-    # seen (official): whole histories; here the largest adjacent gains are the same
+    # seen (default): whole histories; here the largest adjacent gains are the same
     # (task 0: 0.4, task 1: 0.4, task 2: 0.3)
     assert windowed_plasticity(curves, window=2) == pytest.approx((0.4 + 0.4 + 0.3) / 3)
     assert windowed_plasticity(curves.upto(1), window=2) == 0.0
@@ -560,7 +560,7 @@ def test_predict_can_be_overridden(tmp_path: Path) -> None:
 
 def test_windowed_plasticity_official_variant_differs_where_hand_computed() -> None:
     # one task measured [0.5, 0.2, 0.8], w = 3: the largest gain within the window is 0.8 - 0.2 = 0.6;
-    # the official code skips the start 0.2 (below the running maximum 0.5) and finds 0.8 - 0.5 = 0.3
+    # official=True skips the start 0.2 (below the running maximum 0.5) and finds 0.8 - 0.5 = 0.3
     curves = as_curves([1, 2, 3], [[0.5], [0.2], [0.8]], [])
     assert windowed_plasticity(curves, window=3) == pytest.approx(0.6)
     assert windowed_plasticity(curves, window=3, official=True) == pytest.approx(0.3)

@@ -33,7 +33,7 @@ def test_lines_scales_formula(num_blocks: int, alpha: float, beta: float) -> Non
     if num_blocks == 1:
         assert scales == [pytest.approx(alpha + beta)]
         return
-    for ell in range(1, num_blocks + 1):  # 1-based as in METHODS §6.2
+    for ell in range(1, num_blocks + 1):  # block ℓ = 1..L: λ(ℓ) = α + β·(ℓ−1)/(L−1)
         assert scales[ell - 1] == pytest.approx(alpha + beta * (ell - 1) / (num_blocks - 1))
     assert scales[0] == pytest.approx(alpha) and scales[-1] == pytest.approx(alpha + beta)
 

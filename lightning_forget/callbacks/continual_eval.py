@@ -107,8 +107,8 @@ class ContinualEvaluation(ContinualCallback):
         batch_size: evaluation mini-batch size.
         window: ``w`` of WF^w and WP^w, in evaluations (>= 2).
         window_scope: which measurements WF^w and WP^w use: ``"seen"`` (every seen task over
-            its whole history, as the official code) or ``"phase"`` (forgetting after a task
-            ended, plasticity while it is trained); see
+            its whole history, the selection behind the paper's numbers) or ``"phase"``
+            (forgetting after a task ended, plasticity while it is trained); see
             :func:`lightning_forget.metrics.windowed_forgetting`.
         max_eval_fraction: if set, in ``(0, 1)``: widen the interval when evaluation exceeds this
             fraction of evaluation + training time.
@@ -116,8 +116,9 @@ class ContinualEvaluation(ContinualCallback):
             accuracy is on the curves).
         input_key: the input's key when batches are dicts (tuples use position 0).
         target_key: the label's key when batches are dicts (tuples use position 1).
-        log_dir: directory for the CSV and PNG; defaults to ``trainer.log_dir`` (or
-            ``trainer.default_root_dir``).
+        log_dir: directory for the CSV and PNG; defaults to the run's results folder
+            (:func:`lightning_forget.reporting.results_dir`: the logger's version directory,
+            e.g. ``lightning_logs/version_N``, else ``trainer.default_root_dir``).
         save_csv: write ``continual_eval.csv`` (columns ``step, train_task, task, acc``).
         save_plot: write ``stability_gap.png`` (accuracy per task vs step, dashed lines at task
             switches).

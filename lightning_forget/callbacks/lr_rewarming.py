@@ -76,9 +76,14 @@ class LRRewarming(BaseLRSchedule):
         mode: deprecated. ``"rewarm"`` (the default) is this callback; ``"infinite"`` builds an
             :class:`~lightning_forget.callbacks.InfiniteLRSchedule` from the remaining arguments
             (with a deprecation warning): use that class.
-        cooldown_steps, constant_lr, anneal, anneal_steps, anneal_at_start, anneal_after_steps:
-            deprecated, for ``mode="infinite"`` only (see
-            :class:`~lightning_forget.callbacks.InfiniteLRSchedule`).
+        cooldown_steps: (deprecated, for ``mode="infinite"`` only, like the five below) the
+            cooldown length; :class:`~lightning_forget.callbacks.InfiniteLRSchedule` documents
+            these six arguments.
+        constant_lr: (deprecated) the constant LR.
+        anneal: (deprecated) the anneal's shape.
+        anneal_steps: (deprecated) the anneal length.
+        anneal_at_start: (deprecated) anneal from the first step.
+        anneal_after_steps: (deprecated) anneal after this many steps.
 
     Raises:
         ValueError: on an invalid argument (the message names it and the fix), or an argument of

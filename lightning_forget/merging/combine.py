@@ -279,13 +279,17 @@ def merge(
         k: TIES' kept fraction.
         scaling: coefficient of the merged vector without LiNeS (with LiNeS the scaled vector
             is added with coefficient 1, as in the paper, and ``scaling`` must stay 1.0).
-        layer_pattern, depth_map, head_pattern: see :func:`lightning_forget.merging.lines_scale`.
+        layer_pattern: see :func:`lightning_forget.merging.lines_scale`.
+        depth_map: see :func:`lightning_forget.merging.lines_scale`.
+        head_pattern: see :func:`lightning_forget.merging.lines_scale`.
         head_policy: LiNeS scale of a trainable output head shared by the merged models. The
             default ``"alpha_plus_beta"`` treats it as the deepest layer. There is no single
             fine-tuned head to keep in a merge: ``"exclude"`` and ``"one"`` both add the
             head's merged update with coefficient 1 (for task arithmetic, the sum of T
             updates, usually too large). The paper merges encoders only (frozen heads).
-        trim, zero_sign, count_tied: TIES' variants (see :func:`ties_merge`).
+        trim: TIES' trimming rule (see :func:`ties_merge`).
+        zero_sign: TIES' rule for a zero elected sign (see :func:`ties_merge`).
+        count_tied: TIES' count of tied weights (see :func:`ties_merge`).
 
     Returns:
         The merged state dict.

@@ -30,16 +30,15 @@ Conventions (shared by every function):
   (0-based), and the *previous tasks* are ``0 .. k-1``.
 
 Note:
-    Conventions of the official implementation (``Mattdl/ContinualEvaluation``,
-    ``src/eval/continual_eval_metrics.py``): min-ACC takes, per task, the minimum over the
-    evaluations made while another task is trained, averaged over tasks; WC-ACC is the mean of
-    the current task's accuracy and the other tasks' minima; WF^w / WP^w keep, per seen task
-    (the current one included), the largest drop / gain between two of its last ``w``
-    measurements, maximised over time and averaged over tasks; reported windows are w = 10 and
-    100. The default ``scope="seen"`` of the windowed metrics follows that task selection;
-    ``scope="phase"`` is a stricter reading (see :func:`windowed_forgetting`). WP^w deliberately
-    deviates: the official code under-counts plasticity, ours takes the true largest gain
-    (``windowed_plasticity(..., official=True)`` gives the official value).
+    How the metrics aggregate: min-ACC takes, per task, the minimum over the evaluations made
+    while another task is trained, averaged over tasks; WC-ACC is the mean of the current task's
+    accuracy and the other tasks' minima; WF^w / WP^w keep, per seen task (the current one
+    included), the largest drop / gain between two of its last ``w`` measurements, maximised
+    over time and averaged over tasks. The paper reports windows w = 10 and 100. The windowed
+    metrics' default ``scope="seen"`` uses that task selection; ``scope="phase"`` is a stricter
+    one (see :func:`windowed_forgetting`). :func:`windowed_plasticity` takes the true largest
+    gain; ``official=True`` gives the value of the authors' released implementation, which
+    under-counts it (see its docstring).
 """
 
 from __future__ import annotations
@@ -233,7 +232,7 @@ def _max_windowed_change(values: Tensor, window: int, sign: float) -> float:
 
 
 def _official_windowed_gain(values: Tensor, window: int) -> float:
-    """WP^w of one task as the official code computes it (for comparison with published numbers).
+    """WP^w of one task as the authors' released implementation computes it (published numbers).
 
     Over every window of the last ``window`` measurements (as they arrive), window starts below
     the running maximum of earlier starts are skipped, then the per-window values are maximised
@@ -308,8 +307,7 @@ def windowed_forgetting(curves: EvalCurves, window: int = 10, scope: str = "seen
         F_i^w = \max\Big(0, \max_{n_1 < n_2 \le n_1 + w - 1} a_{n_1} - a_{n_2}\Big),
         \qquad \text{WF}^w = \frac{1}{|\mathcal{I}|} \sum_{i \in \mathcal{I}} F_i^w .
 
-    ``scope="seen"`` (default) follows the official code (``WindowedForgettingPluginMetric`` in
-    ``Mattdl/ContinualEvaluation``, ``src/eval/continual_eval_metrics.py``): ``I`` is every task
+    ``scope="seen"`` (default, the selection behind the paper's numbers): ``I`` is every task
     seen so far *including the current one*, each over all its measurements up to now (a task
     measured once counts as 0). ``scope="phase"`` keeps only previous tasks ``i < k``, measured
     from their last iteration on (the task-end evaluation included, so the drop right after the
@@ -317,9 +315,9 @@ def windowed_forgetting(curves: EvalCurves, window: int = 10, scope: str = "seen
 
     Args:
         curves: the curves.
-        window: ``w``, the number of consecutive measurements in a window (>= 2); the official
-            code reports w = 10 and w = 100. With evaluation every ρ iterations, a window spans
-            ``(w - 1)·ρ`` iterations (the official runs evaluate every iteration).
+        window: ``w``, the number of consecutive measurements in a window (>= 2); the paper
+            reports w = 10 and w = 100. With evaluation every ρ iterations, a window spans
+            ``(w - 1)·ρ`` iterations (the paper evaluates every iteration, ρ = 1).
         scope: ``"seen"`` or ``"phase"`` (above).
 
     Returns:
@@ -335,8 +333,8 @@ def windowed_plasticity(curves: EvalCurves, window: int = 10, scope: str = "seen
     r"""WP^w: the largest accuracy gain of a task within ``window`` consecutive evaluations.
 
     The same as :func:`windowed_forgetting` with the largest *increase*
-    ``a_{n_2} - a_{n_1}``. ``scope="seen"`` (default, the official code's
-    ``WindowedPlasticityPluginMetric``): every seen task including the current one, over all its
+    ``a_{n_2} - a_{n_1}``. ``scope="seen"`` (default, as for
+    :func:`windowed_forgetting`): every seen task including the current one, over all its
     measurements. ``scope="phase"``: each task ``i <= k`` only while it is trained
     (``task_end_steps[i-1] < steps[n] <= task_end_steps[i]``; the current task up to now), tasks
     with fewer than two such measurements left out.
@@ -345,12 +343,12 @@ def windowed_plasticity(curves: EvalCurves, window: int = 10, scope: str = "seen
         curves: the curves.
         window: ``w``, the number of consecutive measurements in a window (>= 2).
         scope: ``"seen"`` or ``"phase"``.
-        official: compute it as the official code does instead (for comparison with published
-            numbers). That code skips window starts below the running maximum of the window,
-            which is exact for forgetting (a largest drop starts at a maximum) but not for
-            plasticity (a largest gain starts at a minimum), so it under-counts: on
-            ``[0.5, 0.2, 0.8]`` with ``w = 3`` it gives 0.3 where the largest gain is 0.6. The
-            default (``False``) takes the true maximum, a deliberate deviation.
+        official: compute it as the authors' released implementation does (for comparison
+            with published numbers). That implementation skips window starts below the running
+            maximum of the window, which is exact for forgetting (a largest drop starts at a
+            maximum) but not for plasticity (a largest gain starts at a minimum), so it
+            under-counts: on ``[0.5, 0.2, 0.8]`` with ``w = 3`` it gives 0.3 where the largest
+            gain is 0.6. The default (``False``) takes the true maximum.
 
     Returns:
         The value, or ``NaN`` when no task qualifies.

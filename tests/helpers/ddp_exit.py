@@ -2,12 +2,13 @@
 
 A gloo process group sometimes aborts a worker at interpreter exit, after all its work is done
 ("terminate called without an active exception", SIGABRT; most likely a C++ thread destroyed
-while still joinable during teardown; the root cause was not found). DESIGN.md §10 records the same for plain `ddp`. Destroying the
-group first was not enough (CI still saw the abort), so a worker whose function returned normally
-now leaves with ``os._exit(0)``, skipping the interpreter's teardown. That is safe here: Lightning
-hands rank 0's results back through a `SimpleQueue`, whose `put` has written them to the pipe
-before it returns, and torch's spawn wrapper has nothing left to do on success. A worker that
-raises still goes through the normal path, so torch reports its traceback.
+while still joinable during teardown; the root cause was not found; plain `ddp` shows the
+same). Destroying the group first was not enough (CI still saw the abort), so a worker whose
+function returned normally now leaves with ``os._exit(0)``, skipping the interpreter's
+teardown. That is safe here: Lightning hands rank 0's results back through a `SimpleQueue`,
+whose `put` has written them to the pipe before it returns, and torch's spawn wrapper has nothing
+left to do on success. A worker that raises still goes through the normal path, so torch reports
+its traceback.
 """
 
 from __future__ import annotations
