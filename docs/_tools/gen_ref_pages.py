@@ -22,7 +22,11 @@ for path in sorted(PACKAGE.rglob("*.py")):
     if any(part.startswith("_") for part in parts) or "__pycache__" in path.parts:
         continue
     name = ".".join(parts)
-    modules.append((name, Path("reference", *parts[1:], "index.md") if path.name == "__init__.py" else Path("reference", *parts[1:]).with_suffix(".md")))
+    if path.name == "__init__.py":
+        page = Path("reference", *parts[1:], "index.md")
+    else:
+        page = Path("reference", *parts[1:]).with_suffix(".md")
+    modules.append((name, page))
 
 index = ["# API reference", "", "Generated from the docstrings (mkdocstrings). One page per public module:", ""]
 for name, doc_path in modules:
