@@ -110,6 +110,9 @@ class ContinualMetrics(ContinualCallback):
         end; with one fit per task (where ``on_train_end`` forbids ``self.log``) they go straight
         to ``trainer.loggers`` and into ``trainer.callback_metrics``.
 
+        Warnings: once per run when no logged key matches (naming the keys looked for and the
+        keys logged; those tasks get no row), and for each task that ended without a validation.
+
         Files (in ``log_dir``, with ``filename_prefix``): ``metrics.json``,
         ``accuracy_matrix.csv``, ``accuracy_matrix.png`` (see
         :func:`lightning_forget.reporting.write_report`).
