@@ -8,13 +8,17 @@ tokens are bytes, the model is built from a config: nothing is downloaded.
     python examples/continual_pretraining.py [--replay 0.05] [--fast]
 
 Validation loss and perplexity per corpus are logged as val/loss/task_{t} and val/ppl/task_{t}
-(also under the corpus names); the LR schedule is visible through LearningRateMonitor.
+(also under the corpus names); the LR schedule is visible through LearningRateMonitor. The
+logger's folder (`lightning_logs/version_N`) receives `metrics.csv` and `val_losses.json` (the
+final validation loss per corpus); the last line says where.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from functools import partial
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +27,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning_forget.callbacks import LRRewarming
 from lightning_forget.datamodules import TextStreamDataModule
 from lightning_forget.modules import CausalLMModule
+from lightning_forget.reporting import announce_results, results_dir
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -60,13 +65,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         limit_train_batches=4 if args.fast else 1.0,
         limit_val_batches=2 if args.fast else 1.0,
         enable_progress_bar=not args.fast,
-        logger=not args.fast,
         enable_checkpointing=False,
     )
     trainer.fit(model, data)
     losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/loss/")}
     for name, value in sorted(losses.items()):
         print(f"{name}: {value:.3f}")
+    folder = Path(results_dir(trainer))
+    summary = folder / "val_losses.json"
+    if trainer.is_global_zero:
+        summary.write_text(json.dumps(losses, indent=2, sort_keys=True) + "\n")
+    announce_results(trainer, "continual_pretraining", sorted(folder.glob("metrics.csv")) + [summary])
     return losses
 
 

@@ -2,7 +2,9 @@
 
 `PlainClassifier` below is an ordinary LightningModule that knows nothing about tasks: it logs
 the validation accuracy of each dataloader under `val_acc` (Lightning suffixes
-`/dataloader_idx_{t}`). Experience Replay and the accuracy matrix come from callbacks only.
+`/dataloader_idx_{t}`, which `ContinualMetrics` finds by default). Experience Replay and the
+accuracy matrix come from callbacks only; the report goes to the logger's folder
+(`lightning_logs/version_N`), and the run's last line says where.
 
     python examples/existing_trainer.py [--fast]
 """
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> ContinualMetrics:
     args = parser.parse_args(argv)
     pl.seed_everything(0)
     data = SplitDigits(epochs_per_task=3, batch_size=16)  # 5 tasks x 2 digit classes
-    metrics = ContinualMetrics(key="val_acc")  # reads val_acc/dataloader_idx_{t}
+    metrics = ContinualMetrics()  # finds val_acc/dataloader_idx_{t}
     trainer = pl.Trainer(
         max_epochs=data.max_epochs,
         reload_dataloaders_every_n_epochs=1,  # the datamodule serves a new task every 3 epochs
@@ -58,7 +60,6 @@ def main(argv: list[str] | None = None) -> ContinualMetrics:
         accelerator="cpu",
         limit_train_batches=3 if args.fast else 1.0,
         enable_progress_bar=not args.fast,
-        logger=not args.fast,
         enable_checkpointing=False,
     )
     trainer.fit(PlainClassifier(), data)

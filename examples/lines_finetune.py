@@ -7,23 +7,28 @@
    average validation accuracy over both tasks (`monitor="val/acc_avg"`).
 3. Print the accuracy on both tasks for the pre-trained, the fine-tuned and the LiNeS model.
 
-The unscaled fine-tuned weights are kept (`unscaled_weights.pt` in the log dir).
+Everything goes into one results folder, by the library's rule (the logger's directory: one
+`lightning_logs/version_N` shared by both fits; or `--out DIR`): `pretrained.ckpt`, the unscaled
+fine-tuned weights (`unscaled_weights.pt`, kept by `LiNeS`) and `accuracies.json`; the last line
+says where.
 
-    python examples/lines_finetune.py [--fast]
+    python examples/lines_finetune.py [--fast] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_forget.callbacks import LiNeS
 from lightning_forget.datamodules import SplitDigits
 from lightning_forget.modules import ContinualClassifier
+from lightning_forget.reporting import announce_results, results_dir
 
 
 def accuracy(model: ContinualClassifier, data: SplitDigits, task: int) -> float:
@@ -36,31 +41,35 @@ def accuracy(model: ContinualClassifier, data: SplitDigits, task: int) -> float:
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fast", action="store_true", help="fewer epochs (for tests)")
-    parser.add_argument("--out", default=None, help="where checkpoints and logs go (default: a temp dir)")
+    parser.add_argument("--out", default=None, help="results folder (default: a new lightning_logs/version_N)")
     args = parser.parse_args(argv)
-    out = Path(args.out or tempfile.mkdtemp(prefix="lines_example_"))
     epochs = 1 if args.fast else 5
     pl.seed_everything(0)
     model = ContinualClassifier(hidden_sizes=[128, 128], num_classes=10, input_shape=(1, 8, 8), num_tasks=5, report=False)
-    quiet = {"accelerator": "cpu", "enable_progress_bar": False, "logger": False, "enable_checkpointing": False}
+    # One logger object for both fits: one folder. With --out, no logger and that default_root_dir.
+    logger = CSVLogger(save_dir=".", name="lightning_logs") if args.out is None else False
+    where = {} if args.out is None else {"default_root_dir": args.out}
+    quiet = {"accelerator": "cpu", "enable_progress_bar": False, "logger": logger, "enable_checkpointing": False, **where}
 
     pretrain = SplitDigits(task=0, epochs_per_task=epochs, batch_size=16)
-    trainer = pl.Trainer(max_epochs=epochs, reload_dataloaders_every_n_epochs=1, default_root_dir=str(out), **quiet)
+    trainer = pl.Trainer(max_epochs=epochs, reload_dataloaders_every_n_epochs=1, **quiet)
     trainer.fit(model, pretrain)
+    out = Path(results_dir(trainer))
     trainer.save_checkpoint(out / "pretrained.ckpt")
     results = {"pre-trained": [accuracy(model, pretrain, t) for t in (0, 1)]}
 
     finetune = SplitDigits(task=1, epochs_per_task=epochs, batch_size=16)
     lines = LiNeS(alpha_grid=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], monitor="val/acc_avg", head_policy="alpha")
-    trainer = pl.Trainer(
-        max_epochs=epochs, reload_dataloaders_every_n_epochs=1, callbacks=[lines], default_root_dir=str(out), **quiet
-    )
+    trainer = pl.Trainer(max_epochs=epochs, reload_dataloaders_every_n_epochs=1, callbacks=[lines], **quiet)
     trainer.fit(model, finetune)
     results["LiNeS (alpha=%s)" % lines.applied_alpha] = [accuracy(model, finetune, t) for t in (0, 1)]
     model.load_state_dict(lines.unscaled_state_dict, strict=False)
     results["fine-tuned (unscaled)"] = [accuracy(model, finetune, t) for t in (0, 1)]
     for name, (old, new) in results.items():
         print(f"{name:>24}: digits 0-1 {old:.3f} | digits 2-3 {new:.3f}")
+    accuracies = out / "accuracies.json"
+    accuracies.write_text(json.dumps({name: {"digits_0_1": old, "digits_2_3": new} for name, (old, new) in results.items()}, indent=2) + "\n")
+    announce_results(trainer, "lines_finetune", sorted(out.glob("*.pt")) + [out / "pretrained.ckpt", accuracies])
     return results
 
 

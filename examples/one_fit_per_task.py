@@ -2,7 +2,9 @@
 
 This is how many training scripts already work: a loop over datasets, one `trainer.fit` each.
 The callbacks count tasks themselves (their counter is in their checkpointed state), so ER
-keeps its buffer and `ContinualMetrics` grows the accuracy matrix fit by fit.
+keeps its buffer and `ContinualMetrics` grows the accuracy matrix fit by fit. One logger object
+is given to every Trainer, so all the fits share one results folder (`lightning_logs/version_N`:
+its metrics.csv and the report, rewritten after each task) instead of one version per fit.
 
     python examples/one_fit_per_task.py [--fast]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lightning_forget.callbacks import ContinualMetrics, ExperienceReplay
@@ -28,6 +31,7 @@ def main(argv: list[str] | None = None) -> ContinualMetrics:
     stream.setup("fit")
     model = ContinualClassifier(hidden_sizes=[128], num_classes=10, input_shape=(1, 8, 8), num_tasks=5, report=False)
     replay, metrics = ExperienceReplay(buffer_size=200), ContinualMetrics()
+    logger = CSVLogger(save_dir=".", name="lightning_logs")  # one folder for the whole sequence
     for task in range(stream.num_tasks):
         train = DataLoader(stream.train_dataset(task), batch_size=16, shuffle=True)
         # Validate on every task seen so far: dataloader t is task t.
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> ContinualMetrics:
             accelerator="cpu",
             limit_train_batches=3 if args.fast else 1.0,
             enable_progress_bar=not args.fast,
-            logger=False,
+            logger=logger,
             enable_checkpointing=False,
         )
         trainer.fit(model, train, val)

@@ -23,6 +23,10 @@ except ImportError:  # pragma: no cover
 __all__ = ["ContinualMetrics"]
 
 _DATALOADER_SUFFIX = "/dataloader_idx_"
+#: The keys the default ``key=None`` looks for, in this order (the first that is logged wins):
+#: the library's per-task template, then Lightning's automatic form of one ``val_acc`` logged from
+#: every validation dataloader (``val_acc/dataloader_idx_{t}``, or a bare ``val_acc`` with one loader).
+DEFAULT_KEYS = ("val/acc/task_{task}", "val_acc")
 #: Logged keys, with the functional metric each one holds.
 LOGGED_KEYS = {"cl/acc_avg": "average_accuracy", "cl/forgetting": "forgetting", "cl/bwt": "bwt"}
 
@@ -65,10 +69,12 @@ class ContinualMetrics(ContinualCallback):
     Learning: Understanding Forgetting and Intransigence", ECCV 2018).
 
     Mechanism: this callback computes nothing itself. It works with any LightningModule that logs
-    its validation accuracy per task, under ``key`` formatted with the task index
+    its validation accuracy per task, under a key formatted with the task index
     (``self.log(f"val/acc/task_{t}", acc)``), or under one name logged from every validation
-    dataloader, which Lightning suffixes with ``/dataloader_idx_{t}`` (``key="val_acc"``; a bare
-    ``val_acc`` from a single dataloader counts as task 0). At each task end (after that task's
+    dataloader, which Lightning suffixes with ``/dataloader_idx_{t}`` (``self.log("val_acc", acc)``
+    in a ``validation_step(self, batch, batch_idx, dataloader_idx=0)``; a bare ``val_acc`` from a
+    single dataloader counts as task 0). The default ``key=None`` finds either, in that order
+    (:data:`DEFAULT_KEYS`); pass ``key`` for any other name. At each task end (after that task's
     last validation) it reads ``trainer.callback_metrics``, writes row ``task`` of the matrix
     (columns: every task found in the keys; the matrix grows when the number of tasks is not
     known, as with one ``fit`` per task), and logs the summary metrics. At the end of the stream
@@ -84,8 +90,9 @@ class ContinualMetrics(ContinualCallback):
     :class:`~lightning_forget.metrics.AccuracyMatrix`) so that they are global, not rank 0's.
 
     Args:
-        key: the logged accuracy: a template with a ``{task}`` field (default
-            ``"val/acc/task_{task}"``), or a plain name logged from one dataloader per task.
+        key: the logged accuracy: a template with a ``{task}`` field such as
+            ``"val/acc/task_{task}"``, or a plain name logged from one dataloader per task such as
+            ``"val_acc"``. ``None`` (default): the first of :data:`DEFAULT_KEYS` that is logged.
         report: print the table and write the files at the end of the stream.
         log_dir: where to write the files; defaults to the run's results folder
             (:func:`lightning_forget.reporting.results_dir`: the logger's version directory,
@@ -103,6 +110,9 @@ class ContinualMetrics(ContinualCallback):
         end; with one fit per task (where ``on_train_end`` forbids ``self.log``) they go straight
         to ``trainer.loggers`` and into ``trainer.callback_metrics``.
 
+        Warnings: once per run when no logged key matches (naming the keys looked for and the
+        keys logged; those tasks get no row), and for each task that ended without a validation.
+
         Files (in ``log_dir``, with ``filename_prefix``): ``metrics.json``,
         ``accuracy_matrix.csv``, ``accuracy_matrix.png`` (see
         :func:`lightning_forget.reporting.write_report`).
@@ -115,15 +125,19 @@ class ContinualMetrics(ContinualCallback):
 
     def __init__(
         self,
-        key: str = "val/acc/task_{task}",
+        key: Optional[str] = None,
         report: bool = True,
         log_dir: Optional[str] = None,
         filename_prefix: str = "",
     ) -> None:
         super().__init__()
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"`key` must be a non-empty str such as 'val/acc/task_{{task}}', got {key!r}.")
-        pattern, is_template = _key_pattern(key)
+        if key is not None and (not isinstance(key, str) or not key):
+            raise TypeError(
+                f"`key` must be a non-empty str such as 'val/acc/task_{{task}}' or 'val_acc', or None (find "
+                f"{' or '.join(DEFAULT_KEYS)}), got {key!r}."
+            )
+        candidates = DEFAULT_KEYS if key is None else (key,)
+        patterns = [(name, *_key_pattern(name)) for name in candidates]
         if not isinstance(report, bool):
             raise TypeError(f"`report` must be a bool, got {report!r}.")
         if log_dir is not None and not isinstance(log_dir, (str, Path)):
@@ -134,16 +148,20 @@ class ContinualMetrics(ContinualCallback):
         self.report = report
         self.log_dir = None if log_dir is None else str(log_dir)
         self.filename_prefix = filename_prefix
-        self._pattern, self._is_template = pattern, is_template
+        self._patterns = patterns
+        #: The key whose values filled the last row (one of :data:`DEFAULT_KEYS` when ``key=None``).
+        self.matched_key: Optional[str] = None
         self._matrix: Tensor = torch.empty(0, 0, dtype=torch.float64)
         self._reported: int = -1
         self._validated: Optional[bool] = None  # None: unknown (e.g. after a resume)
         self._pending: dict[int, float] = {}  # the current task's latest validation row
+        self._warned_no_key = False
 
     # ------------------------------------------------------------------ public views
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(key=self.key)
+        # `key=None` keeps the state key of the former default, so older checkpoints still resume.
+        return self._generate_state_key(key=DEFAULT_KEYS[0] if self.key is None else self.key)
 
     @property
     def matrix(self) -> Tensor:
@@ -156,16 +174,35 @@ class ContinualMetrics(ContinualCallback):
         return reporting.summarize(self._matrix)
 
     # ------------------------------------------------------------------ reading the logs
+    @property
+    def looked_for(self) -> list[str]:
+        """The logged names this callback reads, in order (``{t}``: the task index)."""
+        names = []
+        for name, _, is_template in self._patterns:
+            if is_template:
+                names.append(name.replace("{task}", "{t}"))
+            else:
+                names += [f"{name}{_DATALOADER_SUFFIX}{{t}}", name]
+        return names
+
     def read_accuracies(self, metrics: dict[str, Any]) -> dict[int, float]:
-        """The per-task accuracies in ``metrics`` (``{task: value}``) that match :attr:`key`."""
-        found: dict[int, float] = {}
-        for name, value in metrics.items():
-            match = self._pattern.match(name)
-            if match is not None:
-                found[int(match.group(1))] = float(value)
-        if not found and not self._is_template and self.key in metrics:
-            found[0] = float(metrics[self.key])  # one dataloader: Lightning adds no suffix
-        return found
+        """The per-task accuracies in ``metrics`` (``{task: value}``) under the first matching key.
+
+        Also sets :attr:`matched_key` (``None`` when nothing matched).
+        """
+        for key, pattern, is_template in self._patterns:
+            found: dict[int, float] = {}
+            for name, value in metrics.items():
+                match = pattern.match(name)
+                if match is not None:
+                    found[int(match.group(1))] = float(value)
+            if not found and not is_template and key in metrics:
+                found[0] = float(metrics[key])  # one dataloader: Lightning adds no suffix
+            if found:
+                self.matched_key = key
+                return found
+        self.matched_key = None
+        return {}
 
     def _grow(self, size: int) -> None:
         old = self._matrix.shape[0]
@@ -205,10 +242,16 @@ class ContinualMetrics(ContinualCallback):
             return
         accuracies = dict(self._pending)
         if not accuracies:
+            if self._warned_no_key:
+                return  # said once: the same missing key at every task end is noise
+            self._warned_no_key = True
             rank_zero_warn(
-                f"ContinualMetrics: no logged metric matches key={self.key!r} at the end of task {task}; "
-                f"the logged keys are {sorted(trainer.callback_metrics)}. Fix: log the accuracy of each "
-                "task under that key (e.g. self.log(f'val/acc/task_{t}', acc)) or pass the matching `key`."
+                f"ContinualMetrics: no logged metric matches key={self.key!r} at the end of task {task}: "
+                f"looked for {', '.join(self.looked_for)}; the logged keys are "
+                f"{sorted(trainer.callback_metrics)}. Fix: "
+                "log each task's accuracy as self.log(f'val/acc/task_{t}', acc), or self.log('val_acc', acc) "
+                "in validation_step(self, batch, batch_idx, dataloader_idx=0), or pass `key=` naming yours. "
+                "(Said once; every task without a match gets no row.)"
             )
             return
         datamodule = task_schedule(trainer)
@@ -281,7 +324,7 @@ class ContinualMetrics(ContinualCallback):
             directory,
             self._matrix,
             summary,
-            extra={"key": self.key, "global_step": trainer.global_step, "epoch": trainer.current_epoch},
+            extra={"key": self.matched_key or self.key, "global_step": trainer.global_step, "epoch": trainer.current_epoch},
             prefix=self.filename_prefix,
             title=f"Accuracy matrix after task {last}",
         )

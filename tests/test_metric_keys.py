@@ -1,0 +1,188 @@
+"""Metric keys: one documented prefix per method (README "Logged metrics"), checked on real runs.
+
+Each callback runs a short stream with a logger that records every key it receives; the keys the
+callback adds (those absent from the same run without it) must start with the prefix the README
+lists for it and match one of the keys listed there. The module's own keys are checked against
+its row the same way. The tests of ContinualMetrics' default key finding live here too.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_forget import callbacks as lf_callbacks
+from lightning_forget.callbacks import (
+    ContinualEvaluation,
+    ContinualMetrics,
+    DarkExperienceReplay,
+    ExperienceReplay,
+    InfiniteLRSchedule,
+    LiNeS,
+    LRRewarming,
+)
+from tests.helpers.data import BlobStream
+from tests.helpers.harness import quiet_trainer, tiny_classifier
+from tests.test_continual_eval import MemoryLogger
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def documented() -> dict[str, tuple[list[str], list[str]]]:
+    """``{class name: (prefixes, key patterns)}`` from the README's "Logged metrics" table."""
+    section = README.split("## Logged metrics", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, tuple[list[str], list[str]]] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        name = re.findall(r"`([^`]+)`", cells[0])[0]
+        keys = [token for token in re.findall(r"`([^`]+)`", cells[2]) if "/" in token]  # not the notes
+        rows[name] = (re.findall(r"`([^`]+)`", cells[1]), keys)
+    return rows
+
+
+def matches(key: str, patterns: list[str]) -> bool:
+    """``key`` is one of ``patterns``, where ``{x}`` stands for one path segment."""
+    for pattern in patterns:
+        regex = "".join(
+            "[^/]+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{[^}]*\})", pattern)
+        )
+        if re.fullmatch(regex, key):
+            return True
+    return False
+
+
+def logged_keys(tmp_path: Path, callbacks: list[Callback]) -> set[str]:
+    """Every key logged or put in ``callback_metrics`` during a 3-task stream with ``callbacks``."""
+    pl.seed_everything(0)
+    dm = BlobStream(epochs_per_task=2)
+    recorder = MemoryLogger()
+    trainer = quiet_trainer(
+        tmp_path, [*callbacks, LearningRateMonitor(logging_interval="step")],
+        max_epochs=dm.max_epochs, logger=recorder, log_every_n_steps=1,
+    )
+    trainer.fit(tiny_classifier(dm), dm)
+    keys = {key for _, metrics in recorder.records for key in metrics}
+    return (keys | set(trainer.callback_metrics)) - {"epoch"}
+
+
+CALLBACKS: dict[str, Callable[[], Callback]] = {
+    "ContinualMetrics": lambda: ContinualMetrics(report=False),
+    "ExperienceReplay": lambda: ExperienceReplay(buffer_size=16),
+    "DarkExperienceReplay": lambda: DarkExperienceReplay(buffer_size=16, alpha=0.3, beta=0.5),
+    "LRRewarming": lambda: LRRewarming(max_lr=0.1, min_lr=0.01, warmup=0.25),
+    "InfiniteLRSchedule": lambda: InfiniteLRSchedule(max_lr=0.1, min_lr=0.01, warmup=3, cooldown_steps=10, anneal_steps=4),
+    "LiNeS": lambda: LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val/acc_avg", save_unscaled=False),
+    "ContinualEvaluation": lambda: ContinualEvaluation(every_n_steps=2, samples_per_task=10, save_plot=False, save_csv=False),
+}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """The keys of the run without a method callback (the module's own, and the LR monitor's)."""
+    return logged_keys(tmp_path_factory.mktemp("baseline"), [])
+
+
+def test_every_callback_has_a_row_with_one_prefix() -> None:
+    rows = documented()
+    public = {name for name in lf_callbacks.__all__}
+    assert public <= set(rows), f"callbacks without a row in README 'Logged metrics': {public - set(rows)}"
+    assert set(CALLBACKS) == public  # every callback is run below
+    for name in public:
+        prefixes, keys = rows[name]
+        assert len(prefixes) == 1 and prefixes[0].endswith("/"), (name, prefixes)
+        assert keys and all(key.startswith(prefixes[0]) for key in keys), (name, keys)
+    callback_prefixes = [rows[name][0][0] for name in public]
+    assert len(set(callback_prefixes)) == len(callback_prefixes)  # no two methods share a prefix
+
+
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_logged_keys_follow_the_documented_prefix(name: str, tmp_path: Path, baseline: set[str]) -> None:
+    prefixes, patterns = documented()[name]
+    added = logged_keys(tmp_path, [CALLBACKS[name]()]) - baseline
+    assert added, f"{name} logged nothing in a 3-task run"
+    wrong = sorted(key for key in added if not key.startswith(prefixes[0]) or not matches(key, patterns))
+    assert wrong == [], f"{name} logs keys outside its README row ({prefixes[0]}: {patterns}): {wrong}"
+
+
+def test_module_keys_follow_the_stage_prefixes(baseline: set[str]) -> None:
+    prefixes, patterns = documented()["ContinualClassifier"]
+    module_keys = {key for key in baseline if not key.startswith("lr-")}  # lr-SGD: LearningRateMonitor's own
+    wrong = sorted(key for key in module_keys if not key.startswith(tuple(prefixes)) or not matches(key, patterns))
+    assert module_keys and wrong == [], wrong
+
+
+# ---------------------------------------------------------------- ContinualMetrics' default key
+
+
+class SuffixModule(pl.LightningModule):
+    """An ordinary module: logs ``val_acc`` from every validation dataloader (Lightning adds the suffix)."""
+
+    def __init__(self, name: str = "val_acc") -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 6)
+        self.name = name
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        self.log(self.name, (self.layer(x).argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+
+def test_default_key_finds_lightning_dataloader_suffix(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm, metrics = BlobStream(), ContinualMetrics(report=False)
+    trainer = quiet_trainer(tmp_path, [metrics], max_epochs=dm.max_epochs)
+    trainer.fit(SuffixModule(), dm)
+    assert metrics.matched_key == "val_acc"
+    assert torch.isfinite(metrics.matrix).all() and metrics.matrix.shape == (3, 3)
+    for t in range(3):  # row 2 is what was logged at the last validation
+        assert metrics.matrix[2, t].item() == pytest.approx(float(trainer.callback_metrics[f"val_acc/dataloader_idx_{t}"]))
+
+
+def test_default_key_prefers_the_task_template(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm, metrics = BlobStream(), ContinualMetrics(report=False)
+    model = tiny_classifier(dm)  # logs val/acc/task_{t}
+    trainer = quiet_trainer(tmp_path, [metrics], max_epochs=dm.max_epochs)
+    trainer.fit(model, dm)
+    assert metrics.matched_key == "val/acc/task_{task}" and torch.isfinite(metrics.matrix).all()
+    assert metrics.read_accuracies({"val/acc/task_1": 0.5, "val_acc/dataloader_idx_1": 0.9}) == {1: 0.5}
+
+
+def test_default_key_reads_a_bare_val_acc_of_one_loader_per_fit(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm, metrics = BlobStream(), ContinualMetrics(report=False)
+    dm.setup("fit")
+    trainer = quiet_trainer(tmp_path, [metrics], max_epochs=1)
+    trainer.fit(SuffixModule(), DataLoader(dm.train_dataset(0), batch_size=8), DataLoader(dm.val_dataset(0), batch_size=8))
+    assert "val_acc" in trainer.callback_metrics and metrics.matrix.shape == (1, 1)
+    assert metrics.matrix[0, 0].item() == pytest.approx(float(trainer.callback_metrics["val_acc"]))
+
+
+def test_no_matching_key_warns_once_naming_looked_for_and_logged(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm, metrics = BlobStream(), ContinualMetrics(report=False)
+    trainer = quiet_trainer(tmp_path, [metrics], max_epochs=dm.max_epochs)
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(SuffixModule(name="accuracy"), dm)
+    ours = [str(w.message) for w in caught if str(w.message).startswith("ContinualMetrics: no logged metric")]
+    assert len(ours) == 1, ours  # three task ends, one warning
+    assert "val/acc/task_{t}, val_acc/dataloader_idx_{t}, val_acc" in ours[0]
+    assert "accuracy/dataloader_idx_0" in ours[0]  # the keys that were logged
+    assert metrics.matrix.numel() == 0
