@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_forget.datamodules import SplitDigits
 from lightning_forget.datamodules.loaders import ResumableDataLoader
 from tests.helpers.data import BlobStream
-from tests.helpers.harness import params_vector, tiny_classifier
+from tests.helpers.harness import params_vector, quiet_trainer, tiny_classifier
 
 
 class BatchLog(Callback):
@@ -32,17 +32,7 @@ class BatchLog(Callback):
 
 def _trainer(tmp_path: Path, dm: Any, callbacks: list[Callback]) -> pl.Trainer:
     # Lightning's defaults (sanity check, default checkpointing) except output and logging.
-    return pl.Trainer(
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
-        devices=1,
-        max_epochs=dm.max_epochs,
-        reload_dataloaders_every_n_epochs=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    return quiet_trainer(tmp_path, callbacks, max_epochs=dm.max_epochs, enable_checkpointing=True)
 
 
 def _run(tmp_path: Path, *, save_every: int | None = None, resume: str | None = None, seed: int = 0):

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_forget.callbacks import InfiniteLRSchedule
 from lightning_forget.callbacks.lr_rewarming import LRRewarming, resolve_warmup, schedule_lr
 from lightning_forget.datamodules.base import ContinualDataModule
+from tests.helpers.harness import quiet_trainer
 
 MAX_LR = 0.1
 MIN_LR = 0.01
@@ -96,21 +97,10 @@ class Recorder(pl.Callback):
 
 
 def _trainer(tmp_path: Path, callbacks: list, max_epochs: int, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        reload_dataloaders_every_n_epochs=1,
-        default_root_dir=tmp_path,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+    # The shared harness; these tests are about the LR schedule, so validation is switched off.
+    kwargs.setdefault("limit_val_batches", 0)
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    return quiet_trainer(tmp_path, callbacks, max_epochs=max_epochs, **kwargs)
 
 
 def _expected_rewarm(lengths: list[int], warmup: float, decay: str = "cosine") -> list[float]:
