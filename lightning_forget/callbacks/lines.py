@@ -301,8 +301,9 @@ class LiNeS(ContinualCallback):
     the end of ``fit`` and holds the scaled weights (a ``save_last="link"`` link is replaced by a
     file, so the checkpoint it pointed to keeps the unscaled weights). The other checkpoints
     written during ``fit`` (top-k, every-n) hold the unscaled weights: the edit happens after
-    them. Resuming from such a last checkpoint does not scale the weights a second time unless
-    training continues (more epochs), in which case the new end of ``fit`` scales again.
+    them. Resuming the finished run from that last checkpoint trains nothing and leaves the
+    weights as they are; training on from it (more epochs) starts from the scaled weights, and
+    the new end of ``fit`` scales again relative to the same θ_0.
 
     Args:
         alpha: scale of the first block and of the non-block parameters (paper default in its
@@ -336,9 +337,7 @@ class LiNeS(ContinualCallback):
         Logged keys (through ``trainer.loggers`` on rank 0): ``lines/alpha``, ``lines/beta``,
         ``lines/scale/block_{i}`` for each block, and in a sweep ``lines/sweep/score_alpha_{a}``.
         Saved state: ``theta0`` (CPU tensors; ``None`` when ``pretrained_ckpt`` is used),
-        ``applied_alpha``, ``scaled_at_step`` (the global step of the last edit when the
-        checkpoint was written after it, else ``None``), the task counters of
-        :class:`ContinualCallback`, ``version``. Files in the results dir:
+        ``applied_alpha``, the task counters of :class:`ContinualCallback`, ``version``. Files in the results dir:
         ``lines_scaled_weights.pt`` (the scaled module's ``state_dict()``, loadable with
         ``torch.load(path, weights_only=True)``), ``unscaled_weights.pt``, ``lines_scales.png``
         (each with a ``_task_{t}`` suffix under ``apply_at="task_end"``).
@@ -417,15 +416,10 @@ class LiNeS(ContinualCallback):
         self.applied_alpha: Optional[float] = None
         self.sweep_scores: dict[float, float] = {}
         self.block_scales: list[float] = []
-        #: Global step of the last edit, kept in checkpoints written after it (see on_train_end).
-        self.scaled_at_step: Optional[int] = None
         #: Files written by the last edit: {"scaled": path, "unscaled": path, "plot": path}.
         self.output_paths: dict[str, str] = {}
         self._restored = False  # θ_0 came from a checkpoint
-        self._loaded_state = False  # this fit resumed from a checkpoint
-
-    #: 2: ``scaled_at_step`` added (checkpoints written after the edit hold the scaled weights).
-    STATE_VERSION = 2
+        self._edited = False  # the weights were scaled during this fit
 
     @property
     @override
@@ -448,8 +442,7 @@ class LiNeS(ContinualCallback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self._loaded_state:
-            self.scaled_at_step = None  # a new fit: its checkpoints precede its edit
+        self._edited = False
         names = self._param_names(pl_module)
         # Fail before training when the depth cannot be inferred.
         merging.block_depths(names, self.layer_pattern, self.depth_map)
@@ -474,18 +467,10 @@ class LiNeS(ContinualCallback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_end(trainer, pl_module)
         if self.apply_at == "fit_end":
-            if self._loaded_state and self.scaled_at_step == trainer.global_step:
-                # Resumed from a checkpoint written after the edit, and nothing trained since.
-                rank_zero_info(
-                    f"LiNeS: the weights restored from the checkpoint were already scaled (α={self.applied_alpha}) "
-                    f"at step {self.scaled_at_step} and no training followed; not scaling them again."
-                )
-            else:
-                self._apply(trainer, pl_module, suffix="")
-                self._rewrite_last_checkpoints(trainer)
-        elif self.scaled_at_step is not None:
+            self._apply(trainer, pl_module, suffix="")
+        if self._edited:
             self._rewrite_last_checkpoints(trainer)
-        self._restored = self._loaded_state = False
+        self._restored = self._edited = False
 
     # ------------------------------------------------------------------ the edit
     @staticmethod
@@ -539,7 +524,7 @@ class LiNeS(ContinualCallback):
         state, per_block = self.scaled_state(alpha)
         self._write(pl_module, state)
         self.applied_alpha, self.block_scales = alpha, per_block
-        self.scaled_at_step = trainer.global_step
+        self._edited = True
         if not self.save_unscaled:
             self.unscaled_state_dict = None
         metrics = {"lines/alpha": alpha, "lines/beta": self._beta_for(alpha)}
@@ -590,7 +575,9 @@ class LiNeS(ContinualCallback):
                 continue
             path = callback.last_model_path
             if trainer.is_global_zero and os.path.islink(path):
-                os.unlink(path)  # writing through the link would overwrite the unscaled checkpoint
+                # Lightning's writer replaces a link; a CheckpointIO plugin might write through it
+                # into the (unscaled) checkpoint it points to.
+                os.unlink(path)
             trainer.save_checkpoint(path)
             rank_zero_info(f"LiNeS: the last checkpoint {path} now holds the scaled weights.")
 
@@ -633,7 +620,6 @@ class LiNeS(ContinualCallback):
         return {
             "theta0": {n: t.detach().cpu() for n, t in self.theta0.items()} if keep_theta0 else None,
             "applied_alpha": self.applied_alpha,
-            "scaled_at_step": self.scaled_at_step,
         }
 
     @override
@@ -643,11 +629,3 @@ class LiNeS(ContinualCallback):
             self.theta0 = {n: t.detach().cpu() for n, t in theta0.items()}
             self._restored = True
         self.applied_alpha = state["applied_alpha"]
-        self.scaled_at_step = state["scaled_at_step"]
-        self._loaded_state = True
-
-    @override
-    def migrate_state(self, state: dict[str, Any], version: int) -> dict[str, Any]:
-        if version == 1:  # version 1 had no `scaled_at_step`: its checkpoints held unscaled weights
-            return {**state, "scaled_at_step": None}
-        return super().migrate_state(state, version)
