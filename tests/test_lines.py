@@ -302,6 +302,38 @@ def test_ddp_two_processes_identical_weights(tmp_path: Path) -> None:
     assert result["matches"]
 
 
+class _SweepChecksum(Callback):
+    """After LiNeS' sweep: each rank's chosen α, scores and weight checksum, gathered on rank 0."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        lines = [cb for cb in trainer.callbacks if isinstance(cb, LiNeS)][0]
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).double()
+        row = torch.tensor([lines.applied_alpha, *lines.sweep_scores.values(), flat.sum()], dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(row)
+        if trainer.is_global_zero:
+            torch.save({"gathered": gathered.cpu(), "state": {k: v.cpu() for k, v in pl_module.state_dict().items()}}, self.path)
+
+
+@pytest.mark.ddp
+def test_ddp_spawn_sweep_and_saved_weights(tmp_path: Path) -> None:
+    """The sweep runs under ddp_spawn (trainer.validate could not), ranks agree, files are written."""
+    path = str(tmp_path / "sweep.pt")
+    ckpt_dir = tmp_path / "ckpt"
+    lines = LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val_loss", mode="min", save_plot=False)
+    trainer = _trainer(tmp_path, [lines, _SweepChecksum(path), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+                       devices=2, strategy="ddp_spawn", max_epochs=2, enable_checkpointing=True)
+    trainer.fit(BlockNet(), _loader(n=32), _loader(seed=2, n=32))
+    result = torch.load(path, weights_only=True)
+    gathered = result["gathered"]
+    assert gathered.shape == (2, 5) and torch.equal(gathered[0], gathered[1])
+    scaled = torch.load(tmp_path / "lines_scaled_weights.pt", weights_only=True)
+    assert _state_equal(scaled, result["state"])
+    assert _state_equal(torch.load(ckpt_dir / "last.ckpt", weights_only=False)["state_dict"], result["state"])
+
+
 # ---------------------------------------------------------------------------------- benchmark
 def test_benchmark_quick(capsys: pytest.CaptureFixture[str]) -> None:
     results = load_benchmark("lines").main(["--quick"])
