@@ -7,7 +7,8 @@
    average validation accuracy over both tasks (`monitor="val/acc_avg"`).
 3. Print the accuracy on both tasks for the pre-trained, the fine-tuned and the LiNeS model.
 
-The unscaled fine-tuned weights are kept (`unscaled_weights.pt` in the log dir).
+Both weights are saved in the output folder: `unscaled_weights.pt` (fine-tuned) and
+`lines_scaled_weights.pt` (after LiNeS), with `lines_scales.png` (the scale of each block).
 
     python examples/lines_finetune.py [--fast]
 """

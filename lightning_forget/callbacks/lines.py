@@ -83,7 +83,7 @@ class _LogRecorder:
 
     Installed on the module instance by :func:`validation_score` for the duration of the scoring
     pass and always removed after it: Lightning's own result collection only exists inside its
-    loops, and :meth:`lightning.pytorch.Trainer.validate` cannot run inside ``fit`` (see
+    loops, and :meth:`lightning.pytorch.Trainer.validate` is not safe to run inside ``fit`` (see
     :func:`validation_score`).
     """
 
@@ -140,10 +140,10 @@ def validation_score(
 
     Why not :meth:`~lightning.pytorch.Trainer.validate`: LiNeS scores at the end of ``fit``,
     where ``trainer.validate`` re-runs the whole Trainer machinery: every callback's validation
-    hooks fire again (ModelCheckpoint, EarlyStopping, ContinualMetrics would record the sweep as
-    validation epochs), the loggers receive the sweep's metrics at the last step, the Trainer's
+    hooks fire again (ModelCheckpoint, EarlyStopping and ContinualMetrics would see the sweep as
+    extra validation epochs), the loggers receive the sweep's metrics at the last step, the Trainer's
     state and ``callback_metrics`` are left changed, the strategy tears down (moving the model
-    off the GPU), and under ``strategy="ddp_spawn"`` it would launch new processes. Only the
+    off the GPU), and under ``strategy="ddp_spawn"`` it would try to start new worker processes. Only the
     module's own hooks run here; callbacks, loggers and the progress bar see nothing.
 
     Args:
@@ -337,14 +337,13 @@ class LiNeS(ContinualCallback):
         Logged keys (through ``trainer.loggers`` on rank 0): ``lines/alpha``, ``lines/beta``,
         ``lines/scale/block_{i}`` for each block, and in a sweep ``lines/sweep/score_alpha_{a}``.
         Saved state: ``theta0`` (CPU tensors; ``None`` when ``pretrained_ckpt`` is used),
-        ``applied_alpha``, the task counters of :class:`ContinualCallback`, ``version``. Files in the results dir:
-        ``lines_scaled_weights.pt`` (the scaled module's ``state_dict()``, loadable with
+        ``applied_alpha``, the task counters of :class:`ContinualCallback`, ``version``. Files
+        in the results dir: ``lines_scaled_weights.pt`` (the scaled module's ``state_dict()``, loadable with
         ``torch.load(path, weights_only=True)``), ``unscaled_weights.pt``, ``lines_scales.png``
         (each with a ``_task_{t}`` suffix under ``apply_at="task_end"``).
         With ``strategy="ddp_spawn"`` the attributes set at the end of fit live in the worker
         processes; use the files.
     """
-
 
     def __init__(
         self,
