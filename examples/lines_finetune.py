@@ -8,9 +8,10 @@
 3. Print the accuracy on both tasks for the pre-trained, the fine-tuned and the LiNeS model.
 
 Everything goes into one results folder, by the library's rule (the logger's directory: one
-`lightning_logs/version_N` shared by both fits; or `--out DIR`): `pretrained.ckpt`, the unscaled
-fine-tuned weights (`unscaled_weights.pt`, kept by `LiNeS`) and `accuracies.json`; the last line
-says where.
+`lightning_logs/version_N` shared by both fits; or `--out DIR`): `pretrained.ckpt`, the
+fine-tuned weights before scaling (`unscaled_weights.pt`), the weights after LiNeS
+(`lines_scaled_weights.pt`), the scale of each block (`lines_scales.png`) and `accuracies.json`;
+the last line says where.
 
     python examples/lines_finetune.py [--fast] [--out DIR]
 """

@@ -302,6 +302,38 @@ def test_ddp_two_processes_identical_weights(tmp_path: Path) -> None:
     assert result["matches"]
 
 
+class _SweepChecksum(Callback):
+    """After LiNeS' sweep: each rank's chosen α, scores and weight checksum, gathered on rank 0."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        lines = [cb for cb in trainer.callbacks if isinstance(cb, LiNeS)][0]
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).double()
+        row = torch.tensor([lines.applied_alpha, *lines.sweep_scores.values(), flat.sum()], dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(row)
+        if trainer.is_global_zero:
+            torch.save({"gathered": gathered.cpu(), "state": {k: v.cpu() for k, v in pl_module.state_dict().items()}}, self.path)
+
+
+@pytest.mark.ddp
+def test_ddp_spawn_sweep_and_saved_weights(tmp_path: Path) -> None:
+    """The sweep runs under ddp_spawn (trainer.validate could not), ranks agree, files are written."""
+    path = str(tmp_path / "sweep.pt")
+    ckpt_dir = tmp_path / "ckpt"
+    lines = LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val_loss", mode="min", save_plot=False)
+    trainer = _trainer(tmp_path, [lines, _SweepChecksum(path), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+                       devices=2, strategy="ddp_spawn", max_epochs=2, enable_checkpointing=True)
+    trainer.fit(BlockNet(), _loader(n=32), _loader(seed=2, n=32))
+    result = torch.load(path, weights_only=True)
+    gathered = result["gathered"]
+    assert gathered.shape == (2, 5) and torch.equal(gathered[0], gathered[1])
+    scaled = torch.load(tmp_path / "lines_scaled_weights.pt", weights_only=True)
+    assert _state_equal(scaled, result["state"])
+    assert _state_equal(torch.load(ckpt_dir / "last.ckpt", weights_only=False)["state_dict"], result["state"])
+
+
 # ---------------------------------------------------------------------------------- benchmark
 def test_benchmark_quick(capsys: pytest.CaptureFixture[str]) -> None:
     results = load_benchmark("lines").main(["--quick"])
@@ -345,3 +377,196 @@ def test_sweep_scores_epoch_level_metrics_and_keeps_the_accuracy_matrix(tmp_path
     quiet_trainer(tmp_path, [Snapshot(), lines], max_epochs=dm.max_epochs).fit(model, dm)
     assert lines.applied_alpha in (0.0, 0.5, 1.0)
     assert torch.equal(model.val_matrix.compute().nan_to_num(-1), seen["before"].nan_to_num(-1))
+
+
+# ---------------------------------------------------------------------------------- outputs (issue 9.9)
+def _state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[n].cpu(), b[n].cpu()) for n in a)
+
+
+def test_scaled_weights_file_and_last_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = BlockNet()
+    ckpt_dir = tmp_path / "ckpt"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=-1)
+    cb = LiNeS(alpha=0.2)
+    _trainer(tmp_path, [cb, checkpoint], max_epochs=2, enable_checkpointing=True).fit(model, _loader(), _loader(2))
+    scaled = model.state_dict()
+    assert not torch.equal(scaled["blocks.0.weight"], cb.unscaled_state_dict["blocks.0.weight"])
+
+    # the file exists, loads with the safe unpickler, and rebuilds the in-memory scaled model
+    path = tmp_path / "lines_scaled_weights.pt"
+    assert path.is_file() and cb.output_paths["scaled"] == str(path)
+    rebuilt = BlockNet(seed=99)
+    rebuilt.load_state_dict(torch.load(path, weights_only=True))
+    assert _state_equal(rebuilt.state_dict(), scaled)
+    out = capsys.readouterr().out
+    assert "LiNeS: results written to" in out and "lines_scaled_weights.pt" in out and "unscaled_weights.pt" in out
+
+    # last.ckpt holds the scaled weights; the per-epoch checkpoints keep the unscaled ones
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert _state_equal(last["state_dict"], scaled)
+    epoch_ckpt = torch.load(next(ckpt_dir.glob("epoch=1*.ckpt")), weights_only=False)
+    assert _state_equal({n: epoch_ckpt["state_dict"][n] for n in cb.unscaled_state_dict}, cb.unscaled_state_dict)
+
+    # resuming the finished run from last.ckpt trains nothing and does not scale a second time
+    resumed = BlockNet(seed=7)
+    again = LiNeS(alpha=0.2)
+    _trainer(tmp_path / "again", [again, ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True)], max_epochs=2,
+             enable_checkpointing=True).fit(resumed, _loader(), _loader(2), ckpt_path=str(ckpt_dir / "last.ckpt"))
+    assert _state_equal(resumed.state_dict(), scaled)
+
+
+def test_last_checkpoint_link_is_replaced_not_written_through(tmp_path: Path) -> None:
+    model = BlockNet()
+    ckpt_dir = tmp_path / "ckpt"
+    cb = LiNeS(alpha=0.0, save_plot=False)
+    _trainer(tmp_path, [cb, ModelCheckpoint(dirpath=ckpt_dir, save_last="link")], max_epochs=1,
+             enable_checkpointing=True).fit(model, _loader(), _loader(2))
+    last = ckpt_dir / "last.ckpt"
+    assert last.is_file() and not last.is_symlink()
+    assert _state_equal(torch.load(last, weights_only=False)["state_dict"], model.state_dict())
+    target = torch.load(next(ckpt_dir.glob("epoch=*.ckpt")), weights_only=False)["state_dict"]
+    assert _state_equal({n: target[n] for n in cb.unscaled_state_dict}, cb.unscaled_state_dict)
+
+
+def test_last_checkpoint_written_by_model_checkpoint_after_lines(tmp_path: Path) -> None:
+    # no validation, checkpoints every 5 epochs: ModelCheckpoint writes last.ckpt in its own
+    # on_train_end, which runs after LiNeS' edit
+    model = BlockNet()
+    ckpt_dir = tmp_path / "ckpt"
+    _trainer(tmp_path, [LiNeS(alpha=0.3, save_plot=False), ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=5)],
+             max_epochs=1, enable_checkpointing=True).fit(model, _loader())
+    assert _state_equal(torch.load(ckpt_dir / "last.ckpt", weights_only=False)["state_dict"], model.state_dict())
+
+
+def test_task_end_saves_scaled_weights_and_last_checkpoint(tmp_path: Path) -> None:
+    model = BlockNet()
+    ckpt_dir = tmp_path / "ckpt"
+    cb = LiNeS(alpha=0.25, apply_at="task_end", save_plot=False)
+    _trainer(tmp_path, [cb, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)], max_epochs=2,
+             reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, enable_checkpointing=True,
+             ).fit(model, datamodule=_TwoTasks.make())
+    for task in (0, 1):
+        assert (tmp_path / f"lines_scaled_weights_task_{task}.pt").is_file()
+    assert _state_equal(torch.load(tmp_path / "lines_scaled_weights_task_1.pt", weights_only=True), model.state_dict())
+    assert _state_equal(torch.load(ckpt_dir / "last.ckpt", weights_only=False)["state_dict"], model.state_dict())
+
+
+def test_results_go_to_the_logger_directory(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(str(tmp_path), name="run")
+    _trainer(tmp_path, [LiNeS(alpha_grid=[0.0, 1.0], monitor="val_loss", mode="min")], logger=logger).fit(
+        BlockNet(), _loader(), _loader(2)
+    )
+    for name in ("lines_scaled_weights.pt", "unscaled_weights.pt", "lines_scales.png"):
+        assert (Path(logger.log_dir) / name).is_file(), name
+    assert not (tmp_path / "lines_scaled_weights.pt").exists()
+
+
+def test_scales_figure_is_a_figure_with_the_sweep() -> None:
+    from matplotlib.figure import Figure
+
+    from lightning_forget.callbacks.lines import scales_figure
+
+    figure = scales_figure([0.2, 0.6, 1.0], alpha=0.2, beta=0.8)
+    assert isinstance(figure, Figure) and len(figure.axes) == 1
+    assert list(figure.axes[0].lines[0].get_ydata()) == pytest.approx([0.2, 0.6, 1.0])
+    swept = scales_figure([0.5, 1.0], alpha=0.5, beta=0.5, sweep_scores={0.0: 1.0, 0.5: 2.0, 1.0: 1.5}, score_name="val_acc")
+    assert len(swept.axes) == 2 and swept.axes[1].get_ylabel() == "val_acc"
+
+
+def test_save_plot_false_writes_no_png(tmp_path: Path) -> None:
+    _trainer(tmp_path, [LiNeS(alpha=0.3, save_plot=False)]).fit(BlockNet(), _loader())
+    assert (tmp_path / "lines_scaled_weights.pt").is_file() and not (tmp_path / "lines_scales.png").exists()
+    with pytest.raises(TypeError, match="save_plot"):
+        LiNeS(save_plot=1)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------- depth (issue 9.9)
+class _SparseEncoder(BlockNet):
+    """Blocks named encoder.1 and encoder.3 only (encoder.0/2 are parameter-free)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.blocks
+        self.encoder = nn.Sequential(nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def test_layer_pattern_counts_distinct_depths(tmp_path: Path) -> None:
+    # encoder.1 and encoder.3 are the first and the last of 2 blocks, not blocks 1 and 3 of 4
+    model = _SparseEncoder()
+    theta0 = _params(model)
+    cb = LiNeS(alpha=0.2, layer_pattern=r"(?:^|\.)encoder\.(\d+)\.")
+    _trainer(tmp_path, [cb]).fit(model, _loader())
+    assert cb.block_scales == pytest.approx([0.2, 1.0])
+    ft = cb.unscaled_state_dict
+    assert torch.allclose(model.encoder[3].weight, ft["encoder.3.weight"], atol=1e-7)  # last block: λ = 1
+    expected_first = theta0["encoder.1.weight"] + 0.2 * (ft["encoder.1.weight"] - theta0["encoder.1.weight"])
+    assert torch.allclose(model.encoder[1].weight, expected_first, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------- sweep (issue 10.4)
+class _Recorder(Callback):
+    """Counts validation hooks seen by callbacks."""
+
+    def __init__(self) -> None:
+        self.validation_epochs = 0
+        self.validation_starts = 0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validation_starts += 1
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.validation_epochs += 1
+
+
+class _MetricsAtTrainEnd(Callback):
+    """Listed before LiNeS: what the Trainer holds before the sweep."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.callback_metrics = {k: v.clone() for k, v in trainer.callback_metrics.items()}
+        self.state = (trainer.state.fn, trainer.state.status, trainer.state.stage)
+
+
+def test_sweep_fires_no_callback_and_logs_nothing_to_the_loggers(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    recorder, before, after = _Recorder(), _MetricsAtTrainEnd(), _MetricsAtTrainEnd()
+    logger = CSVLogger(str(tmp_path), name="run")
+    cb = LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val_loss", mode="min")
+    trainer = _trainer(tmp_path, [before, cb, after, recorder], logger=logger, max_epochs=2)
+    trainer.fit(BlockNet(), _loader(), _loader(2))
+    # sanity check + 2 epochs, none from the 3 swept values
+    assert recorder.validation_starts == 3 and recorder.validation_epochs == 3
+    assert {k: float(v) for k, v in after.callback_metrics.items()} == pytest.approx(
+        {k: float(v) for k, v in before.callback_metrics.items()}
+    )
+    assert after.state == before.state  # the sweep leaves the Trainer's state as it found it
+    rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    val_rows = [r for r in rows[1:] if r.split(",")[header.index("val_loss")] != ""]
+    assert len(val_rows) == 2  # one per epoch
+
+
+def test_validation_score_is_public_and_matches_the_sweep(tmp_path: Path) -> None:
+    from lightning_forget.callbacks.lines import validation_score
+
+    seen: dict[str, float] = {}
+
+    class Probe(Callback):  # after LiNeS: the model holds the chosen α's weights
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            seen["score"] = validation_score(pl_module, "val_loss")
+            seen["explicit"] = validation_score(pl_module, "val_loss", dataloaders=[_loader(2)])
+            with pytest.raises(RuntimeError, match="never logged.*val_loss"):
+                validation_score(pl_module, "val_acc")
+
+    cb = LiNeS(alpha_grid=[0.0, 1.0], monitor="val_loss", mode="min", save_plot=False)
+    _trainer(tmp_path, [cb, Probe()]).fit(BlockNet(), _loader(), _loader(2))
+    assert seen["score"] == pytest.approx(cb.sweep_scores[cb.applied_alpha], rel=1e-6)
+    # a list of one loader is a single loader: no dataloader_idx suffix
+    assert seen["explicit"] == pytest.approx(seen["score"], rel=1e-6)

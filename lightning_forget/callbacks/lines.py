@@ -10,18 +10,20 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_forget import merging
+from lightning_forget import merging, reporting
 from lightning_forget.tasks import ContinualCallback
+from lightning_forget.validation import check_bool
 
 try:  # Python 3.12+
     from typing import override
 except ImportError:  # pragma: no cover
     from typing_extensions import override
 
-__all__ = ["LiNeS", "load_weights"]
+__all__ = ["LiNeS", "load_weights", "scales_figure", "validation_score"]
 
 ScoreFn = Callable[["pl.LightningModule"], float]
 
@@ -76,6 +78,186 @@ def _align_names(names: list[str], loaded: Mapping[str, Tensor], path: str) -> d
     )
 
 
+class _LogRecorder:
+    """What a module's validation hooks pass to ``self.log``/``self.log_dict``, for one metric.
+
+    Installed on the module instance by :func:`validation_score` for the duration of the scoring
+    pass and always removed after it: Lightning's own result collection only exists inside its
+    loops, and :meth:`lightning.pytorch.Trainer.validate` is not safe to run inside ``fit`` (see
+    :func:`validation_score`).
+    """
+
+    def __init__(self, monitor: str, multiple: bool) -> None:
+        self.monitor = monitor
+        self.multiple = multiple  # several loaders: step-level keys get "/dataloader_idx_{i}"
+        self.dataloader_idx = 0
+        self.total = torch.zeros(2, dtype=torch.float64)  # Σ value·batch_size, Σ batch_size
+        self.metric: Any = None
+        self.seen: set[str] = set()
+
+    def record(self, name: str, value: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True) -> None:
+        from torchmetrics import Metric
+
+        key = f"{name}/dataloader_idx_{self.dataloader_idx}" if self.multiple and add_dataloader_idx else name
+        self.seen.add(key)
+        if key != self.monitor:
+            return
+        if isinstance(value, Metric):
+            self.metric = value
+            return
+        weight = float(batch_size) if batch_size else 1.0
+        self.total[0] += float(value) * weight
+        self.total[1] += weight
+
+    def log(self, name: str, value: Any, *args: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True, **kwargs: Any) -> None:
+        self.record(name, value, batch_size, add_dataloader_idx)
+
+    def log_dict(self, dictionary: Mapping[str, Any], *args: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True, **kwargs: Any) -> None:
+        for name, value in dictionary.items():
+            self.record(name, value, batch_size, add_dataloader_idx)
+
+
+def validation_score(
+    pl_module: "pl.LightningModule", monitor: str, dataloaders: Any = None
+) -> float:
+    """The mean of ``monitor`` that the module's own validation logs, over ``dataloaders``.
+
+    This is how :class:`LiNeS` scores each α of a sweep when it is given ``monitor`` (and the
+    building block for a custom ``score_fn``). It runs, in eval mode and under
+    ``torch.no_grad()``, the module's ``on_validation_epoch_start``, its ``validation_step`` on
+    every batch of every loader (with ``dataloader_idx`` when there are several) and its
+    ``on_validation_epoch_end``, and reads what they pass to ``self.log``/``self.log_dict``:
+
+    - a logged tensor or number: the mean over batches, weighted by ``batch_size`` when given,
+      summed across ranks through ``trainer.strategy.reduce`` (each rank sees its shard of the
+      loaders Lightning built for ``fit``);
+    - a logged ``torchmetrics.Metric``: its ``compute()`` (which syncs across ranks).
+
+    With several loaders a step-level key gets Lightning's ``/dataloader_idx_{i}`` suffix unless
+    logged with ``add_dataloader_idx=False``; epoch-level keys carry none. The module's
+    ``torchmetrics`` objects are reset for the pass and their states put back after it, so a
+    run's accumulated counts (e.g. an accuracy matrix) are not disturbed.
+
+    Why not :meth:`~lightning.pytorch.Trainer.validate`: LiNeS scores at the end of ``fit``,
+    where ``trainer.validate`` re-runs the whole Trainer machinery: every callback's validation
+    hooks fire again (ModelCheckpoint, EarlyStopping and ContinualMetrics would see the sweep as
+    extra validation epochs), the loggers receive the sweep's metrics at the last step, the Trainer's
+    state and ``callback_metrics`` are left changed, the strategy tears down (moving the model
+    off the GPU), and under ``strategy="ddp_spawn"`` it would try to start new worker processes. Only the
+    module's own hooks run here; callbacks, loggers and the progress bar see nothing.
+
+    Args:
+        pl_module: a module attached to a Trainer (``pl_module.trainer``).
+        monitor: key the module logs in its validation hooks.
+        dataloaders: a loader or a list of loaders; ``None`` → ``trainer.val_dataloaders``.
+
+    Returns:
+        The score (identical on every rank).
+
+    Raises:
+        RuntimeError: no loaders, or ``monitor`` was never logged (the message lists the keys
+            that were).
+    """
+    from torchmetrics import Metric
+
+    trainer = pl_module.trainer
+    loaders = trainer.val_dataloaders if dataloaders is None else dataloaders
+    if loaders is None:
+        raise RuntimeError(
+            f"LiNeS scores α with `monitor`={monitor!r} on the validation data, but the trainer has "
+            "none. Fix: give the model/datamodule a val_dataloader, or pass `score_fn`."
+        )
+    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    multiple = len(loaders) > 1
+    recorder = _LogRecorder(monitor, multiple)
+    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    saved = [{name: copy.deepcopy(getattr(m, name)) for name in m._defaults} for m in metrics]
+    for m in metrics:
+        m.reset()
+    was_training = pl_module.training
+    pl_module.eval()
+    pl_module.log, pl_module.log_dict = recorder.log, recorder.log_dict  # type: ignore[method-assign]
+    metric_value: Optional[float] = None
+    try:
+        with torch.no_grad():
+            pl_module.on_validation_epoch_start()
+            for i, loader in enumerate(loaders):
+                recorder.dataloader_idx = i
+                for batch_idx, batch in enumerate(loader):
+                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=i)
+                    if multiple:
+                        pl_module.validation_step(batch, batch_idx, i)
+                    else:
+                        pl_module.validation_step(batch, batch_idx)
+            recorder.multiple = False  # epoch-level logs carry no loader index
+            pl_module.on_validation_epoch_end()
+            # A logged Metric object is computed before its state is put back.
+            if recorder.metric is not None:
+                metric_value = float(recorder.metric.compute())
+    finally:
+        del pl_module.log, pl_module.log_dict
+        pl_module.train(was_training)
+        for m, states in zip(metrics, saved):
+            m.reset()
+            for name, value in states.items():
+                setattr(m, name, value)
+    if metric_value is not None:
+        return metric_value
+    total = trainer.strategy.reduce(recorder.total.to(pl_module.device), reduce_op="sum").cpu()
+    if float(total[1]) == 0.0:
+        raise RuntimeError(
+            f"LiNeS' sweep `monitor`={monitor!r} was never logged by the module's validation; keys "
+            f"logged: {sorted(recorder.seen)}. Fix `monitor` or pass `score_fn`."
+        )
+    return float(total[0] / total[1])
+
+
+def scales_figure(
+    block_scales: list[float],
+    alpha: float,
+    beta: float,
+    head_policy: str = "exclude",
+    sweep_scores: Optional[Mapping[float, float]] = None,
+    score_name: str = "score",
+) -> Any:
+    """A matplotlib ``Figure`` of the LiNeS scales λ(ℓ) per block (and the α sweep, if any).
+
+    Left: λ(ℓ) = α + β·(ℓ−1)/(L−1) for each block, the dashed line at α marks the scale of the
+    parameters outside the blocks. Right (only with ``sweep_scores``): the score of each swept α,
+    the chosen one highlighted. The figure uses an Agg canvas (no display, no pyplot state); save
+    it with ``figure.savefig(path)``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = 2 if sweep_scores else 1
+    figure = Figure(figsize=(4.8 * panels, 3.6), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, panels, 1)
+    blocks = list(range(len(block_scales)))
+    axes.plot(blocks, block_scales, marker="o", color="tab:blue", label="λ(ℓ) of block ℓ")
+    axes.axhline(alpha, color="tab:gray", linestyle="--", linewidth=1, label="non-block parameters (α)")
+    axes.set_xlabel("block ℓ (0 = shallowest)")
+    axes.set_ylabel("scale of the fine-tuning update")
+    axes.set_ylim(min(0.0, min(block_scales, default=0.0)) - 0.05, max(1.0, max(block_scales, default=1.0)) + 0.05)
+    if len(blocks) <= 24:
+        axes.set_xticks(blocks)
+    axes.set_title(f"LiNeS scales: α={alpha:g}, β={beta:g}, head: {head_policy}", fontsize=10)
+    axes.legend(fontsize=8, loc="lower right")
+    if sweep_scores:
+        grid = sorted(sweep_scores)
+        right = figure.add_subplot(1, panels, 2)
+        right.plot(grid, [sweep_scores[a] for a in grid], marker="o", color="tab:green")
+        if alpha in sweep_scores:
+            right.plot([alpha], [sweep_scores[alpha]], marker="*", markersize=14, color="tab:red", label=f"chosen α={alpha:g}")
+            right.legend(fontsize=8)
+        right.set_xlabel("α")
+        right.set_ylabel(score_name)
+        right.set_title("α sweep", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 class LiNeS(ContinualCallback):
     """LiNeS: after fine-tuning, scale each layer's update linearly with depth.
 
@@ -99,22 +281,29 @@ class LiNeS(ContinualCallback):
 
     **Choosing α.** Either a fixed ``alpha`` or a sweep over ``alpha_grid``: for each α the
     scaled weights are written into the model and scored, then the best is kept. The score is
-    ``score_fn(module)`` (Python use; called on every rank, rank 0's value decides), or else
-    the mean of the metric ``monitor`` that the module's own ``validation_step`` logs over
-    ``trainer.val_dataloaders`` (run by this callback, not by ``trainer.validate``, which cannot
-    be called inside ``fit``; values are averaged over batches weighted by ``batch_size`` and
-    reduced across ranks; logged ``torchmetrics`` objects are computed). With several
-    validation loaders the key gets Lightning's ``/dataloader_idx_{i}`` suffix unless logged
-    with ``add_dataloader_idx=False``.
+    ``score_fn(module)`` (called on every rank, rank 0's value decides), or else
+    :func:`validation_score` of ``monitor``: the mean of what the module's own validation hooks
+    log over ``trainer.val_dataloaders``. The sweep deliberately does not go through
+    ``trainer.validate`` (it would fire every callback's validation hooks again, log the sweep
+    to the loggers and change the Trainer's state; :func:`validation_score` says why), so the
+    sweep works under every strategy LiNeS supports, ``ddp_spawn`` included.
 
     **apply_at="task_end" (experimental, not in the paper).** In a continual run the residual
     of each task, relative to the weights at that task's start, is scaled when the task ends
     (at the end of the task's last epoch, after its validation: that validation, and a
     checkpoint written at it, still see the unscaled weights). Optimizer state is left as is.
 
-    **Weights are never lost.** Checkpoints written during ``fit`` hold the unscaled weights
-    (the edit happens after them); the scaled model exists in memory after ``fit`` returns, so
-    save it explicitly (``trainer.save_checkpoint(...)``) if you need it on disk.
+    **Weights are never lost.** After the edit the scaled model's state dict is written to
+    ``<results dir>/lines_scaled_weights.pt`` (the folder of
+    :func:`lightning_forget.reporting.results_dir`: the logger's directory, else
+    ``default_root_dir``), next to ``unscaled_weights.pt``; the end of the run prints where. When
+    a ``ModelCheckpoint`` keeps a last checkpoint (``save_last``), that checkpoint is rewritten at
+    the end of ``fit`` and holds the scaled weights (a ``save_last="link"`` link is replaced by a
+    file, so the checkpoint it pointed to keeps the unscaled weights). The other checkpoints
+    written during ``fit`` (top-k, every-n) hold the unscaled weights: the edit happens after
+    them. Resuming the finished run from that last checkpoint trains nothing and leaves the
+    weights as they are; training on from it (more epochs) starts from the scaled weights, and
+    the new end of ``fit`` scales again relative to the same θ_0.
 
     Args:
         alpha: scale of the first block and of the non-block parameters (paper default in its
@@ -136,7 +325,9 @@ class LiNeS(ContinualCallback):
         mode: ``"max"`` or ``"min"``: which score is best.
         score_fn: callable ``module -> float`` that scores a sweep instead of ``monitor``.
         save_unscaled: keep the unscaled fine-tuned weights in :attr:`unscaled_state_dict`
-            and write them to ``<log_dir>/unscaled_weights.pt`` (rank 0).
+            and write them to ``<results dir>/unscaled_weights.pt`` (rank 0).
+        save_plot: write ``lines_scales.png``, the scale of each block (and the α sweep's
+            scores), built by :func:`scales_figure` (rank 0).
 
     Raises:
         ValueError: an argument is out of range or inconsistent (each message names it).
@@ -146,12 +337,13 @@ class LiNeS(ContinualCallback):
         Logged keys (through ``trainer.loggers`` on rank 0): ``lines/alpha``, ``lines/beta``,
         ``lines/scale/block_{i}`` for each block, and in a sweep ``lines/sweep/score_alpha_{a}``.
         Saved state: ``theta0`` (CPU tensors; ``None`` when ``pretrained_ckpt`` is used),
-        ``applied_alpha``, the task counters of :class:`ContinualCallback`, ``version``. Files:
-        ``unscaled_weights.pt`` (``unscaled_weights_task_{t}.pt`` with ``apply_at="task_end"``).
+        ``applied_alpha``, the task counters of :class:`ContinualCallback`, ``version``. Files
+        in the results dir: ``lines_scaled_weights.pt`` (the scaled module's ``state_dict()``, loadable with
+        ``torch.load(path, weights_only=True)``), ``unscaled_weights.pt``, ``lines_scales.png``
+        (each with a ``_task_{t}`` suffix under ``apply_at="task_end"``).
         With ``strategy="ddp_spawn"`` the attributes set at the end of fit live in the worker
         processes; use the files.
     """
-
 
     def __init__(
         self,
@@ -168,6 +360,7 @@ class LiNeS(ContinualCallback):
         mode: Literal["max", "min"] = "max",
         score_fn: Optional[ScoreFn] = None,
         save_unscaled: bool = True,
+        save_plot: bool = True,
     ) -> None:
         super().__init__()
         self.alpha = merging.check_alpha(alpha)
@@ -214,14 +407,18 @@ class LiNeS(ContinualCallback):
         self.monitor = monitor
         self.mode = mode
         self.score_fn = score_fn
-        self.save_unscaled = bool(save_unscaled)
+        self.save_unscaled = check_bool("save_unscaled", save_unscaled)
+        self.save_plot = check_bool("save_plot", save_plot)
 
         self.theta0: Optional[dict[str, Tensor]] = None
         self.unscaled_state_dict: Optional[dict[str, Tensor]] = None
         self.applied_alpha: Optional[float] = None
         self.sweep_scores: dict[float, float] = {}
         self.block_scales: list[float] = []
-        self._restored = False
+        #: Files written by the last edit: {"scaled": path, "unscaled": path, "plot": path}.
+        self.output_paths: dict[str, str] = {}
+        self._restored = False  # θ_0 came from a checkpoint
+        self._edited = False  # the weights were scaled during this fit
 
     @property
     @override
@@ -244,6 +441,7 @@ class LiNeS(ContinualCallback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._edited = False
         names = self._param_names(pl_module)
         # Fail before training when the depth cannot be inferred.
         merging.block_depths(names, self.layer_pattern, self.depth_map)
@@ -269,7 +467,9 @@ class LiNeS(ContinualCallback):
         super().on_train_end(trainer, pl_module)
         if self.apply_at == "fit_end":
             self._apply(trainer, pl_module, suffix="")
-        self._restored = False
+        if self._edited:
+            self._rewrite_last_checkpoints(trainer)
+        self._restored = self._edited = False
 
     # ------------------------------------------------------------------ the edit
     @staticmethod
@@ -316,12 +516,14 @@ class LiNeS(ContinualCallback):
         if missing:
             raise RuntimeError(f"The model gained parameters after θ_0 was taken, e.g. {missing[:5]}; LiNeS cannot scale them.")
         self.unscaled_state_dict = self._snapshot(pl_module)
+        self.output_paths = {}
         if self.save_unscaled:
             self._save_unscaled(trainer, suffix)
         alpha = self.alpha if self.alpha_grid is None else self._sweep(trainer, pl_module)
         state, per_block = self.scaled_state(alpha)
         self._write(pl_module, state)
         self.applied_alpha, self.block_scales = alpha, per_block
+        self._edited = True
         if not self.save_unscaled:
             self.unscaled_state_dict = None
         metrics = {"lines/alpha": alpha, "lines/beta": self._beta_for(alpha)}
@@ -332,14 +534,51 @@ class LiNeS(ContinualCallback):
             f"LiNeS: scaled the fine-tuning residual over {len(per_block)} blocks with α={alpha:g}, "
             f"β={self._beta_for(alpha):g} (scales {per_block[0]:.3g} → {per_block[-1]:.3g})."
         )
+        self._save_scaled(trainer, pl_module, suffix)
 
     def _save_unscaled(self, trainer: "pl.Trainer", suffix: str) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir  # `log_dir` broadcasts: call it on every rank
+        # Written before the sweep, so the fine-tuned weights are on disk whatever happens next.
+        directory = reporting.results_dir(trainer)  # broadcasts rank 0's folder: call it on every rank
         if trainer.is_global_zero:
-            os.makedirs(log_dir, exist_ok=True)
-            path = os.path.join(log_dir, f"unscaled_weights{suffix}.pt")
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, f"unscaled_weights{suffix}.pt")
             torch.save(self.unscaled_state_dict, path)
-            rank_zero_info(f"LiNeS: kept the unscaled fine-tuned weights in {path}.")
+            self.output_paths["unscaled"] = path
+
+    def _save_scaled(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", suffix: str) -> None:
+        directory = reporting.results_dir(trainer)  # broadcasts rank 0's folder: call it on every rank
+        if not trainer.is_global_zero:
+            return
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"lines_scaled_weights{suffix}.pt")
+        torch.save({name: value.detach().cpu() for name, value in pl_module.state_dict().items()}, path)
+        self.output_paths["scaled"] = path
+        if self.save_plot:
+            figure = scales_figure(
+                self.block_scales, self.applied_alpha, self._beta_for(self.applied_alpha), self.head_policy,  # type: ignore[arg-type]
+                self.sweep_scores, self.monitor or "score_fn",
+            )
+            # FIGURE TO LOGGERS: once `reporting.log_figure` exists, add here:
+            #     reporting.log_figure(trainer, figure, f"lines/scales{suffix}")
+            plot = os.path.join(directory, f"lines_scales{suffix}.png")
+            figure.savefig(plot)
+            self.output_paths["plot"] = plot
+        reporting.announce_results(trainer, "LiNeS", [self.output_paths[k] for k in ("scaled", "unscaled", "plot") if k in self.output_paths])
+
+    def _rewrite_last_checkpoints(self, trainer: "pl.Trainer") -> None:
+        """Make every ``save_last`` checkpoint hold the scaled weights (collective: all ranks)."""
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last or not callback.last_model_path:
+                # No last checkpoint yet: ModelCheckpoint writes it in its own on_train_end, which
+                # Lightning runs after this callback's (checkpoint callbacks go last).
+                continue
+            path = callback.last_model_path
+            if trainer.is_global_zero and os.path.islink(path):
+                # Lightning's writer replaces a link; a CheckpointIO plugin might write through it
+                # into the (unscaled) checkpoint it points to.
+                os.unlink(path)
+            trainer.save_checkpoint(path)
+            rank_zero_info(f"LiNeS: the last checkpoint {path} now holds the scaled weights.")
 
     @staticmethod
     def _log(trainer: "pl.Trainer", metrics: dict[str, float]) -> None:
@@ -356,7 +595,10 @@ class LiNeS(ContinualCallback):
         for alpha in tqdm(self.alpha_grid, desc="LiNeS α sweep", disable=not trainer.is_global_zero):
             state, _ = self.scaled_state(alpha)
             self._write(pl_module, state)
-            score = float(self.score_fn(pl_module)) if self.score_fn is not None else self._evaluate(trainer, pl_module)
+            if self.score_fn is not None:
+                score = float(self.score_fn(pl_module))
+            else:
+                score = validation_score(pl_module, self.monitor)  # type: ignore[arg-type]
             scores.append(score)
         scores = trainer.strategy.broadcast(scores, src=0)
         self.sweep_scores = dict(zip(self.alpha_grid, scores))
@@ -369,87 +611,6 @@ class LiNeS(ContinualCallback):
         if best is None:
             raise RuntimeError(f"Every LiNeS sweep score was NaN for α in {self.alpha_grid}.")
         return self.alpha_grid[best]
-
-    def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> float:
-        """Mean of ``monitor`` logged by the module's validation (its ``validation_step`` and its
-        ``on_validation_epoch_start``/``_end`` hooks) over the validation loaders."""
-        from torchmetrics import Metric
-
-        loaders = trainer.val_dataloaders
-        if loaders is None:
-            raise RuntimeError(
-                f"LiNeS' sweep scores α with `monitor`={self.monitor!r} on the validation data, but the "
-                "trainer has none. Fix: give the model/datamodule a val_dataloader, or pass `score_fn`."
-            )
-        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
-        multiple = len(loaders) > 1
-        total = torch.zeros(2, dtype=torch.float64)
-        metric_objs: dict[str, Metric] = {}
-        seen: set[str] = set()
-        idx_box = [0]
-        suffix_box = [multiple]  # epoch-level logs (on_validation_epoch_end) carry no index
-
-        def record(name: str, value: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True) -> None:
-            key = f"{name}/dataloader_idx_{idx_box[0]}" if suffix_box[0] and add_dataloader_idx else name
-            seen.add(key)
-            if key != self.monitor:
-                return
-            if isinstance(value, Metric):
-                metric_objs[key] = value
-                return
-            weight = float(batch_size) if batch_size else 1.0
-            total[0] += float(value) * weight
-            total[1] += weight
-
-        def log(name: str, value: Any, *args: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True, **kwargs: Any) -> None:
-            record(name, value, batch_size, add_dataloader_idx)
-
-        def log_dict(dictionary: Mapping[str, Any], *args: Any, batch_size: Optional[int] = None, add_dataloader_idx: bool = True, **kwargs: Any) -> None:
-            for name, value in dictionary.items():
-                record(name, value, batch_size, add_dataloader_idx)
-
-        metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
-        # The module's metrics may hold a whole run's counts (e.g. an accuracy matrix): keep
-        # their states and put them back after the sweep's evaluation.
-        saved = [{name: copy.deepcopy(getattr(m, name)) for name in m._defaults} for m in metrics]
-        for m in metrics:
-            m.reset()
-        was_training = pl_module.training
-        pl_module.eval()
-        pl_module.log, pl_module.log_dict = log, log_dict  # type: ignore[method-assign]
-        try:
-            with torch.no_grad():
-                pl_module.on_validation_epoch_start()
-                for i, loader in enumerate(loaders):
-                    idx_box[0] = i
-                    for batch_idx, batch in enumerate(loader):
-                        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=i)
-                        if multiple:
-                            pl_module.validation_step(batch, batch_idx, i)
-                        else:
-                            pl_module.validation_step(batch, batch_idx)
-                suffix_box[0] = False
-                pl_module.on_validation_epoch_end()
-                # A logged Metric object is computed before its state is put back.
-                metric_value = float(metric_objs[self.monitor].compute()) if self.monitor in metric_objs else None
-        finally:
-            del pl_module.log, pl_module.log_dict
-            pl_module.train(was_training)
-            for m, states in zip(metrics, saved):
-                m.reset()
-                for name, value in states.items():
-                    setattr(m, name, value)
-        if metric_value is not None:
-            value = metric_value
-        else:
-            total = trainer.strategy.reduce(total.to(pl_module.device), reduce_op="sum").cpu()
-            if float(total[1]) == 0.0:
-                raise RuntimeError(
-                    f"LiNeS' sweep `monitor`={self.monitor!r} was never logged by validation_step; keys "
-                    f"logged: {sorted(seen)}. Fix `monitor` or pass `score_fn`."
-                )
-            value = float(total[0] / total[1])
-        return value
 
     # ------------------------------------------------------------------ state
     @override
