@@ -81,6 +81,8 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
         ({"alpha_grid": [0.1], "score_fn": 3}, TypeError, "score_fn"),
         ({"alpha_grid": [0.1], "monitor": "m", "apply_at": "task_end"}, ValueError, "task_end"),
         ({"pretrained_ckpt": "x.pt", "apply_at": "task_end"}, ValueError, "pretrained_ckpt"),
+        ({"pretrained_ckpt": "/nonexistent/theta0.ckpt"}, FileNotFoundError, "pretrained_ckpt"),
+        ({"pretrained_ckpt": 3}, TypeError, "pretrained_ckpt"),
         ({"depth_map": [1, 2]}, ValueError, "depth_map"),
     ],
 )

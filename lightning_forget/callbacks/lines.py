@@ -372,7 +372,13 @@ class LiNeS(ContinualCallback):
         merging.check_head_policy(head_policy)
         merging.check_head_pattern(head_pattern)
         if pretrained_ckpt is not None and not isinstance(pretrained_ckpt, (str, os.PathLike)):
-            raise ValueError(f"`pretrained_ckpt` must be a file path, got {pretrained_ckpt!r}.")
+            raise TypeError(f"`pretrained_ckpt` must be a file path, got {pretrained_ckpt!r}.")
+        if pretrained_ckpt is not None and apply_at != "task_end" and not os.path.isfile(pretrained_ckpt):
+            # Checked now, not when the fit ends and the reference is needed.
+            raise FileNotFoundError(
+                f"`pretrained_ckpt`={os.fspath(pretrained_ckpt)!r} is not a file. Fix: pass the path of the "
+                "pre-trained checkpoint or state dict, or omit it to use the weights at the start of the fit."
+            )
         if apply_at not in ("fit_end", "task_end"):
             raise ValueError(f"`apply_at` must be 'fit_end' or 'task_end', got {apply_at!r}.")
         if apply_at == "task_end" and pretrained_ckpt is not None:
