@@ -470,6 +470,22 @@ def test_csv_and_png_written(tmp_path: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_stability_gap_figure_reaches_the_loggers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.helpers.loggers import ImageLogger, RecordingTensorBoard
+
+    image, board = ImageLogger(), RecordingTensorBoard(str(tmp_path / "tb"))
+    cb = ContinualEvaluation(every_n_steps=2, samples_per_task=16, save_csv=False)
+    _fit(tmp_path, [cb], logger=[image, board])
+    last_step = int(cb.curves.steps[-1])
+    [(tag, figure, step)] = board.writer.calls
+    assert (tag, step) == ("eval/stability_gap", last_step)
+    assert figure.axes[0].get_title().startswith("Continual evaluation every 2 steps")
+    assert [(key, step) for key, _, step in image.images] == [("eval/stability_gap", last_step)]
+    # the PNG is written as well, into the results folder (no logger directory: default_root_dir)
+    assert (tmp_path / "stability_gap.png").exists() and not (tmp_path / "continual_eval.csv").exists()
+    assert f"ContinualEvaluation: results written to {tmp_path.resolve()}: stability_gap.png" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------- one fit per task
 class _DictDataset(Dataset):
     def __init__(self, base: TensorDataset) -> None:
