@@ -1,7 +1,14 @@
-"""End-of-run reporting: a rich table of the accuracy matrix, and JSON, CSV and PNG files.
+"""End-of-run reporting: a rich table of the accuracy matrix, JSON, CSV and PNG files, figures to loggers.
 
-These are plain functions with no collectives: call them on one process only (the
-:class:`~lightning_forget.callbacks.continual_metrics.ContinualMetrics` callback calls them on
+- the accuracy matrix: :func:`print_report`, :func:`write_report` (``metrics.json``,
+  ``accuracy_matrix.csv``, :func:`accuracy_heatmap` as ``accuracy_matrix.png``);
+- continual-evaluation curves (the stability gap): :func:`write_stability_csv`,
+  :func:`stability_gap_figure`, :func:`write_stability_plot`;
+- figures to the loggers that take images: :func:`log_figure`;
+- where it all goes: :func:`results_dir`, :func:`announce_results`.
+
+Apart from :func:`results_dir` (call it on every rank: ``trainer.log_dir`` broadcasts), these are
+plain functions with no collectives: call them on one process only (the callbacks call them on
 global rank 0 with values that are identical on every rank).
 
 Convention: ``R[i, j]`` is the accuracy on task ``j`` after training task ``i``, ``NaN`` where not

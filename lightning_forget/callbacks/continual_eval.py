@@ -69,16 +69,20 @@ class ContinualEvaluation(ContinualCallback):
     each task, the accuracy (``pl_module(x).argmax(-1)``, see :meth:`predict`) on a fixed seeded
     subsample of ``samples_per_task`` validation examples of each task seen so far. From the
     curves it computes min-ACC, WC-ACC, windowed forgetting WF^w and windowed plasticity WP^w
-    (:mod:`lightning_forget.metrics.stability`), and at the end of the fit writes
-    ``continual_eval.csv`` and ``stability_gap.png``.
+    (:mod:`lightning_forget.metrics.stability`; min-ACC from running per-task minima, so each
+    evaluation costs ``O(tasks)``), and at the end of the fit writes ``continual_eval.csv`` and
+    ``stability_gap.png`` and logs the figure.
 
     Where the evaluation data comes from:
 
     - **One fit over a** :class:`~lightning_forget.datamodules.ContinualDataModule`: task ``t``'s
       data is ``trainer.datamodule.val_dataset(t)``; only the subsample indices are kept.
     - **One fit per task**: the current task's data is the fit's validation set
-      (``trainer.val_dataloaders``, or the datamodule's / module's ``val_dataloader()`` when
-      validation has not run yet; with several loaders, the one at the task's index). Its
+      (``trainer.val_dataloaders``, set up by the sanity check that Lightning runs before
+      training by default; else the datamodule's or module's ``val_dataloader()``; with several
+      loaders, the one at the task's index). Loaders passed to ``trainer.fit`` are only reachable
+      once validation has set them up, so with ``num_sanity_val_steps=0`` (or no
+      ``validation_step``) define ``val_dataloader()`` instead; the callback says so if needed. Its
       subsample is collated once and **kept in the callback** (and in its checkpoint state, as CPU
       tensors), so later fits keep evaluating earlier tasks whose data they no longer serve. Keep
       ``samples_per_task`` small enough for that.
@@ -119,11 +123,15 @@ class ContinualEvaluation(ContinualCallback):
             accuracy is on the curves).
         input_key: the input's key when batches are dicts (tuples use position 0).
         target_key: the label's key when batches are dicts (tuples use position 1).
-        log_dir: directory for the CSV and PNG; defaults to ``trainer.log_dir`` (or
+        log_dir: directory for the CSV and PNG; defaults to the run's results folder
+            (:func:`lightning_forget.reporting.results_dir`: the logger's directory, else
             ``trainer.default_root_dir``).
-        save_csv: write ``continual_eval.csv`` (columns ``step, train_task, task, acc``).
+        save_csv: write ``continual_eval.csv`` (columns ``step, train_task, task, acc``;
+            :func:`lightning_forget.reporting.write_stability_csv`).
         save_plot: write ``stability_gap.png`` (accuracy per task vs step, dashed lines at task
-            switches).
+            switches; :func:`lightning_forget.reporting.write_stability_plot`) and send the same
+            figure, tagged ``eval/stability_gap``, to every logger that takes images
+            (:func:`lightning_forget.reporting.log_figure`).
 
     Raises:
         ValueError: if an argument is out of range (the message names it).

@@ -106,7 +106,9 @@ class ContinualMetrics(ContinualCallback):
 
         Files (in ``log_dir``, with ``filename_prefix``): ``metrics.json``,
         ``accuracy_matrix.csv``, ``accuracy_matrix.png`` (see
-        :func:`lightning_forget.reporting.write_report`).
+        :func:`lightning_forget.reporting.write_report`); the heatmap also goes, tagged
+        ``cl/accuracy_matrix``, to every logger that takes images
+        (:func:`lightning_forget.reporting.log_figure`).
 
         Saved state: ``matrix`` (the ``(T, T)`` float64 CPU tensor, NaN where not measured),
         ``reported`` (last row reported), and the task counters of
