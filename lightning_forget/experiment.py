@@ -46,6 +46,49 @@ class _TaskMemory(Callback):
             self.after_task.append(current_rss_mb())
 
 
+#: ``callback_metrics`` keys that carry a run's results out of spawned worker processes.
+_MATRIX_KEY = "lightning_forget/run_continual/matrix"
+_RSS_AFTER_TASK_KEY = "lightning_forget/run_continual/rss_after_task_mb"
+_PEAK_RSS_KEY = "lightning_forget/run_continual/peak_rss_mb"
+
+
+class _HandBack(Callback):
+    """Put the run's results into ``trainer.callback_metrics`` at the end of the fit.
+
+    Under ``ddp_spawn``/``ddp_fork``/``ddp_notebook`` the whole fit runs in worker processes:
+    the callback objects of the calling process never see the accuracy matrix. Lightning sends
+    rank 0's ``trainer.callback_metrics`` back to the calling process after the fit (its public
+    result channel), so :func:`run_continual` reads the results from there, in every strategy.
+    """
+
+    def __init__(self, metrics: ContinualMetrics, memory: _TaskMemory) -> None:
+        self.metrics = metrics
+        self.memory = memory
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        trainer.callback_metrics[_MATRIX_KEY] = self.metrics.matrix
+        trainer.callback_metrics[_RSS_AFTER_TASK_KEY] = torch.tensor(self.memory.after_task, dtype=torch.float64)
+        trainer.callback_metrics[_PEAK_RSS_KEY] = torch.tensor(_peak_rss_mb(), dtype=torch.float64)
+
+
+def _handed_back(trainer: "pl.Trainer") -> tuple[torch.Tensor, list[float], float]:
+    """The matrix, RSS after each task and peak RSS from :class:`_HandBack` (keys removed)."""
+    results = trainer.callback_metrics
+    missing = [key for key in (_MATRIX_KEY, _RSS_AFTER_TASK_KEY, _PEAK_RSS_KEY) if key not in results]
+    if missing:
+        raise RuntimeError(
+            f"run_continual: the fit ended without handing back its results ({missing} missing from "
+            f"trainer.callback_metrics; strategy {type(trainer.strategy).__name__}): it stopped before "
+            "`on_fit_end`, or `make_trainer` dropped the callbacks it was given. Fix: pass `callbacks` on "
+            "to the Trainer in `make_trainer`; if the strategy is the cause, use strategy='ddp' (in a "
+            "script guarded by `if __name__ == '__main__':`) or a single device."
+        )
+    matrix = results.pop(_MATRIX_KEY).to("cpu", torch.float64)
+    after_task = results.pop(_RSS_AFTER_TASK_KEY).tolist()
+    peak = float(results.pop(_PEAK_RSS_KEY))
+    return matrix, after_task, peak
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -85,6 +128,12 @@ def run_continual(
         default_root_dir: where logs go (``None``: Lightning's default).
         trainer_kwargs: any other ``Trainer`` arguments.
         make_trainer: the Trainer class (tests pass a quiet one).
+
+    Returns:
+        The accuracy matrix, its summary and the cost of the run. Every strategy works,
+        including ``ddp_spawn``/``ddp_fork``, whose fit runs in worker processes: the results are
+        rank 0's, handed back through ``trainer.callback_metrics``; memory figures are then rank
+        0's worker's (the peak is the larger of the worker's and this process's).
     """
     pl.seed_everything(seed, verbose=False)
     metrics = ContinualMetrics(report=report)
@@ -103,15 +152,16 @@ def run_continual(
     if default_root_dir is not None:
         kwargs["default_root_dir"] = default_root_dir
     kwargs.update(trainer_kwargs or {})
-    trainer = make_trainer(callbacks=[*callbacks, metrics, memory], **kwargs)
+    trainer = make_trainer(callbacks=[*callbacks, metrics, memory, _HandBack(metrics, memory)], **kwargs)
     start = time.perf_counter()
     trainer.fit(model, datamodule)
     seconds = time.perf_counter() - start
+    matrix, after_task, peak = _handed_back(trainer)
     return RunResult(
         name=name,
-        matrix=metrics.matrix,
-        summary=summarize(metrics.matrix),
+        matrix=matrix,
+        summary=summarize(matrix),
         train_seconds=seconds,
-        peak_rss_mb=_peak_rss_mb(),
-        rss_after_task_mb=memory.after_task,
+        peak_rss_mb=max(peak, _peak_rss_mb()),
+        rss_after_task_mb=after_task,
     )

@@ -1,7 +1,14 @@
-"""End-of-run reporting: a rich table of the accuracy matrix, and JSON, CSV and PNG files.
+"""End-of-run reporting: a rich table of the accuracy matrix, JSON, CSV and PNG files, figures to loggers.
 
-These are plain functions with no collectives: call them on one process only (the
-:class:`~lightning_forget.callbacks.continual_metrics.ContinualMetrics` callback calls them on
+- the accuracy matrix: :func:`print_report`, :func:`write_report` (``metrics.json``,
+  ``accuracy_matrix.csv``, :func:`accuracy_heatmap` as ``accuracy_matrix.png``);
+- continual-evaluation curves (the stability gap): :func:`write_stability_csv`,
+  :func:`stability_gap_figure`, :func:`write_stability_plot`;
+- figures to the loggers that take images: :func:`log_figure`;
+- where it all goes: :func:`results_dir`, :func:`announce_results`.
+
+Apart from :func:`results_dir` (call it on every rank: ``trainer.log_dir`` broadcasts), these are
+plain functions with no collectives: call them on one process only (the callbacks call them on
 global rank 0 with values that are identical on every rank).
 
 Convention: ``R[i, j]`` is the accuracy on task ``j`` after training task ``i``, ``NaN`` where not
@@ -12,10 +19,11 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 from rich.console import Console
@@ -31,12 +39,24 @@ from lightning_forget.metrics.functional import (
     last_measured_row,
     learning_accuracy,
 )
+from lightning_forget.metrics.stability import EvalCurves, current_task_index
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "summarize",
     "render_accuracy_table",
     "print_report",
     "write_report",
+    "accuracy_heatmap",
+    "stability_gap_figure",
+    "write_stability_csv",
+    "write_stability_plot",
+    "log_figure",
+    "STABILITY_FILES",
     "results_dir",
     "announce_results",
     "ensure_writable_dir",
@@ -45,6 +65,9 @@ __all__ = [
 
 #: File names :func:`write_report` writes (before the optional prefix).
 REPORT_FILES = {"json": "metrics.json", "csv": "accuracy_matrix.csv", "png": "accuracy_matrix.png"}
+
+#: File names ``ContinualEvaluation`` writes with :func:`write_stability_csv` / :func:`write_stability_plot`.
+STABILITY_FILES = {"csv": "continual_eval.csv", "png": "stability_gap.png"}
 
 _SUMMARY_LABELS = {
     "average_accuracy": "ACC",
@@ -226,17 +249,32 @@ def _write_csv(path: Path, matrix: np.ndarray) -> None:
             writer.writerow([f"after task {row}"] + ["" if not math.isfinite(v) else repr(float(v)) for v in values])
 
 
-def _write_heatmap(path: Path, matrix: np.ndarray, summary: Mapping[str, Any], title: str) -> None:
-    # The object-oriented API with an Agg canvas: no pyplot global state, no display needed.
+def _new_figure(figsize: tuple[float, float], dpi: Optional[float] = None) -> "Figure":
+    """A matplotlib figure on an Agg canvas: the object-oriented API, no pyplot state, no display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    figure = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def accuracy_heatmap(
+    R: MatrixLike, summary: Optional[Mapping[str, Any]] = None, title: str = "Accuracy matrix"
+) -> "Figure":
+    """An annotated heatmap of ``R`` (x: "evaluated on task j", y: "after training task i").
+
+    Unmeasured cells are grey; the title carries ACC, forgetting and BWT from ``summary``
+    (computed from ``R`` when ``None``). :func:`write_report` saves it as ``accuracy_matrix.png``;
+    :func:`log_figure` sends it to the loggers.
+    """
+    matrix = as_accuracy_matrix(R).numpy()
+    summary = summarize(matrix) if summary is None else summary
     rows, columns = matrix.shape
     finite = matrix[np.isfinite(matrix)]
     top = 1.0 if finite.size == 0 or finite.max() <= 1.0 else 100.0
     side = min(max(4.0, 0.75 * columns + 2.0), 20.0)
-    figure = Figure(figsize=(side + 1.2, min(max(3.5, 0.75 * rows + 1.8), 20.0)), dpi=120)
-    FigureCanvasAgg(figure)
+    figure = _new_figure((side + 1.2, min(max(3.5, 0.75 * rows + 1.8), 20.0)), dpi=120)
     axes = figure.add_subplot(1, 1, 1)
     image = axes.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0.0, vmax=top, aspect="auto")
     axes.set_facecolor("#e6e6e6")  # unmeasured cells
@@ -262,7 +300,7 @@ def _write_heatmap(path: Path, matrix: np.ndarray, summary: Mapping[str, Any], t
     )
     axes.set_title(f"{title}\n{subtitle}" if subtitle else title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
+    return figure
 
 
 def write_report(
@@ -301,5 +339,136 @@ def write_report(
     payload = {"summary": dict(summary), "accuracy_matrix": matrix.tolist(), "extra": dict(extra or {})}
     paths["json"].write_text(json.dumps(_none_if_nan(payload), indent=2, default=str) + "\n")
     _write_csv(paths["csv"], matrix)
-    _write_heatmap(paths["png"], matrix, summary, title)
+    accuracy_heatmap(matrix, summary, title).savefig(paths["png"])
     return paths
+
+
+# ---------------------------------------------------------------------- continual-evaluation curves
+def write_stability_csv(path: Union[str, Path], curves: EvalCurves) -> Path:
+    """Write continual-evaluation curves as rows ``step, train_task, task, acc``.
+
+    One row per evaluated (task, evaluation) pair, in evaluation then task order; ``train_task``
+    is the task being trained at that step (the number of tasks ended strictly before it, as in
+    :mod:`lightning_forget.metrics.stability`); tasks not evaluated (``NaN``) get no row.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "train_task", "task", "acc"])
+        for n in range(curves.num_evals):
+            step_curves = curves.upto(n + 1)
+            train_task = current_task_index(step_curves)
+            for task, value in enumerate(curves.acc[n].tolist()):
+                if not math.isnan(value):
+                    writer.writerow([int(curves.steps[n]), train_task, task, f"{value:.6f}"])
+    return path
+
+
+def stability_gap_figure(curves: EvalCurves, title: str = "Continual evaluation") -> "Figure":
+    """Accuracy of every task against the training step, dashed grey lines at task switches.
+
+    The stability gap (De Lange et al., "Continual evaluation for lifelong learning: Identifying
+    the stability gap", ICLR 2023) shows as the dip of earlier tasks' curves right after a
+    dashed line. Tasks are drawn from the step they are first evaluated (``NaN`` gaps are left
+    blank).
+    """
+    figure = _new_figure((9, 4.5))
+    axes = figure.add_subplot(1, 1, 1)
+    steps = curves.steps.numpy()
+    for task in range(curves.num_tasks):
+        axes.plot(steps, curves.acc[:, task].numpy(), marker=".", markersize=3, linewidth=1.2, label=f"task {task}")
+    last = int(steps[-1]) if len(steps) else 0
+    for end in curves.task_end_steps.tolist():
+        if end < last:
+            axes.axvline(end, color="grey", linestyle="--", linewidth=0.9)
+    axes.set_xlabel("training step")
+    axes.set_ylabel("accuracy (evaluation subsample)")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_title(title)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def write_stability_plot(
+    path: Union[str, Path], curves: EvalCurves, title: str = "Continual evaluation"
+) -> "Figure":
+    """Save :func:`stability_gap_figure` as a PNG at ``path`` and return the figure (for :func:`log_figure`)."""
+    figure = stability_gap_figure(curves, title)
+    figure.savefig(Path(path), dpi=110)
+    return figure
+
+
+# ---------------------------------------------------------------------- figures to the loggers
+def _figure_rgb(figure: "Figure") -> np.ndarray:
+    """The rendered figure as an ``(H, W, 3)`` uint8 array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _image_route(logger: Any) -> Optional[str]:
+    """How ``logger`` takes a figure: ``"tensorboard"``, ``"mlflow"``, ``"log_image"`` or ``None``."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    if isinstance(logger, TensorBoardLogger):
+        return "tensorboard"
+    if isinstance(logger, MLFlowLogger):
+        return "mlflow"
+    if callable(getattr(logger, "log_image", None)):
+        return "log_image"
+    return None
+
+
+def log_figure(
+    trainer: Any, figure: Union["Figure", Callable[[], "Figure"]], name: str, step: Optional[int] = None
+) -> list[Any]:
+    """Send a matplotlib figure to every logger of ``trainer`` that takes images (global rank 0 only).
+
+    The PNG files are the record of a run; this puts the same figures where the user watches the
+    run. Lightning has no logger-agnostic image call, so each kind of logger gets its own:
+
+    - :class:`~lightning.pytorch.loggers.TensorBoardLogger`: ``experiment.add_figure(name, figure,
+      global_step=step)`` (the Images tab);
+    - :class:`~lightning.pytorch.loggers.MLFlowLogger`: ``experiment.log_figure(run_id, figure,
+      "<name>_step<step>.png")`` (a run artifact);
+    - any logger with a ``log_image(key, images, step)`` method (``WandbLogger`` and loggers
+      written the same way): the rendered figure as one ``(H, W, 3)`` uint8 array;
+    - others (``CSVLogger``) cannot hold images: skipped, with one debug line.
+
+    Args:
+        trainer: the Trainer whose ``loggers`` receive the figure.
+        figure: a matplotlib ``Figure``, or a function that builds one (called only when some
+            logger takes images, so a run without one does not pay for the drawing).
+        name: the tag/key, e.g. ``"cl/accuracy_matrix"``.
+        step: the step to log at; ``trainer.global_step`` when ``None``.
+
+    Returns:
+        The loggers that received the figure (empty on other ranks, or when none takes images).
+    """
+    if not getattr(trainer, "is_global_zero", True):
+        return []
+    step = int(trainer.global_step if step is None else step)
+    received: list[Any] = []
+    built: Optional["Figure"] = None
+    for logger in trainer.loggers:
+        route = _image_route(logger)
+        if route is None:
+            log.debug("log_figure: %s cannot hold images; %r is only in the files.", type(logger).__name__, name)
+            continue
+        if built is None:
+            built = figure() if callable(figure) else figure
+        if route == "tensorboard":
+            logger.experiment.add_figure(name, built, global_step=step, close=False)
+        elif route == "mlflow":
+            logger.experiment.log_figure(logger.run_id, built, f"{name}_step{step}.png")
+        else:
+            logger.log_image(key=name, images=[_figure_rgb(built)], step=step)
+        received.append(logger)
+    return received

@@ -28,8 +28,11 @@ from lightning_forget.metrics.stability import (
     as_curves,
     current_task_index,
     min_acc,
+    min_acc_from_minima,
     stability_metrics,
+    update_task_minima,
     wc_acc,
+    wc_acc_from,
     windowed_forgetting,
     windowed_plasticity,
 )
@@ -82,6 +85,29 @@ def test_wc_acc_hand_computed(curves: EvalCurves) -> None:
     assert wc_acc(curves.upto(4)) == pytest.approx(0.55)
     # first task: the current accuracy, 0.9 at step 4
     assert wc_acc(curves.upto(2)) == pytest.approx(0.9)
+
+
+def test_running_minima_give_min_acc_and_wc_acc_at_every_evaluation(curves: EvalCurves) -> None:
+    # the incremental pieces the callback uses agree with the whole-curve functions at every step
+    minima: dict[int, float] = {}
+    for n in range(curves.num_evals):
+        upto = curves.upto(n + 1)
+        k = current_task_index(upto)
+        update_task_minima(minima, curves.acc[n].tolist(), k)
+        worst = min_acc_from_minima(minima, k)
+        assert worst == pytest.approx(min_acc(upto), nan_ok=True)
+        assert wc_acc_from(float(curves.acc[n, k]), k, worst) == pytest.approx(wc_acc(upto))
+    assert minima == pytest.approx({0: 0.3, 1: 0.1})  # task 0: min(0.6, 0.3, 0.7, 0.6); task 1: min(0.5, 0.1)
+
+
+def test_running_minima_ignore_nan_and_undefined_min_acc() -> None:
+    minima = update_task_minima({}, [NAN, 0.5], current_task=2)
+    assert math.isnan(minima[0]) and minima[1] == 0.5
+    assert update_task_minima(minima, [0.4, NAN], current_task=2) == {0: 0.4, 1: 0.5}  # NaN keeps 0.5
+    assert min_acc_from_minima({0: NAN, 1: 0.2}, 2) == pytest.approx(0.2)  # unmeasured task left out
+    assert math.isnan(min_acc_from_minima({0: 0.5}, 0))  # first task: no previous task
+    assert wc_acc_from(0.8, 0, NAN) == 0.8 and wc_acc_from(0.8, 2, NAN) == 0.8
+    assert wc_acc_from(0.9, 1, 0.3) == pytest.approx(0.9 / 2 + 0.3 / 2)
 
 
 def test_windowed_forgetting_phase_hand_computed(curves: EvalCurves) -> None:
@@ -444,6 +470,22 @@ def test_csv_and_png_written(tmp_path: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_stability_gap_figure_reaches_the_loggers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.helpers.loggers import ImageLogger, RecordingTensorBoard
+
+    image, board = ImageLogger(), RecordingTensorBoard(str(tmp_path / "tb"))
+    cb = ContinualEvaluation(every_n_steps=2, samples_per_task=16, save_csv=False)
+    _fit(tmp_path, [cb], logger=[image, board])
+    last_step = int(cb.curves.steps[-1])
+    [(tag, figure, step)] = board.writer.calls
+    assert (tag, step) == ("eval/stability_gap", last_step)
+    assert figure.axes[0].get_title().startswith("Continual evaluation every 2 steps")
+    assert [(key, step) for key, _, step in image.images] == [("eval/stability_gap", last_step)]
+    # the PNG is written as well, into the results folder (no logger directory: default_root_dir)
+    assert (tmp_path / "stability_gap.png").exists() and not (tmp_path / "continual_eval.csv").exists()
+    assert f"ContinualEvaluation: results written to {tmp_path.resolve()}: stability_gap.png" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------- one fit per task
 class _DictDataset(Dataset):
     def __init__(self, base: TensorDataset) -> None:
@@ -457,15 +499,28 @@ class _DictDataset(Dataset):
         return {"image": x, "label": y}
 
 
+class ValidatedNet(Net):
+    """``Net`` with a ``validation_step``, so Lightning sets up the fit's validation loaders."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+
+def _val_on(tmp_path: Path, callbacks: list[Callback]) -> pl.Trainer:
+    """One epoch with Lightning's validation defaults (sanity check on, all validation batches)."""
+    return _trainer(tmp_path, 1, callbacks, num_sanity_val_steps=2, limit_val_batches=1.0)
+
+
 def test_one_fit_per_task_keeps_earlier_subsamples(tmp_path: Path) -> None:
     cb = ContinualEvaluation(every_n_steps=3, samples_per_task=10, input_key="image", target_key="label",
                              save_csv=False, save_plot=False)
     pl.seed_everything(0, verbose=False)
-    model = Net()
+    model = ValidatedNet()
     for task in range(2):
         train = DataLoader(_DictDataset(_blobs(task, 24, salt=1)), batch_size=8, shuffle=True)
         val = DataLoader(_DictDataset(_blobs(task, 30, salt=2)), batch_size=8)
-        _trainer(tmp_path, 1, [cb]).fit(model, train_dataloaders=train, val_dataloaders=val)
+        _val_on(tmp_path, [cb]).fit(model, train_dataloaders=train, val_dataloaders=val)
         if task == 0:
             state = cb.state_dict()
     # 3 steps per fit; each fit has a new Trainer (global_step restarts at 0), the curves go on
@@ -478,6 +533,32 @@ def test_one_fit_per_task_keeps_earlier_subsamples(tmp_path: Path) -> None:
     fresh = ContinualEvaluation(every_n_steps=3, samples_per_task=10, input_key="image", target_key="label")
     fresh.load_state_dict(state)
     assert fresh.task == 0 and torch.equal(fresh._data[0]["label"], cb._data[0]["label"])
+
+
+def test_one_fit_per_task_reads_the_datamodules_val_dataloader(tmp_path: Path) -> None:
+    # no validation_step and no sanity check: trainer.val_dataloaders stays None, the datamodule's
+    # val_dataloader() is the public fallback
+    cb = ContinualEvaluation(every_n_steps=3, samples_per_task=10, save_csv=False, save_plot=False)
+    pl.seed_everything(0, verbose=False)
+    dm = pl.LightningDataModule.from_datasets(_blobs(0, 24, salt=1), _blobs(0, 30, salt=2), batch_size=8)
+    _trainer(tmp_path, 1, [cb]).fit(Net(), datamodule=dm)
+    assert cb.curves.steps.tolist() == [3] and len(cb._indices[0]) == 10
+    assert torch.equal(cb._data[0][1], _blobs(0, 30, salt=2).tensors[1][cb._indices[0]])
+
+
+def test_one_fit_per_task_without_reachable_val_data_says_how_to_fix(tmp_path: Path) -> None:
+    # loaders given to fit() but validation never set up (no validation_step, no sanity check):
+    # Lightning offers no public way to reach them, so the callback says what to do
+    cb = ContinualEvaluation(every_n_steps=3, samples_per_task=10, save_csv=False, save_plot=False)
+    train = DataLoader(_blobs(0, 24, salt=1), batch_size=8)
+    val = DataLoader(_blobs(0, 30, salt=2), batch_size=8)
+    with pytest.raises(RuntimeError, match=r"val_dataloaders.*not set up.*num_sanity_val_steps"):
+        _trainer(tmp_path, 1, [cb]).fit(Net(), train_dataloaders=train, val_dataloaders=val)
+
+
+def test_no_private_lightning_attributes_read() -> None:
+    source = (REPO / "lightning_forget" / "callbacks" / "continual_eval.py").read_text()
+    assert "._data_source" not in source and "val_loop._" not in source
 
 
 # ---------------------------------------------------------------------- 2-process DDP

@@ -385,3 +385,134 @@ def test_ensure_writable_dir_creates_the_folder(tmp_path: Any) -> None:
     target = tmp_path / "a" / "b"
     ensure_writable_dir(target, "X", "files", "fix")
     assert target.is_dir() and not any(target.iterdir())
+
+
+# ---------------------------------------------------------------------- continual-evaluation writers
+from lightning_forget.metrics.stability import as_curves  # noqa: E402
+from lightning_forget.reporting import (  # noqa: E402
+    accuracy_heatmap,
+    log_figure,
+    stability_gap_figure,
+    write_stability_csv,
+    write_stability_plot,
+)
+from tests.helpers.loggers import ImageLogger, RecordingMLFlow, RecordingTensorBoard  # noqa: E402
+
+# task 0 ends at step 4, task 1 at step 8; NaN = not evaluated (not seen yet)
+CURVES = as_curves(
+    [2, 4, 6, 8, 10],
+    [[0.5, NAN, NAN], [0.9, NAN, NAN], [0.6, 0.4, NAN], [0.3, 0.8, NAN], [0.7, 0.5, 0.6]],
+    [4, 8],
+)
+
+
+def test_write_stability_csv_rows(tmp_path: Path) -> None:
+    path = write_stability_csv(tmp_path / "continual_eval.csv", CURVES)
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["step", "train_task", "task", "acc"]
+    # one row per evaluated (step, task); the task-end evaluation still belongs to the ending task
+    assert rows[1:] == [
+        ["2", "0", "0", "0.500000"], ["4", "0", "0", "0.900000"],
+        ["6", "1", "0", "0.600000"], ["6", "1", "1", "0.400000"],
+        ["8", "1", "0", "0.300000"], ["8", "1", "1", "0.800000"],
+        ["10", "2", "0", "0.700000"], ["10", "2", "1", "0.500000"], ["10", "2", "2", "0.600000"],
+    ]
+
+
+def test_stability_plot_written_and_returned(tmp_path: Path) -> None:
+    figure = write_stability_plot(tmp_path / "stability_gap.png", CURVES, title="gap")
+    png = (tmp_path / "stability_gap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    axes = figure.axes[0]
+    assert axes.get_title() == "gap" and len(axes.get_lines()) == 3 + 2  # one curve per task, one line per switch
+    assert [line.get_xdata()[0] for line in axes.get_lines()[3:]] == [4, 8]
+    assert stability_gap_figure(CURVES).axes[0].get_title() == "Continual evaluation"
+
+
+def test_accuracy_heatmap_is_the_reports_png(tmp_path: Path) -> None:
+    figure = accuracy_heatmap(R3, title="after task 2")
+    assert figure.axes[0].get_title().startswith("after task 2\nACC ")
+    assert figure.axes[0].images[0].get_array().shape == (3, 3)
+
+
+# ---------------------------------------------------------------------- figures to the loggers
+def _figure_trainer(tmp_path: Path, loggers: list[Any]) -> pl.Trainer:
+    return pl.Trainer(default_root_dir=str(tmp_path), logger=loggers, accelerator="cpu", devices=1,
+                      enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_log_figure_reaches_tensorboard_mlflow_and_log_image_loggers(tmp_path: Path, caplog: Any) -> None:
+    csv_logger, image, board, mlflow = CSVLogger(str(tmp_path)), ImageLogger(), RecordingTensorBoard(str(tmp_path)), RecordingMLFlow()
+    trainer = _figure_trainer(tmp_path, [csv_logger, image, board, mlflow])
+    figure = stability_gap_figure(CURVES)
+    with caplog.at_level("DEBUG", logger="lightning_forget.reporting"):
+        received = log_figure(trainer, figure, "eval/stability_gap", step=7)
+    assert received == [image, board, mlflow]
+    assert board.writer.calls == [("eval/stability_gap", figure, 7)]
+    assert mlflow.client.calls == [("run-1", figure, "eval/stability_gap_step7.png")]
+    [(key, images, step)] = image.images
+    assert (key, step, len(images)) == ("eval/stability_gap", 7, 1)
+    width, height = figure.canvas.get_width_height()
+    assert images[0].shape == (height, width, 3) and images[0].dtype.name == "uint8" and images[0].std() > 0
+    # the CSV logger cannot hold images: one debug line, no warning
+    assert [r.levelname for r in caplog.records if "CSVLogger" in r.getMessage()] == ["DEBUG"]
+
+
+def test_log_figure_builds_lazily_and_only_on_rank_zero(tmp_path: Path, recwarn: Any) -> None:
+    built: list[int] = []
+
+    def build() -> Any:
+        built.append(1)
+        return accuracy_heatmap(R3)
+
+    assert log_figure(_figure_trainer(tmp_path, [CSVLogger(str(tmp_path))]), build, "cl/accuracy_matrix") == []
+    assert built == [] and not [w for w in recwarn if "image" in str(w.message)]
+    other_rank = type("T", (), {"is_global_zero": False, "global_step": 3, "loggers": [ImageLogger()]})()
+    assert log_figure(other_rank, build, "cl/accuracy_matrix") == [] and built == []
+    board = RecordingTensorBoard(str(tmp_path))
+    trainer = _figure_trainer(tmp_path, [board])
+    assert log_figure(trainer, build, "cl/accuracy_matrix") == [board] and built == [1]
+    assert board.writer.calls[0][0] == "cl/accuracy_matrix" and board.writer.calls[0][2] == 0  # global_step
+
+
+def test_continual_metrics_sends_the_heatmap_to_the_loggers(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm, model, callback = ThreeTasks(), TaskAccModule(), ContinualMetrics()
+    image, board = ImageLogger(), RecordingTensorBoard(str(tmp_path / "tb"))
+    loggers = [CSVLogger(str(tmp_path), name="logs"), image, board]
+    trainer = make_trainer(tmp_path, [callback], dm.max_epochs, logger=loggers)
+    trainer.fit(model, datamodule=dm)
+    assert [(key, step) for key, _, step in image.images] == [("cl/accuracy_matrix", trainer.global_step)]
+    [(tag, figure, step)] = board.writer.calls
+    assert (tag, step) == ("cl/accuracy_matrix", trainer.global_step)
+    assert figure.axes[0].get_title().startswith("Accuracy matrix after task 2")
+    assert (Path(trainer.log_dir) / "accuracy_matrix.png").exists()  # besides the PNG file
+
+
+# ---------------------------------------------------------------------- NaN accuracies (e16)
+class NanAccModule(TaskAccModule):
+    """Logs NaN for every task's accuracy (an empty or diverged evaluation)."""
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            for j in range(current_task(self.trainer) + 1):
+                self.log(f"val/acc/task_{j}", float("nan"), add_dataloader_idx=False)
+
+
+def test_all_nan_accuracies_warn_and_still_write_the_report(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm, callback = ThreeTasks(), ContinualMetrics()
+    trainer = make_trainer(tmp_path, [callback], dm.max_epochs)
+    with pytest.warns(UserWarning, match="every accuracy .* is NaN"):
+        trainer.fit(NanAccModule(), datamodule=dm)  # used to raise in max() of an empty tensor
+    assert callback.matrix.shape == (3, 3) and torch.isnan(callback.matrix).all()
+    payload = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
+    assert payload["accuracy_matrix"] == [[None] * 3] * 3 and payload["summary"]["average_accuracy"] is None
+    assert (Path(trainer.log_dir) / "accuracy_matrix.png").exists()
+
+
+def test_on_fit_end_with_an_all_nan_matrix_writes_nothing_and_does_not_crash() -> None:
+    callback = ContinualMetrics(report=False)
+    callback._matrix = torch.full((2, 2), NAN, dtype=torch.float64)
+    callback.on_fit_end(None, None)  # type: ignore[arg-type]  # used to raise RuntimeError from max()
+    assert callback._reported == -1

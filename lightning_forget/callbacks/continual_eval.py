@@ -6,7 +6,6 @@ learning: Identifying the stability gap", ICLR 2023.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -17,7 +16,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -30,7 +30,10 @@ from lightning_forget.metrics.stability import (
     _check_window,
     as_curves,
     min_acc,
+    min_acc_from_minima,
+    update_task_minima,
     wc_acc,
+    wc_acc_from,
     windowed_forgetting,
     windowed_plasticity,
 )
@@ -66,16 +69,20 @@ class ContinualEvaluation(ContinualCallback):
     each task, the accuracy (``pl_module(x).argmax(-1)``, see :meth:`predict`) on a fixed seeded
     subsample of ``samples_per_task`` validation examples of each task seen so far. From the
     curves it computes min-ACC, WC-ACC, windowed forgetting WF^w and windowed plasticity WP^w
-    (:mod:`lightning_forget.metrics.stability`), and at the end of the fit writes
-    ``continual_eval.csv`` and ``stability_gap.png``.
+    (:mod:`lightning_forget.metrics.stability`; min-ACC from running per-task minima, so each
+    evaluation costs ``O(tasks)``), and at the end of the fit writes ``continual_eval.csv`` and
+    ``stability_gap.png`` and logs the figure.
 
     Where the evaluation data comes from:
 
     - **One fit over a** :class:`~lightning_forget.datamodules.ContinualDataModule`: task ``t``'s
       data is ``trainer.datamodule.val_dataset(t)``; only the subsample indices are kept.
     - **One fit per task**: the current task's data is the fit's validation set
-      (``trainer.val_dataloaders``, or the datamodule's / module's ``val_dataloader()`` when
-      validation has not run yet; with several loaders, the one at the task's index). Its
+      (``trainer.val_dataloaders``, set up by the sanity check that Lightning runs before
+      training by default; else the datamodule's or module's ``val_dataloader()``; with several
+      loaders, the one at the task's index). Loaders passed to ``trainer.fit`` are only reachable
+      once validation has set them up, so with ``num_sanity_val_steps=0`` (or no
+      ``validation_step``) define ``val_dataloader()`` instead; the callback says so if needed. Its
       subsample is collated once and **kept in the callback** (and in its checkpoint state, as CPU
       tensors), so later fits keep evaluating earlier tasks whose data they no longer serve. Keep
       ``samples_per_task`` small enough for that.
@@ -117,11 +124,14 @@ class ContinualEvaluation(ContinualCallback):
         input_key: the input's key when batches are dicts (tuples use position 0).
         target_key: the label's key when batches are dicts (tuples use position 1).
         log_dir: directory for the CSV and PNG; defaults to the run's results folder
-            (:func:`lightning_forget.reporting.results_dir`: the logger's version directory,
-            e.g. ``lightning_logs/version_N``, else ``trainer.default_root_dir``).
-        save_csv: write ``continual_eval.csv`` (columns ``step, train_task, task, acc``).
+            (:func:`lightning_forget.reporting.results_dir`: the logger's directory, else
+            ``trainer.default_root_dir``).
+        save_csv: write ``continual_eval.csv`` (columns ``step, train_task, task, acc``;
+            :func:`lightning_forget.reporting.write_stability_csv`).
         save_plot: write ``stability_gap.png`` (accuracy per task vs step, dashed lines at task
-            switches).
+            switches; :func:`lightning_forget.reporting.write_stability_plot`) and send the same
+            figure, tagged ``eval/stability_gap``, to every logger that takes images
+            (:func:`lightning_forget.reporting.log_figure`).
 
     Raises:
         ValueError: if an argument is out of range (the message names it).
@@ -297,7 +307,7 @@ class ContinualEvaluation(ContinualCallback):
         if stage != "fit":
             return
         if self.save_csv or self.save_plot:
-            self._check_writable(self.log_dir or trainer.log_dir or trainer.default_root_dir)
+            self._check_writable(reporting.results_dir(trainer, self.log_dir))
         name = type(trainer.strategy).__name__
         if any(sharded in name for sharded in ("FSDP", "DeepSpeed", "ModelParallel")):
             raise NotImplementedError(
@@ -349,18 +359,32 @@ class ContinualEvaluation(ContinualCallback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_end(trainer, pl_module)  # one fit per task: fires on_task_end (may evaluate)
-        if trainer.is_global_zero and self._steps and (self.save_csv or self.save_plot):
-            directory = self.log_dir or trainer.log_dir or trainer.default_root_dir
-            os.makedirs(directory, exist_ok=True)
-            if self.save_csv:
-                self.write_csv(os.path.join(directory, "continual_eval.csv"))
-            if self.save_plot:
-                self.write_plot(os.path.join(directory, "stability_gap.png"))
-            rank_zero_info(
-                f"ContinualEvaluation: {len(self._steps)} evaluations, min-ACC={self.min_acc:.4f}, "
-                f"WC-ACC={self.wc_acc:.4f}, WF{self.window}={self.wf:.4f}, WP{self.window}={self.wp:.4f}; "
-                f"wrote {directory}"
-            )
+        if not self._steps or not (self.save_csv or self.save_plot):
+            return
+        directory = reporting.results_dir(trainer, self.log_dir)  # every rank: trainer.log_dir broadcasts
+        if not trainer.is_global_zero:
+            return
+        os.makedirs(directory, exist_ok=True)
+        curves = self.curves
+        paths = []
+        if self.save_csv:
+            paths.append(reporting.write_stability_csv(os.path.join(directory, reporting.STABILITY_FILES["csv"]), curves))
+        if self.save_plot:
+            path = os.path.join(directory, reporting.STABILITY_FILES["png"])
+            figure = reporting.write_stability_plot(path, curves, self._plot_title())
+            reporting.log_figure(trainer, figure, "eval/stability_gap", step=self._step(trainer))
+            paths.append(path)
+        rank_zero_info(
+            f"ContinualEvaluation: {len(self._steps)} evaluations, min-ACC={self.min_acc:.4f}, "
+            f"WC-ACC={self.wc_acc:.4f}, WF{self.window}={self.wf:.4f}, WP{self.window}={self.wp:.4f}"
+        )
+        reporting.announce_results(trainer, "ContinualEvaluation", paths)
+
+    def _plot_title(self) -> str:
+        return (
+            f"Continual evaluation every {self.every_n_steps} steps — min-ACC {self.min_acc:.3f}, "
+            f"WC-ACC {self.wc_acc:.3f}, WF{self.window} {self.wf:.3f}"
+        )
 
     def _check_writable(self, directory: str) -> None:
         """Fail before training, not after it, when the CSV/PNG could not be written."""
@@ -484,16 +508,7 @@ class ContinualEvaluation(ContinualCallback):
                 "mode each task's subsample is taken during its own fit. Attach the same callback object "
                 "(or restore its checkpoint state) from the first task on."
             )
-        loaders = trainer.val_dataloaders
-        if loaders is None:
-            source = trainer.fit_loop.epoch_loop.val_loop._data_source
-            loaders = source.dataloader() if source.is_defined() else None
-        if loaders is None:
-            raise RuntimeError(
-                "ContinualEvaluation needs the current task's validation data in one-fit-per-task mode: "
-                "pass `val_dataloaders` to `trainer.fit`, or define `val_dataloader()` on the datamodule "
-                "or module (or use a ContinualDataModule)."
-            )
+        loaders = self._fit_val_dataloaders(trainer)
         if isinstance(loaders, Mapping):
             loaders = list(loaders.values())
         if isinstance(loaders, Sequence):
@@ -507,6 +522,32 @@ class ContinualEvaluation(ContinualCallback):
                     "give one loader (the task's) or one per task in task order."
                 )
         return loaders.dataset
+
+    @staticmethod
+    def _fit_val_dataloaders(trainer: "pl.Trainer") -> Any:
+        """The fit's validation loaders, through public API only.
+
+        In order: ``trainer.val_dataloaders`` (set once validation has set up its loaders: at the
+        sanity check, which Lightning runs before training by default, or at the first
+        validation); else the datamodule's ``val_dataloader()``; else the module's.
+
+        Raises:
+            RuntimeError: none of them is available; the message lists the fixes.
+        """
+        loaders = trainer.val_dataloaders
+        if loaders is not None:
+            return loaders
+        for owner, parent in ((trainer.datamodule, pl.LightningDataModule), (trainer.lightning_module, pl.LightningModule)):
+            if owner is not None and is_overridden("val_dataloader", owner, parent=parent):
+                return owner.val_dataloader()
+        raise RuntimeError(
+            "ContinualEvaluation needs the current task's validation data in one-fit-per-task mode, but "
+            "`trainer.val_dataloaders` is not set up yet (validation has not run in this fit) and neither "
+            "the datamodule nor the module defines `val_dataloader()`. Fix: define `val_dataloader()` on "
+            "the datamodule or module; or pass `val_dataloaders` to `trainer.fit` with a `validation_step` "
+            "and the sanity check on (`num_sanity_val_steps` > 0, Lightning's default) so the loaders are "
+            "set up before training; or use a ContinualDataModule."
+        )
 
     def _count_correct(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", num_seen: int) -> Tensor:
         """``(num_seen, 2)`` int64 [correct, total] of this rank's shard of each task's subsample."""
@@ -536,17 +577,13 @@ class ContinualEvaluation(ContinualCallback):
         self._acc.append(row)
         metrics = {f"eval/acc/task_{t}": a for t, a in enumerate(accuracies)}
         metrics["eval/acc_avg"] = sum(accuracies) / len(accuracies)
-        current = sum(1 for end in self._task_end_steps if end < step)
-        for task in range(min(current, len(accuracies))):
-            previous = self._running_min.get(task, math.nan)
-            self._running_min[task] = accuracies[task] if math.isnan(previous) else min(previous, accuracies[task])
-        if current > 0:
-            worst = sum(self._running_min[t] for t in range(current)) / current
+        current = self._current_task_at(step)
+        update_task_minima(self._running_min, accuracies, current)
+        worst = min_acc_from_minima(self._running_min, current)
+        if not math.isnan(worst):
             metrics["eval/min_acc"] = worst
-            if current < len(accuracies):
-                metrics["eval/wc_acc"] = accuracies[current] / (current + 1) + (1 - 1 / (current + 1)) * worst
-        elif accuracies:
-            metrics["eval/wc_acc"] = accuracies[0]
+        if current < len(accuracies):
+            metrics["eval/wc_acc"] = wc_acc_from(accuracies[current], current, worst)
         metrics["eval/interval"] = float(self._interval)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -568,47 +605,6 @@ class ContinualEvaluation(ContinualCallback):
                 f"ContinualEvaluation: evaluation took more than {self.max_eval_fraction:.0%} of the time; "
                 f"evaluating every {self._interval} steps from now on."
             )
-
-    # ------------------------------------------------------------------ outputs
-    def write_csv(self, path: str) -> None:
-        """Write the curves as rows ``step, train_task, task, acc`` (evaluated tasks only)."""
-        curves = self.curves
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["step", "train_task", "task", "acc"])
-            for n, step in enumerate(curves.steps.tolist()):
-                train_task = int((curves.task_end_steps < step).sum())
-                for task, value in enumerate(curves.acc[n].tolist()):
-                    if not math.isnan(value):
-                        writer.writerow([step, train_task, task, f"{value:.6f}"])
-
-    def write_plot(self, path: str) -> None:
-        """Plot accuracy per task vs training step, with dashed lines at task switches."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        curves = self.curves
-        figure = Figure(figsize=(9, 4.5))
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot(1, 1, 1)
-        steps = curves.steps.numpy()
-        for task in range(curves.num_tasks):
-            axes.plot(steps, curves.acc[:, task].numpy(), marker=".", markersize=3, linewidth=1.2, label=f"task {task}")
-        last = int(steps[-1]) if len(steps) else 0
-        for end in curves.task_end_steps.tolist():
-            if end < last:
-                axes.axvline(end, color="grey", linestyle="--", linewidth=0.9)
-        axes.set_xlabel("training step")
-        axes.set_ylabel("accuracy (evaluation subsample)")
-        axes.set_ylim(-0.02, 1.02)
-        axes.set_title(
-            f"Continual evaluation every {self.every_n_steps} steps — min-ACC {self.min_acc:.3f}, "
-            f"WC-ACC {self.wc_acc:.3f}, WF{self.window} {self.wf:.3f}"
-        )
-        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-        axes.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
 
     # ------------------------------------------------------------------ state
     @override
@@ -635,11 +631,11 @@ class ContinualEvaluation(ContinualCallback):
         self._stores_data = bool(self._data)
         self._rebuild_running_min()
 
+    def _current_task_at(self, step: int) -> int:
+        """The current task of an evaluation at ``step``: the number of tasks ended before it."""
+        return sum(1 for end in self._task_end_steps if end < step)
+
     def _rebuild_running_min(self) -> None:
         self._running_min = {}
         for step, row in zip(self._steps, self._acc):
-            current = sum(1 for end in self._task_end_steps if end < step)
-            for task in range(min(current, len(row))):
-                previous = self._running_min.get(task, math.nan)
-                value = row[task]
-                self._running_min[task] = value if math.isnan(previous) else min(previous, value)
+            update_task_minima(self._running_min, row, self._current_task_at(step))

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_forget import reporting
+from lightning_forget.metrics.functional import last_measured_row
 from lightning_forget.tasks import ContinualCallback, task_schedule
 
 try:  # Python 3.12+
@@ -115,7 +116,9 @@ class ContinualMetrics(ContinualCallback):
 
         Files (in ``log_dir``, with ``filename_prefix``): ``metrics.json``,
         ``accuracy_matrix.csv``, ``accuracy_matrix.png`` (see
-        :func:`lightning_forget.reporting.write_report`).
+        :func:`lightning_forget.reporting.write_report`); the heatmap also goes, tagged
+        ``cl/accuracy_matrix``, to every logger that takes images
+        (:func:`lightning_forget.reporting.log_figure`).
 
         Saved state: ``matrix`` (the ``(T, T)`` float64 CPU tensor, NaN where not measured),
         ``reported`` (last row reported), and the task counters of
@@ -269,8 +272,8 @@ class ContinualMetrics(ContinualCallback):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_fit_end(trainer, pl_module)
         # A run stopped before its last task (or a fixed-task datamodule) still gets its report.
-        last = int(torch.isfinite(self._matrix).any(dim=1).nonzero().max()) if self._matrix.numel() else -1
-        if last >= 0 and last != self._reported:
+        last = last_measured_row(self._matrix)
+        if last is not None and last != self._reported:
             self._write(trainer)
 
     # ------------------------------------------------------------------ outputs
@@ -311,8 +314,15 @@ class ContinualMetrics(ContinualCallback):
                 )
 
     def _write(self, trainer: "pl.Trainer") -> None:
-        last = int(torch.isfinite(self._matrix).any(dim=1).nonzero().max())
+        measured = last_measured_row(self._matrix)  # None: every accuracy so far is NaN
+        last = len(self._matrix) - 1 if measured is None else measured
         self._reported = last
+        if measured is None:
+            rank_zero_warn(
+                f"ContinualMetrics: every accuracy logged under key={self.key!r} so far is NaN; the report "
+                "shows an empty matrix. Fix: check the logged validation accuracies (an empty validation "
+                "set or a diverged model gives NaN)."
+            )
         if not self.report:
             return
         directory = self._directory(trainer)
@@ -327,6 +337,10 @@ class ContinualMetrics(ContinualCallback):
             extra={"key": self.matched_key or self.key, "global_step": trainer.global_step, "epoch": trainer.current_epoch},
             prefix=self.filename_prefix,
             title=f"Accuracy matrix after task {last}",
+        )
+        reporting.log_figure(
+            trainer, lambda: reporting.accuracy_heatmap(self._matrix, summary, f"Accuracy matrix after task {last}"),
+            "cl/accuracy_matrix",
         )
         reporting.announce_results(trainer, "ContinualMetrics", paths)
 

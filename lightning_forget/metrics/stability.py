@@ -55,6 +55,9 @@ __all__ = [
     "current_task_index",
     "min_acc",
     "wc_acc",
+    "update_task_minima",
+    "min_acc_from_minima",
+    "wc_acc_from",
     "windowed_forgetting",
     "windowed_plasticity",
     "stability_metrics",
@@ -166,6 +169,48 @@ def _nanmean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
+def update_task_minima(minima: dict[int, float], accuracies: Sequence[float], current_task: int) -> dict[int, float]:
+    """Fold one evaluation into the running per-task minima of min-ACC (in place; returns ``minima``).
+
+    ``minima[i]`` is the lowest accuracy task ``i`` has shown in the evaluations after its last
+    iteration; this evaluation belongs there for every previous task ``i < current_task`` (the
+    current task ``k`` of the evaluation, see :func:`current_task_index`). ``NaN`` accuracies are
+    ignored. Keeping these minima lets a callback compute min-ACC at every evaluation in
+    ``O(tasks)`` instead of rescanning the whole curves; :func:`min_acc_from_minima` finishes it.
+    """
+    for task in range(min(current_task, len(accuracies))):
+        value = float(accuracies[task])
+        previous = minima.get(task, math.nan)
+        if math.isnan(previous) or value < previous:  # a NaN value never replaces a measured minimum
+            minima[task] = value
+    return minima
+
+
+def min_acc_from_minima(minima: dict[int, float], current_task: int) -> float:
+    """min-ACC from the per-task minima (:func:`update_task_minima`): their mean over ``i < current_task``.
+
+    Tasks without a measured minimum are left out of the mean; ``NaN`` when none is left (or
+    ``current_task <= 0``: there is no previous task).
+    """
+    if current_task <= 0:
+        return math.nan
+    return _nanmean([minima.get(task, math.nan) for task in range(current_task)])
+
+
+def wc_acc_from(current_acc: float, current_task: int, worst: float) -> float:
+    r"""WC-ACC from the current task's accuracy ``a_k`` and min-ACC ``worst``.
+
+    .. math::
+        \text{WC-ACC} = \frac{1}{k+1} a_k + \Big(1 - \frac{1}{k+1}\Big)\,\text{min-ACC}
+
+    ``current_task`` is the 0-based ``k``; in the first task (``k == 0``), or when min-ACC
+    ``worst`` is undefined (``NaN``), it is the current accuracy.
+    """
+    if current_task == 0 or math.isnan(worst):
+        return float(current_acc)
+    return current_acc / (current_task + 1) + (1.0 - 1.0 / (current_task + 1)) * worst
+
+
 def min_acc(curves: EvalCurves) -> float:
     r"""min-ACC at the last evaluation ``t`` (current task ``k``).
 
@@ -183,9 +228,8 @@ def min_acc(curves: EvalCurves) -> float:
     """
     curves = _check(curves)
     k = current_task_index(curves)
-    if k <= 0:
-        return math.nan
-    return _nanmean([_task_min_after_end(curves, i) for i in range(k)])
+    minima = {i: _task_min_after_end(curves, i) for i in range(max(k, 0))}
+    return min_acc_from_minima(minima, k)
 
 
 def wc_acc(curves: EvalCurves) -> float:
@@ -205,13 +249,7 @@ def wc_acc(curves: EvalCurves) -> float:
     k = current_task_index(curves)
     if k < 0 or k >= curves.num_tasks:
         return math.nan
-    current = float(curves.acc[-1, k])
-    if k == 0:
-        return current
-    worst = min_acc(curves)
-    if math.isnan(worst):
-        return current
-    return current / (k + 1) + (1.0 - 1.0 / (k + 1)) * worst
+    return wc_acc_from(float(curves.acc[-1, k]), k, min_acc(curves) if k > 0 else math.nan)
 
 
 def _max_windowed_change(values: Tensor, window: int, sign: float) -> float:
