@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.merging import lines_scale
 from tests.helpers.benchmarks import load_benchmark
+from tests.helpers.harness import quiet_trainer
 
 
 class BlockNet(pl.LightningModule):
@@ -53,12 +54,10 @@ def _loader(seed: int = 1, n: int = 24) -> DataLoader:
 
 
 def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+    # The shared harness (Lightning's defaults otherwise); one epoch unless a test says more.
+    kwargs.setdefault("max_epochs", 1)
+    kwargs.setdefault("reload_dataloaders_every_n_epochs", 0)
+    return quiet_trainer(tmp_path, callbacks, **kwargs)
 
 
 def _params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -572,3 +571,13 @@ def test_validation_score_is_public_and_matches_the_sweep(tmp_path: Path) -> Non
     assert seen["score"] == pytest.approx(cb.sweep_scores[cb.applied_alpha], rel=1e-6)
     # a list of one loader is a single loader: no dataloader_idx suffix
     assert seen["explicit"] == pytest.approx(seen["score"], rel=1e-6)
+
+
+def test_scales_figure_reaches_the_loggers_that_take_images(tmp_path: Path) -> None:
+    from tests.helpers.loggers import RecordingTensorBoard
+
+    board = RecordingTensorBoard(str(tmp_path))
+    _trainer(tmp_path, [LiNeS(alpha=0.3)], logger=board).fit(BlockNet(), _loader())
+    tags = [call[0] for call in board.writer.calls]
+    assert tags == ["lines/scales"], tags
+    assert (tmp_path / "lines_scales.png").is_file()  # the PNG is still the record on disk

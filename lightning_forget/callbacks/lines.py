@@ -564,8 +564,8 @@ class LiNeS(ContinualCallback):
                 self.block_scales, self.applied_alpha, self._beta_for(self.applied_alpha), self.head_policy,  # type: ignore[arg-type]
                 self.sweep_scores, self.monitor or "score_fn",
             )
-            # FIGURE TO LOGGERS: once `reporting.log_figure` exists, add here:
-            #     reporting.log_figure(trainer, figure, f"lines/scales{suffix}")
+            # The same figure reaches the loggers that take images (TensorBoard, MLflow, W&B).
+            reporting.log_figure(trainer, figure, f"lines/scales{suffix}", step=trainer.global_step)
             plot = os.path.join(directory, f"lines_scales{suffix}.png")
             figure.savefig(plot)
             self.output_paths["plot"] = plot
