@@ -98,16 +98,22 @@ def _read(name: str, path: str) -> tuple[dict[str, torch.Tensor], Optional[dict[
         raise FileNotFoundError(message(name, "the path of an existing file", path, _INPUT_FIX))
     if os.path.isdir(path):
         raise IsADirectoryError(message(name, "a file, not a directory", path, _INPUT_FIX))
+    unreadable = ValueError(message(name, "a file torch.load can read", path, _INPUT_FIX))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" not in str(err).lower():
-            raise ValueError(message(name, "a file torch.load can read", path, _INPUT_FIX)) from err
-        # A real checkpoint whose extra entries (e.g. hyperparameters) are not plain values.
-        rank_zero_warn(f"`{name}` {path!r} holds non-tensor objects; loading it with the full unpickler (trusted files only).")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        # The safe unpickler names the global it refused ("Unsupported global: GLOBAL ..."): a real
+        # checkpoint whose extra entries (e.g. hyperparameters) are Python objects. Any other
+        # failure means the file is not a torch file at all.
+        if "unsupported global" not in str(err).lower():
+            raise unreadable from err
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as full_err:  # noqa: BLE001
+            raise unreadable from full_err
+        rank_zero_warn(f"`{name}` {path!r} holds non-tensor objects; it was loaded with the full unpickler (trusted files only).")
     except Exception as err:  # noqa: BLE001 - torch raises KeyError, EOFError, RuntimeError... on non-torch files
-        raise ValueError(message(name, "a file torch.load can read", path, f"{_INPUT_FIX} ({type(err).__name__}: {err})")) from err
+        raise unreadable from err
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         return dict(obj["state_dict"]), dict(obj)
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -164,6 +170,9 @@ def merge_checkpoints(
     os.close(handle)
     try:
         torch.save(out, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the result from the group
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):
