@@ -56,6 +56,17 @@ def _leaf(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so a parsed ``[1, 28, 28]`` equals a default ``(1, 28, 28)``."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _init_args(model_config: Any) -> Namespace:
+    if isinstance(model_config, Namespace) and isinstance(model_config.get("init_args"), Namespace):
+        return model_config.init_args
+    return Namespace()
+
+
 class ForgetCLI(LightningCLI):
     """LightningCLI with the datamodule's stream description linked into the model, and ``merge``.
 
@@ -127,12 +138,14 @@ class ForgetCLI(LightningCLI):
         if self.datamodule is None or self.model is None:
             return
         taken = inspect.signature(type(self.model).__init__).parameters
-        given = self._get(self._given, "model", default=Namespace())
-        given_args = given.get("init_args", Namespace()) if isinstance(given, Namespace) else Namespace()
+        given = _init_args(self._get(self._given, "model"))
+        parsed = _init_args(self._get(self.config, "model"))  # also holds a checkpoint's hyperparameters
         for source, target in LINKED_ARGUMENTS:
             attr, arg = _leaf(source), _leaf(target)
-            if arg not in taken or hasattr(self.datamodule, attr) or arg in given_args:
+            if arg not in taken or hasattr(self.datamodule, attr) or arg in given:
                 continue
+            if arg in parsed and _plain(parsed[arg]) != _plain(taken[arg].default):
+                continue  # set by the config or the checkpoint (ckpt_path) rather than left at its default
             data, model = type(self.datamodule).__name__, type(self.model).__name__
             raise ValueError(
                 f"`{model}` takes `{arg}`, which the CLI links from the datamodule's `{attr}`, but "
