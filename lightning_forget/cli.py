@@ -5,27 +5,43 @@ Usage::
     lightning-forget fit --config configs/er/split_mnist.yaml
     lightning-forget fit --config configs/quickstart.yaml --trainer.max_epochs 5
     lightning-forget merge --pretrained a.ckpt --finetuned b.ckpt c.ckpt --method ties --output m.pt
+    lightning-forget merge --print_config
 
 Numbers the data decides are written once: the datamodule's ``num_tasks``, ``num_classes``
 ``input_shape`` (classifiers) and ``vocab_size``, ``corpus_names`` and ``block_size`` (language
-models) are linked into the model's arguments when the model takes them.
+models) are linked into the model's arguments when the model takes them. A model that takes one
+of them from a datamodule that lacks it is an error (unless the value is set in the config), so a
+forgotten attribute never leaves the model with its default shape.
+
+Like every LightningCLI, a run refuses to start when its log directory already holds a
+``config.yaml`` (an earlier run's results would be overwritten): choose a new
+``--trainer.default_root_dir`` or logger version.
 """
 
 from __future__ import annotations
 
-import sys
+import inspect
 from typing import Any, Optional
 
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import lightning_forget.callbacks  # noqa: F401  (importable class paths for YAML)
 import lightning_forget.datamodules  # noqa: F401
 import lightning_forget.modules  # noqa: F401
+from lightning_forget.merge_cli import add_merge_arguments, merge_checkpoints
 
-__all__ = ["ForgetCLI", "main", "console_main", "LINKED_ARGUMENTS"]
+__all__ = ["ForgetCLI", "main", "console_main", "LINKED_ARGUMENTS", "MERGE"]
 
-#: datamodule attribute → model constructor argument, linked at instantiation. jsonargparse
-#: skips a link whose source attribute or target argument the chosen classes do not have.
+#: What ``lightning-forget --help`` says first.
+DESCRIPTION = "Continual-learning and unlearning runs (Lightning's fit, validate, test, predict) and checkpoint merging."
+
+#: The subcommand that merges checkpoints (:mod:`lightning_forget.merge_cli`) instead of training.
+MERGE = "merge"
+
+#: datamodule attribute → model constructor argument, linked at instantiation. A link whose
+#: target the model does not take is unused; one whose source the datamodule lacks is an error
+#: (:meth:`ForgetCLI.check_links`).
 LINKED_ARGUMENTS: tuple[tuple[str, str], ...] = (
     ("data.num_tasks", "model.init_args.num_tasks"),
     ("data.num_classes", "model.init_args.num_classes"),
@@ -36,30 +52,132 @@ LINKED_ARGUMENTS: tuple[tuple[str, str], ...] = (
 )
 
 
-class ForgetCLI(LightningCLI):
-    """LightningCLI with the datamodule's stream description linked into the model."""
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
 
-    def add_arguments_to_parser(self, parser: Any) -> None:
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so a parsed ``[1, 28, 28]`` equals a default ``(1, 28, 28)``."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _init_args(model_config: Any) -> Namespace:
+    if isinstance(model_config, Namespace) and isinstance(model_config.get("init_args"), Namespace):
+        return model_config.init_args
+    return Namespace()
+
+
+class ForgetCLI(LightningCLI):
+    """LightningCLI with the datamodule's stream description linked into the model, and ``merge``.
+
+    ``merge`` sits next to ``fit``/``validate``/``test``/``predict``; its options are those of
+    :func:`lightning_forget.merging.merge` (see :mod:`lightning_forget.merge_cli`), and after it
+    ran ``cli.merged`` holds the merged state dict (``cli.model``, ``cli.datamodule`` and
+    ``cli.trainer`` are ``None``).
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in LINKED_ARGUMENTS:
             parser.link_arguments(source, target, apply_on="instantiate")
 
+    # ------------------------------------------------------------------ merge subcommand
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        description = "Merge models fine-tuned from one pre-trained model (task arithmetic or TIES), optionally with LiNeS."
+        merge_parser = self.init_parser(description=description, **kwargs.get(MERGE, {}))
+        self._merge_options = add_merge_arguments(merge_parser)
+        self._subcommand_parsers[MERGE] = merge_parser
+        assert parser._subcommands_action is not None
+        parser._subcommands_action.add_subcommand(MERGE, merge_parser, help=description)
 
-def main(args: Optional[list[str]] = None) -> Optional[ForgetCLI]:
-    """Entry point of ``lightning-forget`` (``args`` for tests; defaults to ``sys.argv``)."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "merge":
-        from lightning_forget.merge_cli import main as merge_main
+    def _setup_parser_kwargs(self, parser_kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        main_kwargs, sub_kwargs = super()._setup_parser_kwargs(parser_kwargs)
+        if MERGE in main_kwargs:
+            sub_kwargs[MERGE] = main_kwargs.pop(MERGE)
+        return main_kwargs, sub_kwargs
 
-        merge_main(argv[1:])
-        return None
-    return ForgetCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
-        args=argv,
-    )
+    def _set_seed(self) -> None:
+        if self.config.get("subcommand") != MERGE:  # a merge draws no random numbers
+            super()._set_seed()
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand == MERGE:
+            self.config_init = self.config
+            self.model = self.datamodule = self.trainer = None  # type: ignore[assignment]
+            return
+        super().instantiate_classes()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != MERGE:
+            return super()._run_subcommand(subcommand)
+        cfg = self.config[MERGE]
+        options = {name: cfg[name] for name in self._merge_options}
+        try:
+            self.merged = merge_checkpoints(cfg.pretrained, list(cfg.finetuned), cfg.output, cfg.overwrite, **options)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            # A usage error (message, exit status 2), not a traceback.
+            self._subcommand_parsers[MERGE].error(str(err))
+
+    # ------------------------------------------------------------------ links
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # What the user gave (config files and flags, no defaults): a linked argument set
+        # there does not need the datamodule's attribute.
+        if isinstance(args, (dict, Namespace)):
+            self._given = parser.parse_object(args, defaults=False)
+        else:
+            self._given = parser.parse_args(args, defaults=False)
+
+    def check_links(self) -> None:
+        """Refuse a model argument the links should fill when the datamodule lacks its source.
+
+        Raises:
+            ValueError: the model takes e.g. ``input_shape``, the datamodule has no
+                ``input_shape`` attribute and the config does not set it.
+        """
+        if self.datamodule is None or self.model is None:
+            return
+        taken = inspect.signature(type(self.model).__init__).parameters
+        given = _init_args(self._get(self._given, "model"))
+        parsed = _init_args(self._get(self.config, "model"))  # also holds a checkpoint's hyperparameters
+        for source, target in LINKED_ARGUMENTS:
+            attr, arg = _leaf(source), _leaf(target)
+            if arg not in taken or hasattr(self.datamodule, attr) or arg in given:
+                continue
+            if arg in parsed and _plain(parsed[arg]) != _plain(taken[arg].default):
+                continue  # set by the config or the checkpoint (ckpt_path) rather than left at its default
+            data, model = type(self.datamodule).__name__, type(self.model).__name__
+            raise ValueError(
+                f"`{model}` takes `{arg}`, which the CLI links from the datamodule's `{attr}`, but "
+                f"`{data}` has no attribute `{attr}`, so the model would keep its default "
+                f"{arg}={taken[arg].default!r}. Fix: set `self.{attr}` in `{data}.__init__`, or give "
+                f"the value in the config (`model.init_args.{arg}`, e.g. --model.{arg} ...)."
+            )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # Datamodule and model exist here, the Trainer not yet: check the links first.
+        self.check_links()
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: ArgsType = None, **cli_kwargs: Any) -> Optional[ForgetCLI]:
+    """Run the ``lightning-forget`` command and return the :class:`ForgetCLI` it built.
+
+    Args:
+        args: the command line as a list (tests, notebooks); ``None`` lets LightningCLI read
+            ``sys.argv`` (the console script).
+        **cli_kwargs: more :class:`~lightning.pytorch.cli.LightningCLI` arguments, e.g.
+            ``save_config_kwargs={"overwrite": True}`` to replace an earlier run's
+            ``config.yaml`` (refused by default).
+    """
+    kwargs: dict[str, Any] = {
+        "subclass_mode_model": True,
+        "subclass_mode_data": True,
+        "seed_everything_default": 0,
+        "parser_kwargs": {"parser_mode": "omegaconf", "prog": "lightning-forget", "description": DESCRIPTION},
+    }
+    kwargs.update(cli_kwargs)
+    return ForgetCLI(args=args, **kwargs)
 
 
 def console_main() -> int:

@@ -196,3 +196,71 @@ def test_lightning_cli_with_linked_datamodule(tmp_path: Path, monkeypatch: pytes
     expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 10))
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
     assert "val/ppl/python_code" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("names", "error", "match"),
+    [
+        (["prose", "prose"], ValueError, r"`corpus_names` must be distinct names \('prose' repeated\)"),
+        ([], ValueError, "`corpus_names` must be a non-empty list"),
+        (["prose", 3], TypeError, r"`corpus_names\[1\]` must be a str"),
+        ("prose", TypeError, "`corpus_names` must be a list or tuple"),
+    ],
+)
+def test_bad_corpus_names(names: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        CausalLMModule(**TINY, corpus_names=names)
+
+
+def test_wrong_size_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="`vocab_size` must be an int"):
+        CausalLMModule(vocab_size="257")
+
+
+class _SizedData(pl.LightningDataModule):
+    """Random blocks over ``vocab_size`` tokens, one validation loader per corpus name."""
+
+    def __init__(self, vocab_size: int, block_size: int, corpus_names: list[str]) -> None:
+        super().__init__()
+        self.vocab_size, self.block_size, self.corpus_names = vocab_size, block_size, corpus_names
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(vocab_size - 8, vocab_size, (4, block_size), generator=g)  # the top ids
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Blocks(self.ids), batch_size=2)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [DataLoader(_Blocks(self.ids), batch_size=2) for _ in self.corpus_names]
+
+
+@pytest.mark.parametrize(
+    ("model_kwargs", "match"),
+    [
+        # ids up to 299 against a 257-row embedding: an IndexError deep in the model without the check
+        (dict(vocab_size=257, block_size=32), r"`vocab_size` must be >= the vocab_size 300 of _SizedData .*got 257"),
+        (dict(vocab_size=300, block_size=16), r"`block_size` must be >= the block_size 32 of _SizedData .*got 16"),
+        (dict(vocab_size=300, block_size=32, corpus_names=["prose"]),
+         r"`corpus_names` must be one name per corpus of _SizedData \(2: \['prose', 'code'\]\)"),
+    ],
+)
+def test_model_smaller_than_the_datamodule_is_refused_in_setup(model_kwargs: dict, match: str) -> None:
+    dm = _SizedData(vocab_size=300, block_size=32, corpus_names=["prose", "code"])
+    module = CausalLMModule(model="gpt2", n_layer=1, n_embd=16, n_head=2, **model_kwargs)
+    with pytest.raises(ValueError, match=match):
+        _quiet_trainer(fast_dev_run=1).fit(module, datamodule=dm)
+
+
+def test_model_matching_the_datamodule_trains() -> None:
+    dm = _SizedData(vocab_size=300, block_size=32, corpus_names=["prose", "code"])
+    module = CausalLMModule(model="gpt2", vocab_size=300, block_size=32, n_layer=1, n_embd=16, n_head=2,
+                            corpus_names=["prose", "code"])
+    trainer = _quiet_trainer(fast_dev_run=1)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 1 and "val/loss/code" in trainer.callback_metrics
+
+
+def test_fewer_corpus_names_than_validation_loaders() -> None:
+    module = CausalLMModule(**TINY, corpus_names=["prose"])
+    loaders = [DataLoader(_Blocks(torch.randint(0, 257, (2, 32))), batch_size=2) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"`corpus_names` must be one name per validation dataloader \(dataloader 1 has none\)"):
+        _quiet_trainer().validate(module, dataloaders=loaders, verbose=False)

@@ -405,7 +405,7 @@ def test_merge_cli_checkpoints_and_state_dicts(tmp_path) -> None:  # type: ignor
         torch.save(ckpt, paths[-1])
     torch.save(base.state_dict(), tmp_path / "base.pt")
     out_path = tmp_path / "merged.ckpt"
-    merged = main(["--pretrained", str(tmp_path / "base.pt"), "--finetuned", *paths, "--method", "ties", "--k", "0.5", "--lines-beta", "0.7", "--output", str(out_path)])
+    merged = main(["--pretrained", str(tmp_path / "base.pt"), "--finetuned", *paths, "--method", "ties", "--k", "0.5", "--lines_beta", "0.7", "--output", str(out_path)])
     expected = merge(base, fts, method="ties", k=0.5, lines_beta=0.7)
     saved = torch.load(out_path, weights_only=False)
     assert "optimizer_states" not in saved and saved["hyper_parameters"] == {"x": 0}

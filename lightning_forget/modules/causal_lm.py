@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torch.optim import AdamW, Optimizer
 from torchmetrics import MeanMetric
 
+from lightning_forget.validation import check_float, check_int, check_str, check_type, message
+
 try:  # Python 3.12+
     from typing import override
 except ImportError:  # pragma: no cover
@@ -104,6 +106,22 @@ def build_tiny_causal_lm(
     return AutoModelForCausalLM.from_config(config)
 
 
+def _check_corpus_names(corpus_names: Any) -> Optional[list[str]]:
+    """``corpus_names`` as a list of distinct non-empty names (or ``None``)."""
+    fix = "pass one distinct name per validation corpus, e.g. ['prose', 'code'], or None"
+    check_type("corpus_names", corpus_names, (list, tuple), allow_none=True, fix=fix)
+    if corpus_names is None:
+        return None
+    if not corpus_names:
+        raise ValueError(message("corpus_names", "a non-empty list of names, or None", corpus_names, fix))
+    for i, name in enumerate(corpus_names):
+        check_str(f"corpus_names[{i}]", name, fix=fix)
+    repeated = sorted({n for n in corpus_names if list(corpus_names).count(n) > 1})
+    if repeated:
+        raise ValueError(message("corpus_names", f"distinct names ({', '.join(map(repr, repeated))} repeated)", corpus_names, fix))
+    return list(corpus_names)
+
+
 class CausalLMModule(pl.LightningModule):
     """A causal language model trained by next-token prediction, evaluated per corpus.
 
@@ -141,13 +159,19 @@ class CausalLMModule(pl.LightningModule):
         optimizer: ``params -> Optimizer`` (default :func:`default_adamw`, AdamW at lr 3e-4).
         lr_scheduler: ``optimizer -> scheduler``, or ``None`` for a constant LR.
         scheduler_interval: ``"step"`` or ``"epoch"``.
-        corpus_names: names of the validation corpora in dataloader order; with them, the
-            per-corpus values are also logged under ``val/loss/<name>`` and ``val/ppl/<name>``.
+        corpus_names: distinct names of the validation corpora in dataloader order, one per
+            corpus; with them, the per-corpus values are also logged under ``val/loss/<name>``
+            and ``val/ppl/<name>``.
 
     Raises:
-        ValueError: a size is not a positive int, ``n_head`` does not divide ``n_embd``, the Llama
-            head dimension is odd, ``model`` or ``scheduler_interval`` is unknown, or
-            ``pretrained_path`` does not exist.
+        TypeError: a size is not an int, ``corpus_names`` is not a list of strings, or
+            ``optimizer``/``lr_scheduler`` is not callable.
+        ValueError: a size is not positive, ``n_head`` does not divide ``n_embd``, the Llama
+            head dimension is odd, ``model`` or ``scheduler_interval`` is unknown,
+            ``pretrained_path`` does not exist, or ``corpus_names`` is empty or repeats a name.
+            In ``setup()``: the model's ``vocab_size`` or ``block_size`` is below the
+            datamodule's, or ``corpus_names`` does not have one name per corpus of the
+            datamodule (:meth:`check_data`).
 
     Note:
         Logged keys: ``train/loss`` (every step), ``val/loss/task_{t}``, ``val/ppl/task_{t}``
@@ -182,10 +206,8 @@ class CausalLMModule(pl.LightningModule):
             )
         for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("n_layer", n_layer),
                             ("n_embd", n_embd), ("n_head", n_head)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if intermediate_size is not None and (not isinstance(intermediate_size, int) or intermediate_size < 1):
-            raise ValueError(f"`intermediate_size` must be a positive int or None (4 * n_embd), got {intermediate_size!r}.")
+            check_int(name, value, min=1)
+        check_int("intermediate_size", intermediate_size, min=1, allow_none=True, fix="pass the MLP width, or None for 4 * n_embd")
         if n_embd % n_head:
             raise ValueError(
                 f"`n_head`={n_head} must divide `n_embd`={n_embd}. Fix: pick n_head among the divisors "
@@ -196,8 +218,7 @@ class CausalLMModule(pl.LightningModule):
                 f"Llama's rotary embeddings need an even head dimension, but n_embd / n_head = "
                 f"{n_embd}/{n_head} = {n_embd // n_head}. Fix: change `n_head` or `n_embd`."
             )
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+        check_float("dropout", dropout, min=0.0, max=1.0, max_inclusive=False)
         if pretrained_path is not None and not os.path.isdir(os.path.expanduser(pretrained_path)):
             raise ValueError(
                 f"`pretrained_path` must be a local directory written by `save_pretrained`, got "
@@ -211,13 +232,12 @@ class CausalLMModule(pl.LightningModule):
             raise TypeError(
                 f"`lr_scheduler` must be None or a callable optimizer -> scheduler, got {type(lr_scheduler).__name__}."
             )
-        if isinstance(corpus_names, str):
-            raise TypeError(f"`corpus_names` must be a list of names, got the string {corpus_names!r}.")
+        corpus_names = _check_corpus_names(corpus_names)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
-        self.corpus_names = list(corpus_names) if corpus_names is not None else None
+        self.corpus_names = corpus_names
 
         if pretrained_path is not None:
             from transformers import AutoModelForCausalLM
@@ -272,7 +292,70 @@ class CausalLMModule(pl.LightningModule):
             metric.reset()
 
     @override
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:
+            self.check_data(
+                vocab_size=getattr(datamodule, "vocab_size", None),
+                block_size=getattr(datamodule, "block_size", None),
+                corpus_names=getattr(datamodule, "corpus_names", None),
+                source=type(datamodule).__name__,
+            )
+
+    def check_data(
+        self,
+        vocab_size: Optional[int] = None,
+        block_size: Optional[int] = None,
+        corpus_names: Optional[Sequence[str]] = None,
+        source: str = "the data",
+    ) -> None:
+        """Check the model against the data's sizes (``setup`` does it with the datamodule's).
+
+        A token id ``>=`` the model's vocabulary, or a block longer than its position table,
+        would otherwise fail deep in the embedding with an ``IndexError``; names for fewer
+        corpora than the data has would silently log some corpora under ``task_{t}`` only.
+
+        Raises:
+            ValueError: the model's vocabulary or context is smaller than the data's, or
+                ``corpus_names`` does not have one name per corpus of the data.
+        """
+        link = "(the lightning-forget CLI links it from the datamodule)"
+        if vocab_size is not None and self.model_vocab_size < vocab_size:
+            raise ValueError(
+                message("vocab_size", f">= the vocab_size {vocab_size} of {source} (its token ids go up to {vocab_size - 1})",
+                        self.model_vocab_size, f"pass vocab_size={vocab_size} {link}")
+            )
+        positions = self.model_block_size
+        if block_size is not None and positions is not None and positions < block_size:
+            raise ValueError(
+                message("block_size", f">= the block_size {block_size} of {source} (the tokens of one block)",
+                        positions, f"pass block_size={block_size} {link}")
+            )
+        if corpus_names is not None and self.corpus_names is not None and len(self.corpus_names) != len(corpus_names):
+            raise ValueError(
+                message("corpus_names", f"one name per corpus of {source} ({len(corpus_names)}: {list(corpus_names)})",
+                        self.corpus_names, f"pass corpus_names={list(corpus_names)}, or None {link}")
+            )
+
+    @property
+    def model_vocab_size(self) -> int:
+        """Rows of the model's input embedding (the ids it can read)."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    @property
+    def model_block_size(self) -> Optional[int]:
+        """Positions of the model (GPT-2 ``n_positions``, Llama ``max_position_embeddings``)."""
+        config = self.model.config
+        value = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        return None if value is None else int(value)
+
+    @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.corpus_names is not None and dataloader_idx >= len(self.corpus_names):
+            raise ValueError(
+                message("corpus_names", f"one name per validation dataloader (dataloader {dataloader_idx} has none)",
+                        self.corpus_names, "add a name for every validation corpus, or pass None")
+            )
         logits, labels = self._logits_and_labels(batch)
         per_token = causal_lm_loss(logits, labels, reduction="none")
         predicted = labels[:, 1:] != IGNORE_INDEX
