@@ -34,6 +34,7 @@ from lightning_forget.metrics.stability import (
     windowed_forgetting,
     windowed_plasticity,
 )
+from lightning_forget.precision import forward_context
 from lightning_forget.tasks import ContinualCallback, task_schedule
 
 try:  # Python 3.12+
@@ -512,7 +513,7 @@ class ContinualEvaluation(ContinualCallback):
         rank, world = trainer.global_rank, trainer.world_size
         device = pl_module.device
         counts = torch.zeros(num_seen, 2, dtype=torch.int64, device=device)
-        with trainer.precision_plugin.val_step_context():
+        with forward_context(trainer):
             for task in range(num_seen):
                 inputs, labels = self.split_batch(self._data[task])
                 inputs = apply_to_collection(inputs, Tensor, lambda t: t[rank::world])

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_forget import merging
+from lightning_forget.precision import forward_context
 from lightning_forget.tasks import ContinualCallback
 
 try:  # Python 3.12+
@@ -356,7 +357,11 @@ class LiNeS(ContinualCallback):
         for alpha in tqdm(self.alpha_grid, desc="LiNeS α sweep", disable=not trainer.is_global_zero):
             state, _ = self.scaled_state(alpha)
             self._write(pl_module, state)
-            score = float(self.score_fn(pl_module)) if self.score_fn is not None else self._evaluate(trainer, pl_module)
+            if self.score_fn is not None:
+                with forward_context(trainer):
+                    score = float(self.score_fn(pl_module))
+            else:
+                score = self._evaluate(trainer, pl_module)
             scores.append(score)
         scores = trainer.strategy.broadcast(scores, src=0)
         self.sweep_scores = dict(zip(self.alpha_grid, scores))
@@ -418,7 +423,7 @@ class LiNeS(ContinualCallback):
         pl_module.eval()
         pl_module.log, pl_module.log_dict = log, log_dict  # type: ignore[method-assign]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), forward_context(trainer):
                 pl_module.on_validation_epoch_start()
                 for i, loader in enumerate(loaders):
                     idx_box[0] = i
