@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget import reporting
 from lightning_forget.metrics.stability import (
     EvalCurves,
@@ -139,6 +140,9 @@ class ContinualEvaluation(ContinualCallback):
         steps keep increasing across fits), ``indices`` (each task's subsample indices), ``data``
         (one-fit-per-task mode only: each task's collated subsample) and ``version``.
     """
+
+    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
 
 
     def __init__(

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget import merging
 from lightning_forget.precision import forward_context
 from lightning_forget.tasks import ContinualCallback
@@ -152,6 +153,9 @@ class LiNeS(ContinualCallback):
         With ``strategy="ddp_spawn"`` the attributes set at the end of fit live in the worker
         processes; use the files.
     """
+
+    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
 
 
     def __init__(
