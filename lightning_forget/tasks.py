@@ -31,7 +31,55 @@ try:  # Python 3.12+
 except ImportError:  # pragma: no cover
     from typing_extensions import override
 
-__all__ = ["ContinualCallback", "current_task", "is_continual_datamodule", "task_schedule"]
+__all__ = ["ContinualCallback", "current_task", "is_continual_datamodule", "strategy_name", "task_schedule"]
+
+#: The strategies every method is tested under (one process; DDP with each start method).
+DDP_STRATEGIES: tuple[str, ...] = ("single_device", "ddp", "ddp_spawn", "ddp_fork")
+
+_DDP_START_METHODS = {"popen": "ddp", "spawn": "ddp_spawn", "fork": "ddp_fork", "forkserver": "ddp_forkserver"}
+
+
+def strategy_name(strategy: Any) -> str:
+    """The registry-style name of a Lightning strategy object, decided by its class.
+
+    ``"single_device"``, ``"ddp"``/``"ddp_spawn"``/``"ddp_fork"`` (a ``DDPStrategy`` by its start
+    method), ``"fsdp"``, ``"deepspeed"``, ``"model_parallel"``, ``"xla"``, ``"single_xla"``; any
+    other class gives its class name.
+    """
+    from lightning.pytorch import strategies as st
+
+    # Most specific first: DeepSpeed and XLA subclass DDPStrategy, single-device XLA subclasses
+    # SingleDeviceStrategy.
+    for cls_name, name in (
+        ("DeepSpeedStrategy", "deepspeed"),
+        ("XLAStrategy", "xla"),
+        ("SingleDeviceXLAStrategy", "single_xla"),
+        ("FSDPStrategy", "fsdp"),
+        ("ModelParallelStrategy", "model_parallel"),
+    ):
+        cls = getattr(st, cls_name, None)
+        if cls is not None and isinstance(strategy, cls):
+            return name
+    if isinstance(strategy, st.DDPStrategy):
+        method = getattr(strategy, "_start_method", "popen")
+        return _DDP_START_METHODS.get(method, f"ddp_{method}")
+    if isinstance(strategy, st.SingleDeviceStrategy):
+        return "single_device"
+    return type(strategy).__name__
+
+
+def check_strategy(callback: Any, trainer: "pl.Trainer") -> None:
+    """Refuse a strategy the callback does not declare in ``supported_strategies``."""
+    supported = tuple(callback.supported_strategies)
+    name = strategy_name(trainer.strategy)
+    if name not in supported:
+        raise RuntimeError(
+            f"{type(callback).__name__} does not support strategy={name!r} "
+            f"({type(trainer.strategy).__name__}): it supports {list(supported)}. Sharded strategies "
+            "(FSDP, DeepSpeed, model parallel) split parameters and optimizer state across ranks, "
+            "which this method's weight and state handling does not do. Fix: use `strategy=\"ddp\"` "
+            "(or one device)."
+        )
 
 
 def is_continual_datamodule(datamodule: Any) -> bool:
@@ -143,6 +191,10 @@ class ContinualCallback(Callback):
     :meth:`load_method_state` (never ``state_dict`` itself), read keys strictly, and bump
     :attr:`STATE_VERSION` with a :meth:`migrate_state` branch when their layout changes.
 
+    ``setup`` refuses a strategy not listed in :attr:`supported_strategies` (sharded strategies
+    such as FSDP and DeepSpeed are not supported by any method yet) with a ``RuntimeError`` that
+    names the alternative, ``strategy="ddp"``.
+
     Note:
         Saved state: ``protocol`` = ``task`` (the task counter used in one-fit-per-task mode),
         ``started`` and ``ended`` (last task whose start/end fired); ``method`` = the subclass's
@@ -151,6 +203,10 @@ class ContinualCallback(Callback):
 
     #: Version of the subclass's checkpointed state layout (see :meth:`migrate_state`).
     STATE_VERSION: int = 1
+
+    #: Strategies (by :func:`strategy_name`) the method supports; ``setup`` refuses any other
+    #: with a ``RuntimeError``. Each method declares its own.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
 
     def __init__(self) -> None:
         super().__init__()
@@ -191,6 +247,7 @@ class ContinualCallback(Callback):
         # Under ddp_spawn this object was pickled into the worker with its tensors in shared
         # memory, one storage for all ranks: take private copies before any rank writes.
         unshare_memory(self)
+        check_strategy(self, trainer)
         if stage == "fit":
             check_dataloader_reloading(trainer)
             check_stream_length(trainer)

@@ -423,3 +423,79 @@ def test_merge_cli_checkpoints_and_state_dicts(tmp_path) -> None:  # type: ignor
         main(["--pretrained", str(tmp_path / "base.pt"), "--finetuned", paths[0], "--output", paths[0]])
     with pytest.raises(SystemExit):
         main(["--pretrained", str(tmp_path / "base.pt"), "--finetuned", paths[0], "--alpha", "0.3", "--output", str(tmp_path / "x.pt")])
+
+
+# ---------------------------------------------------------------- TIES variants, hand-computed
+def _tv(*values: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.tensor(values)}
+
+
+def test_ties_official_trim_keeps_one_more_when_k_n_is_an_integer() -> None:
+    tau = [_tv(5.0, -4.0, 3.0, 2.0, 1.0)]
+    # n = 5, k = 0.4: k·n = 2 is an integer -> "official" keeps int(2) + 1 = 3, "ceil" keeps 2.
+    official = merging.ties_vector(tau, k=0.4)["w"]
+    ceil = merging.ties_vector(tau, k=0.4, trim="ceil")["w"]
+    assert torch.equal(official, torch.tensor([5.0, -4.0, 3.0, 0.0, 0.0]))
+    assert torch.equal(ceil, torch.tensor([5.0, -4.0, 0.0, 0.0, 0.0]))
+    # k·n = 2.5 is not an integer: both keep ⌈2.5⌉ = int(2.5) + 1 = 3.
+    for trim in ("official", "ceil"):
+        assert torch.equal(merging.ties_vector(tau, k=0.5, trim=trim)["w"], torch.tensor([5.0, -4.0, 3.0, 0.0, 0.0]))
+    # Capped at n: k = 1 keeps all 5 (not 6).
+    assert torch.equal(merging.ties_vector(tau, k=1.0)["w"], tau[0]["w"])
+
+
+@pytest.mark.parametrize(
+    ("taus", "majority_value"),
+    [
+        # sums [0, 3, 4]: signs [0, +, +], majority sign + -> entry 0 takes the mean of the positives (1)
+        (([1.0, 2.0, 3.0], [-1.0, 1.0, 1.0]), 1.0),
+        # sums [0, -3, -4]: majority sign - -> entry 0 takes the mean of the negatives (-1)
+        (([1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]), -1.0),
+    ],
+)
+def test_ties_zero_elected_sign_takes_the_majority_sign(taus, majority_value) -> None:
+    vectors = [_tv(*t) for t in taus]
+    majority = merging.ties_vector(vectors, k=1.0)["w"]
+    zero = merging.ties_vector(vectors, k=1.0, zero_sign="zero")["w"]
+    rest = [(a + b) / 2 for a, b in zip(taus[0][1:], taus[1][1:])]  # both agree on entries 1 and 2
+    assert torch.allclose(majority, torch.tensor([majority_value, *rest]))
+    assert torch.allclose(zero, torch.tensor([0.0, *rest]))
+
+
+class _Tied(nn.Module):
+    """``a`` is one tensor under two state-dict keys (``a`` and ``b``), like GPT-2's tied head."""
+
+    def __init__(self, a: list[float], c: list[float]) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.b = self.a
+        self.c = nn.Parameter(torch.tensor(c))
+
+
+def test_ties_counts_a_tied_weight_per_key_or_once() -> None:
+    base, tuned = _Tied([0.0, 0.0], [0.0, 0.0]), _Tied([4.0, 1.0], [3.0, 2.0])
+    assert list(base.state_dict()) == ["a", "b", "c"]
+    # per_key: n = 2 + 2 + 2 = 6 (a counted under a and b), k = 0.25 keeps int(1.5) + 1 = 2 of
+    # |[4, 1, 4, 1, 3, 2]| -> threshold 4: only a[0] survives.
+    per_key = ties_merge(base, [tuned], k=0.25)
+    assert torch.equal(per_key["a"], torch.tensor([4.0, 0.0])) and torch.equal(per_key["c"], torch.zeros(2))
+    # once: n = 4, keeps int(1) + 1 = 2 of |[4, 1, 3, 2]| -> threshold 3: a[0] and c[0].
+    once = ties_merge(base, [tuned], k=0.25, count_tied="once")
+    assert torch.equal(once["a"], torch.tensor([4.0, 0.0])) and torch.equal(once["c"], torch.tensor([3.0, 0.0]))
+    for out in (per_key, once):  # the merged weights stay tied
+        assert torch.equal(out["a"], out["b"])
+
+
+def test_ties_majority_sign_counts_a_tied_weight_per_key() -> None:
+    # Two tasks, keep everything (k = 1). Entry a[0]'s elected sign is 0; the other entries
+    # elect a[1]: -, c: +, +.
+    base = _Tied([0.0, 0.0], [0.0, 0.0])
+    t1, t2 = _Tied([1.0, -1.0], [1.0, 1.0]), _Tied([-1.0, -1.0], [1.0, 1.0])
+    # per_key: elected signs a = [0, -] (twice), c = [+, +] -> sum 2·(-1) + 2 = 0 -> majority 0:
+    # a[0] has no side to take and stays 0.
+    per_key = ties_merge(base, [t1, t2], k=1.0)
+    assert torch.equal(per_key["a"], torch.tensor([0.0, -1.0]))
+    # once: sum -1 + 2 = +1 -> a[0] takes the positive value 1.
+    once = ties_merge(base, [t1, t2], k=1.0, count_tied="once")
+    assert torch.equal(once["a"], torch.tensor([1.0, -1.0]))
+    assert torch.equal(once["c"], torch.tensor([1.0, 1.0]))

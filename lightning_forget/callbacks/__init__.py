@@ -6,7 +6,8 @@ from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.callbacks.lr_rewarming import LRRewarming
 from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceReplay
+from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 
 __all__ = [
     "ContinualEvaluation",
-    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "InfiniteLRSchedule", "LiNeS", "LRRewarming"]
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "InfiniteLRSchedule", "LiNeS", "LRRewarming", "RNGStateCheckpoint"]

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget import reporting
 from lightning_forget.metrics.stability import (
     EvalCurves,
@@ -37,6 +38,7 @@ from lightning_forget.metrics.stability import (
     windowed_forgetting,
     windowed_plasticity,
 )
+from lightning_forget.precision import forward_context
 from lightning_forget.tasks import ContinualCallback, task_schedule
 
 try:  # Python 3.12+
@@ -149,6 +151,9 @@ class ContinualEvaluation(ContinualCallback):
         steps keep increasing across fits), ``indices`` (each task's subsample indices), ``data``
         (one-fit-per-task mode only: each task's collated subsample) and ``version``.
     """
+
+    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
 
 
     def __init__(
@@ -554,7 +559,7 @@ class ContinualEvaluation(ContinualCallback):
         rank, world = trainer.global_rank, trainer.world_size
         device = pl_module.device
         counts = torch.zeros(num_seen, 2, dtype=torch.int64, device=device)
-        with trainer.precision_plugin.val_step_context():
+        with forward_context(trainer):
             for task in range(num_seen):
                 inputs, labels = self.split_batch(self._data[task])
                 inputs = apply_to_collection(inputs, Tensor, lambda t: t[rank::world])

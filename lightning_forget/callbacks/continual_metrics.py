@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget import reporting
 from lightning_forget.metrics.functional import last_measured_row
 from lightning_forget.tasks import ContinualCallback, task_schedule
@@ -125,6 +126,9 @@ class ContinualMetrics(ContinualCallback):
         :class:`~lightning_forget.tasks.ContinualCallback` (``task``, ``started``, ``ended``,
         ``version``).
     """
+
+    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
 
     def __init__(
         self,

@@ -15,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_forget import merging, reporting
+from lightning_forget.precision import forward_context
+from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget.tasks import ContinualCallback
 from lightning_forget.validation import check_bool
 
@@ -345,6 +347,9 @@ class LiNeS(ContinualCallback):
         processes; use the files.
     """
 
+    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+
     def __init__(
         self,
         alpha: float = 0.1,
@@ -602,9 +607,11 @@ class LiNeS(ContinualCallback):
             state, _ = self.scaled_state(alpha)
             self._write(pl_module, state)
             if self.score_fn is not None:
-                score = float(self.score_fn(pl_module))
+                with forward_context(trainer):
+                    score = float(self.score_fn(pl_module))
             else:
-                score = validation_score(pl_module, self.monitor)  # type: ignore[arg-type]
+                with forward_context(trainer):
+                    score = validation_score(pl_module, self.monitor)  # type: ignore[arg-type]
             scores.append(score)
         scores = trainer.strategy.broadcast(scores, src=0)
         self.sweep_scores = dict(zip(self.alpha_grid, scores))

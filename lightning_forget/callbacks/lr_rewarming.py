@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 
+from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
 from lightning_forget.callbacks.lr_schedule import BaseLRSchedule
 from lightning_forget.schedules import Anneal, Decay, TaskSegment, resolve_warmup, schedule_lr, segment_lr
@@ -105,6 +106,9 @@ class LRRewarming(BaseLRSchedule):
         :class:`~lightning_forget.tasks.ContinualCallback`'s protocol counters. Only one
         instance per Trainer is allowed, so the state key is the class name.
     """
+
+    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
 
     SCHEDULER_NAME = "lr_rewarming/lr"
 

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget.batch import BatchFields, SplitBatch, logits_of
 from lightning_forget.buffers import ReplayBuffer, make_buffer
 from lightning_forget.distributed import gather_batch, rank_generator, sampler_padding_mask
@@ -220,6 +221,9 @@ class ExperienceReplay(_BufferCallback):
         rows, counters and generator) and the task counters.
     """
 
+    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+
     def __init__(
         self,
         buffer_size: int = 500,
@@ -338,6 +342,9 @@ class DarkExperienceReplay(_BufferCallback):
         Logged keys: ``derpp/mse``, ``derpp/ce`` (the unweighted replay terms),
         ``derpp/buffer_size``. Saved state: the buffer (inputs, labels, logits) and counters.
     """
+
+    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
 
     #: Buffer field of the stored logits.
     LOGITS = "logits"
