@@ -36,7 +36,9 @@ def test_reservoir_keeps_each_sample_with_equal_probability() -> None:
             buffer.add(_batch(start, 10, num_classes=1000))
         counts[buffer.contents()["x"][:, 0].long()] += 1
     frequency = counts / 400
-    assert abs(frequency.mean().item() - 0.1) < 1e-6
+    # The mean is 0.1 whatever the rule; each sample's own frequency is what can go wrong.
+    # Binomial sd of one frequency is sqrt(0.1 * 0.9 / 400) = 0.015; 5 sd bounds all 100.
+    assert (frequency - 0.1).abs().max().item() < 0.075, frequency
     # Early and late samples are kept equally often (binomial sd of a 10-sample mean ≈ 0.005).
     assert abs(frequency[:10].mean().item() - frequency[-10:].mean().item()) < 0.03
 
