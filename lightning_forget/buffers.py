@@ -6,7 +6,20 @@ first insert, with shape ``(capacity, *sample_shape)`` per field, so memory neve
 the number of tasks.
 
 Which samples are kept is decided by the buffer's own seeded :class:`torch.Generator`, whose
-state is part of :meth:`state_dict`. Under DDP, callbacks gather the stream batch from every
+state is part of :meth:`state_dict`.
+
+Per-sample metadata travels with each row: ``add(batch, task=t)`` stores the task id under
+:data:`TASK_KEY`, and any extra fixed-shape field of the batch is stored like the input. Fields
+named in ``pad_values`` are variable-length sequences (token ids, attention masks, labels): they
+are stored with their length and re-padded on each draw to the longest drawn row, with their own
+pad value (e.g. ``-100`` for labels, ``0`` for an attention mask).
+
+Insertion policies (when a sample enters the buffer):
+
+- :class:`ReservoirBuffer`: reservoir sampling over everything offered (task-free streams);
+- :class:`ClassBalancedBuffer`: class-balanced reservoir;
+- :class:`TaskBalancedBuffer`: filled once per task, at the task's end, with an equal share per
+  task seen (what Avalanche calls an experience-balanced buffer). Under DDP, callbacks gather the stream batch from every
 rank and insert the same gathered batch on every rank, so the buffers stay identical without
 any communication about their contents.
 
@@ -15,12 +28,41 @@ No Lightning in this module.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["ReplayBuffer", "ReservoirBuffer", "ClassBalancedBuffer", "make_buffer"]
+__all__ = [
+    "TASK_KEY",
+    "ReplayBuffer",
+    "ReservoirBuffer",
+    "ClassBalancedBuffer",
+    "TaskBalancedBuffer",
+    "equal_shares",
+    "make_buffer",
+    "pad_rows",
+]
+
+#: The buffer field holding each row's task id (written by ``add(batch, task=...)``).
+TASK_KEY = "__task__"
+
+PadValues = Mapping[str, Union[int, float]]
+
+
+def pad_rows(rows: Tensor, width: int, value: Union[int, float]) -> Tensor:
+    """``rows`` (``(n, length, ...)``) right-padded with ``value`` along dim 1 to ``width``."""
+    length = int(rows.shape[1])
+    if length >= width:
+        return rows
+    pad = torch.full((rows.shape[0], width - length, *rows.shape[2:]), value, dtype=rows.dtype, device=rows.device)
+    return torch.cat([rows, pad], dim=1)
+
+
+def equal_shares(capacity: int, groups: int) -> list[int]:
+    """``capacity`` slots split over ``groups``: ``capacity // groups`` each, the rest to the first ones."""
+    base, rest = divmod(int(capacity), int(groups))
+    return [base + (1 if i < rest else 0) for i in range(int(groups))]
 
 
 class ReplayBuffer:
@@ -30,20 +72,35 @@ class ReplayBuffer:
         capacity: maximum number of samples kept (memory is ``capacity`` × one sample).
         seed: seed of the buffer's generator (which samples are kept and evicted).
         device: where the storage lives; ``None`` keeps it on the device of the first insert.
+        pad_values: fields of variable length along dim 1 (token sequences) and the value that
+            pads each, e.g. ``{"input_ids": 0, "attention_mask": 0, "labels": -100}``.
     """
 
-    _STATE_VERSION = 1
+    _STATE_VERSION = 2
+    #: The field holding task ids (see :data:`TASK_KEY`).
+    task_key = TASK_KEY
 
-    def __init__(self, capacity: int, seed: int = 0, device: Optional[torch.device | str] = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        seed: int = 0,
+        device: Optional[torch.device | str] = None,
+        pad_values: Optional[PadValues] = None,
+    ) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"`capacity` must be a positive int (number of samples), got {capacity!r}.")
         self.capacity = capacity
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else None
+        self.pad_values: dict[str, Union[int, float]] = dict(pad_values or {})
         self.generator = torch.Generator().manual_seed(self.seed)
         self.storage: dict[str, Tensor] = {}
+        #: Stored length (dim 1) of each row of the variable-length fields.
+        self.lengths: dict[str, Tensor] = {}
         self.size = 0
         self.num_seen = 0
+        #: Incremented whenever the stored rows change (draw schedules restart on a change).
+        self.revision = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # A torch.Generator does not survive torch.multiprocessing's pickling with the default
@@ -83,12 +140,40 @@ class ReplayBuffer:
     def _allocate(self, batch: Mapping[str, Tensor]) -> None:
         device = self.device if self.device is not None else next(iter(batch.values())).device
         for key, value in batch.items():
-            self.storage[key] = torch.zeros((self.capacity, *value.shape[1:]), dtype=value.dtype, device=device)
+            fill = self.pad_values.get(key, 0)
+            self.storage[key] = torch.full((self.capacity, *value.shape[1:]), fill, dtype=value.dtype, device=device)
+            if key in self.pad_values:
+                self.lengths[key] = torch.zeros(self.capacity, dtype=torch.long)
+
+    def _widen(self, key: str, width: int) -> None:
+        """Grow the storage of sequence field ``key`` to ``width`` positions (pad-filled)."""
+        store = self.storage[key]
+        if width > store.shape[1]:
+            self.storage[key] = pad_rows(store, width, self.pad_values[key])
+
+    def _write(self, dst: Tensor, batch: Mapping[str, Tensor], src: Tensor) -> None:
+        """Write rows ``src`` of ``batch`` into slots ``dst`` (sequence fields re-padded)."""
+        for key, value in batch.items():
+            rows = value[src.to(value.device)].detach()
+            if key in self.pad_values:
+                self._widen(key, int(rows.shape[1]))
+                rows = pad_rows(rows, int(self.storage[key].shape[1]), self.pad_values[key])
+                self.lengths[key][dst.cpu()] = int(value.shape[1])
+            store = self.storage[key]
+            store[dst.to(store.device)] = rows.to(store.device, store.dtype)
+        if dst.numel():
+            self.revision += 1
 
     def _check_batch(self, batch: Mapping[str, Tensor]) -> int:
         if not batch:
             raise ValueError("Cannot add an empty batch (no fields) to a replay buffer.")
         sizes = {key: int(value.shape[0]) for key, value in batch.items()}
+        short = sorted(key for key in self.pad_values if key in batch and batch[key].dim() < 2)
+        if short:
+            raise ValueError(
+                f"Fields {short} are named in `pad_values` (variable-length sequences along dim 1) but are "
+                f"not at least 2-D (rows x length); drop them from `pad_values`."
+            )
         if len(set(sizes.values())) != 1:
             raise ValueError(f"All fields of a batch added to a buffer need the same length, got {sizes}.")
         if self.storage and set(batch) != set(self.storage):
@@ -97,12 +182,29 @@ class ReplayBuffer:
             )
         return next(iter(sizes.values()))
 
-    def add(self, batch: Mapping[str, Tensor]) -> Tensor:
+    @staticmethod
+    def with_task(batch: Mapping[str, Tensor], task: Optional[int]) -> dict[str, Tensor]:
+        """``batch`` with the task id of every row under :data:`TASK_KEY` (unchanged for ``None``)."""
+        batch = dict(batch)
+        if task is None:
+            return batch
+        if TASK_KEY in batch:
+            raise ValueError(f"The batch already has a field {TASK_KEY!r}, the name the buffer stores task ids under.")
+        n = int(next(iter(batch.values())).shape[0]) if batch else 0
+        batch[TASK_KEY] = torch.full((n,), int(task), dtype=torch.long)
+        return batch
+
+    def add(self, batch: Mapping[str, Tensor], task: Optional[int] = None) -> Tensor:
         """Offer every sample of ``batch`` to the buffer.
+
+        Args:
+            batch: per-sample tensors by field name.
+            task: the task the samples belong to, stored with each kept row (give it always or never).
 
         Returns:
             For each offered sample, the slot it was written to, or -1 when it was not kept.
         """
+        batch = self.with_task(batch, task)
         n = self._check_batch(batch)
         if n == 0:
             return torch.empty(0, dtype=torch.long)
@@ -119,9 +221,7 @@ class ReplayBuffer:
             src = last[dst]
             slots = torch.full_like(slots, -1)
             slots[src] = dst
-            for key, value in batch.items():
-                store = self.storage[key]
-                store[dst.to(store.device)] = value[src.to(value.device)].detach().to(store.device, store.dtype)
+            self._write(dst, batch, src)
         return slots
 
     def _slots(self, batch: Mapping[str, Tensor], n: int) -> Tensor:  # pragma: no cover - abstract
@@ -131,6 +231,33 @@ class ReplayBuffer:
         """Overwrite field ``key`` at buffer positions ``slots`` (e.g. to refresh stored logits)."""
         store = self.storage[key]
         store[slots.to(store.device)] = values.detach().to(store.device, store.dtype)
+        self.revision += 1
+
+    def _keep_rows(self, index: Tensor) -> None:
+        """Keep only the rows ``index`` (in that order) as rows ``0..len(index)-1``."""
+        index = index.long().cpu()
+        for key, store in self.storage.items():
+            rows = store[index.to(store.device)]
+            store[: index.numel()] = rows
+            store[index.numel():] = self.pad_values.get(key, 0)
+        for key, lengths in self.lengths.items():
+            kept = lengths[index]
+            lengths.zero_()
+            lengths[: index.numel()] = kept
+        self.size = int(index.numel())
+        self.revision += 1
+
+    def _append(self, rows: Mapping[str, Tensor]) -> None:
+        """Write ``rows`` into the free slots after the stored ones."""
+        n = int(next(iter(rows.values())).shape[0])
+        if self.size + n > self.capacity:
+            raise RuntimeError(f"Cannot append {n} rows to a buffer holding {self.size} of {self.capacity}.")
+        if not self.storage:
+            self._allocate(rows)
+        if set(rows) != set(self.storage):
+            raise ValueError(f"Rows with fields {sorted(rows)} differ from the buffer's fields {sorted(self.storage)}.")
+        self._write(torch.arange(self.size, self.size + n), rows, torch.arange(n))
+        self.size += n
 
     # ------------------------------------------------------------------ sampling
     def sample(
@@ -149,10 +276,26 @@ class ReplayBuffer:
         gen = generator if generator is not None else self.generator
         k = min(int(n), self.size)
         index = torch.randperm(self.size, generator=gen)[:k]
-        out = {key: value[index.to(value.device)] for key, value in self.storage.items()}
+        out = self.take(index)
         if return_indices:
             out["index"] = index
         return out
+
+    def take(self, index: Tensor) -> dict[str, Tensor]:
+        """The rows at slots ``index``; sequence fields cut to the longest taken row (still padded)."""
+        index = index.long().cpu()
+        out = {}
+        for key, store in self.storage.items():
+            rows = store[index.to(store.device)]
+            if key in self.lengths:
+                width = int(self.lengths[key][index].max()) if index.numel() else 0
+                rows = rows[:, :width]
+            out[key] = rows
+        return out
+
+    def task_ids(self) -> Optional[Tensor]:
+        """The task id of every stored row, or ``None`` when the buffer was filled without tasks."""
+        return self.storage[TASK_KEY][: self.size].cpu() if TASK_KEY in self.storage else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -164,8 +307,10 @@ class ReplayBuffer:
             "seed": self.seed,
             "size": self.size,
             "num_seen": self.num_seen,
+            "revision": self.revision,
             "generator": self.generator.get_state(),
             "storage": {key: value[: self.size].detach().cpu().clone() for key, value in self.storage.items()},
+            "lengths": {key: value[: self.size].clone() for key, value in self.lengths.items()},
             "shapes": {key: (tuple(value.shape[1:]), str(value.dtype)) for key, value in self.storage.items()},
         }
 
@@ -182,12 +327,29 @@ class ReplayBuffer:
         self.size = int(state["size"])
         self.num_seen = int(state["num_seen"])
         self.generator.set_state(state["generator"])
+        if int(state["version"]) < 2:
+            # Version 1 (before sequence fields and draw schedules) had no lengths and no revision.
+            revision, lengths = 0, {}
+        else:
+            revision, lengths = int(state["revision"]), state["lengths"]
+        self.revision = revision
         self.storage = {}
+        self.lengths = {}
         device = self.device if self.device is not None else torch.device("cpu")
         for key, rows in state["storage"].items():
-            store = torch.zeros((self.capacity, *rows.shape[1:]), dtype=rows.dtype, device=device)
+            fill = self.pad_values.get(key, 0)
+            store = torch.full((self.capacity, *rows.shape[1:]), fill, dtype=rows.dtype, device=device)
             store[: rows.shape[0]] = rows.to(device)
             self.storage[key] = store
+        for key, rows in lengths.items():
+            self.lengths[key] = torch.zeros(self.capacity, dtype=torch.long)
+            self.lengths[key][: rows.shape[0]] = rows
+        missing = sorted(set(self.pad_values) & set(self.storage) - set(self.lengths))
+        if missing:
+            raise ValueError(
+                f"`pad_values` names {missing} as variable-length fields, but the checkpoint's buffer stored "
+                "them as fixed-shape fields; resume with the `pad_values` the run was started with."
+            )
 
     def to(self, device: torch.device | str) -> "ReplayBuffer":
         """Move the storage (e.g. next to the model after a resume)."""
@@ -231,8 +393,9 @@ class ClassBalancedBuffer(ReplayBuffer):
         seed: int = 0,
         device: Optional[torch.device | str] = None,
         label_key: str = "y",
+        pad_values: Optional[PadValues] = None,
     ) -> None:
-        super().__init__(capacity, seed=seed, device=device)
+        super().__init__(capacity, seed=seed, device=device, pad_values=pad_values)
         self.label_key = label_key
         self.seen_per_class: dict[int, int] = {}
 
@@ -301,11 +464,130 @@ class ClassBalancedBuffer(ReplayBuffer):
         self.seen_per_class = {int(k): int(v) for k, v in state.get("seen_per_class", {}).items()}
 
 
-_KINDS = {"reservoir": ReservoirBuffer, "class_balanced": ClassBalancedBuffer}
+class TaskBalancedBuffer(ReplayBuffer):
+    """A buffer filled once per task, at the task's end, with an equal share for every task seen.
+
+    The insertion policy of Avalanche's experience-balanced buffer (Lomonaco et al., "Avalanche:
+    an End-to-End Library for Continual Learning", CVPR Workshops 2021), the task-level
+    counterpart of the per-class balance of GDumb (Prabhu et al., ECCV 2020). During task ``t``
+    the offered samples go to a *staging* reservoir of ``capacity // g`` rows, ``g`` being the
+    number of tasks the buffer will hold once ``t`` is added; reservoir sampling keeps a uniform
+    random subset of the task's samples there, so the staging memory is bounded too. The stored
+    rows do not change during the task, so replay draws never include the task being trained.
+    :meth:`end_task` then re-balances: every task gets ``capacity // g`` slots (the remainder to
+    the first tasks), each old task keeping a random subset of its rows (rows are stored in random
+    order, and a shrinking task keeps its first ones), and the staged rows of ``t``, shuffled,
+    fill its share. A sample is stored at most once.
+
+    Task ids are stored with every row under :data:`TASK_KEY`. Under DDP the gathered batches are
+    staged identically on every rank; the staging generator is seeded from ``(seed, task)``.
+
+    Args:
+        capacity: maximum number of samples kept (plus at most ``capacity // g`` staged).
+        seed: seed of the generators (which samples are kept, the order of each task's rows).
+        device: where the storage lives; ``None`` keeps it on the device of the first insert.
+        pad_values: variable-length fields and their pad values (see :class:`ReplayBuffer`).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        seed: int = 0,
+        device: Optional[torch.device | str] = None,
+        pad_values: Optional[PadValues] = None,
+    ) -> None:
+        super().__init__(capacity, seed=seed, device=device, pad_values=pad_values)
+        self.staging: Optional[ReservoirBuffer] = None
+        self.staging_task = -1
+
+    def stored_tasks(self) -> list[int]:
+        """The tasks that have rows in the buffer, in increasing order."""
+        ids = self.task_ids()
+        return [] if ids is None else sorted(int(t) for t in ids.unique())
+
+    def _open(self, task: int) -> None:
+        groups = len([t for t in self.stored_tasks() if t != task]) + 1
+        share = self.capacity // groups
+        if share < 1:
+            raise RuntimeError(
+                f"TaskBalancedBuffer of capacity {self.capacity} cannot give task {task} a slot: it already "
+                f"holds {groups - 1} tasks. Use a buffer of at least as many samples as tasks."
+            )
+        seed = (self.seed * 1_000_003 + int(task) + 1) % (2**61 - 1)
+        self.staging = ReservoirBuffer(share, seed=seed, device=self.device, pad_values=self.pad_values)
+        self.staging_task = int(task)
+
+    def add(self, batch: Mapping[str, Tensor], task: Optional[int] = None) -> Tensor:
+        """Stage the samples of ``task`` (they enter the buffer at :meth:`end_task`).
+
+        Returns:
+            For each offered sample, its row in the staging reservoir, or -1 when it was not kept.
+        """
+        if task is None:
+            raise ValueError("TaskBalancedBuffer.add needs `task=` (the task the samples belong to).")
+        if TASK_KEY in batch:
+            raise ValueError(f"The batch already has a field {TASK_KEY!r}, the name the buffer stores task ids under.")
+        if self.staging is not None and int(task) != self.staging_task:
+            raise RuntimeError(
+                f"TaskBalancedBuffer: samples of task {task} arrived while task {self.staging_task} is still "
+                f"open; call `end_task({self.staging_task})` at the end of each task."
+            )
+        if self.staging is None:
+            self._open(int(task))
+        slots = self.staging.add(batch)  # type: ignore[union-attr]
+        self.num_seen += int(slots.numel())
+        return slots
+
+    def end_task(self, task: int) -> None:
+        """Move the staged samples of ``task`` into the buffer and re-balance the shares."""
+        staging = self.staging
+        if staging is None or self.staging_task != int(task):
+            return  # nothing of this task was offered
+        self.staging, self.staging_task = None, -1
+        if staging.is_empty:
+            return
+        old = [t for t in self.stored_tasks() if t != int(task)]
+        shares = equal_shares(self.capacity, len(old) + 1)
+        if self.size:
+            ids = self.task_ids()
+            keep = [torch.nonzero(ids == t).flatten()[:share] for t, share in zip(old, shares)]  # type: ignore[operator]
+            self._keep_rows(torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long))
+        order = torch.randperm(len(staging), generator=self.generator)[: shares[-1]]
+        self._append(self.with_task(staging.take(order), int(task)))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["staging"] = None if self.staging is None else self.staging.state_dict()
+        state["staging_task"] = self.staging_task
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.staging_task = int(state["staging_task"])
+        self.staging = None
+        if state["staging"] is not None:
+            staged = state["staging"]
+            self.staging = ReservoirBuffer(int(staged["capacity"]), device=self.device, pad_values=self.pad_values)
+            self.staging.load_state_dict(staged)
+
+    def to(self, device: torch.device | str) -> "TaskBalancedBuffer":
+        super().to(device)
+        if self.staging is not None:
+            self.staging.to(device)
+        return self
 
 
-def make_buffer(kind: str, capacity: int, seed: int = 0, device: Optional[str] = None) -> ReplayBuffer:
-    """Build a buffer by name: ``"reservoir"`` or ``"class_balanced"``."""
+_KINDS = {"reservoir": ReservoirBuffer, "class_balanced": ClassBalancedBuffer, "task_balanced": TaskBalancedBuffer}
+
+
+def make_buffer(
+    kind: str,
+    capacity: int,
+    seed: int = 0,
+    device: Optional[str] = None,
+    pad_values: Optional[PadValues] = None,
+) -> ReplayBuffer:
+    """Build a buffer by name: ``"reservoir"``, ``"class_balanced"`` or ``"task_balanced"``."""
     if kind not in _KINDS:
         raise ValueError(f"`buffer` must be one of {sorted(_KINDS)}, got {kind!r}.")
-    return _KINDS[kind](capacity, seed=seed, device=device)
+    return _KINDS[kind](capacity, seed=seed, device=device, pad_values=pad_values)

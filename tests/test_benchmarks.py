@@ -10,3 +10,10 @@ def test_er_split_mnist_quick() -> None:
     assert set(summary) == {"finetune", "er200", "er500", "joint"}
     for method in summary.values():
         assert 0.0 <= method["average_accuracy"][0] <= 1.0
+
+
+def test_er_policy_quick() -> None:
+    summary = load_benchmark("er_policy").main(["--quick", "--streams", "digits"])
+    assert set(summary["digits"]) == {"finetune", "reservoir", "stream", "task_end", "task_end_pass", "peer"}
+    for method in summary["digits"].values():
+        assert 0.0 <= method["old_task_accuracy"][0] <= 1.0

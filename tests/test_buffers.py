@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_forget.buffers import ClassBalancedBuffer, ReservoirBuffer, make_buffer
+from lightning_forget.buffers import (
+    TASK_KEY,
+    ClassBalancedBuffer,
+    ReservoirBuffer,
+    TaskBalancedBuffer,
+    equal_shares,
+    make_buffer,
+)
 
 
 def _batch(start: int, n: int, num_classes: int = 10) -> dict[str, torch.Tensor]:
@@ -133,3 +140,116 @@ def test_pickled_buffer_continues_with_the_same_random_stream(kind: str) -> None
     copy.add(batch)
     for key, value in buffer.contents().items():
         assert torch.equal(value, copy.contents()[key])
+
+
+# ---------------------------------------------------------------- task-end policy, metadata
+
+
+def _task_batch(task: int, n: int = 30) -> dict[str, torch.Tensor]:
+    ids = torch.arange(task * 1000, task * 1000 + n)
+    return {"x": ids.float().unsqueeze(1), "y": ids % 7}
+
+
+def test_equal_shares_give_the_remainder_to_the_first_tasks() -> None:
+    assert equal_shares(10, 3) == [4, 3, 3]
+    assert equal_shares(200, 5) == [40] * 5
+    assert equal_shares(7, 7) == [1] * 7
+
+
+def test_task_end_buffer_keeps_equal_shares_and_each_sample_at_most_once() -> None:
+    buffer = TaskBalancedBuffer(10, seed=0)
+    expected = {0: [10], 1: [5, 5], 2: [4, 3, 3]}
+    previous: dict[int, set[float]] = {}
+    for task in range(3):
+        before = buffer.contents()["x"].clone() if len(buffer) else None
+        batch = _task_batch(task)
+        for part in range(3):  # the task's samples arrive in three batches: staged, none stored yet
+            buffer.add({k: v[part * 10 : (part + 1) * 10] for k, v in batch.items()}, task=task)
+            if before is not None:
+                assert torch.equal(buffer.contents()["x"], before)  # no draw sees the open task
+        buffer.end_task(task)
+        ids = buffer.task_ids()
+        assert torch.bincount(ids).tolist() == expected[task]
+        xs = buffer.contents()["x"].flatten()
+        assert xs.unique().numel() == xs.numel()  # each sample at most once
+        for t in range(task + 1):
+            rows = set(xs[ids == t].tolist())
+            assert all(t * 1000 <= v < t * 1000 + 30 for v in rows)  # task ids match the rows
+            if t in previous:
+                assert rows <= previous[t]  # re-balancing only drops rows of an old task
+            previous[t] = rows
+    assert buffer.stored_tasks() == [0, 1, 2]
+
+
+def test_task_end_shrinking_keeps_a_random_subset() -> None:
+    # Over seeds, every sample of task 0 survives the shrink from 10 to 5 slots about equally often.
+    counts = torch.zeros(10)
+    for seed in range(300):
+        buffer = TaskBalancedBuffer(10, seed=seed)
+        buffer.add(_task_batch(0, 10), task=0)
+        buffer.end_task(0)
+        buffer.add(_task_batch(1, 10), task=1)
+        buffer.end_task(1)
+        kept = buffer.contents()["x"].flatten()[buffer.task_ids() == 0].long()
+        counts[kept] += 1
+    frequency = counts / 300
+    assert torch.allclose(frequency.mean(), torch.tensor(0.5))
+    assert float(frequency.min()) > 0.35 and float(frequency.max()) < 0.65  # binomial sd ≈ 0.03
+
+
+def test_task_end_state_round_trip_in_the_middle_of_a_task() -> None:
+    a = TaskBalancedBuffer(12, seed=4)
+    a.add(_task_batch(0), task=0)
+    a.end_task(0)
+    a.add(_task_batch(1, 12), task=1)  # staged, not yet stored
+    restored = TaskBalancedBuffer(12, seed=0)
+    restored.load_state_dict(a.state_dict())
+    for buffer in (a, restored):
+        buffer.add({k: v[12:] for k, v in _task_batch(1).items()}, task=1)
+        buffer.end_task(1)
+    for key, value in a.contents().items():
+        assert torch.equal(value, restored.contents()[key])
+
+
+def test_task_end_refuses_a_new_task_while_one_is_open_and_needs_the_task() -> None:
+    buffer = TaskBalancedBuffer(8)
+    buffer.add(_task_batch(0), task=0)
+    with pytest.raises(RuntimeError, match="end_task"):
+        buffer.add(_task_batch(1), task=1)
+    with pytest.raises(ValueError, match="task="):
+        buffer.add(_task_batch(0))
+
+
+def test_task_ids_are_stored_with_each_row_and_sampled() -> None:
+    buffer = ReservoirBuffer(50, seed=0)
+    for task in range(3):
+        buffer.add(_task_batch(task, 10), task=task)
+    drawn = buffer.sample(20)
+    assert torch.equal(drawn[TASK_KEY], (drawn["x"].flatten() // 1000).long())
+    with pytest.raises(ValueError, match=TASK_KEY):
+        ReservoirBuffer(4).add({**_task_batch(0, 2), TASK_KEY: torch.zeros(2)}, task=0)
+
+
+def test_variable_length_sequences_are_re_padded_per_draw() -> None:
+    pads = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    buffer = ReservoirBuffer(8, pad_values=pads, seed=0)
+    short = {"input_ids": torch.full((2, 3), 5), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.full((2, 3), 5), "y": torch.zeros(2)}
+    long = {"input_ids": torch.full((2, 6), 7), "attention_mask": torch.ones(2, 6, dtype=torch.long),
+            "labels": torch.full((2, 6), 7), "y": torch.ones(2)}
+    buffer.add(short, task=0)
+    buffer.add(long, task=1)
+    only_short = buffer.take(torch.tensor([0, 1]))
+    assert only_short["input_ids"].shape == (2, 3)  # cut to the longest drawn row
+    mixed = buffer.take(torch.tensor([1, 2]))
+    assert mixed["input_ids"].shape == (2, 6)
+    assert mixed["labels"][0].tolist() == [5, 5, 5, -100, -100, -100]
+    assert mixed["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert mixed["input_ids"][0].tolist() == [5, 5, 5, 0, 0, 0]
+    assert mixed["labels"][1].tolist() == [7] * 6
+    restored = ReservoirBuffer(8, pad_values=pads)
+    restored.load_state_dict(buffer.state_dict())
+    assert torch.equal(restored.take(torch.tensor([0]))["labels"], buffer.take(torch.tensor([0]))["labels"])
+    assert restored.take(torch.tensor([0]))["labels"].shape == (1, 3)
+    with pytest.raises(ValueError, match="pad_values"):
+        ReservoirBuffer(4, pad_values={"y": 0}).add({"y": torch.zeros(2)})

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_forget.buffers import TASK_KEY
 from lightning_forget.callbacks import DarkExperienceReplay, ExperienceReplay
 from lightning_forget.distributed import _pack_rows, _unpack_rows, _field_layout, gather_batch, unshare_memory
 from lightning_forget.losses import step_context
@@ -91,7 +92,8 @@ def test_any_batch_layout_is_stored_and_replayed_whole(tmp_path: Any, layout: st
     model = Net(layout)
     quiet_trainer(tmp_path, [callback], max_epochs=2).fit(model, _loader(layout))
     assert callback.buffer.num_seen == 32
-    assert len(callback.buffer.fields) == 3 + isinstance(callback, DarkExperienceReplay)
+    assert TASK_KEY in callback.buffer.fields  # every row's task id is stored beside the batch's fields
+    assert len(callback.buffer.fields) == 4 + isinstance(callback, DarkExperienceReplay)
     if isinstance(callback, ExperienceReplay):
         assert max(x.shape[0] for x, _, _ in model.seen) == 6  # the third field was joined too
 

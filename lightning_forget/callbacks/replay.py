@@ -11,11 +11,12 @@ from torch import Tensor, nn
 
 from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget.batch import BatchFields, SplitBatch, logits_of
-from lightning_forget.buffers import ReplayBuffer, make_buffer
+from lightning_forget.buffers import TASK_KEY, ReplayBuffer, TaskBalancedBuffer, make_buffer, pad_rows
 from lightning_forget.distributed import gather_batch, rank_generator, sampler_padding_mask
 from lightning_forget.losses import StepContext, remove_training_step_hooks, step_context, training_step_hooks
-from lightning_forget.tasks import ContinualCallback
+from lightning_forget.tasks import ContinualCallback, task_schedule
 from lightning_forget.validation import check_choice, check_float, check_int
+from lightning.pytorch.utilities import rank_zero_warn
 
 try:  # Python 3.12+
     from typing import override
@@ -28,6 +29,22 @@ FieldKey = Union[str, int, None]
 
 #: Buffer names of the input and target of positional batches (tuples, lists, namedtuples).
 _POSITIONAL_INPUT, _POSITIONAL_TARGET = "x", "y"
+
+Update = Literal["reservoir", "stream", "task_end"]
+Draw = Literal["step", "pass"]
+
+
+def _check_pad_values(pad_values: Any) -> Optional[dict[str, Union[int, float]]]:
+    if pad_values is None:
+        return None
+    if not isinstance(pad_values, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in pad_values.items()
+    ):
+        raise TypeError(
+            f"`pad_values` must map buffer field names to pad numbers, e.g. "
+            f"{{'input_ids': 0, 'attention_mask': 0, 'labels': -100}}, got {pad_values!r}."
+        )
+    return dict(pad_values)
 
 
 class _BufferCallback(ContinualCallback):
@@ -49,6 +66,9 @@ class _BufferCallback(ContinualCallback):
         input_key: FieldKey,
         target_key: FieldKey,
         stream: FieldKey,
+        update: Update = "reservoir",
+        draw: Draw = "step",
+        pad_values: Optional[Mapping[str, Union[int, float]]] = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -59,13 +79,33 @@ class _BufferCallback(ContinualCallback):
         )
         self.buffer_kind = check_choice("buffer", buffer, ("reservoir", "class_balanced"))
         self.seed = check_int("seed", seed)
+        self.update = check_choice("update", update, ("reservoir", "stream", "task_end"))
+        self.draw_mode = check_choice("draw", draw, ("step", "pass"))
+        if self.update == "task_end" and self.buffer_kind != "reservoir":
+            raise ValueError(
+                f"`buffer={buffer!r}` cannot be combined with `update='task_end'`: a task-end buffer keeps an "
+                "equal share per task. Fix: use `buffer='reservoir'` with `update='task_end'`, or "
+                "`update='stream'` with the class-balanced buffer."
+            )
+        self.pad_values = _check_pad_values(pad_values)
         self.fields = BatchFields(input_key, target_key, owner=owner, stream=stream)
         self.input_key, self.target_key, self.stream = input_key, target_key, stream
-        self.buffer: ReplayBuffer = make_buffer(buffer, buffer_size, seed=seed)
+        kind = "task_balanced" if self.update == "task_end" else buffer
+        self.buffer: ReplayBuffer = make_buffer(kind, buffer_size, seed=seed, pad_values=self.pad_values)
+        #: The epoch the current task started at (the only epoch whose samples are offered
+        #: when ``update`` is ``"stream"`` or ``"task_end"``).
+        self._task_first_epoch = 0
+        #: Where ``draw="pass"`` is in its passes over the buffer.
+        self._pass = {"number": 0, "cursor": 0, "revision": -1, "size": 0}
+
+    STATE_VERSION = 2
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(buffer_size=self.buffer_size, buffer=self.buffer_kind, seed=self.seed)
+        # `update` joins the key only when it is not the reservoir, so the key of reservoir runs
+        # (and their checkpoints) is the one of earlier releases.
+        extra = {} if self.update == "reservoir" else {"update": self.update}
+        return self._generate_state_key(buffer_size=self.buffer_size, buffer=self.buffer_kind, seed=self.seed, **extra)
 
     # ------------------------------------------------------------------ batch layout
     def split(self, batch: Any) -> SplitBatch:
@@ -114,14 +154,56 @@ class _BufferCallback(ContinualCallback):
 
     # ------------------------------------------------------------------ drawing and storing
     def draw(self, trainer: "pl.Trainer", batch_idx: int, n: int, salt: int = 0) -> dict[str, Tensor]:
-        """``n`` buffer samples, drawn with a generator seeded from (seed, step, batch, rank)."""
+        """``min(n, len(buffer))`` distinct buffer samples, with their slots under ``"index"``.
+
+        ``draw="step"``: a fresh uniform draw each step, with a generator seeded from (seed, step,
+        batch, rank). ``draw="pass"``: consecutive slices of shuffled passes over the buffer.
+        """
+        if self.draw_mode == "pass":
+            index = self._pass_slots(trainer, n)
+            drawn = self.buffer.take(index)
+            drawn["index"] = index
+            return drawn
         gen = rank_generator(self.seed, trainer.global_step, batch_idx, trainer.global_rank, salt)
         return self.buffer.sample(n, generator=gen, return_indices=True)
 
+    def _pass_slots(self, trainer: "pl.Trainer", n: int) -> Tensor:
+        """This rank's next ``n`` slots of the shuffled passes over the buffer (a DataLoader with
+        ``shuffle=True`` iterated again whenever it runs out: no sample repeats within a pass).
+
+        All ranks walk the same permutation (seeded from ``(seed, pass number)``) and take
+        consecutive slices of it, rank by rank; a pass restarts when the stored rows change.
+        """
+        size = len(self.buffer)
+        k, world, rank = min(int(n), size), int(trainer.world_size), int(trainer.global_rank)
+        state = self._pass
+        if state["revision"] != self.buffer.revision or state["size"] != size:
+            state.update(number=state["number"] + 1, cursor=0, revision=self.buffer.revision, size=size)
+        need, parts = k * world, []
+        while need > 0:
+            order = torch.randperm(size, generator=rank_generator(self.seed, state["number"], 0x9A55))
+            part = order[state["cursor"] : state["cursor"] + need]
+            parts.append(part)
+            need -= int(part.numel())
+            state["cursor"] += int(part.numel())
+            if state["cursor"] >= size:
+                state["number"] += 1
+                state["cursor"] = 0
+        return torch.cat(parts)[rank * k : (rank + 1) * k]
+
     def task_ids_of(self, drawn: dict[str, Tensor]) -> Optional[Tensor]:
-        """The task ids of drawn samples, when the buffer stores them (its ``task_key`` field)."""
-        key = getattr(self.buffer, "task_key", None)
-        return drawn[key] if key is not None and key in drawn else None
+        """The task ids of drawn samples (the buffer stores them under ``TASK_KEY``)."""
+        return drawn.get(TASK_KEY)
+
+    def offers_this_epoch(self, trainer: "pl.Trainer") -> bool:
+        """Whether this epoch's stream samples are offered to the buffer.
+
+        ``update="reservoir"`` offers every epoch's samples (a sample re-visited in a later epoch
+        counts as a new one). ``"stream"`` and ``"task_end"`` offer each sample once per task: the
+        batches carry no sample id, and one epoch covers the task's training set once, so only
+        the first epoch of each task is offered.
+        """
+        return self.update == "reservoir" or trainer.current_epoch == self._task_first_epoch
 
     def store(self, trainer: "pl.Trainer", batch_idx: int, fields: dict[str, Tensor]) -> None:
         """Offer the stream samples of all ranks to the buffer (the same on every rank).
@@ -129,12 +211,14 @@ class _BufferCallback(ContinualCallback):
         Rows a ``DistributedSampler`` repeated to even out the ranks are dropped first, so every
         sample of the dataset is offered once per epoch.
         """
+        if not self.offers_this_epoch(trainer):
+            return
         fields = {k: v.detach() for k, v in fields.items()}
         padded = sampler_padding_mask(trainer, batch_idx, int(next(iter(fields.values())).shape[0]))
         if padded is not None and bool(padded.any()):
             keep = ~padded
             fields = {k: v[keep.to(v.device)] for k, v in fields.items()}
-        self.buffer.add(gather_batch(trainer, fields))
+        self.buffer.add(gather_batch(trainer, fields), task=self.current_task(trainer))
 
     def replay_size(self, stream_rows: int) -> int:
         return self.replay_batch_size or int(stream_rows)
@@ -145,14 +229,60 @@ class _BufferCallback(ContinualCallback):
         size = context.loader_size(split.stream)
         return int(split.size if size is None else size)
 
+    # ------------------------------------------------------------------ task events
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.update == "task_end" and task_schedule(trainer) is None and self._ended < 0:
+            rank_zero_warn(
+                f"{type(self).__name__}(update='task_end') fills its buffer when a task ends; this fit is the "
+                "first task (one fit per task), so nothing is replayed before the next fit. For a task-free "
+                "stream (one fit, no task boundaries) use `update='reservoir'`.",
+                category=UserWarning,
+            )
+
+    @override
+    def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        self._task_first_epoch = int(trainer.current_epoch)
+
+    @override
+    def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        if isinstance(self.buffer, TaskBalancedBuffer):
+            self.buffer.end_task(task)
+
     # ------------------------------------------------------------------ state
     @override
     def method_state(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
+        return {
+            "buffer": self.buffer.state_dict(),
+            "update": self.update,
+            "task_first_epoch": self._task_first_epoch,
+            "pass": dict(self._pass),
+        }
 
     @override
     def load_method_state(self, state: dict[str, Any]) -> None:
+        if state["update"] != self.update:  # pragma: no cover - the state key differs first
+            raise RuntimeError(
+                f"{type(self).__name__}: the checkpoint was written with update={state['update']!r}, this "
+                f"callback has update={self.update!r}; build it with the checkpoint's `update` to resume."
+            )
         self.buffer.load_state_dict(state["buffer"])
+        self._task_first_epoch = int(state["task_first_epoch"])
+        self._pass = {key: int(value) for key, value in state["pass"].items()}
+
+    @override
+    def migrate_state(self, state: dict[str, Any], version: int) -> dict[str, Any]:
+        if version != 1:
+            return super().migrate_state(state, version)
+        # Version 1 (reservoir only): no task ids were stored, every epoch was offered and draws
+        # were per step. Rows of unknown task get task id -1.
+        buffer = dict(state["buffer"])
+        storage = dict(buffer["storage"])
+        storage[TASK_KEY] = torch.full((int(buffer["size"]),), -1, dtype=torch.long)
+        buffer["storage"] = storage
+        return {"buffer": buffer, "update": "reservoir", "task_first_epoch": 0,
+                "pass": {"number": 0, "cursor": 0, "revision": -1, "size": 0}}
 
     @override
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
@@ -169,7 +299,7 @@ class _BufferCallback(ContinualCallback):
             raise RuntimeError(
                 f"{type(self).__name__}: the checkpoint holds the state of {orphans}, but this callback is "
                 f"{self.state_key}; resuming would drop the stored buffer and start with an empty one. "
-                "Fix: build the callback with the checkpoint's buffer_size/buffer/seed"
+                "Fix: build the callback with the checkpoint's buffer_size/buffer/seed/update"
                 + ("/alpha/beta" if isinstance(self, DarkExperienceReplay) else "")
                 + " to resume, or start a new run without `ckpt_path`."
             )
@@ -196,29 +326,65 @@ class ExperienceReplay(_BufferCallback):
     so it is identical on every rank; each rank draws its replay samples with a generator seeded
     from ``(seed, global_step, batch_idx, rank)``.
 
+    **When samples enter the buffer** (``update``):
+
+    - ``"reservoir"``: reservoir sampling over every batch offered (Buzzega et al.'s ER, as in
+      Mammoth). In a multi-epoch task each epoch's re-visit of a sample is counted as a new stream
+      sample, so a task's samples fill the buffer with duplicates and the last task trained gets
+      more than its share. The policy for task-free streams (no task boundaries).
+    - ``"stream"``: the same reservoir, but each sample counted once per task: only the first
+      epoch of each task is offered (batches carry no sample id; one epoch covers the task once).
+    - ``"task_end"``: a :class:`~lightning_forget.buffers.TaskBalancedBuffer`: the task's samples
+      (first epoch, once each) are staged in a bounded reservoir and enter the buffer when the task
+      ends, every task seen holding an equal share (Avalanche's experience-balanced buffer). Replay
+      during task ``t`` therefore draws only tasks ``0..t-1``, and nothing is replayed in task 0.
+
+    **How replay rows are drawn** (``draw``): ``"step"`` draws ``replay_batch_size`` distinct
+    samples uniformly each step, independently of other steps; ``"pass"`` walks shuffled passes
+    over the buffer (as a ``DataLoader(shuffle=True)`` over it, restarted when exhausted or when
+    the stored rows change), so every stored sample is replayed once before any is replayed twice.
+
+    The default stays ``update="reservoir", draw="step"`` (the behaviour of earlier releases and
+    the only policy for task-free streams). On task-structured streams ``update="task_end",
+    draw="pass"`` kept more old-task accuracy in ``benchmarks/er_policy.py`` (docs/results.md).
+
     The replayed rows are appended after the loader's rows and recorded in the step's context
     (:func:`lightning_forget.losses.step_context`): other callbacks can read which rows are
-    replayed, their stored fields and (when the buffer keeps them) task ids.
+    replayed (``context.replay_rows()``), their stored fields and their task ids
+    (``context.replay_task_ids()``; ``-1`` for rows restored from a checkpoint of an older release).
+
+    Token batches: name the variable-length fields in ``pad_values`` (buffer field names, e.g.
+    ``{"input_ids": 0, "attention_mask": 0, "labels": -100}``); they are stored with their length,
+    re-padded to the longest drawn row, and stream and replay rows are right-padded to a common
+    length before they are joined.
 
     Args:
         buffer_size: samples kept in memory (over the whole stream; memory does not grow).
         replay_batch_size: replayed samples per step (default: the stream batch size).
-        buffer: ``"reservoir"`` (uniform over everything seen) or ``"class_balanced"``.
+        buffer: ``"reservoir"`` (uniform over everything seen) or ``"class_balanced"`` (with
+            ``update`` ``"reservoir"`` or ``"stream"``).
         seed: seed of the buffer and of the replay draws.
         input_key: the model input's dict key or namedtuple field (``str``) or tuple position
             (``int``); ``None`` finds it (see :class:`~lightning_forget.batch.BatchFields`).
         target_key: the same for the labels.
         stream: the sub-batch of a two-stream batch to replay into (``None``: one-stream batches).
+        update: ``"reservoir"``, ``"stream"`` or ``"task_end"`` (above).
+        draw: ``"step"`` or ``"pass"`` (above).
+        pad_values: variable-length (token) fields and their pad values (``None``: none).
 
     Raises:
         TypeError: an argument of the wrong type; a batch layout it cannot read (first batch).
-        ValueError: a non-positive size or an unknown buffer kind.
+        ValueError: a non-positive size, an unknown buffer kind, update or draw, or
+            ``buffer="class_balanced"`` with ``update="task_end"``.
         KeyError: ``input_key``/``target_key``/``stream`` name no field of the batch (first batch).
-        RuntimeError: a resume from a checkpoint written with other buffer settings.
+        RuntimeError: a resume from a checkpoint written with other buffer settings (``update``
+            included).
 
     Note:
         Logged keys: ``replay/buffer_size`` (samples held). Saved state: the buffer (stored
-        rows, counters and generator) and the task counters.
+        rows with their task ids and sequence lengths, counters, generator, and for
+        ``"task_end"`` the staged rows of the open task), the first epoch of the current task,
+        the position of ``draw="pass"`` and the task counters.
     """
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
@@ -233,8 +399,14 @@ class ExperienceReplay(_BufferCallback):
         input_key: Optional[Union[str, int]] = None,
         target_key: Optional[Union[str, int]] = None,
         stream: Optional[Union[str, int]] = None,
+        update: Update = "reservoir",
+        draw: Draw = "step",
+        pad_values: Optional[dict[str, Union[int, float]]] = None,
     ) -> None:
-        super().__init__(buffer_size, replay_batch_size, buffer, seed, input_key, target_key, stream)
+        super().__init__(
+            buffer_size, replay_batch_size, buffer, seed, input_key, target_key, stream,
+            update=update, draw=draw, pad_values=pad_values,
+        )
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -256,13 +428,22 @@ class ExperienceReplay(_BufferCallback):
                 f"(it holds {sorted(k for k in drawn if k != 'index')}); the batch layout changed during the run."
             )
         joined = {
-            name: torch.cat([value, drawn[names[name]].to(value.device, value.dtype)]) for name, value in split.fields.items()
+            name: self._join_rows(names[name], value, drawn[names[name]].to(value.device, value.dtype))
+            for name, value in split.fields.items()
         }
-        stored = {k: v for k, v in drawn.items() if k != "index"}
+        stored = {k: v for k, v in drawn.items() if k not in ("index", TASK_KEY)}
         context.add_replay(
             self.state_key, split.size, int(drawn["index"].numel()), stored, self.task_ids_of(drawn), split.stream
         )
         return split.rebuild(joined)
+
+    def _join_rows(self, key: str, stream: Tensor, replay: Tensor) -> Tensor:
+        """Stream rows then replay rows; sequence fields padded to a common length first."""
+        pad = (self.pad_values or {}).get(key)
+        if pad is not None and stream.dim() > 1:
+            width = max(int(stream.shape[1]), int(replay.shape[1]))
+            stream, replay = pad_rows(stream, width, pad), pad_rows(replay, width, pad)
+        return torch.cat([stream, replay])
 
     @override
     def on_train_batch_end(

