@@ -31,6 +31,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Union
 
 import torch
+
+from lightning_forget.validation import check_int
 from torch import Tensor
 
 __all__ = [
@@ -271,6 +273,7 @@ class ReplayBuffer:
                 defaults to the buffer's own.
             return_indices: also return the drawn slots under the key ``"index"``.
         """
+        check_int("n", n, min=0, fix="ask for a non-negative number of samples")
         if self.is_empty:
             raise RuntimeError("Cannot sample from an empty replay buffer; check `len(buffer)` first.")
         gen = generator if generator is not None else self.generator

@@ -179,7 +179,7 @@ class ContinualEvaluation(ContinualCallback):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an int, got {seed!r}.")
         _check_window(window)
-        _check_scope(window_scope)
+        _check_scope(window_scope, "window_scope")
         if max_eval_fraction is not None:
             if isinstance(max_eval_fraction, bool) or not isinstance(max_eval_fraction, (int, float)):
                 raise ValueError(f"`max_eval_fraction` must be a float in (0, 1) or None, got {max_eval_fraction!r}.")

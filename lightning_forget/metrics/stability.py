@@ -297,12 +297,11 @@ def _official_windowed_gain(values: Tensor, window: int) -> float:
 _SCOPES = ("seen", "phase")
 
 
-def _check_scope(scope: str) -> None:
+def _check_scope(scope: str, name: str = "scope") -> None:
     if scope not in _SCOPES:
         raise ValueError(
-            f"`scope` must be 'seen' (every seen task over its whole measured history, as the "
-            f"official code) or 'phase' (forgetting after a task ended, plasticity while it is "
-            f"trained), got {scope!r}."
+            f"`{name}` must be 'seen' (every seen task over its whole measured history) or 'phase' "
+            f"(forgetting after a task ended, plasticity while it is trained), got {scope!r}."
         )
 
 
