@@ -193,6 +193,8 @@ def cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
         ("ContinualMetrics", "key=3", "key", lambda: ContinualMetrics(key=3)),
         ("ContinualMetrics", "report='yes'", "report", lambda: ContinualMetrics(report="yes")),
         ("ContinualMetrics", "log_dir=5", "log_dir", lambda: ContinualMetrics(log_dir=5)),
+        ("ContinualMetrics", "key=''", "key", lambda: ContinualMetrics(key="")),
+        ("ContinualMetrics", "filename_prefix=7", "filename_prefix", lambda: ContinualMetrics(filename_prefix=7)),
         ("ContinualMetrics", "unwritable log_dir (fit)", "log_dir",
          lambda: _fit_plain(ContinualMetrics(key="val_acc", log_dir=unwritable))),
         ("ContinualClassifier", "input_shape=[]", "input_shape", lambda: ContinualClassifier(input_shape=[])),
