@@ -18,9 +18,10 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
-from lightning_forget.callbacks import InfiniteLRSchedule
+from lightning_forget.callbacks import ILoRA, InfiniteLRSchedule
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
+from tests.helpers.text import TINY_LM, tiny_lm, tiny_token_stream
 from tests.helpers.harness import flat_tensors, params_vector, run_ddp_pair, run_stream, tiny_classifier
 
 
@@ -118,6 +119,26 @@ ROWS = [
             ({"max_eval_fraction": 2.0}, ValueError, "max_eval_fraction"),
             ({"window": 0}, ValueError, "window"),
         ],
+    ),
+    Row(
+        "ILoRA",
+        ILoRA,
+        {"lora": {"r": 2, "alpha": 4.0, "dropout": 0.0}, "buffer_size": 12, "seed": 1, "save_adapters": False},
+        [
+            ({"ema": 1.0}, ValueError, "ema"),
+            ({"consistency_weight": -1.0}, ValueError, "consistency_weight"),
+            ({"inference_learner": "both"}, ValueError, "inference_learner"),
+            ({"layers": "last"}, TypeError, "layers"),
+            ({"lora": 3}, TypeError, "lora"),
+        ],
+        make_data=tiny_token_stream,
+        make_model=tiny_lm,
+        model_yaml={"class_path": "lightning_forget.modules.CausalLMModule", "init_args": dict(TINY_LM)},
+        data_yaml={
+            "class_path": "lightning_forget.datamodules.TextStreamDataModule",
+            "init_args": {"corpora": ["python_docs", "python_code"], "block_size": 16, "max_chars_per_corpus": 3000,
+                          "blocks_per_task": 16, "batch_size": 4},
+        },
     ),
     Row("LiNeS-task_end", LiNeS, {"alpha": 0.5, "apply_at": "task_end", "save_unscaled": False}, []),
 ]
