@@ -31,12 +31,12 @@ def quiet_trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> p
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("reload_dataloaders_every_n_epochs", 1)
+    kwargs.setdefault("deterministic", True)
     return pl.Trainer(
         default_root_dir=str(tmp_path),
         callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
-        deterministic=True,
         **kwargs,
     )
 
