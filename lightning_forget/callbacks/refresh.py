@@ -290,15 +290,17 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         when ``loss_fn`` is given."""
         if self.loss_fn is not None:
             return batch
+        return self._inputs_and_labels(
+            batch, "RefreshLearning unlearns with the cross-entropy of the model's logits against the batch's "
+            "labels; for a batch without them pass `loss_fn=` (a function loss_fn(pl_module, batch) -> scalar loss)."
+        )
+
+    def _inputs_and_labels(self, batch: Any, hint: str) -> tuple[Tensor, Tensor]:
         try:
             split = self.fields.split(batch)
         except (KeyError, TypeError) as error:
-            raise type(error)(
-                f"{error.args[0] if error.args else error} RefreshLearning unlearns with the cross-entropy of "
-                "the model's logits against the batch's labels; for a batch without them pass "
-                "`loss_fn=` (a function loss_fn(pl_module, batch) -> scalar loss)."
-            ) from error
-        return split.input, split.target
+            raise type(error)(f"{error.args[0] if error.args else error} {hint}") from error
+        return split.input, split.target  # type: ignore[return-value]
 
     def _loss(self, model: nn.Module, batch: Any) -> Tensor:
         assert self.loss_fn is not None
@@ -392,14 +394,10 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
 
     def unlearn_batch_fields(self, batch: Any) -> tuple[Tensor, Tensor]:
         """``(x, y)`` of a batch of the training set, on the model's device later."""
-        try:
-            split = self.fields.split(batch)
-        except (KeyError, TypeError) as error:
-            raise type(error)(
-                f"{error.args[0] if error.args else error} RefreshLearning's Fisher needs the inputs and class "
-                "labels of the training set; pass `input_key=`/`target_key=`, or `fisher_samples=0` to keep F = 0."
-            ) from error
-        return split.input, split.target
+        return self._inputs_and_labels(
+            batch, "RefreshLearning's Fisher needs the inputs and class labels of the training set; pass "
+            "`input_key=`/`target_key=`, or `fisher_samples=0` to keep F = 0."
+        )
 
     @override
     def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
