@@ -285,3 +285,14 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, save_step: int) -
     assert torch.allclose(a, b, atol=1e-6)
     assert torch.allclose(sa, sb, atol=1e-6)
     assert sa.numel() > 10  # the Fisher is part of the state
+
+
+def test_bf16_mixed_precision_unlearns_with_fp32_norms(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm = BlobStream(num_tasks=1)
+    model = tiny_classifier(dm)
+    spy = Spy(delta=1e-2, fisher_samples=16)
+    quiet_trainer(tmp_path, [spy], max_epochs=1, precision="bf16-mixed").fit(model, dm)
+    assert len(spy.rows) == 6
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in spy.fisher.values())
