@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
-from lightning_forget.callbacks import InfiniteLRSchedule
+from lightning_forget.callbacks import InfiniteLRSchedule, RefreshLearning
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
@@ -120,6 +120,18 @@ ROWS = [
             ({"samples_per_task": 0}, ValueError, "samples_per_task"),
             ({"max_eval_fraction": 2.0}, ValueError, "max_eval_fraction"),
             ({"window": 0}, ValueError, "window"),
+        ],
+    ),
+    Row(
+        "RefreshLearning",
+        RefreshLearning,
+        {"delta": 1e-3, "noise_std": 1e-3, "fisher_samples": 16},
+        [
+            ({"delta": -1.0}, ValueError, "delta"),
+            ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+            ({"unlearn_steps": 1.5}, TypeError, "unlearn_steps"),
+            ({"tau": float("nan")}, ValueError, "tau"),
+            ({"loss_fn": 3}, TypeError, "loss_fn"),
         ],
     ),
     Row("LiNeS-task_end", LiNeS, {"alpha": 0.5, "apply_at": "task_end", "save_unscaled": False}, []),
