@@ -25,6 +25,7 @@ from lightning_forget.callbacks import (
     ContinualMetrics,
     DarkExperienceReplay,
     ExperienceReplay,
+    ILoRA,
     InfiniteLRSchedule,
     LiNeS,
     LRRewarming,
@@ -32,6 +33,7 @@ from lightning_forget.callbacks import (
 )
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import quiet_trainer, tiny_classifier
+from tests.helpers.text import tiny_lm, tiny_token_stream
 from tests.test_continual_eval import MemoryLogger
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -62,16 +64,17 @@ def matches(key: str, patterns: list[str]) -> bool:
     return False
 
 
-def logged_keys(tmp_path: Path, callbacks: list[Callback]) -> set[str]:
+def logged_keys(tmp_path: Path, callbacks: list[Callback], make_data: Callable[..., Any] = BlobStream,
+                make_model: Callable[[Any], pl.LightningModule] = tiny_classifier) -> set[str]:
     """Every key logged or put in ``callback_metrics`` during a 3-task stream with ``callbacks``."""
     pl.seed_everything(0)
-    dm = BlobStream(epochs_per_task=2)
+    dm = make_data(epochs_per_task=2)
     recorder = MemoryLogger()
     trainer = quiet_trainer(
         tmp_path, [*callbacks, LearningRateMonitor(logging_interval="step")],
         max_epochs=dm.max_epochs, logger=recorder, log_every_n_steps=1,
     )
-    trainer.fit(tiny_classifier(dm), dm)
+    trainer.fit(make_model(dm), dm)
     keys = {key for _, metrics in recorder.records for key in metrics}
     return (keys | set(trainer.callback_metrics)) - {"epoch"}
 
@@ -85,6 +88,12 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "LiNeS": lambda: LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val/acc_avg", save_unscaled=False),
     "RefreshLearning": lambda: RefreshLearning(delta=1e-3, fisher_samples=16),
     "ContinualEvaluation": lambda: ContinualEvaluation(every_n_steps=2, samples_per_task=10, save_plot=False, save_csv=False),
+    "ILoRA": lambda: ILoRA(lora={"r": 2, "alpha": 4.0, "dropout": 0.0}, buffer_size=12, save_adapters=False),
+}
+
+#: Callbacks that need a language model: run on a token stream (baseline from the same stream).
+LM_RUNS: dict[str, tuple[Callable[..., Any], Callable[[Any], pl.LightningModule]]] = {
+    "ILoRA": (tiny_token_stream, tiny_lm),
 }
 
 
@@ -111,7 +120,12 @@ def test_every_callback_has_a_row_with_one_prefix() -> None:
 @pytest.mark.parametrize("name", sorted(CALLBACKS))
 def test_logged_keys_follow_the_documented_prefix(name: str, tmp_path: Path, baseline: set[str]) -> None:
     prefixes, patterns = documented()[name]
-    added = logged_keys(tmp_path, [CALLBACKS[name]()]) - baseline
+    if name in LM_RUNS:
+        make_data, make_model = LM_RUNS[name]
+        baseline = logged_keys(tmp_path / "lm_baseline", [], make_data, make_model)
+        added = logged_keys(tmp_path, [CALLBACKS[name]()], make_data, make_model) - baseline
+    else:
+        added = logged_keys(tmp_path, [CALLBACKS[name]()]) - baseline
     assert added, f"{name} logged nothing in a 3-task run"
     wrong = sorted(key for key in added if not key.startswith(prefixes[0]) or not matches(key, patterns))
     assert wrong == [], f"{name} logs keys outside its README row ({prefixes[0]}: {patterns}): {wrong}"
