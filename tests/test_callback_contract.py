@@ -24,7 +24,7 @@ from lightning_forget.callbacks import ILoRA, InfiniteLRSchedule, RefreshLearnin
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
-from tests.helpers.text import TINY_LM, tiny_lm, tiny_token_stream
+from tests.helpers.text import TINY_INSTRUCTIONS, TINY_LM, tiny_instruction_stream, tiny_lm
 from tests.helpers.harness import BatchRecorder, flat_tensors, params_vector, run_ddp_pair, run_stream, same_state, tiny_classifier
 
 
@@ -134,14 +134,10 @@ ROWS = [
             ({"layers": "last"}, TypeError, "layers"),
             ({"lora": 3}, TypeError, "lora"),
         ],
-        make_data=tiny_token_stream,
+        make_data=tiny_instruction_stream,
         make_model=tiny_lm,
         model_yaml={"class_path": "lightning_forget.modules.CausalLMModule", "init_args": dict(TINY_LM)},
-        data_yaml={
-            "class_path": "lightning_forget.datamodules.TextStreamDataModule",
-            "init_args": {"corpora": ["python_docs", "python_code"], "block_size": 16, "max_chars_per_corpus": 3000,
-                          "blocks_per_task": 16, "batch_size": 4},
-        },
+        data_yaml={"class_path": "lightning_forget.datamodules.InstructionStreamDataModule", "init_args": dict(TINY_INSTRUCTIONS)},
     ),
     Row(
         "RefreshLearning",

@@ -33,7 +33,7 @@ from lightning_forget.callbacks import (
 )
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import quiet_trainer, tiny_classifier
-from tests.helpers.text import tiny_lm, tiny_token_stream
+from tests.helpers.text import tiny_instruction_stream, tiny_lm
 from tests.test_continual_eval import MemoryLogger
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -93,7 +93,7 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
 
 #: Callbacks that need a language model: run on a token stream (baseline from the same stream).
 LM_RUNS: dict[str, tuple[Callable[..., Any], Callable[[Any], pl.LightningModule]]] = {
-    "ILoRA": (tiny_token_stream, tiny_lm),
+    "ILoRA": (tiny_instruction_stream, tiny_lm),
 }
 
 

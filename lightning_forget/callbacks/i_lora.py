@@ -224,7 +224,14 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        if self._peft is not None and self._pending_slow is None and self._slow:
+            # A copy has no model: it keeps the slow tensors by adapter-neutral name, as a checkpoint does.
+            state["_pending_slow"] = dict(self.slow_state())
         state.update({"_peft": None, "_fast_backup": None, "_swapped": None, "_replay": None, "_counter": StepCounter()})
+        # Lightning attaches the module's `log`/`log_dict` to every callback; a transformers model
+        # with output-capturing hooks does not pickle, and the next fit attaches them again.
+        state.pop("log", None)
+        state.pop("log_dict", None)
         return state
 
     # ------------------------------------------------------------------ the model
