@@ -8,7 +8,8 @@ is trained on the three instruction tasks of ``InstructionStreamDataModule`` in 
 per task), AdamW lr 1e-3, batch 16:
 
 - ``lora``: sequential LoRA fine-tuning, no replay;
-- ``er_lora``: ``ExperienceReplay`` (reservoir, 500 samples, a replay batch joined to each batch);
+- ``er_lora``: ``ExperienceReplay`` (reservoir pinned, as I-LoRA's own buffer; 500 samples, a replay
+  batch joined to each batch);
 - ``i_lora``: ``ILoRA`` with the official λ = 0.25, γ = 1, 500 samples, evaluated with the slow
   learner; also ``i_lora_λ0.99`` (a slow learner that averages over ~100 steps).
   ``train("i_lora_fast", ...)`` evaluates with the fast learner instead (not in the default list).
@@ -87,7 +88,7 @@ def train(method: str, seed: int, base: dict[str, torch.Tensor], quick: bool) ->
     callbacks: list[Any] = [ContinualMetrics(key="val/exact_match/task_{task}", report=False)]
     if method == "er_lora":
         model.model = add_lora(model.model, settings)
-        callbacks.append(ExperienceReplay(buffer_size=500, seed=seed, pad_values=dict(TOKEN_PAD_VALUES)))
+        callbacks.append(ExperienceReplay(buffer_size=500, seed=seed, update="reservoir", draw="step", pad_values=dict(TOKEN_PAD_VALUES)))
     elif method.startswith("i_lora"):
         ema = 0.99 if method.endswith("0.99") else 0.25
         learner = "fast" if method.endswith("fast") else "slow"
