@@ -9,6 +9,7 @@ its row the same way. The tests of ContinualMetrics' default key finding live he
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,7 +94,7 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
 
 #: Callbacks that need a language model: run on a token stream (baseline from the same stream).
 LM_RUNS: dict[str, tuple[Callable[..., Any], Callable[[Any], pl.LightningModule]]] = {
-    "ILoRA": (tiny_instruction_stream, tiny_lm),
+    "ILoRA": (partial(tiny_instruction_stream, examples_per_task=8), tiny_lm),  # 3 tasks of 2 batches
 }
 
 
