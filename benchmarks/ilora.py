@@ -153,6 +153,7 @@ def main() -> None:
             results[method].append(run_isolated(method, seed, base, args.quick))
             row = results[method][-1]
             print(f"seed {seed} {method}: exact match {row['summary'].get('average_accuracy')}, "
+                  f"forgetting {row['summary'].get('forgetting')}, answer loss {row['loss']:.3f}, "
                   f"step {row['step_seconds'] * 1000:.0f} ms, peak {row['peak_mb']:.0f} MB", flush=True)
     er_step = statistics.mean(r["step_seconds"] for r in results["er_lora"])
     er_peak = statistics.mean(r["peak_mb"] for r in results["er_lora"])

@@ -122,3 +122,10 @@ def test_exact_match_is_every_answer_token_right() -> None:
     module.validation_step(batch, 0, 0)
     # row 0: 2 -> 3, 3 -> 4 right; row 1: 2 -> 3 but the label is 5; row 2: 4 -> 5 but the label is 9.
     assert float(module.val_match_metrics[0].compute()) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 5])
+def test_builtin_examples_fit_the_default_max_length(seed: int) -> None:
+    dm = InstructionStreamDataModule(seed=seed, examples_per_task=192, val_examples_per_task=48)
+    dm.setup("fit")  # a longer example would raise here
+    assert max(len(r["input_ids"]) for t in range(3) for r in dm.train_dataset(t).rows) <= dm.max_length

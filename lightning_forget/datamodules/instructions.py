@@ -60,6 +60,8 @@ BUILTIN_INSTRUCTION_TASKS = ("category", "next_word", "length_sum")
 """Names of the generated tasks, in their default order."""
 
 _FILE_SUFFIXES = (".json", ".jsonl", ".csv")
+#: Longest built-in example in characters (with its end token: within the default ``max_length``).
+_MAX_BUILTIN_CHARS = 88
 
 
 # ---------------------------------------------------------------------------------- words
@@ -114,7 +116,9 @@ def builtin_examples(task: str, seed: int = 0, limit: int = 2000) -> list[tuple[
             if not candidates:
                 continue
             i = candidates[int(rng.integers(len(candidates)))]
-            pairs.setdefault(f"Text: {' '.join(text)}\nWord after \"{text[i]}\":", f" {text[i + 1]}")
+            prompt, answer = f"Text: {' '.join(text)}\nWord after \"{text[i]}\":", f" {text[i + 1]}"
+            if len(prompt) + len(answer) <= _MAX_BUILTIN_CHARS:  # fits the default max_length in bytes
+                pairs.setdefault(prompt, answer)
     elif task == "length_sum":
         words = sorted({w for w in _categorised_words() if len(w) <= 8})
         while len(pairs) < limit:
