@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
-from lightning_forget.callbacks import InfiniteLRSchedule
+from lightning_forget.callbacks import GSLoRA, InfiniteLRSchedule
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import flat_tensors, params_vector, run_ddp_pair, run_stream, tiny_classifier
@@ -42,6 +42,21 @@ class Row:
 
     def build(self) -> Any:
         return self.cls(**self.kwargs)
+
+
+_FORGET_DATA = {"builtin": "digits", "forget_classes": [[8, 9], [6, 7]], "data_ratio": 0.05, "batch_size": 16}
+
+
+def forget_stream(epochs_per_task: int = 1) -> Any:
+    """Two forgetting tasks over scikit-learn's digits (two-stream batches, for GSLoRA)."""
+    from lightning_forget.datamodules import ForgetRetainDataModule
+
+    return ForgetRetainDataModule(epochs_per_task=epochs_per_task, **_FORGET_DATA)
+
+
+def forget_model(dm: Any) -> Any:
+    """A small MLP whose two hidden linears carry GSLoRA's adapters."""
+    return tiny_classifier(dm, hidden_sizes=[16, 16])
 
 
 ROWS = [
@@ -120,6 +135,23 @@ ROWS = [
         ],
     ),
     Row("LiNeS-task_end", LiNeS, {"alpha": 0.5, "apply_at": "task_end", "save_unscaled": False}, []),
+    Row(
+        "GSLoRA",
+        GSLoRA,
+        {"target_modules": ["layers.1", "layers.3"], "prototype": True, "bound": 5.0, "alpha": 1e-3},
+        [
+            ({"grouping": "layer"}, ValueError, "grouping"),
+            ({"alpha": -1.0}, ValueError, "alpha"),
+            ({"beta": []}, ValueError, "beta"),
+            ({"r": 0}, ValueError, "r"),
+            ({"forget_stream": 3}, TypeError, "forget_stream"),
+        ],
+        make_data=forget_stream,
+        make_model=forget_model,
+        model_yaml={"class_path": "lightning_forget.modules.ContinualClassifier",
+                    "init_args": {"hidden_sizes": [16, 16], "report": False}},
+        data_yaml={"class_path": "lightning_forget.datamodules.ForgetRetainDataModule", "init_args": dict(_FORGET_DATA)},
+    ),
 ]
 
 

@@ -296,6 +296,11 @@ class ForgetRetainDataModule(LabelledDataModule):
             "heldout": heldout.as_dataset(hmask.nonzero().flatten()),
         }
 
+    @property
+    def num_eval_sets(self) -> int:
+        """Evaluation loaders served: one per forget set, and the never-forgotten samples."""
+        return self.num_tasks + 1
+
     def loader_roles(self, task: int) -> dict[str, list[int]]:
         """Which evaluation loaders measure what in ``task``: ``{"forget": [t], "old": [< t], "retain": [> t]}``."""
         self._check_task(task)
