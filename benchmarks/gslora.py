@@ -40,7 +40,7 @@ FORGET = [[8, 9], [6, 7], [4, 5], [2, 3]]
 class ViTClassifier(pl.LightningModule):
     """A tiny transformers ViT as a LightningModule (logits out, cross-entropy step)."""
 
-    def __init__(self, hidden: int = 32, layers: int = 3, lr: float = 1e-2) -> None:
+    def __init__(self, hidden: int = 64, layers: int = 4, lr: float = 1e-2) -> None:
         super().__init__()
         from transformers import ViTConfig, ViTForImageClassification
 
@@ -137,20 +137,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 tasks, 1 epoch each")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--pretrain-epochs", type=int, default=4)
-    parser.add_argument("--forget-epochs", type=int, default=6)
+    parser.add_argument("--pretrain-epochs", type=int, default=6)
+    parser.add_argument("--forget-epochs", type=int, default=3)
     parser.add_argument("--data-ratio", type=float, default=0.1)
     parser.add_argument("--bound", type=float, default=7.0)
+    parser.add_argument("--alpha", type=float, default=1e-2, help="group-sparse weight")
+    parser.add_argument("--tasks", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    tasks = FORGET[:2] if args.quick else FORGET
+    tasks = FORGET[:2] if args.quick else FORGET[: args.tasks]
     pre_epochs = 1 if args.quick else args.pretrain_epochs
     f_epochs = 1 if args.quick else args.forget_epochs
     seeds = args.seeds[:1] if args.quick else args.seeds
     methods = ["GS-LoRA", "GS-LoRA++", "LoRA GA", "FT retain", "retrain"]
     results: dict[str, list[list[dict[str, float]]]] = {m: [] for m in methods}
-    common = dict(bound=args.bound, beta=1.0, lora_alpha=8.0, alpha=1e-3)
+    common = dict(bound=args.bound, beta=1.0, lora_alpha=8.0, alpha=args.alpha)
     for seed in seeds:
         pl.seed_everything(seed, verbose=False)
         dm = ForgetRetainDataModule(builtin="mnist", forget_classes=tasks, data_ratio=args.data_ratio, batch_size=32,
@@ -159,7 +161,7 @@ def main() -> None:
         base = ViTClassifier()
         t0 = time.perf_counter()
         train_plain(base, DataLoader(dm.pretrain_dataset(), batch_size=64, shuffle=True,
-                                     generator=torch.Generator().manual_seed(seed)), pre_epochs, 2e-3)
+                                     generator=torch.Generator().manual_seed(seed)), pre_epochs, 3e-3)
         pre_wall = time.perf_counter() - t0
         # accuracy on each task's forget classes just before that task (for the H-mean), from the
         # original model for the first task and each method's own previous state afterwards
@@ -191,7 +193,7 @@ def main() -> None:
             model = ViTClassifier()
             t0 = time.perf_counter()
             train_plain(model, DataLoader(torch.utils.data.Subset(pool, keep), batch_size=64, shuffle=True,
-                                          generator=torch.Generator().manual_seed(seed + t)), pre_epochs, 2e-3)
+                                          generator=torch.Generator().manual_seed(seed + t)), pre_epochs, 3e-3)
             row = evaluate(model, dm, t, original[t])
             row.update(nonzero=float("nan"), wall=time.perf_counter() - t0)
             rows.append(row)

@@ -25,10 +25,12 @@ from lightning_forget.callbacks import (
     ContinualMetrics,
     DarkExperienceReplay,
     ExperienceReplay,
+    ForgetRetainEvaluation,
     GSLoRA,
     InfiniteLRSchedule,
     LiNeS,
     LRRewarming,
+    RefreshLearning,
 )
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import quiet_trainer, tiny_classifier
@@ -62,15 +64,19 @@ def matches(key: str, patterns: list[str]) -> bool:
     return False
 
 
-def _forget_stream(epochs_per_task: int) -> Any:
+def _forget_stream(epochs_per_task: int, **kwargs: Any) -> Any:
     from lightning_forget.datamodules import ForgetRetainDataModule
 
     return ForgetRetainDataModule(builtin="digits", forget_classes=[[8, 9], [6, 7]], data_ratio=0.05,
-                                  epochs_per_task=epochs_per_task, batch_size=16)
+                                  epochs_per_task=epochs_per_task, batch_size=16, **kwargs)
+
+
+def _retain_stream(epochs_per_task: int) -> Any:
+    return _forget_stream(epochs_per_task, retain_only=True)
 
 
 #: Callbacks that need their own data (GSLoRA: two-stream forget/retain batches).
-OWN_DATA: dict[str, Callable[[int], Any]] = {"GSLoRA": _forget_stream}
+OWN_DATA: dict[str, Callable[[int], Any]] = {"GSLoRA": _forget_stream, "ForgetRetainEvaluation": _retain_stream}
 
 
 def logged_keys(tmp_path: Path, callbacks: list[Callback], make_data: Callable[..., Any] = BlobStream) -> set[str]:
@@ -101,8 +107,10 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "LRRewarming": lambda: LRRewarming(max_lr=0.1, min_lr=0.01, warmup=0.25),
     "InfiniteLRSchedule": lambda: InfiniteLRSchedule(max_lr=0.1, min_lr=0.01, warmup=3, cooldown_steps=10, anneal_steps=4),
     "LiNeS": lambda: LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val/acc_avg", save_unscaled=False),
+    "RefreshLearning": lambda: RefreshLearning(delta=1e-3, fisher_samples=16),
     "ContinualEvaluation": lambda: ContinualEvaluation(every_n_steps=2, samples_per_task=10, save_plot=False, save_csv=False),
     "GSLoRA": lambda: GSLoRA(target_modules=["layers.1", "layers.3"], prototype=True),
+    "ForgetRetainEvaluation": lambda: ForgetRetainEvaluation(report=False),
 }
 
 

@@ -118,6 +118,10 @@ class GSLoRA(ContinualCallback):
             :class:`~lightning_forget.batch.BatchFields`; ``None`` finds it).
         target_key: the target field of each stream's sub-batch (``None`` finds it).
         seed: seed of the LoRA initialisation (shared by all ranks).
+        pretrained_ckpt: weights of the model to unlearn (a Lightning checkpoint or a state dict,
+            e.g. the last checkpoint of a ``ForgetRetainDataModule(joint=True)`` run), loaded into
+            the LightningModule at the start of a fresh fit, before the LoRA is added; ``None``
+            unlearns the module as it is. A resumed fit restores its own checkpoint instead.
 
     Logged metrics (per step, ``on_step``; ``gs_lora/nonzero_blocks`` at task end):
         ``gs_lora/forget_ce`` (CE on the forget batch), ``gs_lora/forget_loss`` (``β·ReLU(BND−CE)``),
@@ -161,6 +165,7 @@ class GSLoRA(ContinualCallback):
         input_key: Optional[Union[str, int]] = None,
         target_key: Optional[Union[str, int]] = None,
         seed: int = 0,
+        pretrained_ckpt: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.settings = LoRASettings(r=r, alpha=lora_alpha, target_modules=target_modules, kind="ffn")
@@ -179,6 +184,7 @@ class GSLoRA(ContinualCallback):
         self.forget_stream = check_str("forget_stream", forget_stream)
         self.retain_stream = check_str("retain_stream", retain_stream)
         self.seed = check_int("seed", seed)
+        self.pretrained_ckpt = check_str("pretrained_ckpt", pretrained_ckpt, allow_none=True)
         self.fields = BatchFields(input_key, target_key, owner="GSLoRA")
         self.prototypes: dict[int, Tensor] = {}
         self.deltas: list[dict[str, Tensor]] = []
@@ -291,6 +297,8 @@ class GSLoRA(ContinualCallback):
         if stage != "fit":
             return
         fresh = not lora_layers(pl_module)
+        if fresh and self.pretrained_ckpt is not None:
+            self._load_pretrained(pl_module)
         self._inject(pl_module)
         if fresh:
             self.reset_lora(pl_module, self._started + 1)
@@ -298,6 +306,18 @@ class GSLoRA(ContinualCallback):
         hooks = training_step_hooks(pl_module)
         hooks.add_batch_transform(self.state_key, self._split_streams)
         hooks.add_loss_term(self.state_key, self._forget_terms)
+
+    def _load_pretrained(self, pl_module: "pl.LightningModule") -> None:
+        from lightning_forget.callbacks.lines import load_weights
+
+        state, _ = load_weights(str(self.pretrained_ckpt))
+        missing, unexpected = pl_module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(message(
+                "pretrained_ckpt", "weights of this LightningModule (the same parameter names)", self.pretrained_ckpt,
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}: build the module as the checkpoint's run did",
+            ))
+        rank_zero_info(f"GSLoRA: loaded the weights to unlearn from {self.pretrained_ckpt}")
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().teardown(trainer, pl_module, stage)

