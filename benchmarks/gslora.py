@@ -145,12 +145,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    start = time.perf_counter()
     warnings.filterwarnings("ignore")
     tasks = FORGET[:2] if args.quick else FORGET[: args.tasks]
     pre_epochs = 1 if args.quick else args.pretrain_epochs
     f_epochs = 1 if args.quick else args.forget_epochs
     seeds = args.seeds[:1] if args.quick else args.seeds
-    methods = ["GS-LoRA", "GS-LoRA++", "LoRA GA", "FT retain", "retrain"]
+    methods = ["original", "GS-LoRA", "GS-LoRA++", "LoRA GA", "FT retain", "retrain"]
     results: dict[str, list[list[dict[str, float]]]] = {m: [] for m in methods}
     common = dict(bound=args.bound, beta=1.0, lora_alpha=8.0, alpha=args.alpha)
     for seed in seeds:
@@ -168,6 +169,12 @@ def main() -> None:
         original = [accuracy(base, dm.test_dataset(i)) for i in range(len(tasks))]
         print(f"seed {seed}: original model acc per forget set {['%.3f' % a for a in original]}, "
               f"retained {accuracy(base, dm.test_dataset(len(tasks))):.3f}, pretraining {pre_wall:.1f}s")
+        rows = []
+        for t in range(len(tasks)):  # the original model, measured on each task's sets (no forgetting)
+            row = evaluate(base, dm, t, original[t])
+            row.update(nonzero=float("nan"), wall=float("nan"))
+            rows.append(row)
+        results["original"].append(rows)
         results["GS-LoRA"].append(run_gslora(base, dm, f_epochs, original, **common))
         results["GS-LoRA++"].append(run_gslora(base, dm, f_epochs, original, prototype=True, prototype_forget_weight=0.1,
                                                prototype_bound=2.0, **common))
@@ -220,6 +227,9 @@ def main() -> None:
             print(f"| {t} ({tasks[t]}) | {m} | {mean([r['acc_f'] for r in rows])} | {mean([r['acc_r'] for r in rows])} | "
                   f"{mean([r['acc_o'] for r in rows])} | {mean([r['h'] for r in rows])} | {mean([r['mia'] for r in rows])} | "
                   f"{mean([r['nonzero'] for r in rows])} | {mean(ratio)} |")
+
+
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f}s")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,27 @@ def _setup(tmp_path, **kw):
     return dm, model, cb, trainer
 
 
+@pytest.mark.parametrize("grouping", ["block", "lora", "matrix"])
+def test_penalty_gradient_added_before_the_step_is_alpha_times_the_group_lasso_gradient(tmp_path, monkeypatch, grouping):
+    dm, model, cb, trainer = _setup(tmp_path, grouping=grouping, alpha=0.3, eps=1e-6)
+    monkeypatch.setattr(model, "log", lambda *a, **k: None)
+    params = cb.lora_parameters(model)
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_()
+            p.grad = torch.full_like(p, 0.25)  # the data loss's gradient, kept and added to
+    expected = {}
+    for group in cb._groups:
+        norm = math.sqrt(sum(float((params[n] ** 2).sum()) for n in group) + 1e-6)  # by hand, per group
+        for n in group:
+            expected[n] = 0.25 + 0.3 * params[n].detach() / norm
+    cb.on_before_optimizer_step(trainer, model, None)
+    groups = {"block": 3, "lora": 6, "matrix": 12}[grouping]
+    assert len(cb._groups) == groups and sorted(n for g in cb._groups for n in g) == sorted(params)
+    for n, p in params.items():
+        assert torch.allclose(p.grad, expected[n], atol=1e-6), n
+
+
 def test_fresh_lora_has_no_effect_and_targets_ffn(tmp_path):
     dm = make_data()
     model = make_model(dm)
