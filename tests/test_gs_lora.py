@@ -281,6 +281,7 @@ def test_resume_mid_epoch_is_equivalent(tmp_path):
     assert torch.allclose(flat_tensors(cb_full.state_dict()), flat_tensors(cb_res.state_dict()), atol=1e-6)
 
 
+@pytest.mark.slow  # the contract row runs GSLoRA under DDP too (without prototypes, on an MLP)
 @pytest.mark.ddp
 def test_ddp_ranks_agree(tmp_path):
     result = run_ddp_pair(tmp_path, lambda: make_callback(prototype=True), make_data=make_data, make_model=make_model)
