@@ -128,3 +128,16 @@ def test_vit_and_convnet_backbones_take_lora_on_their_ffn_and_linears():
     assert cnn(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError, match="patch_size"):
         ViT(input_shape=(1, 28, 28), patch_size=5)
+
+
+def test_retain_only_mode_serves_plain_batches_of_the_retained_set(tmp_path):
+    dm = make_data(retain_only=True)
+    model = make_model(dm)
+    trainer = quiet_trainer(tmp_path, [], max_epochs=1, enable_checkpointing=False)
+    trainer.fit(model, dm)
+    loader = trainer.train_dataloader
+    assert len(loader.dataset) == len(dm.retain_train_dataset(0))
+    labels = {int(loader.dataset[i][1]) for i in range(len(loader.dataset))}
+    assert labels and not labels & {8, 9}  # task 0's forget classes are not in it
+    with pytest.raises(TypeError, match="retain_only"):
+        make_data(retain_only="yes")

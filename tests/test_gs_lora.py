@@ -288,3 +288,13 @@ def test_ddp_ranks_agree(tmp_path):
     assert result["equal_length"] and result["world_size"] == 2
     assert result["max_param_diff"] == 0 and result["max_state_diff"] == 0
     assert result["state_size"] > 0
+
+
+def test_alpha_warm_up_restarts_with_every_task():
+    from types import SimpleNamespace
+
+    dm = make_data(epochs_per_task=3)
+    cb = make_callback(alpha=0.1, alpha_warmup_epochs=2)
+    alphas = [cb.current_alpha(SimpleNamespace(datamodule=dm, current_epoch=e)) for e in range(dm.max_epochs)]
+    assert alphas == [0.0, 0.0, 0.1, 0.0, 0.0, 0.1]  # 2 warm-up epochs in each 3-epoch task
+    assert make_callback(alpha=0.1).current_alpha(SimpleNamespace(datamodule=dm, current_epoch=0)) == 0.1
