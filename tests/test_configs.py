@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,7 @@ import pytest
 import yaml
 
 from lightning_forget.cli import main
+from lightning_forget.datamodules.base import ContinualDataModule
 from lightning_forget.tasks import ContinualCallback
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
@@ -24,8 +27,16 @@ def test_configs_exist() -> None:
 
 def _task_stream(config: Path) -> bool:
     """Whether the config trains a stream of several tasks in one fit (not joint, not one task)."""
-    data = (yaml.safe_load(config.read_text()).get("data") or {}).get("init_args") or {}
-    return not data.get("joint") and data.get("task") is None
+    spec = yaml.safe_load(config.read_text()).get("data") or {}
+    data = spec.get("init_args") or {}
+    module, _, name = str(spec.get("class_path", "")).rpartition(".")
+    if not module:
+        return False
+    cls = getattr(importlib.import_module(module), name)
+    takes_epochs = issubclass(cls, ContinualDataModule) or "epochs_per_task" in inspect.signature(cls).parameters
+    if not takes_epochs or not callable(getattr(cls, "task_of_epoch", None)):
+        return False
+    return not data.get("joint") and data.get("task") is None and int(data.get("num_tasks", 2)) > 1
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(p.parents[1] if p.parent.name != "configs" else p.parent)) for p in CONFIGS])

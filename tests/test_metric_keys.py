@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import pytest
@@ -26,6 +26,8 @@ from lightning_forget.callbacks import (
     ContinualMetrics,
     DarkExperienceReplay,
     ExperienceReplay,
+    ForgetRetainEvaluation,
+    GSLoRA,
     ILoRA,
     InfiniteLRSchedule,
     LiNeS,
@@ -65,8 +67,23 @@ def matches(key: str, patterns: list[str]) -> bool:
     return False
 
 
+def _forget_stream(epochs_per_task: int, **kwargs: Any) -> Any:
+    from lightning_forget.datamodules import ForgetRetainDataModule
+
+    return ForgetRetainDataModule(builtin="digits", forget_classes=[[8, 9], [6, 7]], data_ratio=0.05,
+                                  epochs_per_task=epochs_per_task, batch_size=16, **kwargs)
+
+
+def _retain_stream(epochs_per_task: int) -> Any:
+    return _forget_stream(epochs_per_task, retain_only=True)
+
+
+#: Callbacks that need their own data (GSLoRA: two-stream forget/retain batches).
+OWN_DATA: dict[str, Callable[[int], Any]] = {"GSLoRA": _forget_stream, "ForgetRetainEvaluation": _retain_stream}
+
+
 def logged_keys(tmp_path: Path, callbacks: list[Callback], make_data: Callable[..., Any] = BlobStream,
-                make_model: Callable[[Any], pl.LightningModule] = tiny_classifier) -> set[str]:
+                make_model: Optional[Callable[[Any], pl.LightningModule]] = None) -> set[str]:
     """Every key logged or put in ``callback_metrics`` during a 3-task stream with ``callbacks``."""
     pl.seed_everything(0)
     dm = make_data(epochs_per_task=2)
@@ -75,7 +92,16 @@ def logged_keys(tmp_path: Path, callbacks: list[Callback], make_data: Callable[.
         tmp_path, [*callbacks, LearningRateMonitor(logging_interval="step")],
         max_epochs=dm.max_epochs, logger=recorder, log_every_n_steps=1,
     )
-    trainer.fit(make_model(dm), dm)
+    if make_model is not None:
+        model = make_model(dm)
+    elif make_data is BlobStream:
+        model = tiny_classifier(dm)
+    else:  # a forget/retain stream evaluates num_tasks + 1 sets
+        from lightning_forget.modules import ContinualClassifier
+
+        model = ContinualClassifier(backbone="mlp", hidden_sizes=[16, 16], num_classes=dm.num_classes,
+                                    input_shape=dm.input_shape, num_tasks=dm.num_tasks + 1, report=False)
+    trainer.fit(model, dm)
     keys = {key for _, metrics in recorder.records for key in metrics}
     return (keys | set(trainer.callback_metrics)) - {"epoch"}
 
@@ -89,6 +115,8 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "LiNeS": lambda: LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val/acc_avg", save_unscaled=False),
     "RefreshLearning": lambda: RefreshLearning(delta=1e-3, fisher_samples=16),
     "ContinualEvaluation": lambda: ContinualEvaluation(every_n_steps=2, samples_per_task=10, save_plot=False, save_csv=False),
+    "GSLoRA": lambda: GSLoRA(target_modules=["layers.1", "layers.3"], prototype=True),
+    "ForgetRetainEvaluation": lambda: ForgetRetainEvaluation(report=False),
     "ILoRA": lambda: ILoRA(lora={"r": 2, "alpha": 4.0, "dropout": 0.0}, buffer_size=12, save_adapters=False),
 }
 
@@ -125,6 +153,10 @@ def test_logged_keys_follow_the_documented_prefix(name: str, tmp_path: Path, bas
         make_data, make_model = LM_RUNS[name]
         baseline = logged_keys(tmp_path / "lm_baseline", [], make_data, make_model)
         added = logged_keys(tmp_path, [CALLBACKS[name]()], make_data, make_model) - baseline
+    elif name in OWN_DATA:  # no run of that data without the callback: drop the module's own keys
+        module_patterns = documented()["ContinualClassifier"][1]
+        keys = logged_keys(tmp_path, [CALLBACKS[name]()], OWN_DATA[name])
+        added = {k for k in keys - baseline if not k.startswith("lr-") and not matches(k, module_patterns)}
     else:
         added = logged_keys(tmp_path, [CALLBACKS[name]()]) - baseline
     assert added, f"{name} logged nothing in a 3-task run"

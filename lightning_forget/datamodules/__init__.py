@@ -3,13 +3,15 @@
 Layers, bottom up: :mod:`.base` (``ContinualDataModule``: the task schedule and the loaders),
 :mod:`.pools` and :mod:`.sources` (labelled samples and where they come from),
 :mod:`.class_incremental` and :mod:`.domain_incremental` (streams over any labelled data),
-:mod:`.presets` and :mod:`.vision` (named benchmarks), :mod:`.text` (text streams) and
-:mod:`.instructions` (prompt/answer task streams for language models).
+:mod:`.presets` and :mod:`.vision` (named benchmarks), :mod:`.text` (text streams),
+:mod:`.forget` (forget/retain streams for continual forgetting) and :mod:`.instructions`
+(prompt/answer task streams for language models).
 """
 
 from lightning_forget.datamodules.base import ContinualDataModule
 from lightning_forget.datamodules.class_incremental import SplitDataModule
 from lightning_forget.datamodules.domain_incremental import DomainIncrementalDataModule
+from lightning_forget.datamodules.forget import ForgetRetainDataModule
 from lightning_forget.datamodules.instructions import InstructionStreamDataModule
 from lightning_forget.datamodules.presets import PermutedMNIST, RotatedMNIST, SplitDigits, SplitMNIST
 from lightning_forget.datamodules.text import ByteTokenizer, TextStreamDataModule
@@ -19,6 +21,7 @@ __all__ = [
     "ByteTokenizer",
     "ContinualDataModule",
     "DomainIncrementalDataModule",
+    "ForgetRetainDataModule",
     "InstructionStreamDataModule",
     "PermutedMNIST",
     "RotatedMNIST",
