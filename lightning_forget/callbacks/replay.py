@@ -499,7 +499,9 @@ class DarkExperienceReplay(_BufferCallback):
     or an object with ``logits``, see :func:`~lightning_forget.batch.logits_of`); override
     :meth:`stream_logits` otherwise. The replay forwards call ``pl_module(x)`` with the stored
     input. Combined with :class:`ExperienceReplay` (in either order), the captured forward covers
-    the joined batch and its first rows, the loader's, are the ones stored.
+    the joined batch and its first rows, the loader's, are the ones stored. The two replay
+    forwards run inside :meth:`~lightning_forget.losses.StepContext.forward_of_stored`, so layers
+    that need each row's task (AdaB²N) find the drawn rows' stored task ids.
 
     Args:
         buffer_size: samples kept (with their logits).
@@ -633,12 +635,14 @@ class DarkExperienceReplay(_BufferCallback):
         n = self.replay_size(self._loader_rows(step_context(pl_module), split))
         first = self.draw(trainer, batch_idx, n, salt=1)
         second = self.draw(trainer, batch_idx, n, salt=2)
-        out = self.replay_logits(pl_module, first, input_name)
+        context = step_context(pl_module)
+        with context.forward_of_stored(self.state_key, int(first["index"].numel()), first, self.task_ids_of(first)):
+            out = self.replay_logits(pl_module, first, input_name)
         dtype = torch.promote_types(out.dtype, torch.float32)
         mse = nn.functional.mse_loss(out.to(dtype), first[self.LOGITS].to(out.device, dtype))
-        ce = nn.functional.cross_entropy(
-            self.replay_logits(pl_module, second, input_name), second[target_name].to(pl_module.device)
-        )
+        with context.forward_of_stored(self.state_key, int(second["index"].numel()), second, self.task_ids_of(second)):
+            second_out = self.replay_logits(pl_module, second, input_name)
+        ce = nn.functional.cross_entropy(second_out, second[target_name].to(pl_module.device))
         pl_module.log_dict({"derpp/mse": mse.detach(), "derpp/ce": ce.detach()}, on_step=True, on_epoch=False)
         return self.alpha * mse + self.beta * ce
 

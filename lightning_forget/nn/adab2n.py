@@ -256,6 +256,10 @@ class AdaB2NBatchNorm2d(nn.Module):
             var = torch.einsum("nc,n->c", (input - mean.view(1, -1, 1, 1)).square().mean(dim=(2, 3)), s)
         else:
             var, mean = torch.var_mean(input, dim=(0, 2, 3), correction=0)
+            if torch.is_grad_enabled() and self.task_weight.requires_grad:
+                # Keep the task weights in the graph (a zero gradient), so that DDP without
+                # `find_unused_parameters` finds every parameter used in every step.
+                mean = mean + 0.0 * self.task_weight.sum()
         output = (input - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + self.eps)
         if self.affine:
             output = output * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
@@ -265,7 +269,10 @@ class AdaB2NBatchNorm2d(nn.Module):
                 eta = self._next_eta()
                 self.running_mean.mul_(1.0 - eta).add_(mean.detach().to(self.running_mean.dtype), alpha=eta)
                 self.running_var.mul_(1.0 - eta).add_(var.detach().to(self.running_var.dtype), alpha=eta)
-        self._stat_loss = F.mse_loss(mean, self.running_mean.to(mean.dtype)) + F.mse_loss(var, self.running_var.to(var.dtype))
+        # Copies of the updated running statistics: a later forward updates the buffers in place.
+        target_mean = self.running_mean.detach().to(mean.dtype, copy=True)
+        target_var = self.running_var.detach().to(var.dtype, copy=True)
+        self._stat_loss = F.mse_loss(mean, target_mean) + F.mse_loss(var, target_var)
         return output
 
 
