@@ -73,6 +73,7 @@ from torch import Tensor
 import lightning.pytorch as pl
 
 __all__ = [
+    "CopySafeHook",
     "ReplaySegment",
     "StepContext",
     "TrainingStepHooks",
@@ -187,6 +188,31 @@ class StepContext:
         if not segments or any(s.task_ids is None for s in segments):
             return None
         return torch.cat([s.task_ids.cpu() for s in segments])  # type: ignore[union-attr]
+
+
+class CopySafeHook:
+    """A module (forward or pre-forward) hook that calls ``fn``; a ``copy.deepcopy`` or pickle of
+    the module gets a no-op instead (a copy is a model, not a second trainee of the callback)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _no_hook
+
+    def __reduce__(self) -> Any:
+        return (_no_hook_factory, ())
+
+
+def _no_hook(*args: Any) -> None:
+    return None
+
+
+def _no_hook_factory() -> Any:
+    return _no_hook
 
 
 def output_loss(output: Any) -> Optional[Tensor]:

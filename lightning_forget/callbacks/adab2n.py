@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_forget.losses import ReplaySegment, StepContext, remove_training_step_hooks, step_context, training_step_hooks
+from lightning_forget.losses import CopySafeHook, ReplaySegment, StepContext, remove_training_step_hooks, step_context, training_step_hooks
 from lightning_forget.nn.adab2n import AdaB2NBatchNorm2d, adab2n_layers, convert_adab2n
 from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, task_schedule
 from lightning_forget.validation import check_bool, check_float, check_int
@@ -19,30 +19,6 @@ except ImportError:  # pragma: no cover
     from typing_extensions import override
 
 __all__ = ["AdaB2N"]
-
-
-class _ModuleHook:
-    """A forward (pre-)hook calling ``fn``; a deep copy or pickle of the module gets a no-op."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def __call__(self, *args: Any) -> None:
-        self.fn(*args)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return _no_hook
-
-    def __reduce__(self) -> Any:
-        return (_no_hook_factory, ())
-
-
-def _no_hook(*args: Any) -> None:
-    return None
-
-
-def _no_hook_factory() -> Any:
-    return _no_hook
 
 
 def _rows_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[int]:
@@ -194,8 +170,8 @@ class AdaB2N(ContinualCallback):
         hooks.add_loss_term(self.state_key, self._stat_term)
         if not self._handles:
             self._handles = [
-                pl_module.register_forward_pre_hook(_ModuleHook(self._before_forward), with_kwargs=True),
-                pl_module.register_forward_hook(_ModuleHook(self._after_forward)),
+                pl_module.register_forward_pre_hook(CopySafeHook(self._before_forward), with_kwargs=True),
+                pl_module.register_forward_hook(CopySafeHook(self._after_forward)),
             ]
 
     @override

@@ -13,7 +13,7 @@ from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget.batch import BatchFields, SplitBatch, logits_of
 from lightning_forget.buffers import TASK_KEY, ReplayBuffer, TaskBalancedBuffer, make_buffer, pad_rows
 from lightning_forget.distributed import gather_batch, rank_generator, sampler_padding_mask
-from lightning_forget.losses import StepContext, remove_training_step_hooks, step_context, training_step_hooks
+from lightning_forget.losses import CopySafeHook, StepContext, remove_training_step_hooks, step_context, training_step_hooks
 from lightning_forget.tasks import ContinualCallback, task_schedule
 from lightning_forget.validation import check_choice, check_float, check_int
 from lightning.pytorch.utilities import rank_zero_warn
@@ -455,30 +455,6 @@ class ExperienceReplay(_BufferCallback):
         pl_module.log("replay/buffer_size", float(len(self.buffer)), on_step=True, on_epoch=False)
 
 
-class _ForwardCapture:
-    """The forward hook of :class:`DarkExperienceReplay`; a copy of the module gets a no-op."""
-
-    def __init__(self, owner: "DarkExperienceReplay") -> None:
-        self.owner = owner
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.owner._capture(output)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return _no_capture
-
-    def __reduce__(self) -> Any:
-        return (_no_capture_factory, ())
-
-
-def _no_capture(module: nn.Module, args: Any, output: Any) -> None:
-    return None
-
-
-def _no_capture_factory() -> Any:
-    return _no_capture
-
-
 class DarkExperienceReplay(_BufferCallback):
     """Dark Experience Replay++ (DER++): replay logits and labels from a buffer.
 
@@ -572,7 +548,7 @@ class DarkExperienceReplay(_BufferCallback):
         hooks.add_batch_transform(self.state_key, self._arm)
         hooks.add_loss_term(self.state_key, self._replay_loss)
         if self._hook is None:
-            self._hook = pl_module.register_forward_hook(_ForwardCapture(self))
+            self._hook = pl_module.register_forward_hook(CopySafeHook(self._on_forward))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -596,6 +572,9 @@ class DarkExperienceReplay(_BufferCallback):
         self._capture_error = None
         self._armed = True
         return batch
+
+    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._capture(output)
 
     def _capture(self, output: Any) -> None:
         if self._armed:
