@@ -71,7 +71,7 @@ def run(method: str, buffer: int, norm: str, seed: int, kappa: float, lambd: flo
     result = run_continual(f"{method}{buffer}-{norm}", data, model, callbacks, seed=seed, progress_bar=False,
                            trainer_kwargs=kwargs)
     times = timer.times[5:] or timer.times  # the first steps include warm-up
-    return {"acc": float(result.summary["acc_avg"]), "forgetting": float(result.summary["forgetting"]),
+    return {"acc": float(result.summary["average_accuracy"]), "forgetting": float(result.summary["forgetting"]),
             "step": statistics.mean(times)}
 
 
@@ -88,14 +88,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--buffers", type=int, nargs="+", default=[200, 500])
     parser.add_argument("--kappa", type=float, default=0.7)
     parser.add_argument("--lambd", type=float, default=0.1)
-    parser.add_argument("--limit", type=float, default=1.0, help="fraction of each task's batches (1.0: all)")
+    parser.add_argument("--limit", type=float, default=1.0, help="batches per task (> 1) or fraction of each task's batches (<= 1; 1.0: all)")
     parser.add_argument("--no-grid", action="store_true")
+    parser.add_argument("--grid-only", action="store_true", help="only the kappa/lambda grid")
+    parser.add_argument("--methods", nargs="+", default=["er", "derpp"], choices=["er", "derpp"])
+    parser.add_argument("--kappas", type=float, nargs="+", default=[0.1, 0.7, 1.0])
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 1.0])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [0] if args.quick else list(range(args.seeds))
-    limit: Any = 20 if args.quick else args.limit
+    limit: Any = 20 if args.quick else (int(args.limit) if args.limit > 1 else args.limit)
     rows: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
-    for method in ("er", "derpp"):
+    for method in [] if args.grid_only else args.methods:
         for buffer in args.buffers:
             cell: dict[str, list[dict[str, Any]]] = {"bn": [], "adab2n": []}
             for seed in seeds:
@@ -117,9 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{mean_std([r['forgetting'] for r in cell['adab2n']])} | {statistics.mean(ratio):.2f}× |")
         out[f"{method}{buffer}"] = {"acc_bn": acc_bn, "acc_adab2n": acc_ada, "step_ratio": ratio}
     if not args.quick and not args.no_grid:
-        print("\nκ/λ grid: DER++, buffer 200, seed 0 (average accuracy; BN baseline "
-              f"{rows[('derpp', args.buffers[0])]['bn'][0]['acc']:.3f})\n")
-        kappas, lambdas = (0.1, 0.7, 1.0), (0.01, 1.0)
+        baseline = run("derpp", args.buffers[0], "bn", 0, 0.0, 0.0, limit)["acc"]
+        print(f"\nκ/λ grid: DER++, buffer {args.buffers[0]}, seed 0 (average accuracy; BN baseline {baseline:.3f})\n")
+        kappas, lambdas = args.kappas, args.lambdas
         print("| κ \\ λ | " + " | ".join(str(v) for v in lambdas) + " |")
         print("|---" * (len(lambdas) + 1) + "|")
         grid = {}
