@@ -233,3 +233,86 @@ def test_finetuning_freeze_treats_it_as_a_plain_module() -> None:
     layer.track_running_stats = False
     net(torch.randn(3, 1, 2, 2))
     assert int(layer.num_batches_tracked) == 1
+
+
+def _autograd_reference(layer: AdaB2NBatchNorm2d, x: torch.Tensor, ids, eta: float):
+    """The training forward composed from differentiable torch ops (autograd does the backward);
+    returns the output, the statistics loss and the updated running statistics."""
+    task = int(layer.cur_task)
+    if ids is None or task == 0:
+        s = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=x.dtype) + 0.0 * layer.task_weight.sum()
+    else:
+        ids = torch.as_tensor(ids)
+        counts = torch.bincount(ids, minlength=task + 1).to(x.dtype)
+        a = layer.task_weight[: task + 1].exp() + counts
+        if layer.renormalize:
+            a = a * (counts > 0)
+        pi = a / a.sum()
+        s = pi[ids] / counts[ids]
+    mean = (s.view(-1, 1) * x.mean(dim=(2, 3))).sum(0)
+    var = (s.view(-1, 1) * (x - mean.view(1, -1, 1, 1)).pow(2).mean(dim=(2, 3))).sum(0)
+    out = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + layer.eps)
+    if layer.affine:
+        out = out * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+    rm = (1 - eta) * layer.running_mean + eta * mean.detach()
+    rv = (1 - eta) * layer.running_var + eta * var.detach()
+    loss = ((mean - rm) ** 2).mean() + ((var - rv) ** 2).mean()
+    return out, loss, rm, rv
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("task,ids", [(0, None), (2, [0, 0, 2, 2, 2, 0]), (3, [3, 1, 1, 3, 3, 3])])
+def test_hand_written_backward_equals_autograd_through_the_formulas(affine, renormalize, task, ids) -> None:
+    # The layer's training forward is one autograd node with a hand-written backward (speed);
+    # it must give autograd's gradients for the input, the task weights and the affine parameters.
+    gen = torch.Generator().manual_seed(task + 10 * affine + 100 * renormalize)
+    layer = AdaB2NBatchNorm2d(3, num_tasks=5, kappa=0.4, affine=affine, renormalize=renormalize).double()
+    with torch.no_grad():
+        layer.task_weight.copy_(torch.randn(5, generator=gen))
+        layer.running_mean.copy_(torch.randn(3, generator=gen))
+        if affine:
+            layer.weight.copy_(torch.randn(3, generator=gen))
+            layer.bias.copy_(torch.randn(3, generator=gen))
+    layer.cur_task.fill_(task)
+    reference = copy.deepcopy(layer)
+    x = (3 * torch.randn(6, 3, 4, 5, generator=gen, dtype=torch.float64) + 1).requires_grad_()
+    g = torch.randn(6, 3, 4, 5, generator=gen, dtype=torch.float64)
+    layer.set_task_ids(None if ids is None else torch.tensor(ids))
+    out = layer(x)
+    eta = float(layer.eta)  # the first step: m^kappa
+    assert eta == pytest.approx(0.1**0.4)
+    ref_out, ref_loss, ref_mean, ref_var = _autograd_reference(reference, x, ids, eta)
+    assert torch.allclose(out, ref_out, atol=1e-12)
+    assert torch.allclose(layer.stat_loss, ref_loss, atol=1e-12)
+    assert torch.allclose(layer.running_mean, ref_mean, atol=1e-12)
+    assert torch.allclose(layer.running_var, ref_var, atol=1e-12)
+    for weight in (0.0, 0.7):  # with and without the statistics loss in the objective
+        params = [layer.task_weight] + ([layer.weight, layer.bias] if affine else [])
+        ref_params = [reference.task_weight] + ([reference.weight, reference.bias] if affine else [])
+        grads = torch.autograd.grad((out * g).sum() + weight * layer.stat_loss, [x, *params], retain_graph=True)
+        expected = torch.autograd.grad((ref_out * g).sum() + weight * ref_loss, [x, *ref_params], retain_graph=True)
+        for got, want in zip(grads, expected):
+            assert torch.allclose(got, want, atol=1e-10), (got, want)
+    if ids is not None:
+        assert bool((grads[1][: task + 1] != 0).any()) and bool((grads[1][task + 1 :] == 0).all())
+
+
+def test_backward_passes_gradcheck() -> None:
+    layer = AdaB2NBatchNorm2d(2, num_tasks=3, kappa=0.7).double()
+    layer.track_running_stats = False  # the same function at every evaluation
+    layer.next_task()
+    layer.next_task()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.3, -0.2]))
+        layer.task_weight.copy_(torch.tensor([0.1, -0.4, 0.2]))
+        layer.weight.copy_(torch.tensor([1.5, 0.5]))
+    ids = torch.tensor([0, 2, 2, 0, 2])
+
+    def f(x):
+        layer.set_task_ids(ids)
+        return layer(x), layer.stat_loss
+
+    x = torch.randn(5, 2, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    # numerical against analytical input gradients (the parameters' are checked against autograd above)
+    assert torch.autograd.gradcheck(f, (x,))

@@ -75,6 +75,12 @@ class AdaB2NBatchNorm2d(nn.Module):
     Raises:
         TypeError / ValueError: an argument of the wrong type or outside its range.
 
+    The training forward is a single autograd node with a hand-written backward (the gradients
+    autograd would give through the formulas above; a few passes over the input instead of many
+    small autograd nodes), so second-order gradients through the layer in training mode raise.
+    Statistics are computed in float32 at least (in float64 for float64 inputs), also under
+    autocast.
+
     Attributes:
         task_weight: the learnable ``w`` (a ``Parameter`` of shape ``(num_tasks,)``).
         track_running_stats: ``False`` stops the running-statistics update (and the recursion)
@@ -216,8 +222,9 @@ class AdaB2NBatchNorm2d(nn.Module):
         self.eta.fill_(eta)
         return eta
 
-    def row_weights(self, task_ids: Tensor) -> Tensor:
-        """The per-row weights ``s_i`` for ``task_ids`` under the current task weights."""
+    def _task_counts(self, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ids, counts)``: the ids as a long tensor on the layer's device and the per-task row
+        counts ``n_0..n_T``, after checking the ids against the current task ``T``."""
         task = int(self.cur_task)
         if task >= self.num_tasks:
             raise RuntimeError(
@@ -225,14 +232,26 @@ class AdaB2NBatchNorm2d(nn.Module):
                 f"Fix: build it (or the AdaB2N callback) with num_tasks >= {task + 1}."
             )
         ids = task_ids.to(self.task_weight.device, torch.long)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > task):
+        # bincount's length shows an id above the current task without reading the ids back
+        try:
+            counts = torch.bincount(ids, minlength=task + 1) if ids.numel() else None
+        except RuntimeError:  # a negative id
+            counts = None
+        if counts is None or counts.numel() != task + 1:
+            if not ids.numel():
+                raise ValueError("`task_ids` is empty; pass one task index per row of the batch.")
             raise ValueError(
                 f"task ids must lie in [0, {task}] (the tasks seen so far), got values in "
-                f"[{int(ids.min())}, {int(ids.max())}]. Fix: pass each row's task index; rows restored from old "
-                "checkpoints with task id -1 need a labels-to-task mapping."
+                f"[{int(ids.min())}, {int(ids.max())}]. Fix: pass each row's task index; rows restored from "
+                "old checkpoints with task id -1 need a labels-to-task mapping."
             )
-        counts = torch.bincount(ids, minlength=task + 1).to(self.task_weight.dtype)
-        concentration = self.task_weight[: task + 1].exp() + counts
+        return ids, counts
+
+    def row_weights(self, task_ids: Tensor) -> Tensor:
+        """The per-row weights ``s_i`` for ``task_ids`` under the current task weights."""
+        ids, counts = self._task_counts(task_ids)
+        counts = counts.to(self.task_weight.dtype)
+        concentration = self.task_weight[: counts.numel()].exp() + counts
         if self.renormalize:
             concentration = concentration * (counts > 0)
         pi = concentration / concentration.sum()
@@ -250,30 +269,137 @@ class AdaB2NBatchNorm2d(nn.Module):
                 f"AdaB2NBatchNorm2d got {input.shape[0]} rows but task ids for {ids.numel()}; call "
                 "`set_task_ids` with one id per row before each training forward."
             )
+        counts: Optional[Tensor] = None
         if ids is not None and int(self.cur_task) > 0:
-            s = self.row_weights(ids).to(input.dtype)
-            mean = torch.einsum("nc,n->c", input.mean(dim=(2, 3)), s)
-            var = torch.einsum("nc,n->c", (input - mean.view(1, -1, 1, 1)).square().mean(dim=(2, 3)), s)
-        else:
-            var, mean = torch.var_mean(input, dim=(0, 2, 3), correction=0)
-            if torch.is_grad_enabled() and self.task_weight.requires_grad:
-                # Keep the task weights in the graph (a zero gradient), so that DDP without
-                # `find_unused_parameters` finds every parameter used in every step.
-                mean = mean + 0.0 * self.task_weight.sum()
-        output = (input - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + self.eps)
-        if self.affine:
-            output = output * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+            ids, counts = self._task_counts(ids)
+        eta: Optional[float] = None
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                eta = self._next_eta()
-                self.running_mean.mul_(1.0 - eta).add_(mean.detach().to(self.running_mean.dtype), alpha=eta)
-                self.running_var.mul_(1.0 - eta).add_(var.detach().to(self.running_var.dtype), alpha=eta)
-        # Copies of the updated running statistics: a later forward updates the buffers in place.
-        target_mean = self.running_mean.detach().to(mean.dtype, copy=True)
-        target_var = self.running_var.detach().to(var.dtype, copy=True)
-        self._stat_loss = F.mse_loss(mean, target_mean) + F.mse_loss(var, target_var)
+            self.num_batches_tracked.add_(1)
+            eta = self._next_eta()
+        # ``counts is None``: plain (biased) batch statistics, every row weighs 1/N. The task
+        # weights stay in the graph either way (a zero gradient then), so that DDP without
+        # `find_unused_parameters` finds every parameter used in every step.
+        settings = _Settings(ids, counts, self.renormalize, self.eps, eta, self.running_mean, self.running_var)
+        with torch.autocast(input.device.type, enabled=False):  # the statistics stay in float32 or wider
+            output, self._stat_loss = _BalancedBatchNorm.apply(input, self.task_weight, self.weight, self.bias, settings)
         return output
+
+
+class _Settings:
+    """The non-tensor (or non-differentiable) arguments of :class:`_BalancedBatchNorm`."""
+
+    __slots__ = ("ids", "counts", "renormalize", "eps", "eta", "running_mean", "running_var")
+
+    def __init__(self, ids: Optional[Tensor], counts: Optional[Tensor], renormalize: bool, eps: float,
+                 eta: Optional[float], running_mean: Tensor, running_var: Tensor) -> None:
+        self.ids, self.counts, self.renormalize, self.eps = ids, counts, renormalize, eps
+        self.eta, self.running_mean, self.running_var = eta, running_mean, running_var
+
+
+class _BalancedBatchNorm(torch.autograd.Function):
+    """The training forward of :class:`AdaB2NBatchNorm2d` as one autograd node.
+
+    Forward, with row weights ``s_i`` (``π_{t_i} / n_{t_i}``, or ``1/N`` without task counts):
+    ``m_i = mean_HW(x_i)``, ``μ = Σ_i s_i m_i``, ``q_i = mean_HW((x_i - μ)²)``, ``σ² = Σ_i s_i q_i``,
+    ``out = γ (x - μ) / √(σ² + eps) + β``; the running statistics are updated with ``eta`` and the
+    statistics loss ``mean_c (μ - running_mean)² + mean_c (σ² - running_var)²`` is the second
+    output. The backward is written out by hand (the same gradients as autograd through these
+    formulas, to rounding, for ``x``, the task weights, ``γ`` and ``β``): a few full-size passes over
+    ``x`` instead of the dozens of small autograd nodes that made the layer much slower than
+    BatchNorm. Gradients of order two are not supported.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, task_weight: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                settings: _Settings) -> tuple[Tensor, Tensor]:
+        n, c = x.shape[0], x.shape[1]
+        out_dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
+        dtype = torch.promote_types(out_dtype, torch.float32)  # statistics in float32 at least
+        xs = x.to(dtype)
+        if settings.counts is None:
+            s = torch.full((n,), 1.0 / n, dtype=dtype, device=x.device)
+            concentration = pi = exp_w = None
+        else:
+            counts = settings.counts.to(dtype)
+            exp_w = task_weight[: counts.numel()].detach().to(dtype).exp()
+            concentration = exp_w + counts
+            if settings.renormalize:
+                concentration = concentration * (counts > 0)
+            pi = concentration / concentration.sum()
+            s = (pi / counts)[settings.ids]
+        m = xs.mean(dim=(2, 3))  # (N, C)
+        mean = s @ m
+        d = (xs - mean.view(1, c, 1, 1)).flatten(2)
+        q = torch.linalg.vecdot(d, d) / d.shape[2]  # (N, C)
+        var = s @ q
+        w = None if weight is None else weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        out = torch.batch_norm(xs, w, b, mean, var, False, 0.0, settings.eps, False)
+        rm, rv = settings.running_mean, settings.running_var
+        if settings.eta is not None:
+            eta = settings.eta
+            rm.mul_(1.0 - eta).add_(mean.to(rm.dtype), alpha=eta)
+            rv.mul_(1.0 - eta).add_(var.to(rv.dtype), alpha=eta)
+        # against the running statistics after this step's update
+        d_mean = mean - rm.to(dtype)
+        d_var = var - rv.to(dtype)
+        loss = d_mean.square().mean() + d_var.square().mean()
+        ctx.save_for_backward(xs, s, m, q, mean, var, d_mean, d_var, w, pi, concentration, exp_w)
+        ctx.settings = settings
+        ctx.num_tasks = task_weight.shape[0]
+        ctx.dtypes = (x.dtype, task_weight.dtype, None if weight is None else weight.dtype)
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.set_materialize_grads(False)  # no statistics loss in the objective: its part is skipped
+        return out.to(out_dtype), loss.to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_out: Optional[Tensor], g_loss: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        xs, s, m, q, mean, var, d_mean, d_var, w, pi, concentration, exp_w = ctx.saved_tensors
+        settings: _Settings = ctx.settings
+        x_dtype, tw_dtype, w_dtype = ctx.dtypes
+        n, c = xs.shape[0], xs.shape[1]
+        hw = xs.shape[2] * xs.shape[3]
+        dtype = xs.dtype
+        if g_loss is not None:
+            scale = 2.0 * g_loss.to(dtype) / c
+            g_mean, g_var = scale * d_mean, scale * d_var
+        else:
+            g_mean = g_var = torch.zeros_like(mean)
+        g_x: Optional[Tensor] = None
+        g_weight = g_bias = None
+        if g_out is not None:
+            gamma = w if w is not None else torch.ones_like(mean)
+            g_x, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
+                g_out.to(dtype), xs, gamma, mean, var, None, None, False, settings.eps, [True, True, True]
+            )
+            inv = torch.rsqrt(var + settings.eps)
+            # the output's dependence on μ and σ² (native backward treats them as constants);
+            # Σ g·(x - μ) per channel = g_gamma / inv
+            g_var = g_var - 0.5 * gamma * inv * inv * g_gamma
+            g_mean = g_mean - gamma * inv * g_beta
+            g_weight = g_gamma.to(w_dtype) if ctx.has_weight else None
+            g_bias = g_beta.to(w_dtype) if ctx.has_bias else None
+        # σ² = Σ_i s_i mean_HW((x_i - μ)²): ∂/∂x_i = 2 s_i (x_i - μ) / HW at fixed μ, ∂/∂μ below
+        g_mean = g_mean - 2.0 * g_var * (s @ (m - mean))
+        coef = (2.0 / hw) * s.unsqueeze(1) * g_var.unsqueeze(0)  # (N, C)
+        const = s.unsqueeze(1) * (g_mean / hw).unsqueeze(0) - coef * mean.unsqueeze(0)  # μ = Σ s_i mean_HW(x_i)
+        g_stats = torch.addcmul(const.view(n, c, 1, 1), xs, coef.view(n, c, 1, 1))
+        g_x = g_stats if g_x is None else g_x.add_(g_stats)
+        g_task_weight = None
+        if ctx.needs_input_grad[1]:
+            g_task_weight = torch.zeros(ctx.num_tasks, dtype=tw_dtype, device=xs.device)
+            if settings.counts is not None:
+                g_s = m @ g_mean + q @ g_var  # (N,)
+                counts = settings.counts.to(dtype)
+                # s_i = π_{t_i} / n_{t_i}, π = a / Σ a, a_k = (exp(w_k) + n_k) [· 1(n_k > 0)]
+                g_pi = torch.zeros_like(counts).index_add_(0, settings.ids, g_s / counts[settings.ids])
+                g_a = (g_pi - (g_pi * pi).sum()) / concentration.sum()
+                g_w = g_a * exp_w
+                if settings.renormalize:
+                    g_w = g_w * (counts > 0)
+                g_task_weight[: counts.numel()] = g_w.to(tw_dtype)
+        return g_x.to(x_dtype), g_task_weight, g_weight, g_bias, None
 
 
 # ---------------------------------------------------------------------- model surgery
