@@ -11,7 +11,7 @@ and with AdaB²N (``--kappa``/``--lambd``, from task 0). Printed, measured in th
 
 - final average accuracy and forgetting (mean ± std over seeds), BN beside AdaB²N;
 - AdaB²N's mean training-step time over BatchNorm's (the same method, buffer and seed);
-- a small κ/λ grid on DER++ with buffer 200, seed 0.
+- a small κ/λ grid (``--grid-method``, DER++ by default) with the first buffer, seed 0.
 
     python benchmarks/adab2n_online.py            # full run (about 10 minutes on 2 cores)
     python benchmarks/adab2n_online.py --quick    # seconds: 1 seed, 20 batches per task, no grid
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="+", default=["er", "derpp"], choices=["er", "derpp"])
     parser.add_argument("--kappas", type=float, nargs="+", default=[0.1, 0.7, 1.0])
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 1.0])
+    parser.add_argument("--grid-method", default="derpp", choices=["er", "derpp"], help="base method of the grid")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [0] if args.quick else list(range(args.seeds))
@@ -121,14 +122,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{mean_std([r['forgetting'] for r in cell['adab2n']])} | {statistics.mean(ratio):.2f}× |")
         out[f"{method}{buffer}"] = {"acc_bn": acc_bn, "acc_adab2n": acc_ada, "step_ratio": ratio}
     if not args.quick and not args.no_grid:
-        baseline = run("derpp", args.buffers[0], "bn", 0, 0.0, 0.0, limit)["acc"]
-        print(f"\nκ/λ grid: DER++, buffer {args.buffers[0]}, seed 0 (average accuracy; BN baseline {baseline:.3f})\n")
+        grid_method = args.grid_method
+        baseline = run(grid_method, args.buffers[0], "bn", 0, 0.0, 0.0, limit)["acc"]
+        name = "DER++" if grid_method == "derpp" else "ER"
+        print(f"\nκ/λ grid: {name}, buffer {args.buffers[0]}, seed 0 (average accuracy; BN baseline {baseline:.3f})\n")
         kappas, lambdas = args.kappas, args.lambdas
         print("| κ \\ λ | " + " | ".join(str(v) for v in lambdas) + " |")
         print("|---" * (len(lambdas) + 1) + "|")
         grid = {}
         for kappa in kappas:
-            accs = [run("derpp", args.buffers[0], "adab2n", 0, kappa, lambd, limit)["acc"] for lambd in lambdas]
+            accs = [run(grid_method, args.buffers[0], "adab2n", 0, kappa, lambd, limit)["acc"] for lambd in lambdas]
             grid[kappa] = accs
             print(f"| {kappa} | " + " | ".join(f"{a:.3f}" for a in accs) + " |")
         out["grid"] = grid

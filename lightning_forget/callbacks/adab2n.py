@@ -57,6 +57,13 @@ class AdaB2N(ContinualCallback):
     summed over every training forward of the step (DER++ runs three). At each task end every
     layer's task index advances.
 
+    Deviation: with :class:`~lightning_forget.callbacks.DarkExperienceReplay` the layers see three
+    batches per step (the stream, then each buffer draw in its own forward), so the momentum
+    recursion advances three times per step; the official DER++ variant concatenates stream and
+    both draws into one forward, whose statistics mix all three. With
+    :class:`~lightning_forget.callbacks.ExperienceReplay` the buffer rows join the stream batch,
+    so the layers see one joined batch, as in the official ER-ACE variant.
+
     Args:
         kappa: ``κ`` of the running-statistics momentum (1: BatchNorm's EMA, 0: cumulative average).
             The official code has no default and sweeps {0.1, 0.4, 0.7, 1.0}; 0.7 is one point of it.
