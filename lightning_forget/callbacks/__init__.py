@@ -3,13 +3,17 @@
 from lightning_forget.callbacks.adab2n import AdaB2N
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
+from lightning_forget.callbacks.forget_eval import ForgetRetainEvaluation
+from lightning_forget.callbacks.gs_lora import GSLoRA
 from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.callbacks.lr_rewarming import LRRewarming
+from lightning_forget.callbacks.refresh import RefreshLearning
 from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceReplay
 from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 
 __all__ = [
     "AdaB2N",
     "ContinualEvaluation",
-    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "InfiniteLRSchedule", "LiNeS", "LRRewarming", "RNGStateCheckpoint"]
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "GSLoRA", "InfiniteLRSchedule", "LiNeS", "LRRewarming",
+    "RefreshLearning", "RNGStateCheckpoint"]
