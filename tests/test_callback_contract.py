@@ -20,11 +20,12 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
-from lightning_forget.callbacks import ForgetRetainEvaluation, GSLoRA, InfiniteLRSchedule, RefreshLearning
+from lightning_forget.callbacks import AdaB2N, ForgetRetainEvaluation, GSLoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
 from tests.helpers.harness import BatchRecorder, flat_tensors, params_vector, run_ddp_pair, run_stream, same_state, tiny_classifier
+from tests.helpers.models import conv_classifier
 
 
 @dataclass
@@ -174,6 +175,23 @@ ROWS = [
                    "init_args": {**_FORGET_DATA, "retain_only": True}},
     ),
     Row("LiNeS-task_end", LiNeS, {"alpha": 0.5, "apply_at": "task_end", "save_unscaled": False}, []),
+    Row(
+        "AdaB2N",
+        AdaB2N,
+        {"kappa": 0.4, "lambd": 0.5},
+        [
+            ({"kappa": 1.5}, ValueError, "kappa"),
+            ({"lambd": -1.0}, ValueError, "lambd"),
+            ({"ada_t0": -1}, ValueError, "ada_t0"),
+            ({"num_tasks": 0}, ValueError, "num_tasks"),
+            ({"classes_per_task": 2.0}, TypeError, "classes_per_task"),
+        ],
+        make_model=conv_classifier,
+        model_yaml={
+            "class_path": "lightning_forget.modules.ContinualClassifier",
+            "init_args": {"backbone": {"class_path": "tests.helpers.models.TinyConvNet"}, "report": False},
+        },
+    ),
     Row(
         "GSLoRA",
         GSLoRA,

@@ -1,5 +1,6 @@
 """Continual-learning and unlearning methods as Lightning callbacks."""
 
+from lightning_forget.callbacks.adab2n import AdaB2N
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
 from lightning_forget.callbacks.forget_eval import ForgetRetainEvaluation
@@ -12,6 +13,7 @@ from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceRe
 from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 
 __all__ = [
+    "AdaB2N",
     "ContinualEvaluation",
     "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "GSLoRA", "InfiniteLRSchedule", "LiNeS", "LRRewarming",
     "RefreshLearning", "RNGStateCheckpoint"]
