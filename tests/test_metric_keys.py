@@ -25,7 +25,9 @@ from lightning_forget.callbacks import (
     ContinualMetrics,
     DarkExperienceReplay,
     ExperienceReplay,
+    FPF,
     InfiniteLRSchedule,
+    KFPF,
     LiNeS,
     LRRewarming,
 )
@@ -83,6 +85,8 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "InfiniteLRSchedule": lambda: InfiniteLRSchedule(max_lr=0.1, min_lr=0.01, warmup=3, cooldown_steps=10, anneal_steps=4),
     "LiNeS": lambda: LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val/acc_avg", save_unscaled=False),
     "ContinualEvaluation": lambda: ContinualEvaluation(every_n_steps=2, samples_per_task=10, save_plot=False, save_csv=False),
+    "KFPF": lambda: KFPF(k=3, finetune_steps=1, buffer_size=16, kd=True),
+    "FPF": lambda: FPF(finetune_steps=1, buffer_size=16),
 }
 
 

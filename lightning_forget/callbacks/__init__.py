@@ -3,6 +3,7 @@
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
 from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
+from lightning_forget.callbacks.kfpf import FPF, KFPF
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.callbacks.lr_rewarming import LRRewarming
 from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceReplay
@@ -10,4 +11,4 @@ from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 
 __all__ = [
     "ContinualEvaluation",
-    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "InfiniteLRSchedule", "LiNeS", "LRRewarming", "RNGStateCheckpoint"]
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "FPF", "InfiniteLRSchedule", "KFPF", "LiNeS", "LRRewarming", "RNGStateCheckpoint"]
