@@ -2,7 +2,8 @@
 
 The buffer receives the stream samples of both ranks, so it is identical on each; each rank
 draws its replay samples with its own seeded generator. The script checks at the end that both
-ranks hold the same parameters and buffer. Without `--fast` the accuracy report goes to the
+ranks hold the same full state: every parameter and buffer of the model and the callback's whole
+checkpointed state (buffer samples, task ids, generator). Without `--fast` the accuracy report goes to the
 logger's folder (`lightning_logs/version_N`), and the run's last lines say where.
 
     python examples/ddp.py [--fast] [--devices 2]
@@ -11,6 +12,7 @@ logger's folder (`lightning_logs/version_N`), and the run's last lines say where
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -19,6 +21,21 @@ import torch.distributed as dist
 from lightning_forget.callbacks import ExperienceReplay
 from lightning_forget.datamodules import SplitMNIST
 from lightning_forget.modules import ContinualClassifier
+
+
+def flatten(state: Any) -> torch.Tensor:
+    """Every tensor and number of a nested state, in a fixed order, as one float64 vector."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to(torch.float64).flatten().cpu()
+    if isinstance(state, dict):
+        parts = [flatten(state[key]) for key in sorted(state, key=str)]
+    elif isinstance(state, (list, tuple)):
+        parts = [flatten(item) for item in state]
+    elif isinstance(state, (int, float)) and not isinstance(state, bool):
+        parts = [torch.tensor([float(state)], dtype=torch.float64)]
+    else:
+        parts = []
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def main() -> None:
@@ -43,13 +60,21 @@ def main() -> None:
         enable_checkpointing=False,
     )
     trainer.fit(model, data)
-    params = torch.cat([p.detach().flatten() for p in model.parameters()])
-    buffer = replay.buffer.contents()["x"].flatten()
-    mine = torch.stack([params.sum(), buffer.sum(), torch.tensor(float(len(replay.buffer)))])
-    gathered = trainer.strategy.all_gather(mine)
+    # Everything a checkpoint would hold for the model and the callback: every parameter and
+    # buffer, and ExperienceReplay's state (its buffer's samples, task ids, generator state).
+    mine = flatten({"model": model.state_dict(), "replay": replay.state_dict()})
+    lengths = trainer.strategy.all_gather(torch.tensor([mine.numel()]))
+    same = bool((lengths == lengths.flatten()[0]).all())
+    max_diff = float("nan")
+    if same:
+        gathered = trainer.strategy.all_gather(mine)  # (ranks, n)
+        max_diff = float((gathered - gathered[0]).abs().max())
+        same = max_diff == 0.0
     if trainer.is_global_zero:
-        same = bool((gathered == gathered[0]).all())
-        print(f"ranks={trainer.world_size} buffer={len(replay.buffer)} identical_across_ranks={same}")
+        print(
+            f"ranks={trainer.world_size} buffer={len(replay.buffer)} state_values={mine.numel()} "
+            f"max_diff={max_diff} identical_across_ranks={same}"
+        )
     if dist.is_initialized():
         dist.destroy_process_group()  # avoids a rare abort at interpreter exit with plain ddp
 

@@ -51,25 +51,46 @@ def _unpack_rows(rows: Tensor, layout: list[tuple[str, tuple[int, ...], torch.dt
     return out
 
 
-def gather_batch(trainer: "pl.Trainer", fields: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def gather_batch(
+    trainer: "pl.Trainer", fields: Mapping[str, Tensor], keep: Optional[Tensor] = None
+) -> dict[str, Tensor]:
     """Concatenate a per-rank batch of fields across ranks, in rank order.
 
-    Two collectives whatever the number of fields: one gathers the ranks' row counts, the other
-    the rows themselves, every field packed side by side as bytes (so fields of any dtype travel
-    together). Ranks may hold different numbers of rows (a last, smaller batch; padded rows
-    dropped): rows are padded for the collective and trimmed after. On one process the batch
-    comes back unchanged.
+    Every field is packed side by side as bytes into one ``(rows, bytes per sample)`` tensor, so
+    fields of any dtype travel in a single ``all_gather`` (Lightning's ``strategy.all_gather``
+    is one ``torch.distributed`` collective, with no barrier of its own).
+
+    Args:
+        trainer: the trainer whose strategy gathers.
+        fields: per-sample tensors with the same number of rows.
+        keep: a boolean mask of the rows to keep (e.g. not :func:`sampler_padding_mask`'s
+            repeats). Pass it only when every rank holds the same number of rows, which a
+            ``DistributedSampler``'s batches do: the mask then travels with the rows as one more
+            byte and the gather is **one** collective; the dropped rows are removed after it.
+            Without ``keep``, ranks may hold different numbers of rows (a last, smaller batch):
+            a first collective gathers the row counts, rows are padded for the second and
+            trimmed after (two collectives).
+
+    On one process the batch comes back unchanged (``keep`` applied).
     """
     if trainer.world_size <= 1:
-        return dict(fields)
+        if keep is None:
+            return dict(fields)
+        return {k: v[keep.to(v.device)] for k, v in fields.items()}
     strategy = trainer.strategy
     first = next(iter(fields.values()))
     n = int(first.shape[0])
     device = first.device
-    sizes = strategy.all_gather(torch.tensor([n], device=device, dtype=torch.long)).flatten().tolist()
-    longest = int(max(sizes))
     layout = _field_layout(fields)
     rows = _pack_rows(fields, n, device)
+    if keep is not None:
+        flags = keep.to(device=device, dtype=torch.uint8).reshape(n, 1)
+        stacked = strategy.all_gather(torch.cat([rows, flags], dim=1))  # (world, n, bytes + 1)
+        joined = stacked.reshape(-1, stacked.shape[-1])
+        joined = joined[joined[:, -1].bool(), :-1]
+        return _unpack_rows(joined, layout)
+    sizes = strategy.all_gather(torch.tensor([n], device=device, dtype=torch.long)).flatten().tolist()
+    longest = int(max(sizes))
     if longest > n:
         rows = torch.cat([rows, rows.new_zeros((longest - n, rows.shape[1]))])
     stacked = strategy.all_gather(rows)  # (world, longest, bytes per sample)

@@ -191,9 +191,10 @@ def test_task_end_shrinking_keeps_a_random_subset() -> None:
         buffer.add(_task_batch(1, 10), task=1)
         buffer.end_task(1)
         kept = buffer.contents()["x"].flatten()[buffer.task_ids() == 0].long()
+        assert kept.numel() == 5 and kept.unique().numel() == 5  # its share, no row twice
         counts[kept] += 1
     frequency = counts / 300
-    assert torch.allclose(frequency.mean(), torch.tensor(0.5))
+    # (The mean frequency is 0.5 under any rule that keeps 5 of 10; each sample's own is what can go wrong.)
     assert float(frequency.min()) > 0.35 and float(frequency.max()) < 0.65  # binomial sd ≈ 0.03
 
 

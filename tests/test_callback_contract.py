@@ -1,9 +1,11 @@
 """The contract every callback keeps: one row per callback.
 
-For each row: constructor errors name the argument, the callback pickles and deep-copies,
-LightningCLI builds it from YAML and runs `fast_dev_run`, a run resumed mid-task ends with the
-same parameters and callback state as an uninterrupted one, and a 2-process DDP run ends with
-identical parameters and callback state on both ranks.
+For each row: constructor errors name the argument, the callback pickles and deep-copies (fresh,
+and after a fit, with the same state), LightningCLI builds it from YAML and runs a two-task
+stream through a task boundary, a run resumed mid-task (from an epoch-end checkpoint and from a
+mid-epoch one) trains on the same batches and ends with the same parameters and callback state
+as an uninterrupted one, and a 2-process DDP run ends with identical parameters and callback
+state on both ranks (and that comparison fails for a callback whose state differs by rank).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
-from lightning_forget.callbacks import FPF, KFPF, InfiniteLRSchedule
+from lightning_forget.callbacks import FPF, KFPF, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
-from tests.helpers.harness import flat_tensors, params_vector, run_ddp_pair, run_stream, tiny_classifier
+from lightning_forget.tasks import ContinualCallback
+from tests.helpers.harness import BatchRecorder, flat_tensors, params_vector, run_ddp_pair, run_stream, same_state, tiny_classifier
 
 
 @dataclass
@@ -119,6 +122,18 @@ ROWS = [
             ({"window": 0}, ValueError, "window"),
         ],
     ),
+    Row(
+        "RefreshLearning",
+        RefreshLearning,
+        {"delta": 1e-3, "noise_std": 1e-3, "fisher_samples": 16},
+        [
+            ({"delta": -1.0}, ValueError, "delta"),
+            ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+            ({"unlearn_steps": 1.5}, TypeError, "unlearn_steps"),
+            ({"tau": float("nan")}, ValueError, "tau"),
+            ({"loss_fn": 3}, TypeError, "loss_fn"),
+        ],
+    ),
     Row("LiNeS-task_end", LiNeS, {"alpha": 0.5, "apply_at": "task_end", "save_unscaled": False}, []),
     Row(
         "KFPF",
@@ -161,45 +176,91 @@ def test_constructor_errors_name_the_argument(row: Row) -> None:
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
 def test_pickles_and_copies(row: Row) -> None:
     callback = row.build()
-    restored = pickle.loads(pickle.dumps(callback))
-    assert type(restored) is row.cls
-    assert torch.allclose(flat_tensors(restored.state_dict()), flat_tensors(callback.state_dict()), equal_nan=True)
-    copy.deepcopy(callback)
+    for other in (pickle.loads(pickle.dumps(callback)), copy.deepcopy(callback)):
+        assert type(other) is row.cls
+        assert same_state(other.state_dict(), callback.state_dict())
 
 
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
-def test_cli_builds_it_and_fast_dev_run(row: Row, tmp_path: Any) -> None:
+def test_pickles_and_copies_after_a_fit(row: Row, tmp_path: Any) -> None:
+    # Three one-epoch tasks: buffers filled, schedules advanced, every task ended.
+    _, callback = run_stream(tmp_path, row.build, epochs_per_task=1, make_data=row.make_data, make_model=row.make_model)
+    assert isinstance(callback, ContinualCallback) and callback._ended == 2
+    state = callback.state_dict()
+    assert not same_state(state, row.build().state_dict())  # the fit changed the state
+    for other in (pickle.loads(pickle.dumps(callback)), copy.deepcopy(callback)):
+        assert type(other) is row.cls
+        assert same_state(other.state_dict(), state)
+    assert same_state(callback.state_dict(), state)  # copying left the original alone
+
+
+@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
+def test_cli_builds_it_and_runs_through_a_task_boundary(row: Row, tmp_path: Any) -> None:
+    # Two tasks of one epoch, two batches each: the first task ends inside the fit.
+    data_yaml = copy.deepcopy(row.data_yaml)
+    data_yaml.setdefault("init_args", {}).update(num_tasks=2, epochs_per_task=1)
     config = {
         "trainer": {
             "accelerator": "cpu",
-            "fast_dev_run": 2,
+            "max_epochs": 2,
+            "limit_train_batches": 2,
+            "limit_val_batches": 1,
             "reload_dataloaders_every_n_epochs": 1,
             "logger": False,
+            "enable_checkpointing": False,
             "enable_progress_bar": False,
+            "enable_model_summary": False,
             "default_root_dir": str(tmp_path),
             "callbacks": [{"class_path": f"{row.cls.__module__}.{row.cls.__name__}", "init_args": row.kwargs}],
         },
         "model": row.model_yaml,
-        "data": row.data_yaml,
+        "data": data_yaml,
     }
-    path = tmp_path / "config.yaml"
+    path = tmp_path / "input.yaml"  # the CLI saves the resolved config as config.yaml
     path.write_text(yaml.safe_dump(config))
     cli = main(["fit", "--config", str(path)])
     built = [cb for cb in cli.trainer.callbacks if type(cb) is row.cls]
     assert len(built) == 1
-    assert cli.trainer.global_step > 0
+    assert cli.trainer.global_step == 4
+    assert built[0]._ended == 1  # both tasks ended, the first one mid-fit
+    assert not same_state(built[0].state_dict(), row.build().state_dict())
 
 
+#: Step 15 of the 3-task × 2-epoch BlobStream (6 batches per epoch): 3 batches into epoch 2,
+#: the first epoch of task 1 (replay buffers hold task 0).
+MID_EPOCH_STEP = 15
+_FULL_RUNS: dict[str, tuple[torch.Tensor, Any, list[Any]]] = {}
+
+
+def _full_run(row: Row, tmp_path_factory: Any) -> tuple[torch.Tensor, Any, list[Any]]:
+    """The uninterrupted run of a row (parameters, callback state, batches), run once per module."""
+    if row.id not in _FULL_RUNS:
+        recorder = BatchRecorder()
+        model, callback = run_stream(
+            tmp_path_factory.mktemp("full"), row.build, make_data=row.make_data, make_model=row.make_model,
+            extra_callbacks=lambda: [recorder],
+        )
+        _FULL_RUNS[row.id] = (params_vector(model), callback.state_dict(), recorder.seen)
+    return _FULL_RUNS[row.id]
+
+
+@pytest.mark.parametrize("resume", ["epoch_end", "mid_epoch"])
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
-def test_resume_mid_task_equals_uninterrupted(row: Row, tmp_path: Any) -> None:
-    kwargs = {"make_data": row.make_data, "make_model": row.make_model}
-    full_model, full_cb = run_stream(tmp_path / "full", row.build, **kwargs)
-    # epochs_per_task=2: the checkpoint after epoch 2 is in the middle of task 1.
-    resumed_model, resumed_cb = run_stream(tmp_path / "resumed", row.build, resume_after_epoch=2, **kwargs)
-    assert torch.allclose(params_vector(full_model), params_vector(resumed_model), atol=1e-6)
-    assert torch.allclose(
-        flat_tensors(full_cb.state_dict()), flat_tensors(resumed_cb.state_dict()), atol=1e-6, equal_nan=True
+def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: Any, tmp_path_factory: Any) -> None:
+    full_params, full_state, full_batches = _full_run(row, tmp_path_factory)
+    recorder = BatchRecorder()
+    # epochs_per_task=2: the checkpoint after epoch 2 (epoch_end) or after step 15 (mid_epoch)
+    # is in the middle of task 1.
+    where = {"resume_after_epoch": 2} if resume == "epoch_end" else {"resume_after_step": MID_EPOCH_STEP}
+    resumed_model, resumed_cb = run_stream(
+        tmp_path, row.build, make_data=row.make_data, make_model=row.make_model,
+        extra_callbacks=lambda: [recorder], **where,
     )
+    # The resumed run trained on the same batches, in the same order (loaders resume at the
+    # exact batch), none twice, none skipped.
+    assert recorder.seen == full_batches
+    assert torch.allclose(full_params, params_vector(resumed_model), atol=1e-6)
+    assert torch.allclose(flat_tensors(full_state), flat_tensors(resumed_cb.state_dict()), atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.ddp
@@ -211,3 +272,29 @@ def test_ddp_ranks_stay_identical(row: Row, tmp_path: Any) -> None:
     assert result["global_step"] > 0
     assert result["max_param_diff"] == 0.0, result
     assert result["max_state_diff"] == 0.0, result
+
+
+class RankDependentState(ContinualCallback):
+    """A callback whose checkpointed state differs by rank (and leaves the weights alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank = torch.zeros(3)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.rank = torch.full((3,), float(trainer.global_rank))
+
+    def method_state(self) -> dict[str, Any]:
+        return {"rank": self.rank}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.rank = state["rank"]
+
+
+@pytest.mark.ddp
+def test_ddp_comparison_fails_for_a_rank_dependent_callback_state(tmp_path: Any) -> None:
+    result = run_ddp_pair(tmp_path, RankDependentState)
+    assert result["equal_length"] and result["world_size"] == 2, result
+    assert result["max_param_diff"] == 0.0, result
+    assert result["max_state_diff"] == 1.0, result  # the check sees the callback's state, not only the weights

@@ -12,16 +12,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_forget.datamodules.text import TextStreamDataModule
 from lightning_forget.modules.causal_lm import CausalLMModule, causal_lm_loss, default_adamw
+from tests.helpers.harness import quiet_trainer
 
 TINY = dict(vocab_size=257, block_size=32, n_layer=2, n_embd=32, n_head=4)
 
 
 def _quiet_trainer(**kwargs) -> pl.Trainer:
-    kwargs.setdefault("accelerator", "cpu")
-    kwargs.setdefault("devices", 1)
-    return pl.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs
-    )
+    # The shared harness; these runs write nothing (no logger, no checkpoints), so no folder is needed.
+    kwargs.setdefault("reload_dataloaders_every_n_epochs", 0)
+    kwargs.setdefault("deterministic", False)
+    return quiet_trainer(Path.cwd(), [], **kwargs)
 
 
 class _Blocks(Dataset):

@@ -36,6 +36,7 @@ from lightning_forget.metrics.stability import (
     windowed_forgetting,
     windowed_plasticity,
 )
+from tests.helpers.harness import quiet_trainer
 
 NAN = math.nan
 REPO = Path(__file__).resolve().parents[1]
@@ -260,21 +261,12 @@ class MemoryLogger(Logger):
 
 
 def _trainer(tmp_path: Path, max_epochs: int, callbacks: list[Callback], **kw: Any) -> pl.Trainer:
-    options: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        reload_dataloaders_every_n_epochs=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-    )
-    options.update(kw)
-    return pl.Trainer(callbacks=callbacks, **options)
+    # The shared harness; these tests are about the callback's own evaluation, so Lightning's
+    # validation loop is switched off.
+    kw.setdefault("num_sanity_val_steps", 0)
+    kw.setdefault("limit_val_batches", 0)
+    kw.setdefault("deterministic", False)
+    return quiet_trainer(tmp_path, callbacks, max_epochs=max_epochs, **kw)
 
 
 def _fit(tmp_path: Path, callbacks: list[Callback], dropout: float = 0.3, epochs_per_task: int = 1, **kw: Any) -> Net:

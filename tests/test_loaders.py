@@ -107,7 +107,8 @@ def test_a_plain_dataloader_replays_the_first_batches_on_mid_epoch_resume(tmp_pa
     """What README says a user's own plain loader gets (Lightning 2.6 behaviour, not ours)."""
 
     def trainer(**kwargs: Any) -> pl.Trainer:
-        return pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path), **kwargs)
+        # Lightning's own defaults (checkpointing, no loader reloading): what a plain user run gets.
+        return quiet_trainer(tmp_path, kwargs.pop("callbacks", []), max_epochs=1, enable_checkpointing=True, reload_dataloaders_every_n_epochs=0, deterministic=False, **kwargs)
 
     first = _Plain()
     trainer(callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")]).fit(first)

@@ -30,6 +30,7 @@ from lightning_forget.callbacks import (
     KFPF,
     LiNeS,
     LRRewarming,
+    RefreshLearning,
 )
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import quiet_trainer, tiny_classifier
@@ -84,6 +85,7 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "LRRewarming": lambda: LRRewarming(max_lr=0.1, min_lr=0.01, warmup=0.25),
     "InfiniteLRSchedule": lambda: InfiniteLRSchedule(max_lr=0.1, min_lr=0.01, warmup=3, cooldown_steps=10, anneal_steps=4),
     "LiNeS": lambda: LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val/acc_avg", save_unscaled=False),
+    "RefreshLearning": lambda: RefreshLearning(delta=1e-3, fisher_samples=16),
     "ContinualEvaluation": lambda: ContinualEvaluation(every_n_steps=2, samples_per_task=10, save_plot=False, save_csv=False),
     "KFPF": lambda: KFPF(k=3, finetune_steps=1, buffer_size=16, kd=True),
     "FPF": lambda: FPF(finetune_steps=1, buffer_size=16),

@@ -250,3 +250,72 @@ def test_replay_joins_one_stream_of_a_combined_loader_batch(tmp_path: Any) -> No
     quiet_trainer(tmp_path, [er], max_epochs=2).fit(model, train_dataloaders=loaders)
     assert model.seen[0] == (4, 4) and model.seen[-1] == (6, 4)  # replay joined "stream" only
     assert er.buffer.num_seen == 32
+
+
+def test_gather_with_a_keep_mask_is_one_collective() -> None:
+    fields = {"x": torch.randn(4, 3), "y": torch.tensor([0, 1, 2, 3]), "half": torch.randn(4, 2).bfloat16()}
+    keep = torch.tensor([True, False, True, True])
+    trainer = _FakeTrainer()
+    out = gather_batch(trainer, fields, keep=keep)  # type: ignore[arg-type]
+    assert trainer.strategy.calls == 1
+    for key, value in fields.items():
+        assert out[key].dtype == value.dtype and torch.equal(out[key], torch.cat([value[keep], value[keep]]))
+
+
+class PaddingProbe(pl.Callback):
+    """Counts ``strategy.all_gather`` calls per training batch and writes rank 0's buffer facts."""
+
+    def __init__(self, er: ExperienceReplay, out: str) -> None:
+        self.er, self.out = er, out
+        self.calls = 0
+        self.per_batch: list[int] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        gather = trainer.strategy.all_gather
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return gather(*args, **kwargs)
+
+        trainer.strategy.all_gather = counted  # type: ignore[method-assign]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.before = self.calls
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.per_batch.append(self.calls - self.before)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        x = self.er.buffer.contents()["x"]
+        facts = {
+            "num_seen": int(self.er.buffer.num_seen),
+            "stored": len(self.er.buffer),
+            "distinct": int(torch.unique(x, dim=0).shape[0]),
+            "per_batch": self.per_batch,
+            "padded_total": int(trainer.train_dataloader.sampler.total_size),
+        }
+        if trainer.global_rank == 0:
+            import json
+            from pathlib import Path
+
+            Path(self.out).write_text(json.dumps(facts))
+
+
+@pytest.mark.ddp
+def test_ddp_sampler_padding_never_enters_the_buffer_and_each_batch_is_one_gather(tmp_path: Any) -> None:
+    import json
+
+    # 3 classes x 25 samples = 75 per task: not divisible by 2 ranks x batch 8, and odd, so the
+    # DistributedSampler repeats one sample per epoch to give both ranks 38 rows (5 batches).
+    pl.seed_everything(0)
+    dm = BlobStream(num_tasks=2, classes_per_task=3, samples_per_class=25, batch_size=8)
+    er = ExperienceReplay(buffer_size=400, replay_batch_size=4, seed=1)
+    out = str(tmp_path / "facts.json")
+    probe = PaddingProbe(er, out)
+    trainer = quiet_trainer(tmp_path, [er, probe], max_epochs=dm.max_epochs, devices=2, strategy="ddp_spawn")
+    trainer.fit(tiny_classifier(dm), dm)
+    facts = json.loads(open(out).read())
+    assert facts["padded_total"] == 76  # the sampler did pad
+    assert facts["num_seen"] == 150 and facts["stored"] == 150  # each sample offered once per epoch
+    assert facts["distinct"] == 150  # no repeated row in the buffer
+    assert facts["per_batch"] == [1] * 10  # one collective per training batch (5 batches x 2 tasks)

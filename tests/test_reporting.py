@@ -22,6 +22,7 @@ from lightning_forget.datamodules import ContinualDataModule
 from lightning_forget.metrics import AccuracyMatrix, backward_transfer, forgetting
 from lightning_forget.reporting import print_report, render_accuracy_table, summarize, write_report
 from lightning_forget.tasks import current_task
+from tests.helpers.harness import quiet_trainer
 
 NAN = float("nan")
 R3 = [[0.90, 0.10, 0.20], [0.60, 0.80, 0.30], [0.50, 0.70, 0.95]]
@@ -146,21 +147,10 @@ class TaskAccModule(pl.LightningModule):
 
 
 def make_trainer(tmp_path: Path, callbacks: list[Callback], max_epochs: int, **kwargs: Any) -> pl.Trainer:
+    # The shared harness with a CSV logger (these tests read what the loggers received).
     kwargs.setdefault("logger", CSVLogger(str(tmp_path), name="logs"))
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
-        devices=kwargs.pop("devices", 1),
-        max_epochs=max_epochs,
-        reload_dataloaders_every_n_epochs=1,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        **kwargs,
-    )
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    return quiet_trainer(tmp_path, callbacks, max_epochs=max_epochs, **kwargs)
 
 
 def expected_matrix(history: dict[int, torch.Tensor], size: int) -> torch.Tensor:
@@ -367,7 +357,7 @@ def test_an_unwritable_report_folder_fails_in_setup_before_training(tmp_path: An
     blocker.write_text("")
     from lightning_forget.callbacks import ContinualMetrics
     from tests.helpers.data import BlobStream
-    from tests.helpers.harness import quiet_trainer, tiny_classifier
+    from tests.helpers.harness import tiny_classifier
 
     dm = BlobStream(num_tasks=2)
     model = tiny_classifier(dm)
@@ -437,8 +427,7 @@ def test_accuracy_heatmap_is_the_reports_png(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- figures to the loggers
 def _figure_trainer(tmp_path: Path, loggers: list[Any]) -> pl.Trainer:
-    return pl.Trainer(default_root_dir=str(tmp_path), logger=loggers, accelerator="cpu", devices=1,
-                      enable_progress_bar=False, enable_model_summary=False)
+    return quiet_trainer(tmp_path, [], logger=loggers, enable_checkpointing=True, reload_dataloaders_every_n_epochs=0, deterministic=False)
 
 
 def test_log_figure_reaches_tensorboard_mlflow_and_log_image_loggers(tmp_path: Path, caplog: Any) -> None:

@@ -6,9 +6,11 @@ from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
 from lightning_forget.callbacks.kfpf import FPF, KFPF
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.callbacks.lr_rewarming import LRRewarming
+from lightning_forget.callbacks.refresh import RefreshLearning
 from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceReplay
 from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 
 __all__ = [
     "ContinualEvaluation",
-    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "FPF", "InfiniteLRSchedule", "KFPF", "LiNeS", "LRRewarming", "RNGStateCheckpoint"]
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "FPF", "InfiniteLRSchedule", "KFPF", "LiNeS", "LRRewarming",
+    "RefreshLearning", "RNGStateCheckpoint"]

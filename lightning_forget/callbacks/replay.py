@@ -208,17 +208,17 @@ class _BufferCallback(ContinualCallback):
     def store(self, trainer: "pl.Trainer", batch_idx: int, fields: dict[str, Tensor]) -> None:
         """Offer the stream samples of all ranks to the buffer (the same on every rank).
 
-        Rows a ``DistributedSampler`` repeated to even out the ranks are dropped first, so every
-        sample of the dataset is offered once per epoch.
+        Rows a ``DistributedSampler`` repeated to even out the ranks are dropped (after the gather,
+        which is then one collective), so every sample of the dataset is offered once per epoch.
         """
         if not self.offers_this_epoch(trainer):
             return
         fields = {k: v.detach() for k, v in fields.items()}
         padded = sampler_padding_mask(trainer, batch_idx, int(next(iter(fields.values())).shape[0]))
-        if padded is not None and bool(padded.any()):
-            keep = ~padded
-            fields = {k: v[keep.to(v.device)] for k, v in fields.items()}
-        self.buffer.add(gather_batch(trainer, fields), task=self.current_task(trainer))
+        # Under a DistributedSampler every rank holds as many rows as the others, so the padding
+        # mask travels with the rows and the gather is one collective.
+        keep = None if padded is None else ~padded
+        self.buffer.add(gather_batch(trainer, fields, keep=keep), task=self.current_task(trainer))
 
     def replay_size(self, stream_rows: int) -> int:
         return self.replay_batch_size or int(stream_rows)

@@ -31,12 +31,12 @@ def quiet_trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> p
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("reload_dataloaders_every_n_epochs", 1)
+    kwargs.setdefault("deterministic", True)
     return pl.Trainer(
         default_root_dir=str(tmp_path),
         callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
-        deterministic=True,
         **kwargs,
     )
 
@@ -74,6 +74,7 @@ def run_stream(
     *,
     epochs_per_task: int = 2,
     resume_after_epoch: Optional[int] = None,
+    resume_after_step: Optional[int] = None,
     make_data: Callable[..., Any] = BlobStream,
     make_model: Callable[[Any], pl.LightningModule] = tiny_classifier,
     extra_callbacks: Callable[[], list[Callback]] = list,
@@ -83,33 +84,97 @@ def run_stream(
     """Train a whole stream; with ``resume_after_epoch=e``, first train and checkpoint every
     epoch, then resume a fresh model and callback from the checkpoint written after epoch
     ``e`` and return what the resumed run ends with. ``save_on_train_epoch_end=False`` writes
-    checkpoints at validation end, before ``on_train_epoch_end`` hooks run."""
+    checkpoints at validation end, before ``on_train_epoch_end`` hooks run.
+
+    With ``resume_after_step=s``, the first run writes a ``ModelCheckpoint(every_n_train_steps=s)``
+    checkpoint after optimizer step ``s`` (pick ``s`` inside an epoch) and crashes at the start of
+    the next batch; a fresh model and callback resume from that mid-epoch checkpoint."""
+    if resume_after_epoch is not None and resume_after_step is not None:
+        raise ValueError("give resume_after_epoch or resume_after_step, not both")
     pl.seed_everything(seed)
     dm = make_data(epochs_per_task=epochs_per_task)
     model = make_model(dm)
     callback = make_callback()
     ckpt_dir = tmp_path / "ckpt"
     callbacks = [callback, *extra_callbacks()]
-    if resume_after_epoch is None:
+    if resume_after_epoch is None and resume_after_step is None:
         trainer = quiet_trainer(tmp_path, callbacks, max_epochs=dm.max_epochs)
         trainer.fit(model, dm)
         return model, callback
-    saver = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="{epoch}",
-        save_top_k=-1,
-        every_n_epochs=1,
-        save_on_train_epoch_end=save_on_train_epoch_end,
-    )
-    trainer = quiet_trainer(tmp_path, [*callbacks, saver], max_epochs=resume_after_epoch + 1, enable_checkpointing=True)
-    trainer.fit(model, dm)
+    if resume_after_step is not None:
+        saver = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", save_top_k=-1, every_n_train_steps=resume_after_step)
+        trainer = quiet_trainer(
+            tmp_path, [CrashAtStep(resume_after_step), *callbacks, saver], max_epochs=dm.max_epochs, enable_checkpointing=True
+        )
+        try:
+            trainer.fit(model, dm)
+        except SimulatedCrash:
+            pass
+        else:  # pragma: no cover - the stream is shorter than the step asked for
+            raise AssertionError(f"the run ended before step {resume_after_step}: nothing was interrupted")
+        checkpoint = ckpt_dir / f"step={resume_after_step}.ckpt"
+    else:
+        saver = ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="{epoch}",
+            save_top_k=-1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=save_on_train_epoch_end,
+        )
+        trainer = quiet_trainer(
+            tmp_path, [*callbacks, saver], max_epochs=resume_after_epoch + 1, enable_checkpointing=True
+        )
+        trainer.fit(model, dm)
+        checkpoint = ckpt_dir / f"epoch={resume_after_epoch}.ckpt"
     pl.seed_everything(seed + 1)  # the resumed run must not depend on the global seed
     dm2 = make_data(epochs_per_task=epochs_per_task)
     model2 = make_model(dm2)
     callback2 = make_callback()
     trainer2 = quiet_trainer(tmp_path, [callback2, *extra_callbacks()], max_epochs=dm2.max_epochs)
-    trainer2.fit(model2, dm2, ckpt_path=str(ckpt_dir / f"epoch={resume_after_epoch}.ckpt"))
+    trainer2.fit(model2, dm2, ckpt_path=str(checkpoint))
     return model2, callback2
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by :class:`CrashAtStep` to interrupt a run the way a crash would."""
+
+
+class CrashAtStep(Callback):
+    """Raises :class:`SimulatedCrash` at the start of the first batch after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            raise SimulatedCrash(f"simulated crash after step {self.step}")
+
+
+class BatchRecorder(Callback):
+    """Records ``(epoch, batch_idx, global_step, checksum of the batch's tensors)`` of every
+    trained batch; one recorder passed to both halves of a resumed run records the whole run."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int, float]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.seen.append((trainer.current_epoch, batch_idx, trainer.global_step, float(flat_tensors(batch).sum())))
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Whether two (nested) states hold the same keys, the same non-tensor values and equal
+    tensors (NaNs equal to NaNs)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b) or torch.allclose(a.double(), b.double(), atol=0, rtol=0, equal_nan=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(same_state(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return type(a) is type(b) and a == b
 
 
 class RankFingerprint(Callback):

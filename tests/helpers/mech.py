@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.helpers.harness import quiet_trainer
+
 
 class TinyRegressor(pl.LightningModule):
     """A linear regressor (optionally with dropout) trained with SGD on MSE."""
@@ -47,15 +49,7 @@ def regression_loader(n: int = 24, batch_size: int = 4, shuffle: bool = False, s
 
 
 def plain_trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
-    """A quiet CPU Trainer that keeps Lightning's other defaults."""
-    kwargs.setdefault("accelerator", "cpu")
-    kwargs.setdefault("devices", 1)
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        default_root_dir=str(tmp_path),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    """The shared quiet trainer with Lightning's own loader reloading and determinism defaults."""
+    kwargs.setdefault("reload_dataloaders_every_n_epochs", 0)
+    kwargs.setdefault("deterministic", False)
+    return quiet_trainer(tmp_path, callbacks, **kwargs)

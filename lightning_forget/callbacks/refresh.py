@@ -1,0 +1,422 @@
+"""Refresh learning: unlearn the current batch a little, then learn it as usual.
+
+Wang, Li, Shen and Huang, "A Unified and General Framework for Continual Learning" (ICLR 2024).
+Before each normal update, the model takes one small, Fisher-preconditioned, noisy
+gradient-**ascent** step on the current batch (it "unlearns" it); the base method's usual step
+then "relearns" from the perturbed weights. The paper derives it as an approximate minimisation
+of a Fisher-weighted gradient norm, which favours flatter minima.
+
+:func:`unlearn_step` is the step on its own (usable without Lightning); :class:`RefreshLearning`
+is the plug-in callback that runs it before every ``training_step`` of any base method
+(fine-tuning, :class:`~lightning_forget.callbacks.ExperienceReplay`,
+:class:`~lightning_forget.callbacks.DarkExperienceReplay`, a user's module) and re-estimates the
+Fisher at every task end with :func:`lightning_forget.fisher.fisher_diagonal`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_forget.batch import BatchFields, logits_of
+from lightning_forget.distributed import rank_generator
+from lightning_forget.fisher import fisher_diagonal
+from lightning_forget.gradients import average_gradients, compute_gradients, flatten_tensors, unflatten_tensors
+from lightning_forget.optim_step import OptimizerStepHooks
+from lightning_forget.precision import forward_context
+from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, task_schedule
+from lightning_forget.validation import check_float, check_int, check_type
+
+try:  # Python 3.12+
+    from typing import override
+except ImportError:  # pragma: no cover
+    from typing_extensions import override
+
+__all__ = ["RefreshLearning", "unlearn_step"]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+FieldKey = Union[str, int, None]
+
+#: Salt of the noise generator's seed, so it never coincides with another callback's draws.
+_NOISE_SALT = 0x5EF5
+_FISHER_SALT = 0xF15E
+
+
+def _norm_statistics(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """Copies of the running statistics of every normalisation layer (BatchNorm and the like)."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                value = getattr(module, name, None)
+                if isinstance(value, Tensor):
+                    saved.append((module, name, value.detach().clone()))
+    return saved
+
+
+@torch.no_grad()
+def _restore(saved: list[tuple[nn.Module, str, Tensor]]) -> None:
+    for module, name, value in saved:
+        getattr(module, name).copy_(value)
+
+
+def _default_loss(model: nn.Module, batch: Any) -> Tensor:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+        raise TypeError(
+            f"unlearn_step: the default loss needs an (x, y) pair of tensors, got a {type(batch).__name__}. "
+            "Fix: pass `loss_fn=` (a function `loss_fn(model, batch) -> scalar loss`) for other batches."
+        )
+    x, y = batch
+    return nn.functional.cross_entropy(logits_of(model(x)).float(), y)
+
+
+def unlearn_step(
+    model: nn.Module,
+    batch: Any,
+    fisher: Optional[Mapping[str, Tensor]] = None,
+    *,
+    delta: float = 1e-5,
+    damping: float = 1e-3,
+    noise_std: float = 1e-3,
+    generator: Optional[torch.Generator] = None,
+    loss_fn: Optional[LossFn] = None,
+    strategy: Any = None,
+) -> dict[str, Tensor]:
+    """One refresh-learning unlearn step, in place on the model's trainable parameters.
+
+    With ``g_p`` the gradient of the loss for parameter tensor ``p`` (averaged across ranks when
+    ``strategy`` is given), the step is the noisy, Fisher-preconditioned ascent
+
+        u_p = ‖θ_p‖ · g_p / ‖g_p‖        (``u_p = 0`` where ``g_p = 0``)
+        θ_p ← θ_p + δ · (u_p + σ·ε_p) / (1 + c·F_p),     ε_p ~ N(0, I),
+
+    with norms in float32 whatever the parameters' dtype. The ascent direction is rescaled to
+    the norm of the parameter tensor itself, so ``δ`` is a relative step size. The defaults are
+    those of the authors' code (δ = 1e-5, c = 1e-3, σ = 1e-3; the noise is absolute, not scaled
+    by ‖θ_p‖). The forward runs in the model's current mode, and the running statistics of its
+    normalisation layers (BatchNorm: running mean, variance and batch counter) are restored
+    afterwards, so the step changes parameters only. Frozen parameters
+    (``requires_grad=False``) are neither read nor changed. ``.grad`` is not touched.
+
+    Args:
+        model: the model to edit.
+        batch: ``(x, y)`` for the default loss, cross-entropy of the logits of ``model(x)``
+            against ``y``; anything ``loss_fn`` accepts otherwise.
+        fisher: parameter name → diagonal Fisher (same shape), e.g. from
+            :func:`~lightning_forget.fisher.fisher_diagonal`; ``None`` means F = 0. It must cover
+            every trainable parameter.
+        delta: step size δ (≥ 0).
+        damping: Fisher damping c (≥ 0).
+        noise_std: noise scale σ (≥ 0); ``0`` draws no noise.
+        generator: the ``torch.Generator`` of the noise (its device decides where noise is
+            drawn); ``None`` uses torch's global generator. Under DDP pass one seeded alike on
+            every rank.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor`` replacing the default loss.
+        strategy: ``trainer.strategy`` (anything with Lightning's ``reduce``): the gradient is
+            averaged across ranks; ``None`` on one process.
+
+    Returns:
+        parameter name → the displacement added to it (in the parameter's dtype).
+
+    Raises:
+        TypeError: a wrong argument type; the default loss on a batch that is not ``(x, y)``.
+        ValueError: a negative or non-finite ``delta``/``damping``/``noise_std``.
+        KeyError: ``fisher`` lacks a trainable parameter.
+    """
+    delta = check_float("delta", delta, min=0.0, fix="pass a relative step size >= 0, e.g. 1e-5")
+    damping = check_float("damping", damping, min=0.0, fix="pass a Fisher damping >= 0, e.g. 1e-3")
+    noise_std = check_float("noise_std", noise_std, min=0.0, fix="pass a noise scale >= 0, e.g. 1e-3")
+    check_type("generator", generator, torch.Generator, allow_none=True)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if fisher is not None:
+        missing = [name for name in params if name not in fisher]
+        if missing:
+            raise KeyError(
+                f"unlearn_step: `fisher` has no entry for the trainable parameters {missing[:5]} "
+                f"(it has {list(fisher)[:5]}...). Fix: estimate it on this model, or pass fisher=None (F = 0)."
+            )
+    saved = _norm_statistics(model)
+    try:
+        with torch.enable_grad():
+            loss = (loss_fn or _default_loss)(model, batch)
+            grads = compute_gradients(loss, params)
+    finally:
+        _restore(saved)
+    if strategy is not None:
+        grads = average_gradients(strategy, grads)
+    tiny = torch.finfo(torch.float32).tiny
+    displacement: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, p in params.items():
+            g = grads[name].float()
+            g_norm = g.norm()
+            scale = torch.where(g_norm > 0, p.detach().float().norm() / g_norm.clamp_min(tiny), torch.zeros_like(g_norm))
+            step = g * scale
+            if noise_std > 0:
+                noise_device = generator.device if generator is not None else p.device
+                noise = torch.randn(p.shape, generator=generator, device=noise_device, dtype=torch.float32)
+                step = step + noise_std * noise.to(p.device)
+            if fisher is not None:
+                step = step / (1.0 + damping * fisher[name].to(p.device, torch.float32))
+            moved = (delta * step).to(p.dtype)
+            p.add_(moved)
+            displacement[name] = moved
+    return displacement
+
+
+class RefreshLearning(OptimizerStepHooks, ContinualCallback):
+    """Refresh learning: before each update, unlearn the current batch by a small noisy ascent step.
+
+    Wang, Li, Shen and Huang, "A Unified and General Framework for Continual Learning" (ICLR
+    2024). A plug-in for any continual method: in ``on_train_batch_start``, before the base
+    method's ``training_step``, the model takes :func:`unlearn_step` (a gradient-ascent step on
+    the cross-entropy of the current batch, rescaled per tensor to the parameter's norm,
+    preconditioned by ``1/(1 + c·F)`` and with Gaussian noise); the base method's normal update
+    then relearns from there. The unlearn step sees the loader's batch only: replay callbacks
+    (:class:`~lightning_forget.callbacks.ExperienceReplay`,
+    :class:`~lightning_forget.callbacks.DarkExperienceReplay`) join their buffer rows inside
+    ``training_step``, after this hook, whatever the order of the callbacks.
+
+    At every task end (one fit per task, or each task of a continual datamodule) the Fisher
+    diagonal is re-estimated on the finished task's training set, ``F ← τ·F + F_new`` (F = 0
+    during the first task), with :func:`~lightning_forget.fisher.fisher_diagonal` on up to
+    ``fisher_samples`` samples drawn without replacement (a seeded subset, the same on every
+    rank; under DDP the ranks split it and their sums are all-reduced).
+
+    Defaults (δ, c, σ, τ, one unlearn step per batch, on every batch) are those of the authors'
+    code. Deliberate deviations: the unlearn forward runs on the live model with its
+    normalisation statistics restored afterwards (the authors use a copy of the network); the
+    Fisher is estimated in eval mode on a capped subset (the authors iterate the whole training
+    loader one sample at a time in train mode); the unlearn noise comes from a generator seeded
+    from ``(seed, global step, batch index, unlearn step)``, so it is rank-shared and a resumed
+    run draws the same noise without storing generator state.
+
+    Args:
+        delta: unlearn step size δ, relative to each parameter tensor's norm (authors' code:
+            1e-5).
+        damping: Fisher damping c in ``1/(1 + c·F)`` (authors' code: 1e-3).
+        noise_std: absolute standard deviation σ of the unlearn noise (authors' code: 1e-3).
+        tau: decay τ of the previous Fisher, ``F ← τ·F + F_new`` (authors' code: 1e-5).
+        every_n_steps: unlearn on the batches of every n-th optimizer update (1: every batch, as
+            the authors do); counted in real optimizer steps, so gradient accumulation and
+            steps skipped by AMP are accounted for.
+        unlearn_steps: unlearn steps per such batch (authors' code: 1).
+        fisher_samples: samples of the finished task used for its Fisher; ``0`` keeps F = 0
+            (the default 1000 is this library's, to bound the cost).
+        fisher_batch_size: batch size of the Fisher pass (vectorised per-sample gradients).
+        seed: seed of the noise and of the Fisher subset.
+        input_key: the model input's field of the batch (see
+            :class:`~lightning_forget.batch.BatchFields`).
+        target_key: the labels' field.
+        stream: the sub-batch of a two-stream batch to unlearn.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar tensor``, the unlearn loss on the loader's
+            batch, for modules whose batch is not an input and class labels (default:
+            cross-entropy of ``pl_module(x)`` against ``y``). The Fisher still needs ``(x, y)``
+            fields; pass ``fisher_samples=0`` where the batch has none.
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        ValueError: a negative or non-finite ``delta``/``damping``/``noise_std``/``tau``,
+            ``every_n_steps`` or ``unlearn_steps`` below 1, negative ``fisher_samples``.
+        KeyError: the batch has no input/target field and no ``loss_fn`` was given (first step).
+        RuntimeError: a sharded strategy (``setup``).
+
+    Note:
+        Logged keys: ``refresh/displacement`` (norm of the last unlearn step's total
+        displacement, per step). Saved state: the Fisher (name → CPU tensor), the number of
+        Fisher estimates, the count of optimizer steps, and the task counters.
+    """
+
+    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+
+    def __init__(
+        self,
+        delta: float = 1e-5,
+        damping: float = 1e-3,
+        noise_std: float = 1e-3,
+        tau: float = 1e-5,
+        every_n_steps: int = 1,
+        unlearn_steps: int = 1,
+        fisher_samples: int = 1000,
+        fisher_batch_size: int = 64,
+        seed: int = 0,
+        input_key: FieldKey = None,
+        target_key: FieldKey = None,
+        stream: FieldKey = None,
+        loss_fn: Optional[LossFn] = None,
+    ) -> None:
+        super().__init__()
+        self.delta = check_float("delta", delta, min=0.0, fix="pass a relative step size >= 0, e.g. 1e-5")
+        self.damping = check_float("damping", damping, min=0.0, fix="pass a Fisher damping >= 0, e.g. 1e-3")
+        self.noise_std = check_float("noise_std", noise_std, min=0.0, fix="pass a noise scale >= 0, e.g. 1e-3")
+        self.tau = check_float("tau", tau, min=0.0, fix="pass a decay >= 0 of the old Fisher, e.g. 1e-5")
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, min=1, fix="pass 1 to unlearn before every update")
+        self.unlearn_steps = check_int("unlearn_steps", unlearn_steps, min=1, fix="pass the unlearn steps per batch, e.g. 1")
+        self.fisher_samples = check_int("fisher_samples", fisher_samples, min=0,
+                                        fix="pass the samples per task for the Fisher, or 0 to keep F = 0")
+        self.fisher_batch_size = check_int("fisher_batch_size", fisher_batch_size, min=1, fix="e.g. 64")
+        self.seed = check_int("seed", seed)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be a callable loss_fn(pl_module, batch) -> Tensor or None, got {loss_fn!r}.")
+        self.loss_fn = loss_fn
+        self.fields = BatchFields(input_key, target_key, owner="RefreshLearning", stream=stream)
+        self.input_key, self.target_key, self.stream = input_key, target_key, stream
+        #: name → Fisher diagonal (CPU, float32); empty while F = 0.
+        self.fisher: dict[str, Tensor] = {}
+        self.fisher_estimates = 0
+        self._fisher_device: dict[str, Tensor] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            delta=self.delta, damping=self.damping, noise_std=self.noise_std, tau=self.tau, seed=self.seed
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fisher_device"] = {}
+        return state
+
+    # ------------------------------------------------------------------ the unlearn step
+    def unlearn_batch(self, batch: Any) -> Any:
+        """What :func:`unlearn_step` receives: ``(x, y)`` of the loader's batch, or the batch itself
+        when ``loss_fn`` is given."""
+        if self.loss_fn is not None:
+            return batch
+        return self._inputs_and_labels(
+            batch, "RefreshLearning unlearns with the cross-entropy of the model's logits against the batch's "
+            "labels; for a batch without them pass `loss_fn=` (a function loss_fn(pl_module, batch) -> scalar loss)."
+        )
+
+    def _inputs_and_labels(self, batch: Any, hint: str) -> tuple[Tensor, Tensor]:
+        try:
+            split = self.fields.split(batch)
+        except (KeyError, TypeError) as error:
+            raise type(error)(f"{error.args[0] if error.args else error} {hint}") from error
+        return split.input, split.target  # type: ignore[return-value]
+
+    def _loss(self, model: nn.Module, batch: Any) -> Tensor:
+        assert self.loss_fn is not None
+        return self.loss_fn(model, batch)
+
+    def _fisher_on(self, device: torch.device) -> Optional[dict[str, Tensor]]:
+        if not self.fisher:
+            return None
+        first = next(iter(self._fisher_device.values()), None)
+        if len(self._fisher_device) != len(self.fisher) or first is None or first.device != device:
+            self._fisher_device = {name: value.to(device) for name, value in self.fisher.items()}
+        return self._fisher_device
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.optimizer_steps % self.every_n_steps != 0 or self.delta == 0.0:
+            return
+        target = self.unlearn_batch(batch)
+        fisher = self._fisher_on(pl_module.device)
+        total = None
+        for j in range(self.unlearn_steps):
+            generator = rank_generator(self.seed, _NOISE_SALT, trainer.global_step, batch_idx, j)
+            with forward_context(trainer):
+                moved = unlearn_step(
+                    pl_module, target, fisher, delta=self.delta, damping=self.damping, noise_std=self.noise_std,
+                    generator=generator, loss_fn=self._loss if self.loss_fn is not None else None,
+                    strategy=trainer.strategy,
+                )
+            total = moved if total is None else {name: total[name] + value for name, value in moved.items()}
+        if total:
+            norm = torch.sqrt(sum(v.float().pow(2).sum() for v in total.values()))
+            pl_module.log("refresh/displacement", norm, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ the Fisher
+    def update_fisher(self, new: Mapping[str, Tensor]) -> None:
+        """``F ← τ·F + F_new`` (F = ``new`` when no Fisher was estimated yet)."""
+        new = {name: value.detach().float().cpu() for name, value in new.items()}
+        if self.fisher:
+            new = {name: self.tau * self.fisher[name] + value if name in self.fisher else value
+                   for name, value in new.items()}
+        self.fisher = new
+        self._fisher_device = {}
+        self.fisher_estimates += 1
+
+    def fisher_dataset(self, trainer: "pl.Trainer", task: int) -> tuple[Any, Any]:
+        """The finished task's training set and the collate function of its loader."""
+        datamodule = task_schedule(trainer)
+        if datamodule is not None:
+            return datamodule.train_dataset(task), None
+        loader = trainer.train_dataloader
+        if isinstance(loader, Mapping):
+            loader = loader[self.stream]
+        elif isinstance(loader, (list, tuple)):
+            loader = loader[self.stream if isinstance(self.stream, int) else 0]
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise RuntimeError(
+                "RefreshLearning estimates the Fisher on the finished task's training set, but the train "
+                f"loader ({type(loader).__name__}) has no sized `dataset`. Fix: use a DataLoader over a map-style "
+                "dataset, or pass `fisher_samples=0` to keep F = 0."
+            )
+        return dataset, getattr(loader, "collate_fn", None)
+
+    def estimate_fisher(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> dict[str, Tensor]:
+        """The Fisher of ``pl_module`` on ``fisher_samples`` samples of ``task`` (all ranks' mean)."""
+        dataset, collate = self.fisher_dataset(trainer, task)
+        n = min(len(dataset), self.fisher_samples)
+        order = torch.randperm(len(dataset), generator=rank_generator(self.seed, _FISHER_SALT, task))[:n]
+        world, rank = int(trainer.world_size), int(trainer.global_rank)
+        local = order[rank::world].tolist()
+        kwargs = {"collate_fn": collate} if collate is not None else {}
+        loader = DataLoader(Subset(dataset, local), batch_size=self.fisher_batch_size, shuffle=False, **kwargs)
+        batches = (self.unlearn_batch_fields(batch) for batch in loader)
+        device = pl_module.device
+        if local:
+            with torch.inference_mode(False), torch.enable_grad(), forward_context(trainer):
+                fisher = fisher_diagonal(pl_module, batches, progress=trainer.is_global_zero)
+        else:  # more ranks than samples
+            fisher = {name: torch.zeros_like(p) for name, p in pl_module.named_parameters() if p.requires_grad}
+        if world > 1:
+            sums = {name: value.float() * len(local) for name, value in fisher.items()}
+            sums["__count__"] = torch.tensor([float(len(local))], device=device)
+            flat = {dtype: trainer.strategy.reduce(v.clone(), reduce_op="sum") for dtype, v in flatten_tensors(sums).items()}
+            summed = unflatten_tensors(flat, sums)
+            count = summed.pop("__count__")
+            fisher = {name: value / count for name, value in summed.items()}
+        return fisher
+
+    def unlearn_batch_fields(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of a batch of the training set, on the model's device later."""
+        return self._inputs_and_labels(
+            batch, "RefreshLearning's Fisher needs the inputs and class labels of the training set; pass "
+            "`input_key=`/`target_key=`, or `fisher_samples=0` to keep F = 0."
+        )
+
+    @override
+    def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        if self.fisher_samples == 0:
+            return
+        self.update_fisher(self.estimate_fisher(trainer, pl_module, task))
+
+    # ------------------------------------------------------------------ state
+    @override
+    def method_state(self) -> dict[str, Any]:
+        return {
+            "fisher": {name: value.clone() for name, value in self.fisher.items()},
+            "fisher_estimates": int(self.fisher_estimates),
+            "optimizer_steps": int(self.optimizer_steps),
+        }
+
+    @override
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.fisher = {name: value.detach().float().cpu().clone() for name, value in state["fisher"].items()}
+        self.fisher_estimates = int(state["fisher_estimates"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self._fisher_device = {}
