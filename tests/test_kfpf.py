@@ -105,6 +105,7 @@ class Probe(Callback):
             self.records.append(
                 {
                     "step": kfpf.optimizer_steps,
+                    "global_step": trainer.global_step,
                     "changed": sorted(n for n, p in pl_module.named_parameters() if not torch.equal(p, before[n])),
                     "grads_same": all(
                         (g is None and p.grad is None) or (g is not None and torch.equal(g, p.grad))
@@ -161,7 +162,21 @@ def test_k_evenly_spaced_finetunes_over_a_known_run(tmp_path: Path, accumulate: 
     interval = steps // 4
     assert kfpf._resolved_interval == interval
     assert [r["step"] for r in probe.records] == [interval * i for i in range(1, 5)]
+    # each fine-tuning ran right after a real optimizer step, never after an accumulation batch
+    assert [r["global_step"] for r in probe.records] == [r["step"] for r in probe.records]
     assert kfpf.optimizer_steps == steps
+
+
+def test_given_interval_counts_real_optimizer_steps_under_accumulation(tmp_path: Path) -> None:
+    # 36 batches, accumulate 3 → 12 optimizer steps; interval 5 → after steps 5 and 10 only.
+    pl.seed_everything(0)
+    dm = BlobStream(epochs_per_task=2)
+    kfpf = KFPF(k=None, interval=5, finetune_steps=1, finetune_batch_size=4, buffer_size=16)
+    probe = Probe(kfpf)
+    trainer = quiet_trainer(tmp_path, [kfpf, probe], max_epochs=dm.max_epochs, accumulate_grad_batches=3)
+    trainer.fit(tiny_classifier(dm), dm)
+    assert trainer.global_step == 12
+    assert [(r["step"], r["global_step"]) for r in probe.records] == [(5, 5), (10, 10)]
 
 
 def test_fpf_runs_once_at_the_end_on_top_of_er(tmp_path: Path) -> None:
@@ -204,6 +219,29 @@ def test_auto_selection_fixes_the_top_modules_at_the_first_finetune(tmp_path: Pa
     assert kfpf.selected is not None and len(kfpf.selected) == 2
     state = kfpf.state_dict()["method"]
     assert state["selected"] == kfpf.selected and state["sensitivity"]["steps"] == 5
+
+
+class ShakeOne(Callback):
+    """After every batch, moves one small module's bias a lot (as if it were task-specific)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            pl_module.get_submodule(self.name).bias.add_(0.5)
+
+
+@pytest.mark.parametrize("forced", ["backbone.layers.3", "backbone.layers.1"])
+def test_auto_selection_in_a_fit_ranks_first_the_module_forced_to_change_most(tmp_path: Path, forced: str) -> None:
+    pl.seed_everything(0)
+    dm = BlobStream(epochs_per_task=1)
+    model = tiny_classifier(dm, hidden_sizes=[16, 16])
+    kfpf = KFPF(interval=6, auto_top=1, finetune_steps=1, buffer_size=16)
+    # ShakeOne runs before KFPF's hook, so every sensitivity observation sees the push.
+    quiet_trainer(tmp_path, [ShakeOne(forced), kfpf], max_epochs=dm.max_epochs).fit(model, dm)
+    assert kfpf.selected == [forced]
+    assert kfpf.state_dict()["method"]["sensitivity"]["steps"] == 6
 
 
 def test_constructor_errors() -> None:
