@@ -48,7 +48,8 @@ def run(method: str, seed: int, quick: bool) -> tuple[RunResult, Any]:
     callbacks = []
     replay = None
     if method.startswith("er"):
-        replay = ExperienceReplay(buffer_size=int(method[2:]), seed=seed)
+        # the reservoir ER of Mammoth, so the figures compare with its published ones
+        replay = ExperienceReplay(buffer_size=int(method[2:]), seed=seed, update="reservoir", draw="step")
     elif method.startswith("derpp"):
         replay = DarkExperienceReplay(buffer_size=int(method[5:]), alpha=0.1, beta=0.5, seed=seed)
     if replay is not None:

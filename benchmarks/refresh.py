@@ -48,7 +48,8 @@ def run(base: str, buffer: int, delta: Optional[float], seed: int, quick: bool) 
     )
     replay: Any
     if base == "er":
-        replay = ExperienceReplay(buffer_size=buffer, seed=seed)
+        # Mammoth's reservoir ER, the base the paper's code builds on
+        replay = ExperienceReplay(buffer_size=buffer, seed=seed, update="reservoir", draw="step")
     else:
         replay = DarkExperienceReplay(buffer_size=buffer, alpha=0.1, beta=0.5, seed=seed)
     callbacks: list[Any] = [replay]

@@ -21,6 +21,7 @@ the same script runs against an older checkout:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -81,7 +82,9 @@ def run(method: str, devices: int, quick: bool, seed: int) -> list[float]:
     )
     callbacks: list[Callback] = []
     if method == "er":
-        callbacks.append(ExperienceReplay(buffer_size=200, seed=seed))
+        # The reservoir policy, the only one older checkouts have (`update` did not exist there).
+        policy = {"update": "reservoir", "draw": "step"} if "update" in inspect.signature(ExperienceReplay).parameters else {}
+        callbacks.append(ExperienceReplay(buffer_size=200, seed=seed, **policy))
     elif method == "derpp":
         callbacks.append(DarkExperienceReplay(buffer_size=200, alpha=0.1, beta=0.5, seed=seed))
     clock = _Clock()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from lightning_forget.cli import main
+from lightning_forget.datamodules.base import ContinualDataModule
+from lightning_forget.tasks import ContinualCallback
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -25,19 +30,38 @@ def test_configs_exist() -> None:
     assert {"quickstart.yaml", "finetune/split_mnist.yaml", "er/split_mnist.yaml", "joint/split_mnist.yaml"} <= names
 
 
+def _task_stream(config: Path) -> bool:
+    """Whether the config trains a stream of several tasks in one fit (not joint, not one task)."""
+    spec = yaml.safe_load(config.read_text()).get("data") or {}
+    data = spec.get("init_args") or {}
+    module, _, name = str(spec.get("class_path", "")).rpartition(".")
+    if not module:
+        return False
+    cls = getattr(importlib.import_module(module), name)
+    takes_epochs = issubclass(cls, ContinualDataModule) or "epochs_per_task" in inspect.signature(cls).parameters
+    if not takes_epochs or not callable(getattr(cls, "task_of_epoch", None)):
+        return False
+    return not data.get("joint") and data.get("task") is None and int(data.get("num_tasks", 2)) > 1
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(p.parents[1] if p.parent.name != "configs" else p.parent)) for p in CONFIGS])
 def test_config_runs(config: Path, tmp_path: Any) -> None:
-    args = [
-        "fit",
-        "--config",
-        str(config),
-        "--trainer.fast_dev_run",
-        "2",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    ]
+    """A stream config trains two tasks of two batches each, so its callbacks cross a task
+    boundary (task-end fills, Fisher passes, schedule restarts); the others run fast_dev_run."""
+    args = ["fit", "--config", str(config), "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    crosses = _task_stream(config)
+    if crosses:
+        args += [
+            "--data.init_args.epochs_per_task", "1", "--trainer.max_epochs", "2",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_checkpointing", "false",
+        ]
+    else:
+        args += ["--trainer.fast_dev_run", "2"]
     args += SMALL_DATA.get(config.parent.name, [])
     cli = main(args)
     assert cli is not None and cli.trainer.global_step > 0
+    if crosses:
+        assert cli.trainer.current_epoch == 2 and cli.datamodule.task_of_epoch(1) == 1  # task 1 trained
+        tasks = [c for c in cli.trainer.callbacks if isinstance(c, ContinualCallback)]
+        assert all(c._ended >= 0 for c in tasks), "a callback saw no task end"

@@ -45,7 +45,7 @@ def test_er_joins_replay_samples_drawn_from_the_buffer(tmp_path: Any) -> None:
         return original(self, batch, batch_idx)
 
     model.training_step = record.__get__(model)  # type: ignore[method-assign]
-    er = ExperienceReplay(buffer_size=10, replay_batch_size=4, seed=7)
+    er = ExperienceReplay(buffer_size=10, replay_batch_size=4, seed=7, update="reservoir", draw="step")
     probe = StepProbe(er)
     quiet_trainer(tmp_path, [er, probe], max_epochs=dm.max_epochs).fit(model, dm)
     assert seen[0][0].shape[0] == 6  # empty buffer: stream only

@@ -129,7 +129,7 @@ class ContextProbe(pl.Callback):
 @pytest.mark.parametrize("er_first", [True, False])
 def test_er_and_derpp_compose(tmp_path: Any, er_first: bool) -> None:
     dm = BlobStream(num_tasks=2, batch_size=8)
-    er = ExperienceReplay(buffer_size=16, replay_batch_size=4, seed=1)
+    er = ExperienceReplay(buffer_size=16, replay_batch_size=4, seed=1, update="reservoir", draw="step")
     der = DarkExperienceReplay(buffer_size=16, seed=2)
     probe = ContextProbe()
     callbacks = [er, der] if er_first else [der, er]

@@ -144,6 +144,48 @@ def test_task_end_warns_on_a_first_fit_without_task_boundaries(tmp_path: Any) ->
         )
 
 
+def test_auto_picks_task_end_passes_on_a_task_stream(tmp_path: Any) -> None:
+    probe = ContextProbe()
+    callback = ExperienceReplay(buffer_size=30, replay_batch_size=4)
+    assert (callback.requested_update, callback.requested_draw) == ("auto", "auto")
+    _fit(tmp_path, callback, probe=probe)
+    assert (callback.update, callback.draw_mode) == ("task_end", "pass")
+    assert torch.bincount(callback.buffer.task_ids()).tolist() == [10, 10, 10]  # equal shares
+    assert all(rows == 0 for task, _, _, rows in probe.steps if task == 0)  # nothing before task 0 ends
+    assert "task_end" in callback.state_key
+
+
+def test_auto_keeps_the_reservoir_without_task_boundaries(tmp_path: Any) -> None:
+    class Plain(pl.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8), torch.arange(16) % 2), batch_size=4)
+
+    dm = BlobStream(num_tasks=1)
+    callback = ExperienceReplay(buffer_size=8, replay_batch_size=2)
+    quiet_trainer(tmp_path, [callback], max_epochs=2).fit(tiny_classifier(dm), datamodule=Plain())
+    assert (callback.update, callback.draw_mode) == ("reservoir", "step")
+    assert callback.buffer.num_seen == 32  # every epoch offered: replay from the second step on
+
+
+@pytest.mark.parametrize("update, draw", [("reservoir", "auto"), ("stream", "pass"), ("task_end", "step")])
+def test_explicit_policies_are_kept_on_a_task_stream(tmp_path: Any, update: str, draw: str) -> None:
+    callback = ExperienceReplay(buffer_size=30, replay_batch_size=4, update=update, draw=draw)
+    _fit(tmp_path, callback, epochs_per_task=1)
+    assert callback.update == update
+    assert callback.draw_mode == (("pass" if update == "task_end" else "step") if draw == "auto" else draw)
+
+
+def test_auto_resume_mid_task_equals_uninterrupted(tmp_path: Any) -> None:
+    def make() -> ExperienceReplay:
+        return ExperienceReplay(buffer_size=16, replay_batch_size=4, seed=3)
+
+    full_model, full_cb = run_stream(tmp_path / "full", make)
+    resumed_model, resumed_cb = run_stream(tmp_path / "resumed", make, resume_after_step=15)  # task 1, staging
+    assert resumed_cb.update == "task_end"
+    assert torch.allclose(params_vector(full_model), params_vector(resumed_model), atol=1e-6)
+    assert torch.allclose(flat_tensors(full_cb.state_dict()), flat_tensors(resumed_cb.state_dict()), atol=1e-6)
+
+
 class Tokens(Dataset):
     """Token sequences of lengths 2..7 (right-padded per batch by the collate below)."""
 

@@ -30,8 +30,8 @@ FieldKey = Union[str, int, None]
 #: Buffer names of the input and target of positional batches (tuples, lists, namedtuples).
 _POSITIONAL_INPUT, _POSITIONAL_TARGET = "x", "y"
 
-Update = Literal["reservoir", "stream", "task_end"]
-Draw = Literal["step", "pass"]
+Update = Literal["auto", "reservoir", "stream", "task_end"]
+Draw = Literal["auto", "step", "pass"]
 
 
 def _check_pad_values(pad_values: Any) -> Optional[dict[str, Union[int, float]]]:
@@ -79,9 +79,10 @@ class _BufferCallback(ContinualCallback):
         )
         self.buffer_kind = check_choice("buffer", buffer, ("reservoir", "class_balanced"))
         self.seed = check_int("seed", seed)
-        self.update = check_choice("update", update, ("reservoir", "stream", "task_end"))
-        self.draw_mode = check_choice("draw", draw, ("step", "pass"))
-        if self.update == "task_end" and self.buffer_kind != "reservoir":
+        #: The policies as given (``"auto"`` is resolved in the first ``setup``).
+        self.requested_update = check_choice("update", update, ("auto", "reservoir", "stream", "task_end"))
+        self.requested_draw = check_choice("draw", draw, ("auto", "step", "pass"))
+        if self.requested_update == "task_end" and self.buffer_kind != "reservoir":
             raise ValueError(
                 f"`buffer={buffer!r}` cannot be combined with `update='task_end'`: a task-end buffer keeps an "
                 "equal share per task. Fix: use `buffer='reservoir'` with `update='task_end'`, or "
@@ -90,8 +91,7 @@ class _BufferCallback(ContinualCallback):
         self.pad_values = _check_pad_values(pad_values)
         self.fields = BatchFields(input_key, target_key, owner=owner, stream=stream)
         self.input_key, self.target_key, self.stream = input_key, target_key, stream
-        kind = "task_balanced" if self.update == "task_end" else buffer
-        self.buffer: ReplayBuffer = make_buffer(kind, buffer_size, seed=seed, pad_values=self.pad_values)
+        self._resolve_policies(task_structured=False)
         #: The epoch the current task started at (the only epoch whose samples are offered
         #: when ``update`` is ``"stream"`` or ``"task_end"``).
         self._task_first_epoch = 0
@@ -99,6 +99,32 @@ class _BufferCallback(ContinualCallback):
         self._pass = {"number": 0, "cursor": 0, "revision": -1, "size": 0}
 
     STATE_VERSION = 2
+
+    def _resolve_policies(self, task_structured: bool) -> None:
+        """Fix ``update``/``draw`` (``"auto"`` from whether the run has task boundaries) and build
+        the buffer they need. Called at construction and again in the first ``setup``."""
+        update, draw = self.requested_update, self.requested_draw
+        if update == "auto":
+            update = "task_end" if task_structured and self.buffer_kind == "reservoir" else "reservoir"
+        if draw == "auto":
+            draw = "pass" if update == "task_end" else "step"
+        self.update, self.draw_mode = update, draw
+        kind = "task_balanced" if update == "task_end" else self.buffer_kind
+        self.buffer: ReplayBuffer = make_buffer(kind, self.buffer_size, seed=self.seed, pad_values=self.pad_values)
+        self._policies_fixed = False
+
+    def _fix_policies(self, trainer: "pl.Trainer") -> None:
+        """Resolve ``"auto"`` once, before anything is stored or restored: ``update="task_end",
+        draw="pass"`` when the trainer's datamodule is a continual stream of several tasks,
+        ``"reservoir"`` / ``"step"`` otherwise (a task-free stream, or a plain datamodule)."""
+        if self._policies_fixed:
+            return
+        if "auto" in (self.requested_update, self.requested_draw):
+            if len(self.buffer) or self._ended >= 0:  # pragma: no cover - setup comes first
+                raise RuntimeError(f"{type(self).__name__}: the replay policy must be fixed before the buffer fills.")
+            datamodule = task_schedule(trainer)
+            self._resolve_policies(task_structured=datamodule is not None and int(datamodule.num_tasks) > 1)
+        self._policies_fixed = True
 
     @property
     def state_key(self) -> str:
@@ -233,6 +259,8 @@ class _BufferCallback(ContinualCallback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._fix_policies(trainer)
         if stage == "fit" and self.update == "task_end" and task_schedule(trainer) is None and self._ended < 0:
             rank_zero_warn(
                 f"{type(self).__name__}(update='task_end') fills its buffer when a task ends; this fit is the "
@@ -344,9 +372,15 @@ class ExperienceReplay(_BufferCallback):
     over the buffer (as a ``DataLoader(shuffle=True)`` over it, restarted when exhausted or when
     the stored rows change), so every stored sample is replayed once before any is replayed twice.
 
-    The default stays ``update="reservoir", draw="step"`` (the behaviour of earlier releases and
-    the only policy for task-free streams). On task-structured streams ``update="task_end",
-    draw="pass"`` kept more old-task accuracy in ``benchmarks/er_policy.py`` (docs/results.md).
+    The default ``update="auto", draw="auto"`` is decided in the first ``setup``: when the
+    trainer's datamodule is a continual stream of several tasks (the library's datamodules, or any
+    with ``num_tasks``, ``epochs_per_task`` and ``task_of_epoch``), ``update="task_end",
+    draw="pass"``; otherwise (a task-free stream, plain loaders, one fit per task with plain
+    ``DataLoader``\ s) ``update="reservoir", draw="step"``. The task-end policy kept more
+    old-task accuracy than the reservoir on every stream of ``benchmarks/er_policy.py``
+    (multi-epoch and online, docs/results.md). Pass ``update="reservoir", draw="step"`` for
+    the reservoir ER of Buzzega et al. and Mammoth (the default of earlier releases, and
+    what published Mammoth ER numbers use).
 
     The replayed rows are appended after the loader's rows and recorded in the step's context
     (:func:`lightning_forget.losses.step_context`): other callbacks can read which rows are
@@ -368,8 +402,9 @@ class ExperienceReplay(_BufferCallback):
             (``int``); ``None`` finds it (see :class:`~lightning_forget.batch.BatchFields`).
         target_key: the same for the labels.
         stream: the sub-batch of a two-stream batch to replay into (``None``: one-stream batches).
-        update: ``"reservoir"``, ``"stream"`` or ``"task_end"`` (above).
-        draw: ``"step"`` or ``"pass"`` (above).
+        update: ``"auto"``, ``"reservoir"``, ``"stream"`` or ``"task_end"`` (above).
+        draw: ``"auto"``, ``"step"`` or ``"pass"`` (above; ``"auto"``: ``"pass"`` with
+            ``"task_end"``, else ``"step"``).
         pad_values: variable-length (token) fields and their pad values (``None``: none).
 
     Raises:
@@ -399,8 +434,8 @@ class ExperienceReplay(_BufferCallback):
         input_key: Optional[Union[str, int]] = None,
         target_key: Optional[Union[str, int]] = None,
         stream: Optional[Union[str, int]] = None,
-        update: Update = "reservoir",
-        draw: Draw = "step",
+        update: Update = "auto",
+        draw: Draw = "auto",
         pad_values: Optional[dict[str, Union[int, float]]] = None,
     ) -> None:
         super().__init__(
