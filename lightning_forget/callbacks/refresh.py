@@ -152,18 +152,20 @@ def unlearn_step(
     tiny = torch.finfo(torch.float32).tiny
     displacement: dict[str, Tensor] = {}
     with torch.no_grad():
+        # The step is built in place in the float32 gradient (a tensor of our own): the work is a
+        # few passes over every parameter, which on small batches costs more than the forward.
         for name, p in params.items():
-            g = grads[name].float()
-            g_norm = g.norm()
-            scale = torch.where(g_norm > 0, p.detach().float().norm() / g_norm.clamp_min(tiny), torch.zeros_like(g_norm))
-            step = g * scale
+            step = grads[name].float()
+            g_norm = torch.linalg.vector_norm(step)
+            p_norm = torch.linalg.vector_norm(p.detach().float())
+            step.mul_(torch.where(g_norm > 0, p_norm / g_norm.clamp_min(tiny), torch.zeros_like(g_norm)))
             if noise_std > 0:
                 noise_device = generator.device if generator is not None else p.device
                 noise = torch.randn(p.shape, generator=generator, device=noise_device, dtype=torch.float32)
-                step = step + noise_std * noise.to(p.device)
+                step.add_(noise.to(p.device), alpha=noise_std)
             if fisher is not None:
-                step = step / (1.0 + damping * fisher[name].to(p.device, torch.float32))
-            moved = (delta * step).to(p.dtype)
+                step.div_(fisher[name].to(p.device, torch.float32).mul(damping).add_(1.0))
+            moved = step.mul_(delta).to(p.dtype)
             p.add_(moved)
             displacement[name] = moved
     return displacement
@@ -334,7 +336,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
                 )
             total = moved if total is None else {name: total[name] + value for name, value in moved.items()}
         if total:
-            norm = torch.sqrt(sum(v.float().pow(2).sum() for v in total.values()))
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in total.values()]))
             pl_module.log("refresh/displacement", norm, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ the Fisher

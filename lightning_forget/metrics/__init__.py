@@ -1,7 +1,17 @@
 """Continual-learning metrics: pure functions of an accuracy matrix or of evaluation curves
-(stability gap), and the ``AccuracyMatrix`` torchmetric."""
+(stability gap), the ``AccuracyMatrix`` torchmetric, and the unlearning metrics (forget/retain
+accuracy, H-mean, membership inference)."""
 
 from lightning_forget.metrics.accuracy_matrix import AccuracyMatrix
+from lightning_forget.metrics.unlearning import (
+    ForgetRetainAccuracy,
+    MembershipInference,
+    h_mean,
+    membership_scores,
+    mia_auc,
+    mia_efficacy,
+    roc_auc,
+)
 from lightning_forget.metrics.functional import (
     as_accuracy_matrix,
     average_accuracy,
@@ -26,6 +36,13 @@ from lightning_forget.metrics.stability import (
 
 __all__ = [
     "AccuracyMatrix",
+    "ForgetRetainAccuracy",
+    "MembershipInference",
+    "h_mean",
+    "membership_scores",
+    "mia_auc",
+    "mia_efficacy",
+    "roc_auc",
     "EvalCurves",
     "as_curves",
     "min_acc",

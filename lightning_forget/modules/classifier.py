@@ -234,6 +234,16 @@ class ContinualClassifier(pl.LightningModule):
         mask[:, classes] = 0.0
         return logits + mask
 
+    def setup(self, stage: str) -> None:
+        """Size the accuracy matrices for a datamodule that evaluates more sets than it has tasks
+        (``num_eval_sets``: a forget/retain stream evaluates each forget set and the retained classes)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        needed = getattr(datamodule, "num_eval_sets", None)
+        if isinstance(needed, int) and needed > self.num_tasks:
+            self.num_tasks = needed
+            self.val_matrix = AccuracyMatrix(needed)
+            self.test_matrix = AccuracyMatrix(needed)
+
     def _eval_step(self, batch: Any, dataloader_idx: int, matrix: AccuracyMatrix, stage: str) -> None:
         x, y = self.split_batch(batch)
         self._check_first_batch(x, y, loader=dataloader_idx)

@@ -6,12 +6,12 @@ Each backbone maps an input batch to a flat feature vector and exposes ``out_fea
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "ResNet", "build_backbone"]
+__all__ = ["MLP", "ConvNet", "ResNet", "ViT", "build_backbone"]
 
 
 class MLP(nn.Module):
@@ -95,6 +95,93 @@ class ResNet(nn.Module):
         for i in range(self.num_stages):
             out = getattr(self, f"layer{i + 1}")(out)
         return torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1)
+
+
+class ConvNet(nn.Module):
+    """A small CNN with linear layers on top: ``[Conv3×3 → ReLU → MaxPool2]×2 → fc1 → ReLU → fc2 → ReLU``.
+
+    The two linears are named ``fc1`` and ``fc2`` (targets for LoRA, e.g.
+    ``GSLoRA(target_modules=["backbone.fc1", "backbone.fc2"])``).
+
+    Args:
+        input_shape: ``(channels, height, width)``.
+        channels: output channels of the two convolutions (default ``(16, 32)``).
+        hidden_sizes: widths of ``fc1`` and ``fc2`` (default ``(128, 64)``).
+    """
+
+    def __init__(self, input_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = (16, 32),
+                 hidden_sizes: Sequence[int] = (128, 64)) -> None:
+        super().__init__()
+        c, h, w = (int(d) for d in input_shape)
+        self.features = nn.Sequential(
+            nn.Conv2d(c, channels[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels[0], channels[1], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        flat = channels[1] * (h // 4) * (w // 4)
+        self.fc1 = nn.Linear(flat, hidden_sizes[0])
+        self.fc2 = nn.Linear(hidden_sizes[0], hidden_sizes[1])
+        self.out_features = int(hidden_sizes[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.flatten(self.features(x), 1)
+        return torch.relu(self.fc2(torch.relu(self.fc1(h))))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer built from a transformers ``ViTConfig`` (no download): images to the [CLS] feature.
+
+    The encoder is ``transformers.ViTModel`` without its pooler; the feature is the final
+    LayerNorm's [CLS] token, as ``ViTForImageClassification`` feeds its head. The Transformer
+    blocks and their feed-forward pair (the linears :class:`~lightning_forget.callbacks.GSLoRA`
+    adapts by default) are found by structure; their module names depend on the transformers
+    version (``vit.layers.N.mlp.fc1/fc2`` in 5.x, ``vit.encoder.layer.N.intermediate.dense`` /
+    ``output.dense`` before).
+
+    Args:
+        input_shape: ``(channels, height, width)``; square images whose side ``patch_size`` divides.
+        patch_size: side of a patch (default 7: 16 patches on MNIST).
+        hidden_size: token width (default 64).
+        num_hidden_layers: number of Transformer blocks (default 4).
+        num_attention_heads: heads per block (default 4; must divide ``hidden_size``).
+        intermediate_size: feed-forward width (default ``2 * hidden_size``).
+        dropout: hidden and attention dropout (default 0).
+
+    Raises:
+        ValueError: a non-square image, a patch size that does not divide it, heads that do not
+            divide ``hidden_size``.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (1, 28, 28),
+        patch_size: int = 7,
+        hidden_size: int = 64,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        intermediate_size: Optional[int] = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTModel
+
+        if len(input_shape) != 3 or input_shape[1] != input_shape[2] or input_shape[1] % patch_size:
+            raise ValueError(
+                f"ViT: `input_shape` must be (channels, side, side) with `patch_size={patch_size}` dividing the side, "
+                f"got {tuple(input_shape)}. Fix: pick a patch size that divides the image side (e.g. 7 or 4 for 28)."
+            )
+        if hidden_size % num_attention_heads:
+            raise ValueError(f"ViT: `num_attention_heads={num_attention_heads}` must divide `hidden_size={hidden_size}`.")
+        config = ViTConfig(
+            image_size=int(input_shape[1]), patch_size=patch_size, num_channels=int(input_shape[0]), hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+            intermediate_size=intermediate_size or 2 * hidden_size, hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.out_features = hidden_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.vit(pixel_values=x).last_hidden_state[:, 0]
 
 
 def build_backbone(name: str, input_shape: Sequence[int], **kwargs: object) -> nn.Module:

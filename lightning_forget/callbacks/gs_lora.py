@@ -1,0 +1,463 @@
+"""``GSLoRA``: continual forgetting with group-sparse LoRA (GS-LoRA and GS-LoRA++).
+
+Zhao et al., "Continual Forgetting for Pre-trained Vision Models" (CVPR 2024) and "Practical
+Continual Forgetting for Pre-trained Vision Models" (T-PAMI; GS-LoRA++ with prototypes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_forget.batch import BatchFields, logits_of, stream_names
+from lightning_forget.lora import LoRASettings, find_blocks
+from lightning_forget.losses import remove_training_step_hooks, training_step_hooks
+from lightning_forget.precision import forward_context
+from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback
+from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str, message
+
+__all__ = ["GSLoRA", "group_sparsity", "lora_layers"]
+
+Grouping = Literal["block", "lora", "matrix"]
+ADAPTER = "default"
+
+
+def lora_layers(module: nn.Module, adapter: str = ADAPTER) -> "OrderedDict[str, nn.Module]":
+    """``{full name: PEFT LoRA layer}`` of the layers of ``module`` that carry adapter ``adapter``."""
+    from peft.tuners.lora import LoraLayer
+
+    return OrderedDict(
+        (name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer) and adapter in getattr(m, "lora_A", {})
+    )
+
+
+def group_sparsity(groups: list[list[Tensor]], eps: float = 1e-8) -> Tensor:
+    """The group-lasso value ``Σ_g sqrt(Σ_{M ∈ g} ‖M‖_F² + eps)`` (differentiable)."""
+    total = None
+    for group in groups:
+        sq = sum((m.float() ** 2).sum() for m in group)
+        value = torch.sqrt(sq + eps)  # type: ignore[arg-type]
+        total = value if total is None else total + value
+    return total if total is not None else torch.zeros(())
+
+
+def _block_of(name: str, block_names: list[str]) -> Optional[str]:
+    for block in block_names:
+        if name.startswith(block + "."):
+            return block
+    return None
+
+
+class GSLoRA(ContinualCallback):
+    """GS-LoRA: erase class sets task after task with group-sparse LoRA on the FFN linears; GS-LoRA++ adds prototypes.
+
+    Mechanism:
+
+    - ``setup()`` puts a PEFT LoRA adapter (rank ``r``, scale ``lora_alpha / r``) on the target
+      linears of the LightningModule, in place (``peft.inject_adapter_in_model``: no wrapper, the
+      module's own forward is unchanged), and freezes every other parameter (the head too). It
+      runs once, before the optimizers exist; the LoRA is re-initialised in place after every
+      task's merge, so DDP is never re-wrapped. ``A`` is Kaiming-uniform (``a = √5``) from a generator
+      seeded by ``(seed, task)``, the same on every rank; ``B = 0``, so a fresh LoRA has no effect.
+    - Training batches are two-stream dicts ``{"forget": ..., "retain": ...}`` (as
+      :class:`~lightning_forget.datamodules.ForgetRetainDataModule` serves them). A batch
+      transform hands the *retain* stream to the module's own ``training_step`` (its loss is the
+      retain cross-entropy ``L_r``) and keeps the forget stream; a loss term then adds, in the
+      same DDP-reduced step, ``β·ReLU(BND − CE(f(x_f), y_f))`` (bounded gradient ascent: no
+      gradient once the forget CE passes ``bound``) and, with ``prototype=True`` (GS-LoRA++),
+      ``w_f·ReLU(BND_pro − D_f) + w_r·D_r`` with ``D = KL(softmax(P_y) ‖ softmax(f(x)))`` against
+      the per-class mean output ``P_c`` of the pre-task model (computed at task start over the
+      task's training data, kept in the callback state).
+    - The group-sparse term ``α·Σ_g sqrt(Σ_{M∈g} ‖M‖_F² + eps)`` over the raw LoRA factors (one
+      group per block with ``grouping="block"``; per LoRA pair ``"lora"``; per matrix
+      ``"matrix"``) is a parameter-only penalty: its gradient ``α·M/‖g‖`` is added in
+      ``on_before_optimizer_step``, after DDP's reduction, identically on every rank. ``α`` is 0
+      during the first ``alpha_warmup_epochs`` epochs of each task.
+    - At task end every LoRA layer is merged, ``W += scale·B·A`` (under ``no_grad``), the
+      merged ``ΔW`` of each layer is kept in :attr:`deltas` (CPU; :meth:`undo` subtracts one
+      task's), the blocks whose ``‖ΔW‖_F / ‖W‖_F`` exceed ``zero_tol`` are logged, and the LoRA
+      is re-initialised and its optimizer state dropped for the next task.
+
+    Args:
+        r: LoRA rank (default 8, the official scripts').
+        lora_alpha: PEFT's ``lora_alpha``; the update is scaled by ``lora_alpha / r`` (default 1,
+            ``loralib``'s default used by the official code: scale 1/8).
+        target_modules: ``None`` finds the two FFN linears of every Transformer block by structure
+            (transformers ViT/BERT/GPT-2/Llama, timm ``blocks.N.mlp.fc1/fc2``); otherwise a regular
+            expression or a list of names/suffixes of linear layers (any model, e.g. a CNN's
+            ``["fc1", "fc2"]``).
+        grouping: ``"block"`` (default, the paper's), ``"lora"`` or ``"matrix"``. Targets outside
+            any Transformer block form one group each under ``"block"``.
+        alpha: weight of the group-sparse term (default 1e-4, the official continual script).
+        alpha_warmup_epochs: epochs per task with ``α = 0`` (default 0: the continual script does
+            not warm up; the single-step script uses 20).
+        beta: weight of the bounded forgetting loss (default 0.2, the first entry of the official
+            continual ``cl_beta_list``); a list gives one value per task (the last one repeats).
+        bound: ``BND`` of ``ReLU(BND − CE)`` (default 10, the default of the official
+            ``util/args.py``; the scripts' 105 is on a CosFace-logit scale — re-tune it for your
+            head, e.g. a few times ``ln(num_classes)`` for a softmax head).
+        prototype: add GS-LoRA++'s prototype losses.
+        prototype_forget_weight: ``w_f`` (default 0.01, the continual script's ``cl_prof_list``);
+            a list gives one per task.
+        prototype_retain_weight: ``w_r`` (default 0, the scripts' ``pro_r_weight``).
+        prototype_bound: ``BND_pro`` (default 18, the official default).
+        eps: added inside each group's square root (ours, 1e-8: the gradient at an all-zero group).
+        zero_tol: a block counts as edited when ``‖ΔW‖_F / ‖W‖_F > zero_tol`` (ours, 1e-3).
+        keep_deltas: keep each task's merged ``ΔW`` (CPU copies, saved in checkpoints).
+        forget_stream: key of the forget stream in a two-stream batch (default ``"forget"``).
+        retain_stream: key of the retain stream (default ``"retain"``).
+        input_key: the input field of each stream's sub-batch (see
+            :class:`~lightning_forget.batch.BatchFields`; ``None`` finds it).
+        target_key: the target field of each stream's sub-batch (``None`` finds it).
+        seed: seed of the LoRA initialisation (shared by all ranks).
+        pretrained_ckpt: weights of the model to unlearn (a Lightning checkpoint or a state dict,
+            e.g. the last checkpoint of a ``ForgetRetainDataModule(joint=True)`` run), loaded into
+            the LightningModule at the start of a fresh fit, before the LoRA is added; ``None``
+            unlearns the module as it is. A resumed fit restores its own checkpoint instead.
+
+    Logged metrics (per step, ``on_step``; ``gs_lora/nonzero_blocks`` at task end):
+        ``gs_lora/forget_ce`` (CE on the forget batch), ``gs_lora/forget_loss`` (``β·ReLU(BND−CE)``),
+        ``gs_lora/structure`` (the group-sparse value, unweighted), ``gs_lora/alpha``,
+        ``gs_lora/prototype_loss`` (GS-LoRA++), ``gs_lora/nonzero_blocks`` (fraction of blocks edited
+        by the task's merged LoRA).
+
+    Raises:
+        ValueError, TypeError: bad arguments (at construction); a batch that is not a two-stream
+            dict naming ``forget_stream`` (first step); no target layer found (``setup``).
+
+    Note:
+        Saved state: ``prototypes`` (``{class: mean output}``), ``deltas`` (per task
+        ``{layer: ΔW}``), ``nonzero`` (per task, the edited blocks), ``version``.
+        Supported strategies: single device and DDP (every start method); not sharded ones.
+        The optimizer's LR scheduler is not reset at a task boundary (only the LoRA's optimizer
+        state): use one schedule per task by one fit per task when that matters.
+    """
+
+    supported_strategies = DDP_STRATEGIES
+
+    def __init__(
+        self,
+        r: int = 8,
+        lora_alpha: float = 1.0,
+        target_modules: Optional[Union[str, list[str]]] = None,
+        grouping: Grouping = "block",
+        alpha: float = 1e-4,
+        alpha_warmup_epochs: int = 0,
+        beta: Union[float, list[float]] = 0.2,
+        bound: float = 10.0,
+        prototype: bool = False,
+        prototype_forget_weight: Union[float, list[float]] = 0.01,
+        prototype_retain_weight: float = 0.0,
+        prototype_bound: float = 18.0,
+        eps: float = 1e-8,
+        zero_tol: float = 1e-3,
+        keep_deltas: bool = True,
+        forget_stream: str = "forget",
+        retain_stream: str = "retain",
+        input_key: Optional[Union[str, int]] = None,
+        target_key: Optional[Union[str, int]] = None,
+        seed: int = 0,
+        pretrained_ckpt: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.settings = LoRASettings(r=r, alpha=lora_alpha, target_modules=target_modules, kind="ffn")
+        self.grouping = check_choice("grouping", grouping, ("block", "lora", "matrix"))
+        self.alpha = check_float("alpha", alpha, min=0)
+        self.alpha_warmup_epochs = check_int("alpha_warmup_epochs", alpha_warmup_epochs, min=0)
+        self.beta = self._per_task("beta", beta)
+        self.bound = check_float("bound", bound, min=0)
+        self.prototype = check_bool("prototype", prototype)
+        self.prototype_forget_weight = self._per_task("prototype_forget_weight", prototype_forget_weight)
+        self.prototype_retain_weight = check_float("prototype_retain_weight", prototype_retain_weight, min=0)
+        self.prototype_bound = check_float("prototype_bound", prototype_bound, min=0)
+        self.eps = check_float("eps", eps, min=0, min_inclusive=False, fix="pass a small positive number, e.g. eps=1e-8")
+        self.zero_tol = check_float("zero_tol", zero_tol, min=0)
+        self.keep_deltas = check_bool("keep_deltas", keep_deltas)
+        self.forget_stream = check_str("forget_stream", forget_stream)
+        self.retain_stream = check_str("retain_stream", retain_stream)
+        self.seed = check_int("seed", seed)
+        self.pretrained_ckpt = check_str("pretrained_ckpt", pretrained_ckpt, allow_none=True)
+        self.fields = BatchFields(input_key, target_key, owner="GSLoRA")
+        self.prototypes: dict[int, Tensor] = {}
+        self.deltas: list[dict[str, Tensor]] = []
+        self.nonzero: list[list[str]] = []
+        self._groups: list[list[str]] = []
+        self._group_names: list[str] = []
+        self._forget_batch: Any = None
+        self._retain_batch: Any = None
+        self._module: Optional[pl.LightningModule] = None
+
+    @staticmethod
+    def _per_task(name: str, value: Union[float, list[float]]) -> list[float]:
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError(message(name, "a number >= 0 or a non-empty list of them (one per task)", value))
+            return [float(check_float(f"{name}[{i}]", v, min=0)) for i, v in enumerate(value)]
+        return [float(check_float(name, value, min=0))]
+
+    @staticmethod
+    def _of_task(values: list[float], task: int) -> float:
+        return values[min(task, len(values) - 1)]
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(r=self.settings.r, grouping=self.grouping, prototype=self.prototype)
+
+    # ------------------------------------------------------------------ LoRA
+    def _inject(self, pl_module: pl.LightningModule) -> None:
+        from peft import inject_adapter_in_model
+
+        if not lora_layers(pl_module):
+            config = self.settings.lora_config(pl_module)
+            inject_adapter_in_model(config, pl_module, adapter_name=ADAPTER)
+        layers = lora_layers(pl_module)
+        for name, p in pl_module.named_parameters():
+            p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        self._build_groups(pl_module, layers)
+
+    def _build_groups(self, pl_module: nn.Module, layers: "OrderedDict[str, nn.Module]") -> None:
+        try:
+            block_names = [name for name, _ in find_blocks(pl_module)]
+        except RuntimeError:
+            block_names = []
+        groups: "OrderedDict[str, list[str]]" = OrderedDict()
+        for name in layers:
+            a, b = f"{name}.lora_A.{ADAPTER}.weight", f"{name}.lora_B.{ADAPTER}.weight"
+            if self.grouping == "block":
+                groups.setdefault(_block_of(name, block_names) or name, []).extend([a, b])
+            elif self.grouping == "lora":
+                groups[name] = [a, b]
+            else:
+                groups[a], groups[b] = [a], [b]
+        self._group_names = list(groups)
+        self._groups = list(groups.values())
+
+    def _block_names(self, layers: "OrderedDict[str, nn.Module]", pl_module: nn.Module) -> dict[str, str]:
+        try:
+            blocks = [name for name, _ in find_blocks(pl_module)]
+        except RuntimeError:
+            blocks = []
+        return {name: _block_of(name, blocks) or name for name in layers}
+
+    def reset_lora(self, pl_module: nn.Module, task: int) -> None:
+        """Re-initialise every LoRA layer in place: ``A`` Kaiming-uniform from ``(seed, task)``, ``B = 0``."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + task)
+        with torch.no_grad():
+            for layer in lora_layers(pl_module).values():
+                a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                fresh = torch.empty(a.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                a.copy_(fresh.to(a.device, a.dtype))
+                b.zero_()
+
+    def _reset_optimizer_state(self, trainer: "pl.Trainer", pl_module: nn.Module) -> None:
+        params = {id(p) for n, p in pl_module.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+        for optimizer in trainer.optimizers:
+            for p in list(optimizer.state):
+                if id(p) in params:
+                    del optimizer.state[p]
+
+    def merge(self, pl_module: nn.Module) -> dict[str, Tensor]:
+        """``W += scale·B·A`` for every LoRA layer; returns ``{layer: ΔW}`` (CPU copies)."""
+        merged: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, layer in lora_layers(pl_module).items():
+                delta = layer.get_delta_weight(ADAPTER)
+                weight = layer.get_base_layer().weight
+                weight.add_(delta.to(weight.dtype))
+                merged[name] = delta.detach().cpu().clone()
+        return merged
+
+    def undo(self, pl_module: nn.Module, task: int) -> None:
+        """Subtract task ``task``'s merged ``ΔW`` from the base weights (needs ``keep_deltas``)."""
+        if not 0 <= task < len(self.deltas) or not self.deltas[task]:
+            raise ValueError(message("task", f"a task whose merged delta is kept (0..{len(self.deltas) - 1})", task,
+                                     "construct GSLoRA(keep_deltas=True)"))
+        layers = lora_layers(pl_module)
+        with torch.no_grad():
+            for name, delta in self.deltas[task].items():
+                weight = layers[name].get_base_layer().weight
+                weight.sub_(delta.to(weight.device, weight.dtype))
+
+    def lora_parameters(self, pl_module: nn.Module) -> "OrderedDict[str, nn.Parameter]":
+        """``{name: parameter}`` of the LoRA factors (the only trainable parameters)."""
+        return OrderedDict((n, p) for n, p in pl_module.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        fresh = not lora_layers(pl_module)
+        if fresh and self.pretrained_ckpt is not None:
+            self._load_pretrained(pl_module)
+        self._inject(pl_module)
+        if fresh:
+            self.reset_lora(pl_module, self._started + 1)
+        self._module = pl_module
+        hooks = training_step_hooks(pl_module)
+        hooks.add_batch_transform(self.state_key, self._split_streams)
+        hooks.add_loss_term(self.state_key, self._forget_terms)
+
+    def _load_pretrained(self, pl_module: "pl.LightningModule") -> None:
+        from lightning_forget.callbacks.lines import load_weights
+
+        state, _ = load_weights(str(self.pretrained_ckpt))
+        missing, unexpected = pl_module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(message(
+                "pretrained_ckpt", "weights of this LightningModule (the same parameter names)", self.pretrained_ckpt,
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}: build the module as the checkpoint's run did",
+            ))
+        rank_zero_info(f"GSLoRA: loaded the weights to unlearn from {self.pretrained_ckpt}")
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        remove_training_step_hooks(pl_module, self.state_key)
+        self._forget_batch = self._retain_batch = None
+
+    def current_alpha(self, trainer: "pl.Trainer") -> float:
+        """``α`` of the current epoch (0 during the warm-up epochs of a task)."""
+        if self.alpha_warmup_epochs == 0:
+            return self.alpha
+        from lightning_forget.tasks import task_schedule
+
+        schedule = task_schedule(trainer)
+        epoch_in_task = trainer.current_epoch % schedule.epochs_per_task if schedule is not None else trainer.current_epoch
+        return 0.0 if epoch_in_task < self.alpha_warmup_epochs else self.alpha
+
+    def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        if self.prototype:
+            self.prototypes = self._compute_prototypes(trainer, pl_module)
+
+    def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        layers = lora_layers(pl_module)
+        blocks = self._block_names(layers, pl_module)
+        merged = self.merge(pl_module)
+        norms: dict[str, list[float]] = {}
+        for name, delta in merged.items():
+            weight = layers[name].get_base_layer().weight.detach().float().cpu()
+            norms.setdefault(blocks[name], []).append(float(delta.float().norm() / weight.norm().clamp_min(1e-12)))
+        edited = [block for block, values in norms.items() if max(values) > self.zero_tol]
+        self.nonzero.append(edited)
+        self.deltas.append(merged if self.keep_deltas else {})
+        fraction = len(edited) / max(1, len(norms))
+        rank_zero_info(f"GSLoRA task {task}: LoRA merged; {len(edited)}/{len(norms)} blocks edited: {edited}")
+        if not self._stopped_inside_task:
+            pl_module.log("gs_lora/nonzero_blocks", fraction, rank_zero_only=True)
+        self.reset_lora(pl_module, task + 1)
+        self._reset_optimizer_state(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        alpha = self.current_alpha(trainer)
+        params = dict(pl_module.named_parameters())
+        with torch.no_grad():
+            groups = [[params[n] for n in group] for group in self._groups]
+            value = group_sparsity(groups, self.eps)
+            if alpha > 0:
+                for group in groups:
+                    norm = torch.sqrt(sum((p.float() ** 2).sum() for p in group) + self.eps)  # type: ignore[arg-type]
+                    for p in group:
+                        step = (alpha * p / norm).to(p.dtype)
+                        if p.grad is None:
+                            p.grad = step.clone()
+                        else:
+                            p.grad.add_(step)
+        pl_module.log("gs_lora/structure", float(value), on_step=True, on_epoch=False)
+        pl_module.log("gs_lora/alpha", alpha, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ the step
+    def _split_streams(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> Any:
+        names = stream_names(batch)
+        if self.forget_stream not in names:
+            raise ValueError(
+                f"GSLoRA needs two-stream batches {{{self.forget_stream!r}: ..., {self.retain_stream!r}: ...}} "
+                f"(e.g. from ForgetRetainDataModule), got a batch with streams {names or 'none'}. Fix: serve "
+                "such batches, or set `forget_stream`/`retain_stream` to your keys."
+            )
+        self._forget_batch = batch[self.forget_stream]
+        self._retain_batch = batch.get(self.retain_stream)
+        if self._retain_batch is None:
+            raise ValueError(f"GSLoRA: the batch has no {self.retain_stream!r} stream (streams: {names}); set `retain_stream`.")
+        return self._retain_batch
+
+    def _forget_terms(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int, output: Any) -> Optional[Tensor]:
+        trainer = pl_module.trainer
+        task = self.current_task(trainer)
+        split = self.fields.split(self._forget_batch)
+        with forward_context(trainer):
+            logits = logits_of(pl_module(split.input))
+        ce = F.cross_entropy(logits.float(), split.target)
+        beta = self._of_task(self.beta, task)
+        loss = beta * F.relu(self.bound - ce)
+        pl_module.log("gs_lora/forget_ce", ce.detach(), on_step=True, on_epoch=False)
+        pl_module.log("gs_lora/forget_loss", loss.detach(), on_step=True, on_epoch=False)
+        if self.prototype and self.prototypes:
+            w_f = self._of_task(self.prototype_forget_weight, task)
+            proto = w_f * F.relu(self.prototype_bound - self._prototype_distance(logits, split.target))
+            if self.prototype_retain_weight > 0:
+                retain = self.fields.split(self._retain_batch)
+                with forward_context(trainer):
+                    retain_logits = logits_of(pl_module(retain.input))
+                proto = proto + self.prototype_retain_weight * self._prototype_distance(retain_logits, retain.target)
+            pl_module.log("gs_lora/prototype_loss", proto.detach(), on_step=True, on_epoch=False)
+            loss = loss + proto
+        return loss
+
+    def _prototype_distance(self, features: Tensor, target: Tensor) -> Tensor:
+        """Batch mean of ``KL(softmax(P_y) ‖ softmax(features))`` (rows of unknown classes skipped)."""
+        known = torch.tensor([int(t) in self.prototypes for t in target.tolist()], device=features.device)
+        if not known.any():
+            return features.sum() * 0.0
+        protos = torch.stack([self.prototypes[int(t)] for t in target[known].tolist()]).to(features.device).float()
+        p_log = F.log_softmax(protos, dim=-1)
+        q_log = F.log_softmax(features[known].float(), dim=-1)
+        return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+    @torch.no_grad()
+    def _compute_prototypes(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[int, Tensor]:
+        """Class-mean outputs of the current (pre-task) model over the task's training data (both streams)."""
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            raise RuntimeError("GSLoRA(prototype=True) needs a map-style training dataset to compute the prototypes.")
+        sums: dict[int, Tensor] = {}
+        counts: dict[int, int] = {}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for batch in DataLoader(dataset, batch_size=256, shuffle=False):
+                for stream in (self.forget_stream, self.retain_stream):
+                    if stream not in batch:
+                        continue
+                    split = self.fields.split(batch[stream])
+                    with forward_context(trainer):
+                        out = logits_of(pl_module(split.input.to(pl_module.device))).float().cpu()
+                    for c in torch.unique(split.target).tolist():
+                        rows = out[split.target.cpu() == c]
+                        sums[c] = sums.get(c, torch.zeros(out.shape[1])) + rows.sum(0)
+                        counts[c] = counts.get(c, 0) + len(rows)
+        finally:
+            pl_module.train(was_training)
+        return {c: sums[c] / counts[c] for c in sorted(sums)}
+
+    # ------------------------------------------------------------------ state
+    def method_state(self) -> dict[str, Any]:
+        return {
+            "prototypes": {int(c): v.detach().cpu().clone() for c, v in self.prototypes.items()},
+            "deltas": [{k: v.clone() for k, v in d.items()} for d in self.deltas],
+            "nonzero": [list(n) for n in self.nonzero],
+        }
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.prototypes = {int(c): v.clone() for c, v in state["prototypes"].items()}
+        self.deltas = [dict(d) for d in state["deltas"]]
+        self.nonzero = [list(n) for n in state["nonzero"]]
