@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
-from lightning_forget.callbacks import AdaB2N, ForgetRetainEvaluation, GSLoRA, InfiniteLRSchedule, RefreshLearning
+from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
@@ -191,6 +191,30 @@ ROWS = [
             "class_path": "lightning_forget.modules.ContinualClassifier",
             "init_args": {"backbone": {"class_path": "tests.helpers.models.TinyConvNet"}, "report": False},
         },
+    ),
+    Row(
+        "KFPF",
+        KFPF,
+        {"k": 4, "finetune_steps": 2, "finetune_batch_size": 4, "buffer_size": 16, "kd": True},
+        [
+            ({"k": 0}, ValueError, "k"),
+            ({"k": None, "interval": None}, ValueError, "interval"),
+            ({"lr": -0.1}, ValueError, "lr"),
+            ({"finetune_steps": 1.5}, TypeError, "finetune_steps"),
+            ({"module_types": ["dropout"]}, ValueError, "module_types"),
+        ],
+    ),
+    Row(
+        "KFPF-auto",
+        KFPF,
+        {"interval": 3, "auto_top": 1, "finetune_steps": 1, "buffer_size": 16, "finetune_at_task_end": True},
+        [({"auto_top": 0}, ValueError, "auto_top")],
+    ),
+    Row(
+        "FPF",
+        FPF,
+        {"every_task": True, "finetune_steps": 2, "finetune_batch_size": 4, "buffer_size": 16},
+        [({"every_task": 1}, TypeError, "every_task"), ({"buffer_size": 0}, ValueError, "buffer_size")],
     ),
     Row(
         "GSLoRA",

@@ -6,6 +6,7 @@ from lightning_forget.callbacks.continual_metrics import ContinualMetrics
 from lightning_forget.callbacks.forget_eval import ForgetRetainEvaluation
 from lightning_forget.callbacks.gs_lora import GSLoRA
 from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
+from lightning_forget.callbacks.kfpf import FPF, KFPF
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.callbacks.lr_rewarming import LRRewarming
 from lightning_forget.callbacks.refresh import RefreshLearning
@@ -15,5 +16,6 @@ from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 __all__ = [
     "AdaB2N",
     "ContinualEvaluation",
-    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "GSLoRA", "InfiniteLRSchedule", "LiNeS", "LRRewarming",
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "FPF", "GSLoRA", "InfiniteLRSchedule", "KFPF",
+    "LiNeS", "LRRewarming",
     "RefreshLearning", "RNGStateCheckpoint"]
