@@ -63,8 +63,9 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -74,6 +75,7 @@ from lightning_forget.validation import message
 import lightning.pytorch as pl
 
 __all__ = [
+    "CopySafeHook",
     "ReplaySegment",
     "StepContext",
     "TrainingStepHooks",
@@ -124,12 +126,29 @@ class StepContext:
         stream_size: rows the loader produced, per stream (key ``None`` for a one-stream batch).
         segments: replayed rows, one :class:`ReplaySegment` per transform that added rows.
         skipped: the user's step returned ``None`` (Lightning skipped the batch).
+        stored_forward: while a callback runs a forward of stored samples outside the user's
+            step (DER++'s replay forwards in its loss term), the rows of that forward (``start``
+            0, their fields and task ids); ``None`` otherwise. Set with :meth:`forward_of_stored`.
     """
 
     batch_idx: int = 0
     stream_size: dict[Union[str, int, None], int] = field(default_factory=dict)
     segments: list[ReplaySegment] = field(default_factory=list)
     skipped: bool = False
+    stored_forward: Optional[ReplaySegment] = None
+
+    @contextmanager
+    def forward_of_stored(
+        self, source: str, rows: int, fields: Optional[dict[str, Tensor]] = None, task_ids: Optional[Tensor] = None
+    ) -> Iterator[ReplaySegment]:
+        """Mark the forwards run inside the ``with`` block as forwards of ``rows`` stored samples
+        (so that layers needing per-row information, such as AdaB²N's task ids, can find it)."""
+        previous = self.stored_forward
+        self.stored_forward = ReplaySegment(source, 0, int(rows), dict(fields or {}), task_ids)
+        try:
+            yield self.stored_forward
+        finally:
+            self.stored_forward = previous
 
     def loader_size(self, stream: Union[str, int, None] = None) -> Optional[int]:
         """Rows the loader produced in ``stream`` (``None`` when no transform recorded it)."""
@@ -172,6 +191,31 @@ class StepContext:
         if not segments or any(s.task_ids is None for s in segments):
             return None
         return torch.cat([s.task_ids.cpu() for s in segments])  # type: ignore[union-attr]
+
+
+class CopySafeHook:
+    """A module (forward or pre-forward) hook that calls ``fn``; a ``copy.deepcopy`` or pickle of
+    the module gets a no-op instead (a copy is a model, not a second trainee of the callback)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _no_hook
+
+    def __reduce__(self) -> Any:
+        return (_no_hook_factory, ())
+
+
+def _no_hook(*args: Any) -> None:
+    return None
+
+
+def _no_hook_factory() -> Any:
+    return _no_hook
 
 
 def output_loss(output: Any) -> Optional[Tensor]:

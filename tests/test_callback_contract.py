@@ -20,12 +20,13 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
-from lightning_forget.callbacks import ForgetRetainEvaluation, GSLoRA, ILoRA, InfiniteLRSchedule, RefreshLearning
+from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, ILoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
 from tests.helpers.text import TINY_INSTRUCTIONS, TINY_LM, tiny_instruction_stream, tiny_lm
 from tests.helpers.harness import BatchRecorder, flat_tensors, params_vector, run_ddp_pair, run_stream, same_state, tiny_classifier
+from tests.helpers.models import conv_classifier
 
 
 @dataclass
@@ -191,6 +192,47 @@ ROWS = [
                    "init_args": {**_FORGET_DATA, "retain_only": True}},
     ),
     Row("LiNeS-task_end", LiNeS, {"alpha": 0.5, "apply_at": "task_end", "save_unscaled": False}, []),
+    Row(
+        "AdaB2N",
+        AdaB2N,
+        {"kappa": 0.4, "lambd": 0.5},
+        [
+            ({"kappa": 1.5}, ValueError, "kappa"),
+            ({"lambd": -1.0}, ValueError, "lambd"),
+            ({"ada_t0": -1}, ValueError, "ada_t0"),
+            ({"num_tasks": 0}, ValueError, "num_tasks"),
+            ({"classes_per_task": 2.0}, TypeError, "classes_per_task"),
+        ],
+        make_model=conv_classifier,
+        model_yaml={
+            "class_path": "lightning_forget.modules.ContinualClassifier",
+            "init_args": {"backbone": {"class_path": "tests.helpers.models.TinyConvNet"}, "report": False},
+        },
+    ),
+    Row(
+        "KFPF",
+        KFPF,
+        {"k": 4, "finetune_steps": 2, "finetune_batch_size": 4, "buffer_size": 16, "kd": True},
+        [
+            ({"k": 0}, ValueError, "k"),
+            ({"k": None, "interval": None}, ValueError, "interval"),
+            ({"lr": -0.1}, ValueError, "lr"),
+            ({"finetune_steps": 1.5}, TypeError, "finetune_steps"),
+            ({"module_types": ["dropout"]}, ValueError, "module_types"),
+        ],
+    ),
+    Row(
+        "KFPF-auto",
+        KFPF,
+        {"interval": 3, "auto_top": 1, "finetune_steps": 1, "buffer_size": 16, "finetune_at_task_end": True},
+        [({"auto_top": 0}, ValueError, "auto_top")],
+    ),
+    Row(
+        "FPF",
+        FPF,
+        {"every_task": True, "finetune_steps": 2, "finetune_batch_size": 4, "buffer_size": 16},
+        [({"every_task": 1}, TypeError, "every_task"), ({"buffer_size": 0}, ValueError, "buffer_size")],
+    ),
     Row(
         "GSLoRA",
         GSLoRA,

@@ -17,7 +17,12 @@ from lightning_forget.tasks import ContinualCallback
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 #: Extra overrides that keep a config's data small in tests (the config itself is unchanged).
-SMALL_DATA = {"continual_pretraining": ["--data.init_args.max_chars_per_corpus", "20000"]}
+SMALL_DATA = {
+    "continual_pretraining": ["--data.init_args.max_chars_per_corpus", "20000"],
+    # The test's 4 steps make k-FPF fine-tune after each one (k=5 > steps): a narrow ResNet
+    # and 2 inner steps (the option reaches the last callback: KFPF, or FPF after ER).
+    "kfpf": ["--model.init_args.resnet_width", "4", "--trainer.callbacks.init_args.finetune_steps", "2"],
+}
 
 
 def test_configs_exist() -> None:

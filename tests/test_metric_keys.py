@@ -22,14 +22,17 @@ from torch.utils.data import DataLoader
 
 from lightning_forget import callbacks as lf_callbacks
 from lightning_forget.callbacks import (
+    AdaB2N,
     ContinualEvaluation,
     ContinualMetrics,
     DarkExperienceReplay,
     ExperienceReplay,
+    FPF,
     ForgetRetainEvaluation,
     GSLoRA,
     ILoRA,
     InfiniteLRSchedule,
+    KFPF,
     LiNeS,
     LRRewarming,
     RefreshLearning,
@@ -37,6 +40,7 @@ from lightning_forget.callbacks import (
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import quiet_trainer, tiny_classifier
 from tests.helpers.text import tiny_instruction_stream, tiny_lm
+from tests.helpers.models import conv_classifier
 from tests.test_continual_eval import MemoryLogger
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -83,7 +87,7 @@ OWN_DATA: dict[str, Callable[[int], Any]] = {"GSLoRA": _forget_stream, "ForgetRe
 
 
 def logged_keys(tmp_path: Path, callbacks: list[Callback], make_data: Callable[..., Any] = BlobStream,
-                make_model: Optional[Callable[[Any], pl.LightningModule]] = None) -> set[str]:
+                make_model: Callable[[Any], Any] = tiny_classifier) -> set[str]:
     """Every key logged or put in ``callback_metrics`` during a 3-task stream with ``callbacks``."""
     pl.seed_everything(0)
     dm = make_data(epochs_per_task=2)
@@ -92,10 +96,8 @@ def logged_keys(tmp_path: Path, callbacks: list[Callback], make_data: Callable[.
         tmp_path, [*callbacks, LearningRateMonitor(logging_interval="step")],
         max_epochs=dm.max_epochs, logger=recorder, log_every_n_steps=1,
     )
-    if make_model is not None:
+    if make_data is BlobStream or make_model is not tiny_classifier:
         model = make_model(dm)
-    elif make_data is BlobStream:
-        model = tiny_classifier(dm)
     else:  # a forget/retain stream evaluates num_tasks + 1 sets
         from lightning_forget.modules import ContinualClassifier
 
@@ -107,6 +109,7 @@ def logged_keys(tmp_path: Path, callbacks: list[Callback], make_data: Callable[.
 
 
 CALLBACKS: dict[str, Callable[[], Callback]] = {
+    "AdaB2N": lambda: AdaB2N(kappa=0.5, lambd=0.1),
     "ContinualMetrics": lambda: ContinualMetrics(report=False),
     "ExperienceReplay": lambda: ExperienceReplay(buffer_size=16),
     "DarkExperienceReplay": lambda: DarkExperienceReplay(buffer_size=16, alpha=0.3, beta=0.5),
@@ -115,6 +118,8 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "LiNeS": lambda: LiNeS(alpha_grid=[0.0, 0.5, 1.0], monitor="val/acc_avg", save_unscaled=False),
     "RefreshLearning": lambda: RefreshLearning(delta=1e-3, fisher_samples=16),
     "ContinualEvaluation": lambda: ContinualEvaluation(every_n_steps=2, samples_per_task=10, save_plot=False, save_csv=False),
+    "KFPF": lambda: KFPF(k=3, finetune_steps=1, buffer_size=16, kd=True),
+    "FPF": lambda: FPF(finetune_steps=1, buffer_size=16),
     "GSLoRA": lambda: GSLoRA(target_modules=["layers.1", "layers.3"], prototype=True),
     "ForgetRetainEvaluation": lambda: ForgetRetainEvaluation(report=False),
     "ILoRA": lambda: ILoRA(lora={"r": 2, "alpha": 4.0, "dropout": 0.0}, buffer_size=12, save_adapters=False),
@@ -158,7 +163,9 @@ def test_logged_keys_follow_the_documented_prefix(name: str, tmp_path: Path, bas
         keys = logged_keys(tmp_path, [CALLBACKS[name]()], OWN_DATA[name])
         added = {k for k in keys - baseline if not k.startswith("lr-") and not matches(k, module_patterns)}
     else:
-        added = logged_keys(tmp_path, [CALLBACKS[name]()]) - baseline
+        # AdaB2N converts BatchNorm2d layers: it runs on the same stream with a convolutional backbone.
+        make_model = conv_classifier if name == "AdaB2N" else tiny_classifier
+        added = logged_keys(tmp_path, [CALLBACKS[name]()], make_model=make_model) - baseline
     assert added, f"{name} logged nothing in a 3-task run"
     wrong = sorted(key for key in added if not key.startswith(prefixes[0]) or not matches(key, patterns))
     assert wrong == [], f"{name} logs keys outside its README row ({prefixes[0]}: {patterns}): {wrong}"

@@ -1,11 +1,13 @@
 """Continual-learning and unlearning methods as Lightning callbacks."""
 
+from lightning_forget.callbacks.adab2n import AdaB2N
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
 from lightning_forget.callbacks.forget_eval import ForgetRetainEvaluation
 from lightning_forget.callbacks.gs_lora import GSLoRA
 from lightning_forget.callbacks.i_lora import ILoRA
 from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
+from lightning_forget.callbacks.kfpf import FPF, KFPF
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.callbacks.lr_rewarming import LRRewarming
 from lightning_forget.callbacks.refresh import RefreshLearning
@@ -13,6 +15,8 @@ from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceRe
 from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 
 __all__ = [
+    "AdaB2N",
     "ContinualEvaluation",
-    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "GSLoRA", "ILoRA", "InfiniteLRSchedule", "LiNeS",
-    "LRRewarming", "RefreshLearning", "RNGStateCheckpoint"]
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "FPF", "GSLoRA", "ILoRA", "InfiniteLRSchedule", "KFPF",
+    "LiNeS", "LRRewarming",
+    "RefreshLearning", "RNGStateCheckpoint"]

@@ -13,7 +13,7 @@ from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget.batch import BatchFields, SplitBatch, logits_of
 from lightning_forget.buffers import TASK_KEY, ReplayBuffer, TaskBalancedBuffer, make_buffer, pad_rows
 from lightning_forget.distributed import gather_batch, rank_generator, sampler_padding_mask
-from lightning_forget.losses import StepContext, remove_training_step_hooks, step_context, training_step_hooks
+from lightning_forget.losses import CopySafeHook, StepContext, remove_training_step_hooks, step_context, training_step_hooks
 from lightning_forget.tasks import ContinualCallback, task_schedule
 from lightning_forget.validation import check_choice, check_float, check_int
 from lightning.pytorch.utilities import rank_zero_warn
@@ -490,30 +490,6 @@ class ExperienceReplay(_BufferCallback):
         pl_module.log("replay/buffer_size", float(len(self.buffer)), on_step=True, on_epoch=False)
 
 
-class _ForwardCapture:
-    """The forward hook of :class:`DarkExperienceReplay`; a copy of the module gets a no-op."""
-
-    def __init__(self, owner: "DarkExperienceReplay") -> None:
-        self.owner = owner
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.owner._capture(output)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return _no_capture
-
-    def __reduce__(self) -> Any:
-        return (_no_capture_factory, ())
-
-
-def _no_capture(module: nn.Module, args: Any, output: Any) -> None:
-    return None
-
-
-def _no_capture_factory() -> Any:
-    return _no_capture
-
-
 class DarkExperienceReplay(_BufferCallback):
     """Dark Experience Replay++ (DER++): replay logits and labels from a buffer.
 
@@ -534,7 +510,9 @@ class DarkExperienceReplay(_BufferCallback):
     or an object with ``logits``, see :func:`~lightning_forget.batch.logits_of`); override
     :meth:`stream_logits` otherwise. The replay forwards call ``pl_module(x)`` with the stored
     input. Combined with :class:`ExperienceReplay` (in either order), the captured forward covers
-    the joined batch and its first rows, the loader's, are the ones stored.
+    the joined batch and its first rows, the loader's, are the ones stored. The two replay
+    forwards run inside :meth:`~lightning_forget.losses.StepContext.forward_of_stored`, so layers
+    that need each row's task (AdaB²N) find the drawn rows' stored task ids.
 
     Args:
         buffer_size: samples kept (with their logits).
@@ -605,7 +583,7 @@ class DarkExperienceReplay(_BufferCallback):
         hooks.add_batch_transform(self.state_key, self._arm)
         hooks.add_loss_term(self.state_key, self._replay_loss)
         if self._hook is None:
-            self._hook = pl_module.register_forward_hook(_ForwardCapture(self))
+            self._hook = pl_module.register_forward_hook(CopySafeHook(self._on_forward))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -629,6 +607,9 @@ class DarkExperienceReplay(_BufferCallback):
         self._capture_error = None
         self._armed = True
         return batch
+
+    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._capture(output)
 
     def _capture(self, output: Any) -> None:
         if self._armed:
@@ -668,12 +649,14 @@ class DarkExperienceReplay(_BufferCallback):
         n = self.replay_size(self._loader_rows(step_context(pl_module), split))
         first = self.draw(trainer, batch_idx, n, salt=1)
         second = self.draw(trainer, batch_idx, n, salt=2)
-        out = self.replay_logits(pl_module, first, input_name)
+        context = step_context(pl_module)
+        with context.forward_of_stored(self.state_key, int(first["index"].numel()), first, self.task_ids_of(first)):
+            out = self.replay_logits(pl_module, first, input_name)
         dtype = torch.promote_types(out.dtype, torch.float32)
         mse = nn.functional.mse_loss(out.to(dtype), first[self.LOGITS].to(out.device, dtype))
-        ce = nn.functional.cross_entropy(
-            self.replay_logits(pl_module, second, input_name), second[target_name].to(pl_module.device)
-        )
+        with context.forward_of_stored(self.state_key, int(second["index"].numel()), second, self.task_ids_of(second)):
+            second_out = self.replay_logits(pl_module, second, input_name)
+        ce = nn.functional.cross_entropy(second_out, second[target_name].to(pl_module.device))
         pl_module.log_dict({"derpp/mse": mse.detach(), "derpp/ce": ce.detach()}, on_step=True, on_epoch=False)
         return self.alpha * mse + self.beta * ce
 
