@@ -38,6 +38,8 @@ API
   adapter loads into another (I-LoRA copies fast into slow this way) or into a fresh model.
 - :func:`save_adapter` / :func:`load_adapter` — that state as one ``.safetensors`` file (with
   the settings as metadata); the base model's weights are never written.
+  :func:`save_adapter_state` writes such a file from tensors kept outside the model, keyed by
+  :func:`neutral_adapter_names`.
 
 Example::
 
@@ -72,8 +74,10 @@ __all__ = [
     "load_adapter",
     "load_adapter_state_dict",
     "match_target_modules",
+    "neutral_adapter_names",
     "peft_model_of",
     "save_adapter",
+    "save_adapter_state",
 ]
 
 TargetKind = Literal["attention", "ffn", "all"]
@@ -454,14 +458,29 @@ def save_adapter(
     ``metadata`` (plain JSON values, e.g. ``LoRASettings.to_dict()`` and the task) is stored in
     the file's header; :func:`load_adapter` returns it. Returns the path written.
     """
+    return save_adapter_state(adapter_state_dict(model, adapter_name), path, adapter_name, metadata)
+
+
+def save_adapter_state(
+    state: dict[str, Tensor], path: Union[str, Path], adapter_name: str = "default", metadata: Optional[dict[str, Any]] = None
+) -> Path:
+    """Write an adapter state (keys as :func:`adapter_state_dict` names them) to a ``.safetensors`` file that
+    :func:`load_adapter` reads: for adapter tensors kept outside the model (I-LoRA's slow learner)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {key: value.contiguous() for key, value in adapter_state_dict(model, adapter_name).items()}
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
     header = {"adapter_name": adapter_name, "metadata": json.dumps(metadata or {})}
-    save_file(state, str(path), metadata=header)
+    save_file(tensors, str(path), metadata=header)
     return path
+
+
+def neutral_adapter_names(model: nn.Module, adapter_name: str = "default") -> "OrderedDict[str, str]":
+    """``{name in model.named_parameters(): adapter-neutral key}`` for one adapter (the keys of
+    :func:`adapter_state_dict`)."""
+    prefix = _peft_prefix(model)
+    return OrderedDict((name, _neutral(name, adapter_name, prefix)) for name in adapter_parameters(model, adapter_name))
 
 
 def load_adapter(model: nn.Module, path: Union[str, Path], adapter_name: str = "default") -> dict[str, Any]:

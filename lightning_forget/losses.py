@@ -70,6 +70,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 from torch import Tensor
 
+from lightning_forget.validation import message
+
 import lightning.pytorch as pl
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "StepContext",
     "TrainingStepHooks",
     "add_loss_terms",
+    "hidden_consistency_loss",
     "output_loss",
     "remove_training_step_hooks",
     "replace_output_loss",
@@ -427,3 +430,57 @@ def add_loss_terms(pl_module: "pl.LightningModule", loss: Tensor, batch: Any = N
 def cross_entropy_on(pl_module: "pl.LightningModule", x: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy of ``pl_module(x)`` against ``y`` (a helper for loss terms)."""
     return torch.nn.functional.cross_entropy(pl_module(x), y)
+
+
+def hidden_consistency_loss(
+    fast: "list[Tensor] | tuple[Tensor, ...]",
+    slow: "list[Tensor] | tuple[Tensor, ...]",
+    mask: Optional[Tensor] = None,
+    layers: Optional[list[int]] = None,
+) -> Tensor:
+    """One-sided hidden-state consistency: the mean of ``ReLU(h_slow - h_fast)²`` over layers and elements.
+
+    The target of each activation is ``max(h_fast, h_slow)`` (the slow learner's value only where
+    it is larger), so only activations where the fast learner falls *below* the slow one are
+    penalised; the squared error to that target is ``ReLU(h_slow - h_fast)²``. The slow states
+    are detached. Computed in float32.
+
+    Args:
+        fast: per-layer ``(B, L, H)`` (or ``(B, N, H)``) hidden states of the trained learner.
+        slow: the same layers of the reference learner.
+        mask: ``(B, L)`` with 1 (or ``True``) at real positions; padded positions are left out of
+            the mean. ``None``: every position counts.
+        layers: indices into ``fast``/``slow`` (negative allowed) of the layers to use; ``None``:
+            all of them.
+
+    Returns:
+        A scalar: the sum of squared violations over the chosen layers and real positions,
+        divided by (layers × real positions × hidden size); 0 when no position is real.
+
+    Raises:
+        ValueError: ``fast`` and ``slow`` differ in length or shapes, or ``layers`` indexes past them.
+    """
+    if len(fast) != len(slow):
+        raise ValueError(f"`fast` has {len(fast)} layers but `slow` has {len(slow)}; pass the same layers of both.")
+    chosen = list(range(len(fast))) if layers is None else list(layers)
+    bad = [i for i in chosen if not -len(fast) <= i < len(fast)]
+    if bad or not chosen:
+        raise ValueError(message("layers", f"indices of the {len(fast)} hidden-state layers (negative allowed)", layers,
+                                 "e.g. layers=[-1] for the last one, or None for all"))
+    total: Optional[Tensor] = None
+    count = 0.0
+    for i in chosen:
+        h_fast, h_slow = fast[i].float(), slow[i].detach().float()
+        if h_fast.shape != h_slow.shape:
+            raise ValueError(f"Layer {i}: fast hidden states {tuple(h_fast.shape)} and slow {tuple(h_slow.shape)} differ.")
+        violation = torch.relu(h_slow - h_fast).pow(2)
+        if mask is not None:
+            weight = mask.to(violation.device, torch.float32).reshape(*mask.shape, *([1] * (violation.dim() - mask.dim())))
+            violation = violation * weight
+            count += float(weight.sum()) * float(violation[0, 0].numel() if violation.dim() > 2 else 1)
+        else:
+            count += float(violation.numel())
+        part = violation.sum()
+        total = part if total is None else total + part
+    assert total is not None
+    return total / count if count > 0 else total * 0.0

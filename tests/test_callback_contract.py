@@ -20,10 +20,11 @@ import torch
 import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
-from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, InfiniteLRSchedule, RefreshLearning
+from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, ILoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
+from tests.helpers.text import TINY_INSTRUCTIONS, TINY_LM, tiny_instruction_stream, tiny_lm
 from tests.helpers.harness import BatchRecorder, flat_tensors, params_vector, run_ddp_pair, run_stream, same_state, tiny_classifier
 from tests.helpers.models import conv_classifier
 
@@ -145,6 +146,22 @@ ROWS = [
             ({"max_eval_fraction": 2.0}, ValueError, "max_eval_fraction"),
             ({"window": 0}, ValueError, "window"),
         ],
+    ),
+    Row(
+        "ILoRA",
+        ILoRA,
+        {"lora": {"r": 2, "alpha": 4.0, "dropout": 0.0}, "buffer_size": 12, "seed": 1, "save_adapters": False},
+        [
+            ({"ema": 1.0}, ValueError, "ema"),
+            ({"consistency_weight": -1.0}, ValueError, "consistency_weight"),
+            ({"inference_learner": "both"}, ValueError, "inference_learner"),
+            ({"layers": "last"}, TypeError, "layers"),
+            ({"lora": 3}, TypeError, "lora"),
+        ],
+        make_data=tiny_instruction_stream,
+        make_model=tiny_lm,
+        model_yaml={"class_path": "lightning_forget.modules.CausalLMModule", "init_args": dict(TINY_LM)},
+        data_yaml={"class_path": "lightning_forget.datamodules.InstructionStreamDataModule", "init_args": dict(TINY_INSTRUCTIONS)},
     ),
     Row(
         "RefreshLearning",

@@ -9,8 +9,9 @@ its row the same way. The tests of ContinualMetrics' default key finding live he
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import pytest
@@ -29,6 +30,7 @@ from lightning_forget.callbacks import (
     FPF,
     ForgetRetainEvaluation,
     GSLoRA,
+    ILoRA,
     InfiniteLRSchedule,
     KFPF,
     LiNeS,
@@ -37,6 +39,7 @@ from lightning_forget.callbacks import (
 )
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import quiet_trainer, tiny_classifier
+from tests.helpers.text import tiny_instruction_stream, tiny_lm
 from tests.helpers.models import conv_classifier
 from tests.test_continual_eval import MemoryLogger
 
@@ -93,7 +96,7 @@ def logged_keys(tmp_path: Path, callbacks: list[Callback], make_data: Callable[.
         tmp_path, [*callbacks, LearningRateMonitor(logging_interval="step")],
         max_epochs=dm.max_epochs, logger=recorder, log_every_n_steps=1,
     )
-    if make_data is BlobStream:
+    if make_data is BlobStream or make_model is not tiny_classifier:
         model = make_model(dm)
     else:  # a forget/retain stream evaluates num_tasks + 1 sets
         from lightning_forget.modules import ContinualClassifier
@@ -119,6 +122,12 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "FPF": lambda: FPF(finetune_steps=1, buffer_size=16),
     "GSLoRA": lambda: GSLoRA(target_modules=["layers.1", "layers.3"], prototype=True),
     "ForgetRetainEvaluation": lambda: ForgetRetainEvaluation(report=False),
+    "ILoRA": lambda: ILoRA(lora={"r": 2, "alpha": 4.0, "dropout": 0.0}, buffer_size=12, save_adapters=False),
+}
+
+#: Callbacks that need a language model: run on a token stream (baseline from the same stream).
+LM_RUNS: dict[str, tuple[Callable[..., Any], Callable[[Any], pl.LightningModule]]] = {
+    "ILoRA": (partial(tiny_instruction_stream, examples_per_task=8), tiny_lm),  # 3 tasks of 2 batches
 }
 
 
@@ -145,7 +154,11 @@ def test_every_callback_has_a_row_with_one_prefix() -> None:
 @pytest.mark.parametrize("name", sorted(CALLBACKS))
 def test_logged_keys_follow_the_documented_prefix(name: str, tmp_path: Path, baseline: set[str]) -> None:
     prefixes, patterns = documented()[name]
-    if name in OWN_DATA:  # no run of that data without the callback: drop the module's own keys
+    if name in LM_RUNS:
+        make_data, make_model = LM_RUNS[name]
+        baseline = logged_keys(tmp_path / "lm_baseline", [], make_data, make_model)
+        added = logged_keys(tmp_path, [CALLBACKS[name]()], make_data, make_model) - baseline
+    elif name in OWN_DATA:  # no run of that data without the callback: drop the module's own keys
         module_patterns = documented()["ContinualClassifier"][1]
         keys = logged_keys(tmp_path, [CALLBACKS[name]()], OWN_DATA[name])
         added = {k for k in keys - baseline if not k.startswith("lr-") and not matches(k, module_patterns)}

@@ -5,6 +5,7 @@ from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
 from lightning_forget.callbacks.forget_eval import ForgetRetainEvaluation
 from lightning_forget.callbacks.gs_lora import GSLoRA
+from lightning_forget.callbacks.i_lora import ILoRA
 from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
 from lightning_forget.callbacks.kfpf import FPF, KFPF
 from lightning_forget.callbacks.lines import LiNeS
@@ -16,6 +17,6 @@ from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 __all__ = [
     "AdaB2N",
     "ContinualEvaluation",
-    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "FPF", "GSLoRA", "InfiniteLRSchedule", "KFPF",
+    "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "FPF", "GSLoRA", "ILoRA", "InfiniteLRSchedule", "KFPF",
     "LiNeS", "LRRewarming",
     "RefreshLearning", "RNGStateCheckpoint"]

@@ -3,14 +3,16 @@
 Layers, bottom up: :mod:`.base` (``ContinualDataModule``: the task schedule and the loaders),
 :mod:`.pools` and :mod:`.sources` (labelled samples and where they come from),
 :mod:`.class_incremental` and :mod:`.domain_incremental` (streams over any labelled data),
-:mod:`.presets` and :mod:`.vision` (named benchmarks), :mod:`.text` (text streams) and
-:mod:`.forget` (forget/retain streams for continual forgetting).
+:mod:`.presets` and :mod:`.vision` (named benchmarks), :mod:`.text` (text streams),
+:mod:`.forget` (forget/retain streams for continual forgetting) and :mod:`.instructions`
+(prompt/answer task streams for language models).
 """
 
 from lightning_forget.datamodules.base import ContinualDataModule
 from lightning_forget.datamodules.class_incremental import SplitDataModule
 from lightning_forget.datamodules.domain_incremental import DomainIncrementalDataModule
 from lightning_forget.datamodules.forget import ForgetRetainDataModule
+from lightning_forget.datamodules.instructions import InstructionStreamDataModule
 from lightning_forget.datamodules.presets import PermutedMNIST, RotatedMNIST, SplitDigits, SplitMNIST
 from lightning_forget.datamodules.text import ByteTokenizer, TextStreamDataModule
 from lightning_forget.datamodules.vision import SplitCIFAR10, SplitCIFAR100
@@ -20,6 +22,7 @@ __all__ = [
     "ContinualDataModule",
     "DomainIncrementalDataModule",
     "ForgetRetainDataModule",
+    "InstructionStreamDataModule",
     "PermutedMNIST",
     "RotatedMNIST",
     "SplitCIFAR10",

@@ -111,6 +111,10 @@ class ContinualDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         self._warned_short = False
 
+    #: ``DataLoader`` collate function of every loader (``None``: PyTorch's default); subclasses
+    #: with variable-length examples override it.
+    collate_fn: Any = None
+
     # ------------------------------------------------------------------ the schedule
     @property
     def num_train_phases(self) -> int:
@@ -192,6 +196,7 @@ class ContinualDataModule(pl.LightningDataModule):
             generator=seeded_generator(self.seed, epoch),
             num_workers=self.num_workers,
             drop_last=self.drop_last,
+            collate_fn=self.collate_fn,
         )
 
     def _eval_loaders(self, make: Any, salt: int) -> list[DataLoader]:
@@ -201,6 +206,7 @@ class ContinualDataModule(pl.LightningDataModule):
                 batch_size=self.eval_batch_size,
                 shuffle=False,
                 num_workers=self.num_workers,
+                collate_fn=self.collate_fn,
                 generator=seeded_generator(self.seed, salt + t),
             )
             for t in range(self.num_tasks)

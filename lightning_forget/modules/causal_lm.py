@@ -162,6 +162,11 @@ class CausalLMModule(pl.LightningModule):
         corpus_names: distinct names of the validation corpora in dataloader order, one per
             corpus; with them, the per-corpus values are also logged under ``val/loss/<name>``
             and ``val/ppl/<name>``.
+        exact_match: also log the per-corpus exact match: the fraction of validation sequences
+            whose every predicted token (label not ``-100``) is the model's top prediction, which
+            is when greedy decoding reproduces it. For prompt/answer data (labels on the answer
+            only). ``None`` (default): on when the datamodule says its labels mark answers only
+            (``answer_only_labels``, as ``InstructionStreamDataModule``).
 
     Raises:
         TypeError: a size is not an int, ``corpus_names`` is not a list of strings, or
@@ -176,7 +181,8 @@ class CausalLMModule(pl.LightningModule):
     Note:
         Logged keys: ``train/loss`` (every step), ``val/loss/task_{t}``, ``val/ppl/task_{t}``
         (per validation dataloader ``t``, epoch level), ``val/loss_avg`` and ``val/ppl_avg`` (the
-        mean over dataloaders of the loss, and its ``exp``). ``save_hyperparameters`` records
+        mean over dataloaders of the loss, and its ``exp``); with exact match,
+        ``val/exact_match/task_{t}`` and ``val/exact_match_avg``. ``save_hyperparameters`` records
         every argument except ``optimizer`` and ``lr_scheduler`` (callables; LightningCLI's saved
         ``config.yaml`` keeps them). The validation metrics are not checkpointed (they are reset
         every epoch).
@@ -197,6 +203,7 @@ class CausalLMModule(pl.LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
         corpus_names: Optional[Sequence[str]] = None,
+        exact_match: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if model not in ("gpt2", "llama"):
@@ -233,11 +240,14 @@ class CausalLMModule(pl.LightningModule):
                 f"`lr_scheduler` must be None or a callable optimizer -> scheduler, got {type(lr_scheduler).__name__}."
             )
         corpus_names = _check_corpus_names(corpus_names)
+        check_type("exact_match", exact_match, bool, allow_none=True, fix="pass True, False or None (auto)")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
         self.corpus_names = corpus_names
+        self.exact_match = exact_match
+        self._exact_match_on = bool(exact_match)
 
         if pretrained_path is not None:
             from transformers import AutoModelForCausalLM
@@ -250,6 +260,7 @@ class CausalLMModule(pl.LightningModule):
                 model, vocab_size, block_size, n_layer, n_embd, n_head, intermediate_size, dropout
             )
         self.val_loss_metrics = nn.ModuleList()
+        self.val_match_metrics = nn.ModuleList()
         self._val_seen: set[int] = set()
 
     # ------------------------------------------------------------------ model
@@ -280,20 +291,24 @@ class CausalLMModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
         return loss
 
-    def _val_metric(self, dataloader_idx: int) -> MeanMetric:
-        while len(self.val_loss_metrics) <= dataloader_idx:
-            self.val_loss_metrics.append(MeanMetric().to(self.device))
-        return self.val_loss_metrics[dataloader_idx]  # type: ignore[return-value]
+    def _val_metric(self, dataloader_idx: int, metrics: Optional[nn.ModuleList] = None) -> MeanMetric:
+        metrics = self.val_loss_metrics if metrics is None else metrics
+        while len(metrics) <= dataloader_idx:
+            metrics.append(MeanMetric().to(self.device))
+        return metrics[dataloader_idx]  # type: ignore[return-value]
 
     @override
     def on_validation_epoch_start(self) -> None:
         self._val_seen = set()
-        for metric in self.val_loss_metrics:
+        for metric in [*self.val_loss_metrics, *self.val_match_metrics]:
             metric.reset()
 
     @override
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
+        self._exact_match_on = (
+            bool(getattr(datamodule, "answer_only_labels", False)) if self.exact_match is None else self.exact_match
+        )
         if datamodule is not None:
             self.check_data(
                 vocab_size=getattr(datamodule, "vocab_size", None),
@@ -362,11 +377,15 @@ class CausalLMModule(pl.LightningModule):
         metric = self._val_metric(dataloader_idx)
         # A token-weighted mean: each predicted token counts once, whatever the batch size.
         metric.update(per_token[predicted])
+        if self._exact_match_on:
+            rows = predicted.any(dim=1)
+            hit = (logits[:, :-1].argmax(dim=-1) == labels[:, 1:]) | ~predicted
+            self._val_metric(dataloader_idx, self.val_match_metrics).update(hit.all(dim=1)[rows].float())
         self._val_seen.add(dataloader_idx)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        losses = []
+        losses, matches = [], []
         for t in sorted(self._val_seen):
             loss = self.val_loss_metrics[t].compute()  # synced across ranks (collective on all ranks)
             losses.append(loss)
@@ -377,6 +396,13 @@ class CausalLMModule(pl.LightningModule):
                 self.log(f"val/loss/{self.corpus_names[t]}", loss, sync_dist=True)
                 self.log(f"val/ppl/{self.corpus_names[t]}", ppl, sync_dist=True)
             self.val_loss_metrics[t].reset()
+            if self._exact_match_on and t < len(self.val_match_metrics):
+                match = self.val_match_metrics[t].compute()
+                matches.append(match)
+                self.log(f"val/exact_match/task_{t}", match, sync_dist=True)
+                self.val_match_metrics[t].reset()
+        if matches:
+            self.log("val/exact_match_avg", torch.stack(matches).mean(), sync_dist=True)
         if losses:
             loss_avg = torch.stack(losses).mean()
             self.log("val/loss_avg", loss_avg, prog_bar=True, sync_dist=True)

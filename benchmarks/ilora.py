@@ -1,0 +1,192 @@
+"""Sequential LoRA vs ER-LoRA vs I-LoRA on the embedded instruction stream (docs/results.md).
+
+Protocol (small, CPU): per seed, a tiny GPT-2 (2 layers, width 64, bytes) is first pre-trained in
+full on Python's help topics (``--pretrain-steps`` next-token steps, the same base weights for the
+three methods of that seed), then LoRA (r 8, α 32, dropout 0.1, attention and MLP projections)
+is trained on the three instruction tasks of ``InstructionStreamDataModule`` in order
+(category → next_word → length_sum; 192 training and 48 validation examples each, one epoch
+per task), AdamW lr 1e-3, batch 16:
+
+- ``lora``: sequential LoRA fine-tuning, no replay;
+- ``er_lora``: ``ExperienceReplay`` (reservoir pinned, as I-LoRA's own buffer; 500 samples, a replay
+  batch joined to each batch);
+- ``i_lora``: ``ILoRA`` with the official λ = 0.25, γ = 1, 500 samples, evaluated with the slow
+  learner; also ``i_lora_λ0.99`` (a slow learner that averages over ~100 steps).
+  ``train("i_lora_fast", ...)`` evaluates with the fast learner instead (not in the default list).
+
+Printed, measured in this one run: average final exact match over the tasks and its forgetting
+(mean ± std over seeds, from the exact-match accuracy matrix), the final answer loss averaged
+over tasks, and each method's training step time and peak memory relative to ER-LoRA. Each run
+trains in a forked child process so its peak resident memory (``ru_maxrss``; on a GPU the
+peak allocated memory) is its own.
+
+    python benchmarks/ilora.py            # full: 3 seeds
+    python benchmarks/ilora.py --quick    # one seed, a few steps per task (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+RANK_SETTINGS = {"r": 8, "alpha": 32.0, "dropout": 0.1, "kind": "all"}
+METHODS = ("lora", "er_lora", "i_lora", "i_lora_λ0.99")
+
+
+def pretrained_base(seed: int, steps: int) -> dict[str, torch.Tensor]:
+    """A tiny GPT-2 trained in full on Python's help topics for ``steps`` steps (state dict)."""
+    import lightning.pytorch as pl
+
+    from lightning_forget.datamodules import TextStreamDataModule
+    from lightning_forget.modules.causal_lm import build_tiny_causal_lm, causal_lm_loss
+
+    pl.seed_everything(seed, verbose=False)
+    model = build_tiny_causal_lm("gpt2", 257, 96, 2, 64, 4)
+    if steps:
+        data = TextStreamDataModule(corpora=["python_docs"], block_size=96, max_chars_per_corpus=400_000, batch_size=16, seed=seed)
+        data.setup("fit")
+        dataset = data.train_dataset(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(steps):
+            rows = torch.randint(len(dataset), (16,), generator=generator)
+            ids = torch.stack([dataset[int(i)]["input_ids"] for i in rows])
+            loss = causal_lm_loss(model(input_ids=ids).logits, ids)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(method: str, seed: int, base: dict[str, torch.Tensor], quick: bool) -> dict[str, Any]:
+    """One continual run; returns the accuracy matrix, final losses, step time and peak memory."""
+    import lightning.pytorch as pl
+
+    from lightning_forget.callbacks import ContinualMetrics, ExperienceReplay, ILoRA
+    from lightning_forget.callbacks.i_lora import TOKEN_PAD_VALUES
+    from lightning_forget.datamodules import InstructionStreamDataModule
+    from lightning_forget.lora import LoRASettings, add_lora
+    from lightning_forget.modules import CausalLMModule
+
+    torch.set_num_threads(1)
+    pl.seed_everything(seed, verbose=False)
+    data = InstructionStreamDataModule(examples_per_task=32 if quick else 192, val_examples_per_task=16 if quick else 48,
+                                       batch_size=16, epochs_per_task=1, seed=seed)
+    model = CausalLMModule("gpt2", vocab_size=257, block_size=96, n_layer=2, n_embd=64, n_head=4,
+                           optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    model.model.load_state_dict(base)
+    settings = LoRASettings(**RANK_SETTINGS)
+    callbacks: list[Any] = [ContinualMetrics(key="val/exact_match/task_{task}", report=False)]
+    if method == "er_lora":
+        model.model = add_lora(model.model, settings)
+        callbacks.append(ExperienceReplay(buffer_size=500, seed=seed, update="reservoir", draw="step", pad_values=dict(TOKEN_PAD_VALUES)))
+    elif method.startswith("i_lora"):
+        ema = 0.99 if method.endswith("0.99") else 0.25
+        learner = "fast" if method.endswith("fast") else "slow"
+        callbacks.append(ILoRA(lora=settings, ema=ema, buffer_size=500, seed=seed, inference_learner=learner, save_adapters=False))
+    else:
+        model.model = add_lora(model.model, settings)
+    trainer = pl.Trainer(
+        accelerator="auto", devices=1, max_epochs=data.max_epochs, reload_dataloaders_every_n_epochs=1,
+        enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
+        num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=2 if quick else None,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    seconds = time.perf_counter() - start
+    metrics = callbacks[0]
+    losses = [float(trainer.callback_metrics[f"val/loss/task_{t}"]) for t in range(data.num_tasks)]
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"matrix": metrics.matrix.tolist(), "summary": metrics.summary, "loss": sum(losses) / len(losses),
+            "step_seconds": seconds / max(trainer.global_step, 1), "peak_mb": peak}
+
+
+def _child(queue: Any, *args: Any) -> None:
+    queue.put(train(*args))
+
+
+def run_isolated(*args: Any) -> dict[str, Any]:
+    """``train`` in a forked child (its own peak memory)."""
+    context = mp.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, *args))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pretrain-steps", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    seeds = [0] if args.quick else list(range(args.seeds))
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    started = time.perf_counter()
+    for seed in seeds:
+        base = run_isolated_base(seed, 5 if args.quick else args.pretrain_steps)
+        for method in METHODS:  # interleaved: machine load affects every method alike
+            results[method].append(run_isolated(method, seed, base, args.quick))
+            row = results[method][-1]
+            print(f"seed {seed} {method}: exact match {row['summary'].get('average_accuracy')}, "
+                  f"forgetting {row['summary'].get('forgetting')}, answer loss {row['loss']:.3f}, "
+                  f"step {row['step_seconds'] * 1000:.0f} ms, peak {row['peak_mb']:.0f} MB", flush=True)
+    er_step = statistics.mean(r["step_seconds"] for r in results["er_lora"])
+    er_peak = statistics.mean(r["peak_mb"] for r in results["er_lora"])
+    print()
+    print(f"| method | avg final exact match | forgetting | avg final answer loss | step time vs ER-LoRA | peak memory vs ER-LoRA |")
+    print("|---|---|---|---|---|---|")
+    for method in METHODS:
+        rows = results[method]
+        acc = _mean_std([r["summary"].get("average_accuracy") for r in rows])
+        forgetting = _mean_std([r["summary"].get("forgetting") for r in rows])
+        loss = _mean_std([r["loss"] for r in rows])
+        step = statistics.mean(r["step_seconds"] for r in rows) / er_step
+        peak = statistics.mean(r["peak_mb"] for r in rows) / er_peak
+        print(f"| {method} | {acc} | {forgetting} | {loss} | {step:.2f}× | {peak:.2f}× |")
+    print(f"\n{len(seeds)} seed(s); wall time {time.perf_counter() - started:.0f} s")
+
+
+def _base_child(queue: Any, seed: int, steps: int) -> None:
+    torch.set_num_threads(1)
+    buffer = io.BytesIO()  # bytes: a tensor sent through the queue would need the child alive
+    torch.save(pretrained_base(seed, steps), buffer)
+    queue.put(buffer.getvalue())
+
+
+def run_isolated_base(seed: int, steps: int) -> dict[str, torch.Tensor]:
+    context = mp.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=_base_child, args=(queue, seed, steps))
+    process.start()
+    result = queue.get()
+    process.join()
+    return torch.load(io.BytesIO(result), weights_only=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""I-LoRA: a fast LoRA learner, a slow one that follows it by interpolation, and consistency replay."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_forget.buffers import TASK_KEY
+from lightning_forget.callbacks.replay import _BufferCallback
+from lightning_forget.lora import (
+    LoRASettings,
+    add_lora,
+    adapter_parameters,
+    neutral_adapter_names,
+    save_adapter,
+    save_adapter_state,
+)
+from lightning_forget.losses import hidden_consistency_loss, output_loss, remove_training_step_hooks, training_step_hooks
+from lightning_forget.modules.causal_lm import IGNORE_INDEX, causal_lm_loss
+from lightning_forget.optim_step import StepCounter
+from lightning_forget.tasks import DDP_STRATEGIES
+from lightning_forget.validation import check_choice, check_float, check_int, check_str, check_type, message
+
+try:  # Python 3.12+
+    from typing import override
+except ImportError:  # pragma: no cover
+    from typing_extensions import override
+
+__all__ = ["ILoRA", "ema_coefficient", "interpolate_"]
+
+#: The official code's LoRA settings: rank 8, alpha 32, dropout 0.1, on the attention projections.
+DEFAULT_LORA = {"r": 8, "alpha": 32.0, "dropout": 0.1, "kind": "attention"}
+
+#: Pad values of token fields in the buffer (labels padded with -100: never trained on).
+TOKEN_PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+
+def ema_coefficient(step: int, ema: float) -> float:
+    """The warm-started interpolation weight of the old slow weights: ``min(1 - 1/(step + 1), ema)``.
+
+    ``step`` counts real optimizer steps from 1 (the first update uses ``min(1/2, ema)``).
+    """
+    return min(1.0 - 1.0 / (step + 1), ema)
+
+
+@torch.no_grad()
+def interpolate_(slow: dict[str, Tensor], fast: dict[str, Tensor], weight: float) -> None:
+    """In place: ``slow[k] ← weight·slow[k] + (1 − weight)·fast[k]`` for every key."""
+    for key, value in slow.items():
+        value.mul_(weight).add_(fast[key].detach().to(value.dtype), alpha=1.0 - weight)
+
+
+def _register_output_capture(model: nn.Module) -> None:
+    """Make ``output_hidden_states=True`` work on a model unpickled in a fresh process.
+
+    transformers 5 collects hidden states through a registry filled when a model *class* is first
+    instantiated in the process; a model that arrived by pickling (``strategy="ddp_spawn"``
+    workers) finds the registry empty and silently returns ``hidden_states=None``. Registering
+    the model's own ``_can_record_outputs`` restores it; nothing happens where it is registered.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # pragma: no cover - other transformers releases
+        return
+    for module in model.modules():
+        record = getattr(type(module), "_can_record_outputs", None)
+        if record and not _CAN_RECORD_REGISTRY.get(module):
+            _CAN_RECORD_REGISTRY[module] = record
+
+
+class ILoRA(_BufferCallback):
+    """I-LoRA: dual-memory LoRA with parameter interpolation and hidden-state consistency replay.
+
+    Ren et al., "Analyzing and Reducing Catastrophic Forgetting in Parameter Efficient Tuning"
+    (arXiv 2024; ICASSP 2025). The module's backbone carries a LoRA adapter (PEFT), the **fast
+    learner**, trained by the optimizer. A **slow learner** is a second set of adapter tensors
+    that follows the fast one by interpolation after every real optimizer step:
+
+        θ_slow ← λ_s·θ_slow + (1 − λ_s)·θ_fast,   λ_s = min(1 − 1/(s + 1), λ),
+
+    with ``s`` the number of real optimizer steps so far (an accumulation batch is not a step).
+    From the second task on, each step also draws a batch of the stream's size from a reservoir
+    buffer, runs the fast learner on it (loss ``L_buf``, hidden states ``h_f``) and the slow
+    learner without gradient (``h_s``), and trains on
+
+        (L_cur + L_buf) / 2 + γ · mean_ℓ ReLU(h_s,ℓ − h_f,ℓ)²,
+
+    the mean running over every hidden layer (the embedding output included) and every real
+    (unpadded) position. ``L_cur`` is what the module's own ``training_step`` returns; the rest is
+    added through :func:`lightning_forget.losses.training_step_hooks` inside the same step, so DDP
+    reduces one gradient.
+
+    **The model.** ``setup()`` wraps ``pl_module.<model_attr>`` (a Hugging Face model: GPT-2,
+    Llama, ViT, BERT...) with PEFT LoRA (``lora``); a backbone that already is a ``PeftModel`` is
+    used as it is (its ``adapter`` trains). The slow learner is *not* a module: it is a copy of
+    the adapter's tensors (a few MB, never the whole model) held by this callback, so it is in no
+    optimizer and no DDP bucket whatever ``configure_optimizers`` does; its forward is the same
+    model with the slow tensors in place of the fast ones, copied into the adapter for the slow forward (run before the step builds its graph)
+and copied back. Wrapping happens in ``setup()``, before the strategy builds the optimizer and DDP, so
+    only adapter parameters require gradients there.
+
+    **Batches.** Token batches are dicts with ``input_ids`` (and ``attention_mask``, ``labels``
+    with ``-100`` at positions not predicted); the buffer stores them with their lengths and
+    re-pads drawn rows (``input_ids``/``attention_mask`` with 0, ``labels`` with -100); the
+    buffer loss is the next-token loss, the consistency mask is ``attention_mask``. Image batches
+    (tuples, dicts, namedtuples with an input and a target; ``input_key``/``target_key``) are fed
+    as ``pixel_values``; the buffer loss is cross-entropy over the model's logits.
+
+    **Inference.** ``inference_learner="slow"`` (default) evaluates with the slow tensors swapped
+    into the adapter during every validation, and leaves them in the adapter when training ends
+    (the fast tensors come back when another fit with this callback starts); ``"fast"`` uses the
+    trained adapter throughout. Which learner the paper evaluates is not stated; the slow default
+    follows the dual-memory design it builds on. With λ = 0.25 the slow learner trails the fast
+    one by a few steps only; a long-term memory in the CLS-ER sense needs λ near 1 (e.g. 0.999).
+
+    **Files.** When a task ends, rank 0 writes ``task_{t}_fast.safetensors`` and
+    ``task_{t}_slow.safetensors`` (adapter tensors only, read back with
+    :func:`lightning_forget.lora.load_adapter`) into ``adapter_dir`` (default: the checkpoint
+    callback's directory, else ``<default_root_dir>/adapters``).
+
+    Args:
+        lora: LoRA settings of the fast (and slow) adapter when ``setup()`` wraps the backbone;
+            default ``LoRASettings(r=8, alpha=32, dropout=0.1, kind="attention")``, the official
+            code's values. Ignored for a backbone that already is a PEFT model.
+        ema: λ, the weight of the old slow tensors (default 0.25, the official ``ema_alpha``).
+        consistency_weight: γ (default 1.0, the official ``reg_weight``).
+        buffer_size: samples kept (default 500, the official value).
+        replay_batch_size: replayed samples per step (default: the stream batch size, as official).
+        layers: indices of the hidden-state layers the consistency loss uses (negative allowed,
+            e.g. ``[-1]``); ``None`` (default, official) uses all of them.
+        inference_learner: ``"slow"`` or ``"fast"`` (above).
+        model_attr: attribute of the LightningModule holding the Hugging Face backbone.
+        adapter: name of the trained PEFT adapter (``"default"``: PEFT's own default name).
+        adapter_dir: where per-task adapter files go (``None``: see above).
+        save_adapters: write the per-task adapter files.
+        seed: seed of the buffer and of the replay draws.
+        input_key: the image input's field for image batches (see
+            :class:`~lightning_forget.callbacks.ExperienceReplay`); token batches use ``input_ids``.
+        target_key: the label field of image batches.
+        pad_values: pad values of the variable-length buffer fields (default: the token fields
+            above; ``None`` is that default).
+
+    Raises:
+        TypeError, ValueError: bad arguments (at construction).
+        RuntimeError: in ``setup()``: the module has no ``model_attr`` backbone, the PEFT model
+            has no ``adapter``, or the strategy is sharded.
+
+    Note:
+        Logged keys: ``ilora/buffer_loss`` (``L_buf``), ``ilora/consistency`` (the unweighted
+        consistency loss) on replay steps, ``ilora/buffer_size`` every step. Saved state: the
+        buffer, the slow adapter tensors (CPU, by adapter-neutral name), the count of real
+        optimizer steps, the task counters.
+    """
+
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        lora: Optional[LoRASettings] = None,
+        ema: float = 0.25,
+        consistency_weight: float = 1.0,
+        buffer_size: int = 500,
+        replay_batch_size: Optional[int] = None,
+        layers: Optional[list[int]] = None,
+        inference_learner: Literal["slow", "fast"] = "slow",
+        model_attr: str = "model",
+        adapter: str = "default",
+        adapter_dir: Optional[str] = None,
+        save_adapters: bool = True,
+        seed: int = 0,
+        input_key: Optional[Union[str, int]] = None,
+        target_key: Optional[Union[str, int]] = None,
+        pad_values: Optional[dict[str, Union[int, float]]] = None,
+    ) -> None:
+        super().__init__(
+            buffer_size, replay_batch_size, "reservoir", seed, input_key, target_key, None,
+            pad_values=dict(TOKEN_PAD_VALUES) if pad_values is None else pad_values,
+        )
+        if lora is not None and not isinstance(lora, LoRASettings):
+            if isinstance(lora, dict):
+                lora = LoRASettings(**lora)
+            else:
+                raise TypeError(message("lora", "a LoRASettings (or a mapping of its fields) or None", lora,
+                                        "e.g. lora=LoRASettings(r=8, alpha=32)"))
+        self.lora = lora if lora is not None else LoRASettings(**DEFAULT_LORA)  # type: ignore[arg-type]
+        self.ema = check_float("ema", ema, min=0.0, max=1.0, max_inclusive=False,
+                               fix="pass the weight of the old slow tensors in [0, 1), e.g. 0.25 (official) or 0.999")
+        self.consistency_weight = check_float("consistency_weight", consistency_weight, min=0.0,
+                                              fix="pass a finite weight >= 0, e.g. 1.0")
+        if layers is not None:
+            if not isinstance(layers, (list, tuple)) or not layers or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers
+            ):
+                raise TypeError(message("layers", "None or a non-empty list of int layer indices", layers,
+                                        "e.g. layers=[-1, -2] for the last two hidden states"))
+            layers = list(layers)
+        self.layers = layers
+        self.inference_learner = check_choice("inference_learner", inference_learner, ("slow", "fast"))
+        self.model_attr = check_str("model_attr", model_attr)
+        self.adapter = check_str("adapter", adapter)
+        self.adapter_dir = check_str("adapter_dir", adapter_dir, allow_none=True)
+        self.save_adapters = bool(check_type("save_adapters", save_adapters, bool))
+        self.optimizer_steps = 0
+        self._counter = StepCounter()
+        #: slow tensors, by parameter name relative to the PEFT model.
+        self._slow: "OrderedDict[str, Tensor]" = OrderedDict()
+        self._pending_slow: Optional[dict[str, Tensor]] = None
+        self._fast_backup: Optional[dict[str, Tensor]] = None
+        self._peft: Optional[nn.Module] = None
+        self._swapped: Optional[dict[str, Tensor]] = None
+        self._replay: Optional[tuple[Any, Any, Any]] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(buffer_size=self.buffer_size, seed=self.seed, ema=self.ema)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._peft is not None and self._pending_slow is None and self._slow:
+            # A copy has no model: it keeps the slow tensors by adapter-neutral name, as a checkpoint does.
+            state["_pending_slow"] = dict(self.slow_state())
+        state.update({"_peft": None, "_fast_backup": None, "_swapped": None, "_replay": None, "_counter": StepCounter()})
+        # Lightning attaches the module's `log`/`log_dict` to every callback; a transformers model
+        # with output-capturing hooks does not pickle, and the next fit attaches them again.
+        state.pop("log", None)
+        state.pop("log_dict", None)
+        return state
+
+    # ------------------------------------------------------------------ the model
+    def peft_model(self) -> nn.Module:
+        if self._peft is None:
+            raise RuntimeError("ILoRA has no PEFT model yet: it is set up by `Trainer.fit` (setup()).")
+        return self._peft
+
+    def fast_parameters(self) -> "OrderedDict[str, nn.Parameter]":
+        """The trained adapter's parameters, by name relative to the PEFT model."""
+        return adapter_parameters(self.peft_model(), self.adapter)
+
+    def slow_state(self) -> "OrderedDict[str, Tensor]":
+        """The slow learner's tensors keyed by adapter-neutral names (as :func:`~lightning_forget.lora.adapter_state_dict`)."""
+        names = neutral_adapter_names(self.peft_model(), self.adapter)
+        return OrderedDict((names[k], v.detach().cpu().clone()) for k, v in self._slow.items())
+
+    def _wrap(self, pl_module: "pl.LightningModule") -> None:
+        from peft import PeftModel
+
+        backbone = getattr(pl_module, self.model_attr, None)
+        if not isinstance(backbone, nn.Module):
+            raise RuntimeError(
+                f"ILoRA needs the Hugging Face backbone at `{type(pl_module).__name__}.{self.model_attr}`, found "
+                f"{type(backbone).__name__}. Fix: pass `model_attr=` naming the attribute that holds it."
+            )
+        if not isinstance(backbone, PeftModel):
+            backbone = add_lora(backbone, self.lora, adapter_name=self.adapter)
+            setattr(pl_module, self.model_attr, backbone)
+        elif self.adapter not in backbone.peft_config:
+            raise RuntimeError(message("adapter", "an adapter of the PEFT backbone", self.adapter,
+                                       f"it has {sorted(backbone.peft_config)}"))
+        self._peft = backbone
+        _register_output_capture(backbone)
+        fast = self.fast_parameters()
+        for name, p in fast.items():
+            p.requires_grad_(True)
+        if not self._slow or set(self._slow) != set(fast):
+            self._slow = OrderedDict((name, p.detach().clone()) for name, p in fast.items())
+
+    def _sync_device(self) -> None:
+        fast = self.fast_parameters()
+        if self._pending_slow is not None:
+            names = neutral_adapter_names(self.peft_model(), self.adapter)
+            by_neutral = {names[k]: k for k in fast}
+            missing = sorted(set(by_neutral) - set(self._pending_slow))
+            if missing:
+                raise RuntimeError(
+                    f"ILoRA: the checkpoint's slow adapter lacks {missing[:4]}; it was written with other LoRA "
+                    "settings. Fix: resume with the checkpoint's `lora` settings."
+                )
+            self._slow = OrderedDict((by_neutral[n], v.clone()) for n, v in self._pending_slow.items() if n in by_neutral)
+            self._pending_slow = None
+        for name, value in self._slow.items():
+            p = fast[name]
+            if value.device != p.device or value.dtype != p.dtype:
+                self._slow[name] = value.to(p.device, p.dtype)
+
+    @torch.no_grad()
+    def _load_into_fast(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Copy ``tensors`` into the fast adapter; returns the values it held."""
+        fast = self.fast_parameters()
+        old = {name: p.detach().clone() for name, p in fast.items()}
+        for name, p in fast.items():
+            p.copy_(tensors[name])
+        return old
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._wrap(pl_module)
+        if self._fast_backup is not None:  # a previous fit ended with the slow learner swapped in
+            self._load_into_fast(self._fast_backup)
+            self._fast_backup = None
+        if stage == "fit":
+            hooks = training_step_hooks(pl_module)
+            hooks.add_batch_transform(self.state_key, self._slow_forward)
+            hooks.add_loss_term(self.state_key, self._replay_terms)
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._sync_device()
+        self._counter.watch(trainer.optimizers)
+        self._counter.pop()
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        self._counter.watch(trainer.optimizers)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for _ in range(self._counter.pop()):
+            self.optimizer_steps += 1
+            fast = {name: p for name, p in self.fast_parameters().items()}
+            interpolate_(self._slow, fast, ema_coefficient(self.optimizer_steps, self.ema))
+        from lightning_forget.losses import step_context
+
+        if not step_context(pl_module).skipped:
+            self.store(trainer, batch_idx, self._common_width(trainer, self.to_fields(batch)))
+        pl_module.log("ilora/buffer_size", float(len(self.buffer)), on_step=True, on_epoch=False)
+
+    def _common_width(self, trainer: "pl.Trainer", fields: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Token fields padded to the longest width over ranks (the buffer gathers rows of one width)."""
+        if trainer.world_size <= 1:
+            return fields
+        from lightning_forget.buffers import pad_rows
+
+        out = dict(fields)
+        for key, pad in (self.pad_values or {}).items():
+            value = out.get(key)
+            if value is None or value.dim() < 2:
+                continue
+            width = torch.tensor([float(value.shape[1])], device=value.device)
+            width = int(trainer.strategy.reduce(width, reduce_op="max"))
+            out[key] = pad_rows(value, width, pad)
+        return out
+
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.inference_learner == "slow" and self._peft is not None and self._slow and self._fast_backup is None:
+            self._sync_device()
+            self._swapped = self._load_into_fast(self._slow)
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        swapped = self._swapped
+        if swapped is not None:
+            self._load_into_fast(swapped)
+            self._swapped = None
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.inference_learner == "slow" and self._slow:
+            self._fast_backup = self._load_into_fast(self._slow)
+
+    @override
+    def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        super().on_task_end(trainer, pl_module, task)
+        if self.save_adapters and trainer.is_global_zero and self._peft is not None:
+            folder = self._adapter_folder(trainer)
+            meta = {"task": int(task), "lora": self.lora.to_dict(), "ema": self.ema, "step": self.optimizer_steps}
+            save_adapter(self._peft, folder / f"task_{task}_fast.safetensors", self.adapter, {**meta, "learner": "fast"})
+            save_adapter_state(self.slow_state(), folder / f"task_{task}_slow.safetensors", self.adapter,
+                               {**meta, "learner": "slow"})
+            rank_zero_info(f"ILoRA: adapters of task {task} written to {folder}")
+
+    def _adapter_folder(self, trainer: "pl.Trainer") -> Path:
+        if self.adapter_dir is not None:
+            return Path(self.adapter_dir)
+        checkpoint = trainer.checkpoint_callback
+        dirpath = getattr(checkpoint, "dirpath", None)
+        if dirpath:
+            return Path(dirpath)
+        return Path(trainer.default_root_dir) / "adapters"
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        remove_training_step_hooks(pl_module, self.state_key)
+        if stage == "fit":
+            self._counter.close()
+
+    # ------------------------------------------------------------------ the loss
+    def _is_tokens(self, fields: dict[str, Tensor]) -> bool:
+        return "input_ids" in fields
+
+    def _model_inputs(self, fields: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+        if self._is_tokens(fields):
+            inputs = {"input_ids": fields["input_ids"].to(device)}
+            if "attention_mask" in fields:
+                inputs["attention_mask"] = fields["attention_mask"].to(device)
+            return inputs
+        return {"pixel_values": fields[self._input_field].to(device)}
+
+    def _buffer_loss(self, logits: Tensor, fields: dict[str, Tensor]) -> Tensor:
+        if self._is_tokens(fields):
+            labels = fields.get("labels")
+            if labels is None:
+                labels = fields["input_ids"]
+                if "attention_mask" in fields:
+                    labels = labels.masked_fill(fields["attention_mask"] == 0, IGNORE_INDEX)
+            return causal_lm_loss(logits, labels.to(logits.device))
+        return F.cross_entropy(logits.float(), fields[self._target_field].to(logits.device))
+
+    def _slow_forward(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> Any:
+        """Batch transform: draw the replay batch and run the slow learner on it (no gradient).
+
+        It runs before the module's step builds any graph, so the slow tensors can be copied into
+        the adapter for the forward and the fast ones copied back after it, bit for bit.
+        """
+        self._replay = None
+        trainer = pl_module.trainer
+        if self.current_task(trainer) < 1 or self.buffer.is_empty:
+            return batch
+        split = self.split(batch)
+        names = self._buffer_names(split)
+        self._input_field = names[split.input_name]
+        self._target_field = names[split.target_name] if split.target_name is not None else "y"
+        drawn = self.draw(trainer, batch_idx, self.replay_size(split.size))
+        fields = {k: v for k, v in drawn.items() if k not in ("index", TASK_KEY)}
+        device = next(iter(self.fast_parameters().values())).device
+        inputs = self._model_inputs(fields, device)
+        self._sync_device()
+        fast = self._load_into_fast(self._slow)
+        try:
+            with torch.no_grad():
+                slow_hidden = [h.detach() for h in self.peft_model()(**inputs, output_hidden_states=True).hidden_states]
+        finally:
+            self._load_into_fast(fast)
+        self._replay = (fields, inputs, slow_hidden)
+        return batch
+
+    def _replay_terms(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int, output: Any) -> Optional[Tensor]:
+        """Loss term: ``(L_buf - L_cur)/2 + γ·L_cons`` from the fast learner's forward on the replay batch."""
+        if self._replay is None:
+            return None
+        fields, inputs, slow_hidden = self._replay
+        self._replay = None
+        fast_out = self.peft_model()(**inputs, output_hidden_states=True)
+        mask = inputs.get("attention_mask")
+        consistency = hidden_consistency_loss(fast_out.hidden_states, slow_hidden, mask=mask, layers=self.layers)
+        buffer_loss = self._buffer_loss(fast_out.logits, fields)
+        current = output_loss(output)
+        rows = int(inputs[next(iter(inputs))].shape[0])
+        pl_module.log("ilora/buffer_loss", buffer_loss.detach(), on_step=True, on_epoch=False, batch_size=rows)
+        pl_module.log("ilora/consistency", consistency.detach(), on_step=True, on_epoch=False, batch_size=rows)
+        # The step's loss is L_cur; adding (L_buf - L_cur)/2 makes the total (L_cur + L_buf)/2.
+        return (buffer_loss - current) / 2 + self.consistency_weight * consistency
+
+    # ------------------------------------------------------------------ state
+    @override
+    def method_state(self) -> dict[str, Any]:
+        state = super().method_state()
+        if self._peft is not None and self._pending_slow is None:
+            slow = dict(self.slow_state())
+        else:
+            slow = dict(self._pending_slow or {})
+        state.update({"slow": slow, "optimizer_steps": int(self.optimizer_steps)})
+        return state
+
+    @override
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        buffer_state = {k: state[k] for k in ("buffer", "update", "task_first_epoch", "pass")}
+        super().load_method_state(buffer_state)
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self._pending_slow = {k: v.clone() for k, v in state["slow"].items()}
+        if self._peft is not None:
+            self._sync_device()

@@ -1,0 +1,219 @@
+"""ILoRA: EMA formula, consistency loss, gradients, buffer padding, resume, model families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_forget.callbacks import ILoRA
+from lightning_forget.callbacks.i_lora import ema_coefficient
+from lightning_forget.lora import LoRASettings, load_adapter
+from lightning_forget.losses import hidden_consistency_loss
+from tests.helpers.harness import flat_tensors, params_vector, quiet_trainer
+from tests.helpers.text import tiny_lm, tiny_token_stream
+
+LORA = {"r": 2, "alpha": 4.0, "dropout": 0.0}
+
+
+def _callback(**kwargs: Any) -> ILoRA:
+    kwargs.setdefault("lora", dict(LORA))
+    kwargs.setdefault("buffer_size", 12)
+    kwargs.setdefault("save_adapters", False)
+    return ILoRA(**kwargs)
+
+
+class Recorder(Callback):
+    """After ILoRA's own hook: the fast and slow tensors at every batch end."""
+
+    def __init__(self, ilora: ILoRA) -> None:
+        self.ilora = ilora
+        self.start: dict[str, torch.Tensor] = {}
+        self.rows: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.grads: list[set[str]] = []
+        self.optimizer_ptrs: set[int] = set()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.start = {k: v.detach().clone() for k, v in self.ilora.fast_parameters().items()}
+        self.optimizer_ptrs = {p.data_ptr() for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads.append({n for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        fast = {k: v.detach().clone() for k, v in self.ilora.fast_parameters().items()}
+        slow = {k: v.clone() for k, v in self.ilora._slow.items()}
+        self.rows.append((trainer.global_step, fast, slow))
+
+
+def _fit(tmp_path: Path, callback: ILoRA, extra=(), **trainer_kwargs: Any):
+    pl.seed_everything(0)
+    dm = tiny_token_stream()
+    model = tiny_lm(dm)
+    trainer = quiet_trainer(tmp_path, [callback, *extra], max_epochs=dm.max_epochs, **trainer_kwargs)
+    trainer.fit(model, dm)
+    return model, trainer
+
+
+def test_ema_coefficient_warm_start() -> None:
+    assert ema_coefficient(1, 0.25) == 0.25
+    assert ema_coefficient(1, 0.9) == 0.5
+    assert ema_coefficient(2, 0.9) == pytest.approx(2 / 3)
+    assert ema_coefficient(100, 0.9) == 0.9
+
+
+@pytest.mark.parametrize("ema,accumulate", [(0.9, 2), (0.25, 1)])
+def test_ema_follows_the_formula_once_per_real_step(tmp_path: Path, ema: float, accumulate: int) -> None:
+    callback = _callback(ema=ema, inference_learner="fast")
+    recorder = Recorder(callback)
+    _fit(tmp_path, callback, [recorder], accumulate_grad_batches=accumulate)
+    slow = {k: v.clone() for k, v in recorder.start.items()}
+    steps, last_step = 0, 0
+    for global_step, fast, recorded in recorder.rows:
+        if global_step > last_step:
+            steps += 1
+            w = ema_coefficient(steps, ema)
+            slow = {k: w * slow[k] + (1 - w) * fast[k] for k in slow}
+        last_step = global_step
+        for k in slow:
+            torch.testing.assert_close(recorded[k], slow[k], rtol=1e-5, atol=1e-6)
+    assert steps == callback.optimizer_steps == last_step
+    assert steps == len(recorder.rows) // accumulate
+    assert any(not torch.equal(slow[k], recorder.rows[-1][1][k]) for k in slow)  # slow differs from fast
+
+
+def test_only_adapter_parameters_get_gradients_and_slow_is_outside_the_optimizer(tmp_path: Path) -> None:
+    callback = _callback()
+    recorder = Recorder(callback)
+    model, _ = _fit(tmp_path, callback, [recorder])
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".lora_" in n for n in names)
+    assert all(grads <= names and grads for grads in recorder.grads)
+    assert not any(isinstance(v, torch.nn.Parameter) for v in callback._slow.values())
+    assert not {v.data_ptr() for v in callback._slow.values()} & recorder.optimizer_ptrs
+
+
+def test_consistency_loss_hand_computed() -> None:
+    fast = [torch.tensor([[[1.0, 0.0], [0.0, 5.0]]]), torch.tensor([[[2.0, 2.0], [9.0, 9.0]]])]
+    slow = [torch.tensor([[[3.0, -1.0], [7.0, 7.0]]]), torch.tensor([[[2.0, 5.0], [0.0, 0.0]]])]
+    # ReLU(slow - fast)^2: layer 0 -> [[4, 0], [49, 4]], layer 1 -> [[0, 9], [0, 0]]
+    assert float(hidden_consistency_loss(fast, slow)) == pytest.approx((4 + 49 + 4 + 9) / 8)
+    mask = torch.tensor([[1, 0]])  # second position is padding
+    assert float(hidden_consistency_loss(fast, slow, mask=mask)) == pytest.approx((4 + 9) / 4)
+    assert float(hidden_consistency_loss(fast, slow, layers=[-1])) == pytest.approx(9 / 4)
+    with pytest.raises(ValueError, match="layers"):
+        hidden_consistency_loss(fast, slow, layers=[5])
+
+
+def test_replay_term_is_the_official_loss_with_masks(tmp_path: Path) -> None:
+    """Total loss = (L_cur + L_buf)/2 + γ·L_cons on a padded token buffer, masks respected."""
+    from lightning_forget.modules.causal_lm import causal_lm_loss
+
+    pl.seed_everything(0)
+    model = tiny_lm()
+    callback = _callback(consistency_weight=2.0)
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=1)
+    callback._wrap(model)
+    ids = torch.randint(0, 256, (3, 6))
+    rows = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3]),
+            "labels": ids.masked_fill(torch.tensor([[0] * 6, [0] * 4 + [1] * 2, [0] * 3 + [1] * 3]).bool(), -100)}
+    callback.buffer.add({"input_ids": rows["input_ids"][:1], "attention_mask": rows["attention_mask"][:1],
+                         "labels": rows["labels"][:1]})
+    callback.buffer.add({k: v[1:, :4] for k, v in rows.items()})
+    drawn = callback.buffer.take(torch.tensor([1, 2]))
+    assert drawn["input_ids"].shape[1] == 4 and (drawn["labels"][1, 3] == -100) and drawn["attention_mask"][1, 3] == 0
+    with torch.no_grad():  # make the learners differ
+        for v in callback._slow.values():
+            v.add_(0.3 * torch.randn_like(v))
+    fields = callback.buffer.take(torch.tensor([0, 1, 2]))
+    fields.pop("__task__", None)
+    inputs = callback._model_inputs(fields, torch.device("cpu"))
+    peft = callback.peft_model()
+    fast_out = peft(**inputs, output_hidden_states=True)
+    old = callback._load_into_fast(callback._slow)
+    slow_hidden = peft(**inputs, output_hidden_states=True).hidden_states
+    callback._load_into_fast(old)
+    callback._replay = (fields, inputs, [h.detach() for h in slow_hidden])
+    current = torch.tensor(3.0)
+    term = callback._replay_terms(_LogSink(), None, 0, current)
+    mask = inputs["attention_mask"].bool()
+    expected_cons = sum(torch.relu(s - f)[mask].pow(2).sum() for f, s in zip(fast_out.hidden_states, slow_hidden))
+    expected_cons = expected_cons / (len(slow_hidden) * mask.sum() * slow_hidden[0].shape[-1])
+    buffer_loss = causal_lm_loss(fast_out.logits, fields["labels"])
+    assert float(expected_cons) > 0
+    torch.testing.assert_close(current + term, (current + buffer_loss) / 2 + 2.0 * expected_cons, rtol=1e-5, atol=1e-6)
+
+
+class _LogSink:
+    trainer = None
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def test_mid_epoch_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    full_cb = _callback()
+    full, _ = _fit(tmp_path / "full", full_cb)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    first = _callback()
+    pl.seed_everything(0)
+    dm = tiny_token_stream()
+    trainer = quiet_trainer(tmp_path / "a", [first, saver], max_steps=6, enable_checkpointing=True, max_epochs=dm.max_epochs)
+    trainer.fit(tiny_lm(dm), dm)
+    pl.seed_everything(5)
+    dm2 = tiny_token_stream()
+    model2 = tiny_lm(dm2)
+    resumed_cb = _callback()
+    trainer2 = quiet_trainer(tmp_path / "b", [resumed_cb], max_epochs=dm2.max_epochs)
+    trainer2.fit(model2, dm2, ckpt_path=str(tmp_path / "ckpt" / "step=6.ckpt"))  # step 6 of 4 per epoch: mid task 1
+    assert torch.allclose(params_vector(full), params_vector(model2), atol=1e-6)
+    assert torch.allclose(flat_tensors(full_cb.state_dict()), flat_tensors(resumed_cb.state_dict()), atol=1e-6)
+
+
+def test_slow_learner_is_evaluated_and_kept_and_adapter_files_written(tmp_path: Path) -> None:
+    callback = _callback(save_adapters=True, adapter_dir=str(tmp_path / "adapters"))
+    model, _ = _fit(tmp_path, callback)
+    fast_now = {k: v.detach() for k, v in callback.fast_parameters().items()}
+    for k, v in callback._slow.items():
+        assert torch.equal(fast_now[k], v)  # ended with the slow learner
+    assert callback._fast_backup is not None
+    files = sorted(p.name for p in (tmp_path / "adapters").iterdir())
+    assert files == ["task_0_fast.safetensors", "task_0_slow.safetensors", "task_1_fast.safetensors", "task_1_slow.safetensors"]
+    meta = load_adapter(callback.peft_model(), tmp_path / "adapters" / "task_1_slow.safetensors")
+    assert meta["learner"] == "slow" and meta["task"] == 1
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_works_with_llama(tmp_path: Path, family: str) -> None:
+    callback = _callback(layers=[-1, -2])
+    pl.seed_everything(0)
+    dm = tiny_token_stream()
+    model = tiny_lm(dm, model=family)
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=dm.max_epochs)
+    trainer.fit(model, dm)
+    assert "ilora/consistency" in trainer.callback_metrics
+    assert any("q_proj.lora_A" in n for n in callback.fast_parameters())
+
+
+def test_accepts_a_model_that_already_has_lora(tmp_path: Path) -> None:
+    from lightning_forget.lora import add_lora
+
+    pl.seed_everything(0)
+    dm = tiny_token_stream()
+    model = tiny_lm(dm)
+    model.model = add_lora(model.model, LoRASettings(r=3, alpha=3.0))
+    callback = _callback()
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=dm.max_epochs)
+    trainer.fit(model, dm)
+    assert all(v.shape[0] == 3 or v.shape[1] == 3 for v in callback._slow.values())
+
+
+def test_setup_errors_name_the_fix(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm = tiny_token_stream()
+    with pytest.raises(RuntimeError, match="model_attr"):
+        quiet_trainer(tmp_path, [_callback(model_attr="backbone")], max_epochs=dm.max_epochs).fit(tiny_lm(dm), dm)
