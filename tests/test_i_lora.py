@@ -217,3 +217,94 @@ def test_setup_errors_name_the_fix(tmp_path: Path) -> None:
     dm = tiny_token_stream()
     with pytest.raises(RuntimeError, match="model_attr"):
         quiet_trainer(tmp_path, [_callback(model_attr="backbone")], max_epochs=dm.max_epochs).fit(tiny_lm(dm), dm)
+
+
+class _DictDigits:
+    """Split Digits whose training and validation batches are dicts ``{"x", "y"}``."""
+
+    @staticmethod
+    def make(**kwargs: Any):
+        from lightning_forget.datamodules import SplitDigits
+
+        class DictDigits(SplitDigits):
+            def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+                x, y = batch
+                return {"x": x, "y": y}
+
+        return DictDigits(**kwargs)
+
+
+class _RecordingILoRA(ILoRA):
+    """ILoRA that records, for every replay term, the task, the replayed inputs/labels and the term."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.terms: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self.batch_tasks: list[int] = []
+
+    def _replay_terms(self, pl_module, batch, batch_idx, output):
+        self.batch_tasks.append(self.current_task(pl_module.trainer))
+        replay = self._replay
+        term = super()._replay_terms(pl_module, batch, batch_idx, output)
+        if term is not None:
+            fields = replay[0]
+            x, y = fields[self._input_field], fields[self._target_field]
+            consistency = float(pl_module.trainer.callback_metrics["ilora/consistency"])
+            self.terms.append((self.batch_tasks[-1], x.clone(), y.clone(), consistency))
+        return term
+
+
+@pytest.mark.parametrize("layout", ["tuple", "dict"])
+def test_works_with_a_vit_classifier_on_an_image_stream(tmp_path: Path, layout: str) -> None:
+    """lightning_forget.nn.ViT (a transformers ViTModel from a config) inside ContinualClassifier on Split Digits."""
+    from lightning_forget.datamodules import SplitDigits
+    from lightning_forget.modules import ContinualClassifier
+    from lightning_forget.nn import ViT
+
+    pl.seed_everything(0)
+    kwargs = dict(classes_per_task=[4, 3, 3], batch_size=16)
+    dm = SplitDigits(**kwargs) if layout == "tuple" else _DictDigits.make(**kwargs)
+    model = ContinualClassifier(
+        backbone=ViT((1, 8, 8), patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
+        num_classes=10, input_shape=(1, 8, 8), num_tasks=3, report=False,
+    )
+    backbone_before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    callback = _RecordingILoRA(lora=dict(LORA), buffer_size=40, save_adapters=False, model_attr="backbone",
+                               ema=0.9, inference_learner="fast")
+    recorder = Recorder(callback)
+    trainer = quiet_trainer(tmp_path, [callback, recorder], max_epochs=3, limit_train_batches=6, limit_val_batches=2)
+    trainer.fit(model, dm)
+
+    # Only the backbone's LoRA factors train in the backbone; its ViT weights are untouched.
+    fast = callback.fast_parameters()
+    assert fast and all(".lora_" in n for n in fast)
+    for name, p in model.backbone.named_parameters():
+        if ".lora_" in name:
+            continue
+        base = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        assert not p.requires_grad, name
+        torch.testing.assert_close(p.detach(), backbone_before[base], rtol=0, atol=0)
+    start = recorder.start
+    assert any(not torch.equal(fast[k].detach(), start[k]) for k in fast)  # the fast adapter learned
+    # The backbone's trained parameters are the adapter's; the head (outside the backbone) is the module's.
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"backbone.{n}" for n in fast} | {"head.weight", "head.bias"}
+    assert all(grads <= trained for grads in recorder.grads)
+
+    # The slow learner followed the fast one once per optimizer step and differs from it.
+    assert callback.optimizer_steps == trainer.global_step == 18
+    assert all(not torch.equal(callback._slow[k], start[k]) for k in start if "lora_B" in k)
+    assert any(not torch.equal(callback._slow[k], fast[k].detach()) for k in fast)
+
+    # The consistency replay runs on every step from task 1 on (never in task 0), on image rows.
+    assert callback.batch_tasks.count(0) == 6 and len(callback.batch_tasks) == 18
+    assert [t for t, *_ in callback.terms] == [1] * 6 + [2] * 6
+    old_rows = 0
+    for task, x, y, consistency in callback.terms:
+        assert x.shape == (16, 1, 8, 8) and x.dtype == torch.float32
+        assert y.dtype == torch.long and y.shape == (16,)
+        assert set(y.tolist()) <= {c for t in range(task + 1) for c in dm.classes_of_task(t)}
+        old_rows += sum(int(c) in dm.classes_of_task(0) for c in y.tolist())
+        assert consistency >= 0 and consistency == consistency
+    assert old_rows > 0  # earlier tasks' images are replayed
+    assert any(c > 0 for *_, c in callback.terms)  # the slow learner lags: the penalty is active

@@ -110,8 +110,15 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
     with ``-100`` at positions not predicted); the buffer stores them with their lengths and
     re-pads drawn rows (``input_ids``/``attention_mask`` with 0, ``labels`` with -100); the
     buffer loss is the next-token loss, the consistency mask is ``attention_mask``. Image batches
-    (tuples, dicts, namedtuples with an input and a target; ``input_key``/``target_key``) are fed
-    as ``pixel_values``; the buffer loss is cross-entropy over the model's logits.
+    (tuples, dicts, namedtuples with an input and a target; ``input_key``/``target_key``) are
+    stored as they are; the buffer loss is cross-entropy over the logits. A Hugging Face backbone
+    (``ViTForImageClassification``) gets them as ``pixel_values``. A plain backbone holding a
+    Hugging Face model (``ContinualClassifier(backbone=lightning_forget.nn.ViT(...))`` with
+    ``model_attr="backbone"``) is run through the LightningModule's ``forward(x)``, which must
+    return logits; the hidden states are those of the inner model (embeddings and every block).
+    Parameters outside ``model_attr`` that the module's optimizer trains (such as
+    ``ContinualClassifier``'s head) train as usual and are shared by both learners: the slow
+    learner interpolates the adapter only.
 
     **Inference.** ``inference_learner="slow"`` (default) evaluates with the slow tensors swapped
     into the adapter during every validation, and leaves them in the adapter when training ends
@@ -409,6 +416,61 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
             return inputs
         return {"pixel_values": fields[self._input_field].to(device)}
 
+    def _hf_model(self) -> Optional[nn.Module]:
+        """The Hugging Face model inside a backbone that is not one itself (``None`` if the backbone is one).
+
+        E.g. :class:`lightning_forget.nn.ViT` holds a ``ViTModel``: its hidden states are read from
+        that model while the LightningModule's own forward gives the logits.
+        """
+        from transformers import PreTrainedModel
+
+        base = self.peft_model().get_base_model()
+        if isinstance(base, PreTrainedModel):
+            return None
+        for module in base.modules():
+            if isinstance(module, PreTrainedModel):
+                return module
+        raise RuntimeError(
+            f"ILoRA: the backbone `{self.model_attr}` ({type(base).__name__}) contains no Hugging Face model, so it "
+            "has no hidden states for the consistency loss. Fix: use a transformers backbone (e.g. "
+            "lightning_forget.nn.ViT or ViTForImageClassification) or point `model_attr` at one."
+        )
+
+    def _forward(self, pl_module: "pl.LightningModule", inputs: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """``(logits, hidden states)`` of the model with the adapter tensors it holds now.
+
+        A Hugging Face backbone (a causal LM, ``ViTForImageClassification``) is called directly with
+        ``output_hidden_states=True``. A plain backbone holding one (``ContinualClassifier`` with
+        :class:`lightning_forget.nn.ViT`) is run through the LightningModule's ``forward(x)``,
+        which must return the logits; the inner model's hidden states are caught by a hook that
+        asks it for them.
+        """
+        inner = self._hf_model() if "pixel_values" in inputs else None
+        if inner is None:
+            out = self.peft_model()(**inputs, output_hidden_states=True)
+            return out.logits, list(out.hidden_states)
+        caught: list[Any] = []
+
+        def ask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return args, {**kwargs, "output_hidden_states": True}
+
+        def catch(module: nn.Module, args: tuple, output: Any) -> None:
+            caught.append(output.hidden_states)
+
+        handles = [inner.register_forward_pre_hook(ask, with_kwargs=True), inner.register_forward_hook(catch)]
+        try:
+            logits = pl_module(inputs["pixel_values"])
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(caught) != 1 or caught[0] is None:
+            raise RuntimeError(
+                f"ILoRA: `{type(pl_module).__name__}.forward` ran the backbone's {type(inner).__name__} {len(caught)} "
+                "time(s) without hidden states; it must run it once per call. Fix: pass `model_attr=` naming a "
+                "backbone that is called once per forward."
+            )
+        return logits, list(caught[0])
+
     def _buffer_loss(self, logits: Tensor, fields: dict[str, Tensor]) -> Tensor:
         if self._is_tokens(fields):
             labels = fields.get("labels")
@@ -441,7 +503,7 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         fast = self._load_into_fast(self._slow)
         try:
             with torch.no_grad():
-                slow_hidden = [h.detach() for h in self.peft_model()(**inputs, output_hidden_states=True).hidden_states]
+                slow_hidden = [h.detach() for h in self._forward(pl_module, inputs)[1]]
         finally:
             self._load_into_fast(fast)
         self._replay = (fields, inputs, slow_hidden)
@@ -453,10 +515,10 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
             return None
         fields, inputs, slow_hidden = self._replay
         self._replay = None
-        fast_out = self.peft_model()(**inputs, output_hidden_states=True)
+        logits, fast_hidden = self._forward(pl_module, inputs)
         mask = inputs.get("attention_mask")
-        consistency = hidden_consistency_loss(fast_out.hidden_states, slow_hidden, mask=mask, layers=self.layers)
-        buffer_loss = self._buffer_loss(fast_out.logits, fields)
+        consistency = hidden_consistency_loss(fast_hidden, slow_hidden, mask=mask, layers=self.layers)
+        buffer_loss = self._buffer_loss(logits, fields)
         current = output_loss(output)
         rows = int(inputs[next(iter(inputs))].shape[0])
         pl_module.log("ilora/buffer_loss", buffer_loss.detach(), on_step=True, on_epoch=False, batch_size=rows)
