@@ -252,15 +252,20 @@ def run_online(method: str, stream: dict[str, Any], index: int) -> dict[str, Any
         steps.append(len(module.rows) - before)
     seconds = time.perf_counter() - start
     acc = peer.task_accuracies(net, stream["val"])
-    return {"accuracy": acc, "steps": steps, "rows": module.rows, "seconds": seconds}
+    shares = [] if kwargs is None else torch.bincount(callbacks[0].buffer.task_ids(), minlength=len(steps)).tolist()  # type: ignore[attr-defined]
+    return {"accuracy": acc, "steps": steps, "rows": module.rows, "seconds": seconds, "shares": shares}
 
 
 def run_peer(python: str, stream: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The real peer in its own environment, or ``None`` (with a message) when it cannot run."""
-    probe = subprocess.run([python, "-c", "import avalanche, sys; print(avalanche.__version__)"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        print(f"peer skipped: {python} cannot import avalanche ({probe.stderr.strip().splitlines()[-1:]}). "
-              "Install it: python3 -m venv ENV && ENV/bin/pip install torch torchvision avalanche-lib==0.6.0")
+    try:
+        probe = subprocess.run([python, "-c", "import avalanche; print(avalanche.__version__)"], capture_output=True, text=True)
+        why = probe.stderr.strip().splitlines()[-1:] if probe.returncode else None
+    except OSError as error:
+        why = [str(error)]
+    if why is not None:
+        print(f"peer skipped: {python} cannot import avalanche ({why[0] if why else 'no message'}). Install it: "
+              "python3 -m venv ENV && ENV/bin/pip install torch==2.14.1 torchvision==0.29.1 avalanche-lib==0.6.0")
         return None
     with tempfile.TemporaryDirectory() as tmp:
         path, out = os.path.join(tmp, "stream.pt"), os.path.join(tmp, "result.json")
@@ -272,7 +277,14 @@ def run_peer(python: str, stream: dict[str, Any]) -> Optional[dict[str, Any]]:
         with open(out) as handle:
             results = json.load(handle)
     seconds = (time.perf_counter() - start) / max(len(results), 1)
-    return {"version": probe.stdout.strip(), "runs": [dict(results[str(s)], seconds=seconds) for s in stream["seeds"]]}
+    task_of = {int(label): t for t, (_, y) in enumerate(stream["train"]) for label in y.unique().tolist()}
+    runs = []
+    for seed in stream["seeds"]:
+        run = dict(results[str(seed)], seconds=seconds)
+        tasks = torch.tensor([task_of[label] for label in run.pop("buffer_labels")], dtype=torch.long)
+        run["shares"] = torch.bincount(tasks, minlength=len(stream["train"])).tolist()
+        runs.append(run)
+    return {"version": probe.stdout.strip(), "runs": runs}
 
 
 def online_table(seeds: list[int], quick: bool, methods: list[str], peer_python: Optional[str], console: Console) -> dict[str, Any]:
@@ -288,8 +300,11 @@ def online_table(seeds: list[int], quick: bool, methods: list[str], peer_python:
         if peer is not None:
             rows[PEER] = peer["runs"]
             print(f"peer: avalanche {peer['version']} ({peer_python})")
-    table = Table(title=f"online: 5 tasks x 2 classes, one fit per task, 1 epoch, batch 32, buffer 500, {len(seeds)} seed(s)")
-    for column in ("method", "old-task accuracy", "average accuracy", "steps per task", "rows per step", "time vs fine-tune"):
+    table = Table(title=f"online: 5 tasks x 2 classes, one fit per task, 1 epoch, batch 32, buffer 500, {len(seeds)} seed(s)"
+                  " (buffer per task: after the last task, first seed; time: the peer's includes starting its process)")
+    columns = ("method", "old-task accuracy", "average accuracy", "steps per task", "rows per step", "buffer per task",
+               "time vs fine-tune")
+    for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     base = sum(r["seconds"] for r in rows[methods[0]])
     summary = {}
@@ -300,7 +315,10 @@ def online_table(seeds: list[int], quick: bool, methods: list[str], peer_python:
         flat = [n for r in runs for n in (r["rows"] if isinstance(r["rows"][0], int) else [k for e in r["rows"] for k in e])]
         ratio = sum(r["seconds"] for r in runs) / base
         summary[m] = {"old_task_accuracy": old, "average_accuracy": avg, "steps": steps, "time_ratio": ratio}
-        table.add_row(m, spread(old), spread(avg), "/".join(map(str, steps)), f"{statistics.mean(flat):.1f}", f"{ratio:.2f}x")
+        shares = "/".join(map(str, runs[0]["shares"])) or "-"
+        summary[m]["buffer_per_task"] = runs[0]["shares"]
+        table.add_row(m, spread(old), spread(avg), "/".join(map(str, steps)), f"{statistics.mean(flat):.1f}", shares,
+                      f"{ratio:.2f}x")
     console.print(table)
     return summary
 
