@@ -212,6 +212,35 @@ def test_auto_without_task_boundaries_replays_the_running_stream(tmp_path: Any) 
     assert len(callback.buffer) == 8 and callback.buffer.task_ids().tolist() == [0] * 8
 
 
+def test_auto_first_fit_resumed_from_its_checkpoint_equals_uninterrupted(tmp_path: Any) -> None:
+    # The first fit of plain loaders replays its running task's staged rows; the decision lives
+    # in no flag, so a fit that crashed and resumed from Lightning's checkpoint (a fresh process:
+    # fresh module and callback) ends with the same weights and buffer.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers.harness import CrashAtStep, SimulatedCrash
+
+    loader = DataLoader(_task_loader(0).dataset, batch_size=4)  # 4 steps per epoch, no shuffling
+
+    def fit(root: Any, extra: list[Any], ckpt: Any = None) -> tuple[UserNet, ExperienceReplay]:
+        pl.seed_everything(0)
+        model, callback = UserNet(), ExperienceReplay(buffer_size=8, replay_batch_size=2)
+        trainer = pl.Trainer(
+            default_root_dir=str(root), callbacks=[callback, *extra], max_epochs=3, logger=False, accelerator="cpu",
+            devices=1, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        )
+        trainer.fit(model, loader, ckpt_path=ckpt)
+        return model, callback
+
+    full, full_cb = fit(tmp_path / "full", [])
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    with pytest.raises(SimulatedCrash):
+        fit(tmp_path / "crashed", [CrashAtStep(6), saver])  # in epoch 1, after the epoch-0 checkpoint
+    resumed, resumed_cb = fit(tmp_path / "resumed", [], ckpt=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert torch.allclose(params_vector(full), params_vector(resumed), atol=1e-6)
+    assert torch.allclose(flat_tensors(full_cb.state_dict()), flat_tensors(resumed_cb.state_dict()), atol=1e-6)
+
+
 @pytest.mark.parametrize("update, draw", [("reservoir", "auto"), ("stream", "pass"), ("task_end", "step")])
 def test_explicit_policies_are_kept_on_a_task_stream(tmp_path: Any, update: str, draw: str) -> None:
     callback = ExperienceReplay(buffer_size=30, replay_batch_size=4, update=update, draw=draw)
