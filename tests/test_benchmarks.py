@@ -17,3 +17,12 @@ def test_er_policy_quick() -> None:
     assert set(summary["digits"]) == {"finetune", "reservoir", "stream", "task_end", "task_end_pass", "peer"}
     for method in summary["digits"].values():
         assert 0.0 <= method["old_task_accuracy"][0] <= 1.0
+
+
+def test_er_policy_online_quick_skips_an_absent_peer(capsys) -> None:  # type: ignore[no-untyped-def]
+    summary = load_benchmark("er_policy").main(
+        ["--quick", "--streams", "online", "--online-methods", "default", "--peer-python", "/nonexistent/python"]
+    )
+    assert set(summary["online"]) == {"finetune", "default"}
+    assert "peer skipped" in capsys.readouterr().out
+    assert summary["online"]["default"]["steps"] == [3] * 5  # one fit per task, 3 batches each

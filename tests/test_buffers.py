@@ -50,6 +50,21 @@ def test_reservoir_keeps_each_sample_with_equal_probability() -> None:
     assert abs(frequency[:10].mean().item() - frequency[-10:].mean().item()) < 0.03
 
 
+@pytest.mark.parametrize("capacity", [1, 2])
+def test_reservoir_keeps_the_sample_after_a_full_buffer_with_probability_capacity_over_its_count(capacity: int) -> None:
+    # The smallest exact case: a full buffer of `capacity` and one more sample, the
+    # (capacity + 1)-th, kept with probability capacity / (capacity + 1) (1/2 for capacity 1, 2/3
+    # for 2). A rule of capacity / i (i 0-based) would always keep it.
+    trials, kept = 1000, 0
+    for seed in range(trials):
+        buffer = ReservoirBuffer(capacity, seed=seed)
+        buffer.add(_batch(0, capacity + 1, num_classes=1000))
+        kept += int(capacity in buffer.contents()["x"][:, 0].long().tolist())
+    expected = capacity / (capacity + 1)
+    sd = (expected * (1 - expected) / trials) ** 0.5  # about 0.016
+    assert abs(kept / trials - expected) < 5 * sd, kept / trials
+
+
 def test_duplicate_slots_in_one_batch_keep_the_later_sample() -> None:
     buffer = ReservoirBuffer(2, seed=3)
     buffer.add(_batch(0, 2))
@@ -179,6 +194,18 @@ def test_task_end_buffer_keeps_equal_shares_and_each_sample_at_most_once() -> No
                 assert rows <= previous[t]  # re-balancing only drops rows of an old task
             previous[t] = rows
     assert buffer.stored_tasks() == [0, 1, 2]
+
+
+def test_each_task_is_staged_with_its_own_random_stream() -> None:
+    # The same 100 samples offered as task 0 and as task 1 (each to a fresh buffer, so both get
+    # the whole capacity) keep different subsets: the staging reservoir is seeded with the task.
+    kept = []
+    for task in (0, 1):
+        buffer = TaskBalancedBuffer(5, seed=0)
+        buffer.add(_task_batch(0, 100), task=task)
+        buffer.end_task(task)
+        kept.append(sorted(buffer.contents()["x"].flatten().tolist()))
+    assert kept[0] != kept[1], kept
 
 
 def test_task_end_shrinking_keeps_a_random_subset() -> None:

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from lightning_forget.datamodules import InstructionStreamDataModule
-from lightning_forget.datamodules.instructions import BUILTIN_INSTRUCTION_TASKS, builtin_examples, pad_token_batch
+from lightning_forget.datamodules.instructions import (
+    _SURELY_AVAILABLE,
+    BUILTIN_INSTRUCTION_TASKS,
+    builtin_capacity,
+    builtin_examples,
+    pad_token_batch,
+)
 from lightning_forget.modules import CausalLMModule
 
 
@@ -129,3 +135,43 @@ def test_builtin_examples_fit_the_default_max_length(seed: int) -> None:
     dm = InstructionStreamDataModule(seed=seed, examples_per_task=192, val_examples_per_task=48)
     dm.setup("fit")  # a longer example would raise here
     assert max(len(r["input_ids"]) for t in range(3) for r in dm.train_dataset(t).rows) <= dm.max_length
+
+
+@pytest.mark.parametrize(
+    "task, examples",
+    [("category", 2000), ("length_sum", 100_000), ("next_word", 1_000_000)],
+)
+def test_asking_more_examples_than_a_builtin_task_has_is_refused_with_the_limit(task: str, examples: int) -> None:
+    # next_word and length_sum used to loop forever; category silently served fewer.
+    limit = builtin_capacity(task)
+    assert limit < examples + 64
+    with pytest.raises(ValueError, match=rf"examples_per_task \+ val_examples_per_task.*at most the {limit} distinct"):
+        InstructionStreamDataModule(tasks=[task], examples_per_task=examples)
+    with pytest.raises(ValueError, match=f"at most the {limit}"):
+        InstructionStreamDataModule(tasks=[task], examples_per_task=limit - 63, val_examples_per_task=64)
+    assert InstructionStreamDataModule(tasks=[task], examples_per_task=limit - 64, val_examples_per_task=64)
+
+
+def test_the_sizes_assumed_without_counting_are_below_what_the_tasks_have() -> None:
+    for task, assumed in _SURELY_AVAILABLE.items():
+        assert builtin_capacity(task) >= assumed, task
+
+
+def test_a_task_listed_twice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"tasks\[0\] and tasks\[2\] are both 'category'"):
+        InstructionStreamDataModule(tasks=["category", "next_word", "category"])
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"prompt": "Q:", "answer": " A"}) + "\n")
+    with pytest.raises(ValueError, match=r"tasks\[0\] and tasks\[1\]"):
+        InstructionStreamDataModule(tasks=[str(path), str(tmp_path / "." / "qa.jsonl")])
+
+
+def test_a_malformed_json_record_names_the_file_and_line(tmp_path: Path) -> None:
+    lines = tmp_path / "qa.jsonl"
+    lines.write_text('{"prompt": "Q1:", "answer": " A"}\n\n{"prompt": "Q2:", "answer": " B",}\n')
+    with pytest.raises(ValueError, match=r"qa\.jsonl, line 3: not a JSON record"):
+        InstructionStreamDataModule(tasks=[str(lines)]).setup("fit")
+    whole = tmp_path / "qa.json"
+    whole.write_text('[\n  {"prompt": "Q1:", "answer": " A"}\n  {"prompt": "Q2:", "answer": " B"}\n]\n')
+    with pytest.raises(ValueError, match=r"qa\.json, line 3, column 3"):
+        InstructionStreamDataModule(tasks=[str(whole)]).setup("fit")

@@ -91,7 +91,8 @@ def test_any_batch_layout_is_stored_and_replayed_whole(tmp_path: Any, layout: st
     callback = make(**keys)
     model = Net(layout)
     quiet_trainer(tmp_path, [callback], max_epochs=2).fit(model, _loader(layout))
-    assert callback.buffer.num_seen == 32
+    # DER++'s reservoir counts each epoch's visit; ER's default (a task-end policy) each sample once
+    assert callback.buffer.num_seen == (16 if isinstance(callback, ExperienceReplay) else 32)
     assert TASK_KEY in callback.buffer.fields  # every row's task id is stored beside the batch's fields
     assert len(callback.buffer.fields) == 4 + isinstance(callback, DarkExperienceReplay)
     if isinstance(callback, ExperienceReplay):
@@ -138,6 +139,27 @@ def test_er_and_derpp_compose(tmp_path: Any, er_first: bool) -> None:
     n, rows = probe.records[5]
     assert rows == list(range(n, n + 4))  # ER's rows follow the loader's and are in the context
     assert probe.records[0][1] == []  # empty buffer: nothing replayed
+
+
+class FrozenNet(Net):
+    """`Net` with a zero learning rate: the logits a step saw are the network's logits now."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_derpp_after_er_stores_the_logits_of_the_rows_it_stores(tmp_path: Any) -> None:
+    # ER runs first and joins its rows to the batch; DER++ captures the forward of the joined
+    # batch and must store, with each loader row, that row's logits (checked by value).
+    er = ExperienceReplay(buffer_size=16, replay_batch_size=4, seed=1)
+    der = DarkExperienceReplay(buffer_size=16, seed=2)
+    model = FrozenNet()
+    quiet_trainer(tmp_path, [er, der], max_epochs=1).fit(model, _loader("tuple"))
+    assert [x.shape[0] for x, _, _ in model.seen] == [4, 8, 8, 8]  # ER's rows joined from the second step
+    stored = der.buffer.contents()
+    assert len(der.buffer) == 16
+    with torch.no_grad():
+        assert torch.allclose(stored["logits"], model(stored["x"]), atol=1e-6)
 
 
 def test_derpp_stores_fp32_logits_under_bf16_mixed(tmp_path: Any) -> None:
@@ -236,6 +258,52 @@ def test_gather_is_two_collectives_whatever_the_fields() -> None:
     assert all(torch.equal(back[k], v) for k, v in fields.items())
 
 
+def test_gather_drops_the_padding_of_a_smaller_batch_on_another_rank() -> None:
+    # Two ranks (threads meeting in an all_gather, which needs equal shapes as torch.distributed
+    # does) hold 3 and 2 rows: the gathered batch is exactly rank 0's rows then rank 1's, with no
+    # padding row.
+    import threading
+
+    barrier = threading.Barrier(2)
+    slots: list[Any] = [None, None]
+
+    class Strategy:
+        def __init__(self, rank: int) -> None:
+            self.rank = rank
+
+        def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+            slots[self.rank] = tensor
+            barrier.wait()
+            assert slots[0].shape == slots[1].shape, "all_gather needs the same shape on every rank"
+            out = torch.stack([slots[0], slots[1]])
+            barrier.wait()
+            return out
+
+    class Rank:
+        world_size = 2
+
+        def __init__(self, rank: int) -> None:
+            self.strategy = Strategy(rank)
+
+    fields = [
+        {"x": torch.arange(1, 7).float().reshape(3, 2), "y": torch.tensor([1, 2, 3])},
+        {"x": torch.arange(7, 11).float().reshape(2, 2), "y": torch.tensor([4, 5])},
+    ]
+    out: list[Any] = [None, None]
+
+    def run(rank: int) -> None:
+        out[rank] = gather_batch(Rank(rank), fields[rank])  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    for rank in (0, 1):
+        assert torch.equal(out[rank]["x"], torch.cat([fields[0]["x"], fields[1]["x"]]))
+        assert torch.equal(out[rank]["y"], torch.tensor([1, 2, 3, 4, 5]))
+
+
 class TwoStream(Net):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch["stream"]
@@ -249,7 +317,7 @@ def test_replay_joins_one_stream_of_a_combined_loader_batch(tmp_path: Any) -> No
     loaders = {"stream": _loader("tuple"), "other": _loader("tuple")}
     quiet_trainer(tmp_path, [er], max_epochs=2).fit(model, train_dataloaders=loaders)
     assert model.seen[0] == (4, 4) and model.seen[-1] == (6, 4)  # replay joined "stream" only
-    assert er.buffer.num_seen == 32
+    assert er.buffer.num_seen == 16  # "stream"'s samples, each once (the default is a task-end policy)
 
 
 def test_gather_with_a_keep_mask_is_one_collective() -> None:

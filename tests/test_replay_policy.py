@@ -155,16 +155,90 @@ def test_auto_picks_task_end_passes_on_a_task_stream(tmp_path: Any) -> None:
     assert "task_end" in callback.state_key
 
 
-def test_auto_keeps_the_reservoir_without_task_boundaries(tmp_path: Any) -> None:
-    class Plain(pl.LightningDataModule):
-        def train_dataloader(self) -> DataLoader:
-            return DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 8), torch.arange(16) % 2), batch_size=4)
+class UserNet(pl.LightningModule):
+    """A user's own module: no forward, its training_step calls the network it holds."""
 
-    dm = BlobStream(num_tasks=1)
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _task_loader(task: int, n: int = 16) -> DataLoader:
+    gen = torch.Generator().manual_seed(task)
+    y = 2 * task + torch.arange(n) % 2
+    x = torch.randn(n, 8, generator=gen) + y.unsqueeze(1).float()
+    return DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True)
+
+
+def test_auto_with_one_fit_per_task_replays_finished_tasks_only(tmp_path: Any) -> None:
+    # README mode 2: a user's module, plain loaders, one fit per task, Lightning's default
+    # checkpointing. Each fit's end is a task boundary, so `auto` is the task-end policy: from the
+    # second fit on, replay draws only tasks that have ended, each holding an equal share.
+    callback = ExperienceReplay(buffer_size=12, replay_batch_size=4)
+    probe, model = ContextProbe(), UserNet()
+    for task in range(3):
+        pl.seed_everything(task)
+        trainer = pl.Trainer(
+            default_root_dir=str(tmp_path / f"fit{task}"), callbacks=[callback, probe], max_epochs=1, logger=False,
+            accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+        )
+        trainer.fit(model, _task_loader(task))
+        assert (callback.update, callback.draw_mode) == ("task_end", "pass")
+        ids = callback.buffer.task_ids()
+        assert torch.bincount(ids).tolist() == [12 // (task + 1)] * (task + 1)  # equal shares of the tasks ended
+    steps = probe.steps
+    assert len(steps) == 12
+    for task, _, ids, rows in steps[4:]:
+        assert rows == 4 and bool((ids < task).all()), (task, ids)  # never the task being trained
+
+
+def test_auto_without_task_boundaries_replays_the_running_stream(tmp_path: Any) -> None:
+    # A task-free stream (one fit, plain loader): nothing is known of later fits, so replay draws
+    # from what this fit has seen so far (reservoir ER), from the second step on.
+    probe = ContextProbe()
     callback = ExperienceReplay(buffer_size=8, replay_batch_size=2)
-    quiet_trainer(tmp_path, [callback], max_epochs=2).fit(tiny_classifier(dm), datamodule=Plain())
-    assert (callback.update, callback.draw_mode) == ("reservoir", "step")
-    assert callback.buffer.num_seen == 32  # every epoch offered: replay from the second step on
+    quiet_trainer(tmp_path, [callback, probe], max_epochs=2).fit(UserNet(), _task_loader(0))
+    assert [rows for *_, rows in probe.steps] == [0] + [2] * 7
+    assert all(bool((ids == 0).all()) for _, _, ids, rows in probe.steps[1:])
+    # the fit's end ended task 0: its uniform sample is the buffer a next fit would replay
+    assert len(callback.buffer) == 8 and callback.buffer.task_ids().tolist() == [0] * 8
+
+
+def test_auto_first_fit_resumed_from_its_checkpoint_equals_uninterrupted(tmp_path: Any) -> None:
+    # The first fit of plain loaders replays its running task's staged rows; the decision lives
+    # in no flag, so a fit that crashed and resumed from Lightning's checkpoint (a fresh process:
+    # fresh module and callback) ends with the same weights and buffer.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers.harness import CrashAtStep, SimulatedCrash
+
+    loader = DataLoader(_task_loader(0).dataset, batch_size=4)  # 4 steps per epoch, no shuffling
+
+    def fit(root: Any, extra: list[Any], ckpt: Any = None) -> tuple[UserNet, ExperienceReplay]:
+        pl.seed_everything(0)
+        model, callback = UserNet(), ExperienceReplay(buffer_size=8, replay_batch_size=2)
+        trainer = pl.Trainer(
+            default_root_dir=str(root), callbacks=[callback, *extra], max_epochs=3, logger=False, accelerator="cpu",
+            devices=1, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        )
+        trainer.fit(model, loader, ckpt_path=ckpt)
+        return model, callback
+
+    full, full_cb = fit(tmp_path / "full", [])
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    with pytest.raises(SimulatedCrash):
+        fit(tmp_path / "crashed", [CrashAtStep(6), saver])  # in epoch 1, after the epoch-0 checkpoint
+    resumed, resumed_cb = fit(tmp_path / "resumed", [], ckpt=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert torch.allclose(params_vector(full), params_vector(resumed), atol=1e-6)
+    assert torch.allclose(flat_tensors(full_cb.state_dict()), flat_tensors(resumed_cb.state_dict()), atol=1e-6)
 
 
 @pytest.mark.parametrize("update, draw", [("reservoir", "auto"), ("stream", "pass"), ("task_end", "step")])
@@ -252,3 +326,39 @@ def test_ddp_ranks_hold_the_same_task_end_buffer(tmp_path: Any) -> None:
     result = run_ddp_pair(tmp_path, make)
     assert result["equal_length"] and result["world_size"] == 2 and result["global_step"] > 0, result
     assert result["max_param_diff"] == 0.0 and result["max_state_diff"] == 0.0, result
+
+
+class _Rank:
+    """What `ExperienceReplay.draw` reads of a trainer: the step and this process's place."""
+
+    def __init__(self, rank: int, world_size: int = 2, global_step: int = 0) -> None:
+        self.global_rank, self.world_size, self.global_step = rank, world_size, global_step
+
+
+def _filled(update: str, draw: str, rows: int) -> ExperienceReplay:
+    callback = ExperienceReplay(buffer_size=rows, seed=5, update=update, draw=draw)
+    callback.buffer.add({"x": torch.arange(rows).float().unsqueeze(1), "y": torch.zeros(rows, dtype=torch.long)}, task=0)
+    callback.on_task_end(None, None, 0)  # type: ignore[arg-type]  # commits the staged rows (task_end)
+    return callback
+
+
+def test_step_draws_are_independent_across_ranks() -> None:
+    # Two GPUs at the same step must not replay the same rows: each rank's generator is seeded
+    # with its rank. Computed here for both ranks of a 2-process run, step by step.
+    callback = _filled("reservoir", "step", rows=40)
+    same = 0
+    for step in range(20):
+        drawn = [callback.draw(_Rank(rank, global_step=step), 0, 6)["index"].tolist() for rank in (0, 1)]  # type: ignore[arg-type]
+        same += int(drawn[0] == drawn[1])
+        overlap = len(set(drawn[0]) & set(drawn[1]))
+        assert overlap < 6, (step, drawn)
+    assert same == 0
+
+
+def test_pass_draws_reshuffle_on_every_pass() -> None:
+    # draw="pass" is a DataLoader(shuffle=True) over the buffer: each pass has a new order.
+    callback = _filled("task_end", "pass", rows=12)
+    trainer = _Rank(0, world_size=1)
+    passes = [callback.draw(trainer, 0, 12)["index"].tolist() for _ in range(3)]  # type: ignore[arg-type]
+    assert all(sorted(order) == list(range(12)) for order in passes)  # each pass covers the buffer once
+    assert passes[0] != passes[1] and passes[1] != passes[2] and passes[0] != passes[2], passes

@@ -104,8 +104,16 @@ class _BufferCallback(ContinualCallback):
         """Fix ``update``/``draw`` (``"auto"`` from whether the run has task boundaries) and build
         the buffer they need. Called at construction and again in the first ``setup``."""
         update, draw = self.requested_update, self.requested_draw
+        #: ``update="auto"`` on a run whose task boundaries are not known in advance (fits without
+        #: a continual datamodule): until the first task ends, replay rows come from the samples
+        #: of the running task (see :meth:`draw`).
+        self.replays_open_task = False
         if update == "auto":
-            update = "task_end" if task_structured and self.buffer_kind == "reservoir" else "reservoir"
+            if self.buffer_kind != "reservoir":
+                update = "reservoir"
+            else:
+                update = "task_end"
+                self.replays_open_task = not task_structured
         if draw == "auto":
             draw = "pass" if update == "task_end" else "step"
         self.update, self.draw_mode = update, draw
@@ -114,9 +122,10 @@ class _BufferCallback(ContinualCallback):
         self._policies_fixed = False
 
     def _fix_policies(self, trainer: "pl.Trainer") -> None:
-        """Resolve ``"auto"`` once, before anything is stored or restored: ``update="task_end",
-        draw="pass"`` when the trainer's datamodule is a continual stream of several tasks,
-        ``"reservoir"`` / ``"step"`` otherwise (a task-free stream, or a plain datamodule)."""
+        """Resolve ``"auto"`` once, before anything is stored or restored (see
+        :class:`ExperienceReplay`): the task-end policy with shuffled passes, and, unless the
+        trainer's datamodule is a continual stream of several tasks, replay from the running task
+        until the first task ends."""
         if self._policies_fixed:
             return
         if "auto" in (self.requested_update, self.requested_draw):
@@ -185,6 +194,8 @@ class _BufferCallback(ContinualCallback):
         ``draw="step"``: a fresh uniform draw each step, with a generator seeded from (seed, step,
         batch, rank). ``draw="pass"``: consecutive slices of shuffled passes over the buffer.
         """
+        if self.buffer.is_empty and self.replays_open_task:
+            return self._draw_open_task(trainer, batch_idx, n, salt)
         if self.draw_mode == "pass":
             index = self._pass_slots(trainer, n)
             drawn = self.buffer.take(index)
@@ -192,6 +203,25 @@ class _BufferCallback(ContinualCallback):
             return drawn
         gen = rank_generator(self.seed, trainer.global_step, batch_idx, trainer.global_rank, salt)
         return self.buffer.sample(n, generator=gen, return_indices=True)
+
+    def has_replay(self) -> bool:
+        """Whether :meth:`draw` has rows to give (stored ones, or the running task's staged ones
+        before the first task end when ``update="auto"`` met no task boundaries)."""
+        if not self.buffer.is_empty:
+            return True
+        staged = getattr(self.buffer, "staging", None)
+        return self.replays_open_task and staged is not None and not staged.is_empty
+
+    def _draw_open_task(self, trainer: "pl.Trainer", batch_idx: int, n: int, salt: int) -> dict[str, Tensor]:
+        """Uniform draws (seeded like ``draw="step"``) from the running task's staged rows: a
+        uniform sample of the task's samples so far, i.e. reservoir ER, before any task ended."""
+        buffer: TaskBalancedBuffer = self.buffer  # type: ignore[assignment]
+        staged = buffer.staging
+        assert staged is not None
+        gen = rank_generator(self.seed, trainer.global_step, batch_idx, trainer.global_rank, salt)
+        drawn = staged.sample(n, generator=gen, return_indices=True)
+        drawn[TASK_KEY] = torch.full((int(drawn["index"].numel()),), int(buffer.staging_task), dtype=torch.long)
+        return drawn
 
     def _pass_slots(self, trainer: "pl.Trainer", n: int) -> Tensor:
         """This rank's next ``n`` slots of the shuffled passes over the buffer (a DataLoader with
@@ -261,7 +291,10 @@ class _BufferCallback(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._fix_policies(trainer)
-        if stage == "fit" and self.update == "task_end" and task_schedule(trainer) is None and self._ended < 0:
+        if (
+            stage == "fit" and self.requested_update == "task_end" and task_schedule(trainer) is None
+            and self._ended < 0
+        ):
             rank_zero_warn(
                 f"{type(self).__name__}(update='task_end') fills its buffer when a task ends; this fit is the "
                 "first task (one fit per task), so nothing is replayed before the next fit. For a task-free "
@@ -372,15 +405,31 @@ class ExperienceReplay(_BufferCallback):
     over the buffer (as a ``DataLoader(shuffle=True)`` over it, restarted when exhausted or when
     the stored rows change), so every stored sample is replayed once before any is replayed twice.
 
-    The default ``update="auto", draw="auto"`` is decided in the first ``setup``: when the
-    trainer's datamodule is a continual stream of several tasks (the library's datamodules, or any
-    with ``num_tasks``, ``epochs_per_task`` and ``task_of_epoch``), ``update="task_end",
-    draw="pass"``; otherwise (a task-free stream, plain loaders, one fit per task with plain
-    ``DataLoader``\ s) ``update="reservoir", draw="step"``. The task-end policy kept more
-    old-task accuracy than the reservoir on every stream of ``benchmarks/er_policy.py``
-    (multi-epoch and online, docs/results.md). Pass ``update="reservoir", draw="step"`` for
-    the reservoir ER of Buzzega et al. and Mammoth (the default of earlier releases, and
-    what published Mammoth ER numbers use).
+    The default ``update="auto", draw="auto"`` is the task-end policy with shuffled passes
+    (``update="task_end", draw="pass"``, Avalanche's ``ReplayPlugin`` default) in both ways of
+    running a stream, decided in the first ``setup``:
+
+    - one fit over a continual stream of several tasks (the library's datamodules, or any with
+      ``num_tasks``, ``epochs_per_task`` and ``task_of_epoch``): exactly ``"task_end"``/``"pass"``;
+    - fits without such a datamodule (plain ``DataLoader``\ s): each fit is one task, and its end
+      a task boundary (the library's one-fit-per-task protocol), so from the second fit on replay
+      draws only tasks that have ended, as above. What the first fit cannot know is whether
+      another fit will follow (one fit per task) or not (a task-free stream in one fit). So
+      until the first task ends, the replay rows are drawn uniformly, per step, from the running
+      task's staged samples, which are a uniform sample of everything the fit has offered so far:
+      reservoir ER over the stream (Buzzega et al.), replay from the second step on (as with every
+      task-end policy, only the first epoch of a task is offered). A task-free
+      stream thus gets reservoir replay, and a sequence of fits gets the task-end policy. The
+      state needs no record of the decision: it follows from the stored rows (none stored yet:
+      the running task's rows are drawn), so checkpoints and resumes need nothing special.
+
+    A :class:`~lightning_forget.datamodules.ContinualDataModule` of one task counts as a fit
+    without boundaries. ``buffer="class_balanced"`` resolves ``"auto"`` to ``"reservoir"``.
+    The task-end policy kept more old-task accuracy than the reservoir on every stream of
+    ``benchmarks/er_policy.py`` (multi-epoch, online, and online with one fit per task against
+    Avalanche itself; docs/results.md). Pass ``update="reservoir", draw="step"`` for the reservoir
+    ER of Buzzega et al. and Mammoth (the default of earlier releases, and what published Mammoth
+    ER numbers use).
 
     The replayed rows are appended after the loader's rows and recorded in the step's context
     (:func:`lightning_forget.losses.step_context`): other callbacks can read which rows are
@@ -451,7 +500,7 @@ class ExperienceReplay(_BufferCallback):
 
     def _join_replay(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> Any:
         split = self.split(batch)
-        if self.buffer.is_empty:
+        if not self.has_replay():
             return batch
         context = step_context(pl_module)
         names = self._buffer_names(split)

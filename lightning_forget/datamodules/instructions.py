@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import csv
+import functools
 import json
 import keyword
 import os
@@ -47,6 +48,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "BUILTIN_INSTRUCTION_TASKS",
+    "builtin_capacity",
     "InstructionDataset",
     "InstructionStreamDataModule",
     "builtin_examples",
@@ -98,8 +100,67 @@ def _topic_words() -> list[list[str]]:
     return runs
 
 
+def _next_word_prompt(text: list[str], i: int) -> tuple[str, str]:
+    return f"Text: {' '.join(text)}\nWord after \"{text[i]}\":", f" {text[i + 1]}"
+
+
+def _length_sum_words() -> list[str]:
+    return sorted({w for w in _categorised_words() if len(w) <= 8})
+
+
+#: Sizes up to which a built-in task is known to have enough distinct examples without counting
+#: them (``next_word`` has about 200,000 on CPython 3.11; counting takes seconds, so it is done
+#: only for larger requests). ``tests/test_instructions.py`` checks these bounds.
+_SURELY_AVAILABLE = {"category": 0, "next_word": 50_000, "length_sum": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_capacity(task: str) -> int:
+    """How many distinct ``(prompt, answer)`` pairs built-in ``task`` has on this Python.
+
+    They come from the running interpreter (its keywords, builtins, standard-library module names
+    and help topics), so the number depends on the Python version.
+    """
+    if task == "category":
+        return len(_categorised_words())
+    if task == "length_sum":
+        return len(_length_sum_words()) ** 2
+    if task == "next_word":
+        prompts = set()
+        for run in _topic_words():
+            for start in range(len(run) - 5):
+                text = run[start : start + 6]
+                for i in range(5):
+                    if text.count(text[i]) == 1:
+                        prompt, answer = _next_word_prompt(text, i)
+                        if len(prompt) + len(answer) <= _MAX_BUILTIN_CHARS:
+                            prompts.add(prompt)
+        return len(prompts)
+    raise ValueError(message("task", f"one of {list(BUILTIN_INSTRUCTION_TASKS)}", task))
+
+
+def check_builtin_size(task: str, wanted: int, argument: str = "limit") -> None:
+    """Raise a ``ValueError`` naming ``argument`` when built-in ``task`` has fewer than ``wanted`` examples."""
+    if wanted <= _SURELY_AVAILABLE.get(task, 0):
+        return
+    available = builtin_capacity(task)
+    if wanted > available:
+        raise ValueError(message(
+            argument, f"at most the {available} distinct examples the built-in task {task!r} has on this Python",
+            wanted, f"ask for at most {available} examples of {task!r} (training and validation together), "
+                    "or use a task file with more"))
+
+
 def builtin_examples(task: str, seed: int = 0, limit: int = 2000) -> list[tuple[str, str]]:
-    """Distinct ``(prompt, answer)`` pairs of a built-in task, in a seeded order (at most ``limit``)."""
+    """Distinct ``(prompt, answer)`` pairs of a built-in task, in a seeded order (at most ``limit``).
+
+    Raises:
+        ValueError: an unknown task, or a ``limit`` above the number of distinct examples
+            ``"next_word"`` or ``"length_sum"`` has (:func:`builtin_capacity`); ``"category"``
+            returns all it has when ``limit`` is larger.
+    """
+    if task in ("next_word", "length_sum"):
+        check_builtin_size(task, limit)
     rng = np.random.default_rng([seed, BUILTIN_INSTRUCTION_TASKS.index(task), 4127])
     pairs: dict[str, str] = {}
     if task == "category":
@@ -116,11 +177,11 @@ def builtin_examples(task: str, seed: int = 0, limit: int = 2000) -> list[tuple[
             if not candidates:
                 continue
             i = candidates[int(rng.integers(len(candidates)))]
-            prompt, answer = f"Text: {' '.join(text)}\nWord after \"{text[i]}\":", f" {text[i + 1]}"
+            prompt, answer = _next_word_prompt(text, i)
             if len(prompt) + len(answer) <= _MAX_BUILTIN_CHARS:  # fits the default max_length in bytes
                 pairs.setdefault(prompt, answer)
     elif task == "length_sum":
-        words = sorted({w for w in _categorised_words() if len(w) <= 8})
+        words = _length_sum_words()
         while len(pairs) < limit:
             a, b = (words[int(k)] for k in rng.integers(len(words), size=2))
             pairs.setdefault(f"len(\"{a}\") + len(\"{b}\") =", f" {len(a) + len(b)}")
@@ -145,11 +206,27 @@ def load_examples(path: str, prompt_field: str = "prompt", answer_field: str = "
     suffix = os.path.splitext(path)[1].lower()
     with open(path, encoding="utf-8", newline="") as handle:
         if suffix == ".json":
-            records = json.load(handle)
+            try:
+                records = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg}). Fix: the file "
+                    "must hold one JSON list of objects (use .jsonl for one object per line)."
+                ) from error
             if not isinstance(records, list):
                 raise ValueError(f"{path}: a .json task file must hold a list of objects, got {type(records).__name__}.")
         elif suffix == ".jsonl":
-            records = [json.loads(line) for line in handle if line.strip()]
+            records = []
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(
+                            f"{path}, line {number}: not a JSON record ({error.msg}, column {error.colno}): "
+                            f"{line.strip()[:80]!r}. Fix: write one JSON object per line, e.g. "
+                            '{"prompt": "...", "answer": " ..."}.'
+                        ) from error
         elif suffix == ".csv":
             records = list(csv.DictReader(handle))
         else:
@@ -217,7 +294,9 @@ class InstructionStreamDataModule(ContinualDataModule):
         tasks: built-in task names (:data:`BUILTIN_INSTRUCTION_TASKS`) or paths of JSON / JSON
             Lines / CSV files of prompt/answer records, in task order. Default: the three
             built-in tasks (classification, extraction, arithmetic formats).
-        examples_per_task: training examples per task (fewer if a file holds fewer).
+        examples_per_task: training examples per task (fewer if a file holds fewer; a built-in
+            task must have ``examples_per_task + val_examples_per_task`` distinct examples, see
+            :func:`builtin_capacity`).
         val_examples_per_task: validation examples per task; a file of fewer than twice this
             many gives a fifth of its records (at least 1) to validation.
         max_length: the longest example in tokens (the model's context must hold it; read as
@@ -238,8 +317,10 @@ class InstructionStreamDataModule(ContinualDataModule):
             The last eight as in :class:`~lightning_forget.datamodules.ContinualDataModule`.
 
     Raises:
-        TypeError, ValueError: bad arguments, an unknown task name, a missing file, a record
-            without the fields, or an example longer than ``max_length``.
+        TypeError, ValueError: bad arguments, an unknown task name, a missing file, a task listed
+            twice, more examples than a built-in task has (``examples_per_task +
+            val_examples_per_task``, with the limit), a record without the fields, a malformed
+            JSON / JSON Lines file (with its line), or an example longer than ``max_length``.
     """
 
     #: ``CausalLMModule`` logs exact match for datamodules whose labels mark answers only.
@@ -276,6 +357,15 @@ class InstructionStreamDataModule(ContinualDataModule):
                     raise ValueError(message(
                         "tasks", f"built-in task names {list(BUILTIN_INSTRUCTION_TASKS)} or existing .json/.jsonl/.csv files",
                         spec, "check the name or the path"))
+        seen: dict[str, int] = {}
+        for i, spec in enumerate(tasks):
+            same = spec if spec in BUILTIN_INSTRUCTION_TASKS else os.path.realpath(os.path.expanduser(spec))
+            if same in seen:
+                raise ValueError(message(
+                    "tasks", "a list of distinct tasks", tasks,
+                    f"tasks[{seen[same]}] and tasks[{i}] are both {spec!r} and would serve identical examples; list "
+                    "each task once (to train a task again, run another fit on it)"))
+            seen[same] = i
         check_int("num_tasks", num_tasks, min=1, allow_none=True, fix="omit it to use every task of `tasks`")
         if num_tasks is not None:
             if num_tasks > len(tasks):
@@ -284,6 +374,10 @@ class InstructionStreamDataModule(ContinualDataModule):
             tasks = tasks[:num_tasks]
         check_int("examples_per_task", examples_per_task, min=1)
         check_int("val_examples_per_task", val_examples_per_task, min=1)
+        for spec in tasks:
+            if spec in BUILTIN_INSTRUCTION_TASKS:
+                check_builtin_size(spec, examples_per_task + val_examples_per_task,
+                                   "examples_per_task + val_examples_per_task")
         check_int("max_length", max_length, min=2)
         check_str("prompt_field", prompt_field)
         check_str("answer_field", answer_field)
