@@ -130,9 +130,12 @@ def test_adab2n_trains_its_task_weights_when_training_step_calls_a_submodule(str
     # Before: hooks on the LightningModule's forward, which `self.net(x)` never runs: no task ids,
     # no statistics loss, task weights left at 0.
     user, _ = stream_runs["user"]
-    layers = adab2n_layers(user)
+    ref, _ = stream_runs["reference"]
+    layers, ref_layers = adab2n_layers(user), adab2n_layers(ref)
     assert len(layers) == 1 and int(layers[0].cur_task) == 2
-    assert bool((layers[0].task_weight[:2] != 0).any())
+    assert layers[0]._task_ids is not None  # the last training forward got its rows' tasks
+    assert torch.equal(layers[0].task_weight, ref_layers[0].task_weight)
+    assert bool((layers[0].task_weight[:2].abs() > 1e-3).any())  # trained, not only refresh's 1e-3 noise
 
 
 # ---------------------------------------------------------------------- refused without forward_fn
