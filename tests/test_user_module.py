@@ -29,9 +29,12 @@ from lightning_forget.callbacks import (
     DarkExperienceReplay,
     ForgetRetainEvaluation,
     GSLoRA,
+    ILoRA,
     RefreshLearning,
 )
+from lightning_forget.callbacks.gs_lora import lora_layers
 from lightning_forget.datamodules import ForgetRetainDataModule
+from lightning_forget.export import export_plain_checkpoint, export_plain_state_dict
 from lightning_forget.forward import ModelForward
 from lightning_forget.nn import adab2n_layers
 from tests.helpers.data import BlobStream
@@ -216,3 +219,89 @@ def test_gslora_and_forget_retain_evaluation_refuse_a_module_without_forward(tmp
     with pytest.raises(RuntimeError, match=r"forward_fn=.*'net'"):
         trainer.fit(UserModule(classes=10), _forget_data())
     assert trainer.global_step == 0
+
+
+# ---------------------------------------------------------------------- a plain model back (export)
+def _eval_logits(model: pl.LightningModule, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model.net(x)
+
+
+def test_export_after_adab2n_loads_into_a_fresh_user_module(stream_runs, tmp_path: Path) -> None:
+    trained, _ = stream_runs["user"]
+    with pytest.raises(RuntimeError, match="task_weight"):  # what users hit without the export
+        UserModule(conv=True).load_state_dict(trained.state_dict())
+    fresh = UserModule(conv=True)
+    fresh.load_state_dict(export_plain_state_dict(trained))  # strict
+    assert type(fresh.net[0].bn) is nn.BatchNorm2d
+    x = torch.randn(5, 8)
+    assert torch.allclose(_eval_logits(fresh, x), _eval_logits(trained, x), atol=1e-6)
+    path = export_plain_checkpoint(trained, tmp_path / "plain.ckpt")
+    loaded = UserModule.load_from_checkpoint(path, conv=True)
+    assert torch.allclose(_eval_logits(loaded, x), _eval_logits(trained, x), atol=1e-6)
+    with pytest.raises(FileExistsError, match="output_path"):
+        export_plain_checkpoint(trained, path)
+
+
+def test_export_after_gslora_loads_into_a_fresh_user_module(forget_runs) -> None:
+    trained, gs, _ = forget_runs["user"]
+    with pytest.raises(RuntimeError, match="base_layer"):
+        UserModule(classes=10).load_state_dict(trained.state_dict())
+    # a LoRA still holding an update (as mid-task): the export merges it
+    with torch.no_grad():
+        for layer in lora_layers(trained).values():
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+    fresh = UserModule(classes=10)
+    fresh.load_state_dict(export_plain_state_dict(trained))
+    x = torch.randn(5, 64)
+    assert torch.allclose(_eval_logits(fresh, x), _eval_logits(trained, x), atol=1e-5)
+    gs.reset_lora(trained, 0)
+
+
+class UserLM(pl.LightningModule):
+    """A user's causal LM: a transformers model at ``self.model``, dict token batches, no forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16) -> None:
+        self.ids = torch.randint(0, 64, (n, 12), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": self.ids[i]}
+
+
+def test_export_after_ilora_loads_into_a_fresh_user_module(tmp_path: Path) -> None:
+    model = UserLM()
+    ilora = ILoRA(lora={"r": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["c_attn"]}, buffer_size=8,
+                  save_adapters=False)
+    quiet_trainer(tmp_path, [ilora], max_epochs=1, reload_dataloaders_every_n_epochs=0).fit(
+        model, DataLoader(_Tokens(), batch_size=4))
+    ids = _Tokens(2).ids
+    model.eval()
+    with torch.no_grad():
+        expected = model.model(input_ids=ids).logits  # the slow learner, swapped in at fit end
+    with pytest.raises(RuntimeError, match="Missing key"):
+        UserLM().load_state_dict(model.state_dict())
+    fresh = UserLM()
+    fresh.load_state_dict(export_plain_state_dict(model))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh.model(input_ids=ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(UserLM().model(input_ids=ids).logits, expected, atol=1e-4)  # it did train

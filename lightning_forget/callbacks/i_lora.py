@@ -359,7 +359,7 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         self._batch_checked = True
         import inspect
 
-        split = self.split(batch)
+        split = self.fields.split(batch, require_target=False)
         if "input_ids" in split.fields or self._hf_model() is not None:
             return
         base = self.peft_model().get_base_model()
