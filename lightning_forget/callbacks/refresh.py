@@ -331,7 +331,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
     def _check_first_batch(self, trainer: "pl.Trainer", batch: Any) -> None:
         """What the task end's Fisher needs, checked on the first batch instead of after the task."""
         self._first_batch_checked = True
-        self.unlearn_batch(batch)
+        RefreshLearning.unlearn_batch(self, batch)  # the unlearn step's own message first
         if self.fisher_samples == 0:
             return
         self.unlearn_batch_fields(batch)
