@@ -242,6 +242,13 @@ def test_export_after_adab2n_loads_into_a_fresh_user_module(stream_runs, tmp_pat
     assert torch.allclose(_eval_logits(loaded, x), _eval_logits(trained, x), atol=1e-6)
     with pytest.raises(FileExistsError, match="output_path"):
         export_plain_checkpoint(trained, path)
+    # a checkpoint file of the trained layout, converted
+    saved = tmp_path / "run.ckpt"
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": {"conv": True}}, saved)
+    converted = export_plain_checkpoint(trained, tmp_path / "converted.ckpt", checkpoint_path=saved)
+    assert torch.allclose(_eval_logits(UserModule.load_from_checkpoint(converted), x), _eval_logits(trained, x), atol=1e-6)
+    with pytest.raises(RuntimeError, match="checkpoint_path"):
+        export_plain_checkpoint(UserModule(conv=True), tmp_path / "wrong.ckpt", checkpoint_path=saved)
 
 
 def test_export_after_gslora_loads_into_a_fresh_user_module(forget_runs) -> None:
