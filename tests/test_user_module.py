@@ -97,7 +97,7 @@ def _task_loaders(dm: BlobStream, task: int) -> tuple[DataLoader, DataLoader]:
 def _fit_per_task(tmp_path: Path, model: pl.LightningModule, callbacks: list[Any]) -> pl.LightningModule:
     """Two tasks, one fit each, plain DataLoaders (as README mode 2)."""
     pl.seed_everything(0)
-    dm = BlobStream(num_tasks=2, dim=8, samples_per_class=16)
+    dm = BlobStream(num_tasks=2, dim=8, samples_per_class=8)
     for task in range(2):
         train, val = _task_loaders(dm, task)
         quiet_trainer(tmp_path, callbacks, max_epochs=1, reload_dataloaders_every_n_epochs=0).fit(model, train, val)
@@ -188,8 +188,8 @@ def _forget_data() -> ForgetRetainDataModule:
 @pytest.fixture(scope="module")
 def forget_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     runs = {}
+    dm = _forget_data()
     for name, cls, forward_fn in (("user", UserModule, "net"), ("reference", WithForward, None)):
-        dm = _forget_data()
         model = cls(classes=10)
         gs = GSLoRA(target_modules=["net.1", "net.3"], bound=5.0, alpha=1e-3, forward_fn=forward_fn, prototype=True,
                     prototype_retain_weight=0.1)
@@ -298,8 +298,8 @@ def test_export_after_ilora_loads_into_a_fresh_user_module(tmp_path: Path) -> No
     model = UserLM()
     ilora = ILoRA(lora={"r": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["c_attn"]}, buffer_size=8,
                   save_adapters=False)
-    quiet_trainer(tmp_path, [ilora], max_epochs=1, reload_dataloaders_every_n_epochs=0).fit(
-        model, DataLoader(_Tokens(), batch_size=4))
+    quiet_trainer(tmp_path, [ilora], max_epochs=1, reload_dataloaders_every_n_epochs=0, limit_train_batches=2).fit(
+        model, DataLoader(_Tokens(8), batch_size=4))
     ids = _Tokens(2).ids
     model.eval()
     with torch.no_grad():
