@@ -14,7 +14,7 @@ same constructor argument in each of them, ``forward_fn``:
 The function must map a batch of inputs to logits: a tensor, a dict or model output with
 ``logits``, or a tuple starting with them (:func:`~lightning_forget.batch.logits_of`).
 
-No Lightning in this module.
+Lightning is imported only to recognise ``LightningModule``'s own (unimplemented) ``forward``.
 """
 
 from __future__ import annotations
