@@ -129,6 +129,122 @@ def _fit_lm(model_kwargs: dict[str, Any]) -> None:
                       limit_val_batches=1).fit(CausalLMModule(**kwargs), data)
 
 
+class _NoForward(pl.LightningModule):
+    """The README's module: no ``forward``; ``training_step`` calls ``self.net(x)``."""
+
+    def __init__(self, dim: int = 8, classes: int = 4, conv: bool = False) -> None:
+        super().__init__()
+        if conv:
+            self.net = nn.Sequential(nn.Unflatten(1, (2, 2, dim // 4)), nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4),
+                                     nn.Flatten(), nn.Linear(4 * dim // 2, classes))
+        else:
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(dim, classes))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+class _Unlabelled(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _Unsized(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        x, y = _blobs()
+        return iter(zip(x, y))
+
+
+def _fit_user(callbacks: Any, model: Optional[pl.LightningModule] = None, loader: Any = None, fits: int = 1,
+              **trainer_kwargs: Any) -> None:
+    """One fit per task with plain loaders, as README mode 2."""
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    x, y = _blobs()
+    model = model if model is not None else _NoForward()
+    loader = loader if loader is not None else DataLoader(TensorDataset(x, y), batch_size=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(fits):
+            _tiny_trainer(tmp, callbacks, **trainer_kwargs).fit(model, loader)
+
+
+class _LM(pl.LightningModule):
+    """A user's causal LM (transformers GPT-2 at ``self.model``), token batches as given."""
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        if plain:
+            self.model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        else:
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            self.model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, dict):
+            return self.model(**batch).loss
+        if batch[0].is_floating_point():
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+def _fit_lm_user(callback: Any, batches: str = "dict", plain: bool = False, fits: int = 2) -> None:
+    ids = torch.randint(0, 32, (16, 10), generator=torch.Generator().manual_seed(0))
+    if plain:
+        data: Any = TensorDataset(*_blobs(n=16))
+    elif batches == "dict":
+        data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+    else:
+        data = TensorDataset(ids, torch.ones_like(ids))
+    _fit_user(callback, _LM(plain=plain), DataLoader(data, batch_size=4), fits=fits, limit_train_batches=2)
+
+
+def _forget_dm(**kwargs: Any):
+    from lightning_forget.datamodules import ForgetRetainDataModule
+
+    kwargs.setdefault("forget_classes", [[8, 9]])
+    kwargs.setdefault("data_ratio", 0.05)
+    return ForgetRetainDataModule(builtin="digits", batch_size=64, **kwargs)
+
+
+def _fit_forget(callbacks: list, model: Optional[pl.LightningModule] = None, datamodule: Any = None) -> None:
+    dm = datamodule if datamodule is not None else _forget_dm()
+    model = model if model is not None else _NoForward(dim=64, classes=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        _tiny_trainer(tmp, callbacks, max_epochs=1, limit_train_batches=2).fit(model, dm)
+
+
+class _FlatDigits(_NoForward):
+    def __init__(self) -> None:
+        super().__init__(dim=64, classes=10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        return nn.functional.cross_entropy(self(x), y)
+
+
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {f"layers.{i}.weight": torch.randn(3, 3, generator=gen) for i in range(3)}
@@ -267,7 +383,183 @@ def cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
         ("task_arithmetic", "finetuned_list not a list", "finetuned_list",
          lambda: merging.task_arithmetic(_state(), _state(1))),
     ]
+    out += _wave2_cases(unwritable)
     return out
+
+
+def _wave2_cases(unwritable: str) -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """The classes of the second wave (refresh, AdaB2N, FPF, LoRA methods, forgetting, layers)."""
+    import lightning_forget.nn as lf_nn
+    from lightning_forget.callbacks import (
+        FPF,
+        KFPF,
+        AdaB2N,
+        ContinualEvaluation,
+        DarkExperienceReplay,
+        ForgetRetainEvaluation,
+        GSLoRA,
+        ILoRA,
+        InfiniteLRSchedule,
+        RefreshLearning,
+    )
+    from lightning_forget.datamodules import (
+        DomainIncrementalDataModule,
+        ForgetRetainDataModule,
+        InstructionStreamDataModule,
+        SplitDataModule,
+    )
+    from lightning_forget.fisher import fisher_diagonal
+    from lightning_forget.lora import LoRASettings
+
+    x, y = _blobs()
+    linear = nn.Linear(8, 4)
+    dicts = [{"x": x[:4], "y": y[:4]}]
+    return [
+        ("RefreshLearning", "delta=-1", "delta", lambda: RefreshLearning(delta=-1.0)),
+        ("RefreshLearning", "damping=nan", "damping", lambda: RefreshLearning(damping=float("nan"))),
+        ("RefreshLearning", "every_n_steps=0", "every_n_steps", lambda: RefreshLearning(every_n_steps=0)),
+        ("RefreshLearning", "fisher_samples=-1", "fisher_samples", lambda: RefreshLearning(fisher_samples=-1)),
+        ("RefreshLearning", "loss_fn=3", "loss_fn", lambda: RefreshLearning(loss_fn=3)),
+        ("RefreshLearning", "input_key=1.5", "input_key", lambda: RefreshLearning(input_key=1.5)),
+        ("RefreshLearning", "module without forward (fit)", "forward_fn", lambda: _fit_user(RefreshLearning())),
+        ("RefreshLearning", "label-free batches, default fisher_samples (fit)", "fisher_samples",
+         lambda: _fit_user(RefreshLearning(loss_fn=lambda m, b: m(b[0]).pow(2).mean()), _Unlabelled(),
+                           DataLoader(TensorDataset(x), batch_size=8))),
+        ("RefreshLearning", "unsized dataset (fit)", "fisher_samples",
+         lambda: _fit_user(RefreshLearning(), _Unlabelled(), DataLoader(_Unsized(), batch_size=8))),
+        ("AdaB2N", "kappa=1.5", "kappa", lambda: AdaB2N(kappa=1.5)),
+        ("AdaB2N", "lambd=-1", "lambd", lambda: AdaB2N(lambd=-1.0)),
+        ("AdaB2N", "ada_t0=-1", "ada_t0", lambda: AdaB2N(ada_t0=-1)),
+        ("AdaB2N", "num_tasks=0", "num_tasks", lambda: AdaB2N(num_tasks=0)),
+        ("AdaB2N", "classes_per_task=0", "classes_per_task", lambda: AdaB2N(classes_per_task=0)),
+        ("AdaB2N", "target_key=3", "target_key", lambda: AdaB2N(target_key=3)),
+        ("AdaB2N", "no num_tasks with plain loaders (fit)", "num_tasks",
+         lambda: _fit_user(AdaB2N(), _NoForward(conv=True))),
+        ("AdaB2N", "module without BatchNorm2d (fit)", "BatchNorm2d", lambda: _fit_user(AdaB2N(num_tasks=2))),
+        ("KFPF", "k=0", "k", lambda: KFPF(k=0)),
+        ("KFPF", "k=None and interval=None", "interval", lambda: KFPF(k=None, interval=None)),
+        ("KFPF", "lr=0", "lr", lambda: KFPF(lr=0.0)),
+        ("KFPF", "module_types=['conv2d']", "module_types", lambda: KFPF(module_types=["conv2d"])),
+        ("KFPF", "module_types='batchnorm'", "module_types", lambda: KFPF(module_types="batchnorm")),
+        ("KFPF", "finetune_steps=0", "finetune_steps", lambda: KFPF(finetune_steps=0)),
+        ("KFPF", "module without forward (fit)", "forward_fn", lambda: _fit_user(KFPF(k=1, buffer_size=8), fits=2)),
+        ("KFPF", "module_patterns matching nothing (fit)", "module_patterns",
+         lambda: _fit_user(KFPF(k=1, module_types=[], module_patterns=["nothing"]), _FlatDigits())),
+        ("FPF", "finetune_steps=0", "finetune_steps", lambda: FPF(finetune_steps=0)),
+        ("FPF", "lr=-1", "lr", lambda: FPF(lr=-1.0)),
+        ("FPF", "buffer_size=0", "buffer_size", lambda: FPF(buffer_size=0)),
+        ("FPF", "every_task='yes'", "every_task", lambda: FPF(every_task="yes")),
+        ("FPF", "kd_weight=nan", "kd_weight", lambda: FPF(kd_weight=float("nan"))),
+        ("FPF", "module without forward (fit)", "forward_fn", lambda: _fit_user(FPF(buffer_size=8, finetune_steps=2))),
+        ("ILoRA", "ema=1.0", "ema", lambda: ILoRA(ema=1.0)),
+        ("ILoRA", "layers=[]", "layers", lambda: ILoRA(layers=[])),
+        ("ILoRA", "layers='all'", "layers", lambda: ILoRA(layers="all")),
+        ("ILoRA", "inference_learner='mean'", "inference_learner", lambda: ILoRA(inference_learner="mean")),
+        ("ILoRA", "lora=5", "lora", lambda: ILoRA(lora=5)),
+        ("ILoRA", "model_attr=''", "model_attr", lambda: ILoRA(model_attr="")),
+        ("ILoRA", "layers=[99] (fit)", "layers",
+         lambda: _fit_lm_user(ILoRA(lora={"r": 2, "alpha": 4.0}, layers=[99], save_adapters=False, buffer_size=8))),
+        ("ILoRA", "token batches as tuples (fit)", "input_ids",
+         lambda: _fit_lm_user(ILoRA(lora={"r": 2, "alpha": 4.0}, save_adapters=False, buffer_size=8), batches="tuple")),
+        ("ILoRA", "model_attr names nothing (fit)", "model_attr",
+         lambda: _fit_lm_user(ILoRA(lora={"r": 2, "alpha": 4.0}, model_attr="backbone", save_adapters=False))),
+        ("ILoRA", "backbone without a Hugging Face model (fit)", "model_attr",
+         lambda: _fit_lm_user(ILoRA(lora={"r": 2, "alpha": 4.0, "target_modules": ["0", "2"]}, save_adapters=False,
+                                    buffer_size=8), plain=True)),
+        ("GSLoRA", "r=0", "r", lambda: GSLoRA(r=0)),
+        ("GSLoRA", "grouping='row'", "grouping", lambda: GSLoRA(grouping="row")),
+        ("GSLoRA", "beta=[]", "beta", lambda: GSLoRA(beta=[])),
+        ("GSLoRA", "eps=0", "eps", lambda: GSLoRA(eps=0.0)),
+        ("GSLoRA", "bound=-1", "bound", lambda: GSLoRA(bound=-1.0)),
+        ("GSLoRA", "forget_stream=''", "forget_stream", lambda: GSLoRA(forget_stream="")),
+        ("GSLoRA", "one-stream batches (fit)", "forget_stream",
+         lambda: _fit_user(GSLoRA(target_modules=["net.1"]), _FlatDigits(), DataLoader(TensorDataset(*_blobs(10, 64)), batch_size=8))),
+        ("GSLoRA", "module without forward (fit)", "forward_fn",
+         lambda: _fit_forget([GSLoRA(target_modules=["net.1"])], _NoForward(dim=64, classes=10))),
+        ("GSLoRA", "target_modules matching nothing (fit)", "target_modules",
+         lambda: _fit_forget([GSLoRA(target_modules=["nothing"])], _FlatDigits())),
+        ("ForgetRetainEvaluation", "split='train'", "split", lambda: ForgetRetainEvaluation(split="train")),
+        ("ForgetRetainEvaluation", "mia='yes'", "mia", lambda: ForgetRetainEvaluation(mia="yes")),
+        ("ForgetRetainEvaluation", "batch_size=0", "batch_size", lambda: ForgetRetainEvaluation(batch_size=0)),
+        ("ForgetRetainEvaluation", "report=1", "report", lambda: ForgetRetainEvaluation(report=1)),
+        ("ForgetRetainEvaluation", "log_dir=3", "log_dir", lambda: ForgetRetainEvaluation(log_dir=3)),
+        ("ForgetRetainEvaluation", "plain loaders, no forget datamodule (fit)", "ForgetRetainDataModule",
+         lambda: _fit_user(ForgetRetainEvaluation(report=False), _FlatDigits(), DataLoader(TensorDataset(*_blobs(10, 64)), batch_size=8))),
+        ("ForgetRetainEvaluation", "module without forward (fit)", "forward_fn",
+         lambda: _fit_forget([ForgetRetainEvaluation(report=False), GSLoRA(target_modules=["net.1"])],
+                             _NoForward(dim=64, classes=10))),
+        ("ForgetRetainEvaluation", "unwritable log_dir (fit)", "log_dir",
+         lambda: _fit_forget([GSLoRA(target_modules=["net.1"]), ForgetRetainEvaluation(log_dir=unwritable)], _FlatDigits())),
+        ("DarkExperienceReplay", "module without forward (fit)", "forward_fn",
+         lambda: _fit_user(DarkExperienceReplay(buffer_size=8))),
+        ("ContinualEvaluation", "module without forward (fit)", "forward_fn",
+         lambda: _fit_user(ContinualEvaluation(every_n_steps=1, save_csv=False, save_plot=False))),
+        ("InfiniteLRSchedule", "max_lr=0", "max_lr", lambda: InfiniteLRSchedule(max_lr=0.0)),
+        ("InfiniteLRSchedule", "decay='step'", "decay", lambda: InfiniteLRSchedule(max_lr=1e-3, decay="step")),
+        ("InfiniteLRSchedule", "warmup=-1", "warmup", lambda: InfiniteLRSchedule(max_lr=1e-3, warmup=-1)),
+        ("InfiniteLRSchedule", "cooldown_steps=-1", "cooldown_steps",
+         lambda: InfiniteLRSchedule(max_lr=1e-3, cooldown_steps=-1)),
+        ("InfiniteLRSchedule", "anneal='x'", "anneal", lambda: InfiniteLRSchedule(max_lr=1e-3, anneal="x")),
+        ("InstructionStreamDataModule", "tasks=['nope']", "tasks",
+         lambda: InstructionStreamDataModule(tasks=["nope"]).setup("fit")),
+        ("InstructionStreamDataModule", "tasks=[]", "tasks", lambda: InstructionStreamDataModule(tasks=[])),
+        ("InstructionStreamDataModule", "examples_per_task=0", "examples_per_task",
+         lambda: InstructionStreamDataModule(examples_per_task=0)),
+        ("InstructionStreamDataModule", "max_length=0", "max_length", lambda: InstructionStreamDataModule(max_length=0)),
+        ("InstructionStreamDataModule", "batch_size=0", "batch_size", lambda: InstructionStreamDataModule(batch_size=0)),
+        ("ForgetRetainDataModule", "forget_classes=[[8.7]]", "forget_classes",
+         lambda: _forget_dm(forget_classes=[[8.7]]).setup("fit")),
+        ("ForgetRetainDataModule", "every class forgotten", "forget_classes",
+         lambda: _forget_dm(forget_classes=[list(range(10))]).setup("fit")),
+        ("ForgetRetainDataModule", "data_ratio=0", "data_ratio", lambda: _forget_dm(data_ratio=0.0)),
+        ("ForgetRetainDataModule", "mode='x'", "mode", lambda: ForgetRetainDataModule(builtin="digits", mode="x")),
+        ("ForgetRetainDataModule", "builtin='cifar'", "builtin", lambda: ForgetRetainDataModule(builtin="cifar")),
+        ("DomainIncrementalDataModule", "transform='flip'", "transform",
+         lambda: DomainIncrementalDataModule(train=(x, y), transform="flip")),
+        ("DomainIncrementalDataModule", "num_tasks=0", "num_tasks", lambda: DomainIncrementalDataModule(train=(x, y), num_tasks=0)),
+        ("DomainIncrementalDataModule", "angles=[]", "angles",
+         lambda: DomainIncrementalDataModule(train=(x, y), transform="rotate", angles=[])),
+        ("DomainIncrementalDataModule", "val_fraction=2", "val_fraction",
+         lambda: DomainIncrementalDataModule(train=(x, y), val_fraction=2.0)),
+        ("DomainIncrementalDataModule", "batch_size=0", "batch_size", lambda: DomainIncrementalDataModule(train=(x, y), batch_size=0)),
+        ("SplitDataModule", "classes_per_task=0", "classes_per_task", lambda: SplitDataModule(train=(x, y), classes_per_task=0)),
+        ("SplitDataModule", "num_tasks=-1", "num_tasks", lambda: SplitDataModule(train=(x, y), num_tasks=-1)),
+        ("SplitDataModule", "val_fraction=1", "val_fraction", lambda: SplitDataModule(train=(x, y), classes_per_task=2, val_fraction=1.0)),
+        ("SplitDataModule", "class_order with a duplicate", "class_order",
+         lambda: SplitDataModule(train=(x, y), classes_per_task=2, class_order=[0, 0, 1, 2]).setup("fit")),
+        ("SplitDataModule", "train=None", "train", lambda: SplitDataModule(classes_per_task=2).setup("fit")),
+        ("AdaB2NBatchNorm2d", "num_features=0", "num_features", lambda: lf_nn.AdaB2NBatchNorm2d(0, 2, 0.5)),
+        ("AdaB2NBatchNorm2d", "num_tasks=0", "num_tasks", lambda: lf_nn.AdaB2NBatchNorm2d(4, 0, 0.5)),
+        ("AdaB2NBatchNorm2d", "kappa=2", "kappa", lambda: lf_nn.AdaB2NBatchNorm2d(4, 2, 2.0)),
+        ("AdaB2NBatchNorm2d", "momentum=None", "momentum", lambda: lf_nn.AdaB2NBatchNorm2d(4, 2, 0.5, momentum=None)),
+        ("AdaB2NBatchNorm2d", "eps=-1", "eps", lambda: lf_nn.AdaB2NBatchNorm2d(4, 2, 0.5, eps=-1.0)),
+        ("AdaB2NBatchNorm2d", "set_task_ids of floats", "task_ids",
+         lambda: lf_nn.AdaB2NBatchNorm2d(4, 2, 0.5).set_task_ids(torch.zeros(3))),
+        ("convert_adab2n", "num_tasks=0", "num_tasks", lambda: lf_nn.convert_adab2n(nn.BatchNorm2d(4), 0, 0.5)),
+        ("convert_adab2n", "kappa=-1", "kappa", lambda: lf_nn.convert_adab2n(nn.BatchNorm2d(4), 2, -1.0)),
+        ("convert_adab2n", "init_weight=nan", "init_weight",
+         lambda: lf_nn.convert_adab2n(nn.BatchNorm2d(4), 2, 0.5, init_weight=float("nan"))),
+        ("convert_adab2n", "num_tasks='2'", "num_tasks", lambda: lf_nn.convert_adab2n(nn.BatchNorm2d(4), "2", 0.5)),
+        ("convert_adab2n", "renormalize='no'", "renormalize",
+         lambda: lf_nn.convert_adab2n(nn.BatchNorm2d(4), 2, 0.5, renormalize="no")),
+        ("nn backbones", "MLP input_shape=[]", "input_shape", lambda: lf_nn.MLP(input_shape=[])),
+        ("nn backbones", "MLP dropout=1.5", "dropout", lambda: lf_nn.MLP(input_shape=[8], dropout=1.5)),
+        ("nn backbones", "ConvNet channels=[0]", "channels", lambda: lf_nn.ConvNet(channels=[0])),
+        ("nn backbones", "ResNet width=0", "width", lambda: lf_nn.ResNet(input_shape=(3, 8, 8), width=0)),
+        ("nn backbones", "ViT patch_size=5 on 28x28", "patch_size", lambda: lf_nn.ViT(patch_size=5)),
+        ("nn backbones", "ViT heads not dividing hidden_size", "num_attention_heads",
+         lambda: lf_nn.ViT(hidden_size=64, num_attention_heads=3)),
+        ("LoRASettings", "r=0", "r", lambda: LoRASettings(r=0)),
+        ("LoRASettings", "alpha=-1", "alpha", lambda: LoRASettings(alpha=-1.0)),
+        ("LoRASettings", "dropout=1.5", "dropout", lambda: LoRASettings(dropout=1.5)),
+        ("LoRASettings", "kind='mlp'", "kind", lambda: LoRASettings(kind="mlp")),
+        ("LoRASettings", "target_modules=3", "target_modules", lambda: LoRASettings(target_modules=3)),
+        ("fisher_diagonal", "model='x'", "model", lambda: fisher_diagonal("x", [(x, y)])),
+        ("fisher_diagonal", "loss='kl'", "loss", lambda: fisher_diagonal(linear, [(x, y)], loss="kl")),
+        ("fisher_diagonal", "max_samples=0", "max_samples", lambda: fisher_diagonal(linear, [(x, y)], max_samples=0)),
+        ("fisher_diagonal", "dict batches", "batches", lambda: fisher_diagonal(linear, dicts, progress=False)),
+        ("fisher_diagonal", "no batches", "batches", lambda: fisher_diagonal(linear, [], progress=False)),
+    ]
 
 
 def classify(arg: str, thunk: Callable[[], Any]) -> tuple[str, str]:

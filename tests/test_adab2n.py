@@ -32,14 +32,19 @@ class RowRecorder(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         layer = adab2n_layers(pl_module)[0]
+        truth: list[list[int]] = []
 
-        def record(module: Any, args: Any) -> None:
+        def rows(module: Any, args: Any) -> None:
+            if module.training:
+                truth[:] = [[self.task_of[tuple(r.tolist())] for r in args[0]]]
+
+        def record(module: Any, args: Any) -> None:  # runs after AdaB2N's own hook on the layer
             if module.training:
                 ids = layer._task_ids
-                truth = [self.task_of[tuple(r.tolist())] for r in args[0]]
-                self.records.append((ids.tolist() if ids is not None else [], truth))
+                self.records.append((ids.tolist() if ids is not None else [], truth[0]))
 
-        pl_module.backbone.register_forward_pre_hook(record)
+        pl_module.backbone.register_forward_pre_hook(rows)
+        layer.register_forward_pre_hook(record)
 
 
 def _fit(tmp_path: Path, callbacks: list[Callback], epochs_per_task: int = 1, **trainer_kwargs: Any) -> pl.LightningModule:

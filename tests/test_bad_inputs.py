@@ -21,10 +21,21 @@ def _load():
     return module
 
 
+#: Cases whose fix belongs to another change (issue 23, item 9: ForgetRetainDataModule's checks).
+#: They must still be open here; delete an entry when its fix lands (the test then asks for it).
+KNOWN_OPEN = {
+    ("ForgetRetainDataModule", "forget_classes=[[8.7]]"),
+    ("ForgetRetainDataModule", "every class forgotten"),
+}
+
+
 def test_every_quick_bad_input_gets_a_clear_error(capsys) -> None:
     bad_inputs = _load()
     total = bad_inputs.main(["--quick", "--verbose"])
     out = capsys.readouterr().out
-    offenders = [line for line in out.splitlines() if line.split(" ", 1)[0] in ("unclear", "crash", "silent")]
-    assert sum(total.values()) >= 70, total  # the tally covers at least 15 classes x 5 inputs
+    rows = [line.split(None, 2) for line in out.splitlines() if line.split(" ", 1)[0] in ("clear", "unclear", "crash", "silent")]
+    assert sum(total.values()) >= 150, total  # the tally covers every public class, at least 5 inputs each
+    offenders = [" ".join(r) for r in rows if r[0] != "clear" and not any(r[2].startswith(w) and r[1] == c for c, w in KNOWN_OPEN)]
     assert not offenders, "\n".join(offenders)
+    still_open = [(c, w) for c, w in KNOWN_OPEN if any(r[1] == c and r[2].startswith(w) and r[0] != "clear" for r in rows)]
+    assert sorted(still_open) == sorted(KNOWN_OPEN), "a KNOWN_OPEN case is clear now: remove it from the set"

@@ -103,7 +103,7 @@ def test_derpp_needs_the_forward_call(tmp_path: Any) -> None:
         return nn.functional.cross_entropy(self.head(self.backbone(x)), y)
 
     model.training_step = no_forward.__get__(model)  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="did not call the module's forward"):
+    with pytest.raises(RuntimeError, match="did not call its logits function"):
         quiet_trainer(tmp_path, [DarkExperienceReplay(buffer_size=4)], max_epochs=1).fit(model, dm)
 
 

@@ -39,7 +39,9 @@ class AdaB2N(ContinualCallback):
     In ``setup`` (before the optimizers exist, so the task weights are trained by the module's
     optimizer like every other parameter) every ``nn.BatchNorm2d`` of the module is replaced by an
     :class:`~lightning_forget.nn.AdaB2NBatchNorm2d` (see there for the statistics). Then, for
-    every training forward of the module, the layers get each row's task id:
+    every training forward through the layers (hooks on the layers themselves, so it makes no
+    difference whether ``training_step`` calls ``self(x)`` or a submodule such as ``self.net(x)``;
+    the module needs no ``forward``), the layers get each row's task id:
 
     - rows the loader produced: the current task;
     - rows a replay callback appended (:class:`~lightning_forget.callbacks.ExperienceReplay`; the
@@ -124,6 +126,7 @@ class AdaB2N(ContinualCallback):
         self._losses: list[Tensor] = []
         self._in_step = False
         self._handles: list[Any] = []
+        self._ids_cache: Optional[tuple[Any, Tensor]] = None
         self._trainer: Optional["pl.Trainer"] = None
 
     @property
@@ -132,7 +135,8 @@ class AdaB2N(ContinualCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update({"_layers": [], "_losses": [], "_handles": [], "_trainer": None, "_in_step": False})
+        state.update({"_layers": [], "_losses": [], "_handles": [], "_trainer": None, "_in_step": False,
+                      "_ids_cache": None})
         return state
 
     # ------------------------------------------------------------------ setup
@@ -176,10 +180,11 @@ class AdaB2N(ContinualCallback):
         hooks.add_batch_transform(self.state_key, self._start_step)
         hooks.add_loss_term(self.state_key, self._stat_term)
         if not self._handles:
-            self._handles = [
-                pl_module.register_forward_pre_hook(CopySafeHook(self._before_forward), with_kwargs=True),
-                pl_module.register_forward_hook(CopySafeHook(self._after_forward)),
-            ]
+            # Hooks on the converted layers themselves, where the statistics are computed: they see
+            # every forward, whether `training_step` calls `self(x)` or a submodule (`self.net(x)`).
+            for layer in self._layers:
+                self._handles.append(layer.register_forward_pre_hook(CopySafeHook(self._before_layer)))
+                self._handles.append(layer.register_forward_hook(CopySafeHook(self._after_layer)))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -189,6 +194,7 @@ class AdaB2N(ContinualCallback):
             handle.remove()
         self._handles = []
         self._losses = []
+        self._ids_cache = None
         self._in_step = False
 
     # ------------------------------------------------------------------ per step
@@ -196,6 +202,7 @@ class AdaB2N(ContinualCallback):
         # The statistics term runs last, after the terms (DER++) whose forwards it sums.
         training_step_hooks(pl_module).terms.move_to_end(self.state_key)
         self._losses = []
+        self._ids_cache = None
         self._in_step = True
         return batch
 
@@ -240,28 +247,31 @@ class AdaB2N(ContinualCallback):
             raise RuntimeError(
                 f"AdaB2N: the training forward got {rows} rows, but the step's batch has {expected} "
                 f"({stream} from the loader, {expected - stream} replayed), so the rows' tasks are unknown. "
-                "Fix: call the module's forward on the whole batch of the step (as `self(x)`), or mark "
+                "Fix: run the model on the whole batch of the step (`self(x)` or `self.net(x)`), or mark "
                 "forwards of other rows with `lightning_forget.losses.step_context(module).forward_of_stored`."
             )
         parts = [torch.full((stream,), task, dtype=torch.long)] + [self._segment_ids(s) for s in segments]
         return torch.cat(parts)
 
-    def _before_forward(self, module: "pl.LightningModule", args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not module.training or self._trainer is None or not self._trainer.training:
+    def _before_layer(self, layer: AdaB2NBatchNorm2d, args: tuple[Any, ...]) -> None:
+        trainer = self._trainer
+        if not layer.training or trainer is None or not trainer.training or trainer.lightning_module is None:
             return
-        rows = _rows_of(args, kwargs)
+        rows = _rows_of(args, {})
         if rows is None:
             return
-        ids = self.row_task_ids(step_context(module), rows, self.current_task(self._trainer))
-        for layer in self._layers:
-            layer.set_task_ids(ids)
+        context = step_context(trainer.lightning_module)
+        task = self.current_task(trainer)
+        # Every layer of one forward sees the same rows: compute their task ids once.
+        key = (context, context.stored_forward, rows, task, self._in_step)
+        cached = self._ids_cache
+        if cached is None or not all(a is b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2:] != key[2:]:
+            self._ids_cache = (key, self.row_task_ids(context, rows, task))
+        layer.set_task_ids(self._ids_cache[1])
 
-    def _after_forward(self, module: "pl.LightningModule", args: Any, output: Any) -> None:
-        if not module.training or not self._in_step:
-            return
-        losses = [layer.stat_loss for layer in self._layers if layer.training and layer.stat_loss is not None]
-        if losses:
-            self._losses.append(torch.stack([loss.float() for loss in losses]).sum())
+    def _after_layer(self, layer: AdaB2NBatchNorm2d, args: Any, output: Any) -> None:
+        if layer.training and self._in_step and layer.stat_loss is not None:
+            self._losses.append(layer.stat_loss.float())
 
     def _stat_term(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int, output: Any) -> Optional[Tensor]:
         self._in_step = False
@@ -278,6 +288,7 @@ class AdaB2N(ContinualCallback):
     ) -> None:
         self._in_step = False
         self._losses = []
+        self._ids_cache = None
 
     # ------------------------------------------------------------------ task events
     @override

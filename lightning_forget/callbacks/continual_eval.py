@@ -38,6 +38,7 @@ from lightning_forget.metrics.stability import (
     windowed_forgetting,
     windowed_plasticity,
 )
+from lightning_forget.forward import ModelForward
 from lightning_forget.precision import forward_context
 from lightning_forget.tasks import ContinualCallback, task_schedule
 
@@ -134,6 +135,9 @@ class ContinualEvaluation(ContinualCallback):
             switches; :func:`lightning_forget.reporting.write_stability_plot`) and send the same
             figure, tagged ``eval/stability_gap``, to every logger that takes images
             (:func:`lightning_forget.reporting.log_figure`).
+        forward_fn: the module's logits function used by :meth:`predict`: ``None`` for its
+            ``forward``, or a submodule or method name (``"net"``) for a module without one (see
+            :class:`~lightning_forget.forward.ModelForward`).
 
     Raises:
         ValueError: if an argument is out of range (the message names it).
@@ -171,6 +175,7 @@ class ContinualEvaluation(ContinualCallback):
         log_dir: Optional[str] = None,
         save_csv: bool = True,
         save_plot: bool = True,
+        forward_fn: Optional[str] = None,
     ) -> None:
         super().__init__()
         _positive_int("every_n_steps", every_n_steps)
@@ -206,6 +211,8 @@ class ContinualEvaluation(ContinualCallback):
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.save_csv = save_csv
         self.save_plot = save_plot
+        self.model_forward = ModelForward(forward_fn, owner="ContinualEvaluation")
+        self.forward_fn = forward_fn
 
         self._interval = every_n_steps
         self._steps: list[int] = []
@@ -284,14 +291,11 @@ class ContinualEvaluation(ContinualCallback):
     def predict(self, pl_module: "pl.LightningModule", x: Any) -> Tensor:
         """Predicted labels for the inputs ``x`` (already on the module's device).
 
-        Default: ``pl_module(x)``, its ``.logits`` if it has them, then ``argmax(-1)``. Override for
-        models whose forward takes other arguments or returns something else.
+        Default: the logits of ``pl_module(x)`` (or of the function ``forward_fn`` names, see
+        :class:`~lightning_forget.forward.ModelForward`), then ``argmax(-1)``. Override for models
+        whose forward takes other arguments or returns something else.
         """
-        out = pl_module(x)
-        out = getattr(out, "logits", out)
-        if isinstance(out, Mapping):
-            out = out["logits"]
-        return out.argmax(-1)
+        return self.model_forward(pl_module, x).argmax(-1)
 
     def split_batch(self, batch: Any) -> tuple[Any, Tensor]:
         """``(inputs, labels)`` of a collated batch: a ``(x, y, ...)`` sequence or a dict."""
@@ -311,6 +315,8 @@ class ContinualEvaluation(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        if type(self).predict is ContinualEvaluation.predict:
+            self.model_forward.check(pl_module)
         if self.save_csv or self.save_plot:
             self._check_writable(reporting.results_dir(trainer, self.log_dir))
         name = type(trainer.strategy).__name__

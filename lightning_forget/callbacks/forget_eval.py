@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_forget import reporting
-from lightning_forget.batch import logits_of
+from lightning_forget.forward import ModelForward
 from lightning_forget.metrics.unlearning import ForgetRetainAccuracy, MembershipInference
 from lightning_forget.precision import forward_context
 from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback
@@ -47,6 +47,9 @@ class ForgetRetainEvaluation(ContinualCallback):
             ``unlearning.png`` into the run's results folder.
         log_dir: folder of the report (default: the logger's directory, see
             :func:`~lightning_forget.reporting.results_dir`).
+        forward_fn: the module's logits function: ``None`` for its ``forward``, or a submodule or
+            method name (``"net"``) for a module without one (see
+            :class:`~lightning_forget.forward.ModelForward`).
 
     Logged metrics (at each task end, same value on every rank): ``unlearn/acc_f``,
     ``unlearn/acc_r``, ``unlearn/acc_o`` (NaN in the first task), ``unlearn/h_mean``,
@@ -54,7 +57,8 @@ class ForgetRetainEvaluation(ContinualCallback):
 
     Raises:
         ValueError, TypeError: bad arguments. RuntimeError: the datamodule has no
-            ``loader_roles``/``val_dataset`` (at fit start).
+            ``loader_roles``/``val_dataset`` (at fit start); the module has no ``forward`` and no
+            ``forward_fn`` (``setup``).
 
     Note:
         Saved state: ``rows`` (one dict per finished task) and ``before`` (Acc_f before each
@@ -70,6 +74,7 @@ class ForgetRetainEvaluation(ContinualCallback):
         batch_size: int = 256,
         report: bool = True,
         log_dir: Optional[str] = None,
+        forward_fn: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.split = check_choice("split", split, ("val", "test"))
@@ -77,6 +82,8 @@ class ForgetRetainEvaluation(ContinualCallback):
         self.batch_size = check_int("batch_size", batch_size, min=1)
         self.report = check_bool("report", report)
         self.log_dir = check_str("log_dir", log_dir, allow_none=True)
+        self.model_forward = ModelForward(forward_fn, owner="ForgetRetainEvaluation")
+        self.forward_fn = forward_fn
         self.rows: list[dict[str, float]] = []
         self.before: dict[int, float] = {}
 
@@ -99,6 +106,7 @@ class ForgetRetainEvaluation(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._datamodule(trainer)
+            self.model_forward.check(pl_module)
             if self.report and trainer.is_global_zero:
                 reporting.ensure_writable_dir(reporting.results_dir(trainer, self.log_dir), "ForgetRetainEvaluation",
                                               "unlearning.csv and unlearning.png", "pass a writable `log_dir`, or `report=False`")
@@ -113,7 +121,7 @@ class ForgetRetainEvaluation(ContinualCallback):
     def _forward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch[0], batch[1]
         with forward_context(trainer):
-            logits = logits_of(pl_module(x.to(pl_module.device))).float()
+            logits = self.model_forward(pl_module, x.to(pl_module.device)).float()
         return logits, y.to(pl_module.device).long()
 
     def evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int, before: Optional[float] = None,

@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_forget.batch import BatchFields, logits_of, stream_names
+from lightning_forget.batch import BatchFields, stream_names
+from lightning_forget.forward import ModelForward
 from lightning_forget.lora import LoRASettings, find_blocks
 from lightning_forget.losses import remove_training_step_hooks, training_step_hooks
 from lightning_forget.precision import forward_context
@@ -122,6 +123,9 @@ class GSLoRA(ContinualCallback):
             e.g. the last checkpoint of a ``ForgetRetainDataModule(joint=True)`` run), loaded into
             the LightningModule at the start of a fresh fit, before the LoRA is added; ``None``
             unlearns the module as it is. A resumed fit restores its own checkpoint instead.
+        forward_fn: the module's logits function for the forget-stream forward: ``None`` for its
+            ``forward``, or a submodule or method name (``"net"``) for a module without one (see
+            :class:`~lightning_forget.forward.ModelForward`).
 
     Logged metrics (per step, ``on_step``; ``gs_lora/nonzero_blocks`` at task end):
         ``gs_lora/forget_ce`` (CE on the forget batch), ``gs_lora/forget_loss`` (``β·ReLU(BND−CE)``),
@@ -132,6 +136,7 @@ class GSLoRA(ContinualCallback):
     Raises:
         ValueError, TypeError: bad arguments (at construction); a batch that is not a two-stream
             dict naming ``forget_stream`` (first step); no target layer found (``setup``).
+        RuntimeError: the module has no ``forward`` and no ``forward_fn`` (``setup``).
 
     Note:
         Saved state: ``prototypes`` (``{class: mean output}``), ``deltas`` (per task
@@ -166,6 +171,7 @@ class GSLoRA(ContinualCallback):
         target_key: Optional[Union[str, int]] = None,
         seed: int = 0,
         pretrained_ckpt: Optional[str] = None,
+        forward_fn: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.settings = LoRASettings(r=r, alpha=lora_alpha, target_modules=target_modules, kind="ffn")
@@ -186,6 +192,8 @@ class GSLoRA(ContinualCallback):
         self.seed = check_int("seed", seed)
         self.pretrained_ckpt = check_str("pretrained_ckpt", pretrained_ckpt, allow_none=True)
         self.fields = BatchFields(input_key, target_key, owner="GSLoRA")
+        self.model_forward = ModelForward(forward_fn, owner="GSLoRA")
+        self.forward_fn = forward_fn
         self.prototypes: dict[int, Tensor] = {}
         self.deltas: list[dict[str, Tensor]] = []
         self.nonzero: list[list[str]] = []
@@ -296,6 +304,7 @@ class GSLoRA(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        self.model_forward.check(pl_module)
         fresh = not lora_layers(pl_module)
         if fresh and self.pretrained_ckpt is not None:
             self._load_pretrained(pl_module)
@@ -394,7 +403,7 @@ class GSLoRA(ContinualCallback):
         task = self.current_task(trainer)
         split = self.fields.split(self._forget_batch)
         with forward_context(trainer):
-            logits = logits_of(pl_module(split.input))
+            logits = self.model_forward(pl_module, split.input)
         ce = F.cross_entropy(logits.float(), split.target)
         beta = self._of_task(self.beta, task)
         loss = beta * F.relu(self.bound - ce)
@@ -406,7 +415,7 @@ class GSLoRA(ContinualCallback):
             if self.prototype_retain_weight > 0:
                 retain = self.fields.split(self._retain_batch)
                 with forward_context(trainer):
-                    retain_logits = logits_of(pl_module(retain.input))
+                    retain_logits = self.model_forward(pl_module, retain.input)
                 proto = proto + self.prototype_retain_weight * self._prototype_distance(retain_logits, retain.target)
             pl_module.log("gs_lora/prototype_loss", proto.detach(), on_step=True, on_epoch=False)
             loss = loss + proto
@@ -440,7 +449,7 @@ class GSLoRA(ContinualCallback):
                         continue
                     split = self.fields.split(batch[stream])
                     with forward_context(trainer):
-                        out = logits_of(pl_module(split.input.to(pl_module.device))).float().cpu()
+                        out = self.model_forward(pl_module, split.input.to(pl_module.device)).float().cpu()
                     for c in torch.unique(split.target).tolist():
                         rows = out[split.target.cpu() == c]
                         sums[c] = sums.get(c, torch.zeros(out.shape[1])) + rows.sum(0)

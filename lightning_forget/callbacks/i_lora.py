@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_forget.buffers import TASK_KEY
 from lightning_forget.callbacks.replay import _BufferCallback
+from lightning_forget.forward import ModelForward
 from lightning_forget.lora import (
     LoRASettings,
     add_lora,
@@ -153,11 +154,18 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         target_key: the label field of image batches.
         pad_values: pad values of the variable-length buffer fields (default: the token fields
             above; ``None`` is that default).
+        forward_fn: the logits function for a plain backbone holding a Hugging Face model (run
+            through the LightningModule): ``None`` for the module's ``forward``, or a submodule or
+            method name (see :class:`~lightning_forget.forward.ModelForward`).
 
     Raises:
         TypeError, ValueError: bad arguments (at construction).
-        RuntimeError: in ``setup()``: the module has no ``model_attr`` backbone, the PEFT model
-            has no ``adapter``, or the strategy is sharded.
+        RuntimeError: in ``setup()``: the module has no ``model_attr`` backbone, the backbone
+            holds no Hugging Face model, the PEFT model has no ``adapter``, the strategy is
+            sharded; a plain backbone and a module without ``forward`` nor ``forward_fn``.
+            At the first batch: an image batch (no ``input_ids``) for a backbone that takes no
+            ``pixel_values`` (e.g. token batches served as tuples).
+        ValueError: in ``setup()``: ``layers`` indexes past the model's hidden states.
 
     Note:
         Logged keys: ``ilora/buffer_loss`` (``L_buf``), ``ilora/consistency`` (the unweighted
@@ -186,6 +194,7 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         input_key: Optional[Union[str, int]] = None,
         target_key: Optional[Union[str, int]] = None,
         pad_values: Optional[dict[str, Union[int, float]]] = None,
+        forward_fn: Optional[str] = None,
     ) -> None:
         super().__init__(
             buffer_size, replay_batch_size, "reservoir", seed, input_key, target_key, None,
@@ -215,6 +224,9 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         self.adapter = check_str("adapter", adapter)
         self.adapter_dir = check_str("adapter_dir", adapter_dir, allow_none=True)
         self.save_adapters = bool(check_type("save_adapters", save_adapters, bool))
+        self.model_forward = ModelForward(forward_fn, owner="ILoRA")
+        self.forward_fn = forward_fn
+        self._batch_checked = False
         self.optimizer_steps = 0
         self._counter = StepCounter()
         #: slow tensors, by parameter name relative to the PEFT model.
@@ -315,6 +327,8 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
             self._load_into_fast(self._fast_backup)
             self._fast_backup = None
         if stage == "fit":
+            self._check_model(pl_module)
+            self._batch_checked = False
             hooks = training_step_hooks(pl_module)
             hooks.add_batch_transform(self.state_key, self._slow_forward)
             hooks.add_loss_term(self.state_key, self._replay_terms)
@@ -325,8 +339,46 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         self._counter.watch(trainer.optimizers)
         self._counter.pop()
 
+    def _check_model(self, pl_module: "pl.LightningModule") -> None:
+        """What the replay steps of later tasks need, checked in ``setup`` instead of at task 1."""
+        inner = self._hf_model()  # raises when the backbone holds no Hugging Face model
+        if inner is not None:
+            self.model_forward.check(pl_module)
+        hf = inner if inner is not None else self.peft_model().get_base_model()
+        count = getattr(getattr(hf, "config", None), "num_hidden_layers", None)
+        if self.layers is not None and isinstance(count, int):
+            states = count + 1  # the embedding output and every block
+            bad = [i for i in self.layers if not -states <= i < states]
+            if bad:
+                raise ValueError(message(
+                    "layers", f"indices of the {states} hidden states of {type(hf).__name__} (embeddings + "
+                    f"{count} blocks; negative allowed)", self.layers, "e.g. layers=[-1] for the last one, or None for all"))
+
+    def _check_batch(self, batch: Any) -> None:
+        """An image batch for a backbone without ``pixel_values`` would fail only at task 1's first replay."""
+        self._batch_checked = True
+        import inspect
+
+        split = self.fields.split(batch, require_target=False)
+        if "input_ids" in split.fields or self._hf_model() is not None:
+            return
+        base = self.peft_model().get_base_model()
+        try:
+            accepted = inspect.signature(base.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - unusual forwards
+            return
+        if "pixel_values" not in accepted:  # transformers' **kwargs take no images
+            raise RuntimeError(
+                f"ILoRA: the batch has no `input_ids` field (its fields: {sorted(split.fields)}), so it would be "
+                f"replayed as images (`pixel_values`), which {type(base).__name__} does not take. Fix: serve token "
+                "batches as dicts with `input_ids` (and `attention_mask`, `labels`), e.g. "
+                "`{'input_ids': ..., 'attention_mask': ...}`, not tuples."
+            )
+
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if not self._batch_checked:
+            self._check_batch(batch)
         self._counter.watch(trainer.optimizers)
 
     @override
@@ -459,7 +511,7 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
 
         handles = [inner.register_forward_pre_hook(ask, with_kwargs=True), inner.register_forward_hook(catch)]
         try:
-            logits = pl_module(inputs["pixel_values"])
+            logits = self.model_forward(pl_module, inputs["pixel_values"])
         finally:
             for handle in handles:
                 handle.remove()

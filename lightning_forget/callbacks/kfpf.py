@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_forget.batch import logits_of
 from lightning_forget.buffers import TASK_KEY
 from lightning_forget.callbacks.replay import _BufferCallback
 from lightning_forget.distributed import rank_generator
+from lightning_forget.forward import ModelForward
 from lightning_forget.fpf_selection import MODULE_TYPES, ModuleSensitivity, parameters_of, select_modules
 from lightning_forget.gradients import average_gradients, compute_gradients
 from lightning_forget.losses import step_context
@@ -161,13 +161,17 @@ class KFPF(_BufferCallback):
         input_key: the model input's field (see :class:`~lightning_forget.callbacks.ExperienceReplay`).
         target_key: the labels' field.
         stream: the sub-batch of a two-stream batch whose samples are stored.
+        forward_fn: the module's logits function for the fine-tuning (and ``kd``) forwards:
+            ``None`` for its ``forward``, or a submodule or method name (``"net"``) for a module
+            without one (see :class:`~lightning_forget.forward.ModelForward`).
 
     Raises:
         TypeError: an argument of the wrong type.
         ValueError: a non-positive count or size, a non-positive ``lr``, an unknown module type,
             ``k`` and ``interval`` both ``None`` (for :class:`KFPF`), or (in ``setup``) a selection
             matching no module.
-        RuntimeError: ``interval`` cannot be derived (the run's length is unknown); a resume from a
+        RuntimeError: the module has no ``forward`` and no ``forward_fn`` (``setup``);
+            ``interval`` cannot be derived (the run's length is unknown); a resume from a
             checkpoint written with other settings.
 
     Note:
@@ -208,8 +212,11 @@ class KFPF(_BufferCallback):
         input_key: Optional[Union[str, int]] = None,
         target_key: Optional[Union[str, int]] = None,
         stream: Optional[Union[str, int]] = None,
+        forward_fn: Optional[str] = None,
     ) -> None:
         super().__init__(buffer_size, None, "reservoir", seed, input_key, target_key, stream)
+        self.model_forward = ModelForward(forward_fn, owner=type(self).__name__)
+        self.forward_fn = forward_fn
         self.k = check_int("k", k, min=1, allow_none=True, fix="pass the number of fine-tunings over the run, e.g. 5")
         self.interval = check_int(
             "interval", interval, min=1, allow_none=True, fix="pass the optimizer steps between fine-tunings, or None"
@@ -302,6 +309,8 @@ class KFPF(_BufferCallback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.model_forward.check(pl_module)
         if stage == "fit" and self.auto_top is None and self.selected is None:
             self.selected = select_modules(pl_module, self.module_types, self.module_patterns)
 
@@ -389,7 +398,7 @@ class KFPF(_BufferCallback):
         pl_module.eval()
         try:
             with torch.no_grad(), forward_context(trainer):
-                logits = logits_of(pl_module(x.to(pl_module.device)))
+                logits = self.model_forward(pl_module, x.to(pl_module.device))
         finally:
             pl_module.train(was_training)
         self.forward_samples += int(x.shape[0]) * int(trainer.world_size)
@@ -449,7 +458,7 @@ class KFPF(_BufferCallback):
                 drawn = self.buffer.sample(self.finetune_batch_size, generator=generator)
                 drawn.pop(TASK_KEY, None)
                 with torch.enable_grad(), forward_context(trainer):
-                    logits = logits_of(pl_module(drawn[self._names["input"]].to(device)))
+                    logits = self.model_forward(pl_module, drawn[self._names["input"]].to(device))
                     loss = self.finetune_loss(logits, drawn)
                 grads = average_gradients(trainer.strategy, compute_gradients(loss, params))
                 with torch.no_grad():
@@ -533,6 +542,7 @@ class FPF(KFPF):
         input_key: the model input's field.
         target_key: the labels' field.
         stream: the sub-batch of a two-stream batch whose samples are stored.
+        forward_fn: the module's logits function (see :class:`KFPF`).
 
     Note:
         Logged keys: those of :class:`KFPF` under ``fpf/`` (``fpf/samples``,
@@ -558,13 +568,14 @@ class FPF(KFPF):
         input_key: Optional[Union[str, int]] = None,
         target_key: Optional[Union[str, int]] = None,
         stream: Optional[Union[str, int]] = None,
+        forward_fn: Optional[str] = None,
     ) -> None:
         self.every_task = check_bool("every_task", every_task)
         super().__init__(
             k=None, interval=None, finetune_steps=finetune_steps, lr=lr, finetune_batch_size=finetune_batch_size,
             buffer_size=buffer_size, module_types=module_types, module_patterns=module_patterns, auto_top=auto_top,
             kd=kd, kd_weight=kd_weight, finetune_at_task_end=False, seed=seed, input_key=input_key,
-            target_key=target_key, stream=stream,
+            target_key=target_key, stream=stream, forward_fn=forward_fn,
         )
 
     def _check_schedule(self) -> None:

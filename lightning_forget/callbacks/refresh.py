@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_forget.batch import BatchFields, logits_of
 from lightning_forget.distributed import rank_generator
 from lightning_forget.fisher import fisher_diagonal
+from lightning_forget.forward import ModelForward
 from lightning_forget.gradients import average_gradients, compute_gradients, flatten_tensors, unflatten_tensors
 from lightning_forget.optim_step import OptimizerStepHooks
 from lightning_forget.precision import forward_context
@@ -220,13 +221,19 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
             batch, for modules whose batch is not an input and class labels (default:
             cross-entropy of ``pl_module(x)`` against ``y``). The Fisher still needs ``(x, y)``
             fields; pass ``fisher_samples=0`` where the batch has none.
+        forward_fn: the module's logits function for the default unlearn loss and the Fisher:
+            ``None`` for its ``forward``, or a submodule or method name (``"net"``) for a module
+            without one (see :class:`~lightning_forget.forward.ModelForward`).
 
     Raises:
         TypeError: an argument of the wrong type.
         ValueError: a negative or non-finite ``delta``/``damping``/``noise_std``/``tau``,
             ``every_n_steps`` or ``unlearn_steps`` below 1, negative ``fisher_samples``.
-        KeyError: the batch has no input/target field and no ``loss_fn`` was given (first step).
-        RuntimeError: a sharded strategy (``setup``).
+        KeyError: the batch has no input/target field and no ``loss_fn`` was given, or (with
+            ``fisher_samples > 0``) no labels for the Fisher (first step).
+        RuntimeError: a sharded strategy, or a module without ``forward`` and no ``forward_fn``
+            (``setup``); with ``fisher_samples > 0``, a training loader without a sized dataset
+            (first step).
 
     Note:
         Logged keys: ``refresh/displacement`` (norm of the last unlearn step's total
@@ -252,6 +259,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         target_key: FieldKey = None,
         stream: FieldKey = None,
         loss_fn: Optional[LossFn] = None,
+        forward_fn: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.delta = check_float("delta", delta, min=0.0, fix="pass a relative step size >= 0, e.g. 1e-5")
@@ -267,6 +275,9 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be a callable loss_fn(pl_module, batch) -> Tensor or None, got {loss_fn!r}.")
         self.loss_fn = loss_fn
+        self.model_forward = ModelForward(forward_fn, owner="RefreshLearning")
+        self.forward_fn = forward_fn
+        self._first_batch_checked = False
         self.fields = BatchFields(input_key, target_key, owner="RefreshLearning", stream=stream)
         self.input_key, self.target_key, self.stream = input_key, target_key, stream
         #: name → Fisher diagonal (CPU, float32); empty while F = 0.
@@ -305,8 +316,26 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         return split.input, split.target  # type: ignore[return-value]
 
     def _loss(self, model: nn.Module, batch: Any) -> Tensor:
-        assert self.loss_fn is not None
-        return self.loss_fn(model, batch)
+        if self.loss_fn is not None:
+            return self.loss_fn(model, batch)
+        x, y = batch
+        return nn.functional.cross_entropy(self.model_forward(model, x).float(), y)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._first_batch_checked = False
+        if stage == "fit" and (self.loss_fn is None or self.fisher_samples > 0):
+            self.model_forward.check(pl_module)
+
+    def _check_first_batch(self, trainer: "pl.Trainer", batch: Any) -> None:
+        """What the task end's Fisher needs, checked on the first batch instead of after the task."""
+        self._first_batch_checked = True
+        RefreshLearning.unlearn_batch(self, batch)  # the unlearn step's own message first
+        if self.fisher_samples == 0:
+            return
+        self.unlearn_batch_fields(batch)
+        self.fisher_dataset(trainer, self.current_task(trainer))
 
     def _fisher_on(self, device: torch.device) -> Optional[dict[str, Tensor]]:
         if not self.fisher:
@@ -321,6 +350,8 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if not self._first_batch_checked:
+            self._check_first_batch(trainer, batch)
         if self.optimizer_steps % self.every_n_steps != 0 or self.delta == 0.0:
             return
         target = self.unlearn_batch(batch)
@@ -331,7 +362,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
             with forward_context(trainer):
                 moved = unlearn_step(
                     pl_module, target, fisher, delta=self.delta, damping=self.damping, noise_std=self.noise_std,
-                    generator=generator, loss_fn=self._loss if self.loss_fn is not None else None,
+                    generator=generator, loss_fn=self._loss,
                     strategy=trainer.strategy,
                 )
             total = moved if total is None else {name: total[name] + value for name, value in moved.items()}
@@ -381,8 +412,10 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         batches = (self.unlearn_batch_fields(batch) for batch in loader)
         device = pl_module.device
         if local:
+            model, prefix = self.model_forward.as_module(pl_module)
             with torch.inference_mode(False), torch.enable_grad(), forward_context(trainer):
-                fisher = fisher_diagonal(pl_module, batches, progress=trainer.is_global_zero)
+                fisher = fisher_diagonal(model, batches, progress=trainer.is_global_zero)
+            fisher = {name[len(prefix):]: value for name, value in fisher.items()}
         else:  # more ranks than samples
             fisher = {name: torch.zeros_like(p) for name, p in pl_module.named_parameters() if p.requires_grad}
         if world > 1:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget.batch import BatchFields, SplitBatch, logits_of
+from lightning_forget.forward import ModelForward
 from lightning_forget.buffers import TASK_KEY, ReplayBuffer, TaskBalancedBuffer, make_buffer, pad_rows
 from lightning_forget.distributed import gather_batch, rank_generator, sampler_padding_mask
 from lightning_forget.losses import CopySafeHook, StepContext, remove_training_step_hooks, step_context, training_step_hooks
@@ -554,10 +555,10 @@ class DarkExperienceReplay(_BufferCallback):
     :mod:`lightning_forget.losses`, so DDP reduces one gradient. Logits are stored in float32
     whatever the training precision (bf16 logits would lose about two decimal digits).
 
-    The stream logits are captured from the module's first forward call inside
-    ``training_step`` (the module must call ``self(x)``; the forward may return a tensor, a dict
+    The stream logits are captured from the first call of the module's logits function inside
+    ``training_step`` (``self(x)``, or the submodule named by ``forward_fn``; it may return a tensor, a dict
     or an object with ``logits``, see :func:`~lightning_forget.batch.logits_of`); override
-    :meth:`stream_logits` otherwise. The replay forwards call ``pl_module(x)`` with the stored
+    :meth:`stream_logits` otherwise. The replay forwards call the same function with the stored
     input. Combined with :class:`ExperienceReplay` (in either order), the captured forward covers
     the joined batch and its first rows, the loader's, are the ones stored. The two replay
     forwards run inside :meth:`~lightning_forget.losses.StepContext.forward_of_stored`, so layers
@@ -573,11 +574,15 @@ class DarkExperienceReplay(_BufferCallback):
         input_key: the model input's field (see :class:`ExperienceReplay`).
         target_key: the labels' field.
         stream: the sub-batch of a two-stream batch whose samples are stored.
+        forward_fn: the module's logits function for the captured stream forward and the replay
+            forwards: ``None`` for its ``forward``, or the name of a submodule (``"net"``) for a
+            module without one (see :class:`~lightning_forget.forward.ModelForward`).
 
     Raises:
         TypeError: an argument of the wrong type.
         ValueError: bad sizes, negative or non-finite weights.
-        RuntimeError: the module's training step never called its forward; a resume from a
+        RuntimeError: the module has no ``forward`` and no ``forward_fn`` (``setup``); the
+            module's training step never called its logits function; a resume from a
             checkpoint written with other settings; manual optimization without
             :func:`~lightning_forget.losses.add_loss_terms` (first step).
 
@@ -603,8 +608,11 @@ class DarkExperienceReplay(_BufferCallback):
         input_key: Optional[Union[str, int]] = None,
         target_key: Optional[Union[str, int]] = None,
         stream: Optional[Union[str, int]] = None,
+        forward_fn: Optional[str] = None,
     ) -> None:
         super().__init__(buffer_size, replay_batch_size, buffer, seed, input_key, target_key, stream)
+        self.model_forward = ModelForward(forward_fn, owner="DarkExperienceReplay")
+        self.forward_fn = forward_fn
         self.alpha = check_float("alpha", alpha, min=0.0, fix="pass a finite weight >= 0 for the logit MSE, e.g. 0.1")
         self.beta = check_float("beta", beta, min=0.0, fix="pass a finite weight >= 0 for the buffer CE, e.g. 0.5")
         self._captured: Optional[Tensor] = None
@@ -632,7 +640,7 @@ class DarkExperienceReplay(_BufferCallback):
         hooks.add_batch_transform(self.state_key, self._arm)
         hooks.add_loss_term(self.state_key, self._replay_loss)
         if self._hook is None:
-            self._hook = pl_module.register_forward_hook(CopySafeHook(self._on_forward))
+            self._hook = self.model_forward.hook_module(pl_module).register_forward_hook(CopySafeHook(self._on_forward))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -677,15 +685,20 @@ class DarkExperienceReplay(_BufferCallback):
             detail = f" ({self._capture_error})" if self._capture_error else ""
             raise RuntimeError(
                 f"DarkExperienceReplay needs the logits of the stream batch, but "
-                f"{type(pl_module).__name__}.training_step did not call the module's forward "
-                f"(`self(x)`) returning logits{detail}. Call `self(x)` in training_step, or "
-                "override `DarkExperienceReplay.stream_logits`."
+                f"{type(pl_module).__name__}.training_step did not call its logits function "
+                f"({self._forward_name(pl_module)}) returning logits{detail}. Call it in training_step, pass "
+                "`forward_fn=` naming the submodule training_step calls, or override "
+                "`DarkExperienceReplay.stream_logits`."
             )
         return self._captured
 
+    def _forward_name(self, pl_module: "pl.LightningModule") -> str:
+        name = self.model_forward.forward_fn
+        return "`self(x)`" if name is None else f"`self.{name}(x)`, from `forward_fn`"
+
     def replay_logits(self, pl_module: "pl.LightningModule", drawn: dict[str, Tensor], input_name: str) -> Tensor:
         """The module's logits for drawn buffer samples (override for forwards taking more than ``x``)."""
-        return logits_of(pl_module(drawn[input_name].to(pl_module.device)))
+        return self.model_forward(pl_module, drawn[input_name].to(pl_module.device))
 
     def _replay_loss(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int, output: Any) -> Optional[Tensor]:
         self._armed = False

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_forget.validation import check_float, check_int, check_int_sequence
+
 __all__ = ["MLP", "ConvNet", "ResNet", "ViT", "build_backbone"]
 
 
@@ -27,6 +29,9 @@ class MLP(nn.Module):
         super().__init__()
         if not hidden_sizes:
             raise ValueError("`hidden_sizes` must name at least one hidden layer, e.g. [256, 256].")
+        input_shape = check_int_sequence("input_shape", input_shape, min=1, fix="pass the shape of one input, e.g. [784]")
+        hidden_sizes = check_int_sequence("hidden_sizes", hidden_sizes, min=1, fix="e.g. hidden_sizes=[256, 256]")
+        dropout = check_float("dropout", dropout, min=0.0, max=1.0, max_inclusive=False, fix="pass a probability in [0, 1)")
         in_features = math.prod(int(d) for d in input_shape)
         layers: list[nn.Module] = [nn.Flatten()]
         for width in hidden_sizes:
@@ -77,6 +82,9 @@ class ResNet(nn.Module):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"ResNet needs image inputs `input_shape=(C, H, W)`, got {tuple(input_shape)!r}.")
+        check_int_sequence("input_shape", input_shape, min=1, fix="pass (channels, height, width), e.g. (3, 32, 32)")
+        blocks = check_int_sequence("blocks", blocks, min=1, fix="pass the basic blocks per stage, e.g. (2, 2, 2, 2)")
+        width = check_int("width", width, min=1, fix="pass the channels of the first stage, e.g. 20 or 64")
         self.conv1 = nn.Conv2d(int(input_shape[0]), width, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         in_planes = width
@@ -112,7 +120,14 @@ class ConvNet(nn.Module):
     def __init__(self, input_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = (16, 32),
                  hidden_sizes: Sequence[int] = (128, 64)) -> None:
         super().__init__()
-        c, h, w = (int(d) for d in input_shape)
+        if len(input_shape) != 3:
+            raise ValueError(f"ConvNet needs image inputs `input_shape=(C, H, W)`, got {tuple(input_shape)!r}.")
+        c, h, w = check_int_sequence("input_shape", input_shape, min=1, fix="pass (channels, height, width)")
+        channels = check_int_sequence("channels", channels, min=1, fix="pass the two convolutions' channels, e.g. (16, 32)")
+        hidden_sizes = check_int_sequence("hidden_sizes", hidden_sizes, min=1, fix="pass the widths of fc1 and fc2")
+        for name, value in (("channels", channels), ("hidden_sizes", hidden_sizes)):
+            if len(value) != 2:
+                raise ValueError(f"`{name}` must have 2 entries (one per layer), got {value!r}.")
         self.features = nn.Sequential(
             nn.Conv2d(c, channels[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(channels[0], channels[1], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
