@@ -412,7 +412,7 @@ class ExperienceReplay(_BufferCallback):
 
     - one fit over a continual stream of several tasks (the library's datamodules, or any with
       ``num_tasks``, ``epochs_per_task`` and ``task_of_epoch``): exactly ``"task_end"``/``"pass"``;
-    - fits without such a datamodule (plain ``DataLoader``\ s): each fit is one task, and its end
+    - fits without such a datamodule (plain ``DataLoader`` objects): each fit is one task, and its end
       a task boundary (the library's one-fit-per-task protocol), so from the second fit on replay
       draws only tasks that have ended, as above. What the first fit cannot know is whether
       another fit will follow (one fit per task) or not (a task-free stream in one fit). So
