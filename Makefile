@@ -1,5 +1,9 @@
 # The README's two commands: `make demo` and `make test` (plus `make docs` for the API reference).
 #
+# `make test` runs the files of the suite in parallel, one pytest-xdist worker per core (each
+# worker with one torch thread, tests/conftest.py); `--dist loadfile` keeps a file's shared fits
+# in one worker.
+#
 # `make demo` installs only what the demo needs (torch and the base dependencies of
 # pyproject.toml); `make test` adds the `dev` extra (pytest, transformers, peft, diffusers, the
 # docs tools). pip prints what it collects and installs, so the first run is not silent.
@@ -37,7 +41,7 @@ demo: $(BASE_STAMP)
 	$(PY) examples/demo.py
 
 test: $(DEV_STAMP)
-	$(PY) -m pytest -m "not slow" tests
+	$(PY) -m pytest -m "not slow" -n auto --dist loadfile tests
 
 docs: $(DEV_STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site
