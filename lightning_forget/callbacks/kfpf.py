@@ -447,9 +447,12 @@ class KFPF(_BufferCallback):
             for inner in range(self.finetune_steps):
                 generator = rank_generator(self.seed, _DRAW_SALT, self.finetunes, inner)
                 drawn = self.buffer.sample(self.finetune_batch_size, generator=generator)
-                drawn.pop(TASK_KEY, None)
-                with torch.enable_grad(), forward_context(trainer):
-                    logits = logits_of(pl_module(drawn[self._names["input"]].to(device)))
+                task_ids = drawn.pop(TASK_KEY, None)
+                x = drawn[self._names["input"]].to(device)
+                # buffer rows: layers that need each row's task (AdaB²N) find their stored task ids
+                stored = step_context(pl_module).forward_of_stored(self.state_key, int(x.shape[0]), drawn, task_ids)
+                with stored, torch.enable_grad(), forward_context(trainer):
+                    logits = logits_of(pl_module(x))
                     loss = self.finetune_loss(logits, drawn)
                 grads = average_gradients(trainer.strategy, compute_gradients(loss, params))
                 with torch.no_grad():

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from lightning_forget.validation import check_bool, check_float, check_int
 
-__all__ = ["AdaB2NBatchNorm2d", "adab2n_layers", "convert_adab2n", "revert_adab2n"]
+__all__ = ["AdaB2NBatchNorm2d", "adab2n_conflicts", "adab2n_layers", "convert_adab2n", "revert_adab2n"]
 
 
 class AdaB2NBatchNorm2d(nn.Module):
@@ -426,14 +426,45 @@ def convert_adab2n(model: nn.Module, num_tasks: int, kappa: float, **kwargs: Any
     ``kwargs``: ``init_weight``, ``renormalize``). Subclasses of ``BatchNorm2d`` (``SyncBatchNorm``
     is not one, but e.g. frozen-BN variants are) and other norms are left untouched. Returns the
     model (a new layer if ``model`` itself is a ``BatchNorm2d``); call it before the optimizer is
-    built, since the new layers have new parameters.
+    built, since the new layers have new parameters. Converting a model again with the settings
+    of its AdaB²N layers converts only the BatchNorm2d layers left.
+
+    Raises:
+        ValueError: the model already has AdaB²N layers with another ``num_tasks``, ``kappa`` or
+            ``renormalize`` (they would be left as they are); the message lists them.
     """
+    conflicts = adab2n_conflicts(model, num_tasks, kappa, kwargs.get("renormalize"))
+    if conflicts:
+        raise ValueError(
+            f"convert_adab2n: the model already has AdaB2N layers built with other settings ({'; '.join(conflicts)}); "
+            "converting again would leave them as they are. Fix: pass the layers' settings, or build the model "
+            "again from BatchNorm2d layers (revert_adab2n) before converting with new ones."
+        )
+
     def convert(module: nn.Module) -> Optional[nn.Module]:
         if type(module) is nn.BatchNorm2d:
             return AdaB2NBatchNorm2d.from_batchnorm(module, num_tasks, kappa, **kwargs)
         return None
 
     return _swap(model, convert)
+
+
+def adab2n_conflicts(model: nn.Module, num_tasks: int, kappa: float, renormalize: Optional[bool] = None) -> list[str]:
+    """How the :class:`AdaB2NBatchNorm2d` layers already in ``model`` differ from ``num_tasks``,
+    ``kappa`` (and ``renormalize`` unless ``None``): one ``"name: setting=layer's value (asked: value)"``
+    line per difference, empty when they agree (or there are none)."""
+    out = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, AdaB2NBatchNorm2d):
+            continue
+        asked = {"num_tasks": num_tasks, "kappa": kappa}
+        if renormalize is not None:
+            asked["renormalize"] = renormalize
+        for setting, value in asked.items():
+            have = getattr(layer, setting)
+            if have != value:
+                out.append(f"{name or 'model'}: {setting}={have!r} (asked: {value!r})")
+    return out
 
 
 def revert_adab2n(model: nn.Module) -> nn.Module:
