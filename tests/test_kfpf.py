@@ -147,8 +147,7 @@ def test_inner_loop_changes_only_selected_params_and_leaves_the_main_optimizer(t
 
 
 # ---------------------------------------------------------------------- schedule
-@pytest.mark.parametrize("at_end", [True, False])
-@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize(("accumulate", "at_end"), [(1, True), (2, True), (2, False)])
 def test_k_evenly_spaced_finetunes_over_a_known_run(tmp_path: Path, accumulate: int, at_end: bool) -> None:
     # BlobStream: 3 tasks × 48 samples / batch 8 = 6 batches per epoch, 2 epochs per task → 36 batches.
     pl.seed_everything(0)
