@@ -226,7 +226,11 @@ class AdaB2NBatchNorm2d(nn.Module):
         """``(ids, counts)``: the ids as a long tensor on the layer's device and the per-task row
         counts ``n_0..n_T``, after checking the ids against the current task ``T``."""
         task = int(self.cur_task)
-        if task >= self.num_tasks:
+        if task == self.num_tasks:
+            # The stream has ended (the last task end advanced the index): a training forward now
+            # (FPF's or k-FPF's fine-tuning at the stream's end) balances over every task seen.
+            task = self.num_tasks - 1
+        elif task > self.num_tasks:
             raise RuntimeError(
                 f"AdaB2NBatchNorm2d is at task {task} but was built for num_tasks={self.num_tasks}. "
                 f"Fix: build it (or the AdaB2N callback) with num_tasks >= {task + 1}."
@@ -240,6 +244,11 @@ class AdaB2NBatchNorm2d(nn.Module):
         if counts is None or counts.numel() != task + 1:
             if not ids.numel():
                 raise ValueError("`task_ids` is empty; pass one task index per row of the batch.")
+            if int(self.cur_task) == self.num_tasks and int(ids.max()) >= self.num_tasks:
+                raise RuntimeError(
+                    f"AdaB2NBatchNorm2d has seen all its num_tasks={self.num_tasks} tasks, but got rows of task "
+                    f"{int(ids.max())}. Fix: build it (or the AdaB2N callback) with num_tasks >= {int(ids.max()) + 1}."
+                )
             raise ValueError(
                 f"task ids must lie in [0, {task}] (the tasks seen so far), got values in "
                 f"[{int(ids.min())}, {int(ids.max())}]. Fix: pass each row's task index; rows restored from "
