@@ -17,3 +17,10 @@ def test_er_policy_quick() -> None:
     assert set(summary["digits"]) == {"finetune", "reservoir", "stream", "task_end", "task_end_pass", "peer"}
     for method in summary["digits"].values():
         assert 0.0 <= method["old_task_accuracy"][0] <= 1.0
+
+
+def test_refresh_profile_quick() -> None:
+    out = load_benchmark("refresh").main(["--profile", "--quick"])
+    assert out["samples"] > 0 and 0.0 < out["refresh_share"] < 1.0
+    assert set(out["parts_ms"]) == {"forward", "backward", "noise", "rest", "total"}
+    assert len(out["max_cF"]) == 5 and all(v >= 0 for v in out["max_cF"])
