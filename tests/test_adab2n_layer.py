@@ -209,6 +209,12 @@ def test_clear_errors() -> None:
     layer.set_task_ids(torch.tensor([0, 1, 1]))
     with pytest.raises(RuntimeError, match="3"):
         layer(torch.randn(2, 2, 1, 1))
+    layer.next_task()  # the stream has ended: a fine-tuning at its end balances over every task seen
+    layer.set_task_ids(torch.tensor([0, 1]))
+    layer(torch.randn(2, 2, 1, 1))
+    layer.set_task_ids(torch.tensor([0, 2]))  # rows of a third task
+    with pytest.raises(RuntimeError, match="num_tasks=2"):
+        layer(torch.randn(2, 2, 1, 1))
     layer.next_task()
     layer.set_task_ids(torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="num_tasks"):

@@ -26,3 +26,8 @@ def test_er_policy_online_quick_skips_an_absent_peer(capsys) -> None:  # type: i
     assert set(summary["online"]) == {"finetune", "default"}
     assert "peer skipped" in capsys.readouterr().out
     assert summary["online"]["default"]["steps"] == [3] * 5  # one fit per task, 3 batches each
+def test_refresh_profile_quick() -> None:
+    out = load_benchmark("refresh").main(["--profile", "--quick"])
+    assert out["samples"] > 0 and 0.0 < out["refresh_share"] < 1.0
+    assert set(out["parts_ms"]) == {"forward", "backward", "noise", "rest", "total"}
+    assert len(out["max_cF"]) == 5 and all(v >= 0 for v in out["max_cF"])

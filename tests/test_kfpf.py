@@ -147,13 +147,13 @@ def test_inner_loop_changes_only_selected_params_and_leaves_the_main_optimizer(t
 
 
 # ---------------------------------------------------------------------- schedule
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_k_evenly_spaced_finetunes_over_a_known_run(tmp_path: Path, accumulate: int) -> None:
+@pytest.mark.parametrize(("accumulate", "at_end"), [(1, True), (2, True), (2, False)])
+def test_k_evenly_spaced_finetunes_over_a_known_run(tmp_path: Path, accumulate: int, at_end: bool) -> None:
     # BlobStream: 3 tasks × 48 samples / batch 8 = 6 batches per epoch, 2 epochs per task → 36 batches.
     pl.seed_everything(0)
     dm = BlobStream(epochs_per_task=2)
     model = tiny_classifier(dm)
-    kfpf = KFPF(k=4, finetune_steps=1, finetune_batch_size=4, buffer_size=16)
+    kfpf = KFPF(k=4, finetune_steps=1, finetune_batch_size=4, buffer_size=16, finetune_at_end=at_end)
     probe = Probe(kfpf)
     trainer = quiet_trainer(tmp_path, [kfpf, probe], max_epochs=dm.max_epochs, accumulate_grad_batches=accumulate)
     trainer.fit(model, dm)
@@ -161,14 +161,19 @@ def test_k_evenly_spaced_finetunes_over_a_known_run(tmp_path: Path, accumulate: 
     assert trainer.global_step == steps
     interval = steps // 4
     assert kfpf._resolved_interval == interval
-    assert [r["step"] for r in probe.records] == [interval * i for i in range(1, 5)]
+    if at_end:
+        # defect 20: the k-th fine-tuning at the stream's end (18 steps: after 4, 8, 12 and 18, not 16)
+        assert [r["step"] for r in probe.records] == [interval * i for i in range(1, 4)] + [steps]
+    else:
+        assert [r["step"] for r in probe.records] == [interval * i for i in range(1, 5)]
     # each fine-tuning ran right after a real optimizer step, never after an accumulation batch
     assert [r["global_step"] for r in probe.records] == [r["step"] for r in probe.records]
-    assert kfpf.optimizer_steps == steps
+    assert kfpf.optimizer_steps == steps and kfpf.finetunes == 4
 
 
 def test_given_interval_counts_real_optimizer_steps_under_accumulation(tmp_path: Path) -> None:
-    # 36 batches, accumulate 3 → 12 optimizer steps; interval 5 → after steps 5 and 10 only.
+    # 36 batches, accumulate 3 → 12 optimizer steps; interval 5 → after steps 5 and 10, and at the
+    # stream's end (step 12, finetune_at_end).
     pl.seed_everything(0)
     dm = BlobStream(epochs_per_task=2)
     kfpf = KFPF(k=None, interval=5, finetune_steps=1, finetune_batch_size=4, buffer_size=16)
@@ -176,7 +181,7 @@ def test_given_interval_counts_real_optimizer_steps_under_accumulation(tmp_path:
     trainer = quiet_trainer(tmp_path, [kfpf, probe], max_epochs=dm.max_epochs, accumulate_grad_batches=3)
     trainer.fit(tiny_classifier(dm), dm)
     assert trainer.global_step == 12
-    assert [(r["step"], r["global_step"]) for r in probe.records] == [(5, 5), (10, 10)]
+    assert [(r["step"], r["global_step"]) for r in probe.records] == [(5, 5), (10, 10), (12, 12)]
 
 
 def test_fpf_runs_once_at_the_end_on_top_of_er(tmp_path: Path) -> None:
@@ -193,6 +198,51 @@ def test_fpf_runs_once_at_the_end_on_top_of_er(tmp_path: Path) -> None:
     probe2 = Probe(every)
     quiet_trainer(tmp_path, [every, probe2], max_epochs=dm.max_epochs).fit(tiny_classifier(dm), dm)
     assert len(probe2.records) == dm.num_tasks
+
+
+@pytest.mark.parametrize("lr", [0.3, None])
+def test_inner_step_is_one_sgd_step_on_the_drawn_batch(tmp_path: Path, lr: Any) -> None:
+    """Defects 18 and 19: the inner update equals an independent SGD descent step of the selected
+    parameters on the drawn buffer batch, at ``lr`` or by default at the main optimizer's rate."""
+    pl.seed_everything(0)
+    dm = BlobStream(epochs_per_task=1)
+    model = tiny_classifier(dm, optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
+    kfpf = KFPF(interval=7, finetune_steps=1, finetune_batch_size=6, buffer_size=16, lr=lr, finetune_at_end=False)
+    checks: list[tuple[float, float]] = []
+    original = kfpf.finetune
+
+    def independent(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        copy = __import__("copy").deepcopy(pl_module)
+        drawn: list[dict[str, torch.Tensor]] = []
+        sample = kfpf.buffer.sample
+        kfpf.buffer.sample = lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1]  # type: ignore[method-assign]
+        try:
+            original(trainer, pl_module)
+        finally:
+            kfpf.buffer.sample = sample  # type: ignore[method-assign]
+        step = torch.optim.SGD(copy.head.parameters(), lr=0.05 if lr is None else lr)
+        loss = nn.functional.cross_entropy(copy(drawn[0]["x"]), drawn[0]["y"])
+        loss.backward()
+        step.step()
+        live = dict(pl_module.named_parameters())
+        for name, p in copy.named_parameters():
+            assert torch.allclose(live[name], p, atol=1e-6), name  # the head moved as SGD moves it
+        after = nn.functional.cross_entropy(pl_module(drawn[0]["x"]), drawn[0]["y"])
+        checks.append((float(loss), float(after)))
+
+    kfpf.finetune = independent  # type: ignore[method-assign]
+    quiet_trainer(tmp_path, [kfpf], max_epochs=dm.max_epochs).fit(model, dm)
+    assert len(checks) == 2 and kfpf.selected == ["head"]
+    assert all(after < before for before, after in checks)  # descent on the drawn batch
+
+
+def test_auto_top_selecting_every_module_warns(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    dm = BlobStream(num_tasks=1)
+    kfpf = KFPF(interval=3, auto_top=5, finetune_steps=1, buffer_size=16)
+    with pytest.warns(UserWarning, match="selects every one of the model's 2 modules"):
+        quiet_trainer(tmp_path, [kfpf], max_epochs=1).fit(tiny_classifier(dm), dm)
+    assert len(kfpf.selected) == 2 and "head" in kfpf.selected
 
 
 def test_kd_stores_logits_and_adds_the_mse_term(tmp_path: Path) -> None:
@@ -249,6 +299,8 @@ def test_constructor_errors() -> None:
         KFPF(k=None)
     with pytest.raises(ValueError, match="lr"):
         KFPF(lr=0.0)
+    with pytest.raises(TypeError, match="finetune_at_end"):
+        KFPF(finetune_at_end=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="module_types"):
         KFPF(module_types=["dropout"])
     with pytest.raises(TypeError, match="module_types"):

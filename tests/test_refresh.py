@@ -296,3 +296,131 @@ def test_bf16_mixed_precision_unlearns_with_fp32_norms(tmp_path: Path) -> None:
     assert len(spy.rows) == 6
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in spy.fisher.values())
+
+
+# ---------------------------------------------------------------------- issue 24: defects 10-14
+class StreamsModule(pl.LightningModule):
+    """A user's module trained on a two-stream batch (``{"stream": (x, y), "other": (x, y)}``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, y = batch["stream"]
+        return nn.functional.cross_entropy(self(x), y) + 0.0 * self(batch["other"][0]).sum()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class StepRecorder(RefreshLearning):
+    """Records the parameters' change made by each unlearn step (before the optimizer's)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.moves: list[tuple[int, int, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        before = params_vector(pl_module)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.moves.append((self.current_task(trainer), trainer.global_step, params_vector(pl_module) - before))
+
+
+def _no_gradient(module: Any, batch: Any) -> torch.Tensor:
+    """An unlearn loss with a zero gradient: the step is the noise alone."""
+    return sum((p * 0.0).sum() for p in module.parameters())
+
+
+def test_two_stream_fisher_and_noise_that_differs_between_fits(tmp_path: Path) -> None:
+    """Defects 10 and 13: with `stream=` the Fisher pass reads the training set's one-stream
+    batches (it crashed at the first task end), and with one fit per task the noise of task 1
+    is not task 0's again (it was seeded by `global_step` only, which restarts with each fit)."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+    pl.seed_everything(0)
+    model = StreamsModule()
+    cb = StepRecorder(stream="stream", delta=1e-2, noise_std=1.0, damping=0.0, fisher_samples=8, loss_fn=_no_gradient)
+    for task in range(2):
+        loaders = {"stream": DataLoader(TensorDataset(x, y), batch_size=5),
+                   "other": DataLoader(TensorDataset(x, y), batch_size=5)}
+        quiet_trainer(tmp_path, [cb], max_epochs=1).fit(model, CombinedLoader(loaders, "max_size_cycle"))
+        assert cb.fisher_estimates == task + 1
+    assert set(cb.fisher) == {n for n, _ in model.named_parameters()}
+    first = {(t, s): move for t, s, move in cb.moves}
+    assert set(first) == {(0, s) for s in range(4)} | {(1, s) for s in range(4)}
+    for step in range(4):
+        assert first[(0, step)].abs().sum() > 0
+        assert not torch.allclose(first[(0, step)], first[(1, step)])
+
+
+def test_damped_fisher_is_applied_in_the_callback(tmp_path: Path) -> None:
+    """Defect 14: the step of task 1 equals δ·u/(1 + c·F) with the task-0 Fisher, for a damping
+    large enough that the preconditioner is far from 1 (F = None fails this)."""
+    delta, damping = 1e-2, 1e4
+
+    class Check(RefreshLearning):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if self.current_task(trainer) != 1 or hasattr(self, "expected"):
+                return super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            x, y = batch
+            params = dict(pl_module.named_parameters())
+            before = {n: p.detach().clone() for n, p in params.items()}
+            loss = nn.functional.cross_entropy(pl_module(x), y)
+            grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+            self.expected = {
+                n: delta * before[n].norm() * g / g.norm() / (1 + damping * self.fisher[n]) for n, g in grads.items()
+            }
+            self.plain = {n: delta * before[n].norm() * g / g.norm() for n, g in grads.items()}
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            self.applied = {n: p.detach() - before[n] for n, p in params.items()}
+
+    pl.seed_everything(0)
+    dm = BlobStream(num_tasks=2)
+    cb = Check(delta=delta, damping=damping, noise_std=0.0, fisher_samples=24)
+    quiet_trainer(tmp_path, [cb], max_epochs=dm.max_epochs).fit(tiny_classifier(dm), dm)
+    assert max(float((damping * f).max()) for f in cb.fisher.values()) > 10  # the preconditioner matters
+    for name, expected in cb.expected.items():
+        assert torch.allclose(cb.applied[name], expected, atol=1e-7, rtol=1e-4), name
+    assert not all(torch.allclose(cb.applied[n], cb.plain[n], atol=1e-7, rtol=1e-4) for n in cb.plain)
+
+
+def test_unlearn_step_leaves_every_adab2n_buffer_alone() -> None:
+    """Defect 12: AdaB²N's running statistics, step counter and momentum recursion are restored."""
+    from lightning_forget.nn import AdaB2NBatchNorm2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), AdaB2NBatchNorm2d(3, num_tasks=2, kappa=0.5), nn.Flatten(), nn.Linear(12, 2))
+    model.train()
+    model[1].next_task()
+    model[1].set_task_ids(torch.tensor([0, 1, 1, 0]))
+    model(torch.randn(4, 2, 2, 2))  # non-trivial statistics and recursion
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    assert float(before["1.eta"]) > 0
+    unlearn_step(model, (torch.randn(4, 2, 2, 2) * 3, torch.tensor([0, 1, 1, 0])), None, delta=1e-2)
+    for name, value in model.named_buffers():
+        assert torch.equal(value, before[name]), name
+
+
+def test_half_precision_step_logs_what_was_applied_and_warns(tmp_path: Path) -> None:
+    """Defect 11: under bf16-true the default step (δ = 1e-5) rounds away; the logged displacement
+    is the applied one and the callback warns."""
+    model, x, y = _linear()
+    model = model.to(torch.bfloat16)
+    moved = unlearn_step(model, (x.bfloat16(), y), None, delta=1e-5, noise_std=0.0)
+    assert float(moved.lost_norm) > 0.5 * float(moved.intended_norm)
+
+    pl.seed_everything(0)
+    dm = BlobStream(num_tasks=1)
+    cb = RefreshLearning(fisher_samples=0)
+    trainer = quiet_trainer(tmp_path, [cb], max_epochs=1, precision="bf16-true", limit_val_batches=0)
+    with pytest.warns(UserWarning, match="below the resolution"):
+        trainer.fit(tiny_classifier(dm), dm)
+    applied = float(trainer.callback_metrics["refresh/displacement"])
+    intended = float(trainer.callback_metrics["refresh/intended_displacement"])
+    assert intended > 0 and applied < 0.5 * intended  # most weights did not move at all

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_forget.losses import CopySafeHook, ReplaySegment, StepContext, remove_training_step_hooks, step_context, training_step_hooks
-from lightning_forget.nn.adab2n import AdaB2NBatchNorm2d, adab2n_layers, convert_adab2n
+from lightning_forget.nn.adab2n import AdaB2NBatchNorm2d, adab2n_conflicts, adab2n_layers, convert_adab2n
 from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, task_schedule
 from lightning_forget.validation import check_bool, check_float, check_int
 
@@ -46,9 +46,13 @@ class AdaB2N(ContinualCallback):
     - rows the loader produced: the current task;
     - rows a replay callback appended (:class:`~lightning_forget.callbacks.ExperienceReplay`; the
       rows recorded in :func:`~lightning_forget.losses.step_context`): the task each was stored in;
-    - forwards of stored samples outside the user's step
-      (:class:`~lightning_forget.callbacks.DarkExperienceReplay`'s replay forwards, marked with
-      :meth:`~lightning_forget.losses.StepContext.forward_of_stored`): the stored task ids.
+    - rows :class:`~lightning_forget.callbacks.DarkExperienceReplay` joins to the step's forward
+      (:attr:`~lightning_forget.losses.StepContext.joined_forward`): the task each was stored in;
+    - forwards of stored samples outside the user's step (the k-FPF/FPF fine-tuning on buffer
+      batches, or a callback's own forward, marked with
+      :meth:`~lightning_forget.losses.StepContext.forward_of_stored`): the stored task ids;
+    - other training-mode forwards outside the step (refresh learning's unlearn forward on the
+      loader's batch): the current task.
 
     Where a buffer has no task id for a row (``-1``: restored from an old checkpoint), the task is
     taken from the label, ``label // classes_per_task``, when ``classes_per_task`` is given (class-
@@ -56,15 +60,19 @@ class AdaB2N(ContinualCallback):
 
     From task ``ada_t0`` on, ``lambd · Σ_layers stat_loss`` is added to the step's loss through
     :func:`~lightning_forget.losses.training_step_hooks` (one loss, one backward, also under DDP),
-    summed over every training forward of the step (DER++ runs three). At each task end every
-    layer's task index advances.
+    summed over the training forwards of the step (one with the library's replay callbacks). At
+    each task end every layer's task index advances. Forwards outside the step (refresh's unlearn
+    forward, the k-FPF/FPF fine-tuning) add no statistics loss; refresh restores the layers'
+    buffers after its forward, the fine-tuning refits them on buffer batches.
 
-    Deviation: with :class:`~lightning_forget.callbacks.DarkExperienceReplay` the layers see three
-    batches per step (the stream, then each buffer draw in its own forward), so the momentum
-    recursion advances three times per step; the official DER++ variant concatenates stream and
-    both draws into one forward, whose statistics mix all three. With
-    :class:`~lightning_forget.callbacks.ExperienceReplay` the buffer rows join the stream batch,
-    so the layers see one joined batch, as in the official ER-ACE variant.
+    As in the official code, the layers see one joined batch per step: with
+    :class:`~lightning_forget.callbacks.ExperienceReplay` the buffer rows join the stream batch
+    (the official ER-ACE variant); with :class:`~lightning_forget.callbacks.DarkExperienceReplay`
+    its two buffer draws are appended to the step's one forward (the official DER++ variant), so
+    the statistics mix stream and buffer rows, the momentum recursion advances once per step and
+    the statistics loss is counted once. The official ER-ACE variant adds no statistics loss
+    during all of task 0 (its stream and buffer are joined only from task 1 on): ``ada_t0=1``
+    reproduces that.
 
     Args:
         kappa: ``κ`` of the running-statistics momentum (1: BatchNorm's EMA, 0: cumulative average).
@@ -82,6 +90,8 @@ class AdaB2N(ContinualCallback):
     Raises:
         TypeError / ValueError: an argument of the wrong type or range.
         RuntimeError: ``Trainer(sync_batchnorm=True)``; a module without ``BatchNorm2d`` layers;
+            AdaB²N layers already in the module with another ``num_tasks``, ``kappa`` or
+            ``renormalize`` than the callback's;
             no ``num_tasks``; a training forward whose rows do not match the step's batch; a
             replayed row without task id and no ``classes_per_task``.
 
@@ -161,6 +171,14 @@ class AdaB2N(ContinualCallback):
                     "does not say it (one fit per task). Fix: pass `AdaB2N(num_tasks=...)`."
                 )
             num_tasks = int(datamodule.num_tasks)
+        conflicts = adab2n_conflicts(pl_module, num_tasks, self.kappa, self.renormalize)
+        if conflicts:
+            raise RuntimeError(
+                f"AdaB2N(num_tasks={num_tasks}, kappa={self.kappa}, renormalize={self.renormalize}) found AdaB2N "
+                f"layers already in {type(pl_module).__name__} with other settings ({'; '.join(conflicts)}); they "
+                "would be used as they are, not with this callback's settings. Fix: pass the layers' settings to "
+                "AdaB2N, or give it a model with BatchNorm2d layers to convert."
+            )
         convert_adab2n(pl_module, num_tasks, self.kappa, init_weight=self.init_weight, renormalize=self.renormalize)
         self._layers = adab2n_layers(pl_module)
         if not self._layers:
@@ -169,12 +187,6 @@ class AdaB2N(ContinualCallback):
                 "whose type is exactly BatchNorm2d are). Fix: use a backbone with BatchNorm2d, e.g. "
                 "`ContinualClassifier(backbone='resnet')`."
             )
-        for layer in self._layers:
-            if layer.num_tasks < num_tasks:
-                raise RuntimeError(
-                    f"The module already has AdaB2N layers for {layer.num_tasks} tasks, but the stream has "
-                    f"{num_tasks}. Fix: pass `AdaB2N(num_tasks={layer.num_tasks})` or convert again."
-                )
         self._trainer = trainer
         hooks = training_step_hooks(pl_module)
         hooks.add_batch_transform(self.state_key, self._start_step)
@@ -239,18 +251,23 @@ class AdaB2N(ContinualCallback):
         if not self._in_step:  # a training-mode forward outside the step: stream samples
             return torch.full((rows,), task, dtype=torch.long)
         segments = [s for s in context.segments if s.stream is None]
+        joined = list(context.joined_forward)  # rows appended to this forward only (DER++ draws)
         stream = context.loader_size(None)
         if stream is None:
-            stream = rows - sum(s.stop - s.start for s in segments)
-        expected = stream + sum(s.stop - s.start for s in segments)
+            stream = rows - sum(s.stop - s.start for s in segments + joined)
+        replayed = sum(s.stop - s.start for s in segments)
+        extra = sum(s.stop - s.start for s in joined)
+        expected = stream + replayed + extra
         if rows != expected:
             raise RuntimeError(
-                f"AdaB2N: the training forward got {rows} rows, but the step's batch has {expected} "
-                f"({stream} from the loader, {expected - stream} replayed), so the rows' tasks are unknown. "
-                "Fix: run the model on the whole batch of the step (`self(x)` or `self.net(x)`), or mark "
+                f"AdaB2N: the training forward got {rows} rows, but the step's batch has {stream + replayed} "
+                f"({stream} from the loader, {replayed} replayed)"
+                + (f" and {extra} buffer rows were joined to this forward" if extra else "")
+                + ", so the rows' tasks are unknown. "
+                "Fix: call the module's forward on the whole batch of the step (`self(x)` or `self.net(x)`), or mark "
                 "forwards of other rows with `lightning_forget.losses.step_context(module).forward_of_stored`."
             )
-        parts = [torch.full((stream,), task, dtype=torch.long)] + [self._segment_ids(s) for s in segments]
+        parts = [torch.full((stream,), task, dtype=torch.long)] + [self._segment_ids(s) for s in segments + joined]
         return torch.cat(parts)
 
     def _before_layer(self, layer: AdaB2NBatchNorm2d, args: tuple[Any, ...]) -> None:

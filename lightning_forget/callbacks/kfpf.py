@@ -85,12 +85,18 @@ class KFPF(_BufferCallback):
     **Schedule.** ``interval`` given: every ``interval`` real optimizer steps. Otherwise it is
     ``max(1, S // k)`` with ``S`` the optimizer steps of the whole stream at the first fit start
     (from a continual datamodule's task sizes, accumulation included; otherwise
-    ``trainer.estimated_stepping_batches``), and with a continual datamodule at most
-    ``k`` fine-tunings run over the stream, evenly spaced, the last one at step ``k·interval``.
+    ``trainer.estimated_stepping_batches``). With ``finetune_at_end`` (the default) the last
+    fine-tuning runs at the end of the stream, after its last optimizer step, since only the
+    last fine-tuning decides the final accuracy: with a continual datamodule and ``k``, the
+    periodic fine-tunings after steps ``interval, 2·interval, ..., (k-1)·interval`` and the
+    ``k``-th at the stream's end (the last task end); with one fit per task, a fine-tuning at
+    the end of every fit (the library cannot know which fit is the last). With
+    ``finetune_at_end=False`` (the behaviour of earlier releases) at most ``k`` fine-tunings run
+    after steps ``i·interval``, the last at ``k·⌊S/k⌋``, up to ``k - 1`` steps before the end.
     In one-fit-per-task mode the interval is computed from the first fit and kept (no cap).
     Steps are counted with :class:`~lightning_forget.optim_step.StepCounter` (accumulation
     batches and AMP-skipped steps are not steps). ``finetune_at_task_end=True`` also fine-tunes
-    at each task end.
+    at each task end (not counted in ``k``).
 
     **Selection.** ``module_types`` and ``module_patterns`` (see
     :func:`lightning_forget.fpf_selection.select_modules`); default: every BatchNorm layer and
@@ -122,8 +128,10 @@ class KFPF(_BufferCallback):
       iterations": 50 × 32 = 1,600 buffer samples per fine-tuning, 8,000 over a run with
       ``k=5``, a fixed cost whatever the stream's length (ER's replay cost grows with every
       epoch); FPF's single fine-tuning gets twice a k-FPF fine-tuning's steps.
-    - ``lr=0.01``: library choice, a tenth of the SGD learning rate of the library's configs,
-      so that few steps on a small buffer do not overfit it.
+    - ``lr=None``: the inner SGD uses the main optimizer's learning rate (per param group, its
+      ``initial_lr`` when a scheduler set one). Earlier releases used a fixed 0.01, a tenth of
+      the configs' rate, which the review of issue 24 found too weak: on the Split MNIST config
+      k-FPF reached 0.482 at inner lr 0.01 and 0.682 at 0.1 (the main rate).
     - ``finetune_batch_size=32``: library choice (the usual mini-batch size of small CL
       benchmarks).
     - ``buffer_size=500``: library choice, one of the buffer sizes customary in replay
@@ -147,13 +155,14 @@ class KFPF(_BufferCallback):
         interval: optimizer steps between fine-tunings (overrides ``k``'s spacing; with
             ``k`` also given, at most ``k`` fine-tunings in a continual-datamodule run).
         finetune_steps: SGD steps per fine-tuning; default 50 (library choice).
-        lr: learning rate of the inner SGD; default 0.01 (library choice).
+        lr: learning rate of the inner SGD; default ``None``: the main optimizer's (see above).
         finetune_batch_size: buffer samples per inner step; default 32 (library choice).
         buffer_size: samples kept in the reservoir buffer; default 500 (library choice).
         module_types: module type keywords to fine-tune (:data:`~lightning_forget.fpf_selection.MODULE_TYPES`);
             default every BatchNorm layer and the last ``nn.Linear`` (the paper's finding for CNNs).
         module_patterns: regular expressions on module names, added to the type matches.
-        auto_top: choose this many modules automatically by sensitivity instead (``None``: off).
+        auto_top: choose this many modules automatically by sensitivity instead (``None``: off);
+            a warning says when it selects every module.
         kd: store logits with each sample and add the logit-matching term (k-FPF-KD).
         kd_weight: weight of the MSE term when ``kd``; default 1.0 (library choice).
         finetune_at_task_end: also fine-tune when each task ends.
@@ -164,6 +173,7 @@ class KFPF(_BufferCallback):
         forward_fn: the module's logits function for the fine-tuning (and ``kd``) forwards:
             ``None`` for its ``forward``, or a submodule or method name (``"net"``) for a module
             without one (see :class:`~lightning_forget.forward.ModelForward`).
+        finetune_at_end: make the last fine-tuning at the end of the stream (see the schedule).
 
     Raises:
         TypeError: an argument of the wrong type.
@@ -172,7 +182,8 @@ class KFPF(_BufferCallback):
             matching no module.
         RuntimeError: the module has no ``forward`` and no ``forward_fn`` (``setup``);
             ``interval`` cannot be derived (the run's length is unknown); a resume from a
-            checkpoint written with other settings.
+            checkpoint written with other settings; ``lr=None`` with a fine-tuned parameter that no
+            optimizer of the trainer holds.
 
     Note:
         Logged keys: ``kfpf/samples`` (buffer samples pushed through forward and backward by the
@@ -199,7 +210,7 @@ class KFPF(_BufferCallback):
         k: Optional[int] = 5,
         interval: Optional[int] = None,
         finetune_steps: int = 50,
-        lr: float = 0.01,
+        lr: Optional[float] = None,
         finetune_batch_size: int = 32,
         buffer_size: int = 500,
         module_types: Sequence[str] = ("batchnorm", "last_linear"),
@@ -213,6 +224,7 @@ class KFPF(_BufferCallback):
         target_key: Optional[Union[str, int]] = None,
         stream: Optional[Union[str, int]] = None,
         forward_fn: Optional[str] = None,
+        finetune_at_end: bool = True,
     ) -> None:
         super().__init__(buffer_size, None, "reservoir", seed, input_key, target_key, stream)
         self.model_forward = ModelForward(forward_fn, owner=type(self).__name__)
@@ -222,7 +234,8 @@ class KFPF(_BufferCallback):
             "interval", interval, min=1, allow_none=True, fix="pass the optimizer steps between fine-tunings, or None"
         )
         self.finetune_steps = check_int("finetune_steps", finetune_steps, min=1, fix="pass the inner SGD steps, e.g. 50")
-        self.lr = check_float("lr", lr, min=0.0, min_inclusive=False, fix="pass a positive learning rate, e.g. 0.01")
+        self.lr = check_float("lr", lr, min=0.0, min_inclusive=False, allow_none=True,
+                              fix="pass a positive learning rate, or None for the main optimizer's")
         self.finetune_batch_size = check_int(
             "finetune_batch_size", finetune_batch_size, min=1, fix="pass the buffer samples per inner step, e.g. 32"
         )
@@ -232,6 +245,7 @@ class KFPF(_BufferCallback):
         self.kd = check_bool("kd", kd)
         self.kd_weight = check_float("kd_weight", kd_weight, min=0.0, fix="pass a finite weight >= 0, e.g. 1.0")
         self.finetune_at_task_end = check_bool("finetune_at_task_end", finetune_at_task_end)
+        self.finetune_at_end = check_bool("finetune_at_end", finetune_at_end)
         self._check_schedule()
         if not self.module_types and not self.module_patterns and self.auto_top is None:
             raise ValueError(
@@ -270,15 +284,30 @@ class KFPF(_BufferCallback):
 
     # ------------------------------------------------------------------ schedule
     def should_finetune(self, trainer: "pl.Trainer", step: int) -> bool:
-        """Whether to fine-tune after real optimizer step ``step`` (counted from 1)."""
+        """Whether to fine-tune after real optimizer step ``step`` (counted from 1).
+
+        The ``i``-th periodic fine-tuning runs after step ``i·interval``; with ``k`` and a
+        continual datamodule only the first ``k`` (``k - 1`` with ``finetune_at_end``, whose
+        fine-tuning at the stream's end is then the ``k``-th).
+        """
         interval = self._resolved_interval
         if interval is None or step % interval:
             return False
-        return self.k is None or task_schedule(trainer) is None or self.finetunes < self.k
+        if self.k is None or task_schedule(trainer) is None:
+            return True
+        return step // interval <= self.k - (1 if self.finetune_at_end else 0)
 
     def should_finetune_at_task_end(self, trainer: "pl.Trainer", task: int) -> bool:
-        """Whether to fine-tune when ``task`` ends."""
-        return self.finetune_at_task_end
+        """Whether to fine-tune when ``task`` ends: every task with ``finetune_at_task_end``; the
+        stream's end with ``finetune_at_end`` (the last task of a continual datamodule; with one
+        fit per task every fit's end, since the last fit cannot be known), unless a periodic
+        fine-tuning just ran after the same optimizer step."""
+        if self.finetune_at_task_end:
+            return True
+        if not self.finetune_at_end or self.should_finetune(trainer, self.optimizer_steps):
+            return False
+        datamodule = task_schedule(trainer)
+        return datamodule is None or task == int(datamodule.num_tasks) - 1
 
     def _resolve_interval(self, trainer: "pl.Trainer") -> None:
         if self._resolved_interval is not None:
@@ -419,6 +448,14 @@ class KFPF(_BufferCallback):
             return
         assert self._sensitivity is not None and self.auto_top is not None
         self.selected = self._sensitivity.top(self.auto_top)
+        if len(self.selected) >= len(self._sensitivity.names):
+            rank_zero_warn(
+                f"{type(self).__name__}: auto_top={self.auto_top} selects every one of the model's "
+                f"{len(self._sensitivity.names)} modules with parameters, so the fine-tunings train all parameters "
+                "(no forgetting-prioritised subset). Fix: pass a smaller `auto_top`, or name the modules with "
+                "`module_types`/`module_patterns`.",
+                category=UserWarning,
+            )
         scores = self._sensitivity.scores()
         rank_zero_info(
             f"{type(self).__name__}: sensitivity (mean size-normalised L1 change per step over "
@@ -437,6 +474,32 @@ class KFPF(_BufferCallback):
             loss = loss + self.kd_weight * nn.functional.mse_loss(logits, drawn[self.LOGITS].to(logits.device).float())
         return loss
 
+    def inner_learning_rates(self, trainer: "pl.Trainer", params: dict[str, nn.Parameter]) -> dict[str, float]:
+        """The inner SGD's learning rate of each fine-tuned parameter: ``lr``, or (``lr=None``) the
+        configured learning rate of the main optimizer's param group holding the parameter (its
+        ``initial_lr`` when a scheduler set one, so a decayed or warming-up schedule does not
+        change the fine-tuning).
+
+        Raises:
+            RuntimeError: ``lr=None`` and a fine-tuned parameter is in no optimizer of the trainer.
+        """
+        if self.lr is not None:
+            return {name: self.lr for name in params}
+        by_param: dict[int, float] = {}
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                rate = float(group.get("initial_lr", group["lr"]))
+                for p in group["params"]:
+                    by_param.setdefault(id(p), rate)
+        missing = [name for name, p in params.items() if id(p) not in by_param]
+        if missing:
+            raise RuntimeError(
+                f"{type(self).__name__}(lr=None) fine-tunes with the main optimizer's learning rate, but the "
+                f"parameters {missing[:5]} are in no optimizer of the trainer. Fix: pass `lr=` (e.g. the learning "
+                "rate you train with), or select modules the optimizer trains."
+            )
+        return {name: by_param[id(p)] for name, p in params.items()}
+
     def finetune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """One fine-tuning: ``finetune_steps`` SGD steps of the selected parameters on buffer batches."""
         if self.buffer.is_empty or self._names is None:
@@ -444,6 +507,7 @@ class KFPF(_BufferCallback):
         self._fix_selection(pl_module)
         assert self.selected is not None
         params = parameters_of(pl_module, self.selected)
+        lrs = self.inner_learning_rates(trainer, params)
         flags = {name: p.requires_grad for name, p in pl_module.named_parameters()}
         modes = {name: m.training for name, m in pl_module.named_modules()}
         device = pl_module.device
@@ -456,14 +520,17 @@ class KFPF(_BufferCallback):
             for inner in range(self.finetune_steps):
                 generator = rank_generator(self.seed, _DRAW_SALT, self.finetunes, inner)
                 drawn = self.buffer.sample(self.finetune_batch_size, generator=generator)
-                drawn.pop(TASK_KEY, None)
-                with torch.enable_grad(), forward_context(trainer):
-                    logits = self.model_forward(pl_module, drawn[self._names["input"]].to(device))
+                task_ids = drawn.pop(TASK_KEY, None)
+                x = drawn[self._names["input"]].to(device)
+                # buffer rows: layers that need each row's task (AdaB²N) find their stored task ids
+                stored = step_context(pl_module).forward_of_stored(self.state_key, int(x.shape[0]), drawn, task_ids)
+                with stored, torch.enable_grad(), forward_context(trainer):
+                    logits = self.model_forward(pl_module, x)
                     loss = self.finetune_loss(logits, drawn)
                 grads = average_gradients(trainer.strategy, compute_gradients(loss, params))
                 with torch.no_grad():
                     for name, p in params.items():
-                        p.sub_(grads[name].to(p.dtype), alpha=self.lr)
+                        p.sub_(grads[name].to(p.dtype), alpha=lrs[name])
                 # Every rank fine-tunes the same batch: count it once.
                 self.samples += int(logits.shape[0])
                 self._last_loss = float(loss.detach())
@@ -530,7 +597,7 @@ class FPF(KFPF):
     Args:
         every_task: fine-tune at the end of every task, not only the last.
         finetune_steps: SGD steps of the one fine-tuning; default 100 (library choice).
-        lr: learning rate of the inner SGD; default 0.01 (library choice).
+        lr: learning rate of the inner SGD; default ``None``: the main optimizer's (as :class:`KFPF`).
         finetune_batch_size: buffer samples per inner step; default 32 (library choice).
         buffer_size: samples kept in the reservoir buffer; default 500 (library choice).
         module_types: module type keywords to fine-tune (default: BatchNorm layers and the classifier).
@@ -556,7 +623,7 @@ class FPF(KFPF):
         self,
         every_task: bool = False,
         finetune_steps: int = 100,
-        lr: float = 0.01,
+        lr: Optional[float] = None,
         finetune_batch_size: int = 32,
         buffer_size: int = 500,
         module_types: Sequence[str] = ("batchnorm", "last_linear"),
@@ -575,7 +642,7 @@ class FPF(KFPF):
             k=None, interval=None, finetune_steps=finetune_steps, lr=lr, finetune_batch_size=finetune_batch_size,
             buffer_size=buffer_size, module_types=module_types, module_patterns=module_patterns, auto_top=auto_top,
             kd=kd, kd_weight=kd_weight, finetune_at_task_end=False, seed=seed, input_key=input_key,
-            target_key=target_key, stream=stream, forward_fn=forward_fn,
+            target_key=target_key, stream=stream, forward_fn=forward_fn, finetune_at_end=False,
         )
 
     def _check_schedule(self) -> None:

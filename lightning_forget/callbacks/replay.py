@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, Literal, Optional, Union
 
@@ -14,7 +15,15 @@ from lightning_forget.batch import BatchFields, SplitBatch, logits_of
 from lightning_forget.forward import ModelForward
 from lightning_forget.buffers import TASK_KEY, ReplayBuffer, TaskBalancedBuffer, make_buffer, pad_rows
 from lightning_forget.distributed import gather_batch, rank_generator, sampler_padding_mask
-from lightning_forget.losses import CopySafeHook, StepContext, remove_training_step_hooks, step_context, training_step_hooks
+from lightning_forget.losses import (
+    CopySafeHook,
+    ReplaySegment,
+    StepContext,
+    remove_training_step_hooks,
+    step_context,
+    training_step_hooks,
+)
+from lightning_forget.nn.adab2n import adab2n_layers
 from lightning_forget.tasks import ContinualCallback, task_schedule
 from lightning_forget.validation import check_choice, check_float, check_int
 from lightning.pytorch.utilities import rank_zero_warn
@@ -33,6 +42,29 @@ _POSITIONAL_INPUT, _POSITIONAL_TARGET = "x", "y"
 
 Update = Literal["auto", "reservoir", "stream", "task_end"]
 Draw = Literal["auto", "step", "pass"]
+
+
+def _first_rows(output: Any, total: int, rows: int) -> Any:
+    """``output`` of a forward over ``total`` rows, cut to its first ``rows`` (every tensor whose
+    first dimension is ``total``, inside tensors, dicts, tuples, lists and attribute objects)."""
+    if isinstance(output, Tensor):
+        return output[:rows] if output.dim() > 0 and output.shape[0] == total else output
+    if isinstance(output, Mapping):
+        cut = copy.copy(output)
+        for key, value in output.items():
+            cut[key] = _first_rows(value, total, rows)  # type: ignore[index]
+        return cut
+    if isinstance(output, tuple):
+        items = [_first_rows(v, total, rows) for v in output]
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+    if isinstance(output, list):
+        return [_first_rows(v, total, rows) for v in output]
+    if hasattr(output, "__dict__"):
+        cut = copy.copy(output)
+        for key, value in vars(output).items():
+            setattr(cut, key, _first_rows(value, total, rows))
+        return cut
+    return output
 
 
 def _check_pad_values(pad_values: Any) -> Optional[dict[str, Union[int, float]]]:
@@ -564,6 +596,16 @@ class DarkExperienceReplay(_BufferCallback):
     forwards run inside :meth:`~lightning_forget.losses.StepContext.forward_of_stored`, so layers
     that need each row's task (AdaB²N) find the drawn rows' stored task ids.
 
+    With AdaB²N layers in the model (:class:`~lightning_forget.callbacks.AdaB2N`), the two draws
+    are instead joined as rows of the step's one forward, as in the official AdaB²N DER++ code:
+    the first forward of ``training_step`` runs on ``[step's rows; draw 1; draw 2]`` (their
+    inputs appended to its first argument, which must then be the input tensor), the user's
+    step gets the output of its own rows only, and the two replay terms use the output of the
+    appended rows. The normalisation statistics then mix stream and buffer rows, the momentum
+    recursion advances once per step, and the statistics loss is counted once. The appended
+    rows are announced in :attr:`~lightning_forget.losses.StepContext.joined_forward` (with
+    their stored task ids) while that forward runs.
+
     Args:
         buffer_size: samples kept (with their logits).
         alpha: weight of the logit-matching (MSE) term.
@@ -619,6 +661,14 @@ class DarkExperienceReplay(_BufferCallback):
         self._capture_error: Optional[str] = None
         self._armed = False
         self._hook: Any = None
+        self._join_hook: Any = None
+        self._owner: Any = None
+        #: Whether the buffer draws join the step's forward (AdaB²N layers in the model).
+        self._join = False
+        self._draws: Optional[tuple[dict[str, Tensor], dict[str, Tensor]]] = None
+        self._joined_rows: Optional[tuple[int, int, int]] = None
+        self._joined_out: Optional[tuple[Tensor, Tensor]] = None
+        self._join_input = _POSITIONAL_INPUT
 
     @property
     def state_key(self) -> str:
@@ -628,7 +678,8 @@ class DarkExperienceReplay(_BufferCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update({"_hook": None, "_captured": None, "_armed": False, "_capture_error": None})
+        state.update({"_hook": None, "_captured": None, "_armed": False, "_capture_error": None, "_join_hook": None,
+                      "_draws": None, "_joined_rows": None, "_joined_out": None, "_owner": None})
         return state
 
     @override
@@ -639,15 +690,34 @@ class DarkExperienceReplay(_BufferCallback):
         hooks = training_step_hooks(pl_module)
         hooks.add_batch_transform(self.state_key, self._arm)
         hooks.add_loss_term(self.state_key, self._replay_loss)
+        self._owner = pl_module  # the step context lives on the LightningModule, not on a hooked submodule
         if self._hook is None:
-            self._hook = self.model_forward.hook_module(pl_module).register_forward_hook(CopySafeHook(self._on_forward))
+            # On the module whose forward gives the logits (the LightningModule, or the submodule
+            # named by `forward_fn`), first among its hooks: the joined forward is cut back to the
+            # step's rows before any other hook (or the user's step) sees the output.
+            target = self.model_forward.hook_module(pl_module)
+            self._hook = target.register_forward_hook(CopySafeHook(self._on_forward), prepend=True)
+        if self._join_hook is None:
+            target = self.model_forward.hook_module(pl_module)
+            self._join_hook = target.register_forward_pre_hook(
+                CopySafeHook(self._join_draws), prepend=True, with_kwargs=True
+            )
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_start(trainer, pl_module)
+        # After every callback's setup, so AdaB2N has converted the layers by now.
+        self._join = bool(adab2n_layers(pl_module))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for name in ("_hook", "_join_hook"):
+            handle = getattr(self, name)
+            if handle is not None:
+                handle.remove()
+                setattr(self, name, None)
+        self._draws = self._joined_rows = self._joined_out = self._owner = None
 
     def to_fields(self, batch: Any) -> dict[str, Tensor]:
         fields = super().to_fields(batch)
@@ -659,14 +729,55 @@ class DarkExperienceReplay(_BufferCallback):
         return fields
 
     def _arm(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> Any:
-        self.split(batch)  # check the layout before the step
+        split = self.split(batch)  # check the layout before the step
         self._captured = None
         self._capture_error = None
         self._armed = True
+        self._draws = self._joined_rows = self._joined_out = None
+        if self._join and not self.buffer.is_empty:
+            self._draws = self._draw_pair(pl_module, split, batch_idx)
+            self._join_input = self._buffer_names(split)[split.input_name]
         return batch
 
-    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _draw_pair(self, pl_module: "pl.LightningModule", split: SplitBatch, batch_idx: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The step's two independent buffer draws (for the logit and the label term)."""
+        n = self.replay_size(self._loader_rows(step_context(pl_module), split))
+        trainer = pl_module.trainer
+        return self.draw(trainer, batch_idx, n, salt=1), self.draw(trainer, batch_idx, n, salt=2)
+
+    def _join_draws(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[tuple[Any, Any]]:
+        """Forward pre-hook: append the two draws' inputs to the step's first forward."""
+        if not self._armed or self._draws is None or self._joined_rows is not None:
+            return None
+        if not args or not isinstance(args[0], Tensor):
+            raise RuntimeError(
+                "DarkExperienceReplay joins its buffer draws to the step's forward when the model has AdaB2N "
+                f"layers, so the forward's first argument must be the input tensor; {type(module).__name__} got "
+                f"{type(args[0]).__name__ if args else 'no positional argument'}. Fix: call `self(x)` with the "
+                "input tensor first in training_step."
+            )
+        x = args[0]
+        first, second = self._draws
+        extra = [d[self._join_input].to(x.device, x.dtype) for d in (first, second)]
+        rows, n1, n2 = int(x.shape[0]), int(extra[0].shape[0]), int(extra[1].shape[0])
+        self._joined_rows = (rows, n1, n2)
+        step_context(self._owner).joined_forward = [  # type: ignore[arg-type]
+            ReplaySegment(self.state_key, 0, n1, first, self.task_ids_of(first)),
+            ReplaySegment(self.state_key, n1, n1 + n2, second, self.task_ids_of(second)),
+        ]
+        return (torch.cat([x, *extra]), *args[1:]), kwargs
+
+    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self._joined_rows is not None and self._joined_out is None:
+            rows, n1, n2 = self._joined_rows
+            step_context(self._owner).joined_forward = []  # type: ignore[arg-type]
+            logits = logits_of(output)
+            self._joined_out = (logits[rows : rows + n1], logits[rows + n1 : rows + n1 + n2])
+            output = _first_rows(output, rows + n1 + n2, rows)
+            self._capture(output)
+            return output
         self._capture(output)
+        return None
 
     def _capture(self, output: Any) -> None:
         if self._armed:
@@ -704,20 +815,28 @@ class DarkExperienceReplay(_BufferCallback):
         self._armed = False
         if self.buffer.is_empty:
             return None
-        trainer = pl_module.trainer
         split = self.split(batch)
         names = self._buffer_names(split)
         input_name, target_name = names[split.input_name], names[split.target_name]  # type: ignore[index]
-        n = self.replay_size(self._loader_rows(step_context(pl_module), split))
-        first = self.draw(trainer, batch_idx, n, salt=1)
-        second = self.draw(trainer, batch_idx, n, salt=2)
-        context = step_context(pl_module)
-        with context.forward_of_stored(self.state_key, int(first["index"].numel()), first, self.task_ids_of(first)):
-            out = self.replay_logits(pl_module, first, input_name)
+        if self._draws is not None:  # joined to the step's forward (AdaB²N)
+            first, second = self._draws
+            if self._joined_out is None:
+                raise RuntimeError(
+                    "DarkExperienceReplay joins its buffer draws to the step's first forward when the model has "
+                    f"AdaB2N layers, but {type(pl_module).__name__}.training_step did not call the module's forward "
+                    "(`self(x)`). Fix: call `self(x)` in training_step."
+                )
+            out, second_out = self._joined_out
+            self._draws = self._joined_rows = self._joined_out = None
+        else:
+            first, second = self._draw_pair(pl_module, split, batch_idx)
+            context = step_context(pl_module)
+            with context.forward_of_stored(self.state_key, int(first["index"].numel()), first, self.task_ids_of(first)):
+                out = self.replay_logits(pl_module, first, input_name)
+            with context.forward_of_stored(self.state_key, int(second["index"].numel()), second, self.task_ids_of(second)):
+                second_out = self.replay_logits(pl_module, second, input_name)
         dtype = torch.promote_types(out.dtype, torch.float32)
         mse = nn.functional.mse_loss(out.to(dtype), first[self.LOGITS].to(out.device, dtype))
-        with context.forward_of_stored(self.state_key, int(second["index"].numel()), second, self.task_ids_of(second)):
-            second_out = self.replay_logits(pl_module, second, input_name)
         ce = nn.functional.cross_entropy(second_out, second[target_name].to(pl_module.device))
         pl_module.log_dict({"derpp/mse": mse.detach(), "derpp/ce": ce.detach()}, on_step=True, on_epoch=False)
         return self.alpha * mse + self.beta * ce

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from lightning_forget.validation import check_bool, check_float, check_int
 
-__all__ = ["AdaB2NBatchNorm2d", "adab2n_layers", "convert_adab2n", "revert_adab2n"]
+__all__ = ["AdaB2NBatchNorm2d", "adab2n_conflicts", "adab2n_layers", "convert_adab2n", "revert_adab2n"]
 
 
 class AdaB2NBatchNorm2d(nn.Module):
@@ -226,7 +226,11 @@ class AdaB2NBatchNorm2d(nn.Module):
         """``(ids, counts)``: the ids as a long tensor on the layer's device and the per-task row
         counts ``n_0..n_T``, after checking the ids against the current task ``T``."""
         task = int(self.cur_task)
-        if task >= self.num_tasks:
+        if task == self.num_tasks:
+            # The stream has ended (the last task end advanced the index): a training forward now
+            # (FPF's or k-FPF's fine-tuning at the stream's end) balances over every task seen.
+            task = self.num_tasks - 1
+        elif task > self.num_tasks:
             raise RuntimeError(
                 f"AdaB2NBatchNorm2d is at task {task} but was built for num_tasks={self.num_tasks}. "
                 f"Fix: build it (or the AdaB2N callback) with num_tasks >= {task + 1}."
@@ -240,6 +244,11 @@ class AdaB2NBatchNorm2d(nn.Module):
         if counts is None or counts.numel() != task + 1:
             if not ids.numel():
                 raise ValueError("`task_ids` is empty; pass one task index per row of the batch.")
+            if int(self.cur_task) == self.num_tasks and int(ids.max()) >= self.num_tasks:
+                raise RuntimeError(
+                    f"AdaB2NBatchNorm2d has seen all its num_tasks={self.num_tasks} tasks, but got rows of task "
+                    f"{int(ids.max())}. Fix: build it (or the AdaB2N callback) with num_tasks >= {int(ids.max()) + 1}."
+                )
             raise ValueError(
                 f"task ids must lie in [0, {task}] (the tasks seen so far), got values in "
                 f"[{int(ids.min())}, {int(ids.max())}]. Fix: pass each row's task index; rows restored from "
@@ -426,14 +435,45 @@ def convert_adab2n(model: nn.Module, num_tasks: int, kappa: float, **kwargs: Any
     ``kwargs``: ``init_weight``, ``renormalize``). Subclasses of ``BatchNorm2d`` (``SyncBatchNorm``
     is not one, but e.g. frozen-BN variants are) and other norms are left untouched. Returns the
     model (a new layer if ``model`` itself is a ``BatchNorm2d``); call it before the optimizer is
-    built, since the new layers have new parameters.
+    built, since the new layers have new parameters. Converting a model again with the settings
+    of its AdaB²N layers converts only the BatchNorm2d layers left.
+
+    Raises:
+        ValueError: the model already has AdaB²N layers with another ``num_tasks``, ``kappa`` or
+            ``renormalize`` (they would be left as they are); the message lists them.
     """
+    conflicts = adab2n_conflicts(model, num_tasks, kappa, kwargs.get("renormalize"))
+    if conflicts:
+        raise ValueError(
+            f"convert_adab2n: the model already has AdaB2N layers built with other settings ({'; '.join(conflicts)}); "
+            "converting again would leave them as they are. Fix: pass the layers' settings, or build the model "
+            "again from BatchNorm2d layers (revert_adab2n) before converting with new ones."
+        )
+
     def convert(module: nn.Module) -> Optional[nn.Module]:
         if type(module) is nn.BatchNorm2d:
             return AdaB2NBatchNorm2d.from_batchnorm(module, num_tasks, kappa, **kwargs)
         return None
 
     return _swap(model, convert)
+
+
+def adab2n_conflicts(model: nn.Module, num_tasks: int, kappa: float, renormalize: Optional[bool] = None) -> list[str]:
+    """How the :class:`AdaB2NBatchNorm2d` layers already in ``model`` differ from ``num_tasks``,
+    ``kappa`` (and ``renormalize`` unless ``None``): one ``"name: setting=layer's value (asked: value)"``
+    line per difference, empty when they agree (or there are none)."""
+    out = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, AdaB2NBatchNorm2d):
+            continue
+        asked = {"num_tasks": num_tasks, "kappa": kappa}
+        if renormalize is not None:
+            asked["renormalize"] = renormalize
+        for setting, value in asked.items():
+            have = getattr(layer, setting)
+            if have != value:
+                out.append(f"{name or 'model'}: {setting}={have!r} (asked: {value!r})")
+    return out
 
 
 def revert_adab2n(model: nn.Module) -> nn.Module:
