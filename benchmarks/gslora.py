@@ -82,7 +82,7 @@ def accuracy(model: nn.Module, dataset) -> float:
     return torch.cat(hits).mean().item() if hits else float("nan")
 
 
-def train_until_fit(model: nn.Module, dataset, seed: int, max_epochs: int, target: float, lr: float = 2e-3) -> int:
+def train_until_fit(model: nn.Module, dataset, seed: int, max_epochs: int, target: float, lr: float = 3e-3) -> int:
     """AdamW until the training accuracy reaches ``target`` (or ``max_epochs``); returns the epochs run."""
     loader = DataLoader(dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -171,7 +171,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[list[dict[str, Any]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 tasks, 1 epoch each, 2 α")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--max-pretrain-epochs", type=int, default=25)
+    parser.add_argument("--max-pretrain-epochs", type=int, default=20)
     parser.add_argument("--fit-accuracy", type=float, default=0.99, help="training accuracy the original must reach")
     parser.add_argument("--forget-epochs", type=int, default=20)
     parser.add_argument("--data-ratio", type=float, default=0.1)
@@ -236,10 +236,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[list[dict[str, Any]
         print(f"seed {seed} retrain (task 0): {retrain_epochs} epochs, {row['wall']:.0f}s", flush=True)
         results["retrain"].append([row])
 
+        print_tables(results, methods, settings, tasks, seed)
     print(f"\n{len(seeds)} seed(s); {len(tasks)} tasks; {f_epochs} epochs per task, data_ratio {args.data_ratio}, β {args.beta}, "
           f"BND {args.bound}, grid lora_alpha {args.lora_alpha}; original and retrain trained until training accuracy "
           f"{args.fit_accuracy} (at most {max_pre} epochs). Test-split accuracies; ΔAcc_r = Acc_r − original's Acc_r on "
           "the same classes; time relative to retraining (task 0).")
+    print_tables(results, methods, settings, tasks)
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f}s")
+    return results
+
+
+def print_tables(results: dict[str, list[list[dict[str, Any]]]], methods: list[str], settings: list[str],
+                 tasks: list[list[int]], seed: Optional[int] = None) -> None:
+    """The results table and the per-block norms (mean ± std over the seeds run so far)."""
+    if seed is not None:
+        print(f"\nafter seed {seed}:")
     print("| task | method | Acc_f ↓ | Acc_r ↑ | ΔAcc_r vs original | Acc_o ↓ | H ↑ | MIA AUC (original: before) | "
           "active blocks | edited (ΔW/W>1e-3) | time / retrain |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -263,9 +274,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[list[dict[str, Any]
         for t in range(len(tasks)):
             norms = [r[t]["norms"] for r in results[m]]
             cells = [_mean([n[b] for n in norms]) for b in range(len(norms[0]))]
-            print(f"| {m} | {t} | " + " | ".join(cells) + " |")
-    print(f"\ntotal wall time {time.perf_counter() - start:.0f}s")
-    return results
+            print(f"| {m} | {t} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -168,9 +168,92 @@ def train_vit(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
             "step_seconds": seconds / max(trainer.global_step, 1), "peak_mb": peak}
 
 
+ROTATED_METHODS = ("lora", "er_lora", "i_lora", "i_lora_λ0.99", "i_lora_frozen")
+ROTATED_ANGLES = [0.0, 20.0, 40.0, 60.0]
+
+
+def _rotated_classifier() -> Any:
+    from lightning_forget.modules import ContinualClassifier
+    from lightning_forget.nn import ViT
+
+    return ContinualClassifier(
+        backbone=ViT((1, 28, 28), patch_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
+        num_classes=10, input_shape=(1, 28, 28), num_tasks=len(ROTATED_ANGLES), report=False,
+        optimizer=partial(torch.optim.AdamW, lr=3e-3),
+    )
+
+
+def pretrained_vit(seed: int, epochs: int) -> dict[str, torch.Tensor]:
+    """The tiny ViT classifier trained in full on upright MNIST (the first domain's training split) for ``epochs``."""
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from lightning_forget.datamodules import RotatedMNIST
+
+    pl.seed_everything(seed, verbose=False)
+    data = RotatedMNIST(angles=ROTATED_ANGLES, batch_size=32, seed=seed)
+    data.setup("fit")
+    model = _rotated_classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loader = DataLoader(data.train_dataset(0), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_rotated(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
+    """One Rotated MNIST run (4 domains, 0/30/60/90 degrees) of a tiny ViT (random weights, frozen) with LoRA
+    and a trained head: the same ten digits in every task, so sequential LoRA forgets partly, not completely."""
+    import lightning.pytorch as pl
+
+    from lightning_forget.callbacks import ContinualMetrics, ExperienceReplay, ILoRA
+    from lightning_forget.datamodules import RotatedMNIST
+    from lightning_forget.lora import LoRASettings, add_lora
+
+    torch.set_num_threads(1)
+    pl.seed_everything(seed, verbose=False)
+    data = RotatedMNIST(angles=ROTATED_ANGLES, batch_size=32, epochs_per_task=1, seed=seed)
+    model = _rotated_classifier()
+    model.load_state_dict(base)
+    settings = LoRASettings(**RANK_SETTINGS)
+    callbacks: list[Any] = [ContinualMetrics(report=False)]
+    if method.startswith("i_lora"):
+        ema = 0.99 if method.endswith("0.99") else 0.25
+        update = "frozen" if method.endswith("frozen") else "ema"
+        callbacks.append(ILoRA(lora=settings, model_attr="backbone", ema=ema, slow_update=update, buffer_size=500,
+                               seed=seed, save_adapters=False))
+    else:
+        model.backbone = add_lora(model.backbone, settings)
+        if method == "er_lora":
+            callbacks.append(ExperienceReplay(buffer_size=500, seed=seed, update="reservoir", draw="step"))
+    trainer = pl.Trainer(
+        accelerator="auto", devices=1, max_epochs=data.max_epochs, reload_dataloaders_every_n_epochs=1,
+        enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
+        num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=3 if quick else None,
+        limit_val_batches=2 if quick else None,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    metrics = callbacks[0]
+    return {"matrix": metrics.matrix.tolist(), "summary": metrics.summary, "loss": None,
+            "step_seconds": seconds / max(trainer.global_step, 1), "peak_mb": peak}
+
+
+TRAINERS = {"instructions": train, "vit": train_vit, "rotated": train_rotated}
+STREAM_METHODS = {"instructions": METHODS, "vit": VIT_METHODS, "rotated": ROTATED_METHODS}
+
+
 def _child(queue: Any, *args: Any) -> None:
     stream, *rest = args
-    queue.put((train_vit if stream == "vit" else train)(*rest))
+    queue.put(TRAINERS[stream](*rest))
 
 
 def run_isolated(*args: Any) -> dict[str, Any]:
