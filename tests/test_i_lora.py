@@ -16,7 +16,7 @@ from lightning_forget.lora import LoRASettings, load_adapter
 from lightning_forget.losses import hidden_consistency_loss
 from lightning_forget.modules import CausalLMModule
 from tests.helpers.harness import flat_tensors, params_vector, quiet_trainer
-from tests.helpers.text import TINY_INSTRUCTIONS, TINY_LM, tiny_lm, tiny_token_stream
+from tests.helpers.text import TINY_LM, tiny_lm, tiny_token_stream
 
 LORA = {"r": 2, "alpha": 4.0, "dropout": 0.0}
 
@@ -433,23 +433,23 @@ def test_lora_argument_errors_name_the_fields(tmp_path: Path) -> None:
     assert any("lora_A" in n for n, _ in module.named_parameters())
 
 
-class _RankDraws:
-    """Instruction stream whose ``setup`` draws from the global RNG a rank-dependent number of times
+from lightning_forget.datamodules import TextStreamDataModule  # noqa: E402
+
+
+class RankDrawingStream(TextStreamDataModule):
+    """The tiny token stream, whose ``setup`` draws from the global RNG a rank-dependent number of times
     (as a user's data preparation may): each rank's LoRA initialisation differs before DDP's broadcast."""
 
-    @staticmethod
-    def make(epochs_per_task: int = 1) -> Any:
-        return RankDrawingStream(epochs_per_task=epochs_per_task, **TINY_INSTRUCTIONS)
-
-
-from lightning_forget.datamodules import InstructionStreamDataModule  # noqa: E402
-
-
-class RankDrawingStream(InstructionStreamDataModule):
     def setup(self, stage: str = "fit") -> None:
         super().setup(stage)
         rank = self.trainer.global_rank if self.trainer is not None else 0
         torch.rand(1 + 5 * rank)
+
+
+def _rank_drawing_stream(epochs_per_task: int = 1) -> TextStreamDataModule:
+    dm = tiny_token_stream(epochs_per_task)
+    dm.__class__ = RankDrawingStream  # the same stream, with the rank-dependent draw in setup()
+    return dm
 
 
 @pytest.mark.ddp
@@ -457,7 +457,7 @@ def test_ddp_slow_learner_equal_on_ranks_with_rank_dependent_draws(tmp_path: Pat
     from tests.helpers.harness import run_ddp_pair
 
     result = run_ddp_pair(tmp_path, lambda: ILoRA(lora=dict(LORA), buffer_size=12, ema=0.99, save_adapters=False),
-                          make_data=_RankDraws.make, make_model=tiny_lm)
+                          make_data=_rank_drawing_stream, make_model=tiny_lm)
     assert result["equal_length"] and result["world_size"] == 2, result
     assert result["max_param_diff"] == 0.0, result
     assert result["max_state_diff"] == 0.0, result  # the slow learner (in the state) agrees too
