@@ -140,9 +140,7 @@ def train_vit(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
     """One Split MNIST run of a tiny ViT (random weights from a ViTConfig, frozen) with LoRA and a trained head."""
     import lightning.pytorch as pl
 
-    from lightning_forget.callbacks import ContinualMetrics, ExperienceReplay, ILoRA
     from lightning_forget.datamodules import SplitMNIST
-    from lightning_forget.lora import LoRASettings, add_lora
     from lightning_forget.modules import ContinualClassifier
     from lightning_forget.nn import ViT
 
@@ -154,30 +152,7 @@ def train_vit(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
         num_classes=10, input_shape=(1, 28, 28), num_tasks=5, report=False,
         optimizer=partial(torch.optim.AdamW, lr=3e-3),
     )
-    settings = LoRASettings(**RANK_SETTINGS)
-    callbacks: list[Any] = [ContinualMetrics(report=False)]
-    if method == "i_lora":
-        callbacks.append(ILoRA(lora=settings, model_attr="backbone", buffer_size=500, seed=seed, save_adapters=False))
-    else:
-        model.backbone = add_lora(model.backbone, settings)
-        if method == "er_lora":
-            callbacks.append(ExperienceReplay(buffer_size=500, seed=seed, update="reservoir", draw="step"))
-    trainer = pl.Trainer(
-        accelerator="auto", devices=1, max_epochs=data.max_epochs, reload_dataloaders_every_n_epochs=1,
-        enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
-        num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=3 if quick else None,
-        limit_val_batches=2 if quick else None,
-    )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    trainer.fit(model, data)
-    seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    metrics = callbacks[0]
-    return {"matrix": metrics.matrix.tolist(), "summary": metrics.summary, "loss": None,
-            "step_seconds": seconds / max(trainer.global_step, 1), "peak_mb": peak}
+    return _fit_vit(method, seed, model, data, quick)
 
 
 ROTATED_METHODS = ("lora", "er_lora", "i_lora", "i_lora_λ0.99", "i_lora_frozen")
@@ -223,15 +198,27 @@ def train_rotated(method: str, seed: int, base: Any, quick: bool) -> dict[str, A
     and a trained head: the same ten digits in every task, so sequential LoRA forgets partly, not completely."""
     import lightning.pytorch as pl
 
-    from lightning_forget.callbacks import ContinualMetrics, ExperienceReplay, ILoRA
     from lightning_forget.datamodules import RotatedMNIST
-    from lightning_forget.lora import LoRASettings, add_lora
 
     torch.set_num_threads(1)
     pl.seed_everything(seed, verbose=False)
     data = RotatedMNIST(angles=ROTATED_ANGLES, batch_size=32, epochs_per_task=1, seed=seed)
     model = _rotated_classifier()
     model.load_state_dict(base)
+    return _fit_vit(method, seed, model, data, quick)
+
+
+def _fit_vit(method: str, seed: int, model: Any, data: Any, quick: bool) -> dict[str, Any]:
+    """Put the method on ``model.backbone`` (a ViT), fit the stream, return the accuracy matrix, step time, peak memory.
+
+    ``lora``: LoRA only; ``er_lora``: LoRA and a 500-sample reservoir ``ExperienceReplay``;
+    ``i_lora``: ``ILoRA`` (λ = 0.25; ``..._λ0.99``: λ = 0.99; ``..._frozen``: ``slow_update="frozen"``).
+    """
+    import lightning.pytorch as pl
+
+    from lightning_forget.callbacks import ContinualMetrics, ExperienceReplay, ILoRA
+    from lightning_forget.lora import LoRASettings, add_lora
+
     settings = LoRASettings(**RANK_SETTINGS)
     callbacks: list[Any] = [ContinualMetrics(report=False)]
     if method.startswith("i_lora"):
@@ -249,6 +236,8 @@ def train_rotated(method: str, seed: int, base: Any, quick: bool) -> dict[str, A
         num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=3 if quick else None,
         limit_val_batches=2 if quick else None,
     )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.fit(model, data)
     seconds = time.perf_counter() - start
