@@ -205,7 +205,7 @@ class ILoRA(_BufferCallback):
     Note:
         Logged keys: ``ilora/buffer_loss`` (``L_buf``), ``ilora/consistency`` (the unweighted
         consistency loss) on replay steps, ``ilora/buffer_size`` every step. Saved state: the
-        buffer, the slow adapter tensors (CPU, by adapter-neutral name), the count of real
+        buffer, the slow adapter tensors (CPU, float32, by adapter-neutral name), the count of real
         optimizer steps, the task counters.
     """
 
