@@ -280,7 +280,8 @@ def _mean_std(values: list[float]) -> str:
 def main(argv: Optional[list[str]] = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--pretrain-epochs", type=int, default=3, help="--stream rotated: full training on upright MNIST")
     parser.add_argument("--stream", choices=("instructions", "vit", "rotated"), default="instructions",
@@ -288,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[dict[str, Any]]]:
                              "rotated: pre-trained tiny ViT on Rotated MNIST")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    seeds = [0] if args.quick else list(range(args.seeds))
+    seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     methods = STREAM_METHODS[args.stream]
     metric = "exact match" if args.stream == "instructions" else "accuracy"
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -324,6 +325,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[dict[str, Any]]]:
         print(f"\nAccuracy matrix R[i, j] (after task i, on domain j), mean over seeds:")
         for method in methods:
             matrices = torch.tensor([r["matrix"] for r in results[method]])
+            for seed, matrix in zip(seeds, matrices.tolist()):
+                print(f"seed {seed} {method}: " + " / ".join("[" + ", ".join(f"{v:.3f}" for v in row) + "]" for row in matrix))
             mean = matrices.mean(0)
             print(f"{method}: " + " / ".join("[" + ", ".join(f"{v:.3f}" for v in row) + "]" for row in mean.tolist()))
     print(f"\n{len(seeds)} seed(s); wall time {time.perf_counter() - started:.0f} s")
