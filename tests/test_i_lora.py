@@ -461,3 +461,27 @@ def test_ddp_slow_learner_equal_on_ranks_with_rank_dependent_draws(tmp_path: Pat
     assert result["equal_length"] and result["world_size"] == 2, result
     assert result["max_param_diff"] == 0.0, result
     assert result["max_state_diff"] == 0.0, result  # the slow learner (in the state) agrees too
+
+
+def test_slow_learner_moves_with_lambda_near_one_on_a_bf16_model() -> None:
+    """λ = 0.999 on bf16 weights: each increment (1 − λ)·(θ_fast − θ_slow) is far below bf16's resolution,
+    yet the float32 slow copy follows the hand-computed interpolation."""
+    pl.seed_everything(0)
+    model = tiny_lm().to(torch.bfloat16)
+    callback = _callback(ema=0.999)
+    callback._wrap(model)
+    callback._sync_device()
+    with torch.no_grad():
+        for p in callback.fast_parameters().values():
+            p.add_(0.01)  # the fast learner moved away from the slow one
+    start = {k: v.clone() for k, v in callback._slow.items()}
+    fast = {k: p.detach().float() for k, p in callback.fast_parameters().items()}
+    callback.optimizer_steps = 10**6  # long into the run: λ_s = λ
+    for _ in range(20):
+        callback.update_slow()
+    keep = 0.999 ** 20
+    for k, value in callback._slow.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, keep * start[k] + (1 - keep) * fast[k], rtol=1e-5, atol=1e-6)
+    moved = max(float((callback._slow[k] - start[k]).abs().max()) for k in start)
+    assert moved == pytest.approx(0.01 * (1 - keep), rel=1e-2)
