@@ -30,6 +30,18 @@ settings) on the ViT, the linear head trained, AdamW lr 3e-3; the metric is clas
 accuracy (no loss column).
 
     python benchmarks/ilora.py --stream vit
+
+``--stream rotated``: a stream on which sequential LoRA forgets part of what it learned, not
+all: Rotated MNIST (the embedded 5k subset; four domains at 0°, 20°, 40°, 60°, the same ten
+digits in each; one epoch per task, batch 32). Per seed, the tiny ViT classifier (as above) is
+first trained in full on the upright training split for ``--pretrain-epochs`` epochs (the same
+weights for every method of that seed); then the backbone is frozen, LoRA (same settings) goes on
+it and the head keeps training, AdamW lr 3e-3. Methods: sequential LoRA, ER-LoRA (500-sample
+reservoir), I-LoRA with λ = 0.25 (official value), λ = 0.99, and ``slow_update="frozen"`` (what
+the official code effectively runs: the slow learner is the pre-trained model), each evaluated
+with the slow learner. Domain-incremental accuracy on every domain after each task.
+
+    python benchmarks/ilora.py --stream rotated
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ import resource
 import statistics
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -128,9 +140,7 @@ def train_vit(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
     """One Split MNIST run of a tiny ViT (random weights from a ViTConfig, frozen) with LoRA and a trained head."""
     import lightning.pytorch as pl
 
-    from lightning_forget.callbacks import ContinualMetrics, ExperienceReplay, ILoRA
     from lightning_forget.datamodules import SplitMNIST
-    from lightning_forget.lora import LoRASettings, add_lora
     from lightning_forget.modules import ContinualClassifier
     from lightning_forget.nn import ViT
 
@@ -142,10 +152,80 @@ def train_vit(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
         num_classes=10, input_shape=(1, 28, 28), num_tasks=5, report=False,
         optimizer=partial(torch.optim.AdamW, lr=3e-3),
     )
+    return _fit_vit(method, seed, model, data, quick)
+
+
+ROTATED_METHODS = ("lora", "er_lora", "i_lora", "i_lora_λ0.99", "i_lora_frozen")
+ROTATED_ANGLES = [0.0, 20.0, 40.0, 60.0]
+
+
+def _rotated_classifier() -> Any:
+    from lightning_forget.modules import ContinualClassifier
+    from lightning_forget.nn import ViT
+
+    return ContinualClassifier(
+        backbone=ViT((1, 28, 28), patch_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
+        num_classes=10, input_shape=(1, 28, 28), num_tasks=len(ROTATED_ANGLES), report=False,
+        optimizer=partial(torch.optim.AdamW, lr=3e-3),
+    )
+
+
+def pretrained_vit(seed: int, epochs: int) -> dict[str, torch.Tensor]:
+    """The tiny ViT classifier trained in full on upright MNIST (the first domain's training split) for ``epochs``."""
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from lightning_forget.datamodules import RotatedMNIST
+
+    pl.seed_everything(seed, verbose=False)
+    data = RotatedMNIST(angles=ROTATED_ANGLES, batch_size=32, seed=seed)
+    data.setup("fit")
+    model = _rotated_classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loader = DataLoader(data.train_dataset(0), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_rotated(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
+    """One Rotated MNIST run (4 domains, 0/30/60/90 degrees) of a tiny ViT (random weights, frozen) with LoRA
+    and a trained head: the same ten digits in every task, so sequential LoRA forgets partly, not completely."""
+    import lightning.pytorch as pl
+
+    from lightning_forget.datamodules import RotatedMNIST
+
+    torch.set_num_threads(1)
+    pl.seed_everything(seed, verbose=False)
+    data = RotatedMNIST(angles=ROTATED_ANGLES, batch_size=32, epochs_per_task=1, seed=seed)
+    model = _rotated_classifier()
+    model.load_state_dict(base)
+    return _fit_vit(method, seed, model, data, quick)
+
+
+def _fit_vit(method: str, seed: int, model: Any, data: Any, quick: bool) -> dict[str, Any]:
+    """Put the method on ``model.backbone`` (a ViT), fit the stream, return the accuracy matrix, step time, peak memory.
+
+    ``lora``: LoRA only; ``er_lora``: LoRA and a 500-sample reservoir ``ExperienceReplay``;
+    ``i_lora``: ``ILoRA`` (λ = 0.25; ``..._λ0.99``: λ = 0.99; ``..._frozen``: ``slow_update="frozen"``).
+    """
+    import lightning.pytorch as pl
+
+    from lightning_forget.callbacks import ContinualMetrics, ExperienceReplay, ILoRA
+    from lightning_forget.lora import LoRASettings, add_lora
+
     settings = LoRASettings(**RANK_SETTINGS)
     callbacks: list[Any] = [ContinualMetrics(report=False)]
-    if method == "i_lora":
-        callbacks.append(ILoRA(lora=settings, model_attr="backbone", buffer_size=500, seed=seed, save_adapters=False))
+    if method.startswith("i_lora"):
+        ema = 0.99 if method.endswith("0.99") else 0.25
+        update = "frozen" if method.endswith("frozen") else "ema"
+        callbacks.append(ILoRA(lora=settings, model_attr="backbone", ema=ema, slow_update=update, buffer_size=500,
+                               seed=seed, save_adapters=False))
     else:
         model.backbone = add_lora(model.backbone, settings)
         if method == "er_lora":
@@ -168,9 +248,13 @@ def train_vit(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
             "step_seconds": seconds / max(trainer.global_step, 1), "peak_mb": peak}
 
 
+TRAINERS = {"instructions": train, "vit": train_vit, "rotated": train_rotated}
+STREAM_METHODS = {"instructions": METHODS, "vit": VIT_METHODS, "rotated": ROTATED_METHODS}
+
+
 def _child(queue: Any, *args: Any) -> None:
     stream, *rest = args
-    queue.put((train_vit if stream == "vit" else train)(*rest))
+    queue.put(TRAINERS[stream](*rest))
 
 
 def run_isolated(*args: Any) -> dict[str, Any]:
@@ -193,22 +277,30 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> dict[str, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     parser.add_argument("--pretrain-steps", type=int, default=200)
-    parser.add_argument("--stream", choices=("instructions", "vit"), default="instructions",
-                        help="instructions: tiny GPT-2 on the instruction stream; vit: tiny ViT on Split MNIST")
-    args = parser.parse_args()
+    parser.add_argument("--pretrain-epochs", type=int, default=3, help="--stream rotated: full training on upright MNIST")
+    parser.add_argument("--stream", choices=("instructions", "vit", "rotated"), default="instructions",
+                        help="instructions: tiny GPT-2 on the instruction stream; vit: tiny ViT on Split MNIST; "
+                             "rotated: pre-trained tiny ViT on Rotated MNIST")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    seeds = [0] if args.quick else list(range(args.seeds))
-    methods = VIT_METHODS if args.stream == "vit" else METHODS
-    metric = "accuracy" if args.stream == "vit" else "exact match"
+    seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
+    methods = STREAM_METHODS[args.stream]
+    metric = "exact match" if args.stream == "instructions" else "accuracy"
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     started = time.perf_counter()
     for seed in seeds:
-        base = None if args.stream == "vit" else run_isolated_base(seed, 5 if args.quick else args.pretrain_steps)
+        if args.stream == "instructions":
+            base = run_isolated_base(seed, 5 if args.quick else args.pretrain_steps)
+        elif args.stream == "rotated":
+            base = run_isolated_base(seed, 0 if args.quick else args.pretrain_epochs, vit=True)
+        else:
+            base = None
         for method in methods:  # interleaved: machine load affects every method alike
             results[method].append(run_isolated(args.stream, method, seed, base, args.quick))
             row = results[method][-1]
@@ -229,20 +321,29 @@ def main() -> None:
         step = statistics.mean(r["step_seconds"] for r in rows) / er_step
         peak = statistics.mean(r["peak_mb"] for r in rows) / er_peak
         print(f"| {method} | {acc} | {forgetting} | {loss} | {step:.2f}× | {peak:.2f}× |")
+    if args.stream == "rotated":
+        print(f"\nAccuracy matrix R[i, j] (after task i, on domain j), mean over seeds:")
+        for method in methods:
+            matrices = torch.tensor([r["matrix"] for r in results[method]])
+            for seed, matrix in zip(seeds, matrices.tolist()):
+                print(f"seed {seed} {method}: " + " / ".join("[" + ", ".join(f"{v:.3f}" for v in row) + "]" for row in matrix))
+            mean = matrices.mean(0)
+            print(f"{method}: " + " / ".join("[" + ", ".join(f"{v:.3f}" for v in row) + "]" for row in mean.tolist()))
     print(f"\n{len(seeds)} seed(s); wall time {time.perf_counter() - started:.0f} s")
+    return results
 
 
-def _base_child(queue: Any, seed: int, steps: int) -> None:
+def _base_child(queue: Any, seed: int, steps: int, vit: bool) -> None:
     torch.set_num_threads(1)
     buffer = io.BytesIO()  # bytes: a tensor sent through the queue would need the child alive
-    torch.save(pretrained_base(seed, steps), buffer)
+    torch.save(pretrained_vit(seed, steps) if vit else pretrained_base(seed, steps), buffer)
     queue.put(buffer.getvalue())
 
 
-def run_isolated_base(seed: int, steps: int) -> dict[str, torch.Tensor]:
+def run_isolated_base(seed: int, steps: int, vit: bool = False) -> dict[str, torch.Tensor]:
     context = mp.get_context("fork")
     queue = context.Queue()
-    process = context.Process(target=_base_child, args=(queue, seed, steps))
+    process = context.Process(target=_base_child, args=(queue, seed, steps, vit))
     process.start()
     result = queue.get()
     process.join()

@@ -54,7 +54,9 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -335,6 +337,26 @@ class LoRASettings:
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain values (saved beside adapter files)."""
         return asdict(self)
+
+    @classmethod
+    def from_value(cls, value: Any, argument: str = "lora") -> "LoRASettings":
+        """``value`` as settings: a :class:`LoRASettings` as it is, or a mapping of its fields.
+
+        Raises:
+            TypeError: neither, or a mapping with keys that are no field (the message names them,
+                the valid fields and ``argument``).
+        """
+        if isinstance(value, cls):
+            return value
+        fields = [f.name for f in dataclass_fields(cls)]
+        if isinstance(value, Mapping):
+            unknown = sorted(str(k) for k in value if k not in fields)
+            if unknown:
+                raise TypeError(message(argument, f"LoRA settings with the fields {fields}", dict(value),
+                                        f"{unknown} are not among them; e.g. {argument}={{'r': 8, 'alpha': 32}}"))
+            return cls(**value)
+        raise TypeError(message(argument, "a LoRASettings or a mapping of its fields", value,
+                                f"e.g. {argument}=LoRASettings(r=8, alpha=32) or {argument}={{'r': 8}}"))
 
 
 def peft_model_of(module: nn.Module) -> nn.Module:

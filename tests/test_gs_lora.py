@@ -163,8 +163,10 @@ def test_run_changes_only_lora_and_merges(tmp_path):
     frozen_names = ["head.weight", "backbone.embed.weight"]
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     cb = make_callback()
-    trainer = quiet_trainer(tmp_path, [cb], max_epochs=dm.max_epochs)
+    before = _BeforeMerge(cb)
+    trainer = quiet_trainer(tmp_path, [before, cb], max_epochs=dm.max_epochs)
     trainer.fit(model, dm)
+    _check_group_norms(cb, before, trainer)
     params = dict(model.named_parameters())
     for n in frozen_names:
         assert torch.equal(params[n], start[n])  # head and non-target layers untouched
@@ -208,13 +210,6 @@ def test_forgetting_happens(tmp_path):
     after = [acc(i) for i in range(3)]
     assert before[0] > 0.8 and after[0] < 0.2
     assert after[2] > before[2] - 0.15
-
-
-def test_prototype_mode_runs_and_keeps_prototypes(tmp_path):
-    _, cb = run_stream(tmp_path, lambda: make_callback(prototype=True, prototype_forget_weight=0.1),
-                       make_data=make_data, make_model=make_model, epochs_per_task=1)
-    assert set(cb.prototypes) == {0, 1, 2, 3, 4, 5, 6, 7}
-    assert cb.prototypes[0].shape == (10,)
 
 
 def test_bad_arguments_and_batches(tmp_path):
@@ -298,3 +293,199 @@ def test_alpha_warm_up_restarts_with_every_task():
     alphas = [cb.current_alpha(SimpleNamespace(datamodule=dm, current_epoch=e)) for e in range(dm.max_epochs)]
     assert alphas == [0.0, 0.0, 0.1, 0.0, 0.0, 0.1]  # 2 warm-up epochs in each 3-epoch task
     assert make_callback(alpha=0.1).current_alpha(SimpleNamespace(datamodule=dm, current_epoch=0)) == 0.1
+
+
+# ---------------------------------------------------------------- issue 24: fidelity of GS-LoRA(++)
+def _kaiming_bound(a: float, fan_in: int) -> float:
+    return math.sqrt(2.0 / (1.0 + a * a)) * math.sqrt(3.0 / fan_in)
+
+
+def _max_ratio_to_bound(model, a: float) -> float:
+    """max over LoRA A matrices of max|A| / (Kaiming-uniform bound for gain ``a``)."""
+    ratios = []
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            ratios.append(float(p.detach().abs().max()) / _kaiming_bound(a, p.shape[1]))
+    return max(ratios)
+
+
+def test_first_lora_uses_kaiming_sqrt5_and_later_ones_sqrt50(tmp_path):
+    """Official: loralib's a = √5 for the first task, reinitialize_lora_parameters' a = √50 after each merge."""
+    dm, model, cb, trainer = _setup(tmp_path)
+    first = _max_ratio_to_bound(model, math.sqrt(5))
+    assert 0.9 < first <= 1.0  # uniform on [-bound(√5), bound(√5)]: the largest of ~700 draws is near it
+    cb.reset_lora(model, 1)
+    later = _max_ratio_to_bound(model, math.sqrt(50))
+    assert 0.9 < later <= 1.0  # a = √5 would give values up to 2.9× this bound
+    assert all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters() if ".lora_B." in n)
+
+
+class _BeforeMerge(pl.Callback):
+    """Listed before GSLoRA: the LoRA factors at each task's last epoch end, before the merge."""
+
+    def __init__(self, gs):
+        self.gs, self.factors = gs, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if (trainer.current_epoch + 1) % trainer.datamodule.epochs_per_task == 0:
+            self.factors.append({n: p.detach().clone() for n, p in self.gs.lora_parameters(pl_module).items()})
+
+
+def _check_group_norms(cb, before, trainer):
+    """Per block, Σ‖M‖_F of the factors just before the merge (the official cal_norm), next to the edited count."""
+    model = trainer.lightning_module
+    blocks = [f"backbone.blocks.{i}" for i in range(3)]
+    assert len(cb.group_norms) == len(before.factors) == 2
+    for norms, factors in zip(cb.group_norms, before.factors):
+        assert list(norms) == blocks
+        for block in blocks:
+            expected = sum(float(v.norm()) for n, v in factors.items() if n.startswith(block + "."))
+            assert norms[block] == pytest.approx(expected, rel=1e-6)
+    for block in blocks:  # the last task's values are logged
+        assert float(trainer.callback_metrics[f"gs_lora/group_norm/{block}"]) == pytest.approx(cb.group_norms[1][block], rel=1e-6)
+    # the LoRA started after each merge used a = √50
+    assert _max_ratio_to_bound(model, math.sqrt(50)) <= 1.0
+
+
+def test_group_penalty_drives_a_block_to_zero(tmp_path, monkeypatch):
+    """With no data gradient, SGD on α·Σ_g‖g‖ shrinks each group's norm by lr·α per step (hand value) to ~0."""
+    dm, model, cb, trainer = _setup(tmp_path, alpha=1.0, eps=1e-12)
+    monkeypatch.setattr(model, "log", lambda *a, **k: None)
+    params = cb.lora_parameters(model)
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_(0.0, 0.1)
+    opt = torch.optim.SGD(list(params.values()), lr=0.05)
+
+    def norms():
+        return [math.sqrt(sum(float((params[n] ** 2).sum()) for n in g)) for g in cb._groups]
+
+    start = norms()
+    for step in range(1, 301):
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        cb.on_before_optimizer_step(trainer, model, opt)
+        opt.step()
+        if step == 3:
+            assert norms() == pytest.approx([n - 3 * 0.05 for n in start], rel=1e-5)
+    assert max(norms()) <= 0.05 + 1e-6  # down from about 2-3: oscillates within lr·α of zero
+    assert max(cb.current_group_norms(model).values()) < 0.1 * min(start)
+
+
+def _forget_setup(tmp_path, monkeypatch, **kw):
+    dm, model, cb, trainer = _setup(tmp_path, **kw)
+    model.trainer = trainer
+    logged = {}
+    monkeypatch.setattr(model, "log", lambda key, value, **k: logged.__setitem__(key, value))
+    torch.manual_seed(1)
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.tensor([8, 9, 8, 9, 8, 9])
+    batch = {"forget": (x, y), "retain": (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))}
+    cb._split_streams(model, batch, 0)
+    return model, cb, x, y, logged
+
+
+def test_bounded_forgetting_term_on_a_batch_with_per_task_beta(tmp_path, monkeypatch):
+    model, cb, x, y, logged = _forget_setup(tmp_path, monkeypatch, beta=[0.2, 0.5], bound=3.0)
+    with torch.no_grad():
+        ce = float(nn.functional.cross_entropy(model(x), y))
+    assert 0 < ce < 3.0
+    for task, beta in ((0, 0.2), (1, 0.5), (4, 0.5)):  # the last entry repeats
+        cb.task = task
+        term = cb._forget_terms(model, None, 0, None)
+        assert float(term) == pytest.approx(beta * (3.0 - ce), rel=1e-5)
+        assert float(logged["gs_lora/forget_ce"]) == pytest.approx(ce, rel=1e-5)
+    cb.bound = 0.5 * ce  # past the bound: no loss and no gradient
+    term = cb._forget_terms(model, None, 0, None)
+    assert float(term) == 0.0
+
+
+def test_prototype_distance_by_hand():
+    from lightning_forget.callbacks.gs_lora import prototype_distance
+
+    # P = softmax([ln 3, 0]) = [3/4, 1/4], Q = softmax([0, 0]) = [1/2, 1/2]:
+    # KL(P‖Q) = 3/4·ln(3/2) + 1/4·ln(1/2)
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    value = prototype_distance(torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]]))
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+    # batch mean; identical rows are at distance 0
+    two = prototype_distance(torch.tensor([[0.0, 0.0], [1.0, 2.0]]), torch.tensor([[math.log(3.0), 0.0], [1.0, 2.0]]))
+    assert float(two) == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_prototype_term_uses_the_head_input_and_per_task_weights(tmp_path, monkeypatch):
+    model, cb, x, y, logged = _forget_setup(tmp_path, monkeypatch, prototype=True, prototype_forget_weight=[0.1, 0.3],
+                                            prototype_bound=2.0, beta=0.0)
+    with torch.no_grad():
+        features = model.backbone(x)  # what ContinualClassifier's head receives
+    cb.prototypes = {8: torch.linspace(-1, 1, 16), 9: torch.linspace(1, -1, 16)}
+    protos = torch.stack([cb.prototypes[int(c)] for c in y])
+    p = torch.softmax(protos, -1)
+    kl = (p * (p.log() - torch.log_softmax(features, -1))).sum(-1).mean()
+    assert 0 < float(kl) < 2.0
+    for task, w_f in ((0, 0.1), (1, 0.3), (3, 0.3)):
+        cb.task = task
+        term = cb._forget_terms(model, None, 0, None)
+        assert float(term) == pytest.approx(w_f * (2.0 - float(kl)), rel=1e-5)
+    assert cb._head_name == "head"
+    # logits as an option: the feature is the model's output
+    cb.prototype_space = "logits"
+    logits, feature = cb._run(model, x)
+    assert feature is logits and feature.shape == (6, 10)
+
+
+def test_prototypes_are_class_means_of_the_head_input_counting_each_sample_once(tmp_path):
+    class Check(pl.Callback):
+        """Listed after GSLoRA: at each task's first epoch start, the prototypes computed there, by hand."""
+
+        def __init__(self, gs):
+            self.gs, self.checked = gs, 0
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            dataset = trainer.train_dataloader.dataset
+            assert len(dataset.forget) != len(dataset.retain)  # the shorter stream cycles in the batches
+            feats, labels = [], []
+            with torch.no_grad():
+                for part in (dataset.forget, dataset.retain):
+                    for i in range(len(part)):
+                        xi, yi = part[i]
+                        feats.append(pl_module.backbone(xi.unsqueeze(0))[0])
+                        labels.append(int(yi))
+            feats, labels = torch.stack(feats), torch.tensor(labels)
+            assert set(self.gs.prototypes) == set(labels.tolist())
+            for c, proto in self.gs.prototypes.items():
+                torch.testing.assert_close(proto, feats[labels == c].mean(0), rtol=1e-5, atol=1e-6)
+            self.checked += 1
+
+    pl.seed_everything(0)
+    dm = make_data(epochs_per_task=1)
+    model = make_model(dm)
+    cb = make_callback(prototype=True)
+    check = Check(cb)
+    quiet_trainer(tmp_path, [cb, check], max_epochs=dm.max_epochs).fit(model, dm)
+    assert check.checked == 2
+    assert set(cb.prototypes) == {0, 1, 2, 3, 4, 5, 6, 7}
+    assert cb.prototypes[0].shape == (16,)  # the head's input (TinyBlocks width), not the 10 logits
+
+
+def test_prototype_head_errors_name_the_fix(tmp_path):
+    class Scaled(ContinualClassifier):
+        def forward(self, x):
+            return 2.0 * self.head(self.backbone(x))  # logits changed after the head
+
+    dm = make_data()
+    torch.manual_seed(0)
+    model = Scaled(backbone=TinyBlocks(), num_classes=10, input_shape=(1, 8, 8), num_tasks=3, report=False)
+    cb = make_callback(prototype=True)
+    cb.setup(quiet_trainer(tmp_path, [cb], max_epochs=dm.max_epochs), model, "fit")
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="prototype_head"):
+        cb._run(model, x)
+    named = make_callback(prototype=True, prototype_head="head")
+    named._inject(model)
+    assert named._run(model, x)[1].shape == (2, 16)
+    wrong = make_callback(prototype=True, prototype_head="classifier")
+    with pytest.raises(RuntimeError, match="prototype_head"):
+        wrong._run(model, x)
+    with pytest.raises(ValueError, match="prototype_space"):
+        GSLoRA(prototype_space="embedding")

@@ -14,8 +14,9 @@ from lightning_forget.callbacks import ILoRA
 from lightning_forget.callbacks.i_lora import ema_coefficient
 from lightning_forget.lora import LoRASettings, load_adapter
 from lightning_forget.losses import hidden_consistency_loss
+from lightning_forget.modules import CausalLMModule
 from tests.helpers.harness import flat_tensors, params_vector, quiet_trainer
-from tests.helpers.text import tiny_lm, tiny_token_stream
+from tests.helpers.text import TINY_LM, tiny_lm, tiny_token_stream
 
 LORA = {"r": 2, "alpha": 4.0, "dropout": 0.0}
 
@@ -50,10 +51,20 @@ class Recorder(Callback):
         self.rows.append((trainer.global_step, fast, slow))
 
 
-def _fit(tmp_path: Path, callback: ILoRA, extra=(), **trainer_kwargs: Any):
+class _LM(CausalLMModule):
+    """The causal LM with a test and a predict step (a user's module)."""
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        return self(batch["input_ids"]).float().mean()
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        return self(batch["input_ids"])
+
+
+def _fit(tmp_path: Path, callback: ILoRA, extra=(), model=None, **trainer_kwargs: Any):
     pl.seed_everything(0)
     dm = tiny_token_stream()
-    model = tiny_lm(dm)
+    model = tiny_lm(dm) if model is None else model
     trainer = quiet_trainer(tmp_path, [callback, *extra], max_epochs=dm.max_epochs, **trainer_kwargs)
     trainer.fit(model, dm)
     return model, trainer
@@ -66,24 +77,25 @@ def test_ema_coefficient_warm_start() -> None:
     assert ema_coefficient(100, 0.9) == 0.9
 
 
-@pytest.mark.parametrize("ema,accumulate", [(0.9, 2), (0.25, 1)])
-def test_ema_follows_the_formula_once_per_real_step(tmp_path: Path, ema: float, accumulate: int) -> None:
+@pytest.mark.parametrize("ema,accumulate,precision", [(0.9, 2, "32-true"), (0.25, 1, "32-true"), (0.999, 1, "bf16-true")])
+def test_ema_follows_the_formula_once_per_real_step(tmp_path: Path, ema: float, accumulate: int, precision: str) -> None:
+    """The slow learner is the float32 EMA of the fast tensors, under bf16-true too (a float32 master copy)."""
     callback = _callback(ema=ema, inference_learner="fast")
     recorder = Recorder(callback)
-    _fit(tmp_path, callback, [recorder], accumulate_grad_batches=accumulate)
-    slow = {k: v.clone() for k, v in recorder.start.items()}
+    _fit(tmp_path, callback, [recorder], accumulate_grad_batches=accumulate, precision=precision)
+    slow = {k: v.float() for k, v in recorder.start.items()}
     steps, last_step = 0, 0
     for global_step, fast, recorded in recorder.rows:
         if global_step > last_step:
             steps += 1
             w = ema_coefficient(steps, ema)
-            slow = {k: w * slow[k] + (1 - w) * fast[k] for k in slow}
+            slow = {k: w * slow[k] + (1 - w) * fast[k].float() for k in slow}
         last_step = global_step
         for k in slow:
             torch.testing.assert_close(recorded[k], slow[k], rtol=1e-5, atol=1e-6)
     assert steps == callback.optimizer_steps == last_step
     assert steps == len(recorder.rows) // accumulate
-    assert any(not torch.equal(slow[k], recorder.rows[-1][1][k]) for k in slow)  # slow differs from fast
+    assert any(not torch.equal(slow[k], recorder.rows[-1][1][k].float()) for k in slow)  # slow differs from fast
 
 
 def test_only_adapter_parameters_get_gradients_and_slow_is_outside_the_optimizer(tmp_path: Path) -> None:
@@ -174,13 +186,53 @@ def test_mid_epoch_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert torch.allclose(flat_tensors(full_cb.state_dict()), flat_tensors(resumed_cb.state_dict()), atol=1e-6)
 
 
+class AdapterProbe(Callback):
+    """The adapter's tensors at every test and predict batch."""
+
+    def __init__(self, ilora: ILoRA) -> None:
+        self.ilora = ilora
+        self.seen: list[tuple[str, dict[str, torch.Tensor]]] = []
+
+    def _record(self, stage: str) -> None:
+        self.seen.append((stage, {k: v.detach().clone() for k, v in self.ilora.fast_parameters().items()}))
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record("test")
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record("predict")
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
 def test_slow_learner_is_evaluated_and_kept_and_adapter_files_written(tmp_path: Path) -> None:
+    """Validation, test and predict use the slow learner, also from a checkpoint loaded in a fresh module."""
     callback = _callback(save_adapters=True, adapter_dir=str(tmp_path / "adapters"))
-    model, _ = _fit(tmp_path, callback)
+    probe = AdapterProbe(callback)
+    model, trainer = _fit(tmp_path, callback, [probe], model=_LM(model="gpt2", **TINY_LM), enable_checkpointing=True)
     fast_now = {k: v.detach() for k, v in callback.fast_parameters().items()}
-    for k, v in callback._slow.items():
+    slow = {k: v.clone() for k, v in callback._slow.items()}
+    for k, v in slow.items():
         assert torch.equal(fast_now[k], v)  # ended with the slow learner
     assert callback._fast_backup is not None
+    fast_after_fit = {k: v.clone() for k, v in callback._fast_backup.items()}
+    assert not _same(fast_after_fit, slow)
+    dm = trainer.datamodule
+    trainer.test(model, datamodule=dm, verbose=False)
+    trainer.predict(model, dataloaders=dm.test_dataloader()[0])
+    assert [stage for stage, _ in probe.seen][:1] == ["test"] and probe.seen[-1][0] == "predict"
+    assert all(_same(tensors, slow) for _, tensors in probe.seen)
+    assert _same(callback._fast_backup, fast_after_fit)  # the fast learner is kept aside, not lost
+    # A fresh module and callback testing from the fit's checkpoint also evaluate the slow learner.
+    ckpt = trainer.checkpoint_callback.best_model_path
+    fresh = _callback()
+    fresh_probe = AdapterProbe(fresh)
+    tester = quiet_trainer(tmp_path / "test", [fresh, fresh_probe])
+    pl.seed_everything(7)
+    tester.test(_LM(model="gpt2", **TINY_LM), datamodule=tiny_token_stream(), ckpt_path=ckpt, verbose=False)
+    assert fresh_probe.seen and all(_same(tensors, slow) for _, tensors in fresh_probe.seen)
     files = sorted(p.name for p in (tmp_path / "adapters").iterdir())
     assert files == ["task_0_fast.safetensors", "task_0_slow.safetensors", "task_1_fast.safetensors", "task_1_slow.safetensors"]
     meta = load_adapter(callback.peft_model(), tmp_path / "adapters" / "task_1_slow.safetensors")
@@ -188,15 +240,25 @@ def test_slow_learner_is_evaluated_and_kept_and_adapter_files_written(tmp_path: 
 
 
 @pytest.mark.parametrize("family", ["llama"])
-def test_works_with_llama(tmp_path: Path, family: str) -> None:
-    callback = _callback(layers=[-1, -2])
+def test_works_with_llama_and_the_official_frozen_slow_learner(tmp_path: Path, family: str) -> None:
+    """slow_update="frozen" (the official code's effective behaviour): the slow learner is the adapter's
+    initial state (B = 0: the pre-trained model) for the whole run, and the consistency replay runs against it."""
+    callback = _callback(layers=[-1, -2], slow_update="frozen")
+    recorder = Recorder(callback)
     pl.seed_everything(0)
     dm = tiny_token_stream()
     model = tiny_lm(dm, model=family)
-    trainer = quiet_trainer(tmp_path, [callback], max_epochs=dm.max_epochs)
+    trainer = quiet_trainer(tmp_path, [callback, recorder], max_epochs=dm.max_epochs)
     trainer.fit(model, dm)
-    assert "ilora/consistency" in trainer.callback_metrics
+    assert float(trainer.callback_metrics["ilora/consistency"]) > 0
     assert any("q_proj.lora_A" in n for n in callback.fast_parameters())
+    assert callback.optimizer_steps == trainer.global_step > 0
+    for _, fast, slow in recorder.rows:
+        assert _same(slow, recorder.start)
+    assert all(torch.count_nonzero(v) == 0 for k, v in callback._slow.items() if "lora_B" in k)
+    assert not _same(recorder.rows[-1][1], recorder.start)  # the fast learner did train
+    with pytest.raises(ValueError, match="slow_update"):
+        ILoRA(slow_update="official")
 
 
 def test_accepts_a_model_that_already_has_lora(tmp_path: Path) -> None:
@@ -308,3 +370,118 @@ def test_works_with_a_vit_classifier_on_an_image_stream(tmp_path: Path, layout: 
         assert consistency >= 0 and consistency == consistency
     assert old_rows > 0  # earlier tasks' images are replayed
     assert any(c > 0 for *_, c in callback.terms)  # the slow learner lags: the penalty is active
+
+
+# ---------------------------------------------------------------- issue 24
+class _ViTModule(pl.LightningModule):
+    """A user's module around a Hugging Face ViTForImageClassification with a fresh head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=32, num_labels=10)
+        self.model = ViTForImageClassification(config)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.model(pixel_values=x).logits, y)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        pass
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_hugging_face_classification_head_is_trained(tmp_path: Path) -> None:
+    from lightning_forget.datamodules import SplitDigits
+
+    pl.seed_everything(0)
+    dm = SplitDigits(classes_per_task=[5, 5], batch_size=16)
+    module = _ViTModule()
+    head_before = module.model.classifier.weight.detach().clone()
+    callback = ILoRA(lora=dict(LORA), buffer_size=32, save_adapters=False, ema=0.9)
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=dm.max_epochs, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(module, dm)
+    heads = [n for n in callback.fast_parameters() if "classifier.modules_to_save" in n]
+    assert heads  # the head belongs to the adapter: trained, and interpolated by the slow learner
+    fast = callback._fast_backup  # the fit ended with the slow learner in the adapter
+    for name in heads:
+        if name.endswith("weight"):
+            assert not torch.allclose(fast[name], head_before)
+            assert not torch.equal(callback._slow[name], head_before)
+    assert not any(n.startswith("classifier") for n in callback.fast_parameters() if "lora_" in n)
+
+
+def test_lora_argument_errors_name_the_fields(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"lora.*\['r', 'alpha'.*'rank'"):
+        ILoRA(lora={"rank": 8})
+    with pytest.raises(TypeError, match="lora"):
+        ILoRA(lora=3)
+
+    class NoBlocks(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+    with pytest.raises(RuntimeError, match=r"lora=\{'target_modules'"):
+        _callback()._wrap(NoBlocks())
+    module = NoBlocks()
+    _callback(lora={**LORA, "target_modules": ["0", "2"]})._wrap(module)  # the fix works
+    assert any("lora_A" in n for n, _ in module.named_parameters())
+
+
+from lightning_forget.datamodules import TextStreamDataModule  # noqa: E402
+
+
+class RankDrawingStream(TextStreamDataModule):
+    """The tiny token stream, whose ``setup`` draws from the global RNG a rank-dependent number of times
+    (as a user's data preparation may): each rank's LoRA initialisation differs before DDP's broadcast."""
+
+    def setup(self, stage: str = "fit") -> None:
+        super().setup(stage)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        torch.rand(1 + 5 * rank)
+
+
+def _rank_drawing_stream(epochs_per_task: int = 1) -> TextStreamDataModule:
+    dm = tiny_token_stream(epochs_per_task)
+    dm.__class__ = RankDrawingStream  # the same stream, with the rank-dependent draw in setup()
+    return dm
+
+
+@pytest.mark.ddp
+def test_ddp_slow_learner_equal_on_ranks_with_rank_dependent_draws(tmp_path: Path) -> None:
+    from tests.helpers.harness import run_ddp_pair
+
+    result = run_ddp_pair(tmp_path, lambda: ILoRA(lora=dict(LORA), buffer_size=12, ema=0.99, save_adapters=False),
+                          make_data=_rank_drawing_stream, make_model=tiny_lm)
+    assert result["equal_length"] and result["world_size"] == 2, result
+    assert result["max_param_diff"] == 0.0, result
+    assert result["max_state_diff"] == 0.0, result  # the slow learner (in the state) agrees too
+
+
+def test_slow_learner_moves_with_lambda_near_one_on_a_bf16_model() -> None:
+    """λ = 0.999 on bf16 weights: each increment (1 − λ)·(θ_fast − θ_slow) is far below bf16's resolution,
+    yet the float32 slow copy follows the hand-computed interpolation."""
+    pl.seed_everything(0)
+    model = tiny_lm().to(torch.bfloat16)
+    callback = _callback(ema=0.999)
+    callback._wrap(model)
+    callback._sync_device()
+    with torch.no_grad():
+        for p in callback.fast_parameters().values():
+            p.add_(0.01)  # the fast learner moved away from the slow one
+    start = {k: v.clone() for k, v in callback._slow.items()}
+    fast = {k: p.detach().float() for k, p in callback.fast_parameters().items()}
+    callback.optimizer_steps = 10**6  # long into the run: λ_s = λ
+    for _ in range(20):
+        callback.update_slow()
+    keep = 0.999 ** 20
+    for k, value in callback._slow.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, keep * start[k] + (1 - keep) * fast[k], rtol=1e-5, atol=1e-6)
+    moved = max(float((callback._slow[k] - start[k]).abs().max()) for k in start)
+    assert moved == pytest.approx(0.01 * (1 - keep), rel=1e-2)

@@ -25,10 +25,16 @@ from lightning_forget.precision import forward_context
 from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str, message
 
-__all__ = ["GSLoRA", "group_sparsity", "lora_layers"]
+__all__ = ["GSLoRA", "group_norms", "group_sparsity", "lora_layers", "prototype_distance"]
 
 Grouping = Literal["block", "lora", "matrix"]
+PrototypeSpace = Literal["features", "logits"]
 ADAPTER = "default"
+#: Kaiming-uniform ``a`` of ``A`` for the first task's LoRA (``loralib.Linear``'s own initialisation,
+#: which the official code's first task uses) and for the LoRA re-initialised after each merge
+#: (the official ``reinitialize_lora_parameters``, tasks >= 1).
+KAIMING_A_FIRST = math.sqrt(5)
+KAIMING_A_LATER = math.sqrt(50)
 
 
 def lora_layers(module: nn.Module, adapter: str = ADAPTER) -> "OrderedDict[str, nn.Module]":
@@ -50,6 +56,24 @@ def group_sparsity(groups: list[list[Tensor]], eps: float = 1e-8) -> Tensor:
     return total if total is not None else torch.zeros(())
 
 
+def group_norms(groups: list[list[Tensor]]) -> list[float]:
+    """Per group, the sum of its matrices' Frobenius norms ``Σ_{M ∈ g} ‖M‖_F``.
+
+    This is the quantity the official code logs per block at each task's end (``util/cal_norm.py``,
+    ``type="L2"``); it is zero exactly when every factor of the group is zero. (The penalty itself
+    uses ``sqrt(Σ ‖M‖_F²)``, see :func:`group_sparsity`.)
+    """
+    return [float(sum(float(m.detach().float().norm()) for m in group)) for group in groups]
+
+
+def prototype_distance(features: Tensor, prototypes: Tensor) -> Tensor:
+    """Batch mean of ``KL(softmax(p_i) ‖ softmax(f_i))`` over rows ``f_i`` of ``features`` and ``p_i`` of
+    ``prototypes`` (the official ``get_prototype_loss`` with ``distance="kl"``), in float32."""
+    p_log = F.log_softmax(prototypes.float(), dim=-1)
+    q_log = F.log_softmax(features.float(), dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+
 def _block_of(name: str, block_names: list[str]) -> Optional[str]:
     for block in block_names:
         if name.startswith(block + "."):
@@ -66,17 +90,23 @@ class GSLoRA(ContinualCallback):
       linears of the LightningModule, in place (``peft.inject_adapter_in_model``: no wrapper, the
       module's own forward is unchanged), and freezes every other parameter (the head too). It
       runs once, before the optimizers exist; the LoRA is re-initialised in place after every
-      task's merge, so DDP is never re-wrapped. ``A`` is Kaiming-uniform (``a = √5``) from a generator
-      seeded by ``(seed, task)``, the same on every rank; ``B = 0``, so a fresh LoRA has no effect.
+      task's merge, so DDP is never re-wrapped. ``A`` is Kaiming-uniform from a generator seeded by
+      ``(seed, task)``, the same on every rank, with ``a = √5`` for the first task (``loralib``'s
+      own initialisation) and ``a = √50`` for the LoRA started after each merge (the official
+      ``reinitialize_lora_parameters``); ``B = 0``, so a fresh LoRA has no effect.
     - Training batches are two-stream dicts ``{"forget": ..., "retain": ...}`` (as
       :class:`~lightning_forget.datamodules.ForgetRetainDataModule` serves them). A batch
       transform hands the *retain* stream to the module's own ``training_step`` (its loss is the
       retain cross-entropy ``L_r``) and keeps the forget stream; a loss term then adds, in the
       same DDP-reduced step, ``β·ReLU(BND − CE(f(x_f), y_f))`` (bounded gradient ascent: no
       gradient once the forget CE passes ``bound``) and, with ``prototype=True`` (GS-LoRA++),
-      ``w_f·ReLU(BND_pro − D_f) + w_r·D_r`` with ``D = KL(softmax(P_y) ‖ softmax(f(x)))`` against
-      the per-class mean output ``P_c`` of the pre-task model (computed at task start over the
-      task's training data, kept in the callback state).
+      ``w_f·ReLU(BND_pro − D_f) + w_r·D_r`` with ``D = KL(softmax(P_y) ‖ softmax(f(x)))``, where
+      ``f(x)`` is the feature that feeds the classification head (the official code's embedding:
+      the input of the module whose output is the logits, found by running the model, or the
+      module named by ``prototype_head``; ``prototype_space="logits"`` uses the logits) and
+      ``P_c`` the per-class mean feature of the pre-task model, computed at task start over the
+      task's forget and retain training sets, each sample counted once, and kept in the
+      callback state.
     - The group-sparse term ``α·Σ_g sqrt(Σ_{M∈g} ‖M‖_F² + eps)`` over the raw LoRA factors (one
       group per block with ``grouping="block"``; per LoRA pair ``"lora"``; per matrix
       ``"matrix"``) is a parameter-only penalty: its gradient ``α·M/‖g‖`` is added in
@@ -84,8 +114,12 @@ class GSLoRA(ContinualCallback):
       during the first ``alpha_warmup_epochs`` epochs of each task.
     - At task end every LoRA layer is merged, ``W += scale·B·A`` (under ``no_grad``), the
       merged ``ΔW`` of each layer is kept in :attr:`deltas` (CPU; :meth:`undo` subtracts one
-      task's), the blocks whose ``‖ΔW‖_F / ‖W‖_F`` exceed ``zero_tol`` are logged, and the LoRA
-      is re-initialised and its optimizer state dropped for the next task.
+      task's), the blocks whose ``‖ΔW‖_F / ‖W‖_F`` exceed ``zero_tol`` are counted, each group's
+      norm ``Σ_{M∈g} ‖M‖_F`` before the merge (the official ``cal_norm`` quantity: exactly 0 for
+      a block the penalty switched off) is kept in :attr:`group_norms`, and the LoRA is
+      re-initialised and its optimizer state dropped for the next task. With AdamW at a constant
+      LR a switched-off block's factors hover at Adam's noise floor (about the LR) rather than at
+      0, so its ``‖ΔW‖/‖W‖`` may pass ``zero_tol``: read the group norms beside the count.
 
     Args:
         r: LoRA rank (default 8, the official scripts').
@@ -110,6 +144,12 @@ class GSLoRA(ContinualCallback):
             a list gives one per task.
         prototype_retain_weight: ``w_r`` (default 0, the scripts' ``pro_r_weight``).
         prototype_bound: ``BND_pro`` (default 18, the official default).
+        prototype_space: ``"features"`` (default, official: the input of the classification
+            head) or ``"logits"`` (the model's output; on a softmax head the KL on logits nearly
+            duplicates the bounded forgetting loss).
+        prototype_head: name of the head module (as in ``pl_module.named_modules()``, e.g.
+            ``"head"`` or ``"vit.classifier"``) whose input is the feature; ``None`` (default)
+            finds the module whose output is the logits by running the model once.
         eps: added inside each group's square root (ours, 1e-8: the gradient at an all-zero group).
         zero_tol: a block counts as edited when ``‖ΔW‖_F / ‖W‖_F > zero_tol`` (ours, 1e-3).
         keep_deltas: keep each task's merged ``ΔW`` (CPU copies, saved in checkpoints).
@@ -131,7 +171,8 @@ class GSLoRA(ContinualCallback):
         ``gs_lora/forget_ce`` (CE on the forget batch), ``gs_lora/forget_loss`` (``β·ReLU(BND−CE)``),
         ``gs_lora/structure`` (the group-sparse value, unweighted), ``gs_lora/alpha``,
         ``gs_lora/prototype_loss`` (GS-LoRA++), ``gs_lora/nonzero_blocks`` (fraction of blocks edited
-        by the task's merged LoRA).
+        by the task's merged LoRA), ``gs_lora/group_norm/<group>`` (each group's ``Σ‖M‖_F`` before
+        the merge).
 
     Raises:
         ValueError, TypeError: bad arguments (at construction); a batch that is not a two-stream
@@ -139,14 +180,16 @@ class GSLoRA(ContinualCallback):
         RuntimeError: the module has no ``forward`` and no ``forward_fn`` (``setup``).
 
     Note:
-        Saved state: ``prototypes`` (``{class: mean output}``), ``deltas`` (per task
-        ``{layer: ΔW}``), ``nonzero`` (per task, the edited blocks), ``version``.
+        Saved state: ``prototypes`` (``{class: mean feature}``), ``deltas`` (per task
+        ``{layer: ΔW}``), ``nonzero`` (per task, the edited blocks), ``group_norms`` (per task,
+        ``{group: Σ‖M‖_F}``), ``version``.
         Supported strategies: single device and DDP (every start method); not sharded ones.
         The optimizer's LR scheduler is not reset at a task boundary (only the LoRA's optimizer
         state): use one schedule per task by one fit per task when that matters.
     """
 
     supported_strategies = DDP_STRATEGIES
+    STATE_VERSION = 2
 
     def __init__(
         self,
@@ -162,6 +205,8 @@ class GSLoRA(ContinualCallback):
         prototype_forget_weight: Union[float, list[float]] = 0.01,
         prototype_retain_weight: float = 0.0,
         prototype_bound: float = 18.0,
+        prototype_space: PrototypeSpace = "features",
+        prototype_head: Optional[str] = None,
         eps: float = 1e-8,
         zero_tol: float = 1e-3,
         keep_deltas: bool = True,
@@ -184,6 +229,8 @@ class GSLoRA(ContinualCallback):
         self.prototype_forget_weight = self._per_task("prototype_forget_weight", prototype_forget_weight)
         self.prototype_retain_weight = check_float("prototype_retain_weight", prototype_retain_weight, min=0)
         self.prototype_bound = check_float("prototype_bound", prototype_bound, min=0)
+        self.prototype_space = check_choice("prototype_space", prototype_space, ("features", "logits"))
+        self.prototype_head = check_str("prototype_head", prototype_head, allow_none=True)
         self.eps = check_float("eps", eps, min=0, min_inclusive=False, fix="pass a small positive number, e.g. eps=1e-8")
         self.zero_tol = check_float("zero_tol", zero_tol, min=0)
         self.keep_deltas = check_bool("keep_deltas", keep_deltas)
@@ -197,6 +244,8 @@ class GSLoRA(ContinualCallback):
         self.prototypes: dict[int, Tensor] = {}
         self.deltas: list[dict[str, Tensor]] = []
         self.nonzero: list[list[str]] = []
+        self.group_norms: list[dict[str, float]] = []
+        self._head_name: Optional[str] = None
         self._groups: list[list[str]] = []
         self._group_names: list[str] = []
         self._forget_batch: Any = None
@@ -256,13 +305,15 @@ class GSLoRA(ContinualCallback):
         return {name: _block_of(name, blocks) or name for name in layers}
 
     def reset_lora(self, pl_module: nn.Module, task: int) -> None:
-        """Re-initialise every LoRA layer in place: ``A`` Kaiming-uniform from ``(seed, task)``, ``B = 0``."""
+        """Re-initialise every LoRA layer in place for ``task``: ``A`` Kaiming-uniform from ``(seed, task)``
+        with ``a = √5`` for task 0 and ``a = √50`` after (as the official code), ``B = 0``."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + task)
+        gain = KAIMING_A_FIRST if task == 0 else KAIMING_A_LATER
         with torch.no_grad():
             for layer in lora_layers(pl_module).values():
                 a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
                 fresh = torch.empty(a.shape, dtype=torch.float32)
-                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                nn.init.kaiming_uniform_(fresh, a=gain, generator=generator)
                 a.copy_(fresh.to(a.device, a.dtype))
                 b.zero_()
 
@@ -312,6 +363,7 @@ class GSLoRA(ContinualCallback):
         if fresh:
             self.reset_lora(pl_module, self._started + 1)
         self._module = pl_module
+        self._head_name = None
         hooks = training_step_hooks(pl_module)
         hooks.add_batch_transform(self.state_key, self._split_streams)
         hooks.add_loss_term(self.state_key, self._forget_terms)
@@ -347,9 +399,16 @@ class GSLoRA(ContinualCallback):
         if self.prototype:
             self.prototypes = self._compute_prototypes(trainer, pl_module)
 
+    def current_group_norms(self, pl_module: nn.Module) -> "OrderedDict[str, float]":
+        """``{group: Σ_{M∈g} ‖M‖_F}`` of the LoRA as it is now (see :func:`group_norms`)."""
+        params = dict(pl_module.named_parameters())
+        values = group_norms([[params[n] for n in group] for group in self._groups])
+        return OrderedDict(zip(self._group_names, values))
+
     def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         layers = lora_layers(pl_module)
         blocks = self._block_names(layers, pl_module)
+        norms_before_merge = self.current_group_norms(pl_module)
         merged = self.merge(pl_module)
         norms: dict[str, list[float]] = {}
         for name, delta in merged.items():
@@ -357,11 +416,16 @@ class GSLoRA(ContinualCallback):
             norms.setdefault(blocks[name], []).append(float(delta.float().norm() / weight.norm().clamp_min(1e-12)))
         edited = [block for block, values in norms.items() if max(values) > self.zero_tol]
         self.nonzero.append(edited)
+        self.group_norms.append(dict(norms_before_merge))
         self.deltas.append(merged if self.keep_deltas else {})
         fraction = len(edited) / max(1, len(norms))
-        rank_zero_info(f"GSLoRA task {task}: LoRA merged; {len(edited)}/{len(norms)} blocks edited: {edited}")
+        shown = ", ".join(f"{name}: {value:.3g}" for name, value in norms_before_merge.items())
+        rank_zero_info(f"GSLoRA task {task}: LoRA merged; {len(edited)}/{len(norms)} blocks edited: {edited}; "
+                       f"group norms (sum of ‖A‖, ‖B‖) {{{shown}}}")
         if not self._stopped_inside_task:
             pl_module.log("gs_lora/nonzero_blocks", fraction, rank_zero_only=True)
+            for name, value in norms_before_merge.items():
+                pl_module.log(f"gs_lora/group_norm/{name}", value, rank_zero_only=True)
         self.reset_lora(pl_module, task + 1)
         self._reset_optimizer_state(trainer, pl_module)
 
@@ -403,7 +467,7 @@ class GSLoRA(ContinualCallback):
         task = self.current_task(trainer)
         split = self.fields.split(self._forget_batch)
         with forward_context(trainer):
-            logits = self.model_forward(pl_module, split.input)
+            logits, features = self._run(pl_module, split.input)
         ce = F.cross_entropy(logits.float(), split.target)
         beta = self._of_task(self.beta, task)
         loss = beta * F.relu(self.bound - ce)
@@ -411,12 +475,12 @@ class GSLoRA(ContinualCallback):
         pl_module.log("gs_lora/forget_loss", loss.detach(), on_step=True, on_epoch=False)
         if self.prototype and self.prototypes:
             w_f = self._of_task(self.prototype_forget_weight, task)
-            proto = w_f * F.relu(self.prototype_bound - self._prototype_distance(logits, split.target))
+            proto = w_f * F.relu(self.prototype_bound - self._prototype_distance(features, split.target))
             if self.prototype_retain_weight > 0:
                 retain = self.fields.split(self._retain_batch)
                 with forward_context(trainer):
-                    retain_logits = self.model_forward(pl_module, retain.input)
-                proto = proto + self.prototype_retain_weight * self._prototype_distance(retain_logits, retain.target)
+                    retain_features = self._run(pl_module, retain.input)[1]
+                proto = proto + self.prototype_retain_weight * self._prototype_distance(retain_features, retain.target)
             pl_module.log("gs_lora/prototype_loss", proto.detach(), on_step=True, on_epoch=False)
             loss = loss + proto
         return loss
@@ -426,30 +490,113 @@ class GSLoRA(ContinualCallback):
         known = torch.tensor([int(t) in self.prototypes for t in target.tolist()], device=features.device)
         if not known.any():
             return features.sum() * 0.0
-        protos = torch.stack([self.prototypes[int(t)] for t in target[known].tolist()]).to(features.device).float()
-        p_log = F.log_softmax(protos, dim=-1)
-        q_log = F.log_softmax(features[known].float(), dim=-1)
-        return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+        protos = torch.stack([self.prototypes[int(t)] for t in target[known].tolist()]).to(features.device)
+        return prototype_distance(features[known], protos)
+
+    # ------------------------------------------------------------------ features
+    def _run(self, pl_module: "pl.LightningModule", x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """``(logits, prototype feature)`` of one forward of ``pl_module`` on ``x``.
+
+        The feature is ``None`` without ``prototype``; the logits with ``prototype_space="logits"``;
+        otherwise the input of the head module (caught by a forward hook).
+        """
+        if not self.prototype or self.prototype_space == "logits":
+            logits = self.model_forward(pl_module, x)
+            return logits, logits if self.prototype else None
+        head = self._head(pl_module, x)
+        caught: list[Tensor] = []
+
+        def catch(module: nn.Module, args: tuple) -> None:
+            caught.append(args[0])
+
+        handle = head.register_forward_pre_hook(catch)
+        try:
+            logits = self.model_forward(pl_module, x)
+        finally:
+            handle.remove()
+        if len(caught) != 1 or not isinstance(caught[0], Tensor):
+            raise RuntimeError(
+                f"GSLoRA: the head `{self._head_name}` ran {len(caught)} time(s) in one forward (or without a tensor "
+                "input); its input cannot be the prototype feature. Fix: pass `prototype_head=` naming the module "
+                "that maps the embedding to the logits, or prototype_space='logits'."
+            )
+        return logits, caught[0].flatten(1)
+
+    def _head(self, pl_module: "pl.LightningModule", x: Tensor) -> nn.Module:
+        """The head module: ``prototype_head``, or the innermost module whose output is the logits."""
+        modules = dict(pl_module.named_modules())
+        if self._head_name is None and self.prototype_head is not None:
+            if self.prototype_head not in modules:
+                linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+                raise RuntimeError(message("prototype_head", "the name of a module of the LightningModule",
+                                           self.prototype_head, f"its linear layers are {linear[:12]}"))
+            self._head_name = self.prototype_head
+        if self._head_name is None:
+            self._head_name = self._find_head(pl_module, x)
+            rank_zero_info(f"GSLoRA: prototypes on the input of `{self._head_name}` (the module producing the logits)")
+        return modules[self._head_name]
+
+    @torch.no_grad()
+    def _find_head(self, pl_module: "pl.LightningModule", x: Tensor) -> str:
+        outputs: list[tuple[str, Any]] = []
+        handles = [
+            module.register_forward_hook(lambda m, a, out, name=name: outputs.append((name, out)))
+            for name, module in pl_module.named_modules() if name
+        ]
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            logits = self.model_forward(pl_module, x)
+        finally:
+            pl_module.train(was_training)
+            for handle in handles:
+                handle.remove()
+        for name, out in outputs:  # inner modules finish first: the first match is the innermost
+            if out is logits:
+                return name
+        raise RuntimeError(
+            f"GSLoRA(prototype=True): no module of {type(pl_module).__name__} outputs the logits its forward returns "
+            "(they are changed after the head), so the embedding feeding the head was not found. Fix: pass "
+            "`prototype_head=` naming the head module, or prototype_space='logits'."
+        )
+
+    def _stream_datasets(self, trainer: "pl.Trainer") -> list[Any]:
+        """The task's forget and retain training datasets, each once (not the cycled two-stream items).
+
+        A :class:`~lightning_forget.datamodules.ForgetRetainDataModule` loader holds both streams
+        in one dataset (``.forget``/``.retain``); a ``CombinedLoader({"forget": ..., "retain": ...})``
+        holds one loader per stream.
+        """
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "forget") and hasattr(dataset, "retain"):
+            return [dataset.forget, dataset.retain]
+        iterables = getattr(loader, "iterables", None)
+        if isinstance(iterables, dict):
+            found = [getattr(iterables.get(s), "dataset", None) for s in (self.forget_stream, self.retain_stream)]
+            if all(d is not None for d in found):
+                return found
+        raise RuntimeError(
+            f"GSLoRA(prototype=True) computes the prototypes over the task's forget and retain training sets but "
+            f"cannot find them in the training loader ({type(loader).__name__}). Fix: train with "
+            f"ForgetRetainDataModule or a CombinedLoader({{{self.forget_stream!r}: DataLoader, "
+            f"{self.retain_stream!r}: DataLoader}}) of map-style datasets."
+        )
 
     @torch.no_grad()
     def _compute_prototypes(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[int, Tensor]:
-        """Class-mean outputs of the current (pre-task) model over the task's training data (both streams)."""
-        loader = trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None:
-            raise RuntimeError("GSLoRA(prototype=True) needs a map-style training dataset to compute the prototypes.")
+        """Class-mean features of the current (pre-task) model over the task's forget ∪ retain training sets,
+        each sample counted once (the official ``calculate_prototypes`` over their concatenation)."""
         sums: dict[int, Tensor] = {}
         counts: dict[int, int] = {}
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for batch in DataLoader(dataset, batch_size=256, shuffle=False):
-                for stream in (self.forget_stream, self.retain_stream):
-                    if stream not in batch:
-                        continue
-                    split = self.fields.split(batch[stream])
+            for dataset in self._stream_datasets(trainer):
+                for batch in DataLoader(dataset, batch_size=256, shuffle=False):
+                    split = self.fields.split(batch)
                     with forward_context(trainer):
-                        out = self.model_forward(pl_module, split.input.to(pl_module.device)).float().cpu()
+                        out = self._run(pl_module, split.input.to(pl_module.device))[1].float().cpu()
                     for c in torch.unique(split.target).tolist():
                         rows = out[split.target.cpu() == c]
                         sums[c] = sums.get(c, torch.zeros(out.shape[1])) + rows.sum(0)
@@ -464,9 +611,24 @@ class GSLoRA(ContinualCallback):
             "prototypes": {int(c): v.detach().cpu().clone() for c, v in self.prototypes.items()},
             "deltas": [{k: v.clone() for k, v in d.items()} for d in self.deltas],
             "nonzero": [list(n) for n in self.nonzero],
+            "group_norms": [dict(n) for n in self.group_norms],
+            "prototype_space": self.prototype_space,
         }
 
     def load_method_state(self, state: dict[str, Any]) -> None:
+        if self.prototype and state["prototypes"] and state["prototype_space"] != self.prototype_space:
+            raise RuntimeError(message(
+                "prototype_space", f"the checkpoint's {state['prototype_space']!r} (its prototypes are in that space)",
+                self.prototype_space, f"resume with prototype_space={state['prototype_space']!r}",
+            ))
         self.prototypes = {int(c): v.clone() for c, v in state["prototypes"].items()}
         self.deltas = [dict(d) for d in state["deltas"]]
         self.nonzero = [list(n) for n in state["nonzero"]]
+        self.group_norms = [dict(n) for n in state["group_norms"]]
+
+    def migrate_state(self, state: dict[str, Any], version: int) -> dict[str, Any]:
+        if version == 1:
+            # Version 1 (before the per-group norms) computed the prototypes on the logits and kept
+            # no group norms: those of its tasks are unknown (empty).
+            return {**state, "group_norms": [{} for _ in state["nonzero"]], "prototype_space": "logits"}
+        return super().migrate_state(state, version)

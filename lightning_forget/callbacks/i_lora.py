@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -9,7 +10,7 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_forget.buffers import TASK_KEY
@@ -27,14 +28,14 @@ from lightning_forget.losses import hidden_consistency_loss, output_loss, remove
 from lightning_forget.modules.causal_lm import IGNORE_INDEX, causal_lm_loss
 from lightning_forget.optim_step import StepCounter
 from lightning_forget.tasks import DDP_STRATEGIES
-from lightning_forget.validation import check_choice, check_float, check_int, check_str, check_type, message
+from lightning_forget.validation import check_choice, check_float, check_str, check_type, message
 
 try:  # Python 3.12+
     from typing import override
 except ImportError:  # pragma: no cover
     from typing_extensions import override
 
-__all__ = ["ILoRA", "ema_coefficient", "interpolate_"]
+__all__ = ["ILoRA", "classification_head", "ema_coefficient", "interpolate_"]
 
 #: The official code's LoRA settings: rank 8, alpha 32, dropout 0.1, on the attention projections.
 DEFAULT_LORA = {"r": 8, "alpha": 32.0, "dropout": 0.1, "kind": "attention"}
@@ -53,9 +54,30 @@ def ema_coefficient(step: int, ema: float) -> float:
 
 @torch.no_grad()
 def interpolate_(slow: dict[str, Tensor], fast: dict[str, Tensor], weight: float) -> None:
-    """In place: ``slow[k] ← weight·slow[k] + (1 − weight)·fast[k]`` for every key."""
+    """In place: ``slow[k] ← weight·slow[k] + (1 − weight)·fast[k]`` for every key, in ``slow``'s dtype
+    (ILoRA keeps ``slow`` in float32 whatever the model's precision)."""
     for key, value in slow.items():
         value.mul_(weight).add_(fast[key].detach().to(value.dtype), alpha=1.0 - weight)
+
+
+#: How the slow learner follows the fast one: ``"ema"`` (the paper's interpolation) or ``"frozen"``.
+SLOW_UPDATES = ("ema", "frozen")
+
+#: Class-name endings of Hugging Face models with a classification head, and the heads' attribute names.
+_CLASSIFIER_MODELS = ("ForImageClassification", "ForSequenceClassification", "ForTokenClassification",
+                      "ForAudioClassification")
+_HEAD_NAMES = ("classifier", "score")
+
+
+def classification_head(model: nn.Module) -> Optional[str]:
+    """The attribute name of a Hugging Face ``*For*Classification`` model's head (``classifier``/``score``),
+    or ``None`` for any other model."""
+    if not type(model).__name__.endswith(_CLASSIFIER_MODELS):
+        return None
+    for name in _HEAD_NAMES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    return None
 
 
 def _register_output_capture(model: nn.Module) -> None:
@@ -87,6 +109,19 @@ class ILoRA(_BufferCallback):
         θ_slow ← λ_s·θ_slow + (1 − λ_s)·θ_fast,   λ_s = min(1 − 1/(s + 1), λ),
 
     with ``s`` the number of real optimizer steps so far (an accumulation batch is not a step).
+    The slow tensors are a float32 master copy whatever the model's precision (under
+    ``bf16-true`` an increment ``(1 − λ)·(θ_fast − θ_slow)`` with λ near 1 would be below the
+    resolution of half-precision weights, and the slow learner would stall). It starts as a copy of
+    the fast adapter taken when the fit starts, after the strategy has synchronised the weights
+    (under DDP every rank holds rank 0's).
+
+    **The official code's slow learner is frozen.** In ``which47/LLMCL`` (``method/ILORA.py``,
+    ``update_ema_weights``) the interpolation looks the ``ema`` adapter's tensors up under the
+    ``default`` adapter's parameter names, so it only rewrites the fast tensors with themselves and
+    the ``ema`` adapter keeps its initialisation (``B = 0``): the slow learner of the official runs
+    is the pre-trained model. ``slow_update="ema"`` (default) is the paper's interpolation;
+    ``slow_update="frozen"`` reproduces the official code for comparison (the slow tensors stay
+    the adapter's initial ones: the pre-trained model for a fresh LoRA).
     From the second task on, each step also draws a batch of the stream's size from a reservoir
     buffer, runs the fast learner on it (loss ``L_buf``, hidden states ``h_f``) and the slow
     learner without gradient (``h_s``), and trains on
@@ -103,9 +138,12 @@ class ILoRA(_BufferCallback):
     used as it is (its ``adapter`` trains). The slow learner is *not* a module: it is a copy of
     the adapter's tensors (a few MB, never the whole model) held by this callback, so it is in no
     optimizer and no DDP bucket whatever ``configure_optimizers`` does; its forward is the same
-    model with the slow tensors in place of the fast ones, copied into the adapter for the slow forward (run before the step builds its graph)
-and copied back. Wrapping happens in ``setup()``, before the strategy builds the optimizer and DDP, so
-    only adapter parameters require gradients there.
+    model with the slow tensors copied into the adapter for the slow forward (run before the step
+    builds its graph) and the fast ones copied back. Wrapping happens in ``setup()``, before the
+    strategy builds the optimizer and DDP, so only adapter parameters require gradients there. A
+    Hugging Face ``*For*Classification`` model's head (``classifier``/``score``) is trained beside
+    the LoRA (added to ``lora.modules_to_save`` when that is unset, so it belongs to both learners);
+    ``lora={"modules_to_save": []}`` keeps it frozen.
 
     **Batches.** Token batches are dicts with ``input_ids`` (and ``attention_mask``, ``labels``
     with ``-100`` at positions not predicted); the buffer stores them with their lengths and
@@ -122,9 +160,10 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
     learner interpolates the adapter only.
 
     **Inference.** ``inference_learner="slow"`` (default) evaluates with the slow tensors swapped
-    into the adapter during every validation, and leaves them in the adapter when training ends
-    (the fast tensors come back when another fit with this callback starts); ``"fast"`` uses the
-    trained adapter throughout. Which learner the paper evaluates is not stated; the slow default
+    into the adapter during every validation, test and predict run (also one that loads a
+    checkpoint: the slow tensors are in the callback's state), and leaves them in the adapter
+    when training ends (the fast tensors come back when the Trainer runs again with this callback);
+    ``"fast"`` uses the trained adapter throughout. Which learner the paper evaluates is not stated; the slow default
     follows the dual-memory design it builds on. With λ = 0.25 the slow learner trails the fast
     one by a few steps only; a long-term memory in the CLS-ER sense needs λ near 1 (e.g. 0.999).
 
@@ -134,9 +173,11 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
     callback's directory, else ``<default_root_dir>/adapters``).
 
     Args:
-        lora: LoRA settings of the fast (and slow) adapter when ``setup()`` wraps the backbone;
-            default ``LoRASettings(r=8, alpha=32, dropout=0.1, kind="attention")``, the official
-            code's values. Ignored for a backbone that already is a PEFT model.
+        lora: LoRA settings of the fast (and slow) adapter when ``setup()`` wraps the backbone (a
+            :class:`~lightning_forget.lora.LoRASettings` or a mapping of its fields: ``r``,
+            ``alpha``, ``dropout``, ``target_modules``, ``kind``, ``modules_to_save``); default
+            ``LoRASettings(r=8, alpha=32, dropout=0.1, kind="attention")``, the official code's
+            values. Ignored for a backbone that already is a PEFT model.
         ema: λ, the weight of the old slow tensors (default 0.25, the official ``ema_alpha``).
         consistency_weight: γ (default 1.0, the official ``reg_weight``).
         buffer_size: samples kept (default 500, the official value).
@@ -157,6 +198,8 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         forward_fn: the logits function for a plain backbone holding a Hugging Face model (run
             through the LightningModule): ``None`` for the module's ``forward``, or a submodule or
             method name (see :class:`~lightning_forget.forward.ModelForward`).
+        slow_update: ``"ema"`` (default: the paper's interpolation) or ``"frozen"`` (the
+            official code's behaviour: the slow learner never moves; ``ema`` is then unused).
 
     Raises:
         TypeError, ValueError: bad arguments (at construction).
@@ -170,7 +213,7 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
     Note:
         Logged keys: ``ilora/buffer_loss`` (``L_buf``), ``ilora/consistency`` (the unweighted
         consistency loss) on replay steps, ``ilora/buffer_size`` every step. Saved state: the
-        buffer, the slow adapter tensors (CPU, by adapter-neutral name), the count of real
+        buffer, the slow adapter tensors (CPU, float32, by adapter-neutral name), the count of real
         optimizer steps, the task counters.
     """
 
@@ -195,18 +238,14 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         target_key: Optional[Union[str, int]] = None,
         pad_values: Optional[dict[str, Union[int, float]]] = None,
         forward_fn: Optional[str] = None,
+        slow_update: Literal["ema", "frozen"] = "ema",
     ) -> None:
         super().__init__(
             buffer_size, replay_batch_size, "reservoir", seed, input_key, target_key, None,
             pad_values=dict(TOKEN_PAD_VALUES) if pad_values is None else pad_values,
         )
-        if lora is not None and not isinstance(lora, LoRASettings):
-            if isinstance(lora, dict):
-                lora = LoRASettings(**lora)
-            else:
-                raise TypeError(message("lora", "a LoRASettings (or a mapping of its fields) or None", lora,
-                                        "e.g. lora=LoRASettings(r=8, alpha=32)"))
-        self.lora = lora if lora is not None else LoRASettings(**DEFAULT_LORA)  # type: ignore[arg-type]
+        self.lora = LoRASettings.from_value(DEFAULT_LORA if lora is None else lora, "lora")
+        self.slow_update = check_choice("slow_update", slow_update, SLOW_UPDATES)
         self.ema = check_float("ema", ema, min=0.0, max=1.0, max_inclusive=False,
                                fix="pass the weight of the old slow tensors in [0, 1), e.g. 0.25 (official) or 0.999")
         self.consistency_weight = check_float("consistency_weight", consistency_weight, min=0.0,
@@ -231,6 +270,9 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         self._counter = StepCounter()
         #: slow tensors, by parameter name relative to the PEFT model.
         self._slow: "OrderedDict[str, Tensor]" = OrderedDict()
+        #: True while ``_slow`` is the copy ``setup()`` took of the fast adapter: ``on_fit_start`` takes
+        #: it again once the strategy has synchronised the weights (DDP broadcasts rank 0's).
+        self._slow_fresh = False
         self._pending_slow: Optional[dict[str, Tensor]] = None
         self._fast_backup: Optional[dict[str, Tensor]] = None
         self._peft: Optional[nn.Module] = None
@@ -278,18 +320,46 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
                 f"{type(backbone).__name__}. Fix: pass `model_attr=` naming the attribute that holds it."
             )
         if not isinstance(backbone, PeftModel):
-            backbone = add_lora(backbone, self.lora, adapter_name=self.adapter)
+            backbone = add_lora(backbone, self._settings_for(backbone), adapter_name=self.adapter)
             setattr(pl_module, self.model_attr, backbone)
         elif self.adapter not in backbone.peft_config:
             raise RuntimeError(message("adapter", "an adapter of the PEFT backbone", self.adapter,
                                        f"it has {sorted(backbone.peft_config)}"))
+        else:
+            head = classification_head(backbone.get_base_model())
+            saved = backbone.peft_config[self.adapter].modules_to_save or []
+            if head is not None and head not in saved:
+                rank_zero_warn(
+                    f"ILoRA: the PEFT backbone's classification head `{head}` is not in its adapter's "
+                    f"modules_to_save, so it stays frozen. Fix: wrap it with modules_to_save=['{head}'] (or let "
+                    "ILoRA wrap the plain model: it trains the head by default).", category=UserWarning,
+                )
         self._peft = backbone
         _register_output_capture(backbone)
         fast = self.fast_parameters()
         for name, p in fast.items():
             p.requires_grad_(True)
         if not self._slow or set(self._slow) != set(fast):
-            self._slow = OrderedDict((name, p.detach().clone()) for name, p in fast.items())
+            self._slow = OrderedDict((name, p.detach().float().clone()) for name, p in fast.items())
+            self._slow_fresh = True
+
+    def _settings_for(self, backbone: nn.Module) -> LoRASettings:
+        """``lora``, with a Hugging Face classification head added to ``modules_to_save`` when it is unset
+        (PEFT would freeze the head: a fresh one would stay at chance)."""
+        settings = self.lora
+        head = classification_head(backbone)
+        if head is not None and settings.modules_to_save is None:
+            rank_zero_info(f"ILoRA: training the classification head `{head}` beside the LoRA (modules_to_save); "
+                           "pass lora={'modules_to_save': []} to keep it frozen.")
+            settings = dataclasses.replace(settings, modules_to_save=[head])
+        try:
+            settings.target_names(backbone)
+        except (RuntimeError, ValueError) as error:
+            raise type(error)(
+                f"ILoRA cannot place the LoRA on `{self.model_attr}` ({type(backbone).__name__}): {error} In ILoRA the "
+                "target modules are a field of `lora`: ILoRA(lora={'target_modules': [...], 'r': 8, 'alpha': 32})."
+            ) from None
+        return settings
 
     def _sync_device(self) -> None:
         fast = self.fast_parameters()
@@ -304,10 +374,13 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
                 )
             self._slow = OrderedDict((by_neutral[n], v.clone()) for n, v in self._pending_slow.items() if n in by_neutral)
             self._pending_slow = None
+            self._slow_fresh = False
         for name, value in self._slow.items():
+            # A float32 master copy on the parameters' device: under bf16-true/16-true an increment
+            # (1 − λ)·(θ_fast − θ_slow) with λ near 1 is below half precision's resolution.
             p = fast[name]
-            if value.device != p.device or value.dtype != p.dtype:
-                self._slow[name] = value.to(p.device, p.dtype)
+            if value.device != p.device or value.dtype != torch.float32:
+                self._slow[name] = value.to(p.device, torch.float32)
 
     @torch.no_grad()
     def _load_into_fast(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -336,6 +409,13 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._sync_device()
+        if self._slow_fresh:
+            # setup() ran before the strategy synchronised the weights: under DDP each rank's adapter
+            # was initialised from its own RNG state, and only rank 0's survived DDP's broadcast.
+            with torch.no_grad():
+                for name, p in self.fast_parameters().items():
+                    self._slow[name].copy_(p.detach())
+            self._slow_fresh = False
         self._counter.watch(trainer.optimizers)
         self._counter.pop()
 
@@ -387,13 +467,19 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
     ) -> None:
         for _ in range(self._counter.pop()):
             self.optimizer_steps += 1
-            fast = {name: p for name, p in self.fast_parameters().items()}
-            interpolate_(self._slow, fast, ema_coefficient(self.optimizer_steps, self.ema))
+            self.update_slow()
         from lightning_forget.losses import step_context
 
         if not step_context(pl_module).skipped:
             self.store(trainer, batch_idx, self._common_width(trainer, self.to_fields(batch)))
         pl_module.log("ilora/buffer_size", float(len(self.buffer)), on_step=True, on_epoch=False)
+
+    def update_slow(self) -> None:
+        """One real optimizer step's update of the slow learner: the interpolation with
+        ``λ_s = min(1 − 1/(s + 1), λ)`` (``slow_update="ema"``), nothing for ``"frozen"``."""
+        if self.slow_update == "frozen":
+            return
+        interpolate_(self._slow, dict(self.fast_parameters()), ema_coefficient(self.optimizer_steps, self.ema))
 
     def _common_width(self, trainer: "pl.Trainer", fields: dict[str, Tensor]) -> dict[str, Tensor]:
         """Token fields padded to the longest width over ranks (the buffer gathers rows of one width)."""
@@ -411,18 +497,50 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
             out[key] = pad_rows(value, width, pad)
         return out
 
+    def _swap_in_slow(self) -> None:
+        """Evaluate with the slow learner: its tensors into the adapter (the fast ones kept aside)."""
+        if self.inference_learner != "slow" or self._peft is None or self._fast_backup is not None or self._swapped is not None:
+            return
+        self._sync_device()
+        if self._slow:
+            self._swapped = self._load_into_fast(self._slow)
+
+    def _swap_back(self, trainer: "pl.Trainer") -> None:
+        """After an evaluation inside a fit the fast tensors return; after a standalone validate, test
+        or predict the slow ones stay in the adapter, as after a fit (the fast ones come back at the
+        next ``setup``)."""
+        swapped = self._swapped
+        if swapped is None:
+            return
+        self._swapped = None
+        if trainer.state.fn == "fit":
+            self._load_into_fast(swapped)
+        else:
+            self._fast_backup = swapped
+
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.inference_learner == "slow" and self._peft is not None and self._slow and self._fast_backup is None:
-            self._sync_device()
-            self._swapped = self._load_into_fast(self._slow)
+        self._swap_in_slow()
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        swapped = self._swapped
-        if swapped is not None:
-            self._load_into_fast(swapped)
-            self._swapped = None
+        self._swap_back(trainer)
+
+    @override
+    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._swap_in_slow()
+
+    @override
+    def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._swap_back(trainer)
+
+    @override
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._swap_in_slow()
+
+    @override
+    def on_predict_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._swap_back(trainer)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
