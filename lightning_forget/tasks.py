@@ -119,8 +119,19 @@ def current_task(trainer: "pl.Trainer") -> int:
     With a continual datamodule this is ``datamodule.task_of_epoch(trainer.current_epoch)``.
     With one fit per task it is the counter of the first :class:`ContinualCallback` attached to
     the trainer. Without either, the run is a single task: 0.
+
+    Outside ``fit`` (``validate``/``test``/``predict``, whose epoch counter is not restored from a
+    checkpoint) it is the last task the model was trained on: the last task started by the
+    attached :class:`ContinualCallback` (restored from the checkpoint), else the stream's last.
     """
     datamodule = task_schedule(trainer)
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    if fn is not None and fn != TrainerFn.FITTING:
+        started = [cb._started for cb in getattr(trainer, "callbacks", []) if isinstance(cb, ContinualCallback)]
+        if started and max(started) >= 0:
+            return max(started)
+        if datamodule is not None and trainer.current_epoch == 0:
+            return int(datamodule.task_of_epoch(int(datamodule.max_epochs) - 1))
     if datamodule is not None:
         return int(datamodule.task_of_epoch(trainer.current_epoch))
     for callback in getattr(trainer, "callbacks", []):
@@ -322,7 +333,7 @@ class ContinualCallback(Callback):
         self.task: int = 0
         self._started: int = -1
         self._ended: int = -1
-        self._reported: int = -1
+        self._reported_task: int = -1
         #: True while a task end or report runs where Lightning refuses `self.log` (train end,
         #: fit end, validation end); :meth:`log_task_metrics` then writes to the loggers directly.
         self._stopped_inside_task = False
@@ -404,9 +415,9 @@ class ContinualCallback(Callback):
         refused = self._stopped_inside_task
         self._stopped_inside_task = refused or not can_log
         try:
-            while self._reported < self._ended:
-                self._reported += 1
-                self.on_task_report(trainer, pl_module, self._reported)
+            while self._reported_task < self._ended:
+                self._reported_task += 1
+                self.on_task_report(trainer, pl_module, self._reported_task)
         finally:
             self._stopped_inside_task = refused
 
@@ -576,7 +587,7 @@ class ContinualCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": int(self.STATE_VERSION),
-            "protocol": {"task": self.task, "started": self._started, "ended": self._ended, "reported": self._reported},
+            "protocol": {"task": self.task, "started": self._started, "ended": self._ended, "reported": self._reported_task},
             "arguments": plain_value(self.arguments),
             "method": self.method_state(),
         }
@@ -677,7 +688,7 @@ class ContinualCallback(Callback):
         self._started = int(protocol["started"])
         self._ended = int(protocol["ended"])
         # Protocols written before the report phase existed reported each task at its end.
-        self._reported = int(protocol["reported"]) if "reported" in protocol else self._ended
+        self._reported_task = int(protocol["reported"]) if "reported" in protocol else self._ended
         try:
             self.load_method_state(method)
         except KeyError as error:

@@ -31,7 +31,7 @@ class Counter(ContinualCallback):
 
 def test_layout_and_round_trip() -> None:
     cb = Counter()
-    cb.count, cb.task, cb._started, cb._ended, cb._reported = 5, 2, 2, 1, 1
+    cb.count, cb.task, cb._started, cb._ended, cb._reported_task = 5, 2, 2, 1, 1
     state = cb.state_dict()
     assert state == {
         "version": 2, "protocol": {"task": 2, "started": 2, "ended": 1, "reported": 1}, "arguments": {}, "method": {"count": 5},

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_forget import reporting
 from lightning_forget.buffers import TASK_KEY
 from lightning_forget.callbacks.replay import _BufferCallback
 from lightning_forget.lora import (
@@ -167,6 +168,10 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
     """
 
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ('lora', 'buffer_size', 'layers', 'model_attr', 'adapter', 'input_key', 'target_key')
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = False
     STATE_VERSION = 1
 
     def __init__(
@@ -314,6 +319,10 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         if self._fast_backup is not None:  # a previous fit ended with the slow learner swapped in
             self._load_into_fast(self._fast_backup)
             self._fast_backup = None
+        if stage == "fit" and self.save_adapters and self.adapter_dir is not None and trainer.is_global_zero:
+            # Fail now, not after the first task, when the adapters could not be written.
+            reporting.ensure_writable_dir(self.adapter_dir, "ILoRA", "the per-task adapter files",
+                                          "pass a writable `adapter_dir`, or `save_adapters=False`")
         if stage == "fit":
             hooks = training_step_hooks(pl_module)
             hooks.add_batch_transform(self.state_key, self._slow_forward)
@@ -383,10 +392,12 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         super().on_task_end(trainer, pl_module, task)
         if self.save_adapters and trainer.is_global_zero and self._peft is not None:
             folder = self._adapter_folder(trainer)
+            files = reporting.output_paths(
+                self, folder, {"fast": f"task_{task}_fast.safetensors", "slow": f"task_{task}_slow.safetensors"}
+            )
             meta = {"task": int(task), "lora": self.lora.to_dict(), "ema": self.ema, "step": self.optimizer_steps}
-            save_adapter(self._peft, folder / f"task_{task}_fast.safetensors", self.adapter, {**meta, "learner": "fast"})
-            save_adapter_state(self.slow_state(), folder / f"task_{task}_slow.safetensors", self.adapter,
-                               {**meta, "learner": "slow"})
+            save_adapter(self._peft, files["fast"], self.adapter, {**meta, "learner": "fast"})
+            save_adapter_state(self.slow_state(), files["slow"], self.adapter, {**meta, "learner": "slow"})
             rank_zero_info(f"ILoRA: adapters of task {task} written to {folder}")
 
     def _adapter_folder(self, trainer: "pl.Trainer") -> Path:
