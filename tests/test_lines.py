@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.merging import lines_scale
 from tests.helpers.benchmarks import load_benchmark
-from tests.helpers.harness import quiet_trainer
+from tests.helpers.harness import CrashAtStep, SimulatedCrash, quiet_trainer
 
 
 class BlockNet(pl.LightningModule):
@@ -201,11 +201,13 @@ def test_resume_keeps_theta0(tmp_path: Path) -> None:
     cb_full = LiNeS(alpha=0.3)
     _trainer(tmp_path / "full", [cb_full], max_epochs=2).fit(full, _loader())
 
-    # interrupted after epoch 1 (the checkpoint holds the unscaled weights and θ0) ...
+    # interrupted (a crash) after epoch 1 (the checkpoint holds the unscaled weights and θ0) ...
     ckpt_dir = tmp_path / "ckpt"
     first = BlockNet(seed=0)
-    _trainer(tmp_path / "a", [LiNeS(alpha=0.3), ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1)],
-             max_epochs=1, enable_checkpointing=True).fit(first, _loader())
+    crashing = _trainer(tmp_path / "a", [CrashAtStep(3), LiNeS(alpha=0.3), ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1)],
+                        max_epochs=2, enable_checkpointing=True)
+    with pytest.raises(SimulatedCrash):
+        crashing.fit(first, _loader())
     ckpt = next(ckpt_dir.glob("*.ckpt"))
     # ... and resumed into a differently initialised model: θ0 must come from the checkpoint
     resumed = BlockNet(seed=123)
