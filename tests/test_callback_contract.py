@@ -323,7 +323,7 @@ def test_cli_builds_it_and_runs_through_a_task_boundary(row: Row, tmp_path: Any)
 
     for stage in ("validate", "test"):
         if is_overridden(f"{stage}_step" if stage == "test" else "validation_step", cli.model):
-            main([stage, "--config", str(path), "--ckpt_path", checkpoint])
+            main([stage, "--config", str(path), "--ckpt_path", checkpoint, "--trainer.default_root_dir", str(tmp_path / stage)])
 
 
 #: Step 15 of the 3-task × 2-epoch BlobStream (6 batches per epoch): 3 batches into epoch 2,
@@ -366,7 +366,9 @@ def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: A
 @pytest.mark.ddp
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
 def test_ddp_ranks_stay_identical(row: Row, tmp_path: Any) -> None:
-    result = run_ddp_pair(tmp_path, row.build, make_data=row.make_data, make_model=row.make_model)
+    # The global RNGs differ by rank before the callback's setup (a datamodule's prepare_data/setup
+    # drawing per rank): state copied from the model before DDP's broadcast would differ by rank.
+    result = run_ddp_pair(tmp_path, row.build, make_data=row.make_data, make_model=row.make_model, rng_drift=True)
     assert result["equal_length"], result
     assert result["world_size"] == 2
     assert result["global_step"] > 0
@@ -398,3 +400,31 @@ def test_ddp_comparison_fails_for_a_rank_dependent_callback_state(tmp_path: Any)
     assert result["equal_length"] and result["world_size"] == 2, result
     assert result["max_param_diff"] == 0.0, result
     assert result["max_state_diff"] == 1.0, result  # the check sees the callback's state, not only the weights
+
+
+class GlobalRNGCopy(ContinualCallback):
+    """Keeps a tensor drawn from the global RNG in ``setup`` (as a callback copying weights that a
+    module initialised in ``setup`` would, before DDP broadcasts them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drawn = torch.zeros(3)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.drawn = torch.rand(3)
+
+    def method_state(self) -> dict[str, Any]:
+        return {"drawn": self.drawn}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.drawn = state["drawn"]
+
+
+@pytest.mark.ddp
+def test_ddp_rows_make_the_global_rng_differ_by_rank(tmp_path: Any) -> None:
+    # The DDP rows' RNG drift bites: a callback that copies from the global RNG in setup ends with
+    # different state on the two ranks.
+    result = run_ddp_pair(tmp_path, GlobalRNGCopy, rng_drift=True)
+    assert result["equal_length"] and result["world_size"] == 2, result
+    assert result["max_state_diff"] > 0.0, result

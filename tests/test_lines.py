@@ -405,11 +405,15 @@ def test_scaled_weights_file_and_last_checkpoint(tmp_path: Path, capsys: pytest.
     out = capsys.readouterr().out
     assert "LiNeS: results written to" in out and "lines_scaled_weights.pt" in out and "unscaled_weights.pt" in out
 
-    # last.ckpt holds the scaled weights; the per-epoch checkpoints keep the unscaled ones
+    # The scaling runs after the fit's last batch, before its last validation and checkpoint: the
+    # last epoch's checkpoint and last.ckpt hold the scaled weights (the model the fit leaves);
+    # the earlier epoch's checkpoint is the unscaled training state.
     last = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
     assert _state_equal(last["state_dict"], scaled)
     epoch_ckpt = torch.load(next(ckpt_dir.glob("epoch=1*.ckpt")), weights_only=False)
-    assert _state_equal({n: epoch_ckpt["state_dict"][n] for n in cb.unscaled_state_dict}, cb.unscaled_state_dict)
+    assert _state_equal(epoch_ckpt["state_dict"], scaled)
+    first_epoch = torch.load(next(ckpt_dir.glob("epoch=0*.ckpt")), weights_only=False)
+    assert not _state_equal(first_epoch["state_dict"], scaled)
 
     # resuming the finished run from last.ckpt trains nothing and does not scale a second time
     resumed = BlockNet(seed=7)
@@ -429,7 +433,7 @@ def test_last_checkpoint_link_is_replaced_not_written_through(tmp_path: Path) ->
     assert last.is_file() and not last.is_symlink()
     assert _state_equal(torch.load(last, weights_only=False)["state_dict"], model.state_dict())
     target = torch.load(next(ckpt_dir.glob("epoch=*.ckpt")), weights_only=False)["state_dict"]
-    assert _state_equal({n: target[n] for n in cb.unscaled_state_dict}, cb.unscaled_state_dict)
+    assert _state_equal(target, model.state_dict())  # scaled before the epoch's checkpoint
 
 
 def test_last_checkpoint_written_by_model_checkpoint_after_lines(tmp_path: Path) -> None:
