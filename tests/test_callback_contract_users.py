@@ -428,3 +428,12 @@ def test_two_instances_of_a_class_each_find_their_state(tmp_path: Path) -> None:
         call._call_callbacks_on_load_checkpoint(trainer, checkpoint)
         call._call_callbacks_load_state_dict(trainer, checkpoint)
     assert (a._ended, b._ended) == (3, 5)
+
+
+def test_user_unlearning_report_writes_task_indices_as_integers(tmp_path_factory: Any) -> None:
+    import csv
+
+    row = next(r for r in ROWS if r.id == "ForgetRetainEvaluation")
+    run = user_run(row, tmp_path_factory)
+    lines = list(csv.reader((run.root / "unlearning.csv").open()))
+    assert [line[0] for line in lines[1:]] == [str(t) for t in range(NUM_TASKS)]

@@ -294,7 +294,20 @@ class _BufferCallback(ContinualCallback):
 
     @override
     def load_method_state(self, state: dict[str, Any]) -> None:
-        if state["update"] != self.update:  # pragma: no cover - the state key differs first
+        if state["update"] != self.update and self.requested_update == "auto" and not len(self.buffer):
+            # `update="auto"` resolved to the checkpoint's policy in the run that wrote it (a
+            # validate/test, or a resume whose datamodule is not known yet, may resolve otherwise).
+            self._resolve_policies(task_structured=state["update"] == "task_end")
+            self._policies_fixed = True
+        if state["update"] != self.update and self._restoring_for not in (None, "fit"):
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint's buffer was filled with update={state['update']!r}, this "
+                f"callback has update={self.update!r}; the buffer is not loaded for {self._restoring_for}, which does "
+                "not train.",
+                category=UserWarning,
+            )
+            return
+        if state["update"] != self.update:
             raise RuntimeError(
                 f"{type(self).__name__}: the checkpoint was written with update={state['update']!r}, this "
                 f"callback has update={self.update!r}; build it with the checkpoint's `update` to resume."

@@ -276,6 +276,12 @@ class ContinualClassifier(pl.LightningModule):
             self.log(f"{stage}/acc/task_{j}", row[j], add_dataloader_idx=False, sync_dist=True)
         seen = row[: task + 1]
         seen = seen[~torch.isnan(seen)]
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if callable(getattr(datamodule, "loader_roles", None)):
+            # A forget/retain stream: the sets are forgotten ones (0 is the goal) and retained ones;
+            # their average reads as a continual-learning accuracy and means nothing. Per-set
+            # accuracies stay logged; ForgetRetainEvaluation reports Acc_f/Acc_r/H-mean.
+            return
         if seen.numel():
             self.log(f"{stage}/acc_avg", seen.mean(), prog_bar=stage == "val", add_dataloader_idx=False, sync_dist=True)
 
