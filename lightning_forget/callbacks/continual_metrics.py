@@ -76,8 +76,10 @@ class ContinualMetrics(ContinualCallback):
     dataloader, which Lightning suffixes with ``/dataloader_idx_{t}`` (``self.log("val_acc", acc)``
     in a ``validation_step(self, batch, batch_idx, dataloader_idx=0)``; a bare ``val_acc`` from a
     single dataloader counts as task 0). The default ``key=None`` finds either, in that order
-    (:data:`DEFAULT_KEYS`); pass ``key`` for any other name. At each task end (after that task's
-    last validation) it reads ``trainer.callback_metrics``, writes row ``task`` of the matrix
+    (:data:`DEFAULT_KEYS`); pass ``key`` for any other name. After each task's end (in the report
+    phase of :class:`~lightning_forget.tasks.ContinualCallback`: at the validation that follows
+    every callback's end-of-task work, so the row measures the model the task leaves behind) it
+    reads ``trainer.callback_metrics``, writes row ``task`` of the matrix
     (columns: every task found in the keys; the matrix grows when the number of tasks is not
     known, as with one ``fit`` per task), and logs the summary metrics. At the end of the stream
     (the last task of a :class:`~lightning_forget.datamodules.ContinualDataModule`; every task end
@@ -107,10 +109,10 @@ class ContinualMetrics(ContinualCallback):
 
     Note:
         Logged keys: ``cl/acc_avg`` (average accuracy on the tasks seen), ``cl/forgetting``,
-        ``cl/bwt``; metrics that are undefined (forgetting after one task) are not logged. With a
-        continual datamodule they are logged through ``pl_module.log`` at the task's last epoch
-        end; with one fit per task (where ``on_train_end`` forbids ``self.log``) they go straight
-        to ``trainer.loggers`` and into ``trainer.callback_metrics``.
+        ``cl/bwt``; metrics that are undefined (forgetting after one task) are not logged. They are
+        logged with ``pl_module.log`` where Lightning allows it, else (at validation end, train
+        end) straight to ``trainer.loggers`` and into ``trainer.callback_metrics``
+        (:meth:`~lightning_forget.tasks.ContinualCallback.log_task_metrics`).
 
         Warnings: once per run when no logged key matches (naming the keys looked for and the
         keys logged; those tasks get no row), and for each task that ended without a validation.
