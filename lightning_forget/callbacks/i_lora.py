@@ -283,6 +283,9 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
             p.requires_grad_(True)
         if not self._slow or set(self._slow) != set(fast):
             self._slow = OrderedDict((name, p.detach().clone()) for name, p in fast.items())
+            # A fresh adapter is initialised from the global RNG, which may differ by rank here
+            # (before DDP broadcasts rank 0's weights): copied again in on_fit_start.
+            self._slow_fresh = True
 
     def _sync_device(self) -> None:
         fast = self.fast_parameters()
@@ -330,6 +333,9 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.__dict__.pop("_slow_fresh", False) and self._pending_slow is None:
+            # After the strategy's setup: the fast adapter now holds rank 0's initial values.
+            self._slow = OrderedDict((name, p.detach().clone()) for name, p in self.fast_parameters().items())
         self._sync_device()
         self._counter.watch(trainer.optimizers)
         self._counter.pop()
@@ -554,5 +560,6 @@ and copied back. Wrapping happens in ``setup()``, before the strategy builds the
         super().load_method_state(buffer_state)
         self.optimizer_steps = int(state["optimizer_steps"])
         self._pending_slow = {k: v.clone() for k, v in state["slow"].items()}
+        self.__dict__.pop("_slow_fresh", None)  # the slow learner comes from the checkpoint
         if self._peft is not None:
             self._sync_device()
