@@ -65,6 +65,7 @@ __all__ = [
     "results_dir",
     "announce_results",
     "ensure_writable_dir",
+    "output_paths",
     "REPORT_FILES",
 ]
 
@@ -143,6 +144,47 @@ def ensure_writable_dir(directory: Union[str, Path], owner: str, files: str, fix
             f"{owner} writes {files} into {str(path)!r}, which cannot be created or written "
             f"({type(error).__name__}: {error.strerror or error}). Fix: {fix}."
         ) from error
+
+
+def _versioned(name: str, version: int) -> str:
+    if version == 0:
+        return name
+    stem, dot, ext = name.partition(".")
+    return f"{stem}-v{version}{dot}{ext}"
+
+
+def output_paths(owner: Any, directory: Union[str, Path], names: Mapping[str, str]) -> dict[str, Path]:
+    """Where ``owner`` (a callback) writes the files ``names`` (``{kind: file name}``) in ``directory``.
+
+    The one rule for files a callback writes: they go to :func:`results_dir` (or the folder the
+    callback's own argument names), and **no run replaces a file another run wrote**. A file of
+    the same name that this ``owner`` did not write (another run's, in a shared ``log_dir``, the
+    working directory with ``logger=False``, or a shared adapter folder) is left alone, and the
+    whole group is written beside it with Lightning's version suffix (``unlearning-v1.csv`` and
+    ``unlearning-v1.png``; ``-v2``... when those exist too), the way ``ModelCheckpoint`` versions
+    its files. The same ``owner`` asking again (the next fit of a one-fit-per-task run, the next
+    report) gets the same paths and rewrites its own files.
+
+    Call it on the rank that writes (global rank 0). Callbacks call it in ``setup()`` too, so that
+    the choice is made and announced before training.
+    """
+    directory = Path(directory)
+    written: set[str] = owner.__dict__.setdefault("_written_outputs", set())
+    version = 0
+    while True:
+        paths = {kind: directory / _versioned(name, version) for kind, name in names.items()}
+        if all(str(path) in written or not path.exists() for path in paths.values()):
+            break
+        version += 1
+    if version and not all(str(path) in written for path in paths.values()):
+        taken = ", ".join(sorted(names.values()))
+        log.warning(
+            f"{type(owner).__name__}: {taken} in {directory} belong to another run and are left as they are; "
+            f"this run writes {', '.join(path.name for path in paths.values())} beside them. Fix, to keep names "
+            "plain: give each run its own folder (a logger, or the callback's folder argument)."
+        )
+    written.update(str(path) for path in paths.values())
+    return paths
 
 
 def _none_if_nan(value: Any) -> Any:
@@ -315,6 +357,7 @@ def write_report(
     extra: Optional[Mapping[str, Any]] = None,
     prefix: str = "",
     title: str = "Accuracy matrix",
+    paths: Optional[Mapping[str, Path]] = None,
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``accuracy_matrix.csv`` and ``accuracy_matrix.png`` into ``log_dir``.
 
@@ -332,6 +375,7 @@ def write_report(
         extra: more JSON-serialisable values to store under ``"extra"`` (method name, config).
         prefix: prepended to each file name (for several reports in one directory).
         title: title of the heatmap.
+        paths: ``{"json", "csv", "png"}`` paths to write instead (from :func:`output_paths`).
 
     Returns:
         ``{"json": path, "csv": path, "png": path}``.
@@ -340,7 +384,7 @@ def write_report(
     summary = summarize(matrix) if summary is None else summary
     directory = Path(log_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {kind: directory / f"{prefix}{name}" for kind, name in REPORT_FILES.items()}
+    paths = dict(paths) if paths is not None else {kind: directory / f"{prefix}{name}" for kind, name in REPORT_FILES.items()}
     payload = {"summary": dict(summary), "accuracy_matrix": matrix.tolist(), "extra": dict(extra or {})}
     paths["json"].write_text(json.dumps(_none_if_nan(payload), indent=2, default=str) + "\n")
     _write_csv(paths["csv"], matrix)
@@ -534,7 +578,9 @@ def unlearning_figure(rows: Sequence[Mapping[str, Any]], title: str = "Continual
     return figure
 
 
-def write_unlearning_report(log_dir: Union[str, Path], rows: Sequence[Mapping[str, Any]], prefix: str = "") -> dict[str, Path]:
+def write_unlearning_report(
+    log_dir: Union[str, Path], rows: Sequence[Mapping[str, Any]], prefix: str = "", paths: Optional[Mapping[str, Path]] = None
+) -> dict[str, Path]:
     """Write ``unlearning.csv`` (one line per task: ``task`` then the :data:`UNLEARNING_COLUMNS`
     keys, empty cells for NaN) and ``unlearning.png`` (:func:`unlearning_figure`) into ``log_dir``.
 
@@ -543,7 +589,7 @@ def write_unlearning_report(log_dir: Union[str, Path], rows: Sequence[Mapping[st
     """
     directory = Path(log_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {kind: directory / f"{prefix}{name}" for kind, name in UNLEARNING_FILES.items()}
+    paths = dict(paths) if paths is not None else {kind: directory / f"{prefix}{name}" for kind, name in UNLEARNING_FILES.items()}
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["task", *UNLEARNING_COLUMNS])

@@ -273,9 +273,10 @@ def test_pickles_and_copies(row: Row) -> None:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
-def test_pickles_and_copies_after_a_fit(row: Row, tmp_path: Any) -> None:
-    # Three one-epoch tasks: buffers filled, schedules advanced, every task ended.
-    _, callback = run_stream(tmp_path, row.build, epochs_per_task=1, make_data=row.make_data, make_model=row.make_model)
+def test_pickles_and_copies_after_a_fit(row: Row, tmp_path_factory: Any) -> None:
+    # The uninterrupted run of the resume test (three tasks): buffers filled, schedules advanced,
+    # every task ended.
+    callback = _full_run(row, tmp_path_factory)[3]
     assert isinstance(callback, ContinualCallback) and callback._ended == 2
     state = callback.state_dict()
     assert not same_state(state, row.build().state_dict())  # the fit changed the state
@@ -298,7 +299,7 @@ def test_cli_builds_it_and_runs_through_a_task_boundary(row: Row, tmp_path: Any)
             "limit_val_batches": 1,
             "reload_dataloaders_every_n_epochs": 1,
             "logger": False,
-            "enable_checkpointing": False,
+            "enable_checkpointing": True,
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "default_root_dir": str(tmp_path),
@@ -315,30 +316,38 @@ def test_cli_builds_it_and_runs_through_a_task_boundary(row: Row, tmp_path: Any)
     assert cli.trainer.global_step == 4
     assert built[0]._ended == 1  # both tasks ended, the first one mid-fit
     assert not same_state(built[0].state_dict(), row.build().state_dict())
+    # validate/test from the fit's checkpoint, through the CLI, with the same config: resume guards
+    # apply to `fit` only, and the checkpoint loads into the module the config builds.
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    for stage in ("validate", "test"):
+        if is_overridden(f"{stage}_step" if stage == "test" else "validation_step", cli.model):
+            main([stage, "--config", str(path), "--ckpt_path", checkpoint, "--trainer.default_root_dir", str(tmp_path / stage)])
 
 
 #: Step 15 of the 3-task × 2-epoch BlobStream (6 batches per epoch): 3 batches into epoch 2,
 #: the first epoch of task 1 (replay buffers hold task 0).
 MID_EPOCH_STEP = 15
-_FULL_RUNS: dict[str, tuple[torch.Tensor, Any, list[Any]]] = {}
+_FULL_RUNS: dict[str, tuple[torch.Tensor, Any, list[Any], Any]] = {}
 
 
-def _full_run(row: Row, tmp_path_factory: Any) -> tuple[torch.Tensor, Any, list[Any]]:
-    """The uninterrupted run of a row (parameters, callback state, batches), run once per module."""
+def _full_run(row: Row, tmp_path_factory: Any) -> tuple[torch.Tensor, Any, list[Any], Any]:
+    """The uninterrupted run of a row (parameters, callback state, batches, the callback), run once per module."""
     if row.id not in _FULL_RUNS:
         recorder = BatchRecorder()
         model, callback = run_stream(
             tmp_path_factory.mktemp("full"), row.build, make_data=row.make_data, make_model=row.make_model,
             extra_callbacks=lambda: [recorder],
         )
-        _FULL_RUNS[row.id] = (params_vector(model), callback.state_dict(), recorder.seen)
+        _FULL_RUNS[row.id] = (params_vector(model), callback.state_dict(), recorder.seen, callback)
     return _FULL_RUNS[row.id]
 
 
 @pytest.mark.parametrize("resume", ["epoch_end", "mid_epoch"])
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
 def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: Any, tmp_path_factory: Any) -> None:
-    full_params, full_state, full_batches = _full_run(row, tmp_path_factory)
+    full_params, full_state, full_batches, _ = _full_run(row, tmp_path_factory)
     recorder = BatchRecorder()
     # epochs_per_task=2: the checkpoint after epoch 2 (epoch_end) or after step 15 (mid_epoch)
     # is in the middle of task 1.
@@ -357,7 +366,9 @@ def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: A
 @pytest.mark.ddp
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
 def test_ddp_ranks_stay_identical(row: Row, tmp_path: Any) -> None:
-    result = run_ddp_pair(tmp_path, row.build, make_data=row.make_data, make_model=row.make_model)
+    # The global RNGs differ by rank before the callback's setup (a datamodule's prepare_data/setup
+    # drawing per rank): state copied from the model before DDP's broadcast would differ by rank.
+    result = run_ddp_pair(tmp_path, row.build, make_data=row.make_data, make_model=row.make_model, rng_drift=True)
     assert result["equal_length"], result
     assert result["world_size"] == 2
     assert result["global_step"] > 0
@@ -389,3 +400,31 @@ def test_ddp_comparison_fails_for_a_rank_dependent_callback_state(tmp_path: Any)
     assert result["equal_length"] and result["world_size"] == 2, result
     assert result["max_param_diff"] == 0.0, result
     assert result["max_state_diff"] == 1.0, result  # the check sees the callback's state, not only the weights
+
+
+class GlobalRNGCopy(ContinualCallback):
+    """Keeps a tensor drawn from the global RNG in ``setup`` (as a callback copying weights that a
+    module initialised in ``setup`` would, before DDP broadcasts them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drawn = torch.zeros(3)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.drawn = torch.rand(3)
+
+    def method_state(self) -> dict[str, Any]:
+        return {"drawn": self.drawn}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.drawn = state["drawn"]
+
+
+@pytest.mark.ddp
+def test_ddp_rows_make_the_global_rng_differ_by_rank(tmp_path: Any) -> None:
+    # The DDP rows' RNG drift bites: a callback that copies from the global RNG in setup ends with
+    # different state on the two ranks.
+    result = run_ddp_pair(tmp_path, GlobalRNGCopy, rng_drift=True)
+    assert result["equal_length"] and result["world_size"] == 2, result
+    assert result["max_state_diff"] > 0.0, result

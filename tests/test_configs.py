@@ -65,3 +65,24 @@ def test_config_runs(config: Path, tmp_path: Any) -> None:
         assert cli.trainer.current_epoch == 2 and cli.datamodule.task_of_epoch(1) == 1  # task 1 trained
         tasks = [c for c in cli.trainer.callbacks if isinstance(c, ContinualCallback)]
         assert all(c._ended >= 0 for c in tasks), "a callback saw no task end"
+
+
+def test_er_fpf_config_reports_the_model_its_checkpoint_holds(tmp_path: Any) -> None:
+    """configs/kfpf/*_er_fpf.yaml: FPF fine-tunes at each task end. The last row of the accuracy
+    matrix and val/acc_avg are measured after it: they equal what the final checkpoint validates at."""
+    import json
+
+    config = Path(__file__).parents[1] / "configs" / "kfpf" / "split_mnist_er_fpf.yaml"
+    common = ["--config", str(config), "--trainer.enable_progress_bar", "false",
+              "--trainer.limit_val_batches", "2", *SMALL_DATA["kfpf"]]
+    cli = main(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "fit"), "--data.init_args.epochs_per_task", "1",
+                "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--data.init_args.num_tasks", "2"])
+    report = json.loads(next((tmp_path / "fit").rglob("metrics.json")).read_text())
+    last_row = report["accuracy_matrix"][-1]
+    fitted = float(cli.trainer.callback_metrics["val/acc_avg"])
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path
+    validated = main(["validate", *common, "--trainer.default_root_dir", str(tmp_path / "validate"),
+                      "--data.init_args.num_tasks", "2", "--ckpt_path", checkpoint])
+    metrics = validated.trainer.callback_metrics
+    assert [float(metrics[f"val/acc/task_{t}"]) for t in range(2)] == pytest.approx(last_row)
+    assert float(metrics["val/acc_avg"]) == pytest.approx(fitted)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_forget.callbacks.lines import LiNeS
 from lightning_forget.merging import lines_scale
 from tests.helpers.benchmarks import load_benchmark
-from tests.helpers.harness import quiet_trainer
+from tests.helpers.harness import CrashAtStep, SimulatedCrash, quiet_trainer
 
 
 class BlockNet(pl.LightningModule):
@@ -201,11 +201,13 @@ def test_resume_keeps_theta0(tmp_path: Path) -> None:
     cb_full = LiNeS(alpha=0.3)
     _trainer(tmp_path / "full", [cb_full], max_epochs=2).fit(full, _loader())
 
-    # interrupted after epoch 1 (the checkpoint holds the unscaled weights and θ0) ...
+    # interrupted (a crash) after epoch 1 (the checkpoint holds the unscaled weights and θ0) ...
     ckpt_dir = tmp_path / "ckpt"
     first = BlockNet(seed=0)
-    _trainer(tmp_path / "a", [LiNeS(alpha=0.3), ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1)],
-             max_epochs=1, enable_checkpointing=True).fit(first, _loader())
+    crashing = _trainer(tmp_path / "a", [CrashAtStep(3), LiNeS(alpha=0.3), ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1)],
+                        max_epochs=2, enable_checkpointing=True)
+    with pytest.raises(SimulatedCrash):
+        crashing.fit(first, _loader())
     ckpt = next(ckpt_dir.glob("*.ckpt"))
     # ... and resumed into a differently initialised model: θ0 must come from the checkpoint
     resumed = BlockNet(seed=123)
@@ -403,11 +405,15 @@ def test_scaled_weights_file_and_last_checkpoint(tmp_path: Path, capsys: pytest.
     out = capsys.readouterr().out
     assert "LiNeS: results written to" in out and "lines_scaled_weights.pt" in out and "unscaled_weights.pt" in out
 
-    # last.ckpt holds the scaled weights; the per-epoch checkpoints keep the unscaled ones
+    # The scaling runs after the fit's last batch, before its last validation and checkpoint: the
+    # last epoch's checkpoint and last.ckpt hold the scaled weights (the model the fit leaves);
+    # the earlier epoch's checkpoint is the unscaled training state.
     last = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
     assert _state_equal(last["state_dict"], scaled)
     epoch_ckpt = torch.load(next(ckpt_dir.glob("epoch=1*.ckpt")), weights_only=False)
-    assert _state_equal({n: epoch_ckpt["state_dict"][n] for n in cb.unscaled_state_dict}, cb.unscaled_state_dict)
+    assert _state_equal(epoch_ckpt["state_dict"], scaled)
+    first_epoch = torch.load(next(ckpt_dir.glob("epoch=0*.ckpt")), weights_only=False)
+    assert not _state_equal(first_epoch["state_dict"], scaled)
 
     # resuming the finished run from last.ckpt trains nothing and does not scale a second time
     resumed = BlockNet(seed=7)
@@ -427,7 +433,7 @@ def test_last_checkpoint_link_is_replaced_not_written_through(tmp_path: Path) ->
     assert last.is_file() and not last.is_symlink()
     assert _state_equal(torch.load(last, weights_only=False)["state_dict"], model.state_dict())
     target = torch.load(next(ckpt_dir.glob("epoch=*.ckpt")), weights_only=False)["state_dict"]
-    assert _state_equal({n: target[n] for n in cb.unscaled_state_dict}, cb.unscaled_state_dict)
+    assert _state_equal(target, model.state_dict())  # scaled before the epoch's checkpoint
 
 
 def test_last_checkpoint_written_by_model_checkpoint_after_lines(tmp_path: Path) -> None:

@@ -31,9 +31,11 @@ class Counter(ContinualCallback):
 
 def test_layout_and_round_trip() -> None:
     cb = Counter()
-    cb.count, cb.task, cb._started, cb._ended = 5, 2, 2, 1
+    cb.count, cb.task, cb._started, cb._ended, cb._reported_task = 5, 2, 2, 1, 1
     state = cb.state_dict()
-    assert state == {"version": 2, "protocol": {"task": 2, "started": 2, "ended": 1}, "method": {"count": 5}}
+    assert state == {
+        "version": 2, "protocol": {"task": 2, "started": 2, "ended": 1, "reported": 1}, "arguments": {}, "method": {"count": 5},
+    }
     fresh = Counter()
     fresh.load_state_dict(state)
     assert (fresh.count, fresh.task, fresh._started, fresh._ended) == (5, 2, 2, 1)

@@ -107,6 +107,10 @@ class AdaB2N(ContinualCallback):
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ('num_tasks', 'classes_per_task')
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = True
 
     def __init__(
         self,
@@ -154,6 +158,12 @@ class AdaB2N(ContinualCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
+            # validate/test/predict with `ckpt_path` of an AdaB2N run: the module needs AdaB2N's
+            # layers to load that checkpoint (its task weights and statistics are evaluated as saved).
+            datamodule = task_schedule(trainer)
+            num_tasks = self.num_tasks if self.num_tasks is not None else getattr(datamodule, "num_tasks", None)
+            if num_tasks is not None and not adab2n_layers(pl_module):
+                convert_adab2n(pl_module, int(num_tasks), self.kappa, init_weight=self.init_weight, renormalize=self.renormalize)
             return
         if getattr(trainer.strategy, "_layer_sync", None) is not None:
             raise RuntimeError(

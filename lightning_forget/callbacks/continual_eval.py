@@ -158,6 +158,10 @@ class ContinualEvaluation(ContinualCallback):
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ('samples_per_task',)
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = False
 
 
     def __init__(
@@ -318,7 +322,10 @@ class ContinualEvaluation(ContinualCallback):
         if type(self).predict is ContinualEvaluation.predict:
             self.model_forward.check(pl_module)
         if self.save_csv or self.save_plot:
-            self._check_writable(reporting.results_dir(trainer, self.log_dir))
+            directory = reporting.results_dir(trainer, self.log_dir)  # every rank: trainer.log_dir broadcasts
+            if trainer.is_global_zero:
+                self._check_writable(directory)
+                self._output_paths(directory)  # chosen now: never over another run's files
         name = type(trainer.strategy).__name__
         if any(sharded in name for sharded in ("FSDP", "DeepSpeed", "ModelParallel")):
             raise NotImplementedError(
@@ -378,10 +385,11 @@ class ContinualEvaluation(ContinualCallback):
         os.makedirs(directory, exist_ok=True)
         curves = self.curves
         paths = []
+        files = self._output_paths(directory)
         if self.save_csv:
-            paths.append(reporting.write_stability_csv(os.path.join(directory, reporting.STABILITY_FILES["csv"]), curves))
+            paths.append(reporting.write_stability_csv(files["csv"], curves))
         if self.save_plot:
-            path = os.path.join(directory, reporting.STABILITY_FILES["png"])
+            path = files["png"]
             figure = reporting.write_stability_plot(path, curves, self._plot_title())
             reporting.log_figure(trainer, figure, "eval/stability_gap", step=self._step(trainer))
             paths.append(path)
@@ -396,6 +404,9 @@ class ContinualEvaluation(ContinualCallback):
             f"Continual evaluation every {self.every_n_steps} steps — min-ACC {self.min_acc:.3f}, "
             f"WC-ACC {self.wc_acc:.3f}, WF{self.window} {self.wf:.3f}"
         )
+
+    def _output_paths(self, directory: str) -> dict[str, Any]:
+        return reporting.output_paths(self, directory, reporting.STABILITY_FILES)
 
     def _check_writable(self, directory: str) -> None:
         """Fail before training, not after it, when the CSV/PNG could not be written."""

@@ -76,8 +76,10 @@ class ContinualMetrics(ContinualCallback):
     dataloader, which Lightning suffixes with ``/dataloader_idx_{t}`` (``self.log("val_acc", acc)``
     in a ``validation_step(self, batch, batch_idx, dataloader_idx=0)``; a bare ``val_acc`` from a
     single dataloader counts as task 0). The default ``key=None`` finds either, in that order
-    (:data:`DEFAULT_KEYS`); pass ``key`` for any other name. At each task end (after that task's
-    last validation) it reads ``trainer.callback_metrics``, writes row ``task`` of the matrix
+    (:data:`DEFAULT_KEYS`); pass ``key`` for any other name. After each task's end (in the report
+    phase of :class:`~lightning_forget.tasks.ContinualCallback`: at the validation that follows
+    every callback's end-of-task work, so the row measures the model the task leaves behind) it
+    reads ``trainer.callback_metrics``, writes row ``task`` of the matrix
     (columns: every task found in the keys; the matrix grows when the number of tasks is not
     known, as with one ``fit`` per task), and logs the summary metrics. At the end of the stream
     (the last task of a :class:`~lightning_forget.datamodules.ContinualDataModule`; every task end
@@ -107,10 +109,10 @@ class ContinualMetrics(ContinualCallback):
 
     Note:
         Logged keys: ``cl/acc_avg`` (average accuracy on the tasks seen), ``cl/forgetting``,
-        ``cl/bwt``; metrics that are undefined (forgetting after one task) are not logged. With a
-        continual datamodule they are logged through ``pl_module.log`` at the task's last epoch
-        end; with one fit per task (where ``on_train_end`` forbids ``self.log``) they go straight
-        to ``trainer.loggers`` and into ``trainer.callback_metrics``.
+        ``cl/bwt``; metrics that are undefined (forgetting after one task) are not logged. They are
+        logged with ``pl_module.log`` where Lightning allows it, else (at validation end, train
+        end) straight to ``trainer.loggers`` and into ``trainer.callback_metrics``
+        (:meth:`~lightning_forget.tasks.ContinualCallback.log_task_metrics`).
 
         Warnings: once per run when no logged key matches (naming the keys looked for and the
         keys logged; those tasks get no row), and for each task that ended without a validation.
@@ -129,6 +131,10 @@ class ContinualMetrics(ContinualCallback):
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ()
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = False
 
     def __init__(
         self,
@@ -161,6 +167,7 @@ class ContinualMetrics(ContinualCallback):
         self._matrix: Tensor = torch.empty(0, 0, dtype=torch.float64)
         self._reported: int = -1
         self._validated: Optional[bool] = None  # None: unknown (e.g. after a resume)
+        self._validated_before_end = False
         self._pending: dict[int, float] = {}  # the current task's latest validation row
         self._warned_no_key = False
 
@@ -227,26 +234,40 @@ class ContinualMetrics(ContinualCallback):
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.sanity_checking:
+            # Read the task's row at every validation, where the epoch's logged values are final,
+            # and keep it in the state (`callback_metrics` is empty after a resume). Rank 0's
+            # reading decides, so that the state is the same on all ranks.
+            self._pending = trainer.strategy.broadcast(self.read_accuracies(dict(trainer.callback_metrics)), src=0)
+            self._validated = True
+        # Then the report phase: a task that ended before this validation gets its row from it,
+        # measured after every callback's task-end edits.
         super().on_validation_end(trainer, pl_module)
-        if trainer.sanity_checking:
-            return
-        # Read the task's row at every validation, where the epoch's logged values are final,
-        # and keep it in the state: a checkpoint written at validation end (before the task's
-        # end fires) then still holds it, while `callback_metrics` is empty after a resume.
-        # Rank 0's reading decides, so that the state is the same on all ranks.
-        self._pending = trainer.strategy.broadcast(self.read_accuracies(dict(trainer.callback_metrics)), src=0)
-        self._validated = True
 
     @override
     def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         super().on_task_end(trainer, pl_module, task)
-        if self._validated is False:
+        # Values read before the task ended predate its end-of-task edits (FPF, merges, scaling):
+        # the row waits for the validation that follows.
+        self._validated_before_end = bool(self._validated)
+        self._validated = False
+
+    @override
+    def on_task_report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        super().on_task_report(trainer, pl_module, task)
+        if self._validated is False and not self._validated_before_end:
             rank_zero_warn(
                 f"ContinualMetrics: no validation ran during task {task}, so its row of the accuracy "
                 "matrix is left empty (the logged values would be stale). Fix: validate at least at "
                 "the last epoch of each task (`check_val_every_n_epoch`, `limit_val_batches`)."
             )
             return
+        if self._validated is False:
+            rank_zero_warn(
+                f"ContinualMetrics: no validation ran after task {task} ended, so its row is the validation "
+                "before the task's end-of-task work (fine-tuning, merges, scaling). Fix: validate at the last "
+                "epoch of each task (`check_val_every_n_epoch=1`)."
+            )
         accuracies = dict(self._pending)
         if not accuracies:
             if self._warned_no_key:
@@ -267,7 +288,10 @@ class ContinualMetrics(ContinualCallback):
         self._matrix[task] = float("nan")
         for column, value in accuracies.items():
             self._matrix[task, column] = value
-        self._log_summary(trainer, pl_module, can_self_log=datamodule is not None and not self._stopped_inside_task)
+        summary = self.summary
+        self.log_task_metrics(
+            trainer, pl_module, {name: summary[field] for name, field in LOGGED_KEYS.items() if summary[field] is not None}
+        )
         stream_over = datamodule is None or task >= int(datamodule.num_tasks) - 1
         if stream_over:
             self._write(trainer)
@@ -281,25 +305,9 @@ class ContinualMetrics(ContinualCallback):
             self._write(trainer)
 
     # ------------------------------------------------------------------ outputs
-    def _log_summary(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", can_self_log: bool
-    ) -> None:
-        summary = self.summary
-        values = {name: summary[field] for name, field in LOGGED_KEYS.items() if summary[field] is not None}
-        if not values:
-            return
-        if can_self_log:
-            # Called from on_train_epoch_end, where self.log is allowed. The values are equal on all
-            # ranks, so the sync (a mean of equal numbers) changes nothing and keeps Lightning quiet.
-            for name, value in values.items():
-                pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=True)
-            return
-        # Called from on_train_end (one fit per task, or a run stopped inside a task): self.log is refused.
-        for name, value in values.items():
-            trainer.callback_metrics[name] = torch.tensor(float(value))
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(values, step=trainer.global_step)
+    def _report_paths(self, directory: str) -> dict[str, Any]:
+        names = {kind: f"{self.filename_prefix}{name}" for kind, name in reporting.REPORT_FILES.items()}
+        return reporting.output_paths(self, directory, names)
 
     def _directory(self, trainer: "pl.Trainer") -> str:
         """Where the report files go (read on every rank: ``trainer.log_dir`` broadcasts)."""
@@ -316,6 +324,7 @@ class ContinualMetrics(ContinualCallback):
                     directory, "ContinualMetrics", "metrics.json, accuracy_matrix.csv and accuracy_matrix.png",
                     "pass a writable `log_dir`, or `report=False`",
                 )
+                self._report_paths(directory)  # chosen now: never over another run's files
 
     def _write(self, trainer: "pl.Trainer") -> None:
         measured = last_measured_row(self._matrix)  # None: every accuracy so far is NaN
@@ -341,6 +350,7 @@ class ContinualMetrics(ContinualCallback):
             extra={"key": self.matched_key or self.key, "global_step": trainer.global_step, "epoch": trainer.current_epoch},
             prefix=self.filename_prefix,
             title=f"Accuracy matrix after task {last}",
+            paths=self._report_paths(directory),
         )
         reporting.log_figure(
             trainer, lambda: reporting.accuracy_heatmap(self._matrix, summary, f"Accuracy matrix after task {last}"),

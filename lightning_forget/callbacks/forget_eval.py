@@ -66,6 +66,10 @@ class ForgetRetainEvaluation(ContinualCallback):
     """
 
     supported_strategies = DDP_STRATEGIES
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ()
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = False
 
     def __init__(
         self,
@@ -107,9 +111,11 @@ class ForgetRetainEvaluation(ContinualCallback):
         if stage == "fit":
             self._datamodule(trainer)
             self.model_forward.check(pl_module)
+            directory = reporting.results_dir(trainer, self.log_dir)  # every rank: trainer.log_dir broadcasts
             if self.report and trainer.is_global_zero:
-                reporting.ensure_writable_dir(reporting.results_dir(trainer, self.log_dir), "ForgetRetainEvaluation",
+                reporting.ensure_writable_dir(directory, "ForgetRetainEvaluation",
                                               "unlearning.csv and unlearning.png", "pass a writable `log_dir`, or `report=False`")
+                reporting.output_paths(self, directory, reporting.UNLEARNING_FILES)  # chosen now: never over another run's
 
     def _loader(self, trainer: "pl.Trainer", dataset: Dataset) -> DataLoader:
         rank, world = trainer.global_rank, trainer.world_size
@@ -161,17 +167,14 @@ class ForgetRetainEvaluation(ContinualCallback):
         if task not in self.before:
             self.before[task] = self.evaluate(trainer, pl_module, task)["acc_f"]
 
-    def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+    def on_task_report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        # The report phase runs after every callback's task end (a GS-LoRA merge, a scaling): the
+        # row measures the model the task leaves behind, whatever the callbacks' order.
         row = self.evaluate(trainer, pl_module, task, before=self.before.get(task), with_mia=self.mia)
-        row = {"task": float(task), "acc_f_before": self.before.get(task, math.nan), **row}
+        row = {"task": int(task), "acc_f_before": self.before.get(task, math.nan), **row}
         self.rows.append(row)
-        if not self._stopped_inside_task:
-            pl_module.log("unlearn/acc_f", row["acc_f"], on_step=False, on_epoch=True)
-            pl_module.log("unlearn/acc_r", row["acc_r"], on_step=False, on_epoch=True)
-            pl_module.log("unlearn/acc_o", row["acc_o"], on_step=False, on_epoch=True)
-            pl_module.log("unlearn/h_mean", row["h_mean"], on_step=False, on_epoch=True)
-            if "mia_auc" in row:
-                pl_module.log("unlearn/mia_auc", row["mia_auc"], on_step=False, on_epoch=True)
+        logged = {f"unlearn/{name}": row[name] for name in ("acc_f", "acc_r", "acc_o", "h_mean", "mia_auc") if name in row}
+        self.log_task_metrics(trainer, pl_module, logged, sync_dist=False)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_fit_end(trainer, pl_module)
@@ -183,7 +186,9 @@ class ForgetRetainEvaluation(ContinualCallback):
         from rich.console import Console
 
         Console().print(reporting.render_unlearning_table(self.rows))
-        paths = reporting.write_unlearning_report(directory, self.rows)
+        paths = reporting.write_unlearning_report(
+            directory, self.rows, paths=reporting.output_paths(self, directory, reporting.UNLEARNING_FILES)
+        )
         reporting.announce_results(trainer, "ForgetRetainEvaluation", paths)
 
     # ------------------------------------------------------------------ state

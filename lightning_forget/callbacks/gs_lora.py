@@ -190,6 +190,10 @@ class GSLoRA(ContinualCallback):
 
     supported_strategies = DDP_STRATEGIES
     STATE_VERSION = 2
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ('r', 'lora_alpha', 'target_modules', 'grouping', 'pretrained_ckpt')
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = True
 
     def __init__(
         self,
@@ -354,6 +358,10 @@ class GSLoRA(ContinualCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
+            # validate/test/predict with `ckpt_path` of a GS-LoRA run: the module needs the LoRA
+            # layers to load that checkpoint (their values come from it).
+            if not lora_layers(pl_module):
+                self._inject(pl_module)
             return
         self.model_forward.check(pl_module)
         fresh = not lora_layers(pl_module)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_forget import reporting
 from lightning_forget.buffers import TASK_KEY
 from lightning_forget.callbacks.replay import _BufferCallback
 from lightning_forget.forward import ModelForward
@@ -218,6 +219,10 @@ class ILoRA(_BufferCallback):
     """
 
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ('lora', 'buffer_size', 'layers', 'model_attr', 'adapter', 'input_key', 'target_key')
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = False
     STATE_VERSION = 1
 
     def __init__(
@@ -341,6 +346,8 @@ class ILoRA(_BufferCallback):
             p.requires_grad_(True)
         if not self._slow or set(self._slow) != set(fast):
             self._slow = OrderedDict((name, p.detach().float().clone()) for name, p in fast.items())
+            # A fresh adapter is initialised from the global RNG, which may differ by rank here
+            # (before DDP broadcasts rank 0's weights): copied again in on_fit_start.
             self._slow_fresh = True
 
     def _settings_for(self, backbone: nn.Module) -> LoRASettings:
@@ -399,6 +406,10 @@ class ILoRA(_BufferCallback):
         if self._fast_backup is not None:  # a previous fit ended with the slow learner swapped in
             self._load_into_fast(self._fast_backup)
             self._fast_backup = None
+        if stage == "fit" and self.save_adapters and self.adapter_dir is not None and trainer.is_global_zero:
+            # Fail now, not after the first task, when the adapters could not be written.
+            reporting.ensure_writable_dir(self.adapter_dir, "ILoRA", "the per-task adapter files",
+                                          "pass a writable `adapter_dir`, or `save_adapters=False`")
         if stage == "fit":
             self._check_model(pl_module)
             self._batch_checked = False
@@ -553,10 +564,12 @@ class ILoRA(_BufferCallback):
         super().on_task_end(trainer, pl_module, task)
         if self.save_adapters and trainer.is_global_zero and self._peft is not None:
             folder = self._adapter_folder(trainer)
+            files = reporting.output_paths(
+                self, folder, {"fast": f"task_{task}_fast.safetensors", "slow": f"task_{task}_slow.safetensors"}
+            )
             meta = {"task": int(task), "lora": self.lora.to_dict(), "ema": self.ema, "step": self.optimizer_steps}
-            save_adapter(self._peft, folder / f"task_{task}_fast.safetensors", self.adapter, {**meta, "learner": "fast"})
-            save_adapter_state(self.slow_state(), folder / f"task_{task}_slow.safetensors", self.adapter,
-                               {**meta, "learner": "slow"})
+            save_adapter(self._peft, files["fast"], self.adapter, {**meta, "learner": "fast"})
+            save_adapter_state(self.slow_state(), files["slow"], self.adapter, {**meta, "learner": "slow"})
             rank_zero_info(f"ILoRA: adapters of task {task} written to {folder}")
 
     def _adapter_folder(self, trainer: "pl.Trainer") -> Path:
@@ -713,5 +726,6 @@ class ILoRA(_BufferCallback):
         super().load_method_state(buffer_state)
         self.optimizer_steps = int(state["optimizer_steps"])
         self._pending_slow = {k: v.clone() for k, v in state["slow"].items()}
+        self._slow_fresh = False  # the slow learner comes from the checkpoint
         if self._peft is not None:
             self._sync_device()

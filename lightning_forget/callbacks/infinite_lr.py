@@ -227,6 +227,7 @@ class InfiniteLRSchedule(BaseLRSchedule):
         absent, no ``LRRewarming`` is attached, and that state is an infinite schedule's, it is
         copied to this callback's key before Lightning restores callback states.
         """
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
         states = checkpoint.get("callbacks")
         if not states or self.state_key in states or self.LEGACY_STATE_KEY not in states:
             return

@@ -196,6 +196,10 @@ class KFPF(_BufferCallback):
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ('buffer_size', 'k', 'interval', 'every_task', 'module_types', 'module_patterns', 'auto_top', 'input_key', 'target_key', 'stream')
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = True
 
     #: Prefix of the logged keys.
     METRIC_PREFIX = "kfpf"

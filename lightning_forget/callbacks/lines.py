@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_forget import merging, reporting
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES
+from lightning_forget.tasks import DDP_STRATEGIES, atomic_edit, fit_ends_after_batch
 from lightning_forget.tasks import ContinualCallback
 from lightning_forget.validation import check_bool
 
@@ -349,6 +349,10 @@ class LiNeS(ContinualCallback):
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ('apply_at', 'pretrained_ckpt', 'layer_pattern', 'depth_map')
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = True
 
     def __init__(
         self,
@@ -474,10 +478,22 @@ class LiNeS(ContinualCallback):
             self._apply(trainer, pl_module, suffix=f"_task_{task}")
 
     @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Scale after the fit's last batch, before its last validation and checkpoint: both then
+        # see the scaled model. (An α sweep runs validations of its own: it waits for train end.)
+        if (self.apply_at == "fit_end" and self.alpha_grid is None and not self._edited
+                and fit_ends_after_batch(trainer, batch_idx)):
+            with atomic_edit(pl_module):
+                self._apply(trainer, pl_module, suffix="")
+
+    @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_end(trainer, pl_module)
-        if self.apply_at == "fit_end":
-            self._apply(trainer, pl_module, suffix="")
+        if self.apply_at == "fit_end" and not self._edited:  # a sweep, or a fit stopped early
+            with atomic_edit(pl_module):
+                self._apply(trainer, pl_module, suffix="")
         if self._edited:
             self._rewrite_last_checkpoints(trainer)
         self._restored = self._edited = False
@@ -552,16 +568,19 @@ class LiNeS(ContinualCallback):
         directory = reporting.results_dir(trainer)  # broadcasts rank 0's folder: call it on every rank
         if trainer.is_global_zero:
             os.makedirs(directory, exist_ok=True)
-            path = os.path.join(directory, f"unscaled_weights{suffix}.pt")
+            path = reporting.output_paths(self, directory, {"unscaled": f"unscaled_weights{suffix}.pt"})["unscaled"]
             torch.save(self.unscaled_state_dict, path)
-            self.output_paths["unscaled"] = path
+            self.output_paths["unscaled"] = str(path)
 
     def _save_scaled(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", suffix: str) -> None:
         directory = reporting.results_dir(trainer)  # broadcasts rank 0's folder: call it on every rank
         if not trainer.is_global_zero:
             return
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"lines_scaled_weights{suffix}.pt")
+        files = reporting.output_paths(
+            self, directory, {"scaled": f"lines_scaled_weights{suffix}.pt", "plot": f"lines_scales{suffix}.png"}
+        )
+        path = str(files["scaled"])
         torch.save({name: value.detach().cpu() for name, value in pl_module.state_dict().items()}, path)
         self.output_paths["scaled"] = path
         if self.save_plot:
@@ -571,7 +590,7 @@ class LiNeS(ContinualCallback):
             )
             # The same figure reaches the loggers that take images (TensorBoard, MLflow, W&B).
             reporting.log_figure(trainer, figure, f"lines/scales{suffix}", step=trainer.global_step)
-            plot = os.path.join(directory, f"lines_scales{suffix}.png")
+            plot = str(files["plot"])
             figure.savefig(plot)
             self.output_paths["plot"] = plot
         reporting.announce_results(trainer, "LiNeS", [self.output_paths[k] for k in ("scaled", "unscaled", "plot") if k in self.output_paths])

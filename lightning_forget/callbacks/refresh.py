@@ -308,6 +308,10 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ()
+    #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
+    task_end_edits_weights = False
 
     def __init__(
         self,

@@ -133,6 +133,10 @@ class _BufferCallback(ContinualCallback):
 
     STATE_VERSION = 2
 
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
+    state_arguments: tuple[str, ...] = ('buffer_size', 'buffer', 'update', 'input_key', 'target_key', 'stream')
+    task_end_edits_weights = False
+
     def _resolve_policies(self, task_structured: bool) -> None:
         """Fix ``update``/``draw`` (``"auto"`` from whether the run has task boundaries) and build
         the buffer they need. Called at construction and again in the first ``setup``."""
@@ -356,7 +360,20 @@ class _BufferCallback(ContinualCallback):
 
     @override
     def load_method_state(self, state: dict[str, Any]) -> None:
-        if state["update"] != self.update:  # pragma: no cover - the state key differs first
+        if state["update"] != self.update and self.requested_update == "auto" and not len(self.buffer):
+            # `update="auto"` resolved to the checkpoint's policy in the run that wrote it (a
+            # validate/test, or a resume whose datamodule is not known yet, may resolve otherwise).
+            self._resolve_policies(task_structured=state["update"] == "task_end")
+            self._policies_fixed = True
+        if state["update"] != self.update and self._restoring_for not in (None, "fit"):
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint's buffer was filled with update={state['update']!r}, this "
+                f"callback has update={self.update!r}; the buffer is not loaded for {self._restoring_for}, which does "
+                "not train.",
+                category=UserWarning,
+            )
+            return
+        if state["update"] != self.update:
             raise RuntimeError(
                 f"{type(self).__name__}: the checkpoint was written with update={state['update']!r}, this "
                 f"callback has update={self.update!r}; build it with the checkpoint's `update` to resume."
@@ -377,26 +394,6 @@ class _BufferCallback(ContinualCallback):
         buffer["storage"] = storage
         return {"buffer": buffer, "update": "reservoir", "task_first_epoch": 0,
                 "pass": {"number": 0, "cursor": 0, "revision": -1, "size": 0}}
-
-    @override
-    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
-        # Lightning restores a callback's state by its `state_key`, which includes the buffer
-        # settings: a resume with another `buffer_size` would find no state and silently start
-        # with an empty buffer. Refuse instead, naming what the checkpoint holds.
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            return
-        claimed = {callback.state_key for callback in trainer.callbacks}
-        prefix = type(self).__qualname__ + "{"
-        orphans = [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
-        if orphans:
-            raise RuntimeError(
-                f"{type(self).__name__}: the checkpoint holds the state of {orphans}, but this callback is "
-                f"{self.state_key}; resuming would drop the stored buffer and start with an empty one. "
-                "Fix: build the callback with the checkpoint's buffer_size/buffer/seed/update"
-                + ("/alpha/beta" if isinstance(self, DarkExperienceReplay) else "")
-                + " to resume, or start a new run without `ckpt_path`."
-            )
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -61,7 +61,8 @@ class ContinualClassifier(pl.LightningModule):
         optimizer: optimizer factory (LightningCLI style); default SGD(lr=0.1).
         lr_scheduler: optional scheduler factory (stepped every epoch).
         report: add a :class:`~lightning_forget.callbacks.ContinualMetrics` callback (accuracy
-            table and files at the end of the stream) unless the Trainer already has one.
+            table and files at the end of the stream) unless the Trainer already has one or the
+            datamodule is a forget/retain stream (`loader_roles`; ForgetRetainEvaluation reports those).
 
     Note:
         Logged keys: ``train/loss``, ``val/loss``, ``val/acc/task_{t}`` (for every evaluated
@@ -275,6 +276,12 @@ class ContinualClassifier(pl.LightningModule):
             self.log(f"{stage}/acc/task_{j}", row[j], add_dataloader_idx=False, sync_dist=True)
         seen = row[: task + 1]
         seen = seen[~torch.isnan(seen)]
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if callable(getattr(datamodule, "loader_roles", None)):
+            # A forget/retain stream: the sets are forgotten ones (0 is the goal) and retained ones;
+            # their average reads as a continual-learning accuracy and means nothing. Per-set
+            # accuracies stay logged; ForgetRetainEvaluation reports Acc_f/Acc_r/H-mean.
+            return
         if seen.numel():
             self.log(f"{stage}/acc_avg", seen.mean(), prog_bar=stage == "val", add_dataloader_idx=False, sync_dist=True)
 
@@ -313,6 +320,12 @@ class ContinualClassifier(pl.LightningModule):
         if trainer is not None and any(
             isinstance(cb, ContinualMetrics) and cb is not self._report_callback for cb in trainer.callbacks
         ):
+            return []
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if callable(getattr(datamodule, "loader_roles", None)):
+            # A forget/retain stream (unlearning): the continual-learning accuracy matrix would
+            # report forgotten sets (where 0 is the goal) as forgetting. ForgetRetainEvaluation
+            # reports such runs; the per-set accuracies are still logged (`val/acc/task_{j}`).
             return []
         # One instance for the module's lifetime: with one fit per task (a new Trainer each time)
         # the same callback, with its task counter and matrix, sees every fit.

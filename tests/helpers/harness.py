@@ -210,6 +210,23 @@ class RankFingerprint(Callback):
             Path(self.out).write_text(json.dumps(result))
 
 
+class RankRNGDrift(Callback):
+    """Draws from the global RNGs (torch, numpy, random) a different number of times on each rank in
+    ``setup``, before the other callbacks' ``setup`` (as a datamodule whose ``prepare_data`` runs on
+    local rank 0 only, or whose ``setup`` shuffles per rank, does): state a callback builds from the
+    global RNG before DDP broadcasts the weights then differs by rank."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import random
+
+        import numpy as np
+
+        for _ in range(trainer.global_rank + 1):
+            torch.rand(7)
+            np.random.rand(3)
+            random.random()
+
+
 def run_ddp_pair(
     tmp_path: Path,
     make_callback: Callable[[], Callback],
@@ -217,8 +234,12 @@ def run_ddp_pair(
     make_data: Callable[..., Any] = BlobStream,
     make_model: Callable[[Any], pl.LightningModule] = tiny_classifier,
     epochs_per_task: int = 1,
+    rng_drift: bool = False,
 ) -> dict[str, Any]:
-    """Train a stream with 2 CPU processes (``ddp_spawn``, gloo) and compare the ranks."""
+    """Train a stream with 2 CPU processes (``ddp_spawn``, gloo) and compare the ranks.
+
+    ``rng_drift=True`` makes the global RNGs differ by rank before the callback's ``setup``
+    (:class:`RankRNGDrift`)."""
     pl.seed_everything(0)
     dm = make_data(epochs_per_task=epochs_per_task)
     model = make_model(dm)
@@ -226,7 +247,7 @@ def run_ddp_pair(
     out = str(tmp_path / "ranks.json")
     trainer = quiet_trainer(
         tmp_path,
-        [callback, RankFingerprint(callback, out)],
+        [*([RankRNGDrift()] if rng_drift else []), callback, RankFingerprint(callback, out)],
         max_epochs=dm.max_epochs,
         devices=2,
         strategy="ddp_spawn",
