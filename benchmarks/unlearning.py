@@ -132,6 +132,8 @@ def run_scenario(dataset: str, scenario: str, seeds: list[int], quick: bool, roo
         assert metrics is not None
         retrained[seed], retrain_seconds[seed] = metrics, seconds
         out["retrain"].append({"seed": seed, **metrics, "seconds": seconds, "time_ratio": 1.0})
+        print(f"  {dataset}/{scenario} seed={seed}: original MIA-efficacy {100 * out['original'][-1]['mia_efficacy']:.2f}, "
+              f"retrain {seconds:.1f} s", flush=True)
 
     def run(name: str, lr: float, seed: int) -> dict[str, Any]:
         factory, epochs, kind, _ = methods[name]
@@ -148,6 +150,8 @@ def run_scenario(dataset: str, scenario: str, seeds: list[int], quick: bool, roo
             row.update(diverged=True, avg_gap=math.inf)
         else:
             row.update(diverged=False, **metrics)
+        print(f"  {dataset}/{scenario} {name} lr={lr:g} seed={seed}: gap {100 * row['avg_gap']:.2f}, "
+              f"{seconds:.1f} s ({row['time_ratio']:.3f}x retrain)", flush=True)
         return row
 
     for name, (_, _, _, grid) in methods.items():
@@ -208,6 +212,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             rows = summarise(dataset, scenario, result)
             results[f"{dataset}/{scenario}"] = {"runs": result, "summary": rows}
             table_rows += rows
+            out.mkdir(parents=True, exist_ok=True)
+            write_rows(out, table_rows, stem="unlearning_benchmark")
             console.print(render_table(rows, title=f"{dataset}, {scenario} forgetting: mean of {len(args.seeds)} seed(s)",
                                        label_keys=("method", "lr"), extra=("time_ratio", "diverged")))
             console.print(f"{dataset}/{scenario}: {time.perf_counter() - started:.0f} s")
