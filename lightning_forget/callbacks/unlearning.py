@@ -79,6 +79,11 @@ class UnlearningMethod(ContinualCallback):
 
     Args:
         retain_weight: weight of the module's own loss on the retained batch (default 1).
+        forget_passes: passes over the forget data per epoch that get the forget term (default 1,
+            as the official loops, which run one pass over ``D_f`` per epoch): the retained stream
+            drives the epoch and the forget stream cycles, so after ``forget_passes·|D_f|`` forget
+            rows (per rank's share) the steps train on retained data only. Needs the datamodule's
+            ``forget_train_dataset(task)`` for ``|D_f|``; ``None``: every step.
         mask_fraction: ``None`` (no mask) or the share ``γ ∈ (0, 1]`` of weights that may change.
         pretrained_ckpt: weights of the model to unlearn (a Lightning checkpoint or state dict),
             loaded at the start of a fresh fit; ``None`` unlearns the module as it is.
@@ -121,6 +126,7 @@ class UnlearningMethod(ContinualCallback):
     def __init__(
         self,
         retain_weight: float = 1.0,
+        forget_passes: Optional[float] = 1.0,
         mask_fraction: Optional[float] = None,
         pretrained_ckpt: Optional[str] = None,
         save_original: bool = True,
@@ -141,6 +147,8 @@ class UnlearningMethod(ContinualCallback):
         super().__init__()
         owner = type(self).__name__
         self.retain_weight = check_float("retain_weight", retain_weight, min=0)
+        self.forget_passes = check_float("forget_passes", forget_passes, min=0, min_inclusive=False, allow_none=True,
+                                         fix="pass the passes over the forget data per epoch, e.g. 1.0, or None")
         self.mask_fraction = check_float("mask_fraction", mask_fraction, min=0, max=1, min_inclusive=False, allow_none=True,
                                          fix="pass the share of weights that may change, e.g. mask_fraction=0.5")
         self.pretrained_ckpt = check_str("pretrained_ckpt", pretrained_ckpt, allow_none=True)
@@ -168,6 +176,7 @@ class UnlearningMethod(ContinualCallback):
         self._forget: Any = None
         self._retain: Any = None
         self._module: Optional[pl.LightningModule] = None
+        self._forget_size: dict[int, Optional[int]] = {}
 
     @property
     def state_key(self) -> str:
@@ -331,7 +340,7 @@ class UnlearningMethod(ContinualCallback):
             retain = self.retain_loss(pl_module, self._retain, module_loss)
             pl_module.log("unlearn/retain_loss", retain.detach(), on_step=True, on_epoch=True)
             total = total + retain
-        if self._forget is not None:
+        if self._forget is not None and self._forget_active(pl_module.trainer, batch_idx):
             forget = self.forget_loss(pl_module, self._forget)
             if forget is not None:
                 pl_module.log("unlearn/forget_loss", forget.detach(), on_step=True, on_epoch=False)
@@ -346,6 +355,21 @@ class UnlearningMethod(ContinualCallback):
             )
         pl_module.log("unlearn/loss", total.detach(), on_step=True, on_epoch=False)
         return total - module_loss  # the hooks add it to the module's loss: the step's loss is `total`
+
+    def _forget_active(self, trainer: "pl.Trainer", batch_idx: int) -> bool:
+        """Whether this step is within the epoch's ``forget_passes`` over the forget data (by batch index: resumable)."""
+        if self.forget_passes is None:
+            return True
+        task = self.current_task(trainer)
+        if task not in self._forget_size:
+            dm = getattr(trainer, "datamodule", None)
+            make = getattr(dm, "forget_train_dataset", None)
+            self._forget_size[task] = len(make(task)) if callable(make) else None
+        size = self._forget_size[task]
+        if size is None:
+            return True
+        rows = self.fields.split(self._forget).size
+        return batch_idx * rows < self.forget_passes * size / trainer.world_size
 
     # ------------------------------------------------------------------ optimizer step
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
