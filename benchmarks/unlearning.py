@@ -53,14 +53,14 @@ ORIGINAL = {"digits": {"lr": 0.05, "epochs": 15}, "mnist": {"lr": 0.05, "epochs"
 #: ℓ1-sparse 10; GA 5; SCRUB 3 with msteps 2), GradDiff as GA; GS-LoRA 5.
 METHODS: dict[str, tuple[Callable[[], Any], int, str, list[float]]] = {
     "FT": (lambda: FineTune(save_original=False), 10, "sgd", [0.01, 0.05]),
-    "GA": (lambda: GradientAscent(save_original=False), 5, "sgd", [1e-4, 1e-3]),
-    "GradDiff": (lambda: GradDiff(save_original=False), 5, "sgd", [1e-3, 1e-2]),
+    "GA": (lambda: GradientAscent(save_original=False), 5, "sgd", [1e-3, 1e-2, 1e-1]),
+    "GradDiff": (lambda: GradDiff(save_original=False), 5, "sgd", [1e-3, 1e-2, 1e-1]),
     "RL": (lambda: RandomLabels(save_original=False), 10, "sgd", [0.003, 0.01]),
     "l1-sparse": (lambda: L1Sparse(alpha=5e-4, save_original=False), 10, "sgd", [0.01, 0.05]),
-    "SCRUB": (lambda: SCRUB(save_original=False), 3, "sgd", [5e-3, 5e-2]),
+    "SCRUB": (lambda: SCRUB(save_original=False), 3, "sgd", [5e-3, 5e-2, 5e-1]),
     "SalUn": (lambda: SalUn(mask_fraction=0.5, save_original=False), 10, "sgd", [0.003, 0.01]),
     "GS-LoRA": (lambda: GSLoRA(r=8, target_modules=["backbone.fc1", "backbone.fc2"], lora_alpha=8.0, alpha=1e-2,
-                               beta=1.0, bound=7.0), 5, "adamw", [1e-3, 1e-2]),
+                               beta=1.0, bound=7.0), 5, "adamw", [1e-2, 1e-1]),
 }
 KEYS = ("ua", "ra", "ta", "mia_efficacy", "mia_auc")
 

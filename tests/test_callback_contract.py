@@ -266,7 +266,7 @@ ROWS = [
         )
         for name, cls, kwargs, bad in [
             ("GradientAscent", GradientAscent, {"retain_weight": 0.5, "bound": 5.0},
-             [({"bound": -1.0}, ValueError, "bound"), ({"guard_monitor": "unlearn/ra"}, ValueError, "guard_threshold"),
+             [({"bound": -1.0}, ValueError, "bound"), ({"guard_monitor": "mu/ra"}, ValueError, "guard_threshold"),
               ({"guard_mode": "under"}, ValueError, "guard_mode"), ({"forget_stream": 3}, TypeError, "forget_stream")]),
             ("GradDiff-kl", GradDiff, {"retain_loss": "kl", "gamma": 0.5},
              [({"retain_loss": "mse"}, ValueError, "retain_loss"), ({"gamma": -1.0}, ValueError, "gamma")]),

@@ -264,7 +264,7 @@ class LogRetainAccuracy(pl.Callback):
     values = [0.9, 0.95, 0.5, 0.4]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.log("unlearn/ra", self.values[trainer.current_epoch])
+        pl_module.log("mu/ra", self.values[trainer.current_epoch])
 
 
 def test_divergence_guard_stops_and_the_best_epoch_is_restored(tmp_path: Any) -> None:
@@ -274,26 +274,26 @@ def test_divergence_guard_stops_and_the_best_epoch_is_restored(tmp_path: Any) ->
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             weights.append(pl_module.net.weight.detach().clone())
 
-    callback = GradientAscent(guard_monitor="unlearn/ra", guard_threshold=0.6, restore_best="unlearn/ra",
+    callback = GradientAscent(guard_monitor="mu/ra", guard_threshold=0.6, restore_best="mu/ra",
                               save_original=False)
     model = UserNet(lr=0.1)
     trainer = quiet_trainer(tmp_path, [LogRetainAccuracy(), Snapshot(), callback], max_epochs=4, num_sanity_val_steps=0)
-    with pytest.warns(UserWarning, match="divergence guard: unlearn/ra=0.5 is below 0.6 at epoch 2"):
+    with pytest.warns(UserWarning, match="divergence guard: mu/ra=0.5 is below 0.6 at epoch 2"):
         trainer.fit(model, datamodule=ForgetData())
     assert trainer.current_epoch == 3 and len(weights) == 3  # stopped after epoch 2
     assert torch.equal(model.net.weight, weights[1])  # epoch 1 had the best retained accuracy
 
 
 def test_guard_on_a_key_never_logged_fails_clearly(tmp_path: Any) -> None:
-    trainer = quiet_trainer(tmp_path, [GradientAscent(guard_monitor="unlearn/typo", guard_threshold=0.5)], max_epochs=1,
+    trainer = quiet_trainer(tmp_path, [GradientAscent(guard_monitor="mu/typo", guard_threshold=0.5)], max_epochs=1,
                             num_sanity_val_steps=0)
-    with pytest.raises(RuntimeError, match="guard_monitor.*unlearn/typo"):
+    with pytest.raises(RuntimeError, match="guard_monitor.*mu/typo"):
         trainer.fit(UserNet(), datamodule=ForgetData())
 
 
 def test_constructor_checks() -> None:
     with pytest.raises(ValueError, match="guard_threshold"):
-        GradientAscent(guard_monitor="unlearn/ra")
+        GradientAscent(guard_monitor="mu/ra")
     with pytest.raises(ValueError, match="mask_fraction"):
         SalUn(mask_fraction=1.5)
     with pytest.raises(ValueError, match="retain_loss"):

@@ -14,7 +14,7 @@ from lightning_forget.callbacks.refresh import RefreshLearning
 from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceReplay
 from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
 from lightning_forget.callbacks.unlearning import (
-    SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn, UnlearningMethod,
+    SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn,
 )
 from lightning_forget.callbacks.unlearning_eval import UnlearningEvaluation
 
@@ -26,5 +26,4 @@ __all__ = [
     "RefreshLearning", "RNGStateCheckpoint",
     # unlearning baselines (one shared mechanism: UnlearningMethod)
     "FineTune", "GradDiff", "GradientAscent", "L1Sparse", "RandomLabels", "SalUn", "SCRUB", "UnlearningEvaluation",
-    "UnlearningMethod",
 ]

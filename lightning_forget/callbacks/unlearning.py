@@ -68,8 +68,8 @@ class UnlearningMethod(ContinualCallback):
       file that ``pretrained_ckpt`` and :func:`~lightning_forget.callbacks.lines.load_weights`
       read), and the path is logged.
     - A divergence guard: at each epoch end the logged value ``guard_monitor`` (e.g.
-      ``"unlearn/ra"`` from :class:`~lightning_forget.callbacks.UnlearningEvaluation`, listed
-      *before* this callback, or this callback's ``"unlearn/retain_loss"``) is compared with
+      ``"mu/ra"`` from :class:`~lightning_forget.callbacks.UnlearningEvaluation`, listed
+      *before* this callback, or this callback's ``"<prefix>/retain_loss"``) is compared with
       ``guard_threshold``; crossing it (``guard_mode="below"``: falling under it; ``"above"``:
       rising over it) stops the run (``guard_action="stop"``) or warns (``"warn"``).
     - ``restore_best``: the weights of the epoch that is best by that logged value
@@ -103,8 +103,9 @@ class UnlearningMethod(ContinualCallback):
         seed: seed of the method's random draws (random labels), shared by all ranks.
         log_dir: folder of the pre-unlearning checkpoints (default: the run's results folder).
 
-    Logged metrics (per step): ``unlearn/forget_loss``, ``unlearn/retain_loss`` and
-    ``unlearn/loss`` (the step's total); ``unlearn/mask_fraction`` at task start with a mask.
+    Logged metrics (per step, under the method's prefix: ``ft/``, ``ga/``, ``graddiff/``, ``rl/``,
+    ``salun/``, ``l1sparse/``, ``scrub/``): ``<prefix>/forget_loss``, ``<prefix>/retain_loss`` and
+    ``<prefix>/loss`` (the step's total).
 
     Raises:
         ValueError, TypeError: bad arguments (construction). RuntimeError: a mask without forget
@@ -122,6 +123,8 @@ class UnlearningMethod(ContinualCallback):
     needs_reference: bool = False
     #: Name used in messages.
     method_name: str = "FineTune"
+    #: Prefix of the method's logged keys (one per method).
+    log_prefix: str = "ft"
 
     def __init__(
         self,
@@ -338,12 +341,12 @@ class UnlearningMethod(ContinualCallback):
         total = module_loss * 0.0
         if self._retain is not None:
             retain = self.retain_loss(pl_module, self._retain, module_loss)
-            pl_module.log("unlearn/retain_loss", retain.detach(), on_step=True, on_epoch=True)
+            pl_module.log(f"{self.log_prefix}/retain_loss", retain.detach(), on_step=True, on_epoch=False)
             total = total + retain
         if self._forget is not None and self._forget_active(pl_module.trainer, batch_idx):
             forget = self.forget_loss(pl_module, self._forget)
             if forget is not None:
-                pl_module.log("unlearn/forget_loss", forget.detach(), on_step=True, on_epoch=False)
+                pl_module.log(f"{self.log_prefix}/forget_loss", forget.detach(), on_step=True, on_epoch=False)
                 total = total + forget
         if not bool(torch.isfinite(total.detach())):
             trainer = pl_module.trainer
@@ -353,7 +356,7 @@ class UnlearningMethod(ContinualCallback):
                 f"(epoch {trainer.current_epoch}, batch {batch_idx}); training stopped.{saved} Fix: lower the learning "
                 "rate or the forget weight, or bound the forget loss."
             )
-        pl_module.log("unlearn/loss", total.detach(), on_step=True, on_epoch=False)
+        pl_module.log(f"{self.log_prefix}/loss", total.detach(), on_step=True, on_epoch=False)
         return total - module_loss  # the hooks add it to the module's loss: the step's loss is `total`
 
     def _forget_active(self, trainer: "pl.Trainer", batch_idx: int) -> bool:
@@ -469,6 +472,7 @@ class GradientAscent(UnlearningMethod):
     """
 
     method_name = "GradientAscent"
+    log_prefix = "ga"
 
     def __init__(self, forget_weight: float = 1.0, retain_weight: float = 0.0, bound: Optional[float] = None,
                  **kwargs: Any) -> None:
@@ -496,6 +500,7 @@ class GradDiff(UnlearningMethod):
     """
 
     method_name = "GradDiff"
+    log_prefix = "graddiff"
 
     def __init__(self, gamma: float = 1.0, alpha: float = 1.0, retain_loss: Literal["nll", "kl"] = "nll",
                  **kwargs: Any) -> None:
@@ -533,6 +538,7 @@ class RandomLabels(UnlearningMethod):
     """
 
     method_name = "RandomLabels"
+    log_prefix = "rl"
 
     def __init__(self, forget_weight: float = 1.0, exclude_true: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -561,6 +567,7 @@ class SalUn(RandomLabels):
     """
 
     method_name = "SalUn"
+    log_prefix = "salun"
 
     def __init__(self, mask_fraction: float = 0.5, **kwargs: Any) -> None:
         super().__init__(mask_fraction=mask_fraction, **kwargs)
@@ -580,10 +587,11 @@ class L1Sparse(UnlearningMethod):
         no_l1_epochs: final epochs without the penalty (default 0).
         **kwargs: :class:`UnlearningMethod`'s arguments.
 
-    Logged: ``unlearn/l1_alpha`` per step.
+    Logged: ``l1sparse/l1_alpha`` per step.
     """
 
     method_name = "L1Sparse"
+    log_prefix = "l1sparse"
 
     def __init__(self, alpha: float = 5e-4, no_l1_epochs: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -596,7 +604,7 @@ class L1Sparse(UnlearningMethod):
 
     def parameter_penalty(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         alpha = self.current_alpha(trainer)
-        pl_module.log("unlearn/l1_alpha", alpha, on_step=True, on_epoch=False)
+        pl_module.log("l1sparse/l1_alpha", alpha, on_step=True, on_epoch=False)
         if alpha == 0:
             return
         with torch.no_grad():
@@ -634,6 +642,7 @@ class SCRUB(UnlearningMethod):
     """
 
     method_name = "SCRUB"
+    log_prefix = "scrub"
     needs_reference = True
 
     def __init__(self, temperature: float = 4.0, gamma: float = 0.99, alpha: float = 0.001, msteps: int = 2,

@@ -21,7 +21,7 @@ from lightning_forget.validation import check_bool, check_choice, check_int, che
 __all__ = ["UnlearningEvaluation", "per_sample_records"]
 
 #: Logged keys (at each evaluated epoch's end).
-LOGGED_KEYS = ("unlearn/ua", "unlearn/ra", "unlearn/ta", "unlearn/mia_efficacy", "unlearn/mia_auc", "unlearn/avg_gap")
+LOGGED_KEYS = ("mu/ua", "mu/ra", "mu/ta", "mu/mia_efficacy", "mu/mia_auc", "mu/avg_gap")
 _SETS = ("forget", "retain", "test", "heldout")
 
 
@@ -106,8 +106,8 @@ class UnlearningEvaluation(ContinualCallback):
         input_key: input field of the evaluation batches (see :class:`~lightning_forget.batch.BatchFields`).
         target_key: target field.
 
-    Logged metrics: ``unlearn/ua``, ``unlearn/ra``, ``unlearn/ta``, ``unlearn/mia_efficacy``,
-    ``unlearn/mia_auc`` and, with ``retrained``, ``unlearn/avg_gap`` (on epoch end, same on every rank).
+    Logged metrics: ``mu/ua``, ``mu/ra``, ``mu/ta``, ``mu/mia_efficacy``,
+    ``mu/mia_auc`` and, with ``retrained``, ``mu/avg_gap`` (on epoch end, same on every rank).
 
     Raises:
         ValueError, TypeError: bad arguments. RuntimeError: a datamodule without
@@ -225,7 +225,7 @@ class UnlearningEvaluation(ContinualCallback):
             row = self.evaluate(trainer, pl_module, task)
             self.rows.append({"task": task, "epoch": trainer.current_epoch, **row})
             for key, value in row.items():
-                pl_module.log(f"unlearn/{key}", value, on_step=False, on_epoch=True)
+                pl_module.log(f"mu/{key}", value, on_step=False, on_epoch=True)
         super().on_train_epoch_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
