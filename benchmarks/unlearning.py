@@ -109,7 +109,8 @@ class _Scorer(UnlearningEvaluation):
 
 
 def run_scenario(dataset: str, scenario: str, seeds: list[int], quick: bool, root: Path,
-                 methods: dict[str, Any]) -> dict[str, Any]:
+                 methods: dict[str, Any], fixed_lr: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    fixed_lr = fixed_lr or {}
     recipe = dict(ORIGINAL[dataset])
     limit = None
     if quick:
@@ -157,7 +158,7 @@ def run_scenario(dataset: str, scenario: str, seeds: list[int], quick: bool, roo
         return row
 
     for name, (_, _, _, grid) in methods.items():
-        lrs = grid[1:2] if quick else grid
+        lrs = [fixed_lr[name]] if name in fixed_lr else grid[1:2] if quick else grid
         sweep = [run(name, lr, seeds[0]) for lr in lrs]
         best = min(sweep, key=lambda r: r["avg_gap"])
         out["chosen_lr"][name] = best["lr"]
@@ -193,6 +194,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--scenarios", nargs="+", default=["class", "random"], choices=["class", "random"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                        help="use this learning rate for METHOD instead of sweeping its grid (repeatable)")
     parser.add_argument("--out", default="runs/unlearning_benchmark")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     args = parser.parse_args(argv)
@@ -212,6 +215,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     out = Path(args.out)
     methods = {m: METHODS[m] for m in args.methods}
+    fixed_lr: dict[str, float] = {}
+    for spec in args.lr:
+        name, _, value = spec.partition("=")
+        if name not in methods or not value:
+            raise SystemExit(f"--lr {spec!r}: write METHOD=LR with METHOD one of {list(methods)}")
+        fixed_lr[name] = float(value)
     results: dict[str, Any] = {}
     table_rows: list[dict[str, Any]] = []
     from rich.console import Console
@@ -220,7 +229,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     for dataset in args.datasets:
         for scenario in args.scenarios:
             started = time.perf_counter()
-            result = run_scenario(dataset, scenario, args.seeds, args.quick, out / "fits", methods)
+            result = run_scenario(dataset, scenario, args.seeds, args.quick, out / "fits", methods, fixed_lr)
             rows = summarise(dataset, scenario, result)
             results[f"{dataset}/{scenario}"] = {"runs": result, "summary": rows}
             table_rows += rows

@@ -17,3 +17,13 @@ def test_er_policy_quick() -> None:
     assert set(summary["digits"]) == {"finetune", "reservoir", "stream", "task_end", "task_end_pass", "peer"}
     for method in summary["digits"].values():
         assert 0.0 <= method["old_task_accuracy"][0] <= 1.0
+
+
+def test_unlearning_quick(tmp_path) -> None:
+    results = load_benchmark("unlearning").main(["--quick", "--out", str(tmp_path)])
+    summary = {row["method"]: row for row in results["digits/random"]["summary"]}
+    assert {"Original", "Retrain", "FT", "GA", "GradDiff", "RL", "l1-sparse", "SCRUB", "SalUn", "GS-LoRA"} <= set(summary)
+    for row in summary.values():
+        assert row["seeds"] == 1
+        assert row["diverged"] == 1 or 0.0 <= row["ra"] <= 1.0
+    assert (tmp_path / "unlearning_benchmark.csv").is_file() and (tmp_path / "unlearning_gap_digits_random.png").is_file()

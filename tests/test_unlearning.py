@@ -345,3 +345,25 @@ def test_avg_gap() -> None:
     assert avg_gap(m, r) == pytest.approx((0.1 + 0.1 + 0 + 0.2) / 4)
     with pytest.raises(KeyError, match="ta"):
         avg_gap({"ua": 0.1}, r)
+
+
+# ---------------------------------------------------------------------- sweep
+def test_sweep_runs_a_grid_and_ranks_by_gap_to_retraining(tmp_path: Any) -> None:
+    import json
+    from pathlib import Path
+
+    from lightning_forget.unlearning.sweep import main as sweep_main, parse_grid
+
+    assert parse_grid(["a.b+c=1,2"]) == [(["a.b", "c"], ["1", "2"])]
+    with pytest.raises(ValueError, match="KEY=v1,v2"):
+        parse_grid(["lr"])
+    retrained = tmp_path / "retrain.json"
+    retrained.write_text(json.dumps([{"ua": 0.1, "ra": 1.0, "ta": 0.95, "mia_efficacy": 0.1}]))
+    config = Path(__file__).resolve().parents[1] / "configs" / "unlearning" / "ga_digits.yaml"
+    rows = sweep_main(["--config", str(config), "--grid", "model.init_args.optimizer.init_args.lr=0.001,0.01",
+                       "--retrained", str(retrained), "--out", str(tmp_path / "sweep"), "--",
+                       "--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"])
+    assert len(rows) == 2 and rows[0]["avg_gap"] <= rows[1]["avg_gap"]
+    assert {r["model.init_args.optimizer.init_args.lr"] for r in rows} == {"0.001", "0.01"}
+    for name in ("sweep.csv", "sweep.json", "sweep_gap.png"):
+        assert (tmp_path / "sweep" / name).is_file()
