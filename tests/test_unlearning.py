@@ -367,3 +367,15 @@ def test_sweep_runs_a_grid_and_ranks_by_gap_to_retraining(tmp_path: Any) -> None
     assert {r["model.init_args.optimizer.init_args.lr"] for r in rows} == {"0.001", "0.01"}
     for name in ("sweep.csv", "sweep.json", "sweep_gap.png"):
         assert (tmp_path / "sweep" / name).is_file()
+
+
+def test_pretrained_weights_are_loaded_and_kept_as_the_pre_unlearning_checkpoint(tmp_path: Any) -> None:
+    path = tmp_path / "original.pt"
+    torch.save({"net.weight": 2 * W0}, path)
+    callback = GradientAscent(pretrained_ckpt=str(path))
+    model = one_step(tmp_path, callback)
+    assert torch.equal(torch.load(callback.saved[0], weights_only=True)["state_dict"]["net.weight"], 2 * W0)
+    assert torch.allclose(model.net.weight.detach(), 2 * W0 + _ce_grad(2 * W0, XF[0], 0), atol=1e-5)
+    torch.save({"other.weight": W0}, path)
+    with pytest.raises(ValueError, match="pretrained_ckpt"):
+        one_step(tmp_path, GradientAscent(pretrained_ckpt=str(path)))

@@ -30,7 +30,7 @@ from lightning_forget.losses import output_loss, remove_training_step_hooks, tra
 from lightning_forget.precision import forward_context
 from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, task_schedule
 from lightning_forget.unlearning import losses as L
-from lightning_forget.unlearning.reference import ReferenceModel
+from lightning_forget.unlearning.reference import ReferenceModel, load_pretrained
 from lightning_forget.unlearning.saliency import SaliencyMask
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str
 
@@ -240,7 +240,7 @@ class UnlearningMethod(ContinualCallback):
         if stage != "fit":
             return
         if self.pretrained_ckpt is not None and self._started < 0 and self.task == 0:
-            self._load_pretrained(pl_module)
+            load_pretrained(pl_module, self.pretrained_ckpt, type(self).__name__)
         if self.mask_fraction is not None:
             self._forget_dataset(trainer, 0)  # fail before training when there is no forget data
         self._module = pl_module
@@ -248,18 +248,6 @@ class UnlearningMethod(ContinualCallback):
         hooks = training_step_hooks(pl_module)
         hooks.add_batch_transform(self.state_key, self._split_streams)
         hooks.add_loss_term(self.state_key, self._step_loss)
-
-    def _load_pretrained(self, pl_module: "pl.LightningModule") -> None:
-        from lightning_forget.callbacks.lines import load_weights
-
-        state, _ = load_weights(str(self.pretrained_ckpt))
-        missing, unexpected = pl_module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{type(self).__name__}: `pretrained_ckpt`={self.pretrained_ckpt!r} does not fit this module "
-                f"(missing {missing[:5]}, unexpected {unexpected[:5]}). Fix: build the module as the checkpoint's run did."
-            )
-        rank_zero_info(f"{type(self).__name__}: loaded the weights to unlearn from {self.pretrained_ckpt}")
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().teardown(trainer, pl_module, stage)

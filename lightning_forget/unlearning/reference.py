@@ -21,7 +21,27 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ReferenceModel", "adapters_disabled", "has_lora_adapters", "tuner_layers"]
+__all__ = ["ReferenceModel", "adapters_disabled", "has_lora_adapters", "load_pretrained", "tuner_layers"]
+
+
+def load_pretrained(module: nn.Module, path: str, owner: str) -> None:
+    """Load the weights to unlearn (a Lightning checkpoint or a state dict at ``path``) into ``module``.
+
+    Raises:
+        ValueError: the file's parameter names do not match the module's (named as ``pretrained_ckpt``).
+    """
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lightning_forget.callbacks.lines import load_weights
+
+    state, _ = load_weights(str(path))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{owner}: `pretrained_ckpt`={path!r} holds weights of another module (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}). Fix: build the module as the checkpoint's run did."
+        )
+    rank_zero_info(f"{owner}: loaded the weights to unlearn from {path}")
 
 
 def tuner_layers(module: nn.Module) -> list[nn.Module]:
