@@ -209,9 +209,11 @@ def test_reference_never_changes(make: Any, tmp_path: Any) -> None:
     assert not torch.allclose(model.net.weight, W0)  # the student moved
     reference = callback.reference
     assert reference is not None and reference.kind == "copy"
-    assert torch.equal(reference.copy.net.weight, W0)
-    assert not reference.copy.net.weight.requires_grad
+    assert torch.equal(reference.weights["net.weight"], W0)
+    assert torch.allclose(reference(XF), XF @ W0.T)  # the reference forward: the weights at the start
     assert torch.equal(callback.state_dict()["method"]["reference"]["net.weight"], W0)
+    offloaded = ReferenceModel(model, offload=True, state=callback.state_dict()["method"]["reference"])
+    assert offloaded.weights["net.weight"].device.type == "cpu" and torch.allclose(offloaded(XF), XF @ W0.T)
 
 
 def test_reference_of_a_lora_module_is_the_base_with_adapters_disabled() -> None:
@@ -226,9 +228,9 @@ def test_reference_of_a_lora_module_is_the_base_with_adapters_disabled() -> None
         p.requires_grad_("lora_" in name)
     x = torch.randn(5, 4)
     reference = ReferenceModel(model)
-    assert reference.kind == "adapters_disabled" and reference.copy is None and reference.state() is None
+    assert reference.kind == "adapters_disabled" and reference.weights is None and reference.state() is None
     assert not torch.allclose(model(x), base(x))  # the adapters do something
-    assert torch.equal(reference(lambda m: m(x)), base(x))
+    assert torch.equal(reference(x), base(x))
     assert not torch.allclose(model(x), base(x))  # and they are back on afterwards
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
     # a trainable base weight: the adapters-off model would move, so a frozen copy is used instead

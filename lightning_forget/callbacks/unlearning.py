@@ -52,8 +52,9 @@ class UnlearningMethod(ContinualCallback):
     **Reference.** Methods that need a frozen reference (SCRUB's teacher, GradDiff's KL) get a
     :class:`~lightning_forget.unlearning.ReferenceModel` taken at each task's start: the module
     with its PEFT adapters disabled when it carries LoRA adapters and no trainable base weight
-    (no copy), else a frozen copy (``reference_offload=True`` keeps it on the CPU). The copy's
-    weights are saved in the callback state, so a resumed run uses the same reference.
+    (no copy), else a frozen copy of its weights run through the module's own forward
+    (``reference_offload=True`` keeps them on the CPU). Those weights are saved in the callback
+    state, so a resumed run uses the same reference.
 
     **Saliency mask** (``mask_fraction=γ``, any method): at each task's start one pass over the
     task's forget data (in eval mode) accumulates ``g = Σ ∇CE``; the globally largest ``γ``
@@ -215,10 +216,9 @@ class UnlearningMethod(ContinualCallback):
     def reference_logits(self, pl_module: "pl.LightningModule", sub_batch: Any) -> Tensor:
         """Logits of the frozen reference on a sub-batch (on the module's device)."""
         reference = self._get_reference(pl_module)
-        x = self.fields.split(sub_batch).input.to(reference.device())
+        x = self.fields.split(sub_batch).input
         with forward_context(pl_module.trainer):
-            out = reference(lambda model: logits_of(model(x)))
-        return out.to(pl_module.device)
+            return logits_of(reference(x))
 
     def epoch_in_task(self, trainer: "pl.Trainer") -> tuple[int, int]:
         """``(epoch within the current task, epochs per task)`` (one fit per task: the fit's epochs)."""

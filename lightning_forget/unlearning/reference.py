@@ -3,20 +3,19 @@
 - The module carries PEFT LoRA adapters (``peft.inject_adapter_in_model``, ``get_peft_model``) and
   its base weights are frozen: the reference is **the same module with its adapters disabled**
   (no copy, no extra memory; exactly the base model's outputs).
-- Otherwise: a frozen deep copy of the module as it was when the reference was taken, on the
-  module's device or, with ``offload=True``, on the CPU (inputs go to the CPU for its forward and
-  the outputs come back), for models whose second copy does not fit on the accelerator.
+- Otherwise: a frozen copy of the module's *weights* as they were when the reference was taken,
+  run through the module's own forward (``torch.func.functional_call``), on the module's device
+  or, with ``offload=True``, kept on the CPU and moved over for each reference forward.
 
 The reference never changes: its parameters do not require gradients, it runs in eval mode
-under ``torch.no_grad()``, and the copy's weights are kept as CPU tensors that a checkpoint can
-carry (:meth:`ReferenceModel.state`), so a resumed run rebuilds the same reference.
+under ``torch.no_grad()``, and its weights go into the callback's checkpoint as CPU tensors
+(:meth:`ReferenceModel.state`), so a resumed run rebuilds the same reference.
 """
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -83,15 +82,21 @@ def _base_trainable(module: nn.Module) -> list[str]:
 
 
 class ReferenceModel:
-    """The frozen reference of ``module``: adapters disabled, or a frozen copy (see the module docstring).
+    """The frozen reference of ``module``: adapters disabled, or frozen weights run through the module itself.
+
+    Without usable adapters the reference keeps a copy of the module's **weights** (parameters and
+    buffers) as they were, and runs the module's own forward with them swapped in
+    (``torch.func.functional_call``): no second module object is built, so whatever else the module
+    holds (its trainer, optimizer factories, data) is never copied.
 
     Args:
         module: the model being unlearned (a LightningModule or any ``nn.Module``).
-        offload: keep the copy on the CPU (ignored when adapters are disabled instead of copying).
+        offload: keep the reference weights on the CPU and move them to the module's device for each
+            reference forward (ignored when the adapters are disabled instead).
         use_adapters: ``None`` (default) disables the adapters when the module has PEFT adapters
-            and no trainable base weight; ``False`` always copies.
-        state: weights of an earlier reference (from :meth:`state`) to rebuild instead of copying
-            the module as it is now (used on resume).
+            and no trainable base weight; ``False`` always keeps frozen weights.
+        state: weights of an earlier reference (from :meth:`state`) to use instead of the module's
+            current ones (used on resume).
 
     Attributes:
         kind: ``"adapters_disabled"`` or ``"copy"``.
@@ -99,8 +104,7 @@ class ReferenceModel:
     Example::
 
         reference = ReferenceModel(model)
-        with torch.no_grad():
-            teacher_logits = reference(lambda m: m(x))
+        teacher_logits = reference(x)      # no_grad, eval mode, the reference weights
     """
 
     def __init__(self, module: nn.Module, offload: bool = False, use_adapters: Optional[bool] = None,
@@ -114,55 +118,43 @@ class ReferenceModel:
                 f"trainable base weights: {_base_trainable(module)[:5]}. Fix: freeze them, or use_adapters=None."
             )
         self.kind = "adapters_disabled" if adapters and use_adapters is not False else "copy"
-        self.copy: Optional[nn.Module] = None
-        self._state: Optional[dict[str, Tensor]] = None
+        self.weights: Optional[dict[str, Tensor]] = None
         if self.kind == "copy":
-            self._build_copy(state)
-
-    def _build_copy(self, state: Optional[dict[str, Tensor]]) -> None:
-        trainer = getattr(self.module, "_trainer", None)
-        if trainer is not None:  # a LightningModule: do not deep-copy the trainer behind it
-            self.module._trainer = None
-        try:
-            clone = copy.deepcopy(self.module)
-        finally:
-            if trainer is not None:
-                self.module._trainer = trainer
-        if state is not None:
-            clone.load_state_dict(state)
-        for p in clone.parameters():
-            p.requires_grad_(False)
-        clone.eval()
-        if self.offload:
-            clone.to("cpu")
-        self.copy = clone
-        self._state = {k: v.detach().cpu().clone() for k, v in clone.state_dict().items()}
+            current = dict(module.named_parameters())
+            current.update(dict(module.named_buffers()))
+            source = state if state is not None else current
+            missing = sorted(set(current) - set(source))
+            if missing:
+                raise RuntimeError(f"ReferenceModel: the saved reference weights lack {missing[:5]}; the module changed.")
+            device = torch.device("cpu") if self.offload else None
+            self.weights = {k: source[k].detach().to(device or current[k].device, copy=True) for k in current}
 
     def state(self) -> Optional[dict[str, Tensor]]:
         """CPU copies of the reference's weights (``None`` when the adapters are disabled instead)."""
-        return self._state
+        if self.weights is None:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in self.weights.items()}
 
-    def __call__(self, forward: Callable[[nn.Module], Any]) -> Any:
-        """``forward(model)`` run on the reference, in eval mode, under ``no_grad``.
-
-        ``forward`` gets the model to call (the module itself with adapters off, or the copy); with
-        ``offload`` the caller's tensors are moved to the CPU by :meth:`inputs_to` and back.
-        """
-        with torch.no_grad():
-            if self.kind == "adapters_disabled":
-                was_training = self.module.training
-                self.module.eval()
-                try:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The reference's forward on ``args``/``kwargs``: eval mode, ``no_grad``, the module restored after."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                if self.kind == "adapters_disabled":
                     with adapters_disabled(self.module):
-                        return forward(self.module)
-                finally:
-                    self.module.train(was_training)
-            assert self.copy is not None
-            return forward(self.copy)
+                        return self.module(*args, **kwargs)
+                assert self.weights is not None
+                weights = self.weights
+                if self.offload:
+                    device = self.device()
+                    weights = {k: v.to(device, non_blocking=True) for k, v in weights.items()}
+                return torch.func.functional_call(self.module, weights, args, kwargs, strict=True)
+        finally:
+            self.module.train(was_training)
 
     def device(self) -> torch.device:
-        """Where the reference's inputs must be."""
-        model = self.module if self.copy is None else self.copy
-        for p in model.parameters():
+        """Where the reference's inputs must be (the module's device)."""
+        for p in self.module.parameters():
             return p.device
         return torch.device("cpu")
