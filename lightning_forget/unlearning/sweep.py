@@ -75,7 +75,7 @@ def sweep(config: str, grid: list[tuple[list[str], list[str]]], retrained: Optio
             metrics = _run_point(config, overrides, out / f"point{i}", list(extra or []))
         except FloatingPointError as error:  # a diverged run is a result, not a crash of the sweep
             print(f"sweep: point {i + 1} diverged: {error}", flush=True)
-            metrics = {"diverged": 1.0}
+            metrics = dict(diverged=1.0)
         row: dict[str, Any] = {"point": i, **overrides, **metrics}
         if retrained is not None:
             row["avg_gap"] = avg_gap(metrics, retrained) if "ua" in metrics else math.inf
