@@ -26,8 +26,20 @@ def test_er_policy_online_quick_skips_an_absent_peer(capsys) -> None:  # type: i
     assert set(summary["online"]) == {"finetune", "default"}
     assert "peer skipped" in capsys.readouterr().out
     assert summary["online"]["default"]["steps"] == [3] * 5  # one fit per task, 3 batches each
+
+
 def test_refresh_profile_quick() -> None:
     out = load_benchmark("refresh").main(["--profile", "--quick"])
     assert out["samples"] > 0 and 0.0 < out["refresh_share"] < 1.0
     assert set(out["parts_ms"]) == {"forward", "backward", "noise", "rest", "total"}
     assert len(out["max_cF"]) == 5 and all(v >= 0 for v in out["max_cF"])
+
+
+def test_unlearning_quick(tmp_path) -> None:
+    results = load_benchmark("unlearning").main(["--quick", "--out", str(tmp_path)])
+    summary = {row["method"]: row for row in results["digits/random"]["summary"]}
+    assert {"Original", "Retrain", "FT", "GA", "GradDiff", "RL", "l1-sparse", "SCRUB", "SalUn", "GS-LoRA"} <= set(summary)
+    for row in summary.values():
+        assert row["seeds"] == 1
+        assert row["diverged"] == 1 or 0.0 <= row["ra"] <= 1.0
+    assert (tmp_path / "unlearning_benchmark.csv").is_file() and (tmp_path / "unlearning_gap_digits_random.png").is_file()

@@ -21,6 +21,7 @@ import yaml
 
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
 from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, ILoRA, InfiniteLRSchedule, RefreshLearning
+from lightning_forget.callbacks import SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn, UnlearningEvaluation
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
@@ -249,6 +250,50 @@ ROWS = [
         model_yaml={"class_path": "lightning_forget.modules.ContinualClassifier",
                     "init_args": {"hidden_sizes": [16, 16], "report": False}},
         data_yaml={"class_path": "lightning_forget.datamodules.ForgetRetainDataModule", "init_args": dict(_FORGET_DATA)},
+    ),
+    # ---- unlearning baselines (one shared mechanism, callbacks/unlearning.py) and their evaluation
+    *[
+        Row(
+            name,
+            cls,
+            kwargs,
+            bad,
+            make_data=forget_stream,
+            make_model=forget_model,
+            model_yaml={"class_path": "lightning_forget.modules.ContinualClassifier",
+                        "init_args": {"hidden_sizes": [16, 16], "report": False}},
+            data_yaml={"class_path": "lightning_forget.datamodules.ForgetRetainDataModule", "init_args": dict(_FORGET_DATA)},
+        )
+        for name, cls, kwargs, bad in [
+            ("GradientAscent", GradientAscent, {"retain_weight": 0.5, "bound": 5.0},
+             [({"bound": -1.0}, ValueError, "bound"), ({"guard_monitor": "mu/ra"}, ValueError, "guard_threshold"),
+              ({"guard_mode": "under"}, ValueError, "guard_mode"), ({"forget_stream": 3}, TypeError, "forget_stream")]),
+            ("GradDiff-kl", GradDiff, {"retain_loss": "kl", "gamma": 0.5},
+             [({"retain_loss": "mse"}, ValueError, "retain_loss"), ({"gamma": -1.0}, ValueError, "gamma")]),
+            ("RandomLabels", RandomLabels, {"seed": 3},
+             [({"exclude_true": 1}, TypeError, "exclude_true"), ({"seed": "a"}, TypeError, "seed")]),
+            ("L1Sparse", L1Sparse, {"alpha": 1e-3},
+             [({"alpha": -1.0}, ValueError, "alpha"), ({"no_l1_epochs": -1}, ValueError, "no_l1_epochs")]),
+            ("SCRUB", SCRUB, {"msteps": 1},
+             [({"temperature": 0.0}, ValueError, "temperature"), ({"msteps": 1.5}, TypeError, "msteps")]),
+            ("SalUn", SalUn, {"mask_fraction": 0.3},
+             [({"mask_fraction": 0.0}, ValueError, "mask_fraction"), ({"restore_mode": "best"}, ValueError, "restore_mode")]),
+            ("FineTune", FineTune, {"save_original": False},
+             [({"retain_weight": -1.0}, ValueError, "retain_weight"), ({"save_original": 1}, TypeError, "save_original")]),
+        ]
+    ],
+    Row(
+        "UnlearningEvaluation",
+        UnlearningEvaluation,
+        {"report": False, "mia": "threshold"},
+        [({"mia": "lira"}, ValueError, "mia"), ({"every_n_epochs": 0}, ValueError, "every_n_epochs"),
+         ({"retrained": {"ua": 0.1}}, ValueError, "retrained"), ({"retrained": 3}, TypeError, "retrained")],
+        make_data=retain_stream,
+        make_model=forget_model,
+        model_yaml={"class_path": "lightning_forget.modules.ContinualClassifier",
+                    "init_args": {"hidden_sizes": [16, 16], "report": False}},
+        data_yaml={"class_path": "lightning_forget.datamodules.ForgetRetainDataModule",
+                   "init_args": {**_FORGET_DATA, "retain_only": True}},
     ),
 ]
 

@@ -90,3 +90,24 @@ def test_given_tensors_and_deterministic_epochs():
     a = [b["forget"][1] for b in d.train_dataloader()]
     b = [b["forget"][1] for b in d.train_dataloader()]
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_forgetting_every_class_or_a_non_integer_class_is_refused():
+    # Every class forgotten leaves no retained data (GS-LoRA then failed later with a wrong fix).
+    with pytest.raises(ValueError, match=r"forget_classes.*every class"):
+        ForgetRetainDataModule(builtin="digits", forget_classes=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    # 8.7 was truncated to class 8.
+    with pytest.raises(TypeError, match=r"forget_classes.*8\.7"):
+        ForgetRetainDataModule(builtin="digits", forget_classes=[[8.7]])
+    import numpy as np
+
+    dm = ForgetRetainDataModule(builtin="digits", forget_classes=[[np.int64(8)], [torch.tensor(9)]])
+    assert dm.forget_classes == [[8], [9]]
+
+
+def test_separate_forget_and_retain_loaders():
+    dm = ForgetRetainDataModule(builtin="digits", forget_classes=[[8]], data_ratio=1.0, batch_size=32)
+    forget = torch.cat([y for _, y in dm.forget_dataloader(0)])
+    retain = torch.cat([y for _, y in dm.retain_dataloader(0)])
+    assert set(forget.tolist()) == {8} and 8 not in set(retain.tolist())
+    assert len(forget) == len(dm.forget_train_dataset(0)) and len(retain) == len(dm.retain_train_dataset(0))

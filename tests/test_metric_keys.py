@@ -36,6 +36,14 @@ from lightning_forget.callbacks import (
     LiNeS,
     LRRewarming,
     RefreshLearning,
+    SCRUB,
+    FineTune,
+    GradDiff,
+    GradientAscent,
+    L1Sparse,
+    RandomLabels,
+    SalUn,
+    UnlearningEvaluation,
 )
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import quiet_trainer, tiny_classifier
@@ -84,6 +92,10 @@ def _retain_stream(epochs_per_task: int) -> Any:
 
 #: Callbacks that need their own data (GSLoRA: two-stream forget/retain batches).
 OWN_DATA: dict[str, Callable[[int], Any]] = {"GSLoRA": _forget_stream, "ForgetRetainEvaluation": _retain_stream}
+#: The unlearning baselines (two-stream batches) and their evaluation (plain batches of retained data).
+OWN_DATA.update({name: _forget_stream for name in ("FineTune", "GradientAscent", "GradDiff", "RandomLabels", "L1Sparse",
+                                                    "SCRUB", "SalUn")})
+OWN_DATA["UnlearningEvaluation"] = _retain_stream
 
 
 def logged_keys(tmp_path: Path, callbacks: list[Callback], make_data: Callable[..., Any] = BlobStream,
@@ -123,6 +135,14 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "GSLoRA": lambda: GSLoRA(target_modules=["layers.1", "layers.3"], prototype=True),
     "ForgetRetainEvaluation": lambda: ForgetRetainEvaluation(report=False),
     "ILoRA": lambda: ILoRA(lora={"r": 2, "alpha": 4.0, "dropout": 0.0}, buffer_size=12, save_adapters=False),
+    "FineTune": lambda: FineTune(save_original=False),
+    "GradientAscent": lambda: GradientAscent(save_original=False),
+    "GradDiff": lambda: GradDiff(save_original=False),
+    "RandomLabels": lambda: RandomLabels(save_original=False),
+    "L1Sparse": lambda: L1Sparse(save_original=False),
+    "SCRUB": lambda: SCRUB(save_original=False),
+    "SalUn": lambda: SalUn(save_original=False),
+    "UnlearningEvaluation": lambda: UnlearningEvaluation(report=False),
 }
 
 #: Callbacks that need a language model: run on a token stream (baseline from the same stream).

@@ -13,10 +13,17 @@ from lightning_forget.callbacks.lr_rewarming import LRRewarming
 from lightning_forget.callbacks.refresh import RefreshLearning
 from lightning_forget.callbacks.replay import DarkExperienceReplay, ExperienceReplay
 from lightning_forget.callbacks.rng_state import RNGStateCheckpoint
+from lightning_forget.callbacks.unlearning import (
+    SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn,
+)
+from lightning_forget.callbacks.unlearning_eval import UnlearningEvaluation
 
 __all__ = [
     "AdaB2N",
     "ContinualEvaluation",
     "ContinualMetrics", "DarkExperienceReplay", "ExperienceReplay", "ForgetRetainEvaluation", "FPF", "GSLoRA", "ILoRA", "InfiniteLRSchedule", "KFPF",
     "LiNeS", "LRRewarming",
-    "RefreshLearning", "RNGStateCheckpoint"]
+    "RefreshLearning", "RNGStateCheckpoint",
+    # unlearning baselines (one shared mechanism: UnlearningMethod)
+    "FineTune", "GradDiff", "GradientAscent", "L1Sparse", "RandomLabels", "SalUn", "SCRUB", "UnlearningEvaluation",
+]

@@ -377,16 +377,9 @@ class GSLoRA(ContinualCallback):
         hooks.add_loss_term(self.state_key, self._forget_terms)
 
     def _load_pretrained(self, pl_module: "pl.LightningModule") -> None:
-        from lightning_forget.callbacks.lines import load_weights
+        from lightning_forget.unlearning.reference import load_pretrained
 
-        state, _ = load_weights(str(self.pretrained_ckpt))
-        missing, unexpected = pl_module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(message(
-                "pretrained_ckpt", "weights of this LightningModule (the same parameter names)", self.pretrained_ckpt,
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}: build the module as the checkpoint's run did",
-            ))
-        rank_zero_info(f"GSLoRA: loaded the weights to unlearn from {self.pretrained_ckpt}")
+        load_pretrained(pl_module, str(self.pretrained_ckpt), "GSLoRA")
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().teardown(trainer, pl_module, stage)

@@ -7,6 +7,7 @@ training batch carries two streams: samples to forget and a small retained repla
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -102,8 +103,9 @@ class ForgetRetainDataModule(LabelledDataModule):
             held-out split.
 
     Raises:
-        ValueError: empty or overlapping ``forget_classes``, unknown classes, fractions out of
-            range, ``builtin`` and ``train`` together, neither of them.
+        ValueError: empty or overlapping ``forget_classes``, unknown classes, every class forgotten
+            (no retained data), fractions out of range, ``builtin`` and ``train`` together, neither of them.
+        TypeError: a class in ``forget_classes`` that is not an integer (``8.7`` is refused, not truncated).
 
     Example::
 
@@ -151,6 +153,14 @@ class ForgetRetainDataModule(LabelledDataModule):
                     f"{owner}: `forget_classes` must be a non-empty list of non-empty class lists in class mode, "
                     f"got {forget_classes!r}. Fix: e.g. forget_classes=[[8, 9], [6, 7]]."
                 )
+            bad = [c for group in forget_classes for c in group
+                   if isinstance(c, bool) or not isinstance(c, (numbers.Integral, torch.Tensor)) or (
+                       isinstance(c, torch.Tensor) and (c.dim() != 0 or c.is_floating_point()))]
+            if bad:
+                raise TypeError(
+                    f"{owner}: `forget_classes` must hold integer class ids, got {bad!r} in {forget_classes!r}. Fix: "
+                    "write the classes as integers, e.g. forget_classes=[[8, 9]]."
+                )
             flat = [int(c) for group in forget_classes for c in group]
             unknown = sorted(set(flat) - set(self._classes))
             if unknown:
@@ -159,6 +169,12 @@ class ForgetRetainDataModule(LabelledDataModule):
                 raise ValueError(f"{owner}: `forget_classes` must not repeat a class across tasks, got {forget_classes!r}.")
             if num_tasks is not None and num_tasks != len(forget_classes):
                 raise ValueError(f"{owner}: `num_tasks={num_tasks}` disagrees with {len(forget_classes)} `forget_classes` groups; omit it.")
+            if set(flat) >= set(self._classes):
+                raise ValueError(
+                    f"{owner}: `forget_classes`={forget_classes!r} forgets every class of the data ({self._classes}), "
+                    "which leaves no retained data to train or evaluate on. Fix: keep at least one class out of "
+                    "`forget_classes`."
+                )
             self.forget_classes = [[int(c) for c in group] for group in forget_classes]
             tasks = len(forget_classes)
         else:
@@ -252,6 +268,16 @@ class ForgetRetainDataModule(LabelledDataModule):
     def train_dataset(self, task: int) -> Dataset:
         """Both streams of ``task`` in one :class:`PairedDataset` (epoch 0's cycling order)."""
         return PairedDataset(self.forget_train_dataset(task), self.retain_train_dataset(task), self.seed, 0)
+
+    def forget_dataloader(self, task: int, shuffle: bool = False, subsample: bool = True) -> DataLoader:
+        """A plain loader of ``task``'s forget samples (:meth:`forget_train_dataset`), for separate-stream loops."""
+        return DataLoader(self.forget_train_dataset(task, subsample), batch_size=self.batch_size, shuffle=shuffle,
+                          generator=seeded_generator(self.seed, 800_000 + 2 * task), num_workers=self.num_workers)
+
+    def retain_dataloader(self, task: int, shuffle: bool = False) -> DataLoader:
+        """A plain loader of ``task``'s retained samples (:meth:`retain_train_dataset`)."""
+        return DataLoader(self.retain_train_dataset(task), batch_size=self.batch_size, shuffle=shuffle,
+                          generator=seeded_generator(self.seed, 800_001 + 2 * task), num_workers=self.num_workers)
 
     def pretrain_dataset(self) -> Dataset:
         """The whole training pool (every class, no held-out samples): what the original model learns."""

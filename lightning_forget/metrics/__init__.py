@@ -6,10 +6,12 @@ from lightning_forget.metrics.accuracy_matrix import AccuracyMatrix
 from lightning_forget.metrics.unlearning import (
     ForgetRetainAccuracy,
     MembershipInference,
+    avg_gap,
     h_mean,
     membership_scores,
     mia_auc,
     mia_efficacy,
+    mia_efficacy_svc,
     roc_auc,
 )
 from lightning_forget.metrics.functional import (
@@ -42,6 +44,8 @@ __all__ = [
     "membership_scores",
     "mia_auc",
     "mia_efficacy",
+    "mia_efficacy_svc",
+    "avg_gap",
     "roc_auc",
     "EvalCurves",
     "as_curves",

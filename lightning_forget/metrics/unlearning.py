@@ -48,7 +48,9 @@ from lightning_forget.validation import check_choice, check_int
 __all__ = [
     "ForgetRetainAccuracy",
     "MembershipInference",
+    "avg_gap",
     "h_mean",
+    "mia_efficacy_svc",
     "membership_scores",
     "mia_auc",
     "mia_efficacy",
@@ -150,6 +152,55 @@ def mia_efficacy(forget_scores: Tensor, retain_scores: Tensor, heldout_scores: T
             raise ValueError(f"mia_efficacy needs a non-empty `{name}`. Fix: evaluate that sample set first.")
     threshold = _best_threshold(torch.as_tensor(retain_scores), torch.as_tensor(heldout_scores))
     return float((torch.as_tensor(forget_scores).double() < threshold).double().mean())
+
+
+def mia_efficacy_svc(forget_scores: Tensor, member_scores: Tensor, nonmember_scores: Tensor, C: float = 3.0,
+                     kernel: str = "rbf", gamma: str = "auto") -> float:
+    """MIA-efficacy as SalUn's and Unlearn-Sparse's ``evaluation/SVC_MIA.py`` compute it.
+
+    An ``sklearn.svm.SVC(C=3, kernel="rbf", gamma="auto")`` is trained on one feature, the score
+    (the official code uses the true-class softmax confidence), of ``member_scores`` (label 1; the
+    official code takes the first ``|test|`` retained training samples) and ``nonmember_scores``
+    (label 0; the test set), then applied to ``forget_scores``. Returns the fraction of forget
+    samples predicted non-members (the official number is this × 100; higher = more forgotten).
+
+    Raises:
+        ValueError: any of the three sets is empty.
+    """
+    from sklearn.svm import SVC
+
+    sets = {"forget_scores": forget_scores, "member_scores": member_scores, "nonmember_scores": nonmember_scores}
+    arrays = {}
+    for name, value in sets.items():
+        array = torch.as_tensor(value).detach().double().flatten().cpu().numpy()
+        if array.size == 0:
+            raise ValueError(f"mia_efficacy_svc needs a non-empty `{name}`. Fix: evaluate that sample set first.")
+        arrays[name] = array.reshape(-1, 1)
+    import numpy as np
+
+    features = np.concatenate([arrays["member_scores"], arrays["nonmember_scores"]])
+    labels = np.concatenate([np.ones(len(arrays["member_scores"])), np.zeros(len(arrays["nonmember_scores"]))])
+    classifier = SVC(C=C, kernel=kernel, gamma=gamma)
+    classifier.fit(features, labels)
+    return float(1.0 - classifier.predict(arrays["forget_scores"]).mean())
+
+
+#: The metrics SalUn's "Avg. Gap" averages.
+GAP_KEYS = ("ua", "ra", "ta", "mia_efficacy")
+
+
+def avg_gap(metrics: dict[str, float], retrained: dict[str, float], keys: Sequence[str] = GAP_KEYS) -> float:
+    """SalUn's "Avg. Gap": the mean of ``|metric − retrained metric|`` over UA, RA, TA and MIA-efficacy.
+
+    Values in the units given (fractions here; × 100 for the papers' points).
+
+    Raises:
+        KeyError: a key missing from either mapping (the message names it).
+    """
+    missing = [k for k in keys if k not in metrics or k not in retrained]
+    if missing:
+        raise KeyError(f"avg_gap needs {list(keys)} in both the metrics and the retrained model's; missing {missing}.")
+    return float(sum(abs(float(metrics[k]) - float(retrained[k])) for k in keys) / len(keys))
 
 
 class ForgetRetainAccuracy(Metric):

@@ -1,0 +1,42 @@
+"""The shared machinery of the unlearning methods, usable without Lightning.
+
+- :mod:`~lightning_forget.unlearning.losses`: every method's loss as a plain function of logits
+  (classifier ``(N, C)`` logits with ``(N,)`` labels, or token-level ``(B, L, V)`` logits with
+  ``(B, L)`` labels where ``-100`` marks positions to ignore).
+- :mod:`~lightning_forget.unlearning.reference`: the frozen reference (teacher) model: the module
+  with its PEFT adapters disabled when it has LoRA adapters, otherwise a frozen copy (optionally
+  kept on the CPU).
+- :mod:`~lightning_forget.unlearning.saliency`: SalUn's weight-saliency mask as a composable piece.
+- :mod:`~lightning_forget.unlearning.sweep`: a small grid search that picks the setting closest
+  to retraining.
+"""
+
+from lightning_forget.unlearning.losses import (
+    cross_entropy,
+    distill_kl,
+    gradient_ascent_loss,
+    graddiff_loss,
+    kl_to_reference,
+    l1_alpha,
+    l1_norm,
+    random_labels,
+    scrub_max_loss,
+    scrub_min_loss,
+)
+from lightning_forget.unlearning.reference import ReferenceModel
+from lightning_forget.unlearning.saliency import SaliencyMask
+
+__all__ = [
+    "ReferenceModel",
+    "SaliencyMask",
+    "cross_entropy",
+    "distill_kl",
+    "gradient_ascent_loss",
+    "graddiff_loss",
+    "kl_to_reference",
+    "l1_alpha",
+    "l1_norm",
+    "random_labels",
+    "scrub_max_loss",
+    "scrub_min_loss",
+]

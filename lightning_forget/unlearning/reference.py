@@ -1,0 +1,160 @@
+"""The frozen reference (teacher) model of an unlearning run, without a second copy where possible.
+
+- The module carries PEFT LoRA adapters (``peft.inject_adapter_in_model``, ``get_peft_model``) and
+  its base weights are frozen: the reference is **the same module with its adapters disabled**
+  (no copy, no extra memory; exactly the base model's outputs).
+- Otherwise: a frozen copy of the module's *weights* as they were when the reference was taken,
+  run through the module's own forward (``torch.func.functional_call``), on the module's device
+  or, with ``offload=True``, kept on the CPU and moved over for each reference forward.
+
+The reference never changes: its parameters do not require gradients, it runs in eval mode
+under ``torch.no_grad()``, and its weights go into the callback's checkpoint as CPU tensors
+(:meth:`ReferenceModel.state`), so a resumed run rebuilds the same reference.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ReferenceModel", "adapters_disabled", "has_lora_adapters", "load_pretrained", "tuner_layers"]
+
+
+def load_pretrained(module: nn.Module, path: str, owner: str) -> None:
+    """Load the weights to unlearn (a Lightning checkpoint or a state dict at ``path``) into ``module``.
+
+    Raises:
+        ValueError: the file's parameter names do not match the module's (named as ``pretrained_ckpt``).
+    """
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lightning_forget.callbacks.lines import load_weights
+
+    state, _ = load_weights(str(path))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{owner}: `pretrained_ckpt`={path!r} holds weights of another module (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}). Fix: build the module as the checkpoint's run did."
+        )
+    rank_zero_info(f"{owner}: loaded the weights to unlearn from {path}")
+
+
+def tuner_layers(module: nn.Module) -> list[nn.Module]:
+    """The PEFT tuner layers (LoRA and the like) inside ``module``; empty without PEFT."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora_adapters(module: nn.Module) -> bool:
+    """Whether ``module`` carries PEFT adapter layers."""
+    return bool(tuner_layers(module))
+
+
+@contextmanager
+def adapters_disabled(module: nn.Module) -> Iterator[None]:
+    """Run the ``with`` block with every PEFT adapter of ``module`` switched off (restored after).
+
+    Only the layers' "disabled" flag is flipped: ``requires_grad`` flags are left alone (PEFT's
+    ``enable_adapters`` would reset them, which a DDP-wrapped model must not see mid-step).
+    """
+    layers = tuner_layers(module)
+    previous = [bool(getattr(layer, "_disable_adapters", False)) for layer in layers]
+    try:
+        for layer in layers:
+            layer._disable_adapters = True  # PEFT's flag read by every tuner layer's forward
+        yield
+    finally:
+        for layer, value in zip(layers, previous):
+            layer._disable_adapters = value
+
+
+def _base_trainable(module: nn.Module) -> list[str]:
+    adapter_ids = {id(p) for layer in tuner_layers(module) for name, p in layer.named_parameters()
+                   if "lora_" in name or "adapter" in name}
+    return [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in adapter_ids]
+
+
+class ReferenceModel:
+    """The frozen reference of ``module``: adapters disabled, or frozen weights run through the module itself.
+
+    Without usable adapters the reference keeps a copy of the module's **weights** (parameters and
+    buffers) as they were, and runs the module's own forward with them swapped in
+    (``torch.func.functional_call``): no second module object is built, so whatever else the module
+    holds (its trainer, optimizer factories, data) is never copied.
+
+    Args:
+        module: the model being unlearned (a LightningModule or any ``nn.Module``).
+        offload: keep the reference weights on the CPU and move them to the module's device for each
+            reference forward (ignored when the adapters are disabled instead).
+        use_adapters: ``None`` (default) disables the adapters when the module has PEFT adapters
+            and no trainable base weight; ``False`` always keeps frozen weights.
+        state: weights of an earlier reference (from :meth:`state`) to use instead of the module's
+            current ones (used on resume).
+
+    Attributes:
+        kind: ``"adapters_disabled"`` or ``"copy"``.
+
+    Example::
+
+        reference = ReferenceModel(model)
+        teacher_logits = reference(x)      # no_grad, eval mode, the reference weights
+    """
+
+    def __init__(self, module: nn.Module, offload: bool = False, use_adapters: Optional[bool] = None,
+                 state: Optional[dict[str, Tensor]] = None) -> None:
+        self.module = module
+        self.offload = bool(offload)
+        adapters = has_lora_adapters(module) and not _base_trainable(module)
+        if use_adapters is True and not adapters:
+            raise RuntimeError(
+                "ReferenceModel(use_adapters=True) needs a module with PEFT adapters and frozen base weights; "
+                f"trainable base weights: {_base_trainable(module)[:5]}. Fix: freeze them, or use_adapters=None."
+            )
+        self.kind = "adapters_disabled" if adapters and use_adapters is not False else "copy"
+        self.weights: Optional[dict[str, Tensor]] = None
+        if self.kind == "copy":
+            current = dict(module.named_parameters())
+            current.update(dict(module.named_buffers()))
+            source = state if state is not None else current
+            missing = sorted(set(current) - set(source))
+            if missing:
+                raise RuntimeError(f"ReferenceModel: the saved reference weights lack {missing[:5]}; the module changed.")
+            device = torch.device("cpu") if self.offload else None
+            self.weights = {k: source[k].detach().to(device or current[k].device, copy=True) for k in current}
+
+    def state(self) -> Optional[dict[str, Tensor]]:
+        """CPU copies of the reference's weights (``None`` when the adapters are disabled instead)."""
+        if self.weights is None:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in self.weights.items()}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The reference's forward on ``args``/``kwargs``: eval mode, ``no_grad``, the module restored after."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                if self.kind == "adapters_disabled":
+                    with adapters_disabled(self.module):
+                        return self.module(*args, **kwargs)
+                assert self.weights is not None
+                weights = self.weights
+                if self.offload:
+                    device = self.device()
+                    weights = {k: v.to(device, non_blocking=True) for k, v in weights.items()}
+                return torch.func.functional_call(self.module, weights, args, kwargs, strict=True)
+        finally:
+            self.module.train(was_training)
+
+    def device(self) -> torch.device:
+        """Where the reference's inputs must be (the module's device)."""
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
