@@ -127,6 +127,12 @@ class UnlearningMethod(ContinualCallback):
     #: Prefix of the method's logged keys (one per method).
     log_prefix: str = "ft"
 
+    #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments):
+    #: the saved saliency mask and reference weights belong to them.
+    state_arguments: tuple[str, ...] = ("mask_fraction", "pretrained_ckpt", "forget_stream", "input_key", "target_key")
+    #: The task end restores the best weights (``restore_best``): it runs inside tasks.atomic_edit.
+    task_end_edits_weights = True
+
     def __init__(
         self,
         retain_weight: float = 1.0,

@@ -16,6 +16,9 @@ from lightning_forget.metrics.unlearning import avg_gap, mia_auc, mia_efficacy, 
 from lightning_forget.precision import forward_context
 from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback
 from lightning_forget.unlearning.report import render_table, write_rows
+
+#: The files UnlearningEvaluation writes (versioned beside another run's, see reporting.output_paths).
+_FILES = {"csv": "unlearning_metrics.csv", "json": "unlearning_metrics.json"}
 from lightning_forget.validation import check_bool, check_choice, check_int, check_str, message
 
 __all__ = ["UnlearningEvaluation", "per_sample_records"]
@@ -171,12 +174,20 @@ class UnlearningEvaluation(ContinualCallback):
             )
         return dm
 
+    #: The task end edits nothing (rows are measured, not weights changed).
+    task_end_edits_weights = False
+
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._datamodule(trainer)
             if isinstance(self.retrained, str):
                 self.retrained_metrics()  # a missing or malformed file fails before training
+            directory = reporting.results_dir(trainer, self.log_dir)  # every rank: trainer.log_dir broadcasts
+            if self.report and trainer.is_global_zero:
+                reporting.ensure_writable_dir(directory, "UnlearningEvaluation", "unlearning_metrics.csv/.json",
+                                              "pass a writable `log_dir`, or `report=False`")
+                reporting.output_paths(self, directory, _FILES)  # chosen now: never over another run's
 
     def evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> dict[str, float]:
         """The metrics of the model as it is now, for ``task``."""
@@ -238,7 +249,7 @@ class UnlearningEvaluation(ContinualCallback):
         from rich.console import Console
 
         Console().print(render_table(self.rows, title="Unlearning metrics (%)"))
-        paths = write_rows(directory, self.rows)
+        paths = write_rows(directory, self.rows, paths=reporting.output_paths(self, directory, _FILES))
         reporting.announce_results(trainer, "UnlearningEvaluation", paths)
 
     # ------------------------------------------------------------------ state

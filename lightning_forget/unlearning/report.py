@@ -58,14 +58,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_rows(directory: Union[str, Path], rows: Sequence[Mapping[str, Any]], stem: str = "unlearning_metrics") -> dict[str, Path]:
-    """Write ``<stem>.csv`` and ``<stem>.json`` (one record per row; NaN as empty / ``null``)."""
+def write_rows(
+    directory: Union[str, Path], rows: Sequence[Mapping[str, Any]], stem: str = "unlearning_metrics",
+    paths: Optional[Mapping[str, Path]] = None,
+) -> dict[str, Path]:
+    """Write ``<stem>.csv`` and ``<stem>.json`` (one record per row; NaN as empty / ``null``), or
+    the files ``paths`` names (``{"csv": ..., "json": ...}``, e.g. from
+    :func:`lightning_forget.reporting.output_paths`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    paths = {"csv": directory / f"{stem}.csv", "json": directory / f"{stem}.json"}
+    paths = dict(paths) if paths is not None else {"csv": directory / f"{stem}.csv", "json": directory / f"{stem}.json"}
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(keys)
