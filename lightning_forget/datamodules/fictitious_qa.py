@@ -387,6 +387,25 @@ class FictitiousQADataModule(pl.LightningDataModule):
         """The byte tokenizer's vocabulary (257)."""
         return self.tokenizer.vocab_size
 
+    @property
+    def block_size(self) -> int:
+        """Tokens of the longest example of any split and answer field (the model's context must hold it)."""
+        longest = 0
+        for split in ("forget", "retain", "holdout", "world_facts"):
+            for r in self.records(split):  # type: ignore[arg-type]
+                prompt = len(f"Question: {r['question']}\nAnswer: ".encode())
+                answers = [r["answer"], r["paraphrased_answer"], *r["perturbed_answer"]]
+                longest = max(longest, prompt + max(len(str(a).encode()) for a in answers) + 1)
+        return longest
+
+    @property
+    def corpus_names(self) -> list[str]:
+        """Names of the validation loaders, in order."""
+        return [s for s in ("forget", "retain", "holdout", "world_facts") if self.records(s)]  # type: ignore[arg-type]
+
+    #: Labels mark answers only (``CausalLMModule`` then logs exact match).
+    answer_only_labels = True
+
     # ------------------------------------------------------------------ phases
     def forget_train_dataset(self, task: int = 0) -> Dataset:
         """The forget set (one forgetting task: ``task`` must be 0)."""
@@ -407,9 +426,8 @@ class FictitiousQADataModule(pl.LightningDataModule):
                           generator=seeded_generator(self.seed, 900_000), num_workers=self.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
-        splits = [s for s in ("forget", "retain", "holdout", "world_facts") if self.records(s)]  # type: ignore[arg-type]
         return [DataLoader(self.dataset(s), batch_size=self.eval_batch_size, shuffle=False,  # type: ignore[arg-type]
-                           collate_fn=collate_qa, num_workers=self.num_workers) for s in splits]
+                           collate_fn=collate_qa, num_workers=self.num_workers) for s in self.corpus_names]
 
     def __repr__(self) -> str:
         return (f"FictitiousQADataModule(num_people={self.num_people}, forget_percent={self.forget_percent}, "
