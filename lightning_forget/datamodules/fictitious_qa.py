@@ -295,7 +295,10 @@ class FictitiousQADataModule(pl.LightningDataModule):
         batch_size: training batch size (each stream's in ``"unlearn"``).
         eval_batch_size: evaluation batch size (default: ``batch_size``).
         seed: seed of the generated data and of the loaders' order.
-        forget_path, retain_path, holdout_path, world_facts_path: users' QA files (see above).
+        forget_path: a user's QA file of the forget set (see above); needs ``retain_path``.
+        retain_path: a user's QA file of the retained set.
+        holdout_path: a user's QA file of held-out questions (membership non-members; optional).
+        world_facts_path: a user's QA file of the utility set (optional).
         num_workers: loader workers.
 
     Raises:
