@@ -123,3 +123,4 @@ def test_lm_methods_refuse_bad_arguments_and_non_lm_batches(tmp_path: Any) -> No
         _fit(tmp_path, RMU(layer=r"nothing\.here", save_original=False), _model(dm), dm)
     with pytest.raises(RuntimeError, match="causal-LM sub-batches"):
         NPO().forget_loss(None, (torch.zeros(1), torch.zeros(1)))  # type: ignore[arg-type]
+
