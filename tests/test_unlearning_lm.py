@@ -124,3 +124,11 @@ def test_lm_methods_refuse_bad_arguments_and_non_lm_batches(tmp_path: Any) -> No
     with pytest.raises(RuntimeError, match="causal-LM sub-batches"):
         NPO().forget_loss(None, (torch.zeros(1), torch.zeros(1)))  # type: ignore[arg-type]
 
+
+def test_saliency_mask_works_on_lm_batches(tmp_path: Any) -> None:
+    # the mask's pass over the forget set collates QA rows and uses the aligned next-token CE
+    dm = _data()
+    callback = NPO(mask_fraction=0.5, save_original=False)
+    _fit(tmp_path, callback, _model(dm), dm)
+    assert callback.mask is not None and callback.mask.fraction == pytest.approx(0.5, abs=0.01)
+

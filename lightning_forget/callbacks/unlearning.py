@@ -336,12 +336,18 @@ class UnlearningMethod(ContinualCallback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            loader = DataLoader(self._forget_dataset(trainer, task), batch_size=256, shuffle=False)
+            collate = getattr(getattr(trainer, "datamodule", None), "collate_fn", None)
+            loader = DataLoader(self._forget_dataset(trainer, task), batch_size=256, shuffle=False, collate_fn=collate)
             for batch in loader:  # every rank the whole set: identical masks, no communication
-                split = self.fields.split(batch)
-                with torch.enable_grad(), forward_context(trainer):
-                    logits = logits_of(pl_module(split.input.to(pl_module.device)))
-                    loss = L.cross_entropy(logits, split.target.to(pl_module.device))  # type: ignore[union-attr]
+                if is_lm_batch(batch):  # token-level: the aligned next-token CE
+                    batch = {k: v.to(pl_module.device) for k, v in batch.items() if isinstance(v, Tensor)}
+                    with torch.enable_grad():
+                        loss = L.cross_entropy(*self.logits(pl_module, batch))
+                else:
+                    split = self.fields.split(batch)
+                    with torch.enable_grad(), forward_context(trainer):
+                        logits = logits_of(pl_module(split.input.to(pl_module.device)))
+                        loss = L.cross_entropy(logits, split.target.to(pl_module.device))  # type: ignore[union-attr]
                 for (n, g), value in zip(grads.items(), torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
                     if value is not None:
                         g.add_(value)

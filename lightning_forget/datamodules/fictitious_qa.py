@@ -424,6 +424,10 @@ class FictitiousQADataModule(pl.LightningDataModule):
         records = [r for s in splits for r in self.records(s)]
         return QADataset(records, self.tokenizer, self.tokenizer.eos_id)
 
+    def collate_fn(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """:func:`collate_qa` (loaders outside this module, e.g. a saliency pass, use it)."""
+        return collate_qa(rows)
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True, collate_fn=collate_qa,
                           generator=seeded_generator(self.seed, 900_000), num_workers=self.num_workers)
