@@ -17,6 +17,7 @@ from lightning_forget.callbacks.unlearning import (
     SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn,
 )
 from lightning_forget.callbacks.unlearning_eval import UnlearningEvaluation
+from lightning_forget.callbacks.unlearning_lm import NPO, RMU, IdkPO, SimNPO
 
 __all__ = [
     "AdaB2N",
@@ -26,4 +27,6 @@ __all__ = [
     "RefreshLearning", "RNGStateCheckpoint",
     # unlearning baselines (one shared mechanism: UnlearningMethod)
     "FineTune", "GradDiff", "GradientAscent", "L1Sparse", "RandomLabels", "SalUn", "SCRUB", "UnlearningEvaluation",
+    # language-model unlearning (the same mechanism)
+    "IdkPO", "NPO", "RMU", "SimNPO",
 ]

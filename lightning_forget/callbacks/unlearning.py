@@ -37,6 +37,18 @@ from lightning_forget.validation import check_bool, check_choice, check_float, c
 __all__ = ["FineTune", "GradDiff", "GradientAscent", "L1Sparse", "RandomLabels", "SCRUB", "SalUn", "UnlearningMethod"]
 
 
+def is_lm_batch(sub_batch: Any) -> bool:
+    """Whether a sub-batch is a causal LM's: a mapping with ``input_ids`` and ``labels``."""
+    return isinstance(sub_batch, dict) and "input_ids" in sub_batch and "labels" in sub_batch
+
+
+def _lm_call(model: Any, sub_batch: dict[str, Tensor]) -> Any:
+    mask = sub_batch.get("attention_mask")
+    if mask is None:
+        return model(sub_batch["input_ids"])
+    return model(sub_batch["input_ids"], attention_mask=mask)
+
+
 class UnlearningMethod(ContinualCallback):
     """The shared mechanism of the unlearning callbacks; on its own it is fine-tuning on the retained data.
 
@@ -212,17 +224,34 @@ class UnlearningMethod(ContinualCallback):
         """Add a parameter-only penalty's gradient (after DDP's reduction, before the mask); default none."""
 
     # ------------------------------------------------------------------ helpers for the methods
-    def logits(self, pl_module: "pl.LightningModule", sub_batch: Any) -> tuple[Tensor, Tensor]:
-        """``(logits, target)`` of the module's forward on a one-stream sub-batch."""
+    def logits(self, pl_module: "pl.LightningModule", sub_batch: Any, shift: bool = True) -> tuple[Tensor, Tensor]:
+        """``(logits, target)`` of the module's forward on a one-stream sub-batch.
+
+        A causal-LM sub-batch (a dict with ``input_ids`` and ``labels``, Hugging Face's unshifted
+        convention) is called as ``pl_module(input_ids, attention_mask=...)`` and, with ``shift``,
+        its logits and labels are aligned (:func:`~lightning_forget.unlearning.losses.shift_for_next_token`),
+        so every token-level loss reads them as it reads a classifier's.
+        """
+        if is_lm_batch(sub_batch):
+            with forward_context(pl_module.trainer):
+                logits = logits_of(_lm_call(pl_module, sub_batch))
+            labels = sub_batch["labels"]
+            return L.shift_for_next_token(logits, labels) if shift else (logits, labels)
         split = self.fields.split(sub_batch)
         with forward_context(pl_module.trainer):
             logits = logits_of(pl_module(split.input))
         return logits, split.target  # type: ignore[return-value]
 
     def reference_logits(self, pl_module: "pl.LightningModule", sub_batch: Any) -> Tensor:
-        """Logits of the frozen reference on a sub-batch (on the module's device)."""
+        """Logits of the frozen reference on a sub-batch (on the module's device; LM logits unshifted)."""
         reference = self._get_reference(pl_module)
-        x = self.fields.split(sub_batch).input
+        device = reference.device()
+        if is_lm_batch(sub_batch):
+            moved = {k: v.to(device) for k, v in sub_batch.items() if isinstance(v, Tensor)}
+            with forward_context(pl_module.trainer):
+                out = reference(lambda model: logits_of(_lm_call(model, moved)))
+            return out.to(pl_module.device)
+        x = self.fields.split(sub_batch).input.to(device)
         with forward_context(pl_module.trainer):
             return logits_of(reference(x))
 
@@ -301,12 +330,18 @@ class UnlearningMethod(ContinualCallback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            loader = DataLoader(self._forget_dataset(trainer, task), batch_size=256, shuffle=False)
+            collate = getattr(getattr(trainer, "datamodule", None), "collate_fn", None)
+            loader = DataLoader(self._forget_dataset(trainer, task), batch_size=256, shuffle=False, collate_fn=collate)
             for batch in loader:  # every rank the whole set: identical masks, no communication
-                split = self.fields.split(batch)
-                with torch.enable_grad(), forward_context(trainer):
-                    logits = logits_of(pl_module(split.input.to(pl_module.device)))
-                    loss = L.cross_entropy(logits, split.target.to(pl_module.device))  # type: ignore[union-attr]
+                if is_lm_batch(batch):  # token-level: the aligned next-token CE
+                    batch = {k: v.to(pl_module.device) for k, v in batch.items() if isinstance(v, Tensor)}
+                    with torch.enable_grad():
+                        loss = L.cross_entropy(*self.logits(pl_module, batch))
+                else:
+                    split = self.fields.split(batch)
+                    with torch.enable_grad(), forward_context(trainer):
+                        logits = logits_of(pl_module(split.input.to(pl_module.device)))
+                        loss = L.cross_entropy(logits, split.target.to(pl_module.device))  # type: ignore[union-attr]
                 for (n, g), value in zip(grads.items(), torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
                     if value is not None:
                         g.add_(value)
@@ -511,7 +546,7 @@ class GradDiff(UnlearningMethod):
     def retain_loss(self, pl_module: "pl.LightningModule", retain: Any, module_loss: Tensor) -> Tensor:
         if self.retain_loss_type == "nll":
             return self.alpha * module_loss
-        logits, _ = self.logits(pl_module, retain)
+        logits, _ = self.logits(pl_module, retain, shift=False)
         return self.alpha * L.kl_to_reference(logits, self.reference_logits(pl_module, retain)) + 0.0 * module_loss
 
 
@@ -652,10 +687,10 @@ class SCRUB(UnlearningMethod):
         epoch, _ = self.epoch_in_task(pl_module.trainer)
         if epoch >= self.msteps:
             return None
-        logits, _ = self.logits(pl_module, forget)
+        logits, _ = self.logits(pl_module, forget, shift=False)
         return self.forget_weight * L.scrub_max_loss(logits, self.reference_logits(pl_module, forget), self.temperature)
 
     def retain_loss(self, pl_module: "pl.LightningModule", retain: Any, module_loss: Tensor) -> Tensor:
-        logits, _ = self.logits(pl_module, retain)
+        logits, _ = self.logits(pl_module, retain, shift=False)
         kl = L.distill_kl(logits, self.reference_logits(pl_module, retain), self.temperature)
         return self.gamma * module_loss + self.alpha * kl

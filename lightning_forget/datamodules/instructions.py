@@ -54,6 +54,7 @@ __all__ = [
     "builtin_examples",
     "load_examples",
     "pad_token_batch",
+    "read_records",
 ]
 
 IGNORE_INDEX = -100
@@ -193,14 +194,11 @@ def builtin_examples(task: str, seed: int = 0, limit: int = 2000) -> list[tuple[
     return [items[int(i)] for i in order[:limit]]
 
 
-def load_examples(path: str, prompt_field: str = "prompt", answer_field: str = "answer") -> list[tuple[str, str]]:
-    """``(prompt, answer)`` pairs of a JSON (list of objects), JSON Lines or CSV (with a header) file.
-
-    The answer is used as written: start it with a space (``" yes"``) to separate it from the
-    prompt with the byte tokenizer.
+def read_records(path: str, argument: str = "tasks") -> list[Any]:
+    """The records of a JSON (a list of objects), JSON Lines or CSV (with a header) file.
 
     Raises:
-        ValueError: unknown suffix, a record without one of the fields, or no records.
+        ValueError: an unknown suffix (naming ``argument``), or a ``.json`` file that is not a list.
     """
     path = os.path.expanduser(path)
     suffix = os.path.splitext(path)[1].lower()
@@ -214,7 +212,7 @@ def load_examples(path: str, prompt_field: str = "prompt", answer_field: str = "
                     "must hold one JSON list of objects (use .jsonl for one object per line)."
                 ) from error
             if not isinstance(records, list):
-                raise ValueError(f"{path}: a .json task file must hold a list of objects, got {type(records).__name__}.")
+                raise ValueError(f"{path}: a .json file must hold a list of objects, got {type(records).__name__}.")
         elif suffix == ".jsonl":
             records = []
             for number, line in enumerate(handle, start=1):
@@ -230,7 +228,21 @@ def load_examples(path: str, prompt_field: str = "prompt", answer_field: str = "
         elif suffix == ".csv":
             records = list(csv.DictReader(handle))
         else:
-            raise ValueError(message("tasks", "a .json, .jsonl or .csv file", path, "convert the file to one of them"))
+            raise ValueError(message(argument, "a .json, .jsonl or .csv file", path, "convert the file to one of them"))
+    return records
+
+
+def load_examples(path: str, prompt_field: str = "prompt", answer_field: str = "answer") -> list[tuple[str, str]]:
+    """``(prompt, answer)`` pairs of a JSON (list of objects), JSON Lines or CSV (with a header) file.
+
+    The answer is used as written: start it with a space (``" yes"``) to separate it from the
+    prompt with the byte tokenizer.
+
+    Raises:
+        ValueError: unknown suffix, a record without one of the fields, or no records.
+    """
+    path = os.path.expanduser(path)
+    records = read_records(path)
     pairs = []
     for i, record in enumerate(records):
         if not isinstance(record, dict) or prompt_field not in record or answer_field not in record:

@@ -12,16 +12,25 @@
 """
 
 from lightning_forget.unlearning.losses import (
+    activation_mse,
+    answer_lengths,
     cross_entropy,
+    dpo_loss,
     distill_kl,
     gradient_ascent_loss,
     graddiff_loss,
     kl_to_reference,
     l1_alpha,
     l1_norm,
+    npo_loss,
     random_labels,
+    rmu_control_vector,
+    rmu_loss,
     scrub_max_loss,
     scrub_min_loss,
+    sequence_log_prob,
+    simnpo_loss,
+    token_log_probs,
 )
 from lightning_forget.unlearning.reference import ReferenceModel
 from lightning_forget.unlearning.saliency import SaliencyMask
@@ -29,14 +38,23 @@ from lightning_forget.unlearning.saliency import SaliencyMask
 __all__ = [
     "ReferenceModel",
     "SaliencyMask",
+    "activation_mse",
+    "answer_lengths",
     "cross_entropy",
+    "dpo_loss",
     "distill_kl",
     "gradient_ascent_loss",
     "graddiff_loss",
     "kl_to_reference",
     "l1_alpha",
     "l1_norm",
+    "npo_loss",
     "random_labels",
+    "rmu_control_vector",
+    "rmu_loss",
     "scrub_max_loss",
     "scrub_min_loss",
+    "sequence_log_prob",
+    "simnpo_loss",
+    "token_log_probs",
 ]

@@ -22,17 +22,27 @@ from torch import Tensor
 
 __all__ = [
     "IGNORE_INDEX",
+    "activation_mse",
+    "answer_lengths",
     "cross_entropy",
+    "dpo_loss",
     "distill_kl",
     "gradient_ascent_loss",
     "graddiff_loss",
     "kl_to_reference",
     "l1_alpha",
     "l1_norm",
+    "npo_loss",
+    "preference_loss",
     "random_labels",
+    "rmu_control_vector",
+    "rmu_loss",
     "scrub_max_loss",
     "scrub_min_loss",
+    "sequence_log_prob",
     "shift_for_next_token",
+    "simnpo_loss",
+    "token_log_probs",
 ]
 
 #: Label of positions that do not count (Hugging Face's convention).
@@ -142,3 +152,139 @@ def l1_alpha(alpha: float, epoch: int, epochs: int, no_l1_epochs: int = 0) -> fl
     if active <= 0 or epoch >= active:
         return 0.0
     return float(alpha) * (1.0 - epoch / active)
+
+
+# ---------------------------------------------------------------------------------- token level
+# The language-model losses of open-unlearning (``UNLEARNING.md`` §2.1). Logits and labels are
+# aligned (shift causal-LM outputs with :func:`shift_for_next_token` first); a sample's answer is
+# its positions whose label is not ``-100``.
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def token_log_probs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """Per-token ``log p(label)`` of aligned ``(B, L, V)`` logits and ``(B, L)`` labels (float32 or wider).
+
+    Returns:
+        ``(log_probs, mask)``: ``(B, L)`` log-probabilities (0 where the label is ``ignore_index``)
+        and the boolean mask of the positions that count.
+    """
+    _flat(logits, labels)  # shape check with the shared message
+    if logits.dim() != 3:
+        raise ValueError(f"token-level losses need (B, L, V) logits, got shape {tuple(logits.shape)}.")
+    mask = labels != ignore_index
+    log_probs = F.log_softmax(_at_least_float32(logits), dim=-1)
+    picked = log_probs.gather(-1, labels.long().clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
+
+
+def sequence_log_prob(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``(B,)`` log-probability of each sample's answer: the **sum** over its non-ignored tokens.
+
+    open-unlearning's ``compute_batch_nll`` (negated); NPO, SimNPO and DPO compare these sums.
+    """
+    log_probs, _ = token_log_probs(logits, labels, ignore_index)
+    return log_probs.sum(-1)
+
+
+def answer_lengths(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``(B,)`` number of positions of each sample whose label counts (``|y|``)."""
+    return (labels != ignore_index).sum(-1)
+
+
+def _check_beta(beta: float) -> float:
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}. Fix: pass a positive inverse temperature, e.g. beta=0.1.")
+    return float(beta)
+
+
+def preference_loss(margin: Tensor, beta: float) -> Tensor:
+    """``−(2/β)·mean(log σ(β·margin))``: the shared form of NPO, SimNPO and DPO."""
+    beta = _check_beta(beta)
+    return -F.logsigmoid(beta * margin).mean() * 2.0 / beta
+
+
+def npo_loss(log_prob: Tensor, reference_log_prob: Tensor, beta: float = 0.1) -> Tensor:
+    """NPO: ``−(2/β)·mean(log σ(−β·[log π_θ(y|x) − log π_ref(y|x)]))`` over the forget samples.
+
+    Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse to Effective
+    Unlearning" (COLM 2024); open-unlearning ``NPO`` (β = 0.1). ``log_prob`` and
+    ``reference_log_prob`` are the ``(B,)`` answer log-probabilities **summed** over tokens
+    (:func:`sequence_log_prob`); the reference's are detached. As ``β → 0`` the loss tends to
+    ``(2/β)·log 2 + mean(log π_θ)``, so its gradient tends to that of gradient ascent on the
+    summed NLL (the token-mean GA times the answer length).
+    """
+    return preference_loss(-(log_prob - reference_log_prob.detach()), beta)
+
+
+def simnpo_loss(log_prob: Tensor, lengths: Tensor, beta: float = 4.5, delta: float = 0.0) -> Tensor:
+    """SimNPO: ``−(2/β)·mean(log σ(β·(NLL_sum/|y| − δ)))``, length-normalised, no reference model.
+
+    Fan et al., "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM
+    Unlearning" (2024); open-unlearning ``SimNPO`` (β = 4.5, δ = 0; its forget weight γ = 0.125
+    multiplies this loss outside). ``lengths`` are the answers' token counts
+    (:func:`answer_lengths`).
+    """
+    if bool((lengths <= 0).any()):
+        raise ValueError(f"simnpo_loss: every sample needs an answer token, got lengths {lengths.tolist()}. "
+                         "Fix: drop samples whose labels are all -100.")
+    return preference_loss(-log_prob / lengths.to(log_prob.dtype) - delta, beta)
+
+
+def dpo_loss(chosen_log_prob: Tensor, rejected_log_prob: Tensor, reference_chosen_log_prob: Tensor,
+             reference_rejected_log_prob: Tensor, beta: float = 0.1) -> Tensor:
+    """DPO: ``−(2/β)·mean(log σ(β·[(log π_θ − log π_ref)(chosen) − (log π_θ − log π_ref)(rejected)]))``.
+
+    Rafailov et al., "Direct Preference Optimization" (NeurIPS 2023); open-unlearning ``DPO``
+    (β = 0.1), which for IdkPO prefers an "I don't know" answer (chosen) to the forget answer
+    (rejected). All log-probabilities are ``(B,)`` token sums; the reference's are detached.
+    """
+    chosen = chosen_log_prob - reference_chosen_log_prob.detach()
+    rejected = rejected_log_prob - reference_rejected_log_prob.detach()
+    return preference_loss(chosen - rejected, beta)
+
+
+def rmu_control_vector(hidden_size: int, steering_coeff: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """RMU's fixed target ``c·u``: ``u`` uniform in ``[0, 1)^d`` scaled to unit length, shape ``(1, 1, d)``.
+
+    Drawn on the CPU from ``generator`` (seed it identically on every rank); the official code
+    draws ``torch.rand(1, 1, d)`` (uniform, not Gaussian) once per run.
+    """
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size must be >= 1, got {hidden_size!r}.")
+    u = torch.rand(1, 1, int(hidden_size), generator=generator)
+    return u / u.norm() * float(steering_coeff)
+
+
+def activation_mse(activations: Tensor, target: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """RMU's masked MSE: per sample, the squared error meaned over the hidden dimension, summed over
+    the positions whose label counts, divided by their number; then meaned over the batch.
+
+    ``activations`` ``(B, L, d)``; ``target`` broadcastable to it (the control vector, or the
+    reference model's activations, detached); ``labels`` ``(B, L)`` **unshifted** (aligned with
+    the activations), as open-unlearning's ``compute_activation_loss``.
+    """
+    if activations.dim() != 3 or tuple(labels.shape) != tuple(activations.shape[:2]):
+        raise ValueError(f"activation_mse needs (B, L, d) activations and (B, L) labels, got "
+                         f"{tuple(activations.shape)} and {tuple(labels.shape)}.")
+    activations = _at_least_float32(activations)
+    squared = (activations - target.detach().to(activations.dtype).expand_as(activations)) ** 2
+    mask = (labels != ignore_index).to(activations.dtype)
+    per_sample = (squared.mean(-1) * mask).sum(-1) / mask.sum(-1)
+    return per_sample.mean()
+
+
+def rmu_loss(forget_activations: Tensor, control: Tensor, forget_labels: Tensor, retain_activations: Tensor,
+             reference_retain_activations: Tensor, retain_labels: Tensor, gamma: float = 1.0,
+             alpha: float = 1.0) -> Tensor:
+    """RMU: ``γ·MSE(h_f, c·u) + α·MSE(h_r, h_r^ref)`` with :func:`activation_mse` on one layer's outputs.
+
+    Li et al., "The WMDP Benchmark" (ICML 2024); open-unlearning ``RMU`` (``EMBED_DIFF`` retain
+    loss, γ = α = 1, ``steering_coeff`` 2 in the TOFU config). ``control`` is from
+    :func:`rmu_control_vector`.
+    """
+    forget = activation_mse(forget_activations, control, forget_labels)
+    retain = activation_mse(retain_activations, reference_retain_activations, retain_labels)
+    return gamma * forget + alpha * retain

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module  # what functional_call uses
 
 __all__ = ["ReferenceModel", "adapters_disabled", "has_lora_adapters", "load_pretrained", "tuner_layers"]
 
@@ -136,19 +137,29 @@ class ReferenceModel:
         return {k: v.detach().cpu().clone() for k, v in self.weights.items()}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """The reference's forward on ``args``/``kwargs``: eval mode, ``no_grad``, the module restored after."""
+        """The reference's forward on ``args``/``kwargs``: eval mode, ``no_grad``, the module restored after.
+
+        Called with one callable instead (``reference(lambda model: ...)``), it returns what the
+        callable returns when given the module with the reference weights in place (adapters
+        disabled, or the frozen weights substituted without touching the live ones), for a
+        computation other than the forward (e.g. an inner layer's activations).
+        """
+        call = args[0] if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], Tensor) else None
         was_training = self.module.training
         self.module.eval()
         try:
             with torch.no_grad():
                 if self.kind == "adapters_disabled":
                     with adapters_disabled(self.module):
-                        return self.module(*args, **kwargs)
+                        return call(self.module) if call is not None else self.module(*args, **kwargs)
                 assert self.weights is not None
                 weights = self.weights
                 if self.offload:
                     device = self.device()
                     weights = {k: v.to(device, non_blocking=True) for k, v in weights.items()}
+                if call is not None:
+                    with _reparametrize_module(self.module, weights, strict=True):
+                        return call(self.module)
                 return torch.func.functional_call(self.module, weights, args, kwargs, strict=True)
         finally:
             self.module.train(was_training)
