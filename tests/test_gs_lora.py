@@ -321,14 +321,18 @@ def test_first_lora_uses_kaiming_sqrt5_and_later_ones_sqrt50(tmp_path):
 
 
 class _BeforeMerge(pl.Callback):
-    """Listed before GSLoRA: the LoRA factors at each task's last epoch end, before the merge."""
+    """Listed before GSLoRA: the LoRA factors after each task's last batch, before the merge (the task
+    ends, and GSLoRA merges, in its own hook of that batch's end, which runs after this one's)."""
 
     def __init__(self, gs):
-        self.gs, self.factors = gs, []
+        self.gs, self.factors, self._latest = gs, [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._latest = {n: p.detach().clone() for n, p in self.gs.lora_parameters(pl_module).items()}
 
     def on_train_epoch_end(self, trainer, pl_module):
         if (trainer.current_epoch + 1) % trainer.datamodule.epochs_per_task == 0:
-            self.factors.append({n: p.detach().clone() for n, p in self.gs.lora_parameters(pl_module).items()})
+            self.factors.append(self._latest)
 
 
 def _check_group_norms(cb, before, trainer):

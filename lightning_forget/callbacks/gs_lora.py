@@ -191,7 +191,8 @@ class GSLoRA(ContinualCallback):
     supported_strategies = DDP_STRATEGIES
     STATE_VERSION = 2
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
-    state_arguments: tuple[str, ...] = ('r', 'lora_alpha', 'target_modules', 'grouping', 'pretrained_ckpt')
+    state_arguments: tuple[str, ...] = ('r', 'lora_alpha', 'target_modules', 'grouping', 'pretrained_ckpt',
+                                        'prototype_space', 'prototype_head')
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
     task_end_edits_weights = True
 
