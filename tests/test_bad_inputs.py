@@ -21,12 +21,9 @@ def _load():
     return module
 
 
-#: Cases whose fix belongs to another change (issue 23, item 9: ForgetRetainDataModule's checks).
-#: They must still be open here; delete an entry when its fix lands (the test then asks for it).
-KNOWN_OPEN = {
-    ("ForgetRetainDataModule", "forget_classes=[[8.7]]"),
-    ("ForgetRetainDataModule", "every class forgotten"),
-}
+#: Cases whose fix belongs to another change: they must still be open here; delete an entry when its
+#: fix lands (the test then asks for it). None are open now.
+KNOWN_OPEN: set[tuple[str, str]] = set()
 
 
 def test_every_quick_bad_input_gets_a_clear_error(capsys) -> None:
