@@ -20,8 +20,13 @@ Like every LightningCLI, a run refuses to start when its log directory already h
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import sys
+from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -127,6 +132,38 @@ class ForgetCLI(LightningCLI):
             self._given = parser.parse_object(args, defaults=False)
         else:
             self._given = parser.parse_args(args, defaults=False)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read a ``ckpt_path``'s hyperparameters into the config, as LightningCLI does, without the
+        link targets the model does not take.
+
+        Lightning's instantiator records every applied link in the module's hyperparameters, also
+        one the model's ``__init__`` has no argument for (``num_tasks`` for ``CausalLMModule``), and
+        re-reading them would pass it to the constructor (``validate``/``test --ckpt_path`` failed
+        with "unexpected keyword argument").
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            class_path = hparams.pop("_class_path")
+            module_name, _, name = class_path.rpartition(".")
+            taken = inspect.signature(getattr(importlib.import_module(module_name), name).__init__).parameters
+            any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values())
+            for _, target in LINKED_ARGUMENTS:
+                if not any_keyword and _leaf(target) not in taken:
+                    hparams.pop(_leaf(target), None)
+            hparams = {"class_path": class_path, "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def check_links(self) -> None:
         """Refuse a model argument the links should fill when the datamodule lacks its source.

@@ -201,6 +201,12 @@ USER_WAYS: dict[str, UserWay] = {
     "GSLoRA": UserWay(_FORGET_MLP, forget_tasks, kwargs={"target_modules": ["net.1", "net.3"]}),
     "AdaB2N": UserWay(user_module(lambda: nn.Sequential(TinyConvNet(8), nn.Linear(16, 6))),
                       kwargs={"num_tasks": NUM_TASKS, "classes_per_task": 2}),
+    # The unlearning methods on the user's own CombinedLoader({"forget", "retain"}) (SalUn's mask
+    # reads the forget stream's dataset), a module without forward: `forward_fn="net"`.
+    **{row_id: UserWay(_FORGET_MLP, forget_tasks, kwargs={"forward_fn": "net"})
+       for row_id in ("GradientAscent", "GradDiff", "GradDiff-kl", "RandomLabels", "L1Sparse", "SCRUB", "SalUn", "FineTune")},
+    "UnlearningEvaluation": UserWay(_FORGET_MLP, lambda: forget_tasks(retain_only=True),
+                                    kwargs={"forward_fn": "net", "report": True}),
 }
 
 

@@ -22,7 +22,11 @@ from torch.utils.data import DataLoader
 
 from lightning_forget import callbacks as lf_callbacks
 from lightning_forget.callbacks import (
+    NPO,
+    RMU,
     AdaB2N,
+    IdkPO,
+    SimNPO,
     ContinualEvaluation,
     ContinualMetrics,
     DarkExperienceReplay,
@@ -138,6 +142,10 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "FineTune": lambda: FineTune(save_original=False),
     "GradientAscent": lambda: GradientAscent(save_original=False),
     "GradDiff": lambda: GradDiff(save_original=False),
+    "NPO": lambda: NPO(save_original=False),
+    "SimNPO": lambda: SimNPO(save_original=False),
+    "IdkPO": lambda: IdkPO(save_original=False),
+    "RMU": lambda: RMU(save_original=False),
     "RandomLabels": lambda: RandomLabels(save_original=False),
     "L1Sparse": lambda: L1Sparse(save_original=False),
     "SCRUB": lambda: SCRUB(save_original=False),
@@ -146,8 +154,26 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
 }
 
 #: Callbacks that need a language model: run on a token stream (baseline from the same stream).
+def _qa_unlearn(epochs_per_task: int, phase: str = "unlearn") -> Any:
+    """The fictitious-QA benchmark's unlearning phase (two-stream batches), tiny: one fit of one epoch;
+    ``phase="retain"`` (plain batches) for the run without the callback."""
+    from lightning_forget.datamodules import FictitiousQADataModule
+
+    dm = FictitiousQADataModule(num_people=10, questions_per_person=2, num_countries=0, forget_percent=20,
+                                phase=phase, batch_size=2)
+    dm.max_epochs = 1  # what the run reads; the datamodule is not a task stream
+    return dm
+
+
+def _qa_lm(dm: Any) -> pl.LightningModule:
+    from lightning_forget.modules import CausalLMModule
+
+    return CausalLMModule(n_layer=2, n_embd=32, n_head=2, block_size=dm.block_size)
+
+
 LM_RUNS: dict[str, tuple[Callable[..., Any], Callable[[Any], pl.LightningModule]]] = {
     "ILoRA": (partial(tiny_instruction_stream, examples_per_task=8), tiny_lm),  # 3 tasks of 2 batches
+    **{name: (_qa_unlearn, _qa_lm) for name in ("NPO", "SimNPO", "IdkPO", "RMU")},
 }
 
 
@@ -176,7 +202,8 @@ def test_logged_keys_follow_the_documented_prefix(name: str, tmp_path: Path, bas
     prefixes, patterns = documented()[name]
     if name in LM_RUNS:
         make_data, make_model = LM_RUNS[name]
-        baseline = logged_keys(tmp_path / "lm_baseline", [], make_data, make_model)
+        plain = partial(_qa_unlearn, phase="retain") if make_data is _qa_unlearn else make_data  # no two-stream batches without the callback
+        baseline = logged_keys(tmp_path / "lm_baseline", [], plain, make_model)
         added = logged_keys(tmp_path, [CALLBACKS[name]()], make_data, make_model) - baseline
     elif name in OWN_DATA:  # no run of that data without the callback: drop the module's own keys
         module_patterns = documented()["ContinualClassifier"][1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_forget import reporting
 from lightning_forget.batch import BatchFields, logits_of, stream_names
 from lightning_forget.distributed import rank_generator
+from lightning_forget.forward import ModelForward
 from lightning_forget.losses import output_loss, remove_training_step_hooks, training_step_hooks
 from lightning_forget.precision import forward_context
 from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, task_schedule
@@ -109,6 +111,9 @@ class UnlearningMethod(ContinualCallback):
         restore_best: logged key whose best epoch's weights are restored at task end (``None``: off).
         restore_mode: ``"max"`` or ``"min"``: which value of ``restore_best`` is best.
         reference_offload: keep the reference copy on the CPU.
+        forward_fn: the module's logits function for the method's own forwards (forget batch,
+            reference, saliency pass): ``None`` for its ``forward``, or a submodule or method name
+            (``"net"``) for a module without one (see :class:`~lightning_forget.forward.ModelForward`).
         forget_stream: key of the forget stream (default ``"forget"``).
         retain_stream: key of the retain stream (default ``"retain"``).
         input_key: input field of each stream's sub-batch (see :class:`~lightning_forget.batch.BatchFields`).
@@ -165,9 +170,12 @@ class UnlearningMethod(ContinualCallback):
         target_key: Optional[Union[str, int]] = None,
         seed: int = 0,
         log_dir: Optional[str] = None,
+        forward_fn: Optional[str] = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
+        self.model_forward = ModelForward(forward_fn, owner=owner)
+        self.forward_fn = forward_fn
         self.retain_weight = check_float("retain_weight", retain_weight, min=0)
         self.forget_passes = check_float("forget_passes", forget_passes, min=0, min_inclusive=False, allow_none=True,
                                          fix="pass the passes over the forget data per epoch, e.g. 1.0, or None")
@@ -239,7 +247,7 @@ class UnlearningMethod(ContinualCallback):
             return L.shift_for_next_token(logits, labels) if shift else (logits, labels)
         split = self.fields.split(sub_batch)
         with forward_context(pl_module.trainer):
-            logits = logits_of(pl_module(split.input))
+            logits = self.model_forward(pl_module, split.input)
         return logits, split.target  # type: ignore[return-value]
 
     def reference_logits(self, pl_module: "pl.LightningModule", sub_batch: Any) -> Tensor:
@@ -253,7 +261,7 @@ class UnlearningMethod(ContinualCallback):
             return out.to(pl_module.device)
         x = self.fields.split(sub_batch).input.to(device)
         with forward_context(pl_module.trainer):
-            return logits_of(reference(x))
+            return reference(lambda model: self.model_forward(model, x))
 
     def epoch_in_task(self, trainer: "pl.Trainer") -> tuple[int, int]:
         """``(epoch within the current task, epochs per task)`` (one fit per task: the fit's epochs)."""
@@ -276,7 +284,10 @@ class UnlearningMethod(ContinualCallback):
             return
         if self.pretrained_ckpt is not None and self._started < 0 and self.task == 0:
             load_pretrained(pl_module, self.pretrained_ckpt, type(self).__name__)
-        if self.mask_fraction is not None:
+        dm = getattr(trainer, "datamodule", None)
+        if not callable(getattr(dm, "forget_train_dataset", None)) and not callable(getattr(dm, "collate_fn", None)):
+            self.model_forward.check(pl_module)  # LM batches call the module with keyword inputs instead
+        if self.mask_fraction is not None and dm is not None:
             self._forget_dataset(trainer, 0)  # fail before training when there is no forget data
         self._module = pl_module
         self.reference = None
@@ -314,14 +325,35 @@ class UnlearningMethod(ContinualCallback):
         self.saved.append(path)
 
     # ------------------------------------------------------------------ mask
+    def _stream_dataset(self, trainer: "pl.Trainer") -> Optional[Dataset]:
+        """The sized dataset of the forget stream of the fit's own train loader (a user's
+        ``CombinedLoader({"forget": ..., "retain": ...})`` or dict of loaders, or one loader over a
+        dataset of pairs that keeps the forget half as an attribute), if there is one."""
+        loader = getattr(trainer.fit_loop, "_combined_loader", None)
+        iterables = getattr(loader, "iterables", None)
+        if not isinstance(iterables, Mapping):
+            source = getattr(trainer, "train_dataloader", None)
+            iterables = getattr(source, "iterables", source)
+        if isinstance(iterables, Mapping):
+            dataset = getattr(iterables.get(self.forget_stream), "dataset", None)
+        else:  # one loader of paired samples (ForgetRetainDataModule's PairedDataset keeps its halves)
+            dataset = getattr(getattr(iterables, "dataset", None), self.forget_stream, None)
+        if isinstance(dataset, Dataset) and hasattr(dataset, "__len__"):
+            return dataset
+        return None
+
     def _forget_dataset(self, trainer: "pl.Trainer", task: int) -> Dataset:
         dm = getattr(trainer, "datamodule", None)
         if dm is not None and callable(getattr(dm, "forget_train_dataset", None)):
             return dm.forget_train_dataset(task)
+        dataset = self._stream_dataset(trainer)
+        if dataset is not None:
+            return dataset
         raise RuntimeError(
             f"{type(self).__name__}(mask_fraction={self.mask_fraction}) computes the saliency mask over the task's forget "
-            f"data, but the datamodule ({type(dm).__name__}) has no `forget_train_dataset(task)`. Fix: use "
-            "ForgetRetainDataModule, or give your datamodule that method."
+            f"data, but the datamodule ({type(dm).__name__}) has no `forget_train_dataset(task)` and the train loader "
+            f"has no sized `{self.forget_stream!r}` stream. Fix: use ForgetRetainDataModule, give your datamodule that "
+            f"method, or train on a CombinedLoader({{{self.forget_stream!r}: ..., {self.retain_stream!r}: ...}})."
         )
 
     def _compute_mask(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> SaliencyMask:
@@ -340,7 +372,7 @@ class UnlearningMethod(ContinualCallback):
                 else:
                     split = self.fields.split(batch)
                     with torch.enable_grad(), forward_context(trainer):
-                        logits = logits_of(pl_module(split.input.to(pl_module.device)))
+                        logits = self.model_forward(pl_module, split.input.to(pl_module.device))
                         loss = L.cross_entropy(logits, split.target.to(pl_module.device))  # type: ignore[union-attr]
                 for (n, g), value in zip(grads.items(), torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
                     if value is not None:
@@ -396,7 +428,8 @@ class UnlearningMethod(ContinualCallback):
         if task not in self._forget_size:
             dm = getattr(trainer, "datamodule", None)
             make = getattr(dm, "forget_train_dataset", None)
-            self._forget_size[task] = len(make(task)) if callable(make) else None
+            stream = None if callable(make) else self._stream_dataset(trainer)
+            self._forget_size[task] = len(make(task)) if callable(make) else (len(stream) if stream is not None else None)
         size = self._forget_size[task]
         if size is None:
             return True

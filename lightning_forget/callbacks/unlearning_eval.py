@@ -15,6 +15,7 @@ from lightning_forget.batch import BatchFields, logits_of
 from lightning_forget.metrics.unlearning import avg_gap, mia_auc, mia_efficacy, mia_efficacy_svc
 from lightning_forget.precision import forward_context
 from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback
+from lightning_forget.forward import ModelForward
 from lightning_forget.unlearning.report import render_table, write_rows
 
 #: The files UnlearningEvaluation writes (versioned beside another run's, see reporting.output_paths).
@@ -30,7 +31,8 @@ _SETS = ("forget", "retain", "test", "heldout")
 
 @torch.no_grad()
 def per_sample_records(trainer: "pl.Trainer", pl_module: "pl.LightningModule", datasets: dict[str, Dataset],
-                       batch_size: int = 256, fields: Optional[BatchFields] = None) -> dict[str, torch.Tensor]:
+                       batch_size: int = 256, fields: Optional[BatchFields] = None,
+                       model_forward: Optional[ModelForward] = None) -> dict[str, torch.Tensor]:
     """``{set: (n, 3) float64 [correct, true-class confidence, loss]}`` of every sample, in dataset order.
 
     Under DDP each rank evaluates every ``world_size``-th sample of each set; the records of all
@@ -49,7 +51,7 @@ def per_sample_records(trainer: "pl.Trainer", pl_module: "pl.LightningModule", d
             split = fields.split(batch)
             x, y = split.input.to(pl_module.device), split.target.to(pl_module.device).long()  # type: ignore[union-attr]
             with forward_context(trainer):
-                logits = logits_of(pl_module(x)).float()
+                logits = (model_forward(pl_module, x) if model_forward is not None else logits_of(pl_module(x))).float()
             probs = torch.softmax(logits, -1)
             confidence = probs.gather(1, y.view(-1, 1)).squeeze(1)
             loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
@@ -108,6 +110,8 @@ class UnlearningEvaluation(ContinualCallback):
         log_dir: folder of the report (default: the run's results folder).
         input_key: input field of the evaluation batches (see :class:`~lightning_forget.batch.BatchFields`).
         target_key: target field.
+        forward_fn: the module's logits function: ``None`` for its ``forward``, or a submodule or
+            method name (``"net"``) for a module without one (see :class:`~lightning_forget.forward.ModelForward`).
 
     Logged metrics: ``mu/ua``, ``mu/ra``, ``mu/ta``, ``mu/mia_efficacy``,
     ``mu/mia_auc`` and, with ``retrained``, ``mu/avg_gap`` (on epoch end, same on every rank).
@@ -134,8 +138,11 @@ class UnlearningEvaluation(ContinualCallback):
         log_dir: Optional[str] = None,
         input_key: Optional[Union[str, int]] = None,
         target_key: Optional[Union[str, int]] = None,
+        forward_fn: Optional[str] = None,
     ) -> None:
         super().__init__()
+        self.model_forward = ModelForward(forward_fn, owner="UnlearningEvaluation")
+        self.forward_fn = forward_fn
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, min=1)
         self.before = check_bool("before", before)
         self.mia = check_choice("mia", mia, ("svc", "threshold"))
@@ -181,6 +188,7 @@ class UnlearningEvaluation(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._datamodule(trainer)
+            self.model_forward.check(pl_module)
             if isinstance(self.retrained, str):
                 self.retrained_metrics()  # a missing or malformed file fails before training
             directory = reporting.results_dir(trainer, self.log_dir)  # every rank: trainer.log_dir broadcasts
@@ -198,7 +206,7 @@ class UnlearningEvaluation(ContinualCallback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            records = per_sample_records(trainer, pl_module, datasets, self.batch_size, self.fields)
+            records = per_sample_records(trainer, pl_module, datasets, self.batch_size, self.fields, self.model_forward)
         finally:
             pl_module.train(was_training)
         return self.metrics_of(records)

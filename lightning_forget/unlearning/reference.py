@@ -158,7 +158,7 @@ class ReferenceModel:
                     device = self.device()
                     weights = {k: v.to(device, non_blocking=True) for k, v in weights.items()}
                 if call is not None:
-                    with _reparametrize_module(self.module, weights, strict=True):
+                    with _reparametrize_module(self.module, weights, tie_weights=True, strict=True):
                         return call(self.module)
                 return torch.func.functional_call(self.module, weights, args, kwargs, strict=True)
         finally:
