@@ -384,6 +384,7 @@ def cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
          lambda: merging.task_arithmetic(_state(), _state(1))),
     ]
     out += _wave2_cases(unwritable)
+    out += _unlearning_cases()
     return out
 
 
@@ -559,6 +560,81 @@ def _wave2_cases(unwritable: str) -> list[tuple[str, str, str, Callable[[], Any]
         ("fisher_diagonal", "max_samples=0", "max_samples", lambda: fisher_diagonal(linear, [(x, y)], max_samples=0)),
         ("fisher_diagonal", "dict batches", "batches", lambda: fisher_diagonal(linear, dicts, progress=False)),
         ("fisher_diagonal", "no batches", "batches", lambda: fisher_diagonal(linear, [], progress=False)),
+    ]
+
+
+def _unlearning_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """The unlearning baselines, their evaluation, the LM methods and the fictitious-QA data."""
+    from lightning_forget.callbacks import (
+        NPO, RMU, SCRUB, GradDiff, GradientAscent, IdkPO, L1Sparse, RandomLabels, SalUn, SimNPO, UnlearningEvaluation,
+    )
+    from lightning_forget.datamodules import FictitiousQADataModule
+
+    return [
+        ("GradientAscent", "forget_weight=-1", "forget_weight", lambda: GradientAscent(forget_weight=-1.0)),
+        ("GradientAscent", "retain_weight=-1", "retain_weight", lambda: GradientAscent(retain_weight=-1.0)),
+        ("GradientAscent", "bound=-1", "bound", lambda: GradientAscent(bound=-1.0)),
+        ("GradientAscent", "forget_passes=0", "forget_passes", lambda: GradientAscent(forget_passes=0.0)),
+        ("GradientAscent", "guard_mode='sideways'", "guard_mode", lambda: GradientAscent(guard_mode="sideways")),
+        ("GradientAscent", "module without forward (fit)", "forward_fn",
+         lambda: _fit_forget([GradientAscent(save_original=False)])),
+        ("GradDiff", "gamma=-1", "gamma", lambda: GradDiff(gamma=-1.0)),
+        ("GradDiff", "alpha=-1", "alpha", lambda: GradDiff(alpha=-1.0)),
+        ("GradDiff", "retain_loss='mse'", "retain_loss", lambda: GradDiff(retain_loss="mse")),
+        ("GradDiff", "restore_mode='best'", "restore_mode", lambda: GradDiff(restore_mode="best")),
+        ("GradDiff", "seed='0'", "seed", lambda: GradDiff(seed="0")),
+        ("RandomLabels", "forget_weight=nan", "forget_weight", lambda: RandomLabels(forget_weight=float("nan"))),
+        ("RandomLabels", "exclude_true='yes'", "exclude_true", lambda: RandomLabels(exclude_true="yes")),
+        ("RandomLabels", "mask_fraction=1.5", "mask_fraction", lambda: RandomLabels(mask_fraction=1.5)),
+        ("RandomLabels", "save_original='no'", "save_original", lambda: RandomLabels(save_original="no")),
+        ("RandomLabels", "guard_action='panic'", "guard_action", lambda: RandomLabels(guard_action="panic")),
+        ("L1Sparse", "alpha=-1", "alpha", lambda: L1Sparse(alpha=-1.0)),
+        ("L1Sparse", "no_l1_epochs=-1", "no_l1_epochs", lambda: L1Sparse(no_l1_epochs=-1)),
+        ("L1Sparse", "no_l1_epochs=1.5", "no_l1_epochs", lambda: L1Sparse(no_l1_epochs=1.5)),
+        ("L1Sparse", "retain_weight=-1", "retain_weight", lambda: L1Sparse(retain_weight=-1.0)),
+        ("L1Sparse", "forget_passes=-2", "forget_passes", lambda: L1Sparse(forget_passes=-2.0)),
+        ("SCRUB", "temperature=0", "temperature", lambda: SCRUB(temperature=0.0)),
+        ("SCRUB", "gamma=-1", "gamma", lambda: SCRUB(gamma=-1.0)),
+        ("SCRUB", "alpha=-1", "alpha", lambda: SCRUB(alpha=-1.0)),
+        ("SCRUB", "msteps=-1", "msteps", lambda: SCRUB(msteps=-1)),
+        ("SCRUB", "forget_weight=-1", "forget_weight", lambda: SCRUB(forget_weight=-1.0)),
+        ("SalUn", "mask_fraction=0", "mask_fraction", lambda: SalUn(mask_fraction=0.0)),
+        ("SalUn", "mask_fraction=2", "mask_fraction", lambda: SalUn(mask_fraction=2.0)),
+        ("SalUn", "mask_fraction='half'", "mask_fraction", lambda: SalUn(mask_fraction="half")),
+        ("SalUn", "reference_offload='no'", "reference_offload", lambda: SalUn(reference_offload="no")),
+        ("SalUn", "guard_threshold without guard_monitor", "guard_threshold", lambda: SalUn(guard_threshold=0.5)),
+        ("UnlearningEvaluation", "every_n_epochs=0", "every_n_epochs", lambda: UnlearningEvaluation(every_n_epochs=0)),
+        ("UnlearningEvaluation", "mia='lira'", "mia", lambda: UnlearningEvaluation(mia="lira")),
+        ("UnlearningEvaluation", "batch_size=0", "batch_size", lambda: UnlearningEvaluation(batch_size=0)),
+        ("UnlearningEvaluation", "retrained=3", "retrained", lambda: UnlearningEvaluation(retrained=3)),
+        ("UnlearningEvaluation", "before='yes'", "before", lambda: UnlearningEvaluation(before="yes")),
+        ("NPO", "beta=0", "beta", lambda: NPO(beta=0.0)),
+        ("NPO", "gamma=-1", "gamma", lambda: NPO(gamma=-1.0)),
+        ("NPO", "alpha=-1", "alpha", lambda: NPO(alpha=-1.0)),
+        ("NPO", "retain_loss='mse'", "retain_loss", lambda: NPO(retain_loss="mse")),
+        ("NPO", "beta=nan", "beta", lambda: NPO(beta=float("nan"))),
+        ("SimNPO", "beta=-1", "beta", lambda: SimNPO(beta=-1.0)),
+        ("SimNPO", "delta=nan", "delta", lambda: SimNPO(delta=float("nan"))),
+        ("SimNPO", "gamma=-1", "gamma", lambda: SimNPO(gamma=-1.0)),
+        ("SimNPO", "alpha=-1", "alpha", lambda: SimNPO(alpha=-1.0)),
+        ("SimNPO", "retain_loss=3", "retain_loss", lambda: SimNPO(retain_loss=3)),
+        ("IdkPO", "beta=0", "beta", lambda: IdkPO(beta=0.0)),
+        ("IdkPO", "idk_answers=[]", "idk_answers", lambda: IdkPO(idk_answers=[])),
+        ("IdkPO", "idk_answers='no idea'", "idk_answers", lambda: IdkPO(idk_answers="no idea")),
+        ("IdkPO", "gamma=-1", "gamma", lambda: IdkPO(gamma=-1.0)),
+        ("IdkPO", "alpha=-1", "alpha", lambda: IdkPO(alpha=-1.0)),
+        ("RMU", "steering_coeff=0", "steering_coeff", lambda: RMU(steering_coeff=0.0)),
+        ("RMU", "steering_coeff=-5", "steering_coeff", lambda: RMU(steering_coeff=-5.0)),
+        ("RMU", "layer=[1]", "layer", lambda: RMU(layer=[1])),
+        ("RMU", "gamma=-1", "gamma", lambda: RMU(gamma=-1.0)),
+        ("RMU", "trainable_params=3", "trainable_params", lambda: RMU(trainable_params=3)),
+        ("FictitiousQADataModule", "num_people=0", "num_people", lambda: FictitiousQADataModule(num_people=0)),
+        ("FictitiousQADataModule", "forget_percent=100", "forget_percent", lambda: FictitiousQADataModule(forget_percent=100.0)),
+        ("FictitiousQADataModule", "phase='pretrain'", "phase", lambda: FictitiousQADataModule(phase="pretrain")),
+        ("FictitiousQADataModule", "batch_size=0", "batch_size", lambda: FictitiousQADataModule(batch_size=0)),
+        ("FictitiousQADataModule", "num_perturbed=0", "num_perturbed", lambda: FictitiousQADataModule(num_perturbed=0)),
+        ("FictitiousQADataModule", "questions_per_person=0", "questions_per_person",
+         lambda: FictitiousQADataModule(questions_per_person=0)),
     ]
 
 

@@ -163,7 +163,8 @@ class IdkPO(GradDiff):
                  tokenizer: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(gamma=gamma, alpha=alpha, retain_loss=retain_loss, **kwargs)
         self.beta = check_float("beta", beta, min=0, min_inclusive=False)
-        answers = list(IDK_ANSWERS if idk_answers is None else idk_answers)
+        # A lone string is one answer mistyped as a list: list("no idea") would be its characters.
+        answers = [] if isinstance(idk_answers, str) else list(IDK_ANSWERS if idk_answers is None else idk_answers)
         if not answers or not all(isinstance(a, str) and a for a in answers):
             raise ValueError(message("idk_answers", "a non-empty list of non-empty strings", idk_answers,
                                      "pass e.g. ['I don't know.'] or None for the built-in answers"))
@@ -244,7 +245,9 @@ class RMU(GradDiff):
                  **kwargs: Any) -> None:
         super().__init__(gamma=gamma, alpha=alpha, retain_loss="nll", **kwargs)
         self.layer = check_str("layer", layer, allow_none=True)
-        self.steering_coeff = check_float("steering_coeff", steering_coeff, min=0)
+        self.steering_coeff = check_float("steering_coeff", steering_coeff, min=0, min_inclusive=False,
+                                          fix="pass c > 0 (a zero control vector steers to zero, not to a random "
+                                              "direction), e.g. 2 (open-unlearning's TOFU setting)")
         self.trainable_params = check_str("trainable_params", trainable_params, allow_none=True)
         for name, pattern in (("layer", self.layer), ("trainable_params", self.trainable_params)):
             if pattern is not None:
