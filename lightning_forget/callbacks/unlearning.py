@@ -284,10 +284,8 @@ class UnlearningMethod(ContinualCallback):
             return
         if self.pretrained_ckpt is not None and self._started < 0 and self.task == 0:
             load_pretrained(pl_module, self.pretrained_ckpt, type(self).__name__)
-        dm = getattr(trainer, "datamodule", None)
-        if not callable(getattr(dm, "forget_train_dataset", None)) and not callable(getattr(dm, "collate_fn", None)):
-            self.model_forward.check(pl_module)  # LM batches call the module with keyword inputs instead
-        if self.mask_fraction is not None and dm is not None:
+        self.model_forward.check(pl_module)
+        if self.mask_fraction is not None and getattr(trainer, "datamodule", None) is not None:
             self._forget_dataset(trainer, 0)  # fail before training when there is no forget data
         self._module = pl_module
         self.reference = None
@@ -325,10 +323,14 @@ class UnlearningMethod(ContinualCallback):
         self.saved.append(path)
 
     # ------------------------------------------------------------------ mask
-    def _stream_dataset(self, trainer: "pl.Trainer") -> Optional[Dataset]:
-        """The sized dataset of the forget stream of the fit's own train loader (a user's
+    def _find_forget_dataset(self, trainer: "pl.Trainer", task: int) -> Optional[Dataset]:
+        """The task's forget data: the datamodule's ``forget_train_dataset(task)``, else the sized
+        dataset of the forget stream of the fit's own train loader (a user's
         ``CombinedLoader({"forget": ..., "retain": ...})`` or dict of loaders, or one loader over a
-        dataset of pairs that keeps the forget half as an attribute), if there is one."""
+        dataset of pairs that keeps the forget half as an attribute); ``None`` when there is none."""
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and callable(getattr(dm, "forget_train_dataset", None)):
+            return dm.forget_train_dataset(task)
         loader = getattr(trainer.fit_loop, "_combined_loader", None)
         iterables = getattr(loader, "iterables", None)
         if not isinstance(iterables, Mapping):
@@ -343,12 +345,10 @@ class UnlearningMethod(ContinualCallback):
         return None
 
     def _forget_dataset(self, trainer: "pl.Trainer", task: int) -> Dataset:
-        dm = getattr(trainer, "datamodule", None)
-        if dm is not None and callable(getattr(dm, "forget_train_dataset", None)):
-            return dm.forget_train_dataset(task)
-        dataset = self._stream_dataset(trainer)
+        dataset = self._find_forget_dataset(trainer, task)
         if dataset is not None:
             return dataset
+        dm = getattr(trainer, "datamodule", None)
         raise RuntimeError(
             f"{type(self).__name__}(mask_fraction={self.mask_fraction}) computes the saliency mask over the task's forget "
             f"data, but the datamodule ({type(dm).__name__}) has no `forget_train_dataset(task)` and the train loader "
@@ -426,10 +426,8 @@ class UnlearningMethod(ContinualCallback):
             return True
         task = self.current_task(trainer)
         if task not in self._forget_size:
-            dm = getattr(trainer, "datamodule", None)
-            make = getattr(dm, "forget_train_dataset", None)
-            stream = None if callable(make) else self._stream_dataset(trainer)
-            self._forget_size[task] = len(make(task)) if callable(make) else (len(stream) if stream is not None else None)
+            dataset = self._find_forget_dataset(trainer, task)
+            self._forget_size[task] = len(dataset) if dataset is not None else None  # type: ignore[arg-type]
         size = self._forget_size[task]
         if size is None:
             return True
