@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -241,7 +242,9 @@ def render_accuracy_table(
 
     The last column is the average accuracy over the tasks seen at that row. The caption holds
     ACC (average accuracy at the last row), AIA (average incremental accuracy), forgetting, BWT
-    and LA (learning accuracy); see :mod:`lightning_forget.metrics.functional`.
+    and LA (learning accuracy); see :mod:`lightning_forget.metrics.functional`. Rows with no
+    measured value before the last measured one (tasks a joint or fixed-task run never trains on
+    their own) are left out of the table and named in the caption.
 
     Args:
         R: accuracy matrix.
@@ -259,7 +262,11 @@ def render_accuracy_table(
         table.add_column(f"task {column}", justify="right")
     table.add_column("ACC", justify="right", style="cyan")
     last = last_measured_row(matrix)
+    omitted = []
     for row in range(matrix.shape[0] if last is None else last + 1):
+        if last is not None and not bool(torch.isfinite(matrix[row]).any()):
+            omitted.append(row)  # a task not trained on its own (joint or fixed-task runs), or never validated
+            continue
         cells = [
             _format(float(value)) if row >= column else f"[dim]{_format(float(value))}[/dim]"
             for column, value in enumerate(matrix[row])
@@ -267,6 +274,8 @@ def render_accuracy_table(
         table.add_row(f"task {row}", *cells, _format(average_accuracy(matrix, row)))
     # "name=value" has no space, so a narrow table wraps the caption between items only.
     caption = [f"{label}={_format(summary.get(key))}" for key, label in _SUMMARY_LABELS.items() if key in summary]
+    if omitted:
+        caption.append(f"no row for task{'s' if len(omitted) > 1 else ''} {', '.join(map(str, omitted))} (not measured)")
     table.caption = " | ".join(caption)
     return table
 

@@ -386,6 +386,10 @@ class ContinualCallback(Callback):
 
     # ------------------------------------------------------------------ dispatch
     def _fire_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
+        if task > self._started + 1 and self._started == self._ended == self._reported_task:
+            # Tasks the stream skips (a joint run trains every task at once as the last one; a
+            # fixed `task=k` trains only task k) are never trained: no start, end or report.
+            self._started = self._ended = self._reported_task = task - 1
         if task > self._started:
             self._started = task
             self.on_task_start(trainer, pl_module, task)

@@ -374,12 +374,41 @@ def test_sweep_scores_epoch_level_metrics_and_keeps_the_accuracy_matrix(tmp_path
     seen = {}
 
     class Snapshot(pl.Callback):
-        def on_train_end(self, trainer, pl_module):  # runs before LiNeS (listed first)
-            seen["before"] = pl_module.val_matrix.compute().clone()
+        def __init__(self, when: str) -> None:
+            self.when = when
 
-    quiet_trainer(tmp_path, [Snapshot(), lines], max_epochs=dm.max_epochs).fit(model, dm)
-    assert lines.applied_alpha in (0.0, 0.5, 1.0)
-    assert torch.equal(model.val_matrix.compute().nan_to_num(-1), seen["before"].nan_to_num(-1))
+        def on_train_batch_end(self, trainer, pl_module, *args):  # the sweep runs after the fit's last batch
+            seen[self.when] = pl_module.val_matrix.compute().clone()
+
+    quiet_trainer(tmp_path, [Snapshot("before"), lines, Snapshot("after")], max_epochs=dm.max_epochs).fit(model, dm)
+    assert lines.applied_alpha in (0.0, 0.5, 1.0) and len(lines.sweep_scores) == 3
+    assert torch.equal(seen["after"].nan_to_num(-1), seen["before"].nan_to_num(-1))
+
+
+@pytest.mark.parametrize("sanity", [2, 0])
+def test_sweep_report_rows_and_checkpoint_measure_the_scaled_model(tmp_path: Path, sanity: int) -> None:
+    """The last row of the accuracy matrix (and the metrics logged at the last validation) is what
+    the model the run leaves behind validates at; so is its last checkpoint. Without a sanity check
+    the validation loaders do not exist yet after the last batch: the sweep builds them."""
+    from lightning_forget.callbacks import ContinualMetrics
+    from lightning_forget.callbacks import LiNeS as _LiNeS
+    from tests.helpers.data import BlobStream
+    from tests.helpers.harness import tiny_classifier
+
+    dm = BlobStream(num_tasks=2, epochs_per_task=2)
+    model = tiny_classifier(dm)
+    lines = _LiNeS(alpha_grid=[0.0, 0.2], monitor="val/acc_avg", save_unscaled=False, save_plot=False)
+    metrics = ContinualMetrics(report=False)
+    trainer = quiet_trainer(tmp_path, [lines, metrics], max_epochs=dm.max_epochs, enable_checkpointing=True,
+                            num_sanity_val_steps=sanity)
+    trainer.fit(model, dm)
+    assert lines.applied_alpha in (0.0, 0.2)  # either scales the early blocks toward θ_0
+    last_row = metrics.matrix[-1].clone()
+    after = quiet_trainer(tmp_path / "v", [ContinualMetrics(report=False)]).validate(model, dm)[0]
+    for task in range(2):
+        assert last_row[task].item() == pytest.approx(after[f"val/acc/task_{task}"])
+    checkpoint = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
+    assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------- outputs (issue 9.9)

@@ -133,3 +133,42 @@ def test_classifier_adds_no_accuracy_matrix_on_a_forget_retain_stream(tmp_path: 
     trainer.fit(model, dm)
     assert not any(isinstance(cb, ContinualMetrics) for cb in trainer.callbacks)
     assert "val/acc_avg" not in trainer.callback_metrics and "val/acc/task_0" in trainer.callback_metrics
+
+
+class _Phases(ContinualCallback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, int]] = []
+
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        self.seen.append(("start", task))
+
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        self.seen.append(("end", task))
+
+    def on_task_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        self.seen.append(("report", task))
+
+
+@pytest.mark.parametrize("stream", [{"joint": True}, {"task": 2}], ids=["joint", "fixed-task"])
+def test_tasks_a_stream_skips_get_no_phase_and_no_row(tmp_path: Path, stream: dict[str, Any]) -> None:
+    """A joint run trains every task at once (as the last), a fixed-task run one task: the tasks it
+    skips are never started, ended or reported, so the matrix has one measured row and the printed
+    table no empty or repeated rows."""
+    from rich.console import Console
+
+    from lightning_forget.reporting import render_accuracy_table
+
+    dm = BlobStream(num_tasks=3, **stream)
+    phases, metrics = _Phases(), ContinualMetrics(report=False)
+    quiet_trainer(tmp_path, [phases, metrics], max_epochs=dm.max_epochs).fit(tiny_classifier(dm), dm)
+    assert phases.seen == [("start", 2), ("end", 2), ("report", 2)]
+    matrix = metrics.matrix
+    assert torch.isnan(matrix[:2]).all() and torch.isfinite(matrix[2]).all()
+    assert metrics.summary["forgetting"] is None and metrics.summary["average_accuracy"] == pytest.approx(matrix[2].mean().item())
+    console = Console(width=200, record=True)
+    console.print(render_accuracy_table(matrix, metrics.summary))
+    text = console.export_text()
+    rows = [line for line in text.splitlines() if line.strip().startswith("│ task")]
+    assert [row.split("│")[1].strip() for row in rows] == ["task 2"]
+    assert "no row for tasks 0, 1" in text

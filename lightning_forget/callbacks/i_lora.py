@@ -164,7 +164,11 @@ class ILoRA(_BufferCallback):
     into the adapter during every validation, test and predict run (also one that loads a
     checkpoint: the slow tensors are in the callback's state), and leaves them in the adapter
     when training ends (the fast tensors come back when the Trainer runs again with this callback);
-    ``"fast"`` uses the trained adapter throughout. Which learner the paper evaluates is not stated; the slow default
+    ``"fast"`` uses the trained adapter throughout. With ``"slow"`` every checkpoint's weights hold
+    the slow learner in the adapter, so ``load_from_checkpoint``, ``validate``/``test`` from it and
+    :mod:`lightning_forget.export` give the model the fit leaves behind; the fast learner is in the
+    callback's state (``"fast"``) and a resume puts it back into the adapter when training starts
+    (after the sanity check, which evaluates the slow one). Which learner the paper evaluates is not stated; the slow default
     follows the dual-memory design it builds on. With λ = 0.25 the slow learner trails the fast
     one by a few steps only; a long-term memory in the CLS-ER sense needs λ near 1 (e.g. 0.999).
 
@@ -279,6 +283,8 @@ class ILoRA(_BufferCallback):
         #: it again once the strategy has synchronised the weights (DDP broadcasts rank 0's).
         self._slow_fresh = False
         self._pending_slow: Optional[dict[str, Tensor]] = None
+        #: The fast learner by adapter-neutral name, from a checkpoint (whose weights hold the slow one).
+        self._pending_fast: Optional[dict[str, Tensor]] = None
         self._fast_backup: Optional[dict[str, Tensor]] = None
         self._peft: Optional[nn.Module] = None
         self._swapped: Optional[dict[str, Tensor]] = None
@@ -293,6 +299,9 @@ class ILoRA(_BufferCallback):
         if self._peft is not None and self._pending_slow is None and self._slow:
             # A copy has no model: it keeps the slow tensors by adapter-neutral name, as a checkpoint does.
             state["_pending_slow"] = dict(self.slow_state())
+        if self._peft is not None and (self._fast_backup is not None or self._swapped is not None):
+            # The adapter holds the slow learner: the fast one travels by name, as in a checkpoint.
+            state["_pending_fast"] = self._fast_state()
         state.update({"_peft": None, "_fast_backup": None, "_swapped": None, "_replay": None, "_counter": StepCounter()})
         # Lightning attaches the module's `log`/`log_dict` to every callback; a transformers model
         # with output-capturing hooks does not pickle, and the next fit attaches them again.
@@ -389,6 +398,36 @@ class ILoRA(_BufferCallback):
             if value.device != p.device or value.dtype != torch.float32:
                 self._slow[name] = value.to(p.device, torch.float32)
 
+    def _fast_state(self) -> Optional[dict[str, Tensor]]:
+        """The fast learner's tensors by adapter-neutral name (CPU copies), wherever they are now: in
+        the adapter, or kept aside while the slow learner is in it; ``None`` without a model and
+        without a pending copy."""
+        if self._peft is None:
+            return None if self._pending_fast is None else dict(self._pending_fast)
+        names = neutral_adapter_names(self.peft_model(), self.adapter)
+        held = self._fast_backup if self._fast_backup is not None else self._swapped
+        if held is None:
+            held = {name: p.detach() for name, p in self.fast_parameters().items()}
+        return {names[k]: v.detach().cpu().clone() for k, v in held.items()}
+
+    def _resolve_pending_fast(self) -> None:
+        """A checkpoint's fast learner (its weights hold the slow one): kept aside, loaded back into
+        the adapter when training starts (``on_train_start``); evaluations before that use the slow one."""
+        if self._pending_fast is None or self._peft is None:
+            return
+        fast = self.fast_parameters()
+        names = neutral_adapter_names(self.peft_model(), self.adapter)
+        by_neutral = {names[k]: k for k in fast}
+        missing = sorted(set(by_neutral) - set(self._pending_fast))
+        if missing:
+            raise RuntimeError(
+                f"ILoRA: the checkpoint's fast adapter lacks {missing[:4]}; it was written with other LoRA "
+                "settings. Fix: resume with the checkpoint's `lora` settings."
+            )
+        self._fast_backup = {by_neutral[n]: v.clone() for n, v in self._pending_fast.items() if n in by_neutral}
+        self._swapped = None
+        self._pending_fast = None
+
     @torch.no_grad()
     def _load_into_fast(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """Copy ``tensors`` into the fast adapter; returns the values it held."""
@@ -403,9 +442,7 @@ class ILoRA(_BufferCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._wrap(pl_module)
-        if self._fast_backup is not None:  # a previous fit ended with the slow learner swapped in
-            self._load_into_fast(self._fast_backup)
-            self._fast_backup = None
+        self._resolve_pending_fast()
         if stage == "fit" and self.save_adapters and self.adapter_dir is not None and trainer.is_global_zero:
             # Fail now, not after the first task, when the adapters could not be written.
             reporting.ensure_writable_dir(self.adapter_dir, "ILoRA", "the per-task adapter files",
@@ -552,6 +589,44 @@ class ILoRA(_BufferCallback):
     @override
     def on_predict_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._swap_back(trainer)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._fast_backup is not None:
+            # The adapter holds the slow learner (a previous fit's end, or a checkpoint's weights,
+            # which sanity-check validation has just evaluated): training goes on with the fast one,
+            # also a pending task end that the protocol runs now.
+            self._load_into_fast(self._fast_backup)
+            self._fast_backup = None
+        super().on_train_start(trainer, pl_module)
+
+    @override
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        """With ``inference_learner="slow"`` every checkpoint's weights hold the slow learner in the
+        adapter (what ``load_from_checkpoint``, ``validate``/``test`` and the export helpers give: the
+        model the fit leaves behind) and the callback state holds the fast one (``"fast"``), which
+        a resume puts back into the adapter before training goes on."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self.inference_learner != "slow" or self._peft is None or not self._slow:
+            return
+        self._sync_device()
+        saved = checkpoint.get("state_dict")
+        if not isinstance(saved, dict):
+            return
+        keys = {id(p): name for name, p in pl_module.named_parameters()}
+        missing = []
+        for name, p in self.fast_parameters().items():
+            key = keys.get(id(p))
+            if key is None or key not in saved:
+                missing.append(name)
+                continue
+            saved[key] = self._slow[name].detach().to(saved[key].device, saved[key].dtype).clone()
+        if missing:
+            raise RuntimeError(
+                f"ILoRA: the checkpoint's weights have no entry for the adapter tensors {missing[:4]}, so the slow "
+                "learner cannot be written into them. Fix: keep the PEFT backbone a submodule of the LightningModule "
+                "(its `state_dict` must hold the adapter)."
+            )
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -717,7 +792,8 @@ class ILoRA(_BufferCallback):
             slow = dict(self.slow_state())
         else:
             slow = dict(self._pending_slow or {})
-        state.update({"slow": slow, "optimizer_steps": int(self.optimizer_steps)})
+        fast = self._fast_state() if self.inference_learner == "slow" else None
+        state.update({"slow": slow, "fast": fast, "optimizer_steps": int(self.optimizer_steps)})
         return state
 
     @override
@@ -727,5 +803,8 @@ class ILoRA(_BufferCallback):
         self.optimizer_steps = int(state["optimizer_steps"])
         self._pending_slow = {k: v.clone() for k, v in state["slow"].items()}
         self._slow_fresh = False  # the slow learner comes from the checkpoint
+        fast = state.get("fast")  # absent in checkpoints written before the weights held the slow learner
+        self._pending_fast = None if fast is None else {k: v.clone() for k, v in fast.items()}
         if self._peft is not None:
             self._sync_device()
+            self._resolve_pending_fast()

@@ -273,7 +273,11 @@ class LiNeS(ContinualCallback):
     Parameters outside the blocks (embeddings, final norms) get α; the output head follows
     ``head_policy``. Blocks are found from parameter names (see
     :func:`lightning_forget.merging.block_depths`). The edit is training-free and happens once,
-    at the end of ``fit`` (``on_train_end``), under ``torch.no_grad()``.
+    under ``torch.no_grad()``, right after the fit's last training batch (by ``max_epochs`` or
+    ``max_steps``), before its last validation and checkpoint, so that both, and the reports
+    recorded at them (:class:`~lightning_forget.callbacks.ContinualMetrics`), see the scaled
+    model. A fit stopped early (e.g. by early stopping) is scaled at ``on_train_end`` and its
+    last checkpoint rewritten.
 
     θ_0 is a CPU snapshot of the floating-point parameters taken at ``on_fit_start`` (or loaded
     from ``pretrained_ckpt``). Under DDP every rank holds identical weights, so each snapshots
@@ -288,12 +292,14 @@ class LiNeS(ContinualCallback):
     log over ``trainer.val_dataloaders``. The sweep deliberately does not go through
     ``trainer.validate`` (it would fire every callback's validation hooks again, log the sweep
     to the loggers and change the Trainer's state; :func:`validation_score` says why), so the
-    sweep works under every strategy LiNeS supports, ``ddp_spawn`` included.
+    sweep works under every strategy LiNeS supports, ``ddp_spawn`` included. A sweep scored by
+    ``monitor`` runs after the last batch like a fixed α (the fit's validation loaders are built
+    then if the loop has not built them yet); with ``limit_val_batches=0`` it waits for train end.
 
     **apply_at="task_end" (experimental, not in the paper).** In a continual run the residual
     of each task, relative to the weights at that task's start, is scaled when the task ends
-    (at the end of the task's last epoch, after its validation: that validation, and a
-    checkpoint written at it, still see the unscaled weights). Optimizer state is left as is.
+    (after the task's last training batch, before its last validation and checkpoint, which
+    see the scaled weights). Optimizer state is left as is.
 
     **Weights are never lost.** After the edit the scaled model's state dict is written to
     ``<results dir>/lines_scaled_weights.pt`` (the folder of
@@ -482,11 +488,22 @@ class LiNeS(ContinualCallback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Scale after the fit's last batch, before its last validation and checkpoint: both then
-        # see the scaled model. (An α sweep runs validations of its own: it waits for train end.)
-        if (self.apply_at == "fit_end" and self.alpha_grid is None and not self._edited
-                and fit_ends_after_batch(trainer, batch_idx)):
+        # see the scaled model, and so do the reports recorded at them. An α sweep scores here too
+        # when it can (a `score_fn`, or the fit's validation loaders); otherwise at train end.
+        if (self.apply_at == "fit_end" and not self._edited and fit_ends_after_batch(trainer, batch_idx)
+                and self._can_score_now(trainer)):
             with atomic_edit(pl_module):
                 self._apply(trainer, pl_module, suffix="")
+
+    def _can_score_now(self, trainer: "pl.Trainer") -> bool:
+        """Whether the α sweep (if any) can score after the last batch: with ``score_fn`` always;
+        with ``monitor`` when the fit's validation loaders exist (built now if the fit's loop has
+        not built them yet, e.g. without a sanity check)."""
+        if self.alpha_grid is None or self.score_fn is not None:
+            return True
+        if trainer.val_dataloaders is None and trainer.limit_val_batches != 0:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        return trainer.val_dataloaders is not None
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
