@@ -485,3 +485,19 @@ def test_slow_learner_moves_with_lambda_near_one_on_a_bf16_model() -> None:
         torch.testing.assert_close(value, keep * start[k] + (1 - keep) * fast[k], rtol=1e-5, atol=1e-6)
     moved = max(float((callback._slow[k] - start[k]).abs().max()) for k in start)
     assert moved == pytest.approx(0.01 * (1 - keep), rel=1e-2)
+
+
+def test_adapter_files_without_a_checkpoint_folder_go_to_the_results_folder(tmp_path: Path) -> None:
+    """No `adapter_dir`, no checkpoint callback: the logger's directory (reporting's rule), like every
+    other output of the run; without a logger, default_root_dir."""
+    from types import SimpleNamespace
+
+    callback = _callback(save_adapters=True)
+    with_logger = SimpleNamespace(checkpoint_callback=None, log_dir=str(tmp_path / "logs" / "version_3"),
+                                  default_root_dir=str(tmp_path))
+    assert callback._adapter_folder(with_logger) == tmp_path / "logs" / "version_3" / "adapters"
+    without = SimpleNamespace(checkpoint_callback=None, log_dir=None, default_root_dir=str(tmp_path))
+    assert callback._adapter_folder(without) == tmp_path / "adapters"
+    checkpointed = SimpleNamespace(checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path / "ckpt")), log_dir=None,
+                                   default_root_dir=str(tmp_path))
+    assert callback._adapter_folder(checkpointed) == tmp_path / "ckpt"

@@ -362,3 +362,76 @@ def test_pass_draws_reshuffle_on_every_pass() -> None:
     passes = [callback.draw(trainer, 0, 12)["index"].tolist() for _ in range(3)]  # type: ignore[arg-type]
     assert all(sorted(order) == list(range(12)) for order in passes)  # each pass covers the buffer once
     assert passes[0] != passes[1] and passes[1] != passes[2] and passes[0] != passes[2], passes
+
+
+_USER_DDP_SCRIPT = '''
+import json, sys
+import torch
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_forget.callbacks import ExperienceReplay
+from lightning_forget.losses import step_context
+from tests.helpers.harness import RankFingerprint
+from tests.test_replay_policy import UserNet, _task_loader
+
+
+class Steps(pl.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        context = step_context(pl_module)
+        ids = context.replay_task_ids()
+        self.rows.append([int(context.replay_rows().numel()), [] if ids is None else ids.tolist()])
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    callback, model = ExperienceReplay(buffer_size=8, replay_batch_size=2, seed=1), UserNet()
+    for task in range(2):
+        pl.seed_everything(task)
+        steps = Steps()
+        loader = DataLoader(_task_loader(task).dataset, batch_size=2)
+        trainer = pl.Trainer(default_root_dir=out, accelerator="cpu", devices=2, strategy="ddp", max_epochs=2,
+                             logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[callback, steps, RankFingerprint(callback, f"{out}/fit{task}.json")])
+        trainer.fit(model, loader)
+        with open(f"{out}/steps{task}_rank{trainer.global_rank}.json", "w") as handle:
+            json.dump({"steps": steps.rows, "policy": [callback.update, callback.draw_mode],
+                       "buffer_tasks": callback.buffer.task_ids().tolist()}, handle)
+'''
+
+
+@pytest.mark.ddp
+def test_auto_under_ddp_one_fit_per_task_first_fit_replays_and_ranks_agree(tmp_path: Any) -> None:
+    """The user's way under `strategy="ddp"` (each rank runs the script): plain loaders, one fit per
+    task. The first fit replays its running stream from the second step on, the second fit only the
+    ended task; after each fit both ranks hold the same weights and the same buffer."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "user_ddp.py"
+    script.write_text(_USER_DDP_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=400,
+                         env=env, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for task in range(2):
+        ranks = json.loads((tmp_path / f"fit{task}.json").read_text())
+        assert ranks["equal_length"] and ranks["world_size"] == 2, ranks
+        assert ranks["max_param_diff"] == 0.0 and ranks["max_state_diff"] == 0.0, ranks
+        per_rank = [json.loads((tmp_path / f"steps{task}_rank{rank}.json").read_text()) for rank in range(2)]
+        assert per_rank[0]["buffer_tasks"] == per_rank[1]["buffer_tasks"]
+        for seen in per_rank:
+            assert seen["policy"] == ["task_end", "pass"]
+            rows = [count for count, _ in seen["steps"]]
+            assert len(rows) == 8  # 16 samples / 2 ranks / batch 2, two epochs
+            if task == 0:
+                assert rows[0] == 0 and all(count == 2 for count in rows[1:]), rows  # the running stream
+            else:
+                assert all(count == 2 for count in rows) and all(ids == [0, 0] for _, ids in seen["steps"])
+    assert per_rank[0]["buffer_tasks"] == [0] * 4 + [1] * 4  # equal shares of the two ended tasks

@@ -175,7 +175,9 @@ class ILoRA(_BufferCallback):
     **Files.** When a task ends, rank 0 writes ``task_{t}_fast.safetensors`` and
     ``task_{t}_slow.safetensors`` (adapter tensors only, read back with
     :func:`lightning_forget.lora.load_adapter`) into ``adapter_dir`` (default: the checkpoint
-    callback's directory, else ``<default_root_dir>/adapters``).
+    callback's directory, else ``adapters/`` in the run's results folder,
+    :func:`lightning_forget.reporting.results_dir`: the logger's directory, else
+    ``default_root_dir``). A second run into the same folder gets ``-v1``, ``-v2`` … names.
 
     Args:
         lora: LoRA settings of the fast (and slow) adapter when ``setup()`` wraps the backbone (a
@@ -654,7 +656,9 @@ class ILoRA(_BufferCallback):
         dirpath = getattr(checkpoint, "dirpath", None)
         if dirpath:
             return Path(dirpath)
-        return Path(trainer.default_root_dir) / "adapters"
+        # No checkpoint folder: the run's results folder (reporting's rule: the logger's directory,
+        # else default_root_dir), where every other output of the run goes.
+        return Path(reporting.results_dir(trainer)) / "adapters"
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
