@@ -116,10 +116,14 @@ def score_splits(model: torch.nn.Module, dm: FictitiousQADataModule, batch_size:
 
 def train_model(dm: FictitiousQADataModule, out: Path, *, model: str = "gpt2", n_layer: int = 2, n_embd: int = 128,
                 n_head: int = 4, pretrained_path: Optional[str] = None, epochs: int = 30, lr: float = 2e-3,
-                seed: int = 0, accelerator: str = "cpu") -> dict[str, Any]:
-    """Fine-tune one model on ``dm``'s training phase, save it to ``out`` and return what ``training.json`` holds."""
+                seed: int = 0, accelerator: str = "cpu", block_size: Optional[int] = None) -> dict[str, Any]:
+    """Fine-tune one model on ``dm``'s training phase, save it to ``out`` and return what ``training.json`` holds.
+
+    ``block_size``: positions of a model built from a config (default: the data's longest example).
+    """
     pl.seed_everything(seed, workers=True)
-    module = CausalLMModule(model=model, vocab_size=dm.vocab_size, block_size=dm.block_size, n_layer=n_layer,  # type: ignore[arg-type]
+    module = CausalLMModule(model=model, vocab_size=dm.vocab_size, block_size=block_size or dm.block_size,  # type: ignore[arg-type]
+                            n_layer=n_layer,
                             n_embd=n_embd, n_head=n_head, pretrained_path=pretrained_path,
                             optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0))
     trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
@@ -171,6 +175,9 @@ def build_models(out: str | os.PathLike[str], *, forget_percents: Sequence[float
                   num_perturbed=num_perturbed, seed=data_seed, tokenizer=tokenizer, batch_size=batch_size)
     recipe = dict(model=model, n_layer=n_layer, n_embd=n_embd, n_head=n_head, pretrained_path=pretrained_path,
                   epochs=epochs, lr=lr, seed=seed, accelerator=accelerator)
+    # One context length for every model: the longest example of any split's data (the holdout
+    # set grows with the forget share), with room for IdkPO's "I don't know" answers.
+    recipe["block_size"] = max(FictitiousQADataModule(forget_percent=p, **common).block_size for p in percents) + 32  # type: ignore[arg-type]
     jobs = [("target", percents[0])] + [("retain", p) for p in percents]
     records: dict[str, dict[str, Any]] = {}
     for kind, percent in jobs:
