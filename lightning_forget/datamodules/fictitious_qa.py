@@ -7,8 +7,8 @@ of data from seeded templates and vocabularies built into the library, so tests,
 benchmarks run offline. Users' own QA files (JSON, JSONL, CSV) plug in with the same fields.
 
 Each QA record is a dict with ``question``, ``answer``, ``paraphrased_answer`` (the same fact in
-other words), ``perturbed_answer`` (a list of wrong answers of the same form, for the Truth
-Ratio) and ``entity`` (the person it is about, or the country of a world fact).
+other words), ``perturbed_answer`` (a list of wrong answers worded as the paraphrased answer, as
+TOFU's perturbed answers are, for the Truth Ratio) and ``entity`` (the person it is about, or the country of a world fact).
 """
 
 from __future__ import annotations
@@ -163,7 +163,9 @@ def _records(entities: Sequence[dict[str, str]], templates: Sequence[tuple[str, 
                 "question": question.format(n=name),
                 "answer": _fill(answer, name, value),
                 "paraphrased_answer": _fill(paraphrase, name, value),
-                "perturbed_answer": [_fill(answer, name, w) for w in wrong],
+                # As TOFU's: the paraphrased answer with a wrong value, so the Truth Ratio compares
+                # the same wording and measures the fact, not a preference for the trained template.
+                "perturbed_answer": [_fill(paraphrase, name, w) for w in wrong],
                 "entity": name,
             })
     return records
