@@ -130,9 +130,10 @@ class ModelForward:
             )
         return target
 
-    def __call__(self, module: nn.Module, x: Any) -> Tensor:
-        """The logits of ``module`` for the inputs ``x``."""
-        return logits_of(self.target(module)(x))
+    def __call__(self, module: nn.Module, x: Any, **kwargs: Any) -> Tensor:
+        """The logits of ``module`` for the inputs ``x`` (keyword arguments passed on, e.g. a causal
+        LM's ``attention_mask``)."""
+        return logits_of(self.target(module)(x, **kwargs))
 
     def as_module(self, module: nn.Module) -> tuple[nn.Module, str]:
         """``(model, prefix)``: an ``nn.Module`` whose ``forward(x)`` returns the logits, and the prefix

@@ -43,3 +43,17 @@ def test_unlearning_quick(tmp_path) -> None:
         assert row["seeds"] == 1
         assert row["diverged"] == 1 or 0.0 <= row["ra"] <= 1.0
     assert (tmp_path / "unlearning_benchmark.csv").is_file() and (tmp_path / "unlearning_gap_digits_random.png").is_file()
+
+
+def test_unlearning_lm_quick(tmp_path) -> None:
+    result = load_benchmark("unlearning_lm").main(["--quick", "--out", str(tmp_path)])
+    summary = {row["method"]: row for row in result["summary"]}
+    assert {"Target", "Retain", "GA", "GradDiff", "GradDiff-KL", "NPO", "SimNPO", "IdkPO", "RMU"} <= set(summary)
+    for row in summary.values():
+        assert row["diverged"] == 0 and 0.0 <= row["model_utility"] <= 1.0 and 0.0 <= row["mia_min_k"] <= 1.0
+    assert {(r["method"], r["variant"]) for r in result["lora"]} == {
+        ("NPO", "full"), ("NPO+LoRA", "lora"), ("GradDiff", "full"), ("GradDiff+LoRA", "lora")}
+    lora = {r["method"]: r for r in result["lora"]}
+    assert lora["NPO+LoRA"]["trainable"] < lora["NPO"]["trainable"]
+    assert lora["NPO+LoRA"]["state_mb"] < lora["NPO"]["state_mb"]  # no reference copy, no full-size moments
+    assert (tmp_path / "unlearning_lm.csv").is_file() and (tmp_path / "models" / "target" / "config.json").is_file()

@@ -22,12 +22,14 @@ import yaml
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
 from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, ILoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.callbacks import SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn, UnlearningEvaluation
+from lightning_forget.callbacks import NPO, RMU, IdkPO, SimNPO
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
 from tests.helpers.text import TINY_INSTRUCTIONS, TINY_LM, tiny_instruction_stream, tiny_lm
 from tests.helpers.harness import BatchRecorder, flat_tensors, params_vector, run_ddp_pair, run_stream, same_state, tiny_classifier
 from tests.helpers.models import conv_classifier
+from tests.helpers.qa_stream import TINY_QA_LM, QAForgetStream
 
 
 @dataclass
@@ -66,6 +68,13 @@ def forget_stream(epochs_per_task: int = 1, **kwargs: Any) -> Any:
 def retain_stream(epochs_per_task: int = 1) -> Any:
     """The same tasks with plain batches of the retained data (fine-tuning), for ForgetRetainEvaluation."""
     return forget_stream(epochs_per_task, retain_only=True)
+
+
+def qa_lm(dm: Any) -> Any:
+    """A one-block GPT-2 over bytes for the LM unlearning rows."""
+    from lightning_forget.modules import CausalLMModule
+
+    return CausalLMModule(vocab_size=dm.vocab_size, block_size=dm.block_size, **TINY_QA_LM)
 
 
 def forget_model(dm: Any) -> Any:
@@ -280,6 +289,29 @@ ROWS = [
              [({"mask_fraction": 0.0}, ValueError, "mask_fraction"), ({"restore_mode": "best"}, ValueError, "restore_mode")]),
             ("FineTune", FineTune, {"save_original": False},
              [({"retain_weight": -1.0}, ValueError, "retain_weight"), ({"save_original": 1}, TypeError, "save_original")]),
+        ]
+    ],
+    # ---- LM unlearning (callbacks/unlearning_lm.py) on two-stream causal-LM batches
+    *[
+        Row(
+            name,
+            cls,
+            kwargs,
+            bad,
+            make_data=QAForgetStream,
+            make_model=qa_lm,
+            model_yaml={"class_path": "lightning_forget.modules.CausalLMModule", "init_args": dict(TINY_QA_LM)},
+            data_yaml={"class_path": "tests.helpers.qa_stream.QAForgetStream"},
+        )
+        for name, cls, kwargs, bad in [
+            ("NPO", NPO, {"beta": 0.5, "retain_loss": "kl"},
+             [({"beta": 0.0}, ValueError, "beta"), ({"retain_loss": "mse"}, ValueError, "retain_loss")]),
+            ("SimNPO", SimNPO, {"delta": 0.1},
+             [({"delta": "x"}, TypeError, "delta"), ({"gamma": -1.0}, ValueError, "gamma")]),
+            ("IdkPO", IdkPO, {"seed": 2, "idk_answers": ["I don't know.", "No idea."]},
+             [({"idk_answers": []}, ValueError, "idk_answers"), ({"tokenizer": 3}, TypeError, "tokenizer")]),
+            ("RMU", RMU, {"steering_coeff": 4.0, "seed": 1},
+             [({"layer": "("}, ValueError, "layer"), ({"steering_coeff": 0.0}, ValueError, "steering_coeff")]),
         ]
     ],
     Row(

@@ -113,6 +113,16 @@ class UserLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
+class UserQALM(UserLM):
+    """The same user LM with room for the fictitious-QA rows (160 positions, one block of width 16)."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=160, n_layer=1, n_embd=16, n_head=2))
+
+
 # ---------------------------------------------------------------------------- data per task
 @dataclass
 class TaskData:
@@ -166,6 +176,18 @@ def instruction_tasks() -> list[TaskData]:
             for t in range(NUM_TASKS)]
 
 
+def qa_tasks() -> list[TaskData]:
+    """The LM unlearning rows: per task a plain DataLoader of two-stream QA rows (person t forgotten)."""
+    from lightning_forget.datamodules.fictitious_qa import collate_qa
+    from tests.helpers.qa_stream import QAForgetStream
+
+    dm = QAForgetStream(num_tasks=NUM_TASKS)
+    vals = [DataLoader(dm.val_dataset(t), batch_size=2, collate_fn=collate_qa) for t in range(NUM_TASKS)]
+    generator = torch.Generator().manual_seed(0)
+    return [TaskData(DataLoader(dm.train_dataset(t), batch_size=2, shuffle=True, generator=generator, collate_fn=collate_qa),
+                     vals) for t in range(NUM_TASKS)]
+
+
 def mlp(hidden: list[int], out: int = 6, dim: int = 8) -> nn.Module:
     layers: list[nn.Module] = []
     for width in hidden:
@@ -205,6 +227,9 @@ USER_WAYS: dict[str, UserWay] = {
     # reads the forget stream's dataset), a module without forward: `forward_fn="net"`.
     **{row_id: UserWay(_FORGET_MLP, forget_tasks, kwargs={"forward_fn": "net"})
        for row_id in ("GradientAscent", "GradDiff", "GradDiff-kl", "RandomLabels", "L1Sparse", "SCRUB", "SalUn", "FineTune")},
+    # The LM methods on a user's module keeping a Hugging Face GPT-2 in `self.model` (no forward).
+    **{row_id: UserWay(lambda row_id: UserQALM(), qa_tasks, kwargs={"forward_fn": "model"})
+       for row_id in ("NPO", "SimNPO", "IdkPO", "RMU")},
     "UnlearningEvaluation": UserWay(_FORGET_MLP, lambda: forget_tasks(retain_only=True),
                                     kwargs={"forward_fn": "net", "report": True}),
 }

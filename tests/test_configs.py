@@ -22,6 +22,11 @@ SMALL_DATA = {
     # The test's 4 steps make k-FPF fine-tune after each one (k=5 > steps): a narrow ResNet
     # and 2 inner steps (the option reaches the last callback: KFPF, or FPF after ER).
     "kfpf": ["--model.init_args.resnet_width", "4", "--trainer.callbacks.init_args.finetune_steps", "2"],
+    # LM unlearning: a one-block GPT-2 and four people with two questions each.
+    "unlearning_lm": ["--model.init_args.n_layer", "1", "--model.init_args.n_embd", "16", "--model.init_args.n_head", "2",
+                      "--data.init_args.num_people", "4", "--data.init_args.questions_per_person", "2",
+                      "--data.init_args.num_countries", "1", "--data.init_args.forget_percent", "25",
+                      "--data.init_args.batch_size", "2"],
 }
 
 

@@ -117,3 +117,20 @@ def test_bad_arguments_are_named(tmp_path: Any) -> None:
         dm.records("forget")
     with pytest.raises(ValueError, match="task"):
         FictitiousQADataModule(**SMALL).forget_train_dataset(1)
+
+
+def test_perturbed_answers_are_the_paraphrase_with_a_wrong_value() -> None:
+    # TOFU's Truth Ratio compares the paraphrased answer with perturbed versions of it: same
+    # wording, another value. Worded as the trained answer instead, it measures a model's
+    # preference for the trained template (every memorising model scores Truth Ratio 0).
+    import os
+
+    dm = FictitiousQADataModule(num_people=6, questions_per_person=20, num_countries=3)
+    for split in ("retain", "world_facts"):
+        for r in dm.records(split):
+            para = r["paraphrased_answer"]
+            for wrong in r["perturbed_answer"]:
+                prefix = len(os.path.commonprefix([para, wrong]))
+                suffix = len(os.path.commonprefix([para[prefix:][::-1], wrong[prefix:][::-1]]))
+                value = para[prefix:len(para) - suffix]
+                assert len(value) < len(para) / 2, (para, wrong)

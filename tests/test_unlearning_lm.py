@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_forget.callbacks import NPO, RMU, GradientAscent, IdkPO, SimNPO
+from lightning_forget.callbacks import NPO, RMU, GradDiff, GradientAscent, IdkPO, SimNPO
 from lightning_forget.datamodules import FictitiousQADataModule
 from lightning_forget.modules.causal_lm import CausalLMModule, causal_lm_loss
 from lightning_forget.unlearning import losses as L
@@ -132,3 +132,38 @@ def test_saliency_mask_works_on_lm_batches(tmp_path: Any) -> None:
     _fit(tmp_path, callback, _model(dm), dm)
     assert callback.mask is not None and callback.mask.fraction == pytest.approx(0.5, abs=0.01)
 
+
+
+class _UserHFModule(pl.LightningModule):
+    """A user's LM: a Hugging Face model in ``self.model``, no ``forward``; the loss is the model's own."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: GradientAscent(**kw), lambda **kw: GradDiff(retain_loss="kl", **kw), lambda **kw: NPO(**kw),
+    lambda **kw: SimNPO(**kw), lambda **kw: IdkPO(**kw), lambda **kw: RMU(**kw),
+], ids=["GA", "GradDiff-kl", "NPO", "SimNPO", "IdkPO", "RMU"])
+def test_lm_methods_call_the_users_forward_fn(tmp_path: Any, make: Any) -> None:
+    # The same step through CausalLMModule's forward and through a module without forward whose
+    # HF model `forward_fn="model"` names (its output's .logits read): same losses, same weights.
+    dm = _data()
+    reference = _model(dm)
+    trainer = _fit(tmp_path / "module", make(save_original=False), reference, dm)
+    expected = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and not k.startswith("train/")}
+    user = _UserHFModule(_model(dm).model)
+    trainer = _fit(tmp_path / "user", make(save_original=False, forward_fn="model"), user, dm)
+    got = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and not k.startswith("train/")}
+    assert set(got) == set(expected) and any(k.endswith("forget_loss") for k in got)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for (name, p), q in zip(reference.model.named_parameters(), user.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name

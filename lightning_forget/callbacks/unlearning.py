@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_forget import reporting
-from lightning_forget.batch import BatchFields, logits_of, stream_names
+from lightning_forget.batch import BatchFields, stream_names
 from lightning_forget.distributed import rank_generator
 from lightning_forget.forward import ModelForward
 from lightning_forget.losses import output_loss, remove_training_step_hooks, training_step_hooks
@@ -44,11 +44,13 @@ def is_lm_batch(sub_batch: Any) -> bool:
     return isinstance(sub_batch, dict) and "input_ids" in sub_batch and "labels" in sub_batch
 
 
-def _lm_call(model: Any, sub_batch: dict[str, Tensor]) -> Any:
+def _lm_call(model: Any, sub_batch: dict[str, Tensor], forward: ModelForward) -> Tensor:
+    """The logits of a causal-LM sub-batch through the user's logits function (``forward_fn``):
+    ``f(input_ids, attention_mask=...)`` (no mask argument when the sub-batch has none)."""
     mask = sub_batch.get("attention_mask")
     if mask is None:
-        return model(sub_batch["input_ids"])
-    return model(sub_batch["input_ids"], attention_mask=mask)
+        return forward(model, sub_batch["input_ids"])
+    return forward(model, sub_batch["input_ids"], attention_mask=mask)
 
 
 class UnlearningMethod(ContinualCallback):
@@ -236,13 +238,14 @@ class UnlearningMethod(ContinualCallback):
         """``(logits, target)`` of the module's forward on a one-stream sub-batch.
 
         A causal-LM sub-batch (a dict with ``input_ids`` and ``labels``, Hugging Face's unshifted
-        convention) is called as ``pl_module(input_ids, attention_mask=...)`` and, with ``shift``,
+        convention) is called as ``f(input_ids, attention_mask=...)``, ``f`` the logits function
+        that ``forward_fn`` names (the module's ``forward`` by default), and, with ``shift``,
         its logits and labels are aligned (:func:`~lightning_forget.unlearning.losses.shift_for_next_token`),
         so every token-level loss reads them as it reads a classifier's.
         """
         if is_lm_batch(sub_batch):
             with forward_context(pl_module.trainer):
-                logits = logits_of(_lm_call(pl_module, sub_batch))
+                logits = _lm_call(pl_module, sub_batch, self.model_forward)
             labels = sub_batch["labels"]
             return L.shift_for_next_token(logits, labels) if shift else (logits, labels)
         split = self.fields.split(sub_batch)
@@ -257,7 +260,7 @@ class UnlearningMethod(ContinualCallback):
         if is_lm_batch(sub_batch):
             moved = {k: v.to(device) for k, v in sub_batch.items() if isinstance(v, Tensor)}
             with forward_context(pl_module.trainer):
-                out = reference(lambda model: logits_of(_lm_call(model, moved)))
+                out = reference(lambda model: _lm_call(model, moved, self.model_forward))
             return out.to(pl_module.device)
         x = self.fields.split(sub_batch).input.to(device)
         with forward_context(pl_module.trainer):

@@ -8,7 +8,9 @@ and its state handling; their losses are the plain functions of
 (``input_ids``, ``attention_mask``, ``labels`` with ``-100`` on the question and padding), as
 :class:`~lightning_forget.datamodules.FictitiousQADataModule` serves them with ``phase="unlearn"``;
 the module is called as ``pl_module(input_ids, attention_mask=...)`` and returns logits (as
-:class:`~lightning_forget.modules.CausalLMModule`). Token-level :class:`GradientAscent` and
+:class:`~lightning_forget.modules.CausalLMModule`), or, with ``forward_fn="model"`` (any submodule
+or method name), that function is (e.g. a user's module keeping a Hugging Face model in
+``self.model`` and no ``forward``; a model output's ``logits`` are read). Token-level :class:`GradientAscent` and
 :class:`GradDiff` are the classifier callbacks themselves (the mechanism aligns an LM's logits
 and labels).
 
@@ -315,7 +317,7 @@ class RMU(GradDiff):
     def _forward(self, pl_module: "pl.LightningModule") -> Any:
         def run(model: nn.Module, batch: dict[str, Tensor]) -> Any:
             with forward_context(pl_module.trainer):
-                return _lm_call(model, batch)
+                return _lm_call(model, batch, self.model_forward)
         return run
 
     def forget_loss(self, pl_module: "pl.LightningModule", forget: Any) -> Optional[Tensor]:

@@ -7,8 +7,8 @@ of data from seeded templates and vocabularies built into the library, so tests,
 benchmarks run offline. Users' own QA files (JSON, JSONL, CSV) plug in with the same fields.
 
 Each QA record is a dict with ``question``, ``answer``, ``paraphrased_answer`` (the same fact in
-other words), ``perturbed_answer`` (a list of wrong answers of the same form, for the Truth
-Ratio) and ``entity`` (the person it is about, or the country of a world fact).
+other words), ``perturbed_answer`` (a list of wrong answers worded as the paraphrased answer, as
+TOFU's perturbed answers are, for the Truth Ratio) and ``entity`` (the person it is about, or the country of a world fact).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_forget.datamodules.forget import PairedDataset
 from lightning_forget.datamodules.instructions import InstructionDataset, pad_token_batch, read_records
 from lightning_forget.datamodules.loaders import seeded_generator
-from lightning_forget.datamodules.tokenizers import ByteTokenizer
+from lightning_forget.datamodules.tokenizers import load_tokenizer
 from lightning_forget.validation import check_choice, check_float, check_int, check_str, message
 
 __all__ = ["FictitiousQADataModule", "QADataset", "QA_FIELDS", "fictitious_people", "people_records",
@@ -163,7 +163,9 @@ def _records(entities: Sequence[dict[str, str]], templates: Sequence[tuple[str, 
                 "question": question.format(n=name),
                 "answer": _fill(answer, name, value),
                 "paraphrased_answer": _fill(paraphrase, name, value),
-                "perturbed_answer": [_fill(answer, name, w) for w in wrong],
+                # As TOFU's: the paraphrased answer with a wrong value, so the Truth Ratio compares
+                # the same wording and measures the fact, not a preference for the trained template.
+                "perturbed_answer": [_fill(paraphrase, name, w) for w in wrong],
                 "entity": name,
             })
     return records
@@ -300,6 +302,8 @@ class FictitiousQADataModule(pl.LightningDataModule):
         holdout_path: a user's QA file of held-out questions (membership non-members; optional).
         world_facts_path: a user's QA file of the utility set (optional).
         num_workers: loader workers.
+        tokenizer: ``None``/``"bytes"`` (the byte tokenizer, default) or the path of a local Hugging
+            Face tokenizer (a real model's; answers end with its end id, else 0).
 
     Raises:
         ValueError: arguments out of range, a forget share that leaves no retained person,
@@ -323,6 +327,7 @@ class FictitiousQADataModule(pl.LightningDataModule):
         holdout_path: Optional[str] = None,
         world_facts_path: Optional[str] = None,
         num_workers: int = 0,
+        tokenizer: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.num_people = check_int("num_people", num_people, min=2)
@@ -353,7 +358,10 @@ class FictitiousQADataModule(pl.LightningDataModule):
         for path in self.paths.values():
             if path is not None and not os.path.exists(os.path.expanduser(path)):
                 raise ValueError(message("path", "an existing QA file", path, "check the path"))
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer_spec = check_str("tokenizer", tokenizer, allow_none=True)
+        self.tokenizer: Any = load_tokenizer(self.tokenizer_spec)
+        eos = self.tokenizer.eos_id
+        self.end_id = 0 if eos is None else int(eos)
         self._splits: Optional[dict[str, list[dict[str, Any]]]] = None
 
     # ------------------------------------------------------------------ records
@@ -383,11 +391,11 @@ class FictitiousQADataModule(pl.LightningDataModule):
     def dataset(self, split: Literal["forget", "retain", "holdout", "world_facts"], answer_field: str = "answer",
                 perturbed_index: int = 0) -> QADataset:
         """``split`` tokenised with ``answer_field`` as the answer (see :class:`QADataset`)."""
-        return QADataset(self.records(split), self.tokenizer, self.tokenizer.eos_id, answer_field, perturbed_index)
+        return QADataset(self.records(split), self.tokenizer, self.end_id, answer_field, perturbed_index)
 
     @property
     def vocab_size(self) -> int:
-        """The byte tokenizer's vocabulary (257)."""
+        """The tokenizer's vocabulary (257 for the byte tokenizer)."""
         return self.tokenizer.vocab_size
 
     @property
@@ -396,9 +404,9 @@ class FictitiousQADataModule(pl.LightningDataModule):
         longest = 0
         for split in ("forget", "retain", "holdout", "world_facts"):
             for r in self.records(split):  # type: ignore[arg-type]
-                prompt = len(f"Question: {r['question']}\nAnswer: ".encode())
+                prompt = len(self.tokenizer.encode(f"Question: {r['question']}\nAnswer: "))
                 answers = [r["answer"], r["paraphrased_answer"], *r["perturbed_answer"]]
-                longest = max(longest, prompt + max(len(str(a).encode()) for a in answers) + 1)
+                longest = max(longest, prompt + max(len(self.tokenizer.encode(str(a))) for a in answers) + 1)
         return longest
 
     @property
@@ -422,7 +430,7 @@ class FictitiousQADataModule(pl.LightningDataModule):
             return PairedDataset(self.dataset("forget"), self.dataset("retain"), self.seed, 0)
         splits = ["retain", "world_facts"] if self.phase == "retain" else ["forget", "retain", "world_facts"]
         records = [r for s in splits for r in self.records(s)]
-        return QADataset(records, self.tokenizer, self.tokenizer.eos_id)
+        return QADataset(records, self.tokenizer, self.end_id)
 
     def collate_fn(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """:func:`collate_qa` (loaders outside this module, e.g. a saliency pass, use it)."""

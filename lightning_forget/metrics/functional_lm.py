@@ -11,6 +11,11 @@ answer is its positions whose label is not ``-100``. The answer length ``|y|`` i
 those positions (open-unlearning counts the unshifted labels, the same number whenever the first
 label is masked, as a question's is).
 
+Token-wise statistics (exact memorisation, extraction strength, Min-K, Min-K++, GradNorm) are
+computed by open-unlearning on every answer position **but the last** (``tokenwise_logprobs``
+drops "the EOS prediction"): pass them :func:`tokenwise_labels` ``(labels)`` for that; the
+probability, LOSS and ZLib use every answer position.
+
 Per sample: :func:`average_nll`, :func:`answer_probability`, :func:`exact_memorization`,
 :func:`extraction_strength`, :func:`rouge_l_recall`, the MIA scores (:func:`loss_score`,
 :func:`zlib_score`, :func:`min_k_score`, :func:`min_k_plus_plus_score`,
@@ -25,7 +30,7 @@ import math
 import re
 import zlib
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +46,7 @@ __all__ = [
     "exact_memorization",
     "extraction_strength",
     "forget_quality",
+    "gradnorm_score",
     "loss_score",
     "membership_auc",
     "min_k_plus_plus_score",
@@ -50,6 +56,7 @@ __all__ = [
     "privacy_leakage",
     "reference_score",
     "rouge_l_recall",
+    "tokenwise_labels",
     "truth_ratio",
     "truth_ratio_score",
     "zlib_score",
@@ -145,6 +152,20 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
     return _lcs_length(_rouge_tokens(prediction), ref) / len(ref)
 
 
+def tokenwise_labels(labels: Tensor) -> Tensor:
+    """``labels`` with each sample's **last** answer position set to ``-100``.
+
+    open-unlearning's ``tokenwise_logprobs``/``tokenwise_vocab_logprobs`` (used by exact
+    memorisation, extraction strength, Min-K, Min-K++ and GradNorm) keep the answer positions
+    but the last one ("-1 to ignore eos prediction"); with aligned (shifted) labels this mask
+    gives the same positions.
+    """
+    mask = labels != IGNORE_INDEX
+    positions = torch.arange(labels.shape[-1], device=labels.device).expand_as(labels)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).max(-1, keepdim=True).values
+    return labels.masked_fill(positions == last, IGNORE_INDEX)
+
+
 # ---------------------------------------------------------------------------------- MIA scores
 # Every score is signed like a loss: higher means "less likely a member".
 def loss_score(avg_nll: Tensor) -> Tensor:
@@ -195,6 +216,55 @@ def min_k_plus_plus_score(logits: Tensor, labels: Tensor, k: float = 0.4) -> Ten
     log_probs, mask = token_log_probs(logits.detach(), labels)
     z = (log_probs - mu) / variance.sqrt()
     return torch.tensor([-_lowest_k_mean(z[i][mask[i]], k) for i in range(labels.shape[0])])
+
+
+def gradnorm_score(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
+                   attention_mask: Optional[Tensor] = None, p: float = 2.0,
+                   parameters: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """GradNorm attack: ``(B,)`` mean over parameter tensors of ``‖∇_θ loss_i‖_p`` for each sample ``i``.
+
+    As open-unlearning's ``GradNormAttack``: ``loss_i`` is minus the mean of sample ``i``'s
+    token log-probabilities over its answer positions but the last (pass **unshifted** labels;
+    the causal shift and :func:`tokenwise_labels` are applied here), each sample's gradient is
+    taken alone, and the score is the mean over the parameter tensors that get a gradient of
+    their ``p``-norm (p = 2 in TOFU and MUSE; 1, 2 or ``inf``). Larger means "less likely a
+    member", like a loss.
+
+    The batch is forwarded **once** (the official code forwards one sample per batch) and each
+    sample's gradient is taken from that graph with ``torch.autograd.grad``, which gives the
+    same per-sample gradient (padding is masked) and, unlike the official code, leaves the
+    model's ``.grad`` untouched. ``model`` runs in the mode it is in (the official code switches
+    to train mode, which only matters with dropout); call it in eval mode for a deterministic
+    score.
+
+    Args:
+        model: a causal LM called as ``model(input_ids=..., attention_mask=...)`` returning
+            logits or an object with ``.logits``.
+        input_ids: ``(B, L)`` token ids.
+        labels: ``(B, L)`` unshifted labels, ``-100`` off the answer.
+        attention_mask: ``(B, L)`` or ``None``.
+        p: the norm, 1, 2 or ``float("inf")``.
+        parameters: the tensors to differentiate (default: every parameter that requires grad).
+    """
+    if p not in (1, 2, float("inf")):
+        raise ValueError(f"p must be 1, 2 or inf, got {p!r}. Fix: pass p=2 (TOFU, MUSE).")
+    params = [q for q in (parameters if parameters is not None else model.parameters()) if q.requires_grad]
+    if not params:
+        raise ValueError("gradnorm_score needs parameters that require grad, got none. "
+                         "Fix: pass `parameters=` or unfreeze the model (or skip the GradNorm attack).")
+    targets = tokenwise_labels(labels[:, 1:])
+    _lengths(targets)
+    with torch.enable_grad():
+        output = model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = getattr(output, "logits", output)[:, :-1, :]
+        log_probs, mask = token_log_probs(logits, targets)
+        losses = -log_probs.sum(-1) / mask.sum(-1)
+        scores = []
+        for i in range(losses.shape[0]):
+            grads = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < losses.shape[0], allow_unused=True)
+            norms = [g.detach().float().norm(p=p) for g in grads if g is not None]
+            scores.append(torch.stack(norms).mean())
+    return torch.stack(scores).detach()
 
 
 def reference_score(avg_nll: Tensor, reference_avg_nll: Tensor) -> Tensor:

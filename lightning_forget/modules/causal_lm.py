@@ -167,6 +167,11 @@ class CausalLMModule(pl.LightningModule):
             is when greedy decoding reproduces it. For prompt/answer data (labels on the answer
             only). ``None`` (default): on when the datamodule says its labels mark answers only
             (``answer_only_labels``, as ``InstructionStreamDataModule``).
+        lora: ``None`` (full fine-tuning) or the fields of a
+            :class:`~lightning_forget.lora.LoRASettings` (``{"r": 8, "alpha": 16, "kind":
+            "attention"}``, or ``target_modules``): the model is wrapped with PEFT LoRA adapters
+            (``lightning_forget.lora.add_lora``: its own weights frozen, the adapters trained), e.g. to
+            unlearn a real model with the base as the reference (adapters disabled, no copy).
 
     Raises:
         TypeError: a size is not an int, ``corpus_names`` is not a list of strings, or
@@ -204,6 +209,7 @@ class CausalLMModule(pl.LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
         corpus_names: Optional[Sequence[str]] = None,
         exact_match: Optional[bool] = None,
+        lora: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if model not in ("gpt2", "llama"):
@@ -259,6 +265,18 @@ class CausalLMModule(pl.LightningModule):
             self.model = build_tiny_causal_lm(
                 model, vocab_size, block_size, n_layer, n_embd, n_head, intermediate_size, dropout
             )
+        if lora is not None:
+            from lightning_forget.lora import LoRASettings, add_lora
+
+            check_type("lora", lora, dict, fix="pass the fields of LoRASettings, e.g. {'r': 8, 'alpha': 16}, or None")
+            try:
+                settings = LoRASettings(**lora)
+            except TypeError as error:
+                if "unexpected keyword" not in str(error):
+                    raise
+                raise ValueError(message("lora", "the fields of LoRASettings (r, alpha, dropout, target_modules, kind, "
+                                         "modules_to_save)", lora, "drop the unknown keys")) from None
+            self.model = add_lora(self.model, settings)
         self.val_loss_metrics = nn.ModuleList()
         self.val_match_metrics = nn.ModuleList()
         self._val_seen: set[int] = set()
