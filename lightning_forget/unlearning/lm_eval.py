@@ -79,7 +79,7 @@ from lightning_forget.metrics.functional_lm import (
 from lightning_forget.unlearning.losses import IGNORE_INDEX, shift_for_next_token
 
 __all__ = ["SPLITS", "MIA_ATTACKS", "DEFAULT_PROMPT", "evaluate_lm_unlearning", "shard_indices", "data_hash",
-           "load_stats"]
+           "split_hashes", "load_stats"]
 
 SPLITS = ("forget", "retain", "holdout", "world_facts")
 """The split names :func:`evaluate_lm_unlearning` knows (``forget`` is required)."""
@@ -145,6 +145,12 @@ def data_hash(records: Records, prompts: Sequence[str], tokenizer: Any) -> str:
                 [str(w) for w in r.get("perturbed_answer", [])]] for r, p in zip(records, prompts)]
     text = json.dumps({"tokenizer": repr(tokenizer), "records": payload}, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_hashes(splits: Mapping[str, Any], tokenizer: Any, prompt_format: str = DEFAULT_PROMPT) -> dict[str, str]:
+    """``{split: data_hash}`` of ``splits`` as :func:`evaluate_lm_unlearning` reads them (``result["data_hash"]``)."""
+    _check_splits(splits)
+    return {name: data_hash(*_split_records(name, data, prompt_format), tokenizer) for name, data in splits.items()}
 
 
 def load_stats(stats: Union[str, os.PathLike, Mapping[str, Any]], argument: str = "retain_stats") -> dict[str, Any]:
@@ -523,7 +529,7 @@ def evaluate_lm_unlearning(
     retain = load_stats(retain_stats) if retain_stats is not None else None
     device = torch.device(device) if device is not None else _device_of(model)
     prepared = {name: _split_records(name, data, prompt_format) for name, data in splits.items()}
-    hashes = {name: data_hash(records, prompts, tokenizer) for name, (records, prompts) in prepared.items()}
+    hashes = split_hashes(splits, tokenizer, prompt_format)
     if retain is not None:
         _check_compatible(retain, hashes)
 
