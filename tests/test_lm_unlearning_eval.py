@@ -286,7 +286,7 @@ def test_bad_inputs_give_clear_errors(trained: Any, tmp_path: Path) -> None:
         evaluate_lm_unlearning(_Bigram(257), {"forget": dm.dataset("forget")}, tok, gradnorm=False)
     for kwargs, match in (({"every_n_epochs": 0}, "every_n_epochs"), ({"splits": ["retain"]}, "splits"),
                           ({"score_weights": {"accuracy": 1.0}}, "score_weights"),
-                          ({"score_weights": {"forget_quality": 1.0}}, "no forget_quality without retain"),
+                          ({"score_weights": {"forget_quality": 1.0}}, "without forget_quality when no retain"),
                           ({"save_best": True}, "save_best"), ({"retain_model": str(tmp_path / "nope")}, "retain_model"),
                           ({"k": 0}, "k")):
         with pytest.raises((ValueError, TypeError), match=match):

@@ -204,7 +204,8 @@ class LMUnlearningEvaluation(ContinualCallback):
             for m, w in score_weights.items():
                 check_float(f"score_weights[{m!r}]", w)
             if "forget_quality" in score_weights and retain_stats is None and retain_model is None:
-                raise ValueError(message("score_weights", "no forget_quality without retain statistics", score_weights,
+                raise ValueError(message("score_weights", "a dict without forget_quality when no retain statistics are given",
+                                         score_weights,
                                          "pass retain_stats= or retain_model=, or drop forget_quality"))
         self.score_weights = None if score_weights is None else {m: float(w) for m, w in score_weights.items()}
         self.save_best = check_bool("save_best", save_best)

@@ -522,6 +522,10 @@ def evaluate_lm_unlearning(
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank and world_size must satisfy 0 <= rank < world_size, got rank={rank!r}, "
                          f"world_size={world_size!r}.")
+    if not (isinstance(k, (int, float)) and 0 < k <= 1):
+        raise ValueError(f"k must be in (0, 1], got {k!r}. Fix: the share of lowest tokens of Min-K, e.g. k=0.4.")
+    if gradnorm_p not in (1, 2, float("inf")):
+        raise ValueError(f"gradnorm_p must be 1, 2 or inf, got {gradnorm_p!r}. Fix: gradnorm_p=2 (TOFU, MUSE).")
     end_id = getattr(tokenizer, "eos_id", None)
     if not isinstance(end_id, int):
         raise ValueError(f"tokenizer must have an int eos_id (the end id after each answer), got {end_id!r} from "
