@@ -43,3 +43,10 @@ def test_unlearning_quick(tmp_path) -> None:
         assert row["seeds"] == 1
         assert row["diverged"] == 1 or 0.0 <= row["ra"] <= 1.0
     assert (tmp_path / "unlearning_benchmark.csv").is_file() and (tmp_path / "unlearning_gap_digits_random.png").is_file()
+
+
+def test_unlearning_lm_eval_quick() -> None:
+    summary = load_benchmark("unlearning_lm_eval").main(["--quick"])
+    assert set(summary["samples_per_second"]) == {"batched", "per_sample"}  # --quick: 1 process
+    assert all(v > 0 for v in summary["samples_per_second"].values())
+    assert summary["max_metric_difference"]["per_sample_vs_batched"] < 1e-4
