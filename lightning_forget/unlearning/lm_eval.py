@@ -394,50 +394,50 @@ def _mean(values: Optional[Tensor]) -> Optional[float]:
 
 def _global_metrics(per_sample: dict[str, dict[str, Tensor]], retain: Optional[dict[str, Any]],
                     generate: bool) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
+    result: dict[str, Any] = {}
     for name, stats in per_sample.items():
-        metrics[f"{name}_probability"] = _mean(stats.get("probability"))
+        result[f"{name}_probability"] = _mean(stats.get("probability"))
         if "rouge_l" in stats:
-            metrics[f"{name}_rouge_l"] = _mean(stats["rouge_l"])
+            result[f"{name}_rouge_l"] = _mean(stats["rouge_l"])
         if "truth_ratio" in stats:
             aggregator = "closer_to_1_better" if name == "forget" else "true_better"
-            metrics[f"{name}_truth_ratio"] = truth_ratio_score(stats["truth_ratio"], aggregator)
-            metrics[f"{name}_probability_normalised"] = _mean(stats["probability_normalised"])
+            result[f"{name}_truth_ratio"] = truth_ratio_score(stats["truth_ratio"], aggregator)
+            result[f"{name}_probability_normalised"] = _mean(stats["probability_normalised"])
     forget = per_sample["forget"]
-    metrics["extraction_strength"] = _mean(forget["extraction_strength"])
-    metrics["exact_memorization"] = _mean(forget["exact_memorization"])
+    result["extraction_strength"] = _mean(forget["extraction_strength"])
+    result["exact_memorization"] = _mean(forget["exact_memorization"])
     holdout = per_sample.get("holdout")
     scores = {"loss": "avg_nll", "zlib": "zlib", "min_k": "min_k", "min_k_plus_plus": "min_k_plus_plus",
               "gradnorm": "gradnorm"}
     for attack in MIA_ATTACKS:
-        metrics[f"mia_{attack}"] = None
+        result[f"mia_{attack}"] = None
         if holdout is None or not holdout["index"].numel():
             continue
         if attack == "reference":
             if "reference_avg_nll" in forget:
-                metrics["mia_reference"] = membership_auc(
+                result["mia_reference"] = membership_auc(
                     reference_score(forget["avg_nll"], forget["reference_avg_nll"]),
                     reference_score(holdout["avg_nll"], holdout["reference_avg_nll"]))
         elif scores[attack] in forget:
-            metrics[f"mia_{attack}"] = membership_auc(forget[scores[attack]], holdout[scores[attack]])
+            result[f"mia_{attack}"] = membership_auc(forget[scores[attack]], holdout[scores[attack]])
     retain_auc = 0.5
     if retain is not None and retain["metrics"].get("mia_min_k") is not None:
         retain_auc = float(retain["metrics"]["mia_min_k"])
-    metrics["privacy_leakage"] = (privacy_leakage(metrics["mia_min_k"], retain_auc)
-                                  if metrics["mia_min_k"] is not None else None)
-    metrics["forget_quality"] = None
+    result["privacy_leakage"] = (privacy_leakage(result["mia_min_k"], retain_auc)
+                                  if result["mia_min_k"] is not None else None)
+    result["forget_quality"] = None
     if retain is not None and "truth_ratio" in forget:
         theirs = retain["per_sample"].get("forget", {}).get("truth_ratio")
         if theirs:
-            metrics["forget_quality"] = forget_quality(forget["truth_ratio"], torch.tensor(theirs, dtype=torch.float64))
+            result["forget_quality"] = forget_quality(forget["truth_ratio"], torch.tensor(theirs, dtype=torch.float64))
     terms = []
     for name, prob_key in (("retain", "retain_probability"), ("world_facts", "world_facts_probability_normalised")):
         if name in per_sample and per_sample[name]["index"].numel():
             terms += [prob_key] + ([f"{name}_rouge_l"] if generate else []) + [f"{name}_truth_ratio"]
-    values = [metrics.get(t) for t in terms]
-    metrics["model_utility"] = model_utility(values) if terms and all(v is not None for v in values) else None
-    metrics["model_utility_terms"] = terms
-    return metrics
+    values = [result.get(t) for t in terms]
+    result["model_utility"] = model_utility(values) if terms and all(v is not None for v in values) else None
+    result["model_utility_terms"] = terms
+    return result
 
 
 def _check_compatible(retain: dict[str, Any], hashes: dict[str, str]) -> None:
@@ -498,7 +498,8 @@ def evaluate_lm_unlearning(
         gradnorm_p: its norm (2 in TOFU).
         prompt_format: the prompt of records given as dicts (``{question}`` is replaced).
         progress: a progress bar over generation (on rank 0).
-        rank, world_size: this process's share (see the module docstring).
+        rank: this process's rank (see the module docstring).
+        world_size: the number of processes sharing the evaluation.
         all_gather: ``tensor -> (world_size, *tensor.shape)`` (e.g. ``trainer.strategy.all_gather``);
             default: ``torch.distributed.all_gather`` when ``world_size > 1``.
 
