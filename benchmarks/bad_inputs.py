@@ -414,9 +414,15 @@ def _lm_eval_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
             _tiny_trainer(tmp, [callback], max_epochs=1, limit_train_batches=1, limit_val_batches=0,
                           reload_dataloaders_every_n_epochs=1).fit(module, datamodule)
 
-    other = os.path.join(tempfile.mkdtemp(), "other_stats.json")
-    with open(other, "w") as handle:
-        json.dump(evaluate({"forget": dm.records("retain")}, gradnorm=False), handle)
+    other = evaluate({"forget": dm.records("retain")}, gradnorm=False)  # statistics of other data
+
+    def fit_with_other_stats() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "other_stats.json")
+            with open(path, "w") as handle:
+                json.dump(other, handle)
+            fit(LMUnlearningEvaluation(retain_stats=path, progress=False),
+                FictitiousQADataModule(num_people=3, questions_per_person=1, num_countries=0, forget_percent=34))
     ids = torch.tensor([[1, 2, 3, 4]])
     return [
         ("evaluate_lm_unlearning", "no forget split", "splits", lambda: evaluate({"retain": dm.dataset("retain")})),
@@ -450,8 +456,7 @@ def _lm_eval_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
          lambda: fit(LMUnlearningEvaluation(progress=False),
                      TextStreamDataModule(block_size=32, max_chars_per_corpus=2000, batch_size=4, blocks_per_task=4))),
         ("LMUnlearningEvaluation", "retain_stats of other data (fit)", "retain_stats",
-         lambda: fit(LMUnlearningEvaluation(retain_stats=other, progress=False),
-                     FictitiousQADataModule(num_people=3, questions_per_person=1, num_countries=0, forget_percent=34))),
+         fit_with_other_stats),
     ]
 
 
