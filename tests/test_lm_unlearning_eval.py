@@ -23,7 +23,6 @@ from lightning_forget.callbacks import LMUnlearningEvaluation
 from lightning_forget.datamodules import FictitiousQADataModule
 from lightning_forget.metrics import functional_lm as M
 from lightning_forget.modules.causal_lm import CausalLMModule, build_tiny_causal_lm
-from lightning_forget.unlearning import lm_eval
 from lightning_forget.unlearning.lm_eval import evaluate_lm_unlearning, shard_indices
 from tests.helpers.harness import RankFingerprint, quiet_trainer
 
@@ -266,6 +265,8 @@ def test_bad_inputs_give_clear_errors(trained: Any, tmp_path: Path) -> None:
         evaluate_lm_unlearning(model, {"retain": dm.dataset("retain")}, tok)
     with pytest.raises(ValueError, match="unknown names"):
         evaluate_lm_unlearning(model, {"forget": dm.dataset("forget"), "test": []}, tok)
+    with pytest.raises(ValueError, match="hold no records"):
+        evaluate_lm_unlearning(model, {"forget": dm.dataset("forget"), "world_facts": []}, tok)
     with pytest.raises(TypeError, match="splits\\['forget'\\] must be a QADataset or a list"):
         evaluate_lm_unlearning(model, {"forget": "forget.json"}, tok)
     with pytest.raises(ValueError, match="has no tokens"):

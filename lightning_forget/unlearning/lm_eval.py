@@ -91,10 +91,6 @@ DEFAULT_PROMPT = "Question: {question}\nAnswer: "
 """The prompt of :class:`~lightning_forget.datamodules.QADataset` (and of the records given as dicts)."""
 
 Records = Sequence[Mapping[str, Any]]
-_PER_SAMPLE = ("avg_nll", "probability", "exact_memorization", "extraction_strength", "min_k", "min_k_plus_plus",
-               "zlib", "paraphrased_avg_nll", "perturbed_avg_nll", "truth_ratio", "probability_normalised",
-               "gradnorm", "reference_avg_nll", "rouge_l")
-
 
 # ---------------------------------------------------------------------------------- inputs
 def _split_records(name: str, data: Any, prompt_format: str) -> tuple[list[Mapping[str, Any]], list[str]]:
@@ -364,7 +360,7 @@ def _gather(local: dict[str, dict[str, Tensor]], all_gather: Callable[[Tensor], 
     blocks = []
     for split_id, (name, stats) in enumerate(local.items()):
         n = int(stats["index"].numel())
-        block = torch.empty((n, 1 + len(columns[name]) ), dtype=torch.float64)
+        block = torch.empty((n, 1 + len(columns[name])), dtype=torch.float64)
         block[:, 0] = split_id
         for c, key in enumerate(columns[name]):
             block[:, 1 + c] = stats[key]
@@ -534,6 +530,9 @@ def evaluate_lm_unlearning(
     retain = load_stats(retain_stats) if retain_stats is not None else None
     device = torch.device(device) if device is not None else _device_of(model)
     prepared = {name: _split_records(name, data, prompt_format) for name, data in splits.items()}
+    empty = [name for name, (records, _) in prepared.items() if not records]
+    if empty:
+        raise ValueError(f"splits {empty} hold no records. Fix: leave empty splits out of `splits`.")
     hashes = split_hashes(splits, tokenizer, prompt_format)
     if retain is not None:
         _check_compatible(retain, hashes)
