@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -385,7 +386,78 @@ def cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
     ]
     out += _wave2_cases(unwritable)
     out += _unlearning_cases()
+    out += _lm_eval_cases()
     return out
+
+
+def _lm_eval_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """The LM unlearning evaluation: the plain function, GradNorm and the callback."""
+    from lightning_forget.callbacks import LMUnlearningEvaluation
+    from lightning_forget.datamodules import FictitiousQADataModule, TextStreamDataModule
+    from lightning_forget.metrics.functional_lm import gradnorm_score
+    from lightning_forget.modules import CausalLMModule
+    from lightning_forget.modules.causal_lm import build_tiny_causal_lm
+    from lightning_forget.unlearning.lm_eval import evaluate_lm_unlearning
+
+    dm = FictitiousQADataModule(num_people=3, questions_per_person=1, num_countries=0, num_perturbed=1, forget_percent=34)
+    model = build_tiny_causal_lm("gpt2", 257, dm.block_size + 8, 1, 16, 2)
+    tok = dm.tokenizer
+
+    def evaluate(splits: Any = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("generate", False)
+        return evaluate_lm_unlearning(model, splits if splits is not None else {"forget": dm.dataset("forget")}, tok,
+                                      progress=False, **kwargs)
+
+    def fit(callback: Any, datamodule: Any) -> None:
+        module = CausalLMModule(n_layer=1, n_embd=16, n_head=2, block_size=max(64, getattr(datamodule, "block_size", 64) + 8))
+        with tempfile.TemporaryDirectory() as tmp:
+            _tiny_trainer(tmp, [callback], max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                          reload_dataloaders_every_n_epochs=1).fit(module, datamodule)
+
+    other = evaluate({"forget": dm.records("retain")}, gradnorm=False)  # statistics of other data
+
+    def fit_with_other_stats() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "other_stats.json")
+            with open(path, "w") as handle:
+                json.dump(other, handle)
+            fit(LMUnlearningEvaluation(retain_stats=path, progress=False),
+                FictitiousQADataModule(num_people=3, questions_per_person=1, num_countries=0, forget_percent=34))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    return [
+        ("evaluate_lm_unlearning", "no forget split", "splits", lambda: evaluate({"retain": dm.dataset("retain")})),
+        ("evaluate_lm_unlearning", "splits a list", "splits", lambda: evaluate([dm.dataset("forget")])),
+        ("evaluate_lm_unlearning", "a split as a file name", "splits", lambda: evaluate({"forget": "forget.json"})),
+        ("evaluate_lm_unlearning", "batch_size=0", "batch_size", lambda: evaluate(batch_size=0)),
+        ("evaluate_lm_unlearning", "max_new_tokens=0", "max_new_tokens", lambda: evaluate(max_new_tokens=0)),
+        ("evaluate_lm_unlearning", "rank=2 of 2", "rank", lambda: evaluate(rank=2, world_size=2)),
+        ("evaluate_lm_unlearning", "an empty answer", "answer",
+         lambda: evaluate({"forget": [{"question": "Who?", "answer": ""}]})),
+        ("evaluate_lm_unlearning", "a record without an answer", "answer", lambda: evaluate({"forget": [{"question": "Who?"}]})),
+        ("evaluate_lm_unlearning", "retain_stats missing file", "retain_stats", lambda: evaluate(retain_stats="missing.json")),
+        ("evaluate_lm_unlearning", "retain_stats of other data", "retain_stats", lambda: evaluate(retain_stats=other)),
+        ("evaluate_lm_unlearning", "retain_stats=[1]", "retain_stats", lambda: evaluate(retain_stats=[1])),
+        ("evaluate_lm_unlearning", "k=0", "k must", lambda: evaluate(k=0.0)),
+        ("evaluate_lm_unlearning", "gradnorm_p=3", "gradnorm_p", lambda: evaluate(gradnorm_p=3)),
+        ("gradnorm_score", "p=3", "p must", lambda: gradnorm_score(model, ids, ids, p=3)),
+        ("gradnorm_score", "labels all -100", "answer", lambda: gradnorm_score(model, ids, torch.full_like(ids, -100))),
+        ("LMUnlearningEvaluation", "every_n_epochs=0", "every_n_epochs", lambda: LMUnlearningEvaluation(every_n_epochs=0)),
+        ("LMUnlearningEvaluation", "splits=['retain']", "splits", lambda: LMUnlearningEvaluation(splits=["retain"])),
+        ("LMUnlearningEvaluation", "splits='forget'", "splits", lambda: LMUnlearningEvaluation(splits="forget")),
+        ("LMUnlearningEvaluation", "score_weights={'accuracy': 1}", "score_weights",
+         lambda: LMUnlearningEvaluation(score_weights={"accuracy": 1.0})),
+        ("LMUnlearningEvaluation", "forget_quality weight without retain", "score_weights",
+         lambda: LMUnlearningEvaluation(score_weights={"forget_quality": 1.0})),
+        ("LMUnlearningEvaluation", "save_best without score_weights", "save_best", lambda: LMUnlearningEvaluation(save_best=True)),
+        ("LMUnlearningEvaluation", "retain_model missing", "retain_model", lambda: LMUnlearningEvaluation(retain_model="/no/model")),
+        ("LMUnlearningEvaluation", "max_new_tokens=0", "max_new_tokens", lambda: LMUnlearningEvaluation(max_new_tokens=0)),
+        ("LMUnlearningEvaluation", "batch_size=0", "batch_size", lambda: LMUnlearningEvaluation(batch_size=0)),
+        ("LMUnlearningEvaluation", "text-stream datamodule (fit)", "datamodule",
+         lambda: fit(LMUnlearningEvaluation(progress=False),
+                     TextStreamDataModule(block_size=32, max_chars_per_corpus=2000, batch_size=4, blocks_per_task=4))),
+        ("LMUnlearningEvaluation", "retain_stats of other data (fit)", "retain_stats",
+         fit_with_other_stats),
+    ]
 
 
 def _wave2_cases(unwritable: str) -> list[tuple[str, str, str, Callable[[], Any]]]:

@@ -57,3 +57,10 @@ def test_unlearning_lm_quick(tmp_path) -> None:
     assert lora["NPO+LoRA"]["trainable"] < lora["NPO"]["trainable"]
     assert lora["NPO+LoRA"]["state_mb"] < lora["NPO"]["state_mb"]  # no reference copy, no full-size moments
     assert (tmp_path / "unlearning_lm.csv").is_file() and (tmp_path / "models" / "target" / "config.json").is_file()
+
+
+def test_unlearning_lm_eval_quick() -> None:
+    summary = load_benchmark("unlearning_lm_eval").main(["--quick"])
+    assert set(summary["samples_per_second"]) == {"batched", "per_sample"}  # --quick: 1 process
+    assert all(v > 0 for v in summary["samples_per_second"].values())
+    assert summary["max_metric_difference"]["per_sample_vs_batched"] < 1e-4

@@ -151,6 +151,8 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "SCRUB": lambda: SCRUB(save_original=False),
     "SalUn": lambda: SalUn(save_original=False),
     "UnlearningEvaluation": lambda: UnlearningEvaluation(report=False),
+    "LMUnlearningEvaluation": lambda: lf_callbacks.LMUnlearningEvaluation(report=False, before=False, max_new_tokens=2,
+                                                                          progress=False),
 }
 
 #: Callbacks that need a language model: run on a token stream (baseline from the same stream).
@@ -174,6 +176,7 @@ def _qa_lm(dm: Any) -> pl.LightningModule:
 LM_RUNS: dict[str, tuple[Callable[..., Any], Callable[[Any], pl.LightningModule]]] = {
     "ILoRA": (partial(tiny_instruction_stream, examples_per_task=8), tiny_lm),  # 3 tasks of 2 batches
     **{name: (_qa_unlearn, _qa_lm) for name in ("NPO", "SimNPO", "IdkPO", "RMU")},
+    "LMUnlearningEvaluation": (partial(_qa_unlearn, phase="retain"), _qa_lm),  # evaluates; trains nothing itself
 }
 
 

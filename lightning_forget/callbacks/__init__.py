@@ -18,6 +18,7 @@ from lightning_forget.callbacks.unlearning import (
 )
 from lightning_forget.callbacks.unlearning_eval import UnlearningEvaluation
 from lightning_forget.callbacks.unlearning_lm import NPO, RMU, IdkPO, SimNPO
+from lightning_forget.callbacks.unlearning_lm_eval import LMUnlearningEvaluation
 
 __all__ = [
     "AdaB2N",
@@ -29,4 +30,5 @@ __all__ = [
     "FineTune", "GradDiff", "GradientAscent", "L1Sparse", "RandomLabels", "SalUn", "SCRUB", "UnlearningEvaluation",
     # language-model unlearning (the same mechanism)
     "IdkPO", "NPO", "RMU", "SimNPO",
+    "LMUnlearningEvaluation",
 ]

@@ -262,8 +262,8 @@ def gradnorm_score(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
         scores = []
         for i in range(losses.shape[0]):
             grads = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < losses.shape[0], allow_unused=True)
-            norms = [g.detach().float().norm(p=p) for g in grads if g is not None]
-            scores.append(torch.stack(norms).mean())
+            norms = [g.detach().to(torch.promote_types(g.dtype, torch.float32)).norm(p=p) for g in grads if g is not None]
+            scores.append(torch.stack([n.double() for n in norms]).mean())
     return torch.stack(scores).detach()
 
 

@@ -79,7 +79,7 @@ from lightning_forget.metrics.functional_lm import (
 from lightning_forget.unlearning.losses import IGNORE_INDEX, shift_for_next_token
 
 __all__ = ["SPLITS", "MIA_ATTACKS", "DEFAULT_PROMPT", "evaluate_lm_unlearning", "shard_indices", "data_hash",
-           "load_stats"]
+           "split_hashes", "load_stats"]
 
 SPLITS = ("forget", "retain", "holdout", "world_facts")
 """The split names :func:`evaluate_lm_unlearning` knows (``forget`` is required)."""
@@ -91,10 +91,6 @@ DEFAULT_PROMPT = "Question: {question}\nAnswer: "
 """The prompt of :class:`~lightning_forget.datamodules.QADataset` (and of the records given as dicts)."""
 
 Records = Sequence[Mapping[str, Any]]
-_PER_SAMPLE = ("avg_nll", "probability", "exact_memorization", "extraction_strength", "min_k", "min_k_plus_plus",
-               "zlib", "paraphrased_avg_nll", "perturbed_avg_nll", "truth_ratio", "probability_normalised",
-               "gradnorm", "reference_avg_nll", "rouge_l")
-
 
 # ---------------------------------------------------------------------------------- inputs
 def _split_records(name: str, data: Any, prompt_format: str) -> tuple[list[Mapping[str, Any]], list[str]]:
@@ -145,6 +141,12 @@ def data_hash(records: Records, prompts: Sequence[str], tokenizer: Any) -> str:
                 [str(w) for w in r.get("perturbed_answer", [])]] for r, p in zip(records, prompts)]
     text = json.dumps({"tokenizer": repr(tokenizer), "records": payload}, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_hashes(splits: Mapping[str, Any], tokenizer: Any, prompt_format: str = DEFAULT_PROMPT) -> dict[str, str]:
+    """``{split: data_hash}`` of ``splits`` as :func:`evaluate_lm_unlearning` reads them (``result["data_hash"]``)."""
+    _check_splits(splits)
+    return {name: data_hash(*_split_records(name, data, prompt_format), tokenizer) for name, data in splits.items()}
 
 
 def load_stats(stats: Union[str, os.PathLike, Mapping[str, Any]], argument: str = "retain_stats") -> dict[str, Any]:
@@ -358,7 +360,7 @@ def _gather(local: dict[str, dict[str, Tensor]], all_gather: Callable[[Tensor], 
     blocks = []
     for split_id, (name, stats) in enumerate(local.items()):
         n = int(stats["index"].numel())
-        block = torch.empty((n, 1 + len(columns[name]) ), dtype=torch.float64)
+        block = torch.empty((n, 1 + len(columns[name])), dtype=torch.float64)
         block[:, 0] = split_id
         for c, key in enumerate(columns[name]):
             block[:, 1 + c] = stats[key]
@@ -388,50 +390,50 @@ def _mean(values: Optional[Tensor]) -> Optional[float]:
 
 def _global_metrics(per_sample: dict[str, dict[str, Tensor]], retain: Optional[dict[str, Any]],
                     generate: bool) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
+    result: dict[str, Any] = {}
     for name, stats in per_sample.items():
-        metrics[f"{name}_probability"] = _mean(stats.get("probability"))
+        result[f"{name}_probability"] = _mean(stats.get("probability"))
         if "rouge_l" in stats:
-            metrics[f"{name}_rouge_l"] = _mean(stats["rouge_l"])
+            result[f"{name}_rouge_l"] = _mean(stats["rouge_l"])
         if "truth_ratio" in stats:
             aggregator = "closer_to_1_better" if name == "forget" else "true_better"
-            metrics[f"{name}_truth_ratio"] = truth_ratio_score(stats["truth_ratio"], aggregator)
-            metrics[f"{name}_probability_normalised"] = _mean(stats["probability_normalised"])
+            result[f"{name}_truth_ratio"] = truth_ratio_score(stats["truth_ratio"], aggregator)
+            result[f"{name}_probability_normalised"] = _mean(stats["probability_normalised"])
     forget = per_sample["forget"]
-    metrics["extraction_strength"] = _mean(forget["extraction_strength"])
-    metrics["exact_memorization"] = _mean(forget["exact_memorization"])
+    result["extraction_strength"] = _mean(forget["extraction_strength"])
+    result["exact_memorization"] = _mean(forget["exact_memorization"])
     holdout = per_sample.get("holdout")
     scores = {"loss": "avg_nll", "zlib": "zlib", "min_k": "min_k", "min_k_plus_plus": "min_k_plus_plus",
               "gradnorm": "gradnorm"}
     for attack in MIA_ATTACKS:
-        metrics[f"mia_{attack}"] = None
+        result[f"mia_{attack}"] = None
         if holdout is None or not holdout["index"].numel():
             continue
         if attack == "reference":
             if "reference_avg_nll" in forget:
-                metrics["mia_reference"] = membership_auc(
+                result["mia_reference"] = membership_auc(
                     reference_score(forget["avg_nll"], forget["reference_avg_nll"]),
                     reference_score(holdout["avg_nll"], holdout["reference_avg_nll"]))
         elif scores[attack] in forget:
-            metrics[f"mia_{attack}"] = membership_auc(forget[scores[attack]], holdout[scores[attack]])
+            result[f"mia_{attack}"] = membership_auc(forget[scores[attack]], holdout[scores[attack]])
     retain_auc = 0.5
     if retain is not None and retain["metrics"].get("mia_min_k") is not None:
         retain_auc = float(retain["metrics"]["mia_min_k"])
-    metrics["privacy_leakage"] = (privacy_leakage(metrics["mia_min_k"], retain_auc)
-                                  if metrics["mia_min_k"] is not None else None)
-    metrics["forget_quality"] = None
+    result["privacy_leakage"] = (privacy_leakage(result["mia_min_k"], retain_auc)
+                                  if result["mia_min_k"] is not None else None)
+    result["forget_quality"] = None
     if retain is not None and "truth_ratio" in forget:
         theirs = retain["per_sample"].get("forget", {}).get("truth_ratio")
         if theirs:
-            metrics["forget_quality"] = forget_quality(forget["truth_ratio"], torch.tensor(theirs, dtype=torch.float64))
+            result["forget_quality"] = forget_quality(forget["truth_ratio"], torch.tensor(theirs, dtype=torch.float64))
     terms = []
     for name, prob_key in (("retain", "retain_probability"), ("world_facts", "world_facts_probability_normalised")):
         if name in per_sample and per_sample[name]["index"].numel():
             terms += [prob_key] + ([f"{name}_rouge_l"] if generate else []) + [f"{name}_truth_ratio"]
-    values = [metrics.get(t) for t in terms]
-    metrics["model_utility"] = model_utility(values) if terms and all(v is not None for v in values) else None
-    metrics["model_utility_terms"] = terms
-    return metrics
+    values = [result.get(t) for t in terms]
+    result["model_utility"] = model_utility(values) if terms and all(v is not None for v in values) else None
+    result["model_utility_terms"] = terms
+    return result
 
 
 def _check_compatible(retain: dict[str, Any], hashes: dict[str, str]) -> None:
@@ -492,7 +494,8 @@ def evaluate_lm_unlearning(
         gradnorm_p: its norm (2 in TOFU).
         prompt_format: the prompt of records given as dicts (``{question}`` is replaced).
         progress: a progress bar over generation (on rank 0).
-        rank, world_size: this process's share (see the module docstring).
+        rank: this process's rank (see the module docstring).
+        world_size: the number of processes sharing the evaluation.
         all_gather: ``tensor -> (world_size, *tensor.shape)`` (e.g. ``trainer.strategy.all_gather``);
             default: ``torch.distributed.all_gather`` when ``world_size > 1``.
 
@@ -516,6 +519,10 @@ def evaluate_lm_unlearning(
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank and world_size must satisfy 0 <= rank < world_size, got rank={rank!r}, "
                          f"world_size={world_size!r}.")
+    if not (isinstance(k, (int, float)) and 0 < k <= 1):
+        raise ValueError(f"k must be in (0, 1], got {k!r}. Fix: the share of lowest tokens of Min-K, e.g. k=0.4.")
+    if gradnorm_p not in (1, 2, float("inf")):
+        raise ValueError(f"gradnorm_p must be 1, 2 or inf, got {gradnorm_p!r}. Fix: gradnorm_p=2 (TOFU, MUSE).")
     end_id = getattr(tokenizer, "eos_id", None)
     if not isinstance(end_id, int):
         raise ValueError(f"tokenizer must have an int eos_id (the end id after each answer), got {end_id!r} from "
@@ -523,7 +530,10 @@ def evaluate_lm_unlearning(
     retain = load_stats(retain_stats) if retain_stats is not None else None
     device = torch.device(device) if device is not None else _device_of(model)
     prepared = {name: _split_records(name, data, prompt_format) for name, data in splits.items()}
-    hashes = {name: data_hash(records, prompts, tokenizer) for name, (records, prompts) in prepared.items()}
+    empty = [name for name, (records, _) in prepared.items() if not records]
+    if empty:
+        raise ValueError(f"splits {empty} hold no records. Fix: leave empty splits out of `splits`.")
+    hashes = split_hashes(splits, tokenizer, prompt_format)
     if retain is not None:
         _check_compatible(retain, hashes)
 
