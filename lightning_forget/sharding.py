@@ -44,6 +44,7 @@ __all__ = [
     "local_clone",
     "local_view",
     "named_local",
+    "sharding_refusal",
     "shard_like",
     "draw_like",
     "sum_of_squares",
@@ -297,3 +298,29 @@ def named_local(params: Union[nn.Module, Iterable[tuple[str, Tensor]]]) -> dict[
     """``name → local shard`` of a module's parameters (plain tensors for unsharded ones)."""
     items = params.named_parameters() if isinstance(params, nn.Module) else params
     return {name: local_view(p) for name, p in items}
+
+
+#: Why a method does not run under ``ModelParallelStrategy`` yet (by class name, through the MRO),
+#: quoted by :func:`lightning_forget.tasks.check_strategy` in its refusal.
+_REFUSALS: dict[str, str] = {
+    "RefreshLearning": "Its unlearn step rescales by whole-tensor norms and draws noise per parameter; "
+    "these are not yet routed through lightning_forget.sharding.",
+    "AdaB2N": "Its layers' per-task weights and statistics are read as whole tensors at task ends, "
+    "not yet through lightning_forget.sharding (its conversion in setup() runs before configure_model shards).",
+    "KFPF": "Its inner loop fine-tunes selected whole parameters outside the sharded step.",
+    "LiNeS": "Its scaling needs the pre-trained weights in the parameters' layout, not yet kept as shards. "
+    "Scale a consolidated checkpoint with lightning_forget.merging.lines_scale instead.",
+    "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",
+    "GSLoRA": "Its group norms and merges are over whole tensors, not yet reduced over shards.",
+    "UnlearningMethod": "Its reference model and saliency mask hold whole tensors, not yet shards.",
+    "ForgetRetainEvaluation": "It runs forwards on one rank's data outside the sharded step.",
+    "UnlearningEvaluation": "It runs forwards on one rank's data outside the sharded step.",
+}
+
+
+def sharding_refusal(cls: type) -> str:
+    """The reason :data:`_REFUSALS` gives for ``cls`` (or a base class), with a trailing space; ``""`` if none."""
+    for base in cls.__mro__:
+        if base.__name__ in _REFUSALS:
+            return _REFUSALS[base.__name__] + " "
+    return ""

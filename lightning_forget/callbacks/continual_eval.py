@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from lightning_forget.tasks import DDP_STRATEGIES
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES
 from lightning_forget import reporting
 from lightning_forget.metrics.stability import (
     EvalCurves,
@@ -157,7 +157,7 @@ class ContinualEvaluation(ContinualCallback):
     """
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ('samples_per_task',)
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
@@ -327,7 +327,7 @@ class ContinualEvaluation(ContinualCallback):
                 self._check_writable(directory)
                 self._output_paths(directory)  # chosen now: never over another run's files
         name = type(trainer.strategy).__name__
-        if any(sharded in name for sharded in ("FSDP", "DeepSpeed", "ModelParallel")):
+        if any(sharded in name for sharded in ("FSDP", "DeepSpeed")):
             raise NotImplementedError(
                 f"ContinualEvaluation calls the LightningModule's forward outside the training step, "
                 f"which a sharded strategy ({name}) does not support. Use strategy='ddp' (or a single "
