@@ -43,3 +43,10 @@ def test_unlearning_quick(tmp_path) -> None:
         assert row["seeds"] == 1
         assert row["diverged"] == 1 or 0.0 <= row["ra"] <= 1.0
     assert (tmp_path / "unlearning_benchmark.csv").is_file() and (tmp_path / "unlearning_gap_digits_random.png").is_file()
+
+
+def test_sharded_memory_quick() -> None:
+    (row,) = load_benchmark("sharded_memory").main(["--quick"])
+    assert row["world"] == 2 and row["exact"]
+    assert sum(row["local_bytes"]) == row["full_bytes"]
+    assert row["largest_share"] <= 0.5 + 0.01  # dim-0 chunks: at most one row more than half
