@@ -50,3 +50,16 @@ def test_sharded_memory_quick() -> None:
     assert row["world"] == 2 and row["exact"]
     assert sum(row["local_bytes"]) == row["full_bytes"]
     assert row["largest_share"] <= 0.5 + 0.01  # dim-0 chunks: at most one row more than half
+
+
+def test_device_check_dry_run_and_quick_on_cpu(tmp_path) -> None:
+    bench = load_benchmark("device_check")
+    plan = bench.main(["--dry-run", "--out", str(tmp_path / "plan")])
+    assert {row["callback"] for row in plan["contract"]} == set(bench.CALLBACK_CONFIGS)
+    assert all(row["status"] == "planned" for row in plan["contract"] + plan["ratios"])
+    report = bench.main(["--quick", "--out", str(tmp_path / "quick")])
+    assert report["settings"] == ["cpu_32"] and "no CUDA device" in report["notes"][0]  # CUDA parts skipped, said so
+    assert {row["status"] for row in report["contract"]} == {"ok"}, report["contract"]
+    (ratio,) = report["ratios"]
+    assert ratio["status"] == "ok" and ratio["ratio"] > 0
+    assert (tmp_path / "quick" / "device_check.json").is_file() and "| ER vs fine-tuning |" in (tmp_path / "quick" / "device_check.md").read_text()

@@ -25,8 +25,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers.sharded_run import FIRST_GROUP
+
 GROUPS = {
-    "replay": ["ExperienceReplay", "LRRewarming", "ContinualMetrics", "ContinualEvaluation"],
+    "replay": FIRST_GROUP,
     "logits": ["DarkExperienceReplay", "InfiniteLRSchedule"],
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
@@ -98,3 +100,9 @@ def test_sharded_checkpoint_loads_into_one_process(launches, group) -> None:
     assert torch.allclose(_params(export), _params(launches[group]["sharded"]), atol=0, rtol=0)
     for name in GROUPS[group]:
         assert any(key.startswith(name) for key in export["callbacks"]), (name, export["callbacks"])
+
+
+def test_library_classifier_shards_itself_and_equals_ddp(launches) -> None:
+    runs = launches["replay"]["classifier"]
+    assert runs["sharded"]["sharded"] and not runs["ddp"]["sharded"]
+    assert torch.allclose(_params(runs["sharded"]), _params(runs["ddp"]), atol=TOL, rtol=TOL)

@@ -35,6 +35,7 @@ from lightning_forget.sharding import full_tensor
 
 NUM_TASKS = 2
 REPLAY = ("ExperienceReplay", "DarkExperienceReplay")
+FIRST_GROUP = ["ExperienceReplay", "LRRewarming", "ContinualMetrics", "ContinualEvaluation"]
 BATCH = 4  # per process; one process gets 2 * BATCH
 
 
@@ -128,9 +129,10 @@ def _params(module: nn.Module) -> dict[str, list[float]]:
 
 
 def _trainer(root: Path, strategy: Any, devices: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    kwargs.setdefault("max_epochs", 1)
     return pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, default_root_dir=str(root), callbacks=callbacks,
-        max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, deterministic=True, **kwargs,
     )
 
@@ -192,6 +194,26 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
     return out
 
 
+def classifier_run(root: Path, strategy_name: str) -> dict[str, Any]:
+    """The library's ``ContinualClassifier`` (its ``configure_model`` shards backbone and head) over
+    a two-task stream in one fit, with ER."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_forget.callbacks import ExperienceReplay
+    from lightning_forget.sharding import is_sharded
+    from tests.helpers.data import BlobStream
+    from tests.helpers.harness import tiny_classifier
+
+    pl.seed_everything(0)
+    dm = BlobStream(num_tasks=NUM_TASKS)
+    model = tiny_classifier(dm)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "sharded" else "ddp"
+    trainer = _trainer(root, strategy, 2, [ExperienceReplay(buffer_size=16, seed=3)], max_epochs=dm.max_epochs,
+                       reload_dataloaders_every_n_epochs=1, enable_checkpointing=False)
+    trainer.fit(model, dm)
+    return {"params": _params(model), "sharded": is_sharded(model)}
+
+
 def main(root: Path, names: list[str]) -> None:
     results: dict[str, Any] = {}
     results["sharded"] = run(root / "a", "sharded", names, save_every=3)
@@ -209,6 +231,8 @@ def main(root: Path, names: list[str]) -> None:
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
         results["single"] = run(root / f"d{rank}", "single", alone)
+    if names == FIRST_GROUP:
+        results["classifier"] = {strategy: classifier_run(root / f"cls_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if rank == 0:
         from lightning_forget.export import load_sharded_checkpoint
 
