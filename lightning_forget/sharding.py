@@ -41,6 +41,7 @@ __all__ = [
     "global_norms",
     "global_slice",
     "is_sharded",
+    "kth_largest",
     "local_clone",
     "local_view",
     "named_local",
@@ -210,6 +211,23 @@ def _gather_values(values: Tensor, group: Any) -> Tensor:
     return torch.cat(parts)
 
 
+def kth_largest(tensors: Sequence[Tensor], k: int) -> Tensor:
+    """The ``k``-th largest entry over all ``tensors`` (float64, 0-dim; every rank gets it).
+
+    A tensor listed twice counts twice. Sharded tensors (one mesh) are reduced with one
+    ``all_gather`` of each rank's local top-``k``; plain tensors need no collective.
+    """
+    local = [local_view(t).detach().reshape(-1).double().cpu() for t in tensors]
+    flat = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
+    candidates = torch.topk(flat, min(int(k), flat.numel())).values if flat.numel() else flat
+    group = next((g[0] for g in map(_shard_groups, tensors) if g), None)
+    if group is not None:
+        candidates = _gather_values(candidates, group)
+    if not 1 <= int(k) <= candidates.numel():
+        raise ValueError(f"kth_largest: k={k} must be between 1 and the number of entries.")
+    return torch.topk(candidates, int(k)).values[-1]
+
+
 def topk_mask(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     """Boolean masks (in each score's local layout) marking the ``k`` largest scores of all.
 
@@ -230,13 +248,9 @@ def topk_mask(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
         raise ValueError(f"topk_mask: k={k} must be between 0 and the number of scores ({total}).")
     k = int(k)
     group = next((g[0] for g in map(_shard_groups, scores.values()) if g), None)
-    flat = torch.cat(locals_) if locals_ else torch.zeros(0, dtype=torch.float64)
     if k == 0:
         return {n: torch.zeros_like(local_view(scores[n]), dtype=torch.bool) for n in names}
-    candidates = torch.topk(flat, min(k, flat.numel())).values if flat.numel() else flat
-    if group is not None:
-        candidates = _gather_values(candidates, group)
-    threshold = torch.topk(candidates, k).values[-1]
+    threshold = kth_largest([scores[n] for n in names], k)
     above = [x > threshold for x in locals_]
     ties = [x == threshold for x in locals_]
     count_above = torch.tensor([float(sum(int(a.sum()) for a in above))], dtype=torch.float64)

@@ -49,6 +49,12 @@ def test_draws_and_edits_equal_the_unsharded_run(ranks) -> None:
         assert result["draws"] and result["edit"]
 
 
+def test_merging_on_sharded_state_dicts_equals_full_ones(ranks) -> None:
+    for result in ranks:
+        assert set(result["merging"]) == {"task_arithmetic", "ties_official", "ties_ceil", "lines_scale"}
+        assert all(diff < 1e-6 for diff in result["merging"].values()), result["merging"]
+
+
 def test_local_state_is_about_half_of_a_replicated_copy(ranks) -> None:
     local = [r["bytes"][0] for r in ranks]
     full = ranks[0]["bytes"][1]

@@ -14,7 +14,8 @@ import torch.distributed as dist
 def _full(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # 5 rows over 2 ranks: uneven chunks (3, 2); 1 row: rank 1 holds nothing.
-    return {"a": torch.randn(5, 3, generator=g), "b": torch.randn(1, 4, generator=g), "c": torch.randn(8, generator=g)}
+    return {"layers.0.weight": torch.randn(5, 3, generator=g), "layers.1.weight": torch.randn(1, 4, generator=g),
+            "layers.2.weight": torch.randn(8, generator=g)}
 
 
 def worker(rank: int, world: int, port: str, out: str) -> None:
@@ -30,7 +31,7 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
     shard = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in full.items()}
     shard_other = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in other.items()}
     result: dict = {}
-    result["is_sharded"] = [sh.is_sharded(shard["a"]), sh.is_sharded(full["a"])]
+    result["is_sharded"] = [sh.is_sharded(shard["layers.0.weight"]), sh.is_sharded(full["layers.0.weight"])]
     result["slices_match"] = all(
         torch.equal(sh.local_view(shard[n]), full[n][sh.global_slice(shard[n])]) for n in full
     )
@@ -66,6 +67,21 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
     for n in full:
         sh.edit_local(edited[n], lambda x, y: 0.5 * x + y, shard_other[n])
     result["edit"] = all(torch.allclose(sh.full_tensor(edited[n]), 0.5 * full[n] + other[n]) for n in full)
+    # lightning_forget.merging on sharded state dicts (FSDP2's model.state_dict() holds DTensors).
+    from lightning_forget.merging import lines_scale, task_arithmetic, ties_merge
+
+    fine = [{n: t + 0.5 * other[n] * (i + 1) for n, t in full.items()} for i in range(2)]
+    fine_s = [{n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in f.items()} for f in fine]
+    merges = {
+        "task_arithmetic": lambda b, fs: task_arithmetic(b, fs, scaling=0.3),
+        "ties_official": lambda b, fs: ties_merge(b, fs, k=0.3),
+        "ties_ceil": lambda b, fs: ties_merge(b, fs, k=0.3, trim="ceil", zero_sign="zero"),
+        "lines_scale": lambda b, fs: lines_scale(b, fs[0], alpha=0.5, beta=0.5),
+    }
+    result["merging"] = {}
+    for label, merge in merges.items():
+        expected, got = merge(full, fine), merge(shard, fine_s)
+        result["merging"][label] = max(float((sh.full_tensor(got[n]) - expected[n]).abs().max()) for n in full)
     local_bytes = sum(sh.local_clone(t).numel() * t.element_size() for t in shard.values())
     full_bytes = sum(t.numel() * t.element_size() for t in full.values())
     result["bytes"] = [local_bytes, full_bytes]
