@@ -59,6 +59,14 @@ except ImportError:  # pragma: no cover - torch without DTensor
     Replicate = Shard = None  # type: ignore[assignment,misc]
 
 
+def _is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, FSDPModule)
+
+
 def _is_dtensor(value: Any) -> bool:
     return DTensor is not None and isinstance(value, DTensor)
 
@@ -81,7 +89,9 @@ def _shard_dims(tensor: "DTensor") -> list[tuple[int, int]]:
 def is_sharded(obj: Union[Tensor, nn.Module]) -> bool:
     """Whether a tensor is split across ranks, or a module has any such parameter."""
     if isinstance(obj, nn.Module):
-        return any(is_sharded(p) for p in obj.parameters())
+        # A unit between a forward and its reshard holds plain gathered weights: the FSDP2 wrapper
+        # class still says the module is sharded.
+        return any(_is_fsdp(m) for m in obj.modules()) or any(is_sharded(p) for p in obj.parameters())
     return _is_dtensor(obj) and bool(_shard_dims(obj))
 
 
@@ -327,8 +337,10 @@ _REFUSALS: dict[str, str] = {
     "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",
     "GSLoRA": "Its group norms and merges are over whole tensors, not yet reduced over shards.",
     "UnlearningMethod": "Its reference model and saliency mask hold whole tensors, not yet shards.",
-    "ForgetRetainEvaluation": "It runs forwards on one rank's data outside the sharded step.",
-    "UnlearningEvaluation": "It runs forwards on one rank's data outside the sharded step.",
+    "ForgetRetainEvaluation": "Each rank evaluates its share of the samples, so ranks may run different numbers "
+    "of forwards, and a sharded forward is collective (ContinualEvaluation shows the fix: equal counts).",
+    "UnlearningEvaluation": "Each rank evaluates its share of the samples, so ranks may run different numbers "
+    "of forwards, and a sharded forward is collective (ContinualEvaluation shows the fix: equal counts).",
 }
 
 
