@@ -329,8 +329,8 @@ def named_local(params: Union[nn.Module, Iterable[tuple[str, Tensor]]]) -> dict[
 _REFUSALS: dict[str, str] = {
     "RefreshLearning": "Its unlearn step rescales by whole-tensor norms and draws noise per parameter; "
     "these are not yet routed through lightning_forget.sharding.",
-    "AdaB2N": "Its layers' per-task weights and statistics are read as whole tensors at task ends, "
-    "not yet through lightning_forget.sharding (its conversion in setup() runs before configure_model shards).",
+    "AdaB2N": "Its layers' statistics are buffers, which FSDP2 neither shards nor keeps equal across ranks "
+    "(DDP broadcasts rank 0's at every forward), and its task-end code reads whole tensors.",
     "KFPF": "Its inner loop fine-tunes selected whole parameters outside the sharded step.",
     "LiNeS": "Its scaling needs the pre-trained weights in the parameters' layout, not yet kept as shards. "
     "Scale a consolidated checkpoint with lightning_forget.merging.lines_scale instead.",
