@@ -327,11 +327,13 @@ def named_local(params: Union[nn.Module, Iterable[tuple[str, Tensor]]]) -> dict[
 #: Why a method does not run under ``ModelParallelStrategy`` yet (by class name, through the MRO),
 #: quoted by :func:`lightning_forget.tasks.check_strategy` in its refusal.
 _REFUSALS: dict[str, str] = {
-    "RefreshLearning": "Its unlearn step rescales by whole-tensor norms and draws noise per parameter; "
-    "these are not yet routed through lightning_forget.sharding.",
+    "RefreshLearning": "Its unlearn step takes a gradient outside the training step (torch.autograd.grad), "
+    "which does not reach FSDP2's sharded parameters (autograd sees the gathered copies: the gradients "
+    "would be zeros), and its Fisher uses per-sample gradients of whole tensors.",
     "AdaB2N": "Its layers' statistics are buffers, which FSDP2 neither shards nor keeps equal across ranks "
     "(DDP broadcasts rank 0's at every forward), and its task-end code reads whole tensors.",
-    "KFPF": "Its inner loop fine-tunes selected whole parameters outside the sharded step.",
+    "KFPF": "Its inner loop takes gradients outside the training step (torch.autograd.grad), which do not "
+    "reach FSDP2's sharded parameters (autograd sees the gathered copies).",
     "LiNeS": "Its scaling needs the pre-trained weights in the parameters' layout, not yet kept as shards. "
     "Scale a consolidated checkpoint with lightning_forget.merging.lines_scale instead.",
     "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",

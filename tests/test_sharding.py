@@ -55,6 +55,13 @@ def test_merging_on_sharded_state_dicts_equals_full_ones(ranks) -> None:
         assert all(diff < 1e-6 for diff in result["merging"].values()), result["merging"]
 
 
+def test_gradient_outside_the_step_is_refused_for_sharded_parameters(ranks) -> None:
+    # autograd.grad with allow_unused would give zeros: the sharded weights are not in the graph.
+    for result in ranks:
+        assert "are sharded (FSDP2 DTensors)" in result["gradients_refused"]
+        assert "strategy='ddp'" in result["gradients_refused"]
+
+
 def test_local_state_is_about_half_of_a_replicated_copy(ranks) -> None:
     local = [r["bytes"][0] for r in ranks]
     full = ranks[0]["bytes"][1]

@@ -82,6 +82,20 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
     for label, merge in merges.items():
         expected, got = merge(full, fine), merge(shard, fine_s)
         result["merging"][label] = max(float((sh.full_tensor(got[n]) - expected[n]).abs().max()) for n in full)
+    # A gradient outside the training step: refused, not silent zeros.
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_forget.gradients import compute_gradients
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    for layer in net:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)  # as users do: the layers reshard after the forward
+    try:
+        compute_gradients(net(torch.ones(3, 4)).sum(), net)
+        result["gradients_refused"] = ""
+    except NotImplementedError as error:
+        result["gradients_refused"] = str(error)
     local_bytes = sum(sh.local_clone(t).numel() * t.element_size() for t in shard.values())
     full_bytes = sum(t.numel() * t.element_size() for t in full.values())
     result["bytes"] = [local_bytes, full_bytes]
