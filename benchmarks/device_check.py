@@ -17,9 +17,11 @@ Run it whenever a GPU machine is lent (one command, under 8 minutes on one GPU);
    with DER++, as the configs), refresh vs its base (ER), ER and DER++ vs fine-tuning (a ResNet
    on Split MNIST), I-LoRA vs ER-LoRA (a tiny ViT with LoRA, as ``benchmarks/ilora.py``).
 
-Without CUDA the CUDA settings are skipped with a message, and the contract runs and ratios use
-the CPU at 32-bit (``cpu_32``) so the script still runs end to end; ``--quick`` keeps two
-callbacks and one ratio at three batches (what ``tests/test_benchmarks.py`` runs);
+Without CUDA the CUDA settings are skipped with a message, and the contract runs use the CPU at
+32-bit, on one device (``cpu_32``) and under ``ModelParallelStrategy`` on one process
+(``cpu_model_parallel``), and the ratios the CPU, so the script still runs end to end;
+``--quick`` keeps two callbacks, ``cpu_32`` and one ratio at three batches (what
+``tests/test_benchmarks.py`` runs);
 ``--dry-run`` trains nothing and writes the plan.
 """
 
@@ -77,6 +79,9 @@ SETTINGS: dict[str, tuple[bool, list[str]]] = {
                               "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
                               "--trainer.strategy.data_parallel_size", "1", "--trainer.strategy.tensor_parallel_size", "1"]),
     "cpu_32": (False, ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]),
+    "cpu_model_parallel": (False, ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+                                   "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+                                   "--trainer.strategy.data_parallel_size", "1", "--trainer.strategy.tensor_parallel_size", "1"]),
 }
 
 #: Keeps a config's data small (as tests/test_configs.py does).
@@ -102,6 +107,7 @@ def contract_run(name: str, setting: str, batches: int) -> dict[str, Any]:
     row: dict[str, Any] = {"callback": name, "config": CALLBACK_CONFIGS[name], "setting": setting}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    environment = dict(os.environ)  # a strategy sets MASTER_ADDR/PORT, ranks...: the next run starts clean
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory() as root:
@@ -118,6 +124,8 @@ def contract_run(name: str, setting: str, batches: int) -> dict[str, Any]:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # the next run's strategy starts its own
+        os.environ.clear()
+        os.environ.update(environment)
     row["seconds"] = round(time.perf_counter() - start, 2)
     row["peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
     return row
@@ -250,12 +258,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     names = list(QUICK_CALLBACKS) if args.quick else list(CALLBACK_CONFIGS)
     pairs = ["ER vs fine-tuning"] if args.quick else list(_ratio_runs())
     notes: list[str] = []
-    settings = [s for s, (needs_cuda, _) in SETTINGS.items() if needs_cuda == cuda or (not cuda and s == "cpu_32")]
-    if cuda:
-        settings = [s for s in settings if s != "cpu_32"]
-    else:
+    settings = [s for s, (needs_cuda, _) in SETTINGS.items() if needs_cuda == cuda]
+    if args.quick and not cuda:
+        settings = ["cpu_32"]
+    if not cuda:
         skipped = [s for s, (needs_cuda, _) in SETTINGS.items() if needs_cuda]
-        notes.append(f"skipped {skipped}: no CUDA device here (they need accelerator='gpu'); ran 'cpu_32' instead. "
+        notes.append(f"skipped {skipped}: no CUDA device here (they need accelerator='gpu'); ran {settings} instead. "
                      "Run this script on a GPU machine for the device figures.")
     precision = "bf16-mixed" if cuda else "32-true"
     report: dict[str, Any] = {

@@ -22,6 +22,10 @@ from the trained module without changing it:
 
 :func:`export_plain_checkpoint` writes them as a checkpoint that ``MyModule.load_from_checkpoint``
 reads.
+
+A sharded strategy (``ModelParallelStrategy``: FSDP2) saves a checkpoint *folder* of per-rank
+shards; :func:`consolidate_sharded_checkpoint` joins it in one process and
+:func:`load_sharded_checkpoint` loads its weights into a plain module (docs/sharding.md).
 """
 
 from __future__ import annotations
@@ -35,7 +39,13 @@ from torch import Tensor, nn
 from lightning_forget.nn.adab2n import AdaB2NBatchNorm2d
 from lightning_forget.validation import check_type
 
-__all__ = ["consolidate_sharded_checkpoint", "export_plain_checkpoint", "export_plain_state_dict", "load_sharded_checkpoint"]
+__all__ = [
+    "consolidate_sharded_checkpoint",
+    "export_plain_checkpoint",
+    "export_plain_state_dict",
+    "is_sharded_checkpoint",
+    "load_sharded_checkpoint",
+]
 
 #: The file Lightning writes beside the ``.distcp`` shards of a distributed checkpoint (callback
 #: states, loops, hyperparameters: everything but weights and optimizer states).

@@ -241,8 +241,14 @@ def main(root: Path, names: list[str]) -> None:
         final = sorted((root / "a" / "ckpt").glob("*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))[-1]
         plain = ShardedUserModule()
         checkpoint = load_sharded_checkpoint(final, plain)
+        from lightning_forget.export import export_plain_checkpoint
+
+        written = export_plain_checkpoint(ShardedUserModule(), root / "plain.ckpt", checkpoint_path=final)
+        again = ShardedUserModule()
+        again.load_state_dict(torch.load(written, weights_only=True)["state_dict"])
         results["export"] = {
             "params": _params(plain),
+            "plain_checkpoint_params": _params(again),
             "callbacks": sorted(checkpoint.get("callbacks", {})),
             "checkpoint": final.name,
             "is_dir": final.is_dir(),
