@@ -22,6 +22,10 @@ from the trained module without changing it:
 
 :func:`export_plain_checkpoint` writes them as a checkpoint that ``MyModule.load_from_checkpoint``
 reads.
+
+A sharded strategy (``ModelParallelStrategy``: FSDP2) saves a checkpoint *folder* of per-rank
+shards; :func:`consolidate_sharded_checkpoint` joins it in one process and
+:func:`load_sharded_checkpoint` loads its weights into a plain module (docs/sharding.md).
 """
 
 from __future__ import annotations
@@ -35,7 +39,68 @@ from torch import Tensor, nn
 from lightning_forget.nn.adab2n import AdaB2NBatchNorm2d
 from lightning_forget.validation import check_type
 
-__all__ = ["export_plain_checkpoint", "export_plain_state_dict"]
+__all__ = [
+    "consolidate_sharded_checkpoint",
+    "export_plain_checkpoint",
+    "export_plain_state_dict",
+    "is_sharded_checkpoint",
+    "load_sharded_checkpoint",
+]
+
+#: The file Lightning writes beside the ``.distcp`` shards of a distributed checkpoint (callback
+#: states, loops, hyperparameters: everything but weights and optimizer states).
+_SHARDED_METADATA = "meta.pt"
+
+
+def is_sharded_checkpoint(path: Union[str, "os.PathLike[str]"]) -> bool:
+    """Whether ``path`` is a distributed checkpoint folder (``ModelParallelStrategy``/FSDP)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def consolidate_sharded_checkpoint(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
+    """A distributed (sharded) checkpoint folder as one plain checkpoint dict, in one process.
+
+    ``ModelParallelStrategy`` (and ``FSDPStrategy(state_dict_type="sharded")``) save a folder:
+    every rank's ``.distcp`` shards of the weights and optimizer states, plus ``meta.pt`` (callback
+    states, loops, hyperparameters) from rank 0. This joins the shards with
+    :func:`torch.distributed.checkpoint.format_utils.dcp_to_torch_save` (no process group; the
+    whole checkpoint must fit in CPU memory) and adds ``meta.pt``: the result has the keys of a
+    single-process checkpoint (``state_dict`` with full tensors under the module's own names,
+    ``optimizer_0``..., ``callbacks``, ``loops``, ``hyper_parameters``).
+
+    Raises:
+        ValueError: ``path`` is not a distributed checkpoint folder.
+    """
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = os.fspath(path)
+    if not is_sharded_checkpoint(folder):
+        raise ValueError(f"`path`={folder!r} is not a distributed checkpoint folder (no `.metadata` inside). "
+                         "Fix: pass the `.ckpt` folder ModelParallelStrategy wrote, or load a file checkpoint with torch.load.")
+    with tempfile.TemporaryDirectory() as tmp:
+        target = os.path.join(tmp, "consolidated.pt")
+        dcp_to_torch_save(folder, target)
+        checkpoint = torch.load(target, map_location="cpu", weights_only=False)
+    meta = os.path.join(folder, _SHARDED_METADATA)
+    if os.path.isfile(meta):
+        checkpoint.update(torch.load(meta, map_location="cpu", weights_only=False))
+    return checkpoint
+
+
+def load_sharded_checkpoint(path: Union[str, "os.PathLike[str]"], module: nn.Module, *, strict: bool = True) -> dict[str, Any]:
+    """Load a distributed checkpoint's weights into an unsharded ``module`` (one process).
+
+    The checkpoint is joined with :func:`consolidate_sharded_checkpoint`; ``module`` is a fresh
+    copy of the user's module without ``configure_model``'s ``fully_shard`` (its parameter names
+    are the sharded module's). Returns the consolidated checkpoint (callback states under
+    ``"callbacks"``). :func:`export_plain_checkpoint` with ``checkpoint_path=`` a folder uses it.
+    """
+    checkpoint = consolidate_sharded_checkpoint(path)
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return checkpoint
+
 
 
 def _lora_types() -> tuple[Optional[type], Optional[type]]:
@@ -111,7 +176,8 @@ def export_plain_checkpoint(
     Args:
         module: the module with the method's layers, e.g. the LightningModule a fit trained.
         output_path: the file to write (refused if it exists: no run replaces another's file).
-        checkpoint_path: a checkpoint of that module (e.g. Lightning's ``last.ckpt``) to convert:
+        checkpoint_path: a checkpoint of that module (e.g. Lightning's ``last.ckpt``, or the folder a
+            sharded strategy writes: see :func:`consolidate_sharded_checkpoint`) to convert:
             its weights are loaded into ``module`` first (strict; ``module`` must have the same
             layers, e.g. the module after the same callbacks' ``setup``) and its
             ``hyper_parameters`` are kept. ``None`` exports ``module`` as it is.
@@ -131,7 +197,10 @@ def export_plain_checkpoint(
                               "Fix: pass a new path.")
     hyper: Any = dict(getattr(module, "hparams", {}) or {})
     if checkpoint_path is not None:
-        checkpoint = torch.load(os.fspath(checkpoint_path), map_location="cpu", weights_only=False)
+        if is_sharded_checkpoint(checkpoint_path):
+            checkpoint = consolidate_sharded_checkpoint(checkpoint_path)
+        else:
+            checkpoint = torch.load(os.fspath(checkpoint_path), map_location="cpu", weights_only=False)
         try:
             module.load_state_dict(checkpoint["state_dict"], strict=True)
         except RuntimeError as error:

@@ -30,6 +30,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from lightning_forget.sharding import is_sharded
+
 __all__ = [
     "average_gradients",
     "broadcast_parameters",
@@ -76,6 +78,7 @@ def compute_gradients(
 
     Raises:
         ValueError: ``loss`` is not a scalar, or a given tensor does not require gradients.
+        NotImplementedError: a parameter is sharded (FSDP2): see :mod:`lightning_forget.sharding`.
     """
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
@@ -89,6 +92,15 @@ def compute_gradients(
         )
     if not named:
         return {}
+    sharded = [name for name, p in named.items() if is_sharded(p)]
+    if sharded:
+        # FSDP2 gathers each layer's weights into new tensors for the forward: autograd never sees
+        # the sharded parameters, and `allow_unused` would turn every gradient into zeros.
+        raise NotImplementedError(
+            f"compute_gradients: the parameters {sharded[:3]} are sharded (FSDP2 DTensors); a gradient "
+            "outside the training step does not reach them (autograd differentiates the gathered copies). "
+            "Fix: use strategy='ddp', or a method that supports ModelParallelStrategy (docs/sharding.md)."
+        )
     grads = torch.autograd.grad(
         loss, list(named.values()), retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
     )

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_forget.arguments import ARGUMENTS_ATTR, compare_arguments, describe_change, plain_value, record_init_arguments
 from lightning_forget.distributed import unshare_memory
+from lightning_forget.sharding import sharding_refusal
 
 try:  # Python 3.12+
     from typing import override
@@ -50,6 +51,10 @@ __all__ = [
 
 #: The strategies every method is tested under (one process; DDP with each start method).
 DDP_STRATEGIES: tuple[str, ...] = ("single_device", "ddp", "ddp_spawn", "ddp_fork")
+
+#: Sharded strategies a method may add to its ``supported_strategies`` once its per-parameter
+#: work goes through :mod:`lightning_forget.sharding` (FSDP2 through ``ModelParallelStrategy``).
+SHARDED_STRATEGIES: tuple[str, ...] = ("model_parallel",)
 
 _DDP_START_METHODS = {"popen": "ddp", "spawn": "ddp_spawn", "fork": "ddp_fork", "forkserver": "ddp_forkserver"}
 
@@ -87,6 +92,14 @@ def check_strategy(callback: Any, trainer: "pl.Trainer") -> None:
     """Refuse a strategy the callback does not declare in ``supported_strategies``."""
     supported = tuple(callback.supported_strategies)
     name = strategy_name(trainer.strategy)
+    if name == "model_parallel" and name not in supported:
+        raise RuntimeError(
+            f"{type(callback).__name__} does not support strategy={name!r} (ModelParallelStrategy: FSDP2 "
+            f"parameters sharded across ranks): it supports {list(supported)}. "
+            f"{sharding_refusal(type(callback))}"
+            "Fix: use `strategy=\"ddp\"` (or one device); the callbacks that run sharded are listed in "
+            "docs/sharding.md."
+        )
     if name not in supported:
         raise RuntimeError(
             f"{type(callback).__name__} does not support strategy={name!r} "

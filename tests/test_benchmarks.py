@@ -64,3 +64,23 @@ def test_unlearning_lm_eval_quick() -> None:
     assert set(summary["samples_per_second"]) == {"batched", "per_sample"}  # --quick: 1 process
     assert all(v > 0 for v in summary["samples_per_second"].values())
     assert summary["max_metric_difference"]["per_sample_vs_batched"] < 1e-4
+
+
+def test_sharded_memory_quick() -> None:
+    (row,) = load_benchmark("sharded_memory").main(["--quick"])
+    assert row["world"] == 2 and row["exact"]
+    assert sum(row["local_bytes"]) == row["full_bytes"]
+    assert row["largest_share"] <= 0.5 + 0.01  # dim-0 chunks: at most one row more than half
+
+
+def test_device_check_dry_run_and_quick_on_cpu(tmp_path) -> None:
+    bench = load_benchmark("device_check")
+    plan = bench.main(["--dry-run", "--out", str(tmp_path / "plan")])
+    assert {row["callback"] for row in plan["contract"]} == set(bench.CALLBACK_CONFIGS)
+    assert all(row["status"] == "planned" for row in plan["contract"] + plan["ratios"])
+    report = bench.main(["--quick", "--out", str(tmp_path / "quick")])
+    assert report["settings"] == ["cpu_32"] and "no CUDA device" in report["notes"][0]  # CUDA parts skipped, said so
+    assert {row["status"] for row in report["contract"]} == {"ok"}, report["contract"]
+    (ratio,) = report["ratios"]
+    assert ratio["status"] == "ok" and ratio["ratio"] > 0
+    assert (tmp_path / "quick" / "device_check.json").is_file() and "| ER vs fine-tuning |" in (tmp_path / "quick" / "device_check.md").read_text()

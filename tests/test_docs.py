@@ -106,7 +106,7 @@ def test_docstrings_render_without_sphinx_markup(site: Path) -> None:
     assert not leftovers, leftovers
 
 
-@pytest.mark.parametrize("page", ["index", "getting-started", "methods", "fidelity", "outputs", "results", "changelog"])
+@pytest.mark.parametrize("page", ["index", "getting-started", "methods", "fidelity", "outputs", "results", "changelog", "sharding"])
 def test_nav_pages_are_built(site: Path, page: str) -> None:
     path = site / "index.html" if page == "index" else site / page / "index.html"
     assert path.is_file(), f"{page} was not built"

@@ -16,6 +16,7 @@ from lightning_forget.callbacks import (
     LiNeS,
     LRRewarming,
 )
+from lightning_forget.sharding import sharding_refusal
 from lightning_forget.tasks import ContinualCallback, check_strategy, strategy_name
 from tests.helpers.mech import TinyRegressor, plain_trainer, regression_loader
 
@@ -82,3 +83,58 @@ def test_single_device_fit_passes_and_subclass_can_narrow(tmp_path) -> None:
     trainer.fit(TinyRegressor(), regression_loader())
     with pytest.raises(RuntimeError, match=r"strategy='ddp_spawn'.*supports \['single_device'\]"):
         SingleOnly().setup(SimpleNamespace(strategy=DDPStrategy(start_method="spawn")), TinyRegressor(), "fit")
+
+
+def _model_parallel():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+
+def test_model_parallel_strategy_is_named() -> None:
+    assert strategy_name(_model_parallel()) == "model_parallel"
+
+
+def _readme_model_parallel_column() -> dict[str, str]:
+    """Class name → the README's ``ModelParallelStrategy`` cell for it."""
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| Method | single device"))
+    column = [c.strip() for c in lines[header].strip("|").split("|")].index("`ModelParallelStrategy` (FSDP2)")
+    cells: dict[str, str] = {}
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        row = [c.strip() for c in line.strip("|").split("|")]
+        for name in row[0].split("`")[1::2]:
+            cells[name] = row[column]
+    return cells
+
+
+def test_readme_model_parallel_column_matches_the_classes() -> None:
+    import lightning_forget.callbacks as cbs
+
+    cells = _readme_model_parallel_column()
+    assert len(cells) >= 20
+    for name, cell in cells.items():
+        supported = "model_parallel" in getattr(cbs, name).supported_strategies
+        assert cell.startswith("contract test") == supported, (name, cell)
+        assert cell.startswith("refused") == (not supported), (name, cell)
+
+
+def test_model_parallel_is_accepted_or_refused_with_its_reason() -> None:
+    import lightning_forget.callbacks as cbs
+
+    cells = _readme_model_parallel_column()
+    trainer = SimpleNamespace(strategy=_model_parallel())
+    for name in cells:
+        cls = getattr(cbs, name)
+        if "model_parallel" in cls.supported_strategies:
+            check_strategy(SimpleNamespace(supported_strategies=cls.supported_strategies), trainer)
+            continue
+        reason = sharding_refusal(cls)
+        assert reason, f"{name} refuses ModelParallelStrategy without saying why"
+        with pytest.raises(RuntimeError, match=rf"{name} does not support strategy='model_parallel'") as error:
+            check_strategy(cls.__new__(cls), trainer)  # an instance, without constructor arguments
+        assert reason.strip() in str(error.value) and "docs/sharding.md" in str(error.value)

@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from lightning_forget.tasks import DDP_STRATEGIES
+from lightning_forget.sharding import is_sharded
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES
 from lightning_forget import reporting
 from lightning_forget.metrics.stability import (
     EvalCurves,
@@ -157,7 +158,7 @@ class ContinualEvaluation(ContinualCallback):
     """
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ('samples_per_task',)
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
@@ -327,7 +328,7 @@ class ContinualEvaluation(ContinualCallback):
                 self._check_writable(directory)
                 self._output_paths(directory)  # chosen now: never over another run's files
         name = type(trainer.strategy).__name__
-        if any(sharded in name for sharded in ("FSDP", "DeepSpeed", "ModelParallel")):
+        if any(sharded in name for sharded in ("FSDP", "DeepSpeed")):
             raise NotImplementedError(
                 f"ContinualEvaluation calls the LightningModule's forward outside the training step, "
                 f"which a sharded strategy ({name}) does not support. Use strategy='ddp' (or a single "
@@ -576,11 +577,12 @@ class ContinualEvaluation(ContinualCallback):
         rank, world = trainer.global_rank, trainer.world_size
         device = pl_module.device
         counts = torch.zeros(num_seen, 2, dtype=torch.int64, device=device)
+        sharded = is_sharded(pl_module)
         with forward_context(trainer):
             for task in range(num_seen):
-                inputs, labels = self.split_batch(self._data[task])
-                inputs = apply_to_collection(inputs, Tensor, lambda t: t[rank::world])
-                labels = labels[rank::world]
+                whole, every_label = self.split_batch(self._data[task])
+                inputs = apply_to_collection(whole, Tensor, lambda t: t[rank::world])
+                labels = every_label[rank::world]
                 for start in range(0, labels.shape[0], self.batch_size):
                     chunk = apply_to_collection(
                         inputs, Tensor, lambda t: t[start : start + self.batch_size].to(device, non_blocking=True)
@@ -589,6 +591,10 @@ class ContinualEvaluation(ContinualCallback):
                     predicted = self.predict(pl_module, chunk).reshape(target.shape)
                     counts[task, 0] += (predicted == target).sum()
                     counts[task, 1] += target.numel()
+                if sharded:  # a sharded forward is collective: every rank runs as many as rank 0 (discarded)
+                    most = -(-every_label.shape[0] // world)
+                    for _ in range(-(-most // self.batch_size) - -(-labels.shape[0] // self.batch_size)):
+                        self.predict(pl_module, apply_to_collection(whole, Tensor, lambda t: t[:1].to(device)))
         return counts
 
     def _record(self, trainer: "pl.Trainer", step: int, accuracies: list[float]) -> None:

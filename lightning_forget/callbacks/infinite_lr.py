@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_forget.tasks import DDP_STRATEGIES
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES
 from lightning_forget.callbacks.lr_schedule import BaseLRSchedule
 from lightning_forget.schedules import ANNEALS, Anneal, Decay, TaskSegment, infinite_lr, resolve_warmup
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int
@@ -88,7 +88,7 @@ class InfiniteLRSchedule(BaseLRSchedule):
     """
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
 
     SCHEDULER_NAME = "infinite_lr/lr"
     #: State key of checkpoints written by ``LRRewarming(mode="infinite")`` (read by :meth:`on_load_checkpoint`).

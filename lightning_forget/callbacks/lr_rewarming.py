@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 
-from lightning_forget.tasks import DDP_STRATEGIES
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES
 from lightning_forget.callbacks.infinite_lr import InfiniteLRSchedule
 from lightning_forget.callbacks.lr_schedule import BaseLRSchedule
 from lightning_forget.schedules import Anneal, Decay, TaskSegment, resolve_warmup, schedule_lr, segment_lr
@@ -108,7 +108,7 @@ class LRRewarming(BaseLRSchedule):
     """
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ('mode',)
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_forget.tasks import DDP_STRATEGIES
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES
 from lightning_forget.batch import BatchFields, SplitBatch, logits_of
 from lightning_forget.forward import ModelForward
 from lightning_forget.buffers import TASK_KEY, ReplayBuffer, TaskBalancedBuffer, make_buffer, pad_rows
@@ -502,7 +502,7 @@ class ExperienceReplay(_BufferCallback):
     """
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
 
     def __init__(
         self,
@@ -631,7 +631,7 @@ class DarkExperienceReplay(_BufferCallback):
     """
 
     #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
 
     #: Buffer field of the stored logits.
     LOGITS = "logits"

@@ -32,6 +32,7 @@ from lightning_forget.merging.vectors import (
     task_vector,
     tied_aliases,
 )
+from lightning_forget.sharding import kth_largest
 from lightning_forget.validation import check_choice, message
 
 __all__ = ["MergeMethod", "TiesTrim", "TiesZeroSign", "TiesCountTied", "merge", "task_arithmetic", "ties_merge", "ties_vector"]
@@ -150,13 +151,13 @@ def ties_vector(
     counts = {n: 1 for n in names} if key_counts is None else {n: int(key_counts[n]) for n in names}
     trimmed = []
     for tau in taus:
-        pieces = [tau[n].reshape(-1).float().abs() for n in names for _ in range(counts[n])]
-        flat = torch.cat(pieces) if pieces else torch.zeros(0)
-        if flat.numel() == 0:
+        size = sum(tau[n].numel() * counts[n] for n in names)
+        if size == 0:
             trimmed.append(dict(tau))
             continue
-        threshold = torch.topk(flat, _kept_count(k, flat.numel(), trim), sorted=False).values.min()
-        trimmed.append({n: torch.where(tau[n].abs() >= threshold.to(tau[n].dtype), tau[n], torch.zeros_like(tau[n])) for n in names})
+        # Over all shards when the task vectors are sharded (FSDP2 state dicts of DTensors).
+        threshold = kth_largest([tau[n].float().abs() for n in names for _ in range(counts[n])], _kept_count(k, size, trim))
+        trimmed.append({n: torch.where(tau[n].abs() >= threshold.item(), tau[n], torch.zeros_like(tau[n])) for n in names})
     stacked = {n: torch.stack([t[n] for t in trimmed]) for n in names}
     elected = {n: torch.sign(s.sum(0)) for n, s in stacked.items()}
     if zero_sign == "majority" and names:

@@ -305,6 +305,26 @@ class ContinualClassifier(pl.LightningModule):
         self._log_row(self.test_matrix, "test")
 
     # ------------------------------------------------------------------ optimisation and callbacks
+    def configure_model(self) -> None:
+        """Shard the backbone and the head with FSDP2 when the strategy gives a device mesh.
+
+        Under ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` each of the two
+        becomes a ``fully_shard`` unit of the ``"data_parallel"`` mesh (see docs/sharding.md); under
+        every other strategy (no mesh), and when an earlier fit sharded them already, nothing happens.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.head, FSDPModule):
+            return
+        # Both are FSDP roots (the LightningModule itself is not wrapped): ask them to free the
+        # gathered weights after each forward, as non-root units do, so the parameters between
+        # steps (and after an evaluation forward) are the shards.
+        fully_shard(self.backbone, mesh=mesh["data_parallel"], reshard_after_forward=True)
+        fully_shard(self.head, mesh=mesh["data_parallel"], reshard_after_forward=True)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:

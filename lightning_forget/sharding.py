@@ -1,0 +1,354 @@
+"""Parameters split across ranks (FSDP2 through Lightning's ``ModelParallelStrategy``).
+
+With ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` a user's
+``configure_model`` calls :func:`torch.distributed.fsdp.fully_shard` on its layers, and every
+parameter becomes a :class:`~torch.distributed.tensor.DTensor` whose rank ``r`` holds only the
+``r``-th ``torch.chunk`` of dim 0 (its *local shard*). A method that touches parameters must then
+never read a whole tensor on one rank. This module is the one place that knows how:
+
+- :func:`is_sharded`, :func:`local_view`, :func:`global_slice`: what a rank holds, and where it
+  sits in the full tensor.
+- :func:`sum_of_squares`, :func:`global_norms`, :func:`global_dots`: whole-tensor reductions,
+  a local partial sum per tensor and one ``all_reduce`` over the shard group for all of them.
+- :func:`topk_mask`: the ``k`` largest scores over many tensors, as local boolean shards; ties at
+  the threshold are broken by position (tensor order, then the full tensor's row-major index),
+  so the sharded and the unsharded selection are the same set.
+- :func:`draw_like`: a random draw equal to the unsharded run's: the full shape is drawn from the
+  seeded generator (one parameter at a time) and the rank keeps its slice.
+- :func:`shard_like`, :func:`local_clone`, :func:`full_tensor`: per-parameter state held as
+  local shards of the parameters' own layout (memory ≈ 1/world size), cut from a full tensor
+  on load and gathered to a full tensor only for checkpoints, export and reports.
+- :func:`edit_local`: an elementwise weight edit applied to each rank's shard.
+
+Every helper also takes plain tensors (one process, DDP): then nothing is reduced, sliced or
+gathered, so a callback written with them runs unchanged on every strategy. Only placements a
+data-parallel ``fully_shard`` produces (``Shard(d)`` and ``Replicate()``) are handled; tensor
+parallelism (``_StridedShard``, ``Partial``) is refused with a ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "edit_local",
+    "full_tensor",
+    "global_dots",
+    "global_norms",
+    "global_slice",
+    "is_sharded",
+    "kth_largest",
+    "local_clone",
+    "local_view",
+    "named_local",
+    "sharding_refusal",
+    "shard_like",
+    "draw_like",
+    "sum_of_squares",
+    "topk_mask",
+]
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor = None  # type: ignore[assignment,misc]
+    Replicate = Shard = None  # type: ignore[assignment,misc]
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _is_dtensor(value: Any) -> bool:
+    return DTensor is not None and isinstance(value, DTensor)
+
+
+def _shard_dims(tensor: "DTensor") -> list[tuple[int, int]]:
+    """``(mesh_dim, tensor_dim)`` for each mesh dimension that splits ``tensor``."""
+    dims = []
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if type(placement) is Shard:
+            dims.append((mesh_dim, int(placement.dim)))
+        elif not isinstance(placement, Replicate):
+            raise NotImplementedError(
+                f"lightning_forget.sharding handles the placements of a data-parallel `fully_shard` "
+                f"(Shard(dim) and Replicate()), not {placement!r}. Fix: use "
+                "ModelParallelStrategy(tensor_parallel_size=1) or strategy='ddp'."
+            )
+    return dims
+
+
+def is_sharded(obj: Union[Tensor, nn.Module]) -> bool:
+    """Whether a tensor is split across ranks, or a module has any such parameter."""
+    if isinstance(obj, nn.Module):
+        # A unit between a forward and its reshard holds plain gathered weights: the FSDP2 wrapper
+        # class still says the module is sharded.
+        return any(_is_fsdp(m) for m in obj.modules()) or any(is_sharded(p) for p in obj.parameters())
+    return _is_dtensor(obj) and bool(_shard_dims(obj))
+
+
+def local_view(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this rank holds (a view sharing its storage); a plain tensor as is."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def global_slice(tensor: Tensor) -> tuple[slice, ...]:
+    """Where :func:`local_view` sits in the full tensor: one ``slice`` per dimension.
+
+    DTensor's ``Shard(d)`` follows ``torch.chunk``: chunks of ``ceil(size / n)`` rows, the last
+    ones shorter or empty.
+    """
+    slices = [slice(0, int(size)) for size in tensor.shape]
+    if not _is_dtensor(tensor):
+        return tuple(slices)
+    mesh = tensor.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # this rank is not in the mesh: it holds nothing
+        return tuple(slice(0, 0) for _ in slices)
+    for mesh_dim, dim in _shard_dims(tensor):
+        n, c = int(mesh.size(mesh_dim)), int(coordinate[mesh_dim])
+        outer = slices[dim]
+        length = outer.stop - outer.start
+        chunk = -(-length // n) if length else 0
+        start = min(outer.start + c * chunk, outer.stop)
+        slices[dim] = slice(start, min(start + chunk, outer.stop))
+    return tuple(slices)
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's slice of ``full`` (a tensor of ``like``'s full shape), as a plain tensor.
+
+    Cuts per-parameter state saved whole (a checkpoint, a pre-trained snapshot) back to the
+    layout of ``like``. A plain ``like`` returns ``full`` unchanged.
+    """
+    if tuple(full.shape) != tuple(like.shape):
+        raise ValueError(f"shard_like: full tensor of shape {tuple(full.shape)} for a parameter of shape {tuple(like.shape)}.")
+    return full[global_slice(like)] if _is_dtensor(like) else full
+
+
+def local_clone(tensor: Tensor, *, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A detached copy of this rank's shard: per-parameter state in the parameter's layout."""
+    local = local_view(tensor).detach()
+    return local.to(device=device or local.device, dtype=dtype or local.dtype, copy=True)
+
+
+def full_tensor(tensor: Tensor, like: Optional[Tensor] = None) -> Tensor:
+    """The whole tensor on every rank (a collective): for export, checkpoints and reports only.
+
+    Args:
+        tensor: a DTensor, or a local shard of ``like``'s layout (state kept by
+            :func:`local_clone`), or a plain tensor (returned as is).
+        like: the parameter whose layout a local shard ``tensor`` has.
+    """
+    if like is not None and _is_dtensor(like) and not _is_dtensor(tensor):
+        tensor = DTensor.from_local(
+            tensor.to(like.to_local().device), like.device_mesh, like.placements, run_check=False,
+            shape=like.shape, stride=like.stride(),
+        )
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _shard_groups(tensor: Tensor) -> list[Any]:
+    if not _is_dtensor(tensor):
+        return []
+    return [tensor.device_mesh.get_group(mesh_dim) for mesh_dim, _ in _shard_dims(tensor)]
+
+
+def _all_reduce_partials(partials: Tensor, like: Sequence[Tensor]) -> Tensor:
+    """Sum per-tensor partial values over the shard group(s) of the tensors in ``like``."""
+    groups = next((g for g in map(_shard_groups, like) if g), [])
+    for group in groups:
+        torch.distributed.all_reduce(partials, group=group)
+    return partials
+
+
+def sum_of_squares(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``Σ x²`` of each whole tensor (float64), with one collective for all of them.
+
+    Every rank must call it with the same names in the same order (it is a collective when any
+    tensor is sharded). All sharded tensors must share one mesh (one ``fully_shard`` mesh).
+    """
+    names = list(tensors)
+    if not names:
+        return {}
+    partial = torch.stack([local_view(tensors[n]).detach().double().square().sum() for n in names])
+    total = _all_reduce_partials(partial, [tensors[n] for n in names])
+    return {name: total[i] for i, name in enumerate(names)}
+
+
+def global_norms(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The L2 norm of each whole tensor (float64); see :func:`sum_of_squares`."""
+    return {name: value.sqrt() for name, value in sum_of_squares(tensors).items()}
+
+
+def global_dots(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``⟨a[n], b[n]⟩`` over the whole tensors (float64), one collective for all names.
+
+    ``a[n]`` and ``b[n]`` have one layout (both DTensors of one placement, both local shards of
+    it, or both plain); a cosine is ``dot / (norm_a · norm_b)`` from these and
+    :func:`global_norms`.
+    """
+    if list(a) != list(b):
+        raise ValueError("global_dots: both mappings must hold the same names in the same order.")
+    names = list(a)
+    if not names:
+        return {}
+    partial = torch.stack([(local_view(a[n]).double() * local_view(b[n]).double()).sum() for n in names])
+    reference = [x for n in names for x in (a[n], b[n])]
+    total = _all_reduce_partials(partial, reference)
+    return {name: total[i] for i, name in enumerate(names)}
+
+
+def _gather_values(values: Tensor, group: Any) -> Tensor:
+    """All ranks' ``values`` (1-D, padded with ``-inf`` to a common length), concatenated."""
+    world = torch.distributed.get_world_size(group)
+    length = torch.tensor([values.numel()], dtype=torch.int64)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    torch.distributed.all_gather(lengths, length, group=group)
+    longest = int(max(int(x) for x in lengths))
+    padded = torch.full((longest,), -float("inf"), dtype=values.dtype)
+    padded[: values.numel()] = values
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded, group=group)
+    return torch.cat(parts)
+
+
+def kth_largest(tensors: Sequence[Tensor], k: int) -> Tensor:
+    """The ``k``-th largest entry over all ``tensors`` (float64, 0-dim; every rank gets it).
+
+    A tensor listed twice counts twice. Sharded tensors (one mesh) are reduced with one
+    ``all_gather`` of each rank's local top-``k``; plain tensors need no collective.
+    """
+    local = [local_view(t).detach().reshape(-1).double().cpu() for t in tensors]
+    flat = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
+    candidates = torch.topk(flat, min(int(k), flat.numel())).values if flat.numel() else flat
+    group = next((g[0] for g in map(_shard_groups, tensors) if g), None)
+    if group is not None:
+        candidates = _gather_values(candidates, group)
+    if not 1 <= int(k) <= candidates.numel():
+        raise ValueError(f"kth_largest: k={k} must be between 1 and the number of entries.")
+    return torch.topk(candidates, int(k)).values[-1]
+
+
+def topk_mask(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
+    """Boolean masks (in each score's local layout) marking the ``k`` largest scores of all.
+
+    The set is the one an unsharded run selects: every score above the ``k``-th largest value,
+    and of the scores equal to it, the first by position (the mappings' order, then the full
+    tensor's row-major index) until ``k`` are chosen. Sharded scores (DTensors of one mesh,
+    ``Shard(0)``, as ``fully_shard`` makes them) are handled with two small ``all_gather``s:
+    each rank's local top-``k`` values, then each rank's count of ties per tensor.
+
+    Args:
+        scores: name → score tensor (e.g. a gradient magnitude per weight).
+        k: how many entries to select over all tensors (``0 ≤ k ≤`` total size).
+    """
+    names = list(scores)
+    locals_ = [local_view(scores[n]).detach().reshape(-1).double().cpu() for n in names]
+    total = sum(int(scores[n].numel()) for n in names)
+    if not 0 <= int(k) <= total:
+        raise ValueError(f"topk_mask: k={k} must be between 0 and the number of scores ({total}).")
+    k = int(k)
+    group = next((g[0] for g in map(_shard_groups, scores.values()) if g), None)
+    if k == 0:
+        return {n: torch.zeros_like(local_view(scores[n]), dtype=torch.bool) for n in names}
+    threshold = kth_largest([scores[n] for n in names], k)
+    above = [x > threshold for x in locals_]
+    ties = [x == threshold for x in locals_]
+    count_above = torch.tensor([float(sum(int(a.sum()) for a in above))], dtype=torch.float64)
+    if group is not None:
+        torch.distributed.all_reduce(count_above, group=group)
+    needed = k - int(count_above.item())
+    if group is not None:
+        counts = torch.tensor([int(t.sum()) for t in ties], dtype=torch.int64)
+        world = torch.distributed.get_world_size(group)
+        rank = torch.distributed.get_rank(group)
+        every = [torch.zeros_like(counts) for _ in range(world)]
+        torch.distributed.all_gather(every, counts, group=group)
+        table = torch.stack(every)  # rank × tensor: Shard(0) chunks are in rank order
+        before = [int(table[:, :i].sum()) + int(table[:rank, i].sum()) for i in range(len(names))]
+    else:
+        counts = [int(t.sum()) for t in ties]
+        before = [int(sum(counts[:i])) for i in range(len(names))]
+    masks = {}
+    for i, name in enumerate(names):
+        take = max(0, min(int(ties[i].sum()), needed - before[i]))
+        chosen = above[i].clone()
+        if take:
+            positions = ties[i].nonzero().flatten()[:take]
+            chosen[positions] = True
+        local = local_view(scores[name])
+        masks[name] = chosen.reshape(local.shape).to(local.device)
+    return masks
+
+
+def draw_like(
+    tensor: Tensor,
+    generator: torch.Generator,
+    sample: Callable[..., Tensor] = torch.randn,
+) -> Tensor:
+    """A random tensor for ``tensor``'s local shard, equal to the unsharded run's draw.
+
+    ``sample(shape, generator=..., dtype=...)`` (``torch.randn``, ``torch.rand``) draws the full
+    shape on the generator's device (the generator advances exactly as in the unsharded run);
+    the rank keeps its slice, moved to the shard's device. The full draw is a temporary of one
+    parameter's size at a time.
+    """
+    local = local_view(tensor)
+    full = sample(tuple(tensor.shape), generator=generator, dtype=local.dtype, device=generator.device)
+    return full[global_slice(tensor)].to(local.device)
+
+
+@torch.no_grad()
+def edit_local(tensor: Tensor, edit: Callable[[Tensor], Tensor], *others: Tensor) -> None:
+    """Write ``edit(local, *others_local)`` into ``tensor``'s local shard, in place.
+
+    ``edit`` is elementwise (a scaling, a merge ``θ_0 + λ·τ``, a masked copy); ``others`` are
+    tensors of the same layout (DTensors or local shards), passed as their local views.
+    """
+    local = local_view(tensor)
+    local.copy_(edit(local, *(local_view(o) for o in others)))
+
+
+def named_local(params: Union[nn.Module, Iterable[tuple[str, Tensor]]]) -> dict[str, Tensor]:
+    """``name → local shard`` of a module's parameters (plain tensors for unsharded ones)."""
+    items = params.named_parameters() if isinstance(params, nn.Module) else params
+    return {name: local_view(p) for name, p in items}
+
+
+#: Why a method does not run under ``ModelParallelStrategy`` yet (by class name, through the MRO),
+#: quoted by :func:`lightning_forget.tasks.check_strategy` in its refusal.
+_REFUSALS: dict[str, str] = {
+    "RefreshLearning": "Its unlearn step takes a gradient outside the training step (torch.autograd.grad), "
+    "which does not reach FSDP2's sharded parameters (autograd sees the gathered copies: the gradients "
+    "would be zeros), and its Fisher uses per-sample gradients of whole tensors.",
+    "AdaB2N": "Its layers' statistics are buffers, which FSDP2 neither shards nor keeps equal across ranks "
+    "(DDP broadcasts rank 0's at every forward), and its task-end code reads whole tensors.",
+    "KFPF": "Its inner loop takes gradients outside the training step (torch.autograd.grad), which do not "
+    "reach FSDP2's sharded parameters (autograd sees the gathered copies).",
+    "LiNeS": "Its scaling needs the pre-trained weights in the parameters' layout, not yet kept as shards. "
+    "Scale a consolidated checkpoint with lightning_forget.merging.lines_scale instead.",
+    "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",
+    "GSLoRA": "Its group norms and merges are over whole tensors, not yet reduced over shards.",
+    "UnlearningMethod": "Its reference model and saliency mask hold whole tensors, not yet shards.",
+    "ForgetRetainEvaluation": "Each rank evaluates its share of the samples, so ranks may run different numbers "
+    "of forwards, and a sharded forward is collective (ContinualEvaluation shows the fix: equal counts).",
+    "UnlearningEvaluation": "Each rank evaluates its share of the samples, so ranks may run different numbers "
+    "of forwards, and a sharded forward is collective (ContinualEvaluation shows the fix: equal counts).",
+}
+
+
+def sharding_refusal(cls: type) -> str:
+    """The reason :data:`_REFUSALS` gives for ``cls`` (or a base class), with a trailing space; ``""`` if none."""
+    for base in cls.__mro__:
+        if base.__name__ in _REFUSALS:
+            return _REFUSALS[base.__name__] + " "
+    return ""

@@ -1,0 +1,115 @@
+"""2-process gloo worker for tests/test_sharding.py: each helper of ``lightning_forget.sharding``
+on DTensors sharded like ``fully_shard`` makes them, against the same helper on full tensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def _full(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # 5 rows over 2 ranks: uneven chunks (3, 2); 1 row: rank 1 holds nothing.
+    return {"layers.0.weight": torch.randn(5, 3, generator=g), "layers.1.weight": torch.randn(1, 4, generator=g),
+            "layers.2.weight": torch.randn(8, generator=g)}
+
+
+def worker(rank: int, world: int, port: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_forget import sharding as sh
+
+    mesh = init_device_mesh("cpu", (world,))
+    full, other = _full(0), _full(1)
+    shard = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in full.items()}
+    shard_other = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in other.items()}
+    result: dict = {}
+    result["is_sharded"] = [sh.is_sharded(shard["layers.0.weight"]), sh.is_sharded(full["layers.0.weight"])]
+    result["slices_match"] = all(
+        torch.equal(sh.local_view(shard[n]), full[n][sh.global_slice(shard[n])]) for n in full
+    )
+    result["shard_like"] = all(torch.equal(sh.shard_like(full[n], shard[n]), sh.local_view(shard[n])) for n in full)
+    result["full_tensor"] = all(torch.equal(sh.full_tensor(shard[n]), full[n]) for n in full)
+    result["full_from_local"] = all(
+        torch.equal(sh.full_tensor(sh.local_clone(shard[n]), like=shard[n]), full[n]) for n in full
+    )
+    norms_s, norms_f = sh.global_norms(shard), sh.global_norms(full)
+    result["norms"] = max(abs(float(norms_s[n] - norms_f[n])) for n in full)
+    dots_s, dots_f = sh.global_dots(shard, shard_other), sh.global_dots(full, other)
+    result["dots"] = max(abs(float(dots_s[n] - dots_f[n])) for n in full)
+    # Top-k with exact ties: magnitudes rounded to one decimal repeat across tensors and ranks.
+    scores_f = {n: (t.abs() * 2).round() / 2 for n, t in full.items()}
+    scores_s = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in scores_f.items()}
+    total = sum(t.numel() for t in full.values())
+    agree = []
+    for k in (0, 1, 5, 11, 17, total):
+        masks_f = sh.topk_mask(scores_f, k)
+        masks_s = sh.topk_mask(scores_s, k)
+        same = all(torch.equal(masks_s[n], masks_f[n][sh.global_slice(scores_s[n])]) for n in full)
+        counted = sum(int(m.sum()) for m in masks_f.values())
+        agree.append(same and counted == k)
+    result["topk"] = agree
+    result["topk_has_ties"] = bool(
+        len(torch.cat([t.flatten() for t in scores_f.values()]).unique()) < total
+    )
+    gen_s, gen_f = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    draws_s = [sh.draw_like(shard[n], gen_s) for n in full]
+    draws_f = [sh.draw_like(full[n], gen_f) for n in full]
+    result["draws"] = all(torch.equal(d_s, d_f[sh.global_slice(shard[n])]) for d_s, d_f, n in zip(draws_s, draws_f, full))
+    edited = {n: distribute_tensor(t.clone(), mesh, [Shard(0)]) for n, t in full.items()}
+    for n in full:
+        sh.edit_local(edited[n], lambda x, y: 0.5 * x + y, shard_other[n])
+    result["edit"] = all(torch.allclose(sh.full_tensor(edited[n]), 0.5 * full[n] + other[n]) for n in full)
+    # lightning_forget.merging on sharded state dicts (FSDP2's model.state_dict() holds DTensors).
+    from lightning_forget.merging import lines_scale, task_arithmetic, ties_merge
+
+    fine = [{n: t + 0.5 * other[n] * (i + 1) for n, t in full.items()} for i in range(2)]
+    fine_s = [{n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in f.items()} for f in fine]
+    merges = {
+        "task_arithmetic": lambda b, fs: task_arithmetic(b, fs, scaling=0.3),
+        "ties_official": lambda b, fs: ties_merge(b, fs, k=0.3),
+        "ties_ceil": lambda b, fs: ties_merge(b, fs, k=0.3, trim="ceil", zero_sign="zero"),
+        "lines_scale": lambda b, fs: lines_scale(b, fs[0], alpha=0.5, beta=0.5),
+    }
+    result["merging"] = {}
+    for label, merge in merges.items():
+        expected, got = merge(full, fine), merge(shard, fine_s)
+        result["merging"][label] = max(float((sh.full_tensor(got[n]) - expected[n]).abs().max()) for n in full)
+    # A gradient outside the training step: refused, not silent zeros.
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_forget.gradients import compute_gradients
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    for layer in net:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)  # as users do: the layers reshard after the forward
+    try:
+        compute_gradients(net(torch.ones(3, 4)).sum(), net)
+        result["gradients_refused"] = ""
+    except NotImplementedError as error:
+        result["gradients_refused"] = str(error)
+    local_bytes = sum(sh.local_clone(t).numel() * t.element_size() for t in shard.values())
+    full_bytes = sum(t.numel() * t.element_size() for t in full.values())
+    result["bytes"] = [local_bytes, full_bytes]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    port, out = sys.argv[1], sys.argv[2]
+    import lightning_forget.sharding  # noqa: F401  (imported once, before the fork)
+
+    torch.set_num_threads(1)
+    torch.multiprocessing.start_processes(worker, args=(2, port, out), nprocs=2, start_method="fork")

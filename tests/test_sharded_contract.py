@@ -1,0 +1,111 @@
+"""Callbacks under ``ModelParallelStrategy`` (FSDP2, 2 CPU processes, gloo) with a user's module
+that shards its layers in ``configure_model``, one fit per task.
+
+One 2-process launch (``tests/helpers/sharded_run.py``) runs each group of callbacks together
+and serves every check:
+
+- the sharded run ends with the parameters (full tensors) and callback state of the same run
+  under DDP, and, for the callbacks whose work does not depend on the rank, of one process at the
+  same global batch;
+- each callback's state survives ``load_state_dict(state_dict())``, and a crash in the middle of
+  task 1 resumed from Lightning's sharded checkpoint (a folder of ``.distcp`` shards) ends where
+  the uninterrupted sharded run ends;
+- the sharded checkpoint loads into a single-process module
+  (:func:`lightning_forget.export.load_sharded_checkpoint`) with the sharded run's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers.sharded_run import FIRST_GROUP
+
+GROUPS = {
+    "replay": FIRST_GROUP,
+    "logits": ["DarkExperienceReplay", "InfiniteLRSchedule"],
+}
+ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory) -> dict[str, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("sharded")
+    spec = ";".join(",".join(names) for names in GROUPS.values())
+    subprocess.run([sys.executable, "-m", "tests.helpers.sharded_run", str(root), spec],
+                   check=True, timeout=600, capture_output=True)
+    return {group: json.loads((root / str(i) / "result.json").read_text()) for i, group in enumerate(GROUPS)}
+
+
+def _params(run: dict[str, Any]) -> torch.Tensor:
+    return torch.tensor([x for name in sorted(run["params"]) for x in run["params"][name]], dtype=torch.float64)
+
+
+def _numbers(value: Any) -> torch.Tensor:
+    out: list[float] = []
+
+    def visit(item: Any) -> None:
+        if isinstance(item, dict):
+            for key in sorted(item):
+                visit(item[key])
+        elif isinstance(item, list):
+            for x in item:
+                visit(x)
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            out.append(float(item))
+
+    visit(value)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _close(a: Any, b: Any) -> bool:
+    x, y = _numbers(a), _numbers(b)
+    return x.shape == y.shape and bool(torch.allclose(x, y, atol=TOL, rtol=TOL))
+
+
+@pytest.mark.parametrize(("group", "name"), ROWS, ids=[name for _, name in ROWS])
+def test_sharded_run_equals_ddp_and_one_process(launches, group, name) -> None:
+    result = launches[group]
+    sharded = result["sharded"]
+    assert sharded["param_types"] == ["DTensor"], "the module's parameters were not sharded"
+    assert torch.allclose(_params(sharded), _params(result["ddp"]), atol=TOL, rtol=TOL)
+    assert _close(sharded["states"][name], result["ddp"]["states"][name])
+    if name not in ("ExperienceReplay", "DarkExperienceReplay"):
+        alone = result["sharded_alone"]
+        assert torch.allclose(_params(alone), _params(result["single"]), atol=TOL, rtol=TOL)
+        assert _close(alone["states"][name], result["single"]["states"][name])
+
+
+@pytest.mark.parametrize(("group", "name"), ROWS, ids=[name for _, name in ROWS])
+def test_sharded_checkpoint_round_trips_and_resumes_mid_epoch(launches, group, name) -> None:
+    result = launches[group]
+    sharded, resumed = result["sharded"], result["resumed"]
+    assert sharded["roundtrip"][name] == sharded["states"][name]
+    assert resumed["crashed_first"]
+    assert torch.allclose(_params(resumed), _params(sharded), atol=TOL, rtol=TOL)
+    assert _close(resumed["states"][name], sharded["states"][name])
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_sharded_checkpoint_loads_into_one_process(launches, group) -> None:
+    export = launches[group]["export"]
+    assert export["is_dir"]  # Lightning wrote a distributed checkpoint folder, not a file
+    assert torch.allclose(_params(export), _params(launches[group]["sharded"]), atol=0, rtol=0)
+    # export_plain_checkpoint(checkpoint_path=<the folder>) writes a file a plain module loads strictly
+    plain = {"params": export["plain_checkpoint_params"]}
+    assert torch.allclose(_params(plain), _params(export), atol=0, rtol=0)
+    for name in GROUPS[group]:
+        assert any(key.startswith(name) for key in export["callbacks"]), (name, export["callbacks"])
+
+
+def test_library_classifier_shards_itself_and_equals_ddp(launches) -> None:
+    runs = launches["replay"]["classifier"]
+    assert runs["sharded"]["sharded"] and not runs["ddp"]["sharded"]
+    assert torch.allclose(_params(runs["sharded"]), _params(runs["ddp"]), atol=TOL, rtol=TOL)
