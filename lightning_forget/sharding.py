@@ -334,8 +334,6 @@ _REFUSALS: dict[str, str] = {
     "(DDP broadcasts rank 0's at every forward), and its task-end code reads whole tensors.",
     "KFPF": "Its inner loop takes gradients outside the training step (torch.autograd.grad), which do not "
     "reach FSDP2's sharded parameters (autograd sees the gathered copies).",
-    "LiNeS": "Its scaling needs the pre-trained weights in the parameters' layout, not yet kept as shards. "
-    "Scale a consolidated checkpoint with lightning_forget.merging.lines_scale instead.",
     "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",
     "GSLoRA": "Its group norms and merges are over whole tensors, not yet reduced over shards.",
     "UnlearningMethod": "Its reference model and saliency mask hold whole tensors, not yet shards.",

@@ -29,7 +29,7 @@ from tests.helpers.sharded_run import FIRST_GROUP
 
 GROUPS = {
     "replay": FIRST_GROUP,
-    "logits": ["DarkExperienceReplay", "InfiniteLRSchedule"],
+    "logits": ["DarkExperienceReplay", "InfiniteLRSchedule", "LiNeS"],
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -109,3 +109,15 @@ def test_library_classifier_shards_itself_and_equals_ddp(launches) -> None:
     runs = launches["replay"]["classifier"]
     assert runs["sharded"]["sharded"] and not runs["ddp"]["sharded"]
     assert torch.allclose(_params(runs["sharded"]), _params(runs["ddp"]), atol=TOL, rtol=TOL)
+
+
+def test_lines_keeps_theta0_as_shards_and_writes_full_files(launches) -> None:
+    result = launches["logits"]
+    sharded, ddp = result["sharded"], result["ddp"]
+    local, total = sharded["lines_theta0_numel"]
+    assert local < total and ddp["lines_theta0_numel"] == [total, total]  # rank 0's shards, not a full copy
+    files = sharded["lines_files"]
+    # The files hold full tensors: the scaled one the final (full) parameters, both equal DDP's.
+    assert torch.allclose(_params({"params": files["scaled"]}), _params(sharded), atol=0, rtol=0)
+    for kind in ("scaled", "unscaled"):
+        assert _close(files[kind], ddp["lines_files"][kind])

@@ -15,8 +15,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_forget import merging, reporting
+from lightning_forget.sharding import edit_local, full_tensor, is_sharded, local_clone, shard_like
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, atomic_edit, fit_ends_after_batch
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, atomic_edit, fit_ends_after_batch, strategy_name
 from lightning_forget.tasks import ContinualCallback
 from lightning_forget.validation import check_bool
 
@@ -282,8 +283,13 @@ class LiNeS(ContinualCallback):
     θ_0 is a CPU snapshot of the floating-point parameters taken at ``on_fit_start`` (or loaded
     from ``pretrained_ckpt``). Under DDP every rank holds identical weights, so each snapshots
     itself and applies the same deterministic edit; the swept α is broadcast from rank 0.
-    Sharded strategies (FSDP, DeepSpeed) are refused: scale a consolidated checkpoint with
-    :func:`lightning_forget.merging.lines_scale` instead.
+    Under ``ModelParallelStrategy`` (FSDP2) θ_0 and the unscaled weights are kept as each rank's
+    local shards (in the parameters' layout, never a full copy per rank; a θ_0 loaded from
+    ``pretrained_ckpt`` or a checkpoint is cut to the rank's slice), the scaling is applied to
+    each shard, and the files and the checkpointed ``theta0`` are full tensors gathered for
+    export only. There only ``apply_at="fit_end"`` with a fixed ``alpha`` runs (the sweep's
+    scoring forwards and ``task_end`` are refused in ``setup``). FSDP1 and DeepSpeed are refused:
+    scale a consolidated checkpoint with :func:`lightning_forget.merging.lines_scale` instead.
 
     **Choosing α.** Either a fixed ``alpha`` or a sweep over ``alpha_grid``: for each α the
     scaled weights are written into the model and scored, then the best is kept. The score is
@@ -353,8 +359,8 @@ class LiNeS(ContinualCallback):
         processes; use the files.
     """
 
-    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Tested single-process, under DDP and under ModelParallelStrategy (FSDP2, ``fit_end``, fixed α).
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ('apply_at', 'pretrained_ckpt', 'layer_pattern', 'depth_map')
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
@@ -439,6 +445,8 @@ class LiNeS(ContinualCallback):
         #: Files written by the last edit: {"scaled": path, "unscaled": path, "plot": path}.
         self.output_paths: dict[str, str] = {}
         self._restored = False  # θ_0 came from a checkpoint
+        self._theta0_full = False  # θ_0 holds full tensors (loaded), not yet cut to this rank's shards
+        self._layout: dict[str, Tensor] = {}  # name -> parameter: the layout θ_0's local shards have
         self._edited = False  # the weights were scaled during this fit
 
     @property
@@ -459,6 +467,13 @@ class LiNeS(ContinualCallback):
                 "Fix: train without the callback, then scale the consolidated checkpoint with "
                 "`lightning_forget.merging.lines_scale(pretrained, finetuned, alpha)`."
             )
+        if strategy_name(trainer.strategy) in SHARDED_STRATEGIES and (self.alpha_grid is not None or self.apply_at != "fit_end"):
+            raise RuntimeError(
+                f"LiNeS under ModelParallelStrategy runs apply_at='fit_end' with a fixed `alpha` only; got "
+                f"`apply_at`={self.apply_at!r}, `alpha_grid`={self.alpha_grid!r} (the sweep's scoring forwards "
+                "and the task-end edit are not supported sharded). Fix: pass `alpha=<value>` without "
+                "`alpha_grid` and apply_at='fit_end', or use strategy='ddp'."
+            )
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -466,17 +481,21 @@ class LiNeS(ContinualCallback):
         names = self._param_names(pl_module)
         # Fail before training when the depth cannot be inferred.
         merging.block_depths(names, self.layer_pattern, self.depth_map)
+        self._layout = {n: p for n, p in pl_module.named_parameters() if p.is_floating_point()}
         if self.apply_at == "fit_end" and not self._restored:
             if self.pretrained_ckpt is not None:
                 loaded, _ = load_weights(self.pretrained_ckpt)
-                self.theta0 = {n: t.detach().float().cpu().clone() for n, t in _align_names(names, loaded, self.pretrained_ckpt).items()}
+                full = {n: t.detach().float().cpu() for n, t in _align_names(names, loaded, self.pretrained_ckpt).items()}
+                self.theta0 = {n: shard_like(t, self._layout[n]).clone() for n, t in full.items()}
             else:
                 self.theta0 = self._snapshot(pl_module)
+            self._theta0_full = False
 
     @override
     def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         if self.apply_at == "task_end":
             self.theta0 = self._snapshot(pl_module)
+            self._theta0_full = False
 
     @override
     def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
@@ -522,7 +541,12 @@ class LiNeS(ContinualCallback):
 
     @staticmethod
     def _snapshot(pl_module: "pl.LightningModule") -> dict[str, Tensor]:
-        return {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters() if p.is_floating_point()}
+        # This rank's shards under FSDP2 (the whole tensors otherwise).
+        return {n: local_clone(p, device="cpu") for n, p in pl_module.named_parameters() if p.is_floating_point()}
+
+    def _gathered(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Full CPU tensors of local shards in ``_layout``'s layout (collective when sharded)."""
+        return {n: full_tensor(t, like=self._layout.get(n)).detach().cpu() for n, t in state.items()}
 
     def _beta_for(self, alpha: float) -> float:
         return 1.0 - alpha if self.beta is None else self.beta
@@ -550,8 +574,8 @@ class LiNeS(ContinualCallback):
     @torch.no_grad()
     def _write(pl_module: "pl.LightningModule", state: Mapping[str, Tensor]) -> None:
         params = dict(pl_module.named_parameters())
-        for name, value in state.items():
-            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+        for name, value in state.items():  # shard-wise: each value is the rank's local part
+            edit_local(params[name], lambda local, v: v.to(device=local.device, dtype=local.dtype), value)
 
     def _apply(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", suffix: str) -> None:
         if self.theta0 is None:
@@ -559,10 +583,14 @@ class LiNeS(ContinualCallback):
         missing = [n for n in self._param_names(pl_module) if n not in self.theta0]
         if missing:
             raise RuntimeError(f"The model gained parameters after θ_0 was taken, e.g. {missing[:5]}; LiNeS cannot scale them.")
+        if self._theta0_full:  # restored whole from a checkpoint: keep this rank's slice only
+            params = dict(pl_module.named_parameters())
+            self.theta0 = {n: shard_like(t, params[n]).clone() if is_sharded(params[n]) else t for n, t in self.theta0.items()}
+            self._theta0_full = False
         self.unscaled_state_dict = self._snapshot(pl_module)
         self.output_paths = {}
         if self.save_unscaled:
-            self._save_unscaled(trainer, suffix)
+            self._save_unscaled(trainer, pl_module, suffix)
         alpha = self.alpha if self.alpha_grid is None else self._sweep(trainer, pl_module)
         state, per_block = self.scaled_state(alpha)
         self._write(pl_module, state)
@@ -580,17 +608,22 @@ class LiNeS(ContinualCallback):
         )
         self._save_scaled(trainer, pl_module, suffix)
 
-    def _save_unscaled(self, trainer: "pl.Trainer", suffix: str) -> None:
+    def _save_unscaled(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", suffix: str) -> None:
         # Written before the sweep, so the fine-tuned weights are on disk whatever happens next.
         directory = reporting.results_dir(trainer)  # broadcasts rank 0's folder: call it on every rank
+        sharded = is_sharded(pl_module)
+        state = self._gathered(self.unscaled_state_dict) if sharded else self.unscaled_state_dict  # every rank
         if trainer.is_global_zero:
             os.makedirs(directory, exist_ok=True)
             path = reporting.output_paths(self, directory, {"unscaled": f"unscaled_weights{suffix}.pt"})["unscaled"]
-            torch.save(self.unscaled_state_dict, path)
+            torch.save(state, path)
             self.output_paths["unscaled"] = str(path)
 
     def _save_scaled(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", suffix: str) -> None:
         directory = reporting.results_dir(trainer)  # broadcasts rank 0's folder: call it on every rank
+        # FSDP2 state dicts hold DTensors: every rank joins the gathers, rank 0 writes.
+        state = {n: full_tensor(v).detach().cpu() for n, v in pl_module.state_dict().items()} if (
+            trainer.is_global_zero or is_sharded(pl_module)) else {}
         if not trainer.is_global_zero:
             return
         os.makedirs(directory, exist_ok=True)
@@ -598,7 +631,7 @@ class LiNeS(ContinualCallback):
             self, directory, {"scaled": f"lines_scaled_weights{suffix}.pt", "plot": f"lines_scales{suffix}.png"}
         )
         path = str(files["scaled"])
-        torch.save({name: value.detach().cpu() for name, value in pl_module.state_dict().items()}, path)
+        torch.save(state, path)
         self.output_paths["scaled"] = path
         if self.save_plot:
             figure = scales_figure(
@@ -665,8 +698,12 @@ class LiNeS(ContinualCallback):
     @override
     def method_state(self) -> dict[str, Any]:
         keep_theta0 = not (self.pretrained_ckpt is not None and self.apply_at == "fit_end") and self.theta0 is not None
+        # Full tensors (gathered from the shards under FSDP2: a collective, as checkpoints are).
+        theta0 = None
+        if keep_theta0:
+            theta0 = {n: t.detach().cpu() for n, t in self.theta0.items()} if self._theta0_full else self._gathered(self.theta0)
         return {
-            "theta0": {n: t.detach().cpu() for n, t in self.theta0.items()} if keep_theta0 else None,
+            "theta0": theta0,
             "applied_alpha": self.applied_alpha,
         }
 
@@ -675,5 +712,6 @@ class LiNeS(ContinualCallback):
         theta0 = state["theta0"]
         if theta0 is not None:
             self.theta0 = {n: t.detach().cpu() for n, t in theta0.items()}
+            self._theta0_full = True  # cut to this rank's shards when the edit needs it
             self._restored = True
         self.applied_alpha = state["applied_alpha"]

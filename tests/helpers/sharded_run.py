@@ -84,6 +84,8 @@ def _callbacks(names: list[str]) -> list[Callback]:
         "LRRewarming": lambda: cbs.LRRewarming(max_lr=0.1, warmup=2, steps_per_task=6),
         "InfiniteLRSchedule": lambda: cbs.InfiniteLRSchedule(max_lr=0.1, warmup=2, steps_per_task=6, cooldown_steps=2),
         "ContinualMetrics": lambda: cbs.ContinualMetrics(report=False),
+        # Blocks net.0 (scale α) and net.2 (scale 1) by name; fixed α, applied at each fit's end.
+        "LiNeS": lambda: cbs.LiNeS(alpha=0.3, save_plot=False),
         "ContinualEvaluation": lambda: cbs.ContinualEvaluation(
             # 5 rows over 2 ranks in batches of 2: rank 0 runs 2 forwards, rank 1's 2 rows 1, so under
             # sharding rank 1 must run one more (a sharded forward is collective) or the run hangs.
@@ -186,6 +188,13 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
     out["params"] = _params(module)
     out["states"] = {type(cb).__name__: _plain(cb.state_dict()) for cb in callbacks}
     out["param_types"] = sorted({type(p).__name__ for p in module.parameters()})
+    for cb in callbacks:
+        if type(cb).__name__ == "LiNeS":
+            # θ_0 as this rank's shards (numel), and the files of the last fit (rank 0 writes them).
+            out["lines_theta0_numel"] = [sum(t.numel() for t in cb.theta0.values()), sum(p.numel() for p in module.parameters())]
+            if cb.output_paths:
+                out["lines_files"] = {kind: {n: v.double().flatten().tolist() for n, v in torch.load(cb.output_paths[kind], weights_only=True).items()}
+                                      for kind in ("scaled", "unscaled")}
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
