@@ -341,6 +341,9 @@ _REFUSALS: dict[str, str] = {
     "of forwards, and a sharded forward is collective (ContinualEvaluation shows the fix: equal counts).",
     "UnlearningEvaluation": "Each rank evaluates its share of the samples, so ranks may run different numbers "
     "of forwards, and a sharded forward is collective (ContinualEvaluation shows the fix: equal counts).",
+    "LMUnlearningEvaluation": "Each rank generates and scores its share of the samples (greedy generation stops "
+    "at different lengths, GradNorm takes per-sample gradients of whole tensors), so ranks run different "
+    "numbers of forwards, and a sharded forward is collective.",
 }
 
 
