@@ -42,6 +42,11 @@ the official code effectively runs: the slow learner is the pre-trained model), 
 with the slow learner. Domain-incremental accuracy on every domain after each task.
 
     python benchmarks/ilora.py --stream rotated
+
+``--methods`` runs a subset (ER-LoRA always runs: it is the step-time reference);
+``--gradient-clip-val`` clips every method's gradient norm (the official runs' HF ``Trainer`` default is 1.0):
+
+    python benchmarks/ilora.py --stream rotated --methods i_lora --gradient-clip-val 1.0
 """
 
 from __future__ import annotations
