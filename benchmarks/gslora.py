@@ -5,7 +5,8 @@ Stream: a ViT (transformers ``ViTConfig``, built from the config, no download) i
 ten digits of the embedded 5k MNIST subset (minus a 10% held-out split for membership
 inference) until it fits its training data (training accuracy ``--fit-accuracy``, so that a
 membership-inference attack can tell its training samples from held-out ones before any
-unlearning), then forgets ``[8, 9]``, ``[6, 7]``, ``[4, 5]``, ``[2, 3]`` in four tasks (digits 0
+unlearning; AdamW 3e-3 with a cosine decay to 0 over ``--max-pretrain-epochs``, which
+``--pretrain-schedule constant`` turns off), then forgets ``[8, 9]``, ``[6, 7]``, ``[4, 5]``, ``[2, 3]`` in four tasks (digits 0
 and 1 are never forgotten). GS-LoRA follows the official continual script where it can: LoRA
 rank 8 on the two FFN linears of every block, everything else frozen, β = 0.2, AdamW (weight
 decay 0.05) with a cosine learning rate from 1e-2 to 1e-5 re-created for each task
@@ -27,7 +28,8 @@ retained training pool (same recipe as the original, measured for the first task
 table gives each block's group norm per task.
 
     python benchmarks/gslora.py --quick          # a smoke run (seconds)
-    python benchmarks/gslora.py --seeds 0 1 2    # the documented run
+    python benchmarks/gslora.py --seeds 0 1 2    # the full run
+    python benchmarks/gslora.py --seeds 0 --alphas 0.03 --plus-alpha 0.03 --no-official --fit-accuracy 0.999
 """
 
 from __future__ import annotations
