@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 batches per task, no grid")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ... (to add seeds to a run)")
     parser.add_argument("--buffers", type=int, nargs="+", default=[200, 500])
     parser.add_argument("--kappa", type=float, default=0.7)
     parser.add_argument("--lambd", type=float, default=0.1)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="DER++ only: also BatchNorm with the draws joined to the step's forward (bn-joined)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    seeds = [0] if args.quick else list(range(args.seeds))
+    seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     limit: Any = 20 if args.quick else (int(args.limit) if args.limit > 1 else args.limit)
     rows: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
     for method in [] if args.grid_only else args.methods:
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{delta:+.2f} | {mean_std([r['forgetting'] for r in cell['bn']])} | "
               f"{mean_std([r['forgetting'] for r in cell['adab2n']])} | {statistics.mean(ratio):.2f}× |")
         out[f"{method}{buffer}"] = {"acc_bn": acc_bn, "acc_adab2n": acc_ada, "step_ratio": ratio}
+        per_seed = "; ".join(f"{norm} " + ", ".join(f"{r['acc']:.3f}" for r in cell[norm]) for norm in cell)
+        print(f"|   per seed {seeds}: {per_seed} | | | | | | | |")
         if "bn-joined" in cell:
             joined = [r["acc"] for r in cell["bn-joined"]]
             out[f"{method}{buffer}"]["acc_bn_joined"] = joined

@@ -42,6 +42,11 @@ the official code effectively runs: the slow learner is the pre-trained model), 
 with the slow learner. Domain-incremental accuracy on every domain after each task.
 
     python benchmarks/ilora.py --stream rotated
+
+``--methods`` runs a subset (ER-LoRA always runs: it is the step-time reference);
+``--gradient-clip-val`` clips every method's gradient norm (the official runs' HF ``Trainer`` default is 1.0):
+
+    python benchmarks/ilora.py --stream rotated --methods i_lora --gradient-clip-val 1.0
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def pretrained_base(seed: int, steps: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train(method: str, seed: int, base: dict[str, torch.Tensor], quick: bool) -> dict[str, Any]:
+def train(method: str, seed: int, base: dict[str, torch.Tensor], quick: bool, clip: Optional[float] = None) -> dict[str, Any]:
     """One continual run; returns the accuracy matrix, final losses, step time and peak memory."""
     import lightning.pytorch as pl
 
@@ -119,6 +124,7 @@ def train(method: str, seed: int, base: dict[str, torch.Tensor], quick: bool) ->
         accelerator="auto", devices=1, max_epochs=data.max_epochs, reload_dataloaders_every_n_epochs=1,
         enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
         num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=2 if quick else None,
+        gradient_clip_val=clip,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -136,7 +142,7 @@ def train(method: str, seed: int, base: dict[str, torch.Tensor], quick: bool) ->
 VIT_METHODS = ("lora", "er_lora", "i_lora")
 
 
-def train_vit(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
+def train_vit(method: str, seed: int, base: Any, quick: bool, clip: Optional[float] = None) -> dict[str, Any]:
     """One Split MNIST run of a tiny ViT (random weights from a ViTConfig, frozen) with LoRA and a trained head."""
     import lightning.pytorch as pl
 
@@ -152,7 +158,7 @@ def train_vit(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
         num_classes=10, input_shape=(1, 28, 28), num_tasks=5, report=False,
         optimizer=partial(torch.optim.AdamW, lr=3e-3),
     )
-    return _fit_vit(method, seed, model, data, quick)
+    return _fit_vit(method, seed, model, data, quick, clip)
 
 
 ROTATED_METHODS = ("lora", "er_lora", "i_lora", "i_lora_λ0.99", "i_lora_frozen")
@@ -193,7 +199,7 @@ def pretrained_vit(seed: int, epochs: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_rotated(method: str, seed: int, base: Any, quick: bool) -> dict[str, Any]:
+def train_rotated(method: str, seed: int, base: Any, quick: bool, clip: Optional[float] = None) -> dict[str, Any]:
     """One Rotated MNIST run (4 domains, 0/30/60/90 degrees) of a tiny ViT (random weights, frozen) with LoRA
     and a trained head: the same ten digits in every task, so sequential LoRA forgets partly, not completely."""
     import lightning.pytorch as pl
@@ -205,10 +211,10 @@ def train_rotated(method: str, seed: int, base: Any, quick: bool) -> dict[str, A
     data = RotatedMNIST(angles=ROTATED_ANGLES, batch_size=32, epochs_per_task=1, seed=seed)
     model = _rotated_classifier()
     model.load_state_dict(base)
-    return _fit_vit(method, seed, model, data, quick)
+    return _fit_vit(method, seed, model, data, quick, clip)
 
 
-def _fit_vit(method: str, seed: int, model: Any, data: Any, quick: bool) -> dict[str, Any]:
+def _fit_vit(method: str, seed: int, model: Any, data: Any, quick: bool, clip: Optional[float] = None) -> dict[str, Any]:
     """Put the method on ``model.backbone`` (a ViT), fit the stream, return the accuracy matrix, step time, peak memory.
 
     ``lora``: LoRA only; ``er_lora``: LoRA and a 500-sample reservoir ``ExperienceReplay``;
@@ -234,7 +240,7 @@ def _fit_vit(method: str, seed: int, model: Any, data: Any, quick: bool) -> dict
         accelerator="auto", devices=1, max_epochs=data.max_epochs, reload_dataloaders_every_n_epochs=1,
         enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
         num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=3 if quick else None,
-        limit_val_batches=2 if quick else None,
+        limit_val_batches=2 if quick else None, gradient_clip_val=clip,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -287,10 +293,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--stream", choices=("instructions", "vit", "rotated"), default="instructions",
                         help="instructions: tiny GPT-2 on the instruction stream; vit: tiny ViT on Split MNIST; "
                              "rotated: pre-trained tiny ViT on Rotated MNIST")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="run only these methods of the stream (default: all; er_lora is always added: the reference)")
+    parser.add_argument("--gradient-clip-val", type=float, default=None,
+                        help="Trainer(gradient_clip_val=...) for every method (the official runs' HF Trainer clips at 1.0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     methods = STREAM_METHODS[args.stream]
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(methods))
+        if unknown:
+            parser.error(f"--methods {unknown}: not methods of --stream {args.stream}; choose from {list(methods)}")
+        methods = tuple(m for m in methods if m in args.methods or m == "er_lora")
     metric = "exact match" if args.stream == "instructions" else "accuracy"
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     started = time.perf_counter()
@@ -302,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[dict[str, Any]]]:
         else:
             base = None
         for method in methods:  # interleaved: machine load affects every method alike
-            results[method].append(run_isolated(args.stream, method, seed, base, args.quick))
+            results[method].append(run_isolated(args.stream, method, seed, base, args.quick, args.gradient_clip_val))
             row = results[method][-1]
             loss = "" if row["loss"] is None else f", answer loss {row['loss']:.3f}"
             print(f"seed {seed} {method}: {metric} {row['summary'].get('average_accuracy')}, "
@@ -329,6 +344,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[dict[str, Any]]]:
                 print(f"seed {seed} {method}: " + " / ".join("[" + ", ".join(f"{v:.3f}" for v in row) + "]" for row in matrix))
             mean = matrices.mean(0)
             print(f"{method}: " + " / ".join("[" + ", ".join(f"{v:.3f}" for v in row) + "]" for row in mean.tolist()))
+    if args.gradient_clip_val is not None:
+        print(f"gradient_clip_val={args.gradient_clip_val} for every method")
     print(f"\n{len(seeds)} seed(s); wall time {time.perf_counter() - started:.0f} s")
     return results
 
