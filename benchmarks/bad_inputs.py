@@ -583,6 +583,8 @@ def _unlearning_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
         ("GradDiff", "retain_loss='mse'", "retain_loss", lambda: GradDiff(retain_loss="mse")),
         ("GradDiff", "restore_mode='best'", "restore_mode", lambda: GradDiff(restore_mode="best")),
         ("GradDiff", "seed='0'", "seed", lambda: GradDiff(seed="0")),
+        ("GradDiff", "gradient_surgery='pcgrad'", "gradient_surgery", lambda: GradDiff(gradient_surgery="pcgrad")),
+        ("GradDiff", "gradient_surgery=True", "gradient_surgery", lambda: GradDiff(gradient_surgery=True)),
         ("RandomLabels", "forget_weight=nan", "forget_weight", lambda: RandomLabels(forget_weight=float("nan"))),
         ("RandomLabels", "exclude_true='yes'", "exclude_true", lambda: RandomLabels(exclude_true="yes")),
         ("RandomLabels", "mask_fraction=1.5", "mask_fraction", lambda: RandomLabels(mask_fraction=1.5)),
