@@ -3,6 +3,7 @@
 from lightning_forget.callbacks.adab2n import AdaB2N
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
+from lightning_forget.callbacks.erasure import ESD, UCE, ConceptAblation, ErasureMethod
 from lightning_forget.callbacks.forget_eval import ForgetRetainEvaluation
 from lightning_forget.callbacks.gs_lora import GSLoRA
 from lightning_forget.callbacks.i_lora import ILoRA
@@ -29,4 +30,6 @@ __all__ = [
     "FineTune", "GradDiff", "GradientAscent", "L1Sparse", "RandomLabels", "SalUn", "SCRUB", "UnlearningEvaluation",
     # language-model unlearning (the same mechanism)
     "IdkPO", "NPO", "RMU", "SimNPO",
+    # concept erasure in diffusion models (one shared mechanism: ErasureMethod)
+    "ConceptAblation", "ErasureMethod", "ESD", "UCE",
 ]
