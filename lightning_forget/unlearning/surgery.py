@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from lightning_forget.gradients import average_gradients, compute_gradients
 from lightning_forget.validation import check_choice, check_float
 
-__all__ = ["GradientSurgery", "SurgeryResult", "SURGERY_MODES", "concept_preserving_gradient", "whole_tensor_products"]
+__all__ = ["GradientSurgery", "SurgeryResult", "SURGERY_MODES", "clip_global_norm", "concept_preserving_gradient",
+           "whole_tensor_products"]
 
 SurgeryMode = Literal["project", "doco"]
 SURGERY_MODES: tuple[str, ...] = ("project", "doco")
@@ -83,6 +84,15 @@ def whole_tensor_products(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> d
                              "Fix: pass gradients of the same parameters.")
         out[name] = (torch.dot(uf, pf), torch.dot(uf, uf), torch.dot(pf, pf))
     return out
+
+
+def clip_global_norm(grads: Mapping[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+    """``grads`` scaled by ``min(1, max_norm / (‖grads‖ + 1e-6))``, ``‖·‖`` over all tensors together
+    (``torch.nn.utils.clip_grad_norm_``'s rule, without touching ``.grad``)."""
+    products = whole_tensor_products(grads, grads)
+    total = torch.stack([uu for _, uu, _ in products.values()]).sum().sqrt() if products else torch.zeros(())
+    coeff = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return {name: (g.to(coeff.dtype) * coeff).to(g.dtype) for name, g in grads.items()}
 
 
 def concept_preserving_gradient(
@@ -150,12 +160,17 @@ class GradientSurgery:
         add_preservation: whether the step follows ``g_p`` too (``g_u' + g_p``, a GradDiff-style
             step with the conflict removed) or only ``g_u'`` (the DoCo code: the preservation loss
             only steers the unlearning gradient).
+        clip_norm: ``None`` or the norm each of ``g_u`` and ``g_p`` is clipped to (over all the
+            trained tensors together) before the surgery, as the DoCo code clips both to
+            ``max_grad_norm`` = 1.
     """
 
-    def __init__(self, mode: SurgeryMode = "project", strength: float = 1.0, add_preservation: bool = True) -> None:
+    def __init__(self, mode: SurgeryMode = "project", strength: float = 1.0, add_preservation: bool = True,
+                 clip_norm: Optional[float] = None) -> None:
         self.mode = check_choice("mode", mode, SURGERY_MODES)
         self.strength = check_float("strength", strength, min=0)
         self.add_preservation = bool(add_preservation)
+        self.clip_norm = check_float("clip_norm", clip_norm, min=0, min_inclusive=False, allow_none=True)
         self.pending: Optional[dict[str, Tensor]] = None
         self.last: Optional[SurgeryResult] = None
 
@@ -192,13 +207,12 @@ class GradientSurgery:
                                "trainable parameters changed within an optimizer step.")
         unlearn = average_gradients(strategy, {name: pending[name] for name in params})
         preserve = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in params.items()}
+        if self.clip_norm is not None:
+            unlearn, preserve = clip_global_norm(unlearn, self.clip_norm), clip_global_norm(preserve, self.clip_norm)
         result = concept_preserving_gradient(unlearn, preserve, mode=self.mode, strength=self.strength)  # type: ignore[arg-type]
         with torch.no_grad():
             for name, p in params.items():
                 step = result.gradients[name].to(p.dtype)
-                if self.add_preservation and p.grad is not None:
-                    p.grad.add_(step)
-                else:
-                    p.grad = step.clone()
+                p.grad = (step + preserve[name].to(p.dtype)) if self.add_preservation else step.clone()
         self.last = result
         return result
