@@ -6,6 +6,7 @@ from lightning_forget.callbacks.continual_metrics import ContinualMetrics
 from lightning_forget.callbacks.erasure import ESD, UCE, ConceptAblation, ErasureMethod
 from lightning_forget.callbacks.doco import DoCo
 from lightning_forget.callbacks.salun_diffusion import SalUnDiffusion
+from lightning_forget.callbacks.sfd import SFD
 from lightning_forget.callbacks.forget_eval import ForgetRetainEvaluation
 from lightning_forget.callbacks.gs_lora import GSLoRA
 from lightning_forget.callbacks.i_lora import ILoRA
@@ -34,5 +35,5 @@ __all__ = [
     "IdkPO", "NPO", "RMU", "SimNPO",
     # concept erasure in diffusion models (one shared mechanism: ErasureMethod)
     "ConceptAblation", "ErasureMethod", "ESD", "UCE",
-    "DoCo", "SalUnDiffusion",
+    "DoCo", "SalUnDiffusion", "SFD",
 ]
