@@ -221,3 +221,56 @@ def test_salun_diffusion_refuses_bad_arguments() -> None:
         SalUnDiffusion(erase=[1], pseudo=[2])
     with pytest.raises(ValueError, match="num_forget_samples"):
         SalUnDiffusion(erase=[1], num_forget_samples=0)
+
+
+# ---------------------------------------------------------------------- SFD
+def test_sid_and_fake_score_losses_against_hand_values() -> None:
+    from lightning_forget.unlearning.distill import fake_score_loss, sid_generator_loss
+
+    x0, p, s = (torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[2.0, 1.0]]]]), torch.tensor([[[[1.0, 1.0]]]]))
+    # ω = mean|p − x0| = 1; (p − s)·((p − x0) − 1.2(p − s)) = (1, 0)·(−0.2, 1) = −0.2
+    assert float(sid_generator_loss(x0, p, s, alpha=1.2)) == pytest.approx(-0.2)
+    assert float(sid_generator_loss(x0, p, s, alpha=0.0)) == pytest.approx(1.0)
+    assert float(sid_generator_loss(2 * x0, 2 * p, 2 * s, alpha=1.2)) == pytest.approx(-0.4)  # ω scales too
+    assert float(fake_score_loss(torch.tensor([[[[1.0, 2.0]]], [[[0.0, 1.0]]]]), torch.zeros(2, 1, 1, 2))) == pytest.approx(3.0)
+
+
+def test_sfd_trains_the_generator_and_its_fake_score_with_the_teacher_frozen(tmp_path: Path) -> None:
+    from lightning_forget.callbacks import SFD
+
+    module = tiny()
+    start = {n: p.detach().clone() for n, p in module.named_parameters()}
+    callback = SFD(erase=[1], batch_size=4)
+    trainer = _fit(tmp_path, module, [callback], steps=2)
+    assert any(not torch.equal(p, start[n]) for n, p in module.named_parameters())  # G trained
+    assert any(not torch.equal(v, start[n]) for n, v in callback.fake.items())  # s trained (its own optimizer)
+    assert all(not v.is_set_to(start[n]) for n, v in callback.fake.items())
+    teacher = callback._get_teacher(module)
+    assert all(torch.equal(teacher.weights[n], start[n]) for n in teacher.weights if n in start)
+    assert {"sfd/fake_loss", "sfd/remain_loss", "sfd/forget_loss"} <= set(trainer.callback_metrics)
+    labels = torch.tensor([0, 1, 2, 3])
+    assert torch.equal(callback.generate(module, labels, seed=5), callback.generate(module, labels, seed=5))
+    assert callback._steps(module) == (22, 2, 36)  # 440/38/712 of 1,000 steps, on T = 50
+    assert callback.override_ids(module, torch.tensor([1, 3]), [0, 2], torch.Generator()).tolist() == [2, 0]
+    drawn = SFD(erase=[1], override="random").override_ids(module, torch.ones(20, dtype=torch.long), [0, 2],
+                                                              torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0, 2}
+    x_t = torch.randn(2, 1, 8, 8, requires_grad=True)
+    eps = callback.teacher_eps_with_input_grad(module, x_t, torch.tensor([5, 9]), torch.tensor([0, 2]))
+    assert torch.autograd.grad(eps.sum(), x_t)[0].abs().sum() > 0  # SiD's gradient reaches G through the teacher's input
+    restored = SFD(erase=[1], batch_size=4)
+    restored.load_state_dict(callback.state_dict())
+    assert all(torch.equal(restored._build_fake(module)[n], v.detach()) for n, v in callback.fake.items())
+
+
+def test_sfd_refuses_bad_arguments() -> None:
+    from lightning_forget.callbacks import SFD
+
+    with pytest.raises(ValueError, match="t_min"):
+        SFD(erase=[1], t_min=0.8, t_max=0.5)
+    with pytest.raises(ValueError, match="t_init"):
+        SFD(erase=[1], t_init=1.0)
+    with pytest.raises(TypeError, match="override"):
+        SFD(erase=[1], override=[2])
+    with pytest.raises(ValueError, match="fake_lr"):
+        SFD(erase=[1], fake_lr=0.0)
