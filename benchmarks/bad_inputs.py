@@ -585,6 +585,7 @@ def _unlearning_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
         ("GradDiff", "seed='0'", "seed", lambda: GradDiff(seed="0")),
         ("GradDiff", "gradient_surgery='pcgrad'", "gradient_surgery", lambda: GradDiff(gradient_surgery="pcgrad")),
         ("GradDiff", "gradient_surgery=True", "gradient_surgery", lambda: GradDiff(gradient_surgery=True)),
+        *_erasure_b_cases(),
         ("RandomLabels", "forget_weight=nan", "forget_weight", lambda: RandomLabels(forget_weight=float("nan"))),
         ("RandomLabels", "exclude_true='yes'", "exclude_true", lambda: RandomLabels(exclude_true="yes")),
         ("RandomLabels", "mask_fraction=1.5", "mask_fraction", lambda: RandomLabels(mask_fraction=1.5)),
@@ -637,6 +638,31 @@ def _unlearning_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
         ("FictitiousQADataModule", "num_perturbed=0", "num_perturbed", lambda: FictitiousQADataModule(num_perturbed=0)),
         ("FictitiousQADataModule", "questions_per_person=0", "questions_per_person",
          lambda: FictitiousQADataModule(questions_per_person=0)),
+    ]
+
+
+def _erasure_b_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """DoCo, SalUnDiffusion and SFD."""
+    from lightning_forget.callbacks import SFD, DoCo, SalUnDiffusion
+
+    return [
+        ("DoCo", "gradient_surgery='pcgrad'", "gradient_surgery", lambda: DoCo(erase=[1], gradient_surgery="pcgrad")),
+        ("DoCo", "discriminator_lr=0", "discriminator_lr", lambda: DoCo(erase=[1], discriminator_lr=0.0)),
+        ("DoCo", "discriminator_warmup=-1", "discriminator_warmup", lambda: DoCo(erase=[1], discriminator_warmup=-1)),
+        ("DoCo", "discriminator_blocks=0", "discriminator_blocks", lambda: DoCo(erase=[1], discriminator_blocks=0)),
+        ("DoCo", "clip_norm=0", "clip_norm", lambda: DoCo(erase=[1], clip_norm=0.0)),
+        ("DoCo", "add_preservation='no'", "add_preservation", lambda: DoCo(erase=[1], add_preservation="no")),
+        ("SalUnDiffusion", "mask_fraction=0", "mask_fraction", lambda: SalUnDiffusion(erase=[1], mask_fraction=0.0)),
+        ("SalUnDiffusion", "pseudo=[2]", "pseudo", lambda: SalUnDiffusion(erase=[1], pseudo=[2])),
+        ("SalUnDiffusion", "num_forget_samples=0", "num_forget_samples", lambda: SalUnDiffusion(erase=[1], num_forget_samples=0)),
+        ("SalUnDiffusion", "batch_size=0", "batch_size", lambda: SalUnDiffusion(erase=[1], batch_size=0)),
+        ("SalUnDiffusion", "retain_weight=-1", "retain_weight", lambda: SalUnDiffusion(erase=[1], retain_weight=-1.0)),
+        ("SFD", "t_min >= t_max", "t_min", lambda: SFD(erase=[1], t_min=0.8, t_max=0.5)),
+        ("SFD", "t_init=1", "t_init", lambda: SFD(erase=[1], t_init=1.0)),
+        ("SFD", "override=[2]", "override", lambda: SFD(erase=[1], override=[2])),
+        ("SFD", "alpha=-1", "alpha", lambda: SFD(erase=[1], alpha=-1.0)),
+        ("SFD", "fake_lr=0", "fake_lr", lambda: SFD(erase=[1], fake_lr=0.0)),
+        ("SFD", "forget_weight=nan", "forget_weight", lambda: SFD(erase=[1], forget_weight=float("nan"))),
     ]
 
 
