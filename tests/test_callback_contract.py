@@ -11,6 +11,7 @@ state on both ranks (and that comparison fails for a callback whose state differ
 from __future__ import annotations
 
 import copy
+from functools import partial
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,12 +23,15 @@ import yaml
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
 from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, ILoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.callbacks import SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn, UnlearningEvaluation
+from lightning_forget.callbacks import ESD, UCE, ConceptAblation
+from lightning_forget.callbacks.erasure_eval import ErasureEvaluation
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
 from tests.helpers.text import TINY_INSTRUCTIONS, TINY_LM, tiny_instruction_stream, tiny_lm
 from tests.helpers.harness import BatchRecorder, flat_tensors, params_vector, run_ddp_pair, run_stream, same_state, tiny_classifier
 from tests.helpers.models import conv_classifier
+from tests.helpers.diffusion import TINY_UNET, DigitImageStream, tiny_diffusion
 
 
 @dataclass
@@ -295,6 +299,30 @@ ROWS = [
         data_yaml={"class_path": "lightning_forget.datamodules.ForgetRetainDataModule",
                    "init_args": {**_FORGET_DATA, "retain_only": True}},
     ),
+    # Concept erasure on a tiny diffusion model over a 3-task digits image stream: one digit erased per task.
+    *[
+        Row(row_id, cls, kwargs, bad, make_data=DigitImageStream, make_model=partial(tiny_diffusion, unet=unet),
+            model_yaml={"class_path": "lightning_forget.modules.DiffusionModule",
+                        "init_args": {**TINY_UNET, "unet": unet}},
+            data_yaml={"class_path": "tests.helpers.diffusion.DigitImageStream"})
+        for row_id, cls, unet, kwargs, bad in [
+            ("ESD", ESD, "conditional", {"erase": [[0], [2], [4]], "ddim_steps": 3, "seed": 1},
+             [({"erase": [0], "negative_guidance": -1.0}, ValueError, "negative_guidance"),
+              ({"erase": [0], "parameters": "xattn"}, ValueError, "parameters"), ({"erase": []}, ValueError, "erase")]),
+            ("ESD-u-lora-class", ESD, "class", {"erase": [[0], [2], [4]], "parameters": "u", "lora_rank": 2, "ddim_steps": 2},
+             [({"erase": [0], "lora_rank": 0}, ValueError, "lora_rank"), ({"erase": [0], "lora_alpha": 2.0}, ValueError, "lora_alpha")]),
+            ("ConceptAblation", ConceptAblation, "conditional",
+             {"erase": [[0], [2], [4]], "anchor": 1, "num_anchor_samples": 4, "sample_steps": 2, "prior_preservation": True},
+             [({"erase": [0], "anchor": 1.5}, TypeError, "anchor"), ({"erase": [0], "batch_size": 0}, ValueError, "batch_size")]),
+            ("UCE", UCE, "conditional", {"erase": [[0], [2], [4]], "when": "task_end"},
+             [({"erase": [0], "lamb": 0.0}, ValueError, "lamb"), ({"erase": [0], "when": "fit_end"}, ValueError, "when"),
+              ({"erase": [0], "lora_rank": 2}, ValueError, "lora_rank")]),
+            ("ErasureEvaluation", ErasureEvaluation, "conditional",
+             {"erase": [[0], [2], [4]], "samples_per_class": 2, "judge_epochs": 1, "num_steps": 2, "grid_per_class": 2},
+             [({"erase": [0], "samples_per_class": 1}, ValueError, "samples_per_class"),
+              ({"erase": [0], "data": "cifar"}, ValueError, "data"), ({"erase": [0], "classifier": 3}, TypeError, "classifier")]),
+        ]
+    ],
 ]
 
 

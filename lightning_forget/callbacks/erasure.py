@@ -29,7 +29,7 @@ from lightning_forget.losses import output_loss, remove_training_step_hooks, tra
 from lightning_forget.modules.diffusion import Concept, ddim_sample
 from lightning_forget.precision import forward_context
 from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, atomic_edit
-from lightning_forget.unlearning.erasure import esd_target, parameter_set, uce_edit_projections
+from lightning_forget.unlearning.erasure import cross_attention_projections, esd_target, parameter_set, uce_edit_projections
 from lightning_forget.unlearning.reference import ReferenceModel, has_lora_adapters
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str, message
 
@@ -217,14 +217,22 @@ class ErasureMethod(ContinualCallback):
         """A CPU generator for this step and rank (reproducible, resumable; each rank draws its own)."""
         return rank_generator(self.seed, trainer.global_step, trainer.global_rank)
 
+    def teacher_call(self, pl_module: "pl.LightningModule", fn: Any) -> Any:
+        """``fn(model)`` with the teacher's weights in place (no grad, eval mode, the trainer's precision): one
+        weight swap for a whole computation (e.g. a sampling loop), where :meth:`teacher_eps` swaps per call."""
+        teacher = self._get_teacher(pl_module)
+        with forward_context(pl_module.trainer):
+            return teacher(fn)
+
     def partial_ddim(self, pl_module: "pl.LightningModule", labels: Tensor, num_steps: int, guidance_scale: float,
                      generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``(x_t, t)``: DDIM sampling of ``labels`` with the **teacher**, stopped after a random number of steps."""
+        """``(x_t, t)``: DDIM sampling of ``labels`` with the **teacher**, stopped after a random number of steps
+        in ``[0, num_steps)`` (drawn from ``generator``, then ``x_T``)."""
         stop = int(torch.randint(0, num_steps, (1,), generator=generator))
         noise = torch.randn((labels.shape[0], *self._image_shape(pl_module)), generator=generator).to(pl_module.device)
-        x_t, t = ddim_sample(lambda x, tt, c: self.teacher_eps(pl_module, x, tt, c), pl_module.noise_scheduler,
-                             labels, noise, int(pl_module.null_label), num_steps, guidance_scale, stop_after=stop)
-        return x_t, t
+        return self.teacher_call(pl_module, lambda model: ddim_sample(
+            model.eps, model.noise_scheduler, labels, noise, int(model.null_label), num_steps, guidance_scale,
+            stop_after=stop))
 
     @staticmethod
     def _image_shape(pl_module: "pl.LightningModule") -> tuple[int, int, int]:
@@ -399,8 +407,9 @@ class ESD(ErasureMethod):
         labels = torch.tensor(erase, dtype=torch.long)[pick].to(pl_module.device)
         x_t, t = self.partial_ddim(pl_module, labels, self.ddim_steps, self.start_guidance, generator)
         base_id = pl_module.null_label if self.erase_from is None else self._index(pl_module, self.erase_from, "erase_from")
-        eps_c = self.teacher_eps(pl_module, x_t, t, labels)
-        eps_base = self.teacher_eps(pl_module, x_t, t, torch.full_like(labels, int(base_id)))
+        both = self.teacher_eps(pl_module, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                torch.cat([labels, torch.full_like(labels, int(base_id))]))
+        eps_c, eps_base = both.chunk(2)
         target = esd_target(eps_c, eps_base, self.negative_guidance)
         with forward_context(pl_module.trainer):
             prediction = pl_module.eps(x_t, t, labels)
@@ -517,6 +526,10 @@ def erase_with_uce(
     Returns:
         The edited layers' names.
     """
+    if not cross_attention_projections(pl_module.unet):
+        raise ValueError(message("pl_module", "a model whose UNet has cross-attention (attn2.to_k / to_v)",
+                                 type(pl_module.unet).__name__,
+                                 "use DiffusionModule(unet='conditional'); a UNet2DModel has no cross-attention for UCE"))
     erase_ids = [pl_module.concept_index(c) for c in erase]
     guides = list(guide) if isinstance(guide, (list, tuple)) else [guide] * len(erase_ids)
     if len(guides) != len(erase_ids):

@@ -34,6 +34,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_forget.distributed import rank_generator
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str, message
 
 __all__ = ["DiffusionModule", "PRESETS", "Concept", "ddim_sample", "digits_data", "mnist_data"]
@@ -161,6 +162,9 @@ class DiffusionModule(pl.LightningModule):
         sample_steps: default DDIM steps of :meth:`sample`.
         guidance_scale: default classifier-free guidance ``w`` of :meth:`sample`.
         pretrained_path: a folder to load (``None``: build from the arguments above).
+        seed: seed of the training draws (label dropout, ``t``, ``ε``): each step draws from a
+            generator seeded by ``(seed, epoch, batch index, rank)``, so a resumed run draws what
+            the uninterrupted one drew, whatever the global RNG.
 
     Logged: ``train/loss`` (per step and epoch).
     """
@@ -188,6 +192,7 @@ class DiffusionModule(pl.LightningModule):
         sample_steps: int = 50,
         guidance_scale: float = 2.0,
         pretrained_path: Optional[str] = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -208,6 +213,7 @@ class DiffusionModule(pl.LightningModule):
         self.guidance_scale = check_float("guidance_scale", guidance_scale, min=0)
         self.condition_tokens = check_int("condition_tokens", condition_tokens, min=1)
         self.pretrained_path = check_str("pretrained_path", pretrained_path, allow_none=True)
+        self.seed = check_int("seed", seed)
         from diffusers import DDPMScheduler
 
         if self.pretrained_path is not None:
@@ -381,18 +387,28 @@ class DiffusionModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0, labels = self.split_batch(batch)
         labels = labels.long()
+        trainer = self._trainer
+        keys = (trainer.current_epoch, batch_idx, trainer.global_rank) if trainer is not None else (batch_idx,)
+        generator = rank_generator(self.seed, *keys)
         if self.label_dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
+            drop = (torch.rand(labels.shape, generator=generator) < self.label_dropout).to(labels.device)
             labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
-        loss = self.denoising_loss(x0, labels)
+        loss = self.denoising_loss(x0, labels, generator)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The denoising loss with fixed draws (``val/loss``; one value per loader of a continual stream)."""
+        return self._eval_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._eval_loss(batch, batch_idx, "test")
+
+    def _eval_loss(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
         x0, labels = self.split_batch(batch)
-        generator = torch.Generator().manual_seed(batch_idx)  # the same t and ε each validation
+        generator = torch.Generator().manual_seed(batch_idx)  # the same t and ε each evaluation
         loss = self.denoising_loss(x0, labels.long(), generator)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -447,11 +463,19 @@ class DiffusionModule(pl.LightningModule):
         self.ema_decay = None
 
     # ------------------------------------------------------------------ sampling
-    def initial_noise(self, n: int, seed: int) -> Tensor:
-        """``x_T`` for ``n`` samples from a CPU generator seeded with ``seed`` (device-independent)."""
+    def initial_noise(self, n: int, seed: int, indices: Optional[Sequence[int]] = None) -> Tensor:
+        """``x_T`` for ``n`` samples from a CPU generator seeded with ``seed`` (device-independent).
+
+        With ``indices``, sample ``i`` gets its own generator seeded from ``(seed, indices[i])``, so a
+        sample's noise does not depend on which rank or batch draws it (``n`` is then ``len(indices)``).
+        """
+        shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        if indices is not None:
+            rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)))
+                    for i in indices]
+            return (torch.stack(rows) if rows else torch.zeros((0, *shape))).to(self.device)
         generator = torch.Generator().manual_seed(int(seed))
-        shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        return torch.randn(shape, generator=generator).to(self.device)
+        return torch.randn((n, *shape), generator=generator).to(self.device)
 
     @torch.no_grad()
     def sample(
@@ -465,6 +489,7 @@ class DiffusionModule(pl.LightningModule):
         progress: bool = False,
         batch_size: int = 256,
         eps_fn: Optional[EpsFn] = None,
+        noise: Optional[Tensor] = None,
     ) -> Tensor:
         """Generate one image per label with DDIM and classifier-free guidance; the same seed gives the same images.
 
@@ -478,6 +503,7 @@ class DiffusionModule(pl.LightningModule):
             progress: show a progress bar.
             batch_size: images per forward.
             eps_fn: another noise predictor ``(x_t, t, labels) -> ε`` (e.g. a frozen teacher's).
+            noise: ``x_T`` to start from (default: :meth:`initial_noise` of ``seed``).
 
         Returns:
             Images ``(N, C, H, W)`` in the model's space (decoded by the VAE when there is one).
@@ -487,7 +513,7 @@ class DiffusionModule(pl.LightningModule):
         labels = labels.long().to(self.device)
         steps = self.sample_steps if num_steps is None else check_int("num_steps", num_steps, min=1)
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        noise = self.initial_noise(labels.shape[0], seed)
+        noise = self.initial_noise(labels.shape[0], seed) if noise is None else noise.to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(int(seed) + 1)
         was_training = self.training
         self.eval()
