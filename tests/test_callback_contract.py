@@ -23,7 +23,7 @@ import yaml
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
 from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, ILoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.callbacks import SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn, UnlearningEvaluation
-from lightning_forget.callbacks import ESD, UCE, ConceptAblation
+from lightning_forget.callbacks import ESD, SFD, UCE, ConceptAblation, DoCo, SalUnDiffusion
 from lightning_forget.callbacks.erasure_eval import ErasureEvaluation
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
@@ -317,6 +317,16 @@ ROWS = [
             ("UCE", UCE, "conditional", {"erase": [[0], [2], [4]], "when": "task_end"},
              [({"erase": [0], "lamb": 0.0}, ValueError, "lamb"), ({"erase": [0], "when": "fit_end"}, ValueError, "when"),
               ({"erase": [0], "lora_rank": 2}, ValueError, "lora_rank")]),
+            ("DoCo", DoCo, "conditional",
+             {"erase": [[0], [2], [4]], "discriminator_warmup": 1, "discriminator_width": 8, "num_anchor_samples": 4,
+              "sample_steps": 2, "batch_size": 4},
+             [({"erase": [0], "gradient_surgery": "pcgrad"}, ValueError, "gradient_surgery"),
+              ({"erase": [0], "discriminator_lr": 0.0}, ValueError, "discriminator_lr")]),
+            ("SalUnDiffusion-class", SalUnDiffusion, "class",
+             {"erase": [[0], [2], [4]], "num_forget_samples": 4, "sample_steps": 2, "batch_size": 4, "mask_batch_size": 4},
+             [({"erase": [0], "mask_fraction": 0.0}, ValueError, "mask_fraction"), ({"erase": [0], "pseudo": 1.5}, TypeError, "pseudo")]),
+            ("SFD-lora", SFD, "conditional", {"erase": [[0], [2], [4]], "batch_size": 4, "parameters": "attn", "lora_rank": 2},
+             [({"erase": [0], "t_init": 1.0}, ValueError, "t_init"), ({"erase": [0], "override": 2.5}, TypeError, "override")]),
             ("ErasureEvaluation", ErasureEvaluation, "conditional",
              {"erase": [[0], [2], [4]], "samples_per_class": 2, "judge_epochs": 1, "num_steps": 2, "grid_per_class": 2},
              [({"erase": [0], "samples_per_class": 1}, ValueError, "samples_per_class"),
