@@ -562,6 +562,8 @@ class DiffusionDataModule(pl.LightningDataModule):
         self.image_shape = image_shape
         self.null_label = check_int("null_label", null_label, min=0)
         self.num_batches = check_int("num_batches", num_batches, min=1)
+        #: Classes of the data (linked into the model by the CLI); a placeholder's: its null label.
+        self.num_classes = self.null_label if self.data == "placeholder" else 10
         if self.data == "placeholder" and not image_shape:
             raise ValueError(message("image_shape", "the model's input shape with data='placeholder'", image_shape,
                                      "pass e.g. image_shape=[4, 64, 64] (Stable Diffusion's latents)"))
