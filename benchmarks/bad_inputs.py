@@ -385,7 +385,41 @@ def cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
     ]
     out += _wave2_cases(unwritable)
     out += _unlearning_cases()
+    out += _erasure_cases()
     return out
+
+
+def _erasure_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """Concept erasure on diffusion models (constructor checks, and a run with a concept the model lacks)."""
+    from lightning_forget.callbacks import ESD, UCE, ConceptAblation
+    from lightning_forget.callbacks.erasure_eval import ErasureEvaluation
+    from lightning_forget.modules import DiffusionModule
+
+    def erase_unknown_concept() -> None:
+        model = DiffusionModule(preset=None, num_classes=3, sample_size=8, in_channels=1, block_out_channels=[8],
+                                norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4, num_train_timesteps=10)
+        loader = DataLoader(TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), batch_size=2)
+        with tempfile.TemporaryDirectory() as tmp:
+            _tiny_trainer(tmp, [ESD(erase="cat", ddim_steps=1)], max_steps=1).fit(model, loader)
+
+    return [
+        ("DiffusionModule", "unet='transformer'", "unet", lambda: DiffusionModule(unet="transformer")),
+        ("DiffusionModule", "label_dropout=1", "label_dropout", lambda: DiffusionModule(label_dropout=1.0)),
+        ("DiffusionModule", "block_out_channels=(10, 20)", "block_out_channels", lambda: DiffusionModule(block_out_channels=(10, 20))),
+        ("DiffusionModule", "pretrained_path missing", "pretrained_path", lambda: DiffusionModule(pretrained_path="/nonexistent/model")),
+        ("ESD", "erase=[]", "erase", lambda: ESD(erase=[])),
+        ("ESD", "erase=[-1]", "erase", lambda: ESD(erase=[-1])),
+        ("ESD", "parameters='xattn'", "parameters", lambda: ESD(erase=[3], parameters="xattn")),
+        ("ESD", "negative_guidance=-1", "negative_guidance", lambda: ESD(erase=[3], negative_guidance=-1.0)),
+        ("ESD", "lora_alpha without lora_rank", "lora_alpha", lambda: ESD(erase=[3], lora_alpha=4.0)),
+        ("ESD", "erase='cat' on digits", "erase", erase_unknown_concept),
+        ("ConceptAblation", "anchor=1.5", "anchor", lambda: ConceptAblation(erase=[3], anchor=1.5)),
+        ("UCE", "lamb=0", "lamb", lambda: UCE(erase=[3], lamb=0.0)),
+        ("UCE", "lora_rank=4", "lora_rank", lambda: UCE(erase=[3], lora_rank=4)),
+        ("ErasureEvaluation", "data='cifar'", "data", lambda: ErasureEvaluation(erase=[3], data="cifar")),
+        ("ErasureEvaluation", "classifier_ckpt missing", "classifier_ckpt",
+         lambda: ErasureEvaluation(erase=[3], classifier_ckpt="/nonexistent.ckpt")),
+    ]
 
 
 def _wave2_cases(unwritable: str) -> list[tuple[str, str, str, Callable[[], Any]]]:

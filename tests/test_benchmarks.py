@@ -43,3 +43,11 @@ def test_unlearning_quick(tmp_path) -> None:
         assert row["seeds"] == 1
         assert row["diverged"] == 1 or 0.0 <= row["ra"] <= 1.0
     assert (tmp_path / "unlearning_benchmark.csv").is_file() and (tmp_path / "unlearning_gap_digits_random.png").is_file()
+
+
+def test_diffusion_erasure_quick(tmp_path) -> None:
+    rows = load_benchmark("diffusion_erasure").main(["--quick", "--out", str(tmp_path)])
+    assert set(rows) == {"original", "esd-x", "uce"}
+    for method in ("esd-x", "uce"):
+        assert 0.0 <= rows[method]["retained_acc"][0] <= 1.0 and rows[method]["time_ratio"][0] > 0
+    assert (tmp_path / "results.json").is_file()

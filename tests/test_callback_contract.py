@@ -340,6 +340,16 @@ def _ids(rows: list[Row]) -> list[str]:
     return [row.id for row in rows]
 
 
+#: Rows whose fits take tens of seconds on 2 CPU cores (diffusers UNets): their fits run in the slow suite,
+#: except those named for the default suite (the ESD row's 2-process DDP run).
+_SLOW_FITS = {"ESD", "ESD-u-lora-class", "ConceptAblation", "UCE", "ErasureEvaluation"}
+
+
+def _heavy(rows: list[Row], default: tuple[str, ...] = ()) -> list[Any]:
+    return [pytest.param(row, marks=pytest.mark.slow) if row.id in _SLOW_FITS and row.id not in default else row
+            for row in rows]
+
+
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
 def test_constructor_errors_name_the_argument(row: Row) -> None:
     for kwargs, error, match in row.bad:
@@ -355,7 +365,7 @@ def test_pickles_and_copies(row: Row) -> None:
         assert same_state(other.state_dict(), callback.state_dict())
 
 
-@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS), ids=_ids(ROWS))
 def test_pickles_and_copies_after_a_fit(row: Row, tmp_path_factory: Any) -> None:
     # The uninterrupted run of the resume test (three tasks): buffers filled, schedules advanced,
     # every task ended.
@@ -369,7 +379,7 @@ def test_pickles_and_copies_after_a_fit(row: Row, tmp_path_factory: Any) -> None
     assert same_state(callback.state_dict(), state)  # copying left the original alone
 
 
-@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS), ids=_ids(ROWS))
 def test_cli_builds_it_and_runs_through_a_task_boundary(row: Row, tmp_path: Any) -> None:
     # Two tasks of one epoch, two batches each: the first task ends inside the fit.
     data_yaml = copy.deepcopy(row.data_yaml)
@@ -428,7 +438,7 @@ def _full_run(row: Row, tmp_path_factory: Any) -> tuple[torch.Tensor, Any, list[
 
 
 @pytest.mark.parametrize("resume", ["epoch_end", "mid_epoch"])
-@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS), ids=_ids(ROWS))
 def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: Any, tmp_path_factory: Any) -> None:
     full_params, full_state, full_batches, _ = _full_run(row, tmp_path_factory)
     recorder = BatchRecorder()
@@ -447,7 +457,7 @@ def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: A
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS, default=("ESD",)), ids=_ids(ROWS))
 def test_ddp_ranks_stay_identical(row: Row, tmp_path: Any) -> None:
     # The global RNGs differ by rank before the callback's setup (a datamodule's prepare_data/setup
     # drawing per rank): state copied from the model before DDP's broadcast would differ by rank.

@@ -22,6 +22,9 @@ SMALL_DATA = {
     # The test's 4 steps make k-FPF fine-tune after each one (k=5 > steps): a narrow ResNet
     # and 2 inner steps (the option reaches the last callback: KFPF, or FPF after ER).
     "kfpf": ["--model.init_args.resnet_width", "4", "--trainer.callbacks.init_args.finetune_steps", "2"],
+    # Concept erasure: a one-level UNet and 2 DDIM steps for the evaluation's samples.
+    "erasure": ["--model.init_args.block_out_channels", "[8]", "--model.init_args.norm_num_groups", "4",
+                "--model.init_args.sample_steps", "2"],
 }
 
 

@@ -286,3 +286,15 @@ def test_evaluation_does_not_depend_on_the_number_of_processes() -> None:
         assert gathered[key] == pytest.approx(one[key])
         assert 0.0 <= one[key] <= 1.0
     assert images.shape == (18, 1, 8, 8) and labels.tolist() == [c for c in range(6) for _ in range(3)]
+
+
+def test_gpu_scale_config_parses() -> None:
+    # configs/erasure/sd_esd.gpu.yml needs a local Stable-Diffusion-style folder and a GPU: parse it only.
+    from pathlib import Path
+
+    from lightning_forget.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "erasure" / "sd_esd.gpu.yml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)

