@@ -387,7 +387,41 @@ def cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
     out += _wave2_cases(unwritable)
     out += _unlearning_cases()
     out += _lm_eval_cases()
+    out += _erasure_cases()
     return out
+
+
+def _erasure_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """Concept erasure on diffusion models (constructor checks, and a run with a concept the model lacks)."""
+    from lightning_forget.callbacks import ESD, UCE, ConceptAblation
+    from lightning_forget.callbacks.erasure_eval import ErasureEvaluation
+    from lightning_forget.modules import DiffusionModule
+
+    def erase_unknown_concept() -> None:
+        model = DiffusionModule(preset=None, num_classes=3, sample_size=8, in_channels=1, block_out_channels=[8],
+                                norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4, num_train_timesteps=10)
+        loader = DataLoader(TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), batch_size=2)
+        with tempfile.TemporaryDirectory() as tmp:
+            _tiny_trainer(tmp, [ESD(erase="cat", ddim_steps=1)], max_steps=1).fit(model, loader)
+
+    return [
+        ("DiffusionModule", "unet='transformer'", "unet", lambda: DiffusionModule(unet="transformer")),
+        ("DiffusionModule", "label_dropout=1", "label_dropout", lambda: DiffusionModule(label_dropout=1.0)),
+        ("DiffusionModule", "block_out_channels=(10, 20)", "block_out_channels", lambda: DiffusionModule(block_out_channels=(10, 20))),
+        ("DiffusionModule", "pretrained_path missing", "pretrained_path", lambda: DiffusionModule(pretrained_path="/nonexistent/model")),
+        ("ESD", "erase=[]", "erase", lambda: ESD(erase=[])),
+        ("ESD", "erase=[-1]", "erase", lambda: ESD(erase=[-1])),
+        ("ESD", "parameters='xattn'", "parameters", lambda: ESD(erase=[3], parameters="xattn")),
+        ("ESD", "negative_guidance=-1", "negative_guidance", lambda: ESD(erase=[3], negative_guidance=-1.0)),
+        ("ESD", "lora_alpha without lora_rank", "lora_alpha", lambda: ESD(erase=[3], lora_alpha=4.0)),
+        ("ESD", "erase='cat' on digits", "erase", erase_unknown_concept),
+        ("ConceptAblation", "anchor=1.5", "anchor", lambda: ConceptAblation(erase=[3], anchor=1.5)),
+        ("UCE", "lamb=0", "lamb", lambda: UCE(erase=[3], lamb=0.0)),
+        ("UCE", "lora_rank=4", "lora_rank", lambda: UCE(erase=[3], lora_rank=4)),
+        ("ErasureEvaluation", "data='cifar'", "data", lambda: ErasureEvaluation(erase=[3], data="cifar")),
+        ("ErasureEvaluation", "classifier_ckpt missing", "classifier_ckpt",
+         lambda: ErasureEvaluation(erase=[3], classifier_ckpt="/nonexistent.ckpt")),
+    ]
 
 
 def _lm_eval_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
@@ -655,6 +689,9 @@ def _unlearning_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
         ("GradDiff", "retain_loss='mse'", "retain_loss", lambda: GradDiff(retain_loss="mse")),
         ("GradDiff", "restore_mode='best'", "restore_mode", lambda: GradDiff(restore_mode="best")),
         ("GradDiff", "seed='0'", "seed", lambda: GradDiff(seed="0")),
+        ("GradDiff", "gradient_surgery='pcgrad'", "gradient_surgery", lambda: GradDiff(gradient_surgery="pcgrad")),
+        ("GradDiff", "gradient_surgery=True", "gradient_surgery", lambda: GradDiff(gradient_surgery=True)),
+        *_erasure_b_cases(),
         ("RandomLabels", "forget_weight=nan", "forget_weight", lambda: RandomLabels(forget_weight=float("nan"))),
         ("RandomLabels", "exclude_true='yes'", "exclude_true", lambda: RandomLabels(exclude_true="yes")),
         ("RandomLabels", "mask_fraction=1.5", "mask_fraction", lambda: RandomLabels(mask_fraction=1.5)),
@@ -707,6 +744,31 @@ def _unlearning_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
         ("FictitiousQADataModule", "num_perturbed=0", "num_perturbed", lambda: FictitiousQADataModule(num_perturbed=0)),
         ("FictitiousQADataModule", "questions_per_person=0", "questions_per_person",
          lambda: FictitiousQADataModule(questions_per_person=0)),
+    ]
+
+
+def _erasure_b_cases() -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """DoCo, SalUnDiffusion and SFD."""
+    from lightning_forget.callbacks import SFD, DoCo, SalUnDiffusion
+
+    return [
+        ("DoCo", "gradient_surgery='pcgrad'", "gradient_surgery", lambda: DoCo(erase=[1], gradient_surgery="pcgrad")),
+        ("DoCo", "discriminator_lr=0", "discriminator_lr", lambda: DoCo(erase=[1], discriminator_lr=0.0)),
+        ("DoCo", "discriminator_warmup=-1", "discriminator_warmup", lambda: DoCo(erase=[1], discriminator_warmup=-1)),
+        ("DoCo", "discriminator_blocks=0", "discriminator_blocks", lambda: DoCo(erase=[1], discriminator_blocks=0)),
+        ("DoCo", "clip_norm=0", "clip_norm", lambda: DoCo(erase=[1], clip_norm=0.0)),
+        ("DoCo", "add_preservation='no'", "add_preservation", lambda: DoCo(erase=[1], add_preservation="no")),
+        ("SalUnDiffusion", "mask_fraction=0", "mask_fraction", lambda: SalUnDiffusion(erase=[1], mask_fraction=0.0)),
+        ("SalUnDiffusion", "pseudo=[2]", "pseudo", lambda: SalUnDiffusion(erase=[1], pseudo=[2])),
+        ("SalUnDiffusion", "num_forget_samples=0", "num_forget_samples", lambda: SalUnDiffusion(erase=[1], num_forget_samples=0)),
+        ("SalUnDiffusion", "batch_size=0", "batch_size", lambda: SalUnDiffusion(erase=[1], batch_size=0)),
+        ("SalUnDiffusion", "retain_weight=-1", "retain_weight", lambda: SalUnDiffusion(erase=[1], retain_weight=-1.0)),
+        ("SFD", "t_min >= t_max", "t_min", lambda: SFD(erase=[1], t_min=0.8, t_max=0.5)),
+        ("SFD", "t_init=1", "t_init", lambda: SFD(erase=[1], t_init=1.0)),
+        ("SFD", "override=[2]", "override", lambda: SFD(erase=[1], override=[2])),
+        ("SFD", "alpha=-1", "alpha", lambda: SFD(erase=[1], alpha=-1.0)),
+        ("SFD", "fake_lr=0", "fake_lr", lambda: SFD(erase=[1], fake_lr=0.0)),
+        ("SFD", "forget_weight=nan", "forget_weight", lambda: SFD(erase=[1], forget_weight=float("nan"))),
     ]
 
 

@@ -84,3 +84,11 @@ def test_device_check_dry_run_and_quick_on_cpu(tmp_path) -> None:
     (ratio,) = report["ratios"]
     assert ratio["status"] == "ok" and ratio["ratio"] > 0
     assert (tmp_path / "quick" / "device_check.json").is_file() and "| ER vs fine-tuning |" in (tmp_path / "quick" / "device_check.md").read_text()
+
+
+def test_diffusion_erasure_quick(tmp_path) -> None:
+    rows = load_benchmark("diffusion_erasure").main(["--quick", "--out", str(tmp_path)])
+    assert set(rows) == {"original", "esd-x", "uce"}
+    for method in ("esd-x", "uce"):
+        assert 0.0 <= rows[method]["retained_acc"][0] <= 1.0 and rows[method]["time_ratio"][0] > 0
+    assert (tmp_path / "results.json").is_file()

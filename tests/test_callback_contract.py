@@ -11,6 +11,7 @@ state on both ranks (and that comparison fails for a callback whose state differ
 from __future__ import annotations
 
 import copy
+from functools import partial
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,6 +24,8 @@ from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, Da
 from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, ILoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.callbacks import SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn, UnlearningEvaluation
 from lightning_forget.callbacks import NPO, RMU, IdkPO, SimNPO
+from lightning_forget.callbacks import ESD, SFD, UCE, ConceptAblation, DoCo, SalUnDiffusion
+from lightning_forget.callbacks.erasure_eval import ErasureEvaluation
 from lightning_forget.cli import main
 from tests.helpers.data import BlobStream
 from lightning_forget.tasks import ContinualCallback
@@ -30,6 +33,7 @@ from tests.helpers.text import TINY_INSTRUCTIONS, TINY_LM, tiny_instruction_stre
 from tests.helpers.harness import BatchRecorder, flat_tensors, params_vector, run_ddp_pair, run_stream, same_state, tiny_classifier
 from tests.helpers.models import conv_classifier
 from tests.helpers.qa_stream import TINY_QA_LM, QAForgetStream
+from tests.helpers.diffusion import TINY_UNET, DigitImageStream, tiny_diffusion
 
 
 @dataclass
@@ -327,11 +331,55 @@ ROWS = [
         data_yaml={"class_path": "lightning_forget.datamodules.ForgetRetainDataModule",
                    "init_args": {**_FORGET_DATA, "retain_only": True}},
     ),
+    # Concept erasure on a tiny diffusion model over a 3-task digits image stream: one digit erased per task.
+    *[
+        Row(row_id, cls, kwargs, bad, make_data=DigitImageStream, make_model=partial(tiny_diffusion, unet=unet),
+            model_yaml={"class_path": "lightning_forget.modules.DiffusionModule",
+                        "init_args": {**TINY_UNET, "unet": unet}},
+            data_yaml={"class_path": "tests.helpers.diffusion.DigitImageStream"})
+        for row_id, cls, unet, kwargs, bad in [
+            ("ESD", ESD, "conditional", {"erase": [[0], [2], [4]], "ddim_steps": 3, "seed": 1},
+             [({"erase": [0], "negative_guidance": -1.0}, ValueError, "negative_guidance"),
+              ({"erase": [0], "parameters": "xattn"}, ValueError, "parameters"), ({"erase": []}, ValueError, "erase")]),
+            ("ESD-u-lora-class", ESD, "class", {"erase": [[0], [2], [4]], "parameters": "u", "lora_rank": 2, "ddim_steps": 2},
+             [({"erase": [0], "lora_rank": 0}, ValueError, "lora_rank"), ({"erase": [0], "lora_alpha": 2.0}, ValueError, "lora_alpha")]),
+            ("ConceptAblation", ConceptAblation, "conditional",
+             {"erase": [[0], [2], [4]], "anchor": 1, "num_anchor_samples": 4, "sample_steps": 2, "prior_preservation": True},
+             [({"erase": [0], "anchor": 1.5}, TypeError, "anchor"), ({"erase": [0], "batch_size": 0}, ValueError, "batch_size")]),
+            ("UCE", UCE, "conditional", {"erase": [[0], [2], [4]], "when": "task_end"},
+             [({"erase": [0], "lamb": 0.0}, ValueError, "lamb"), ({"erase": [0], "when": "fit_end"}, ValueError, "when"),
+              ({"erase": [0], "lora_rank": 2}, ValueError, "lora_rank")]),
+            ("DoCo", DoCo, "conditional",
+             {"erase": [[0], [2], [4]], "discriminator_warmup": 1, "discriminator_width": 8, "num_anchor_samples": 4,
+              "sample_steps": 2, "batch_size": 4},
+             [({"erase": [0], "gradient_surgery": "pcgrad"}, ValueError, "gradient_surgery"),
+              ({"erase": [0], "discriminator_lr": 0.0}, ValueError, "discriminator_lr")]),
+            ("SalUnDiffusion-class", SalUnDiffusion, "class",
+             {"erase": [[0], [2], [4]], "num_forget_samples": 4, "sample_steps": 2, "batch_size": 4, "mask_batch_size": 4},
+             [({"erase": [0], "mask_fraction": 0.0}, ValueError, "mask_fraction"), ({"erase": [0], "pseudo": 1.5}, TypeError, "pseudo")]),
+            ("SFD-lora", SFD, "conditional", {"erase": [[0], [2], [4]], "batch_size": 4, "parameters": "attn", "lora_rank": 2},
+             [({"erase": [0], "t_init": 1.0}, ValueError, "t_init"), ({"erase": [0], "override": 2.5}, TypeError, "override")]),
+            ("ErasureEvaluation", ErasureEvaluation, "conditional",
+             {"erase": [[0], [2], [4]], "samples_per_class": 2, "judge_epochs": 1, "num_steps": 2, "grid_per_class": 2},
+             [({"erase": [0], "samples_per_class": 1}, ValueError, "samples_per_class"),
+              ({"erase": [0], "data": "cifar"}, ValueError, "data"), ({"erase": [0], "classifier": 3}, TypeError, "classifier")]),
+        ]
+    ],
 ]
 
 
 def _ids(rows: list[Row]) -> list[str]:
     return [row.id for row in rows]
+
+
+#: Rows whose fits take tens of seconds on 2 CPU cores (diffusers UNets): their fits run in the slow suite,
+#: except those named for the default suite (the ESD row's 2-process DDP run).
+_SLOW_FITS = {"ESD", "ESD-u-lora-class", "ConceptAblation", "UCE", "ErasureEvaluation"}
+
+
+def _heavy(rows: list[Row], default: tuple[str, ...] = ()) -> list[Any]:
+    return [pytest.param(row, marks=pytest.mark.slow) if row.id in _SLOW_FITS and row.id not in default else row
+            for row in rows]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
@@ -349,7 +397,7 @@ def test_pickles_and_copies(row: Row) -> None:
         assert same_state(other.state_dict(), callback.state_dict())
 
 
-@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS), ids=_ids(ROWS))
 def test_pickles_and_copies_after_a_fit(row: Row, tmp_path_factory: Any) -> None:
     # The uninterrupted run of the resume test (three tasks): buffers filled, schedules advanced,
     # every task ended.
@@ -363,7 +411,7 @@ def test_pickles_and_copies_after_a_fit(row: Row, tmp_path_factory: Any) -> None
     assert same_state(callback.state_dict(), state)  # copying left the original alone
 
 
-@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS), ids=_ids(ROWS))
 def test_cli_builds_it_and_runs_through_a_task_boundary(row: Row, tmp_path: Any) -> None:
     # Two tasks of one epoch, two batches each: the first task ends inside the fit.
     data_yaml = copy.deepcopy(row.data_yaml)
@@ -422,7 +470,7 @@ def _full_run(row: Row, tmp_path_factory: Any) -> tuple[torch.Tensor, Any, list[
 
 
 @pytest.mark.parametrize("resume", ["epoch_end", "mid_epoch"])
-@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS), ids=_ids(ROWS))
 def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: Any, tmp_path_factory: Any) -> None:
     full_params, full_state, full_batches, _ = _full_run(row, tmp_path_factory)
     recorder = BatchRecorder()
@@ -441,7 +489,7 @@ def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: A
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS, default=("ESD",)), ids=_ids(ROWS))
 def test_ddp_ranks_stay_identical(row: Row, tmp_path: Any) -> None:
     # The global RNGs differ by rank before the callback's setup (a datamodule's prepare_data/setup
     # drawing per rank): state copied from the model before DDP's broadcast would differ by rank.

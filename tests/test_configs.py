@@ -27,6 +27,9 @@ SMALL_DATA = {
                       "--data.init_args.num_people", "4", "--data.init_args.questions_per_person", "2",
                       "--data.init_args.num_countries", "1", "--data.init_args.forget_percent", "25",
                       "--data.init_args.batch_size", "2"],
+    # Concept erasure: a one-level UNet and 2 DDIM steps for the evaluation's samples.
+    "erasure": ["--model.init_args.block_out_channels", "[8]", "--model.init_args.norm_num_groups", "4",
+                "--model.init_args.sample_steps", "2"],
 }
 
 

@@ -125,3 +125,14 @@ def test_gs_lora_forget_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert [row["task"] for row in rows] == [0.0, 1.0]
     folder = tmp_path / "lightning_logs" / "version_0"  # one folder for both fits
     assert written(capsys.readouterr().out, "gs_lora_forget", folder) == {"original.ckpt", "unlearning.csv", "unlearning.png"}
+
+
+def test_diffusion_erasure_example(tmp_path: Path) -> None:
+    import diffusion_erasure
+
+    results = diffusion_erasure.main(["--fast", "--out", str(tmp_path)])
+    assert {"esd-x", "ca", "uce"} <= set(results)
+    for name in ("esd-x", "ca", "uce"):
+        assert results[name]["before"]["tag"] == "before" and results[name]["after"]["tag"] == "task0"
+        assert (tmp_path / name / "erasure_samples_task0.png").is_file()
+    assert (tmp_path / "model" / "concepts.json").is_file()

@@ -3,6 +3,10 @@
 from lightning_forget.callbacks.adab2n import AdaB2N
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
+from lightning_forget.callbacks.erasure import ESD, UCE, ConceptAblation, ErasureMethod
+from lightning_forget.callbacks.doco import DoCo
+from lightning_forget.callbacks.salun_diffusion import SalUnDiffusion
+from lightning_forget.callbacks.sfd import SFD
 from lightning_forget.callbacks.forget_eval import ForgetRetainEvaluation
 from lightning_forget.callbacks.gs_lora import GSLoRA
 from lightning_forget.callbacks.i_lora import ILoRA
@@ -31,4 +35,7 @@ __all__ = [
     # language-model unlearning (the same mechanism)
     "IdkPO", "NPO", "RMU", "SimNPO",
     "LMUnlearningEvaluation",
+    # concept erasure in diffusion models (one shared mechanism: ErasureMethod)
+    "ConceptAblation", "ErasureMethod", "ESD", "UCE",
+    "DoCo", "SalUnDiffusion", "SFD",
 ]

@@ -34,6 +34,7 @@ from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, task_sched
 from lightning_forget.unlearning import losses as L
 from lightning_forget.unlearning.reference import ReferenceModel, load_pretrained
 from lightning_forget.unlearning.saliency import SaliencyMask
+from lightning_forget.unlearning.surgery import SURGERY_MODES, GradientSurgery
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str
 
 __all__ = ["FineTune", "GradDiff", "GradientAscent", "L1Sparse", "RandomLabels", "SCRUB", "SalUn", "UnlearningMethod"]
@@ -94,6 +95,14 @@ class UnlearningMethod(ContinualCallback):
     - A NaN or infinite loss stops the run with a ``FloatingPointError`` naming the step and the
       pre-unlearning checkpoint.
 
+    **Gradient surgery** (``gradient_surgery``, any method with a forget and a retain term): DoCo's
+    concept-preserving gradient (:mod:`lightning_forget.unlearning.surgery`). In a step with both
+    streams the forget term's gradient ``g_u`` is computed apart (``torch.autograd.grad``, summed
+    over accumulated micro-batches) and left out of the backward, so DDP reduces only the retain
+    term's ``g_p``; at the optimizer step ``g_u`` is averaged across ranks and, per parameter
+    tensor where ``cos(g_u, g_p) < 0``, its component along ``g_p`` is removed; the step follows
+    ``g_u' + g_p``. Steps with one stream are unchanged.
+
     Args:
         retain_weight: weight of the module's own loss on the retained batch (default 1).
         forget_passes: passes over the forget data per epoch that get the forget term (default 1,
@@ -113,6 +122,9 @@ class UnlearningMethod(ContinualCallback):
         restore_best: logged key whose best epoch's weights are restored at task end (``None``: off).
         restore_mode: ``"max"`` or ``"min"``: which value of ``restore_best`` is best.
         reference_offload: keep the reference copy on the CPU.
+        gradient_surgery: ``None`` (default: one gradient of the summed loss), ``"project"`` (remove
+            the conflicting component exactly: ``g_u − (g_u·g_p/‖g_p‖²)g_p``) or ``"doco"`` (the DoCo
+            code's ``g_u − cos·g_p/‖g_p‖``); see :func:`~lightning_forget.unlearning.surgery.concept_preserving_gradient`.
         forward_fn: the module's logits function for the method's own forwards (forget batch,
             reference, saliency pass): ``None`` for its ``forward``, or a submodule or method name
             (``"net"``) for a module without one (see :class:`~lightning_forget.forward.ModelForward`).
@@ -125,7 +137,8 @@ class UnlearningMethod(ContinualCallback):
 
     Logged metrics (per step, under the method's prefix: ``ft/``, ``ga/``, ``graddiff/``, ``rl/``,
     ``salun/``, ``l1sparse/``, ``scrub/``): ``<prefix>/forget_loss``, ``<prefix>/retain_loss`` and
-    ``<prefix>/loss`` (the step's total).
+    ``<prefix>/loss`` (the step's total); with ``gradient_surgery``, ``<prefix>/surgery_conflicts``
+    per optimizer step (the share of parameter tensors whose gradients conflicted).
 
     Raises:
         ValueError, TypeError: bad arguments (construction). RuntimeError: a mask without forget
@@ -173,6 +186,7 @@ class UnlearningMethod(ContinualCallback):
         seed: int = 0,
         log_dir: Optional[str] = None,
         forward_fn: Optional[str] = None,
+        gradient_surgery: Optional[Literal["project", "doco"]] = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -195,6 +209,10 @@ class UnlearningMethod(ContinualCallback):
         self.restore_best = check_str("restore_best", restore_best, allow_none=True)
         self.restore_mode = check_choice("restore_mode", restore_mode, ("max", "min"))
         self.reference_offload = check_bool("reference_offload", reference_offload)
+        fix = "pass None, 'project' or 'doco'"
+        self.gradient_surgery = None if gradient_surgery is None else check_choice(
+            "gradient_surgery", check_str("gradient_surgery", gradient_surgery, fix=fix), SURGERY_MODES, fix=fix)
+        self._surgery = None if self.gradient_surgery is None else GradientSurgery(self.gradient_surgery)  # type: ignore[arg-type]
         self.forget_stream = check_str("forget_stream", forget_stream)
         self.retain_stream = check_str("retain_stream", retain_stream)
         self.seed = check_int("seed", seed)
@@ -219,6 +237,8 @@ class UnlearningMethod(ContinualCallback):
         # a copy or pickle carries the state only, and rebuilds the reference from it.
         state = dict(self.__dict__)
         state.update(reference=None, _forget=None, _retain=None, _module=None)
+        if self._surgery is not None:
+            state["_surgery"] = GradientSurgery(self._surgery.mode, self._surgery.strength, self._surgery.add_preservation)
         return state
 
     # ------------------------------------------------------------------ the hooks methods override
@@ -300,6 +320,8 @@ class UnlearningMethod(ContinualCallback):
         super().teardown(trainer, pl_module, stage)
         remove_training_step_hooks(pl_module, self.state_key)
         self._forget = self._retain = None
+        if self._surgery is not None:
+            self._surgery.reset()
 
     def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         if self.save_original:
@@ -407,11 +429,18 @@ class UnlearningMethod(ContinualCallback):
             retain = self.retain_loss(pl_module, self._retain, module_loss)
             pl_module.log(f"{self.log_prefix}/retain_loss", retain.detach(), on_step=True, on_epoch=False)
             total = total + retain
+        backward = total
         if self._forget is not None and self._forget_active(pl_module.trainer, batch_idx):
             forget = self.forget_loss(pl_module, self._forget)
             if forget is not None:
                 pl_module.log(f"{self.log_prefix}/forget_loss", forget.detach(), on_step=True, on_epoch=False)
                 total = total + forget
+                if self._surgery is not None and self._retain is not None and bool(torch.isfinite(forget.detach())):
+                    # g_u apart from the DDP-reduced backward; combined in on_before_optimizer_step
+                    params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+                    self._surgery.add(forget, params, scale=1.0 / pl_module.trainer.accumulate_grad_batches)
+                else:
+                    backward = total
         if not bool(torch.isfinite(total.detach())):
             trainer = pl_module.trainer
             saved = f" The pre-unlearning weights are in {self.saved[-1]}." if self.saved else ""
@@ -421,7 +450,7 @@ class UnlearningMethod(ContinualCallback):
                 "rate or the forget weight, or bound the forget loss."
             )
         pl_module.log(f"{self.log_prefix}/loss", total.detach(), on_step=True, on_epoch=False)
-        return total - module_loss  # the hooks add it to the module's loss: the step's loss is `total`
+        return backward - module_loss  # the hooks add it to the module's loss: the backward is of `backward`
 
     def _forget_active(self, trainer: "pl.Trainer", batch_idx: int) -> bool:
         """Whether this step is within the epoch's ``forget_passes`` over the forget data (by batch index: resumable)."""
@@ -439,6 +468,10 @@ class UnlearningMethod(ContinualCallback):
 
     # ------------------------------------------------------------------ optimizer step
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        if self._surgery is not None:
+            result = self._surgery.apply(trainer.strategy, pl_module.named_parameters())
+            if result is not None:
+                pl_module.log(f"{self.log_prefix}/surgery_conflicts", result.conflict_fraction, on_step=True, on_epoch=False)
         self.parameter_penalty(trainer, pl_module)
         if self.mask is not None:
             self.mask.mask_gradients(pl_module.named_parameters())

@@ -7,6 +7,8 @@
   with its PEFT adapters disabled when it has LoRA adapters, otherwise a frozen copy (optionally
   kept on the CPU).
 - :mod:`~lightning_forget.unlearning.saliency`: SalUn's weight-saliency mask as a composable piece.
+- :mod:`~lightning_forget.unlearning.surgery`: DoCo's concept-preserving gradient (per-tensor
+  gradient surgery between an unlearning and a preservation gradient), DDP- and accumulation-safe.
 - :mod:`~lightning_forget.unlearning.sweep`: a small grid search that picks the setting closest
   to retraining.
 """
@@ -34,12 +36,15 @@ from lightning_forget.unlearning.losses import (
 )
 from lightning_forget.unlearning.reference import ReferenceModel
 from lightning_forget.unlearning.saliency import SaliencyMask
+from lightning_forget.unlearning.surgery import GradientSurgery, concept_preserving_gradient
 
 __all__ = [
+    "GradientSurgery",
     "ReferenceModel",
     "SaliencyMask",
     "activation_mse",
     "answer_lengths",
+    "concept_preserving_gradient",
     "cross_entropy",
     "dpo_loss",
     "distill_kl",
