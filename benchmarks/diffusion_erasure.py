@@ -52,9 +52,10 @@ CLOSED_FORM = {"uce": lambda module, erase: erase_with_uce(module, erase, None, 
 ERASE_LR = {"esd-x": 1e-3, "esd-u": 1e-4, "esd-x-lora": 3e-3, "ca": 1e-3}
 
 
-def _trainer(steps: int, root: str) -> pl.Trainer:
+def _trainer(steps: int, root: str, callbacks: Optional[list] = None) -> pl.Trainer:
     return pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=root)
+                      enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=root,
+                      callbacks=callbacks or [])
 
 
 def train_model(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int, widths: tuple[int, ...], root: str) -> tuple[DiffusionModule, float]:
@@ -79,7 +80,7 @@ def erase(method: str, trained: DiffusionModule, x: torch.Tensor, y: torch.Tenso
         keep = ~torch.isin(y, torch.tensor(target))
         loader = DataLoader(TensorDataset(x[keep], y[keep]), batch_size=8, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
-        _trainer(steps, root).fit(module, loader, )
+        _trainer(steps, root, [METHODS[method](target, seed)]).fit(module, loader)
     return module, time.perf_counter() - start
 
 
@@ -133,6 +134,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             for key, value in after.items():
                 row.setdefault(key, []).append(value)
             row.setdefault("erase_s", []).append(seconds)
+            base = dict(trained.named_parameters())
+            changed = [n for n, p in module.named_parameters() if n in base and not torch.equal(p, base[n])]
+            row.setdefault("changed_tensors", []).append(len(changed))
+            row.setdefault("changed_cross_attention_only", []).append(float(all(".attn2." in n for n in changed)))
             row.setdefault("time_ratio", []).append(seconds / train_time)
             print(f"seed {seed} {method}: " + ", ".join(f"{k} {v:.3f}" for k, v in after.items())
                   + f", erasure {seconds:.1f}s ({seconds / train_time:.2f}x training)", flush=True)

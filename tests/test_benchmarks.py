@@ -91,4 +91,6 @@ def test_diffusion_erasure_quick(tmp_path) -> None:
     assert set(rows) == {"original", "esd-x", "uce"}
     for method in ("esd-x", "uce"):
         assert 0.0 <= rows[method]["retained_acc"][0] <= 1.0 and rows[method]["time_ratio"][0] > 0
+        # the method itself ran: only its cross-attention parameters changed (ESD-x: attn2; UCE: attn2.to_k/to_v)
+        assert rows[method]["changed_tensors"][0] > 0 and rows[method]["changed_cross_attention_only"][0] == 1.0
     assert (tmp_path / "results.json").is_file()
