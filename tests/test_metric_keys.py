@@ -153,6 +153,18 @@ CALLBACKS: dict[str, Callable[[], Callback]] = {
     "UnlearningEvaluation": lambda: UnlearningEvaluation(report=False),
     "LMUnlearningEvaluation": lambda: lf_callbacks.LMUnlearningEvaluation(report=False, before=False, max_new_tokens=2,
                                                                           progress=False),
+    # concept erasure on a tiny diffusion model (DIFFUSION_RUNS)
+    "ESD": lambda: lf_callbacks.ESD(erase=[[0], [2], [4]], ddim_steps=2, seed=1),
+    "ConceptAblation": lambda: lf_callbacks.ConceptAblation(erase=[[0], [2], [4]], anchor=1, num_anchor_samples=4,
+                                                            sample_steps=2),
+    "UCE": lambda: lf_callbacks.UCE(erase=[[0], [2], [4]]),
+    "DoCo": lambda: lf_callbacks.DoCo(erase=[[0], [2], [4]], discriminator_warmup=1, discriminator_width=8,
+                                      num_anchor_samples=4, sample_steps=2, batch_size=4),
+    "SalUnDiffusion": lambda: lf_callbacks.SalUnDiffusion(erase=[[0], [2], [4]], num_forget_samples=4, sample_steps=2,
+                                                          batch_size=4, mask_batch_size=4),
+    "SFD": lambda: lf_callbacks.SFD(erase=[[0], [2], [4]], batch_size=4),
+    "ErasureEvaluation": lambda: lf_callbacks.ErasureEvaluation(erase=[[0], [2], [4]], samples_per_class=2, judge_epochs=1,
+                                                                num_steps=2, grid_per_class=2),
 }
 
 #: Callbacks that need a language model: run on a token stream (baseline from the same stream).
@@ -178,6 +190,23 @@ LM_RUNS: dict[str, tuple[Callable[..., Any], Callable[[Any], pl.LightningModule]
     **{name: (_qa_unlearn, _qa_lm) for name in ("NPO", "SimNPO", "IdkPO", "RMU")},
     "LMUnlearningEvaluation": (partial(_qa_unlearn, phase="retain"), _qa_lm),  # evaluates; trains nothing itself
 }
+
+
+def _digit_images(epochs_per_task: int) -> Any:
+    from tests.helpers.diffusion import DigitImageStream
+
+    return DigitImageStream(epochs_per_task=epochs_per_task)
+
+
+def _tiny_diffusion(dm: Any) -> pl.LightningModule:
+    from tests.helpers.diffusion import tiny_diffusion
+
+    return tiny_diffusion(dm)
+
+
+#: Concept erasure: a tiny class-conditional UNet on 8x8 digits (baseline: the same stream without the callback).
+LM_RUNS.update({name: (_digit_images, _tiny_diffusion)
+                for name in ("ESD", "ConceptAblation", "UCE", "DoCo", "SalUnDiffusion", "SFD", "ErasureEvaluation")})
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 from lightning_forget.callbacks.adab2n import AdaB2N
 from lightning_forget.callbacks.continual_eval import ContinualEvaluation
 from lightning_forget.callbacks.continual_metrics import ContinualMetrics
-from lightning_forget.callbacks.erasure import ESD, UCE, ConceptAblation, ErasureMethod
+from lightning_forget.callbacks.erasure import ESD, UCE, ConceptAblation, ErasureMethod  # noqa: F401 (the base, by module path)
+from lightning_forget.callbacks.erasure_eval import ErasureEvaluation
 from lightning_forget.callbacks.doco import DoCo
 from lightning_forget.callbacks.salun_diffusion import SalUnDiffusion
 from lightning_forget.callbacks.sfd import SFD
@@ -36,6 +37,6 @@ __all__ = [
     "IdkPO", "NPO", "RMU", "SimNPO",
     "LMUnlearningEvaluation",
     # concept erasure in diffusion models (one shared mechanism: ErasureMethod)
-    "ConceptAblation", "ErasureMethod", "ESD", "UCE",
+    "ConceptAblation", "ESD", "UCE", "ErasureEvaluation",
     "DoCo", "SalUnDiffusion", "SFD",
 ]

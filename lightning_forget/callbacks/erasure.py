@@ -592,6 +592,7 @@ class UCE(ErasureMethod):
             layers = erase_with_uce(pl_module, erase, self.guide, self.keep_ids(pl_module, task), self.erase_scale,
                                     self.preserve_scale, self.lamb)
         rank_zero_info(f"UCE task {task}: erased {erase} in {len(layers)} cross-attention projections")
+        self.log_task_metrics(trainer, pl_module, {"uce/edited_projections": float(len(layers))})
 
     def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         super().on_task_start(trainer, pl_module, task)
