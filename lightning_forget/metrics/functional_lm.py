@@ -268,8 +268,11 @@ def gradnorm_score(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
 
 
 def reference_score(avg_nll: Tensor, reference_avg_nll: Tensor) -> Tensor:
-    """Reference attack: ``avg_loss(target) − avg_loss(reference)`` (e.g. the retain model)."""
-    return avg_nll - reference_avg_nll
+    """Reference attack: ``avg_loss(target) − avg_loss(reference)`` (e.g. the retain model).
+
+    In float64: two float32 losses of similar size subtract to values whose float32 rounding ties
+    samples the attack should rank apart (an untrained reference gives ≈ ln V for every sample)."""
+    return avg_nll.double() - reference_avg_nll.double()
 
 
 def membership_auc(forget_scores: Tensor, holdout_scores: Tensor) -> float:
