@@ -264,7 +264,8 @@ def diffusion_tasks() -> list[TaskData]:
 USER_WAYS.update({
     row_id: UserWay(lambda row_id, unet=unet: UserDiffusion(**{**TINY_UNET, "unet": unet, "num_classes": 6}), diffusion_tasks)
     for row_id, unet in (("ESD", "conditional"), ("ESD-u-lora-class", "class"), ("ConceptAblation", "conditional"),
-                         ("UCE", "conditional"), ("ErasureEvaluation", "conditional"))
+                         ("UCE", "conditional"), ("ErasureEvaluation", "conditional"), ("DoCo", "conditional"),
+                         ("SalUnDiffusion-class", "class"), ("SFD-lora", "conditional"))
 })
 
 
