@@ -8,12 +8,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+
+
+def _example(name: str) -> Any:
+    """``examples/<name>.py`` as a module of its own name (``example_<name>``): a benchmark of the same
+    file name (``benchmarks/continual_pretraining.py``, ``benchmarks/diffusion_erasure.py``) can be
+    first on ``sys.path`` when the two test files share a worker."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 REPORT = {"metrics.json", "accuracy_matrix.csv", "accuracy_matrix.png"}
 
 
@@ -31,7 +46,7 @@ def test_demo_writes_its_tables_into_one_results_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    import demo
+    demo = _example("demo")
 
     results = demo.main(["--limit-train-batches", "0.05", "--no-progress"])
     folder = tmp_path / "lightning_logs" / "version_0"  # the folder Lightning's logger gives a first run
@@ -49,7 +64,7 @@ def test_existing_trainer_example(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the example writes its report under the working directory
-    import existing_trainer
+    existing_trainer = _example("existing_trainer")
 
     metrics = existing_trainer.main(["--fast"])
     assert metrics.matrix.shape == (5, 5)  # the default key found val_acc/dataloader_idx_{t}
@@ -61,7 +76,7 @@ def test_one_fit_per_task_example(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    import one_fit_per_task
+    one_fit_per_task = _example("one_fit_per_task")
 
     metrics = one_fit_per_task.main(["--fast"])
     assert metrics.matrix.shape == (5, 5)
@@ -89,7 +104,7 @@ def test_continual_pretraining_example(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    import continual_pretraining
+    continual_pretraining = _example("continual_pretraining")
 
     losses = continual_pretraining.main(["--fast"])
     assert {"val/loss/task_0", "val/loss/task_1"} <= set(losses)
@@ -100,7 +115,7 @@ def test_continual_pretraining_example(
 
 def test_lines_finetune_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    import lines_finetune
+    lines_finetune = _example("lines_finetune")
 
     results = lines_finetune.main(["--fast"])
     assert set(results) >= {"pre-trained", "fine-tuned (unscaled)"} and len(results) == 3
@@ -111,7 +126,7 @@ def test_lines_finetune_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_lines_finetune_example_out_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import lines_finetune
+    lines_finetune = _example("lines_finetune")
 
     lines_finetune.main(["--fast", "--out", str(tmp_path / "out")])  # --out: default_root_dir, no logger
     assert {"pretrained.ckpt", "accuracies.json"} <= written(capsys.readouterr().out, "lines_finetune", tmp_path / "out")
@@ -119,7 +134,7 @@ def test_lines_finetune_example_out_folder(tmp_path: Path, capsys: pytest.Captur
 
 def test_gs_lora_forget_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    import gs_lora_forget
+    gs_lora_forget = _example("gs_lora_forget")
 
     rows = gs_lora_forget.main(["--fast"])
     assert [row["task"] for row in rows] == [0.0, 1.0]
@@ -128,7 +143,7 @@ def test_gs_lora_forget_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_diffusion_erasure_example(tmp_path: Path) -> None:
-    import diffusion_erasure
+    diffusion_erasure = _example("diffusion_erasure")
 
     results = diffusion_erasure.main(["--fast", "--out", str(tmp_path)])
     assert {"esd-x", "ca", "uce"} <= set(results)

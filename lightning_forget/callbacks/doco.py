@@ -175,17 +175,7 @@ class DoCo(ConceptAblation):
     # ------------------------------------------------------------------ the step
     def erasure_loss(self, pl_module: "pl.LightningModule", batch: Any, erase: list[int], keep: list[int]) -> Optional[Tensor]:
         trainer = pl_module.trainer
-        generator = self.generator(trainer)
-        anchors = self.anchor_images(pl_module)
-        rows = torch.randint(0, anchors.shape[0], (self.batch_size,), generator=generator)
-        x0 = anchors[rows.to(anchors.device)]
-        pick = torch.randint(0, len(erase), (self.batch_size,), generator=generator)
-        target_labels = torch.tensor(erase, dtype=torch.long)[pick].to(pl_module.device)
-        anchor_labels = torch.full_like(target_labels, self.anchor_id(pl_module))
-        t = torch.randint(0, int(pl_module.noise_scheduler.config.num_train_timesteps), (self.batch_size,),
-                          generator=generator).to(pl_module.device)
-        noise = torch.randn(x0.shape, generator=generator).to(pl_module.device, x0.dtype)
-        x_t = pl_module.add_noise(x0, noise, t)
+        x_t, t, _, target_labels, anchor_labels = self.anchor_draw(pl_module, erase)
         real = predicted_x0(pl_module, x_t, t, self.teacher_eps(pl_module, x_t, t, anchor_labels)).detach()
         with forward_context(trainer):
             fake = predicted_x0(pl_module, x_t, t, pl_module.eps(x_t, t, target_labels))

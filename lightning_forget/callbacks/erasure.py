@@ -484,7 +484,10 @@ class ConceptAblation(ErasureMethod):
                                              eps_fn=eps)
         return self._anchors
 
-    def erasure_loss(self, pl_module: "pl.LightningModule", batch: Any, erase: list[int], keep: list[int]) -> Optional[Tensor]:
+    def anchor_draw(self, pl_module: "pl.LightningModule", erase: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One step's draw from the anchor images: ``(x_t, t, noise, target labels, anchor labels)``,
+        each row an anchor image noised at a random step and labelled with a random erased concept
+        (from the callback's generator, in this order: rows, concepts, steps, noise)."""
         generator = self.generator(pl_module.trainer)
         anchors = self.anchor_images(pl_module)
         rows = torch.randint(0, anchors.shape[0], (self.batch_size,), generator=generator)
@@ -495,7 +498,10 @@ class ConceptAblation(ErasureMethod):
         t = torch.randint(0, int(pl_module.noise_scheduler.config.num_train_timesteps), (self.batch_size,),
                           generator=generator).to(pl_module.device)
         noise = torch.randn(x0.shape, generator=generator).to(pl_module.device, x0.dtype)
-        x_t = pl_module.add_noise(x0, noise, t)
+        return pl_module.add_noise(x0, noise, t), t, noise, target_labels, anchor_labels
+
+    def erasure_loss(self, pl_module: "pl.LightningModule", batch: Any, erase: list[int], keep: list[int]) -> Optional[Tensor]:
+        x_t, t, noise, target_labels, anchor_labels = self.anchor_draw(pl_module, erase)
         with forward_context(pl_module.trainer):
             with torch.no_grad():
                 target = pl_module.eps(x_t, t, anchor_labels)

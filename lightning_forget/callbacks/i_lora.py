@@ -379,18 +379,22 @@ class ILoRA(_BufferCallback):
             ) from None
         return settings
 
+    def _from_neutral(self, tensors: dict[str, Tensor], learner: str) -> "OrderedDict[str, Tensor]":
+        """A checkpoint's adapter tensors (adapter-neutral names) keyed by this model's adapter names."""
+        names = neutral_adapter_names(self.peft_model(), self.adapter)
+        by_neutral = {names[k]: k for k in self.fast_parameters()}
+        missing = sorted(set(by_neutral) - set(tensors))
+        if missing:
+            raise RuntimeError(
+                f"ILoRA: the checkpoint's {learner} adapter lacks {missing[:4]}; it was written with other LoRA "
+                "settings. Fix: resume with the checkpoint's `lora` settings."
+            )
+        return OrderedDict((by_neutral[n], v.clone()) for n, v in tensors.items() if n in by_neutral)
+
     def _sync_device(self) -> None:
         fast = self.fast_parameters()
         if self._pending_slow is not None:
-            names = neutral_adapter_names(self.peft_model(), self.adapter)
-            by_neutral = {names[k]: k for k in fast}
-            missing = sorted(set(by_neutral) - set(self._pending_slow))
-            if missing:
-                raise RuntimeError(
-                    f"ILoRA: the checkpoint's slow adapter lacks {missing[:4]}; it was written with other LoRA "
-                    "settings. Fix: resume with the checkpoint's `lora` settings."
-                )
-            self._slow = OrderedDict((by_neutral[n], v.clone()) for n, v in self._pending_slow.items() if n in by_neutral)
+            self._slow = self._from_neutral(self._pending_slow, "slow")
             self._pending_slow = None
             self._slow_fresh = False
         for name, value in self._slow.items():
@@ -417,16 +421,7 @@ class ILoRA(_BufferCallback):
         the adapter when training starts (``on_train_start``); evaluations before that use the slow one."""
         if self._pending_fast is None or self._peft is None:
             return
-        fast = self.fast_parameters()
-        names = neutral_adapter_names(self.peft_model(), self.adapter)
-        by_neutral = {names[k]: k for k in fast}
-        missing = sorted(set(by_neutral) - set(self._pending_fast))
-        if missing:
-            raise RuntimeError(
-                f"ILoRA: the checkpoint's fast adapter lacks {missing[:4]}; it was written with other LoRA "
-                "settings. Fix: resume with the checkpoint's `lora` settings."
-            )
-        self._fast_backup = {by_neutral[n]: v.clone() for n, v in self._pending_fast.items() if n in by_neutral}
+        self._fast_backup = dict(self._from_neutral(self._pending_fast, "fast"))
         self._swapped = None
         self._pending_fast = None
 
