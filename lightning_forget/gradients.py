@@ -30,7 +30,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_forget.sharding import is_sharded
+from lightning_forget.sharding import _is_dtensor, is_sharded
 
 __all__ = [
     "average_gradients",
@@ -78,7 +78,19 @@ def compute_gradients(
 
     Raises:
         ValueError: ``loss`` is not a scalar, or a given tensor does not require gradients.
-        NotImplementedError: a parameter is sharded (FSDP2): see :mod:`lightning_forget.sharding`.
+        NotImplementedError: ``create_graph`` with sharded (FSDP2) parameters.
+
+    Sharded parameters (FSDP2 DTensors): autograd differentiates the gathered copies FSDP2 makes
+    for each forward, never the sharded parameters, so :func:`torch.autograd.grad` cannot reach
+    them. The gradient is then taken with ``loss.backward()``: the existing ``.grad`` of every
+    given parameter is stashed, backward runs (FSDP2 reduce-scatters the gathered gradients into
+    the sharded ``.grad``, averaged over the data-parallel group), the new ``.grad`` is read and
+    the stash is put back, so ``.grad`` is as before. The result for a sharded parameter is a
+    DTensor of its layout holding **the data-parallel mean** of every rank's local gradient
+    (what :func:`average_gradients` makes of the local gradients under DDP; it passes DTensors
+    through), a collective every rank must join with the same forward/backward. A parameter
+    that requires gradients but is not in ``params`` would get its ``.grad`` changed: pass every
+    trainable parameter the loss depends on (or freeze the others first).
     """
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
@@ -92,21 +104,32 @@ def compute_gradients(
         )
     if not named:
         return {}
-    sharded = [name for name, p in named.items() if is_sharded(p)]
-    if sharded:
-        # FSDP2 gathers each layer's weights into new tensors for the forward: autograd never sees
-        # the sharded parameters, and `allow_unused` would turn every gradient into zeros.
-        raise NotImplementedError(
-            f"compute_gradients: the parameters {sharded[:3]} are sharded (FSDP2 DTensors); a gradient "
-            "outside the training step does not reach them (autograd differentiates the gathered copies). "
-            "Fix: use strategy='ddp', or a method that supports ModelParallelStrategy (docs/sharding.md)."
-        )
+    if any(is_sharded(p) for p in named.values()):
+        if create_graph:
+            raise NotImplementedError(
+                "compute_gradients(create_graph=True) is not available for sharded (FSDP2) parameters: their "
+                "gradient is taken with backward(), which FSDP2 reduce-scatters into shards. Fix: use strategy='ddp'."
+            )
+        return _sharded_gradients(loss, named, retain_graph=retain_graph)
     grads = torch.autograd.grad(
         loss, list(named.values()), retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
     )
     return {
         name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(named.items(), grads)
     }
+
+
+def _sharded_gradients(loss: Tensor, named: dict[str, Tensor], *, retain_graph: bool) -> dict[str, Tensor]:
+    """``loss.backward()`` with the parameters' ``.grad`` stashed and put back (see compute_gradients)."""
+    stash = {name: p.grad for name, p in named.items()}
+    for p in named.values():
+        p.grad = None
+    try:
+        loss.backward(retain_graph=retain_graph)
+        return {name: torch.zeros_like(p) if p.grad is None else p.grad.detach() for name, p in named.items()}
+    finally:
+        for name, p in named.items():
+            p.grad = stash[name]
 
 
 def flatten_tensors(tensors: Mapping[str, Tensor]) -> dict[torch.dtype, Tensor]:
@@ -137,7 +160,8 @@ def average_gradients(strategy: Any, grads: Mapping[str, Tensor]) -> dict[str, T
     """Mean of per-rank gradients across ranks: one ``strategy.reduce`` per dtype.
 
     Every rank must call this with the same names in the same order (it is a collective). On one
-    process the gradients come back unchanged (as new tensors).
+    process the gradients come back unchanged (as new tensors). DTensor gradients (of sharded
+    parameters, already averaged by FSDP2's reduce-scatter) are passed through as they are.
 
     Args:
         strategy: ``trainer.strategy`` (or any object with Lightning's ``reduce`` signature).
@@ -145,11 +169,16 @@ def average_gradients(strategy: Any, grads: Mapping[str, Tensor]) -> dict[str, T
     """
     if not grads:
         return {}
-    flat = flatten_tensors(grads)
+    # A DTensor gradient (a sharded parameter's, from compute_gradients) is already the mean.
+    local = {name: g for name, g in grads.items() if not _is_dtensor(g)}
+    if not local:
+        return dict(grads)
+    flat = flatten_tensors(local)
     if _world_size(strategy) > 1:
         # `reduce` averages in place and returns the result; the flat buffers are ours.
         flat = {dtype: strategy.reduce(value.clone(), reduce_op="mean") for dtype, value in flat.items()}
-    return unflatten_tensors(flat, grads)
+    averaged = unflatten_tensors(flat, local)
+    return {name: averaged.get(name, g) for name, g in grads.items()}
 
 
 def synced_gradients(

@@ -40,6 +40,8 @@ __all__ = [
     "global_dots",
     "global_norms",
     "global_slice",
+    "global_sums",
+    "broadcast_buffers",
     "is_sharded",
     "kth_largest",
     "local_clone",
@@ -322,6 +324,50 @@ def named_local(params: Union[nn.Module, Iterable[tuple[str, Tensor]]]) -> dict[
     """``name → local shard`` of a module's parameters (plain tensors for unsharded ones)."""
     items = params.named_parameters() if isinstance(params, nn.Module) else params
     return {name: local_view(p) for name, p in items}
+
+
+def global_sums(values: Mapping[str, Tensor], like: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+    """``Σ`` over each whole tensor (float64), one collective for all names.
+
+    ``values[n]`` is a DTensor, a plain tensor, or (with ``like``) this rank's local shard of a
+    tensor in the layout of ``like[n]`` (e.g. ``(θ_local - θ0_local).abs()`` for an L1 change of
+    per-parameter state kept by :func:`local_clone`, or the square of a local step for its norm).
+    Every rank must call it with the same names in the same order.
+    """
+    names = list(values)
+    if not names:
+        return {}
+    reference = [like[n] for n in names] if like is not None else [values[n] for n in names]
+    partial = torch.stack([local_view(values[n]).detach().double().sum().cpu() for n in names])
+    total = _all_reduce_partials(partial, reference)
+    return {name: total[i] for i, name in enumerate(names)}
+
+
+@torch.no_grad()
+def broadcast_buffers(modules: Iterable[nn.Module], *, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers of ``modules`` (their own, not their children's) into every rank.
+
+    What DDP's ``broadcast_buffers=True`` does before each training forward, for modules whose
+    buffers FSDP2 leaves per rank (it neither shards nor synchronises buffers). One broadcast of
+    the flattened buffers per dtype over the default process group; nothing on one process.
+    Every rank must call it with the same modules in the same order.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() <= 1:
+        return
+    buffers = [b for m in modules for _, b in m.named_buffers(recurse=False) if isinstance(b, Tensor)]
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for buffer in buffers:
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for dtype, group in by_dtype.items():
+        flat = torch.cat([local_view(b).detach().reshape(-1) for b in group])
+        torch.distributed.broadcast(flat, src=src)
+        offset = 0
+        for buffer in group:
+            local = local_view(buffer)
+            local.copy_(flat[offset: offset + local.numel()].view_as(local).to(local.device))
+            offset += local.numel()
 
 
 #: Why a method does not run under ``ModelParallelStrategy`` yet (by class name, through the MRO),

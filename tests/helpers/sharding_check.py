@@ -82,20 +82,45 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
     for label, merge in merges.items():
         expected, got = merge(full, fine), merge(shard, fine_s)
         result["merging"][label] = max(float((sh.full_tensor(got[n]) - expected[n]).abs().max()) for n in full)
-    # A gradient outside the training step: refused, not silent zeros.
+    # A gradient outside the training step (backward with .grad stashed): the mean of the ranks'
+    # gradients, as DDP's autograd.grad + reduce mean gives, with .grad left as it was.
+    import copy
+
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_forget.gradients import compute_gradients
+    from lightning_forget.gradients import average_gradients, compute_gradients
 
-    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    plain = copy.deepcopy(net)
+    inputs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(10 + r)) for r in range(world)]
+    expected: dict[str, torch.Tensor] = {}
+    for x in inputs:
+        for name, g in compute_gradients(plain(x).square().sum(), plain).items():
+            expected[name] = expected.get(name, 0) + g / world
     for layer in net:
-        fully_shard(layer, mesh=mesh)
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
     fully_shard(net, mesh=mesh)  # as users do: the layers reshard after the forward
-    try:
-        compute_gradients(net(torch.ones(3, 4)).sum(), net)
-        result["gradients_refused"] = ""
-    except NotImplementedError as error:
-        result["gradients_refused"] = str(error)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 7.0)  # an accumulated gradient the helper must leave alone
+    grads = average_gradients(None, compute_gradients(net(inputs[rank]).square().sum(), net))
+    result["gradients"] = max(float((sh.full_tensor(grads[n]) - expected[n]).abs().max()) for n in expected)
+    result["gradients_sharded"] = all(sh.is_sharded(g) for g in grads.values())
+    result["grad_untouched"] = all(bool((sh.local_view(p.grad) == 7.0).all()) for p in net.parameters())
+    # global_sums: of DTensors, and of local shards in the parameters' layout (`like`).
+    sums_f = sh.global_sums({n: t.abs() for n, t in full.items()})
+    sums_s = sh.global_sums({n: sh.local_view(shard[n]).abs() for n in full}, like=shard)
+    sums_d = sh.global_sums({n: shard[n].double() * shard_other[n].double() for n in full})
+    dots_f2 = sh.global_dots(full, other)
+    result["sums"] = max(max(abs(float(sums_s[n] - sums_f[n])) for n in full),
+                         max(abs(float(sums_d[n] - dots_f2[n])) for n in full))
+    # broadcast_buffers: every rank ends with rank 0's buffers (what DDP's broadcast_buffers does).
+    norm = torch.nn.BatchNorm1d(3)
+    norm.running_mean.fill_(float(rank + 1))
+    norm.num_batches_tracked.fill_(rank + 5)
+    sh.broadcast_buffers([norm])
+    result["buffers"] = [norm.running_mean.tolist(), int(norm.num_batches_tracked)]
     local_bytes = sum(sh.local_clone(t).numel() * t.element_size() for t in shard.values())
     full_bytes = sum(t.numel() * t.element_size() for t in full.values())
     result["bytes"] = [local_bytes, full_bytes]
