@@ -20,6 +20,13 @@ Per-sample gradients are computed in one vectorised pass per batch with
 ``vmap`` cannot trace). The model is put in eval mode for the estimate (BatchNorm uses its
 running statistics and does not update them; dropout is off) and its mode is restored after.
 
+A model with sharded parameters (FSDP2 ``fully_shard``, DTensors) cannot go through
+``functional_call``/``vmap`` (FSDP2 swaps its own gathered weights in for every forward): each
+sample then takes one forward and one ``backward()`` through
+:func:`lightning_forget.gradients.compute_gradients`, whose sharded gradient is the mean over the
+data-parallel ranks, so **every rank must pass the same samples** (the mean of equal gradients is
+that gradient); the result is each parameter's local shard.
+
 No Lightning in this module.
 """
 
@@ -33,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_forget.batch import logits_of
+from lightning_forget.sharding import is_sharded, local_view
 from lightning_forget.validation import check_bool, check_choice, check_int, check_type
 
 __all__ = ["fisher_diagonal"]
@@ -78,10 +86,11 @@ def fisher_diagonal(
         progress: show a progress bar (``tqdm``) over the batches.
         vectorized: per-sample gradients with ``torch.func.vmap`` (one pass per batch); ``False``
             loops over the samples (same result, for forwards that ``vmap`` cannot trace).
+            Ignored for a sharded model (always one sample at a time, see the module docstring).
 
     Returns:
-        parameter name → the Fisher diagonal (same shape, dtype and device as the parameter),
-        the mean over all samples seen.
+        parameter name → the Fisher diagonal (same shape, dtype and device as the parameter;
+        for a sharded parameter its local shard), the mean over all samples seen.
 
     Raises:
         TypeError: a wrong argument type, or an item of ``batches`` that is not an ``(x, y)`` pair.
@@ -108,10 +117,21 @@ def fisher_diagonal(
         value = _log_likelihood(model, {**constants, **params}, x, y)
         return value, value.detach()
 
+    sharded = any(is_sharded(p) for p in trainable.values())
+
+    def sharded_sample(x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        from lightning_forget.gradients import compute_gradients
+
+        with torch.enable_grad():
+            logits = logits_of(model(x.unsqueeze(0)))
+            value = torch.log_softmax(logits.float(), dim=-1)[0].gather(0, y.reshape(1).long())[0]
+            grads = compute_gradients(value, trainable)
+        return {name: local_view(g) for name, g in grads.items()}, value.detach()
+
     per_sample = grad(log_lik, has_aux=True)
     batched = vmap(per_sample, in_dims=(None, 0, 0))
 
-    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in trainable.items()}
+    sums = {name: torch.zeros_like(local_view(p), dtype=torch.float32) for name, p in trainable.items()}
     seen = 0
     was_training = model.training
     model.eval()
@@ -128,7 +148,13 @@ def fisher_diagonal(
                 break
             x, y = x.to(device), y.to(device)
             params = {name: p.detach() for name, p in trainable.items()}
-            if vectorized:
+            if sharded:
+                for i in range(x.shape[0]):
+                    grads, log_p = sharded_sample(x[i], y[i])
+                    weight = log_p.exp() if loss == "nll" else torch.ones_like(log_p)
+                    for name, g in grads.items():
+                        sums[name] += weight * g.float().pow(2)
+            elif vectorized:
                 grads, log_p = batched(params, x, y)
                 weight = log_p.exp() if loss == "nll" else torch.ones_like(log_p)
                 for name, g in grads.items():

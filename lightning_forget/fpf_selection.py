@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_forget.nn.adab2n import AdaB2NBatchNorm2d
+from lightning_forget.sharding import global_sums, local_view
 
 __all__ = ["MODULE_TYPES", "ModuleSensitivity", "leaf_modules", "parameters_of", "select_modules"]
 
@@ -148,20 +149,31 @@ class ModuleSensitivity:
         self._previous: dict[str, Tensor] | None = None
 
     def _current(self, model: nn.Module) -> dict[str, Tensor]:
+        """``module.param`` → the parameter (a DTensor when sharded)."""
         modules = leaf_modules(model)
-        return {
-            name: torch.cat([p.detach().reshape(-1).to(torch.float64) for p in modules[name].parameters(recurse=False)])
-            for name in self.names
-        }
+        return {f"{name}.{pname}": p for name in self.names for pname, p in modules[name].named_parameters(recurse=False)}
 
     def observe(self, model: nn.Module) -> None:
-        """Add the change since the previous call (or take the first snapshot)."""
+        """Add the change since the previous call (or take the first snapshot).
+
+        Sharded parameters: the snapshot is this rank's local shards, and each module's L1 change
+        is summed over the shards (:func:`lightning_forget.sharding.global_sums`), so every rank
+        ranks the modules alike, as one process does.
+        """
         current = self._current(model)
         if self._previous is not None:
-            change = [float((current[n] - self._previous[n]).abs().sum() / current[n].numel()) for n in self.names]
+            changes = global_sums(
+                {key: (local_view(p).detach().to(torch.float64) - self._previous[key]).abs() for key, p in current.items()},
+                like=current,
+            )
+            change = []
+            for name in self.names:
+                keys = [key for key in current if key.rsplit(".", 1)[0] == name]
+                size = sum(current[key].numel() for key in keys)
+                change.append(float(sum(float(changes[key]) for key in keys) / size))
             self.totals += torch.tensor(change, dtype=torch.float64)
             self.steps += 1
-        self._previous = {n: v.clone() for n, v in current.items()}
+        self._previous = {key: local_view(p).detach().to(torch.float64).clone() for key, p in current.items()}
 
     def scores(self) -> dict[str, float]:
         """Module name → mean change per observed step (zeros before two observations)."""

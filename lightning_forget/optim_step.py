@@ -72,6 +72,13 @@ class StepCounter:
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.pending += 1
 
+    def discard_outside_batches(self) -> None:
+        """Forget steps counted before a training batch starts: none is the run's. A resume under
+        ``ModelParallelStrategy`` restores the optimizer after ``on_fit_start`` through
+        ``torch.distributed.checkpoint``, which calls ``optimizer.step()`` (zero gradients, lr 0)
+        to create its state: not an update of the run. Call it in ``on_train_batch_start``."""
+        self.pending = 0
+
     def pop(self) -> int:
         count, self.pending = self.pending, 0
         return count
@@ -115,6 +122,7 @@ class OptimizerStepHooks(Callback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._step_counter.watch(trainer.optimizers)  # optimizers may be replaced mid-fit
+        self._step_counter.discard_outside_batches()
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int

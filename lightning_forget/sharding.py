@@ -338,7 +338,7 @@ def global_sums(values: Mapping[str, Tensor], like: Optional[Mapping[str, Tensor
     if not names:
         return {}
     reference = [like[n] for n in names] if like is not None else [values[n] for n in names]
-    partial = torch.stack([local_view(values[n]).detach().double().sum().cpu() for n in names])
+    partial = torch.stack([local_view(values[n]).detach().double().sum() for n in names])
     total = _all_reduce_partials(partial, reference)
     return {name: total[i] for i, name in enumerate(names)}
 
@@ -373,13 +373,6 @@ def broadcast_buffers(modules: Iterable[nn.Module], *, src: int = 0) -> None:
 #: Why a method does not run under ``ModelParallelStrategy`` yet (by class name, through the MRO),
 #: quoted by :func:`lightning_forget.tasks.check_strategy` in its refusal.
 _REFUSALS: dict[str, str] = {
-    "RefreshLearning": "Its unlearn step takes a gradient outside the training step (torch.autograd.grad), "
-    "which does not reach FSDP2's sharded parameters (autograd sees the gathered copies: the gradients "
-    "would be zeros), and its Fisher uses per-sample gradients of whole tensors.",
-    "AdaB2N": "Its layers' statistics are buffers, which FSDP2 neither shards nor keeps equal across ranks "
-    "(DDP broadcasts rank 0's at every forward), and its task-end code reads whole tensors.",
-    "KFPF": "Its inner loop takes gradients outside the training step (torch.autograd.grad), which do not "
-    "reach FSDP2's sharded parameters (autograd sees the gathered copies).",
     "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",
     "GSLoRA": "Its group norms and merges are over whole tensors, not yet reduced over shards.",
     "UnlearningMethod": "Its reference model and saliency mask hold whole tensors, not yet shards.",

@@ -25,11 +25,13 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.sharded_run import FIRST_GROUP
+from tests.helpers.sharded_run import FIRST_GROUP, PER_RANK
 
 GROUPS = {
     "replay": FIRST_GROUP,
     "logits": ["DarkExperienceReplay", "InfiniteLRSchedule", "LiNeS"],
+    "gradients": ["RefreshLearning", "KFPF"],
+    "buffers": ["AdaB2N"],
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -77,7 +79,7 @@ def test_sharded_run_equals_ddp_and_one_process(launches, group, name) -> None:
     assert sharded["param_types"] == ["DTensor"], "the module's parameters were not sharded"
     assert torch.allclose(_params(sharded), _params(result["ddp"]), atol=TOL, rtol=TOL)
     assert _close(sharded["states"][name], result["ddp"]["states"][name])
-    if name not in ("ExperienceReplay", "DarkExperienceReplay"):
+    if name not in PER_RANK:
         alone = result["sharded_alone"]
         assert torch.allclose(_params(alone), _params(result["single"]), atol=TOL, rtol=TOL)
         assert _close(alone["states"][name], result["single"]["states"][name])
@@ -100,7 +102,8 @@ def test_sharded_checkpoint_loads_into_one_process(launches, group) -> None:
     assert torch.allclose(_params(export), _params(launches[group]["sharded"]), atol=0, rtol=0)
     # export_plain_checkpoint(checkpoint_path=<the folder>) writes a file a plain module loads strictly
     plain = {"params": export["plain_checkpoint_params"]}
-    assert torch.allclose(_params(plain), _params(export), atol=0, rtol=0)
+    # (the plain model: a method's own parameters, such as AdaB2N's task weights, are not in it)
+    assert torch.allclose(_params(plain), _params({"params": {n: export["params"][n] for n in plain["params"]}}), atol=0, rtol=0)
     for name in GROUPS[group]:
         assert any(key.startswith(name) for key in export["callbacks"]), (name, export["callbacks"])
 

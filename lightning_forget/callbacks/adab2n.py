@@ -10,7 +10,8 @@ from torch import Tensor
 
 from lightning_forget.losses import CopySafeHook, ReplaySegment, StepContext, remove_training_step_hooks, step_context, training_step_hooks
 from lightning_forget.nn.adab2n import AdaB2NBatchNorm2d, adab2n_conflicts, adab2n_layers, convert_adab2n
-from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, task_schedule
+from lightning_forget.sharding import broadcast_buffers, is_sharded
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback, strategy_name, task_schedule
 from lightning_forget.validation import check_bool, check_float, check_int
 
 try:  # Python 3.12+
@@ -90,6 +91,7 @@ class AdaB2N(ContinualCallback):
     Raises:
         TypeError / ValueError: an argument of the wrong type or range.
         RuntimeError: ``Trainer(sync_batchnorm=True)``; a module without ``BatchNorm2d`` layers;
+            a module sharded before ``setup`` that still has ``BatchNorm2d`` layers;
             AdaB²N layers already in the module with another ``num_tasks``, ``kappa`` or
             ``renormalize`` than the callback's;
             no ``num_tasks``; a training forward whose rows do not match the step's batch; a
@@ -103,10 +105,22 @@ class AdaB2N(ContinualCallback):
         ``broadcast_buffers=True`` DDP copies rank 0's before each training forward); at each task
         end the layers' buffers are broadcast from rank 0, so the checkpointed model is the same
         on every rank.
+
+        Under ``ModelParallelStrategy`` (FSDP2), which neither shards nor synchronises buffers,
+        the callback broadcasts the layers' buffers from rank 0 before each training step's
+        forward that DDP would sync (not on the accumulation micro-batches DDP runs under
+        ``no_sync``), with :func:`lightning_forget.sharding.broadcast_buffers`, so the run equals
+        DDP's; and again after that step, because a sharded checkpoint writes each buffer (a
+        replicated tensor) from whichever rank ``torch.distributed.checkpoint`` picks, so a
+        resume would otherwise start from another rank's statistics. Deviation from DDP: between
+        steps every rank holds rank 0's statistics (under DDP the other ranks keep their own
+        until the next step), which only an evaluation-mode forward on another rank can see. The conversion must happen before ``fully_shard``: the callback converts in
+        ``setup``, which Lightning runs before ``configure_model``; a module sharded earlier
+        (``fully_shard`` in ``__init__``) that still has ``BatchNorm2d`` layers is refused.
     """
 
-    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Tested single-process, under DDP and under ModelParallelStrategy (FSDP2).
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ('num_tasks', 'classes_per_task')
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
@@ -142,6 +156,7 @@ class AdaB2N(ContinualCallback):
         self._handles: list[Any] = []
         self._ids_cache: Optional[tuple[Any, Tensor]] = None
         self._trainer: Optional["pl.Trainer"] = None
+        self._sharded = False
 
     @property
     def state_key(self) -> str:
@@ -181,6 +196,15 @@ class AdaB2N(ContinualCallback):
                     "does not say it (one fit per task). Fix: pass `AdaB2N(num_tasks=...)`."
                 )
             num_tasks = int(datamodule.num_tasks)
+        if is_sharded(pl_module) and any(type(m) is torch.nn.BatchNorm2d for m in pl_module.modules()):
+            raise RuntimeError(
+                f"AdaB2N converts the BatchNorm2d layers of {type(pl_module).__name__} into AdaB2N layers, but the "
+                "module is already sharded (fully_shard ran before the callback's setup), and a sharded layer cannot "
+                "be replaced. Fix: call `fully_shard` in the module's `configure_model` (Lightning runs it after the "
+                "callbacks' setup), or convert first: `lightning_forget.nn.convert_adab2n(module, num_tasks, kappa)` "
+                "before `fully_shard`."
+            )
+        self._sharded = strategy_name(trainer.strategy) in SHARDED_STRATEGIES and trainer.world_size > 1
         conflicts = adab2n_conflicts(pl_module, num_tasks, self.kappa, self.renormalize)
         if conflicts:
             raise RuntimeError(
@@ -223,6 +247,10 @@ class AdaB2N(ContinualCallback):
     def _start_step(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> Any:
         # The statistics term runs last, after the terms (DER++) whose forwards it sums.
         training_step_hooks(pl_module).terms.move_to_end(self.state_key)
+        trainer = self._trainer
+        if self._sharded and trainer is not None and not trainer.fit_loop.epoch_loop._should_accumulate():
+            # DDP (broadcast_buffers=True) copies rank 0's buffers before each syncing training forward.
+            broadcast_buffers(self._layers)
         self._losses = []
         self._ids_cache = None
         self._in_step = True
@@ -316,6 +344,10 @@ class AdaB2N(ContinualCallback):
         self._in_step = False
         self._losses = []
         self._ids_cache = None
+        if self._sharded and not trainer.fit_loop.epoch_loop._should_accumulate():
+            # A sharded checkpoint of this step writes each (replicated) buffer from whichever rank
+            # torch.distributed.checkpoint picks: make that rank 0's, as DDP's checkpoint holds.
+            broadcast_buffers(self._layers)
 
     # ------------------------------------------------------------------ task events
     @override
@@ -323,9 +355,6 @@ class AdaB2N(ContinualCallback):
         layers = self._layers or adab2n_layers(pl_module)
         if trainer.world_size > 1:
             # Rank 0's statistics are the model's (what DDP's broadcast_buffers does every step).
-            for layer in layers:
-                for name, buffer in layer.named_buffers(recurse=False):
-                    value = trainer.strategy.broadcast(buffer.detach().cpu(), src=0)
-                    buffer.copy_(value.to(buffer.device))
+            broadcast_buffers(layers)
         for layer in layers:
             layer.next_task()

@@ -20,7 +20,8 @@ from lightning_forget.gradients import average_gradients, compute_gradients
 from lightning_forget.losses import step_context
 from lightning_forget.optim_step import StepCounter
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, task_schedule
+from lightning_forget.sharding import local_view
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, task_schedule
 from lightning_forget.validation import check_bool, check_float, check_int
 
 try:  # Python 3.12+
@@ -110,6 +111,11 @@ class KFPF(_BufferCallback):
     inner step)``) and the gradients are averaged through ``trainer.strategy``, so parameters,
     BatchNorm statistics and state stay identical.
 
+    **ModelParallelStrategy (FSDP2).** The same, with the inner gradients taken by
+    :func:`~lightning_forget.gradients.compute_gradients` with ``backward()`` (FSDP2 averages
+    them into the shards; ``.grad`` is stashed and put back), the SGD step on each rank's shard,
+    and ``auto_top``'s module changes summed over the shards.
+
     **Defaults and where they come from.** The paper's abstract fixes the mechanism (fine-tune
     only the task-specific modules on a small buffer, for "a few iterations"; k-FPF: ``k``
     fine-tunings triggered periodically regardless of task boundaries, no per-step replay;
@@ -194,8 +200,8 @@ class KFPF(_BufferCallback):
         sample counters, the selection and the sensitivity totals of ``auto_top``.
     """
 
-    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Tested single-process, under DDP and under ModelParallelStrategy (FSDP2).
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ('buffer_size', 'k', 'interval', 'every_task', 'module_types', 'module_patterns', 'auto_top', 'input_key', 'target_key', 'stream')
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
@@ -366,6 +372,7 @@ class KFPF(_BufferCallback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         self._step_counter.watch(trainer.optimizers)
+        self._step_counter.discard_outside_batches()
 
     @override
     def on_train_batch_end(
@@ -533,8 +540,8 @@ class KFPF(_BufferCallback):
                     loss = self.finetune_loss(logits, drawn)
                 grads = average_gradients(trainer.strategy, compute_gradients(loss, params))
                 with torch.no_grad():
-                    for name, p in params.items():
-                        p.sub_(grads[name].to(p.dtype), alpha=lrs[name])
+                    for name, p in params.items():  # on each rank's shard when sharded
+                        local_view(p).sub_(local_view(grads[name]).to(p.dtype), alpha=lrs[name])
                 # Every rank fine-tunes the same batch: count it once.
                 self.samples += int(logits.shape[0])
                 self._last_loss = float(loss.detach())

@@ -31,7 +31,8 @@ from lightning_forget.forward import ModelForward
 from lightning_forget.gradients import average_gradients, compute_gradients, flatten_tensors, unflatten_tensors
 from lightning_forget.optim_step import OptimizerStepHooks
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, task_schedule
+from lightning_forget.sharding import draw_like, full_tensor, global_norms, global_slice, global_sums, is_sharded, local_view, shard_like
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback, task_schedule
 from lightning_forget.validation import check_float, check_int, check_type
 
 try:  # Python 3.12+
@@ -80,11 +81,28 @@ class Displacement(dict):
     #: Norm of the part of the step that rounding lost (intended minus applied; 0 for parameters
     #: in float32 or wider, whose rounding error is not measured).
     lost_norm: Tensor
+    #: name → the parameter whose layout each value has (sharded parameters: the values are this
+    #: rank's local shards, and the norms are reduced over the shards).
+    like: dict[str, Tensor]
 
     @property
     def applied_norm(self) -> Tensor:
-        """Norm (float32) of the applied displacement over all parameters."""
-        return _total_norm([torch.linalg.vector_norm(v.float()) for v in self.values()])
+        """Norm (float32) of the applied displacement over all parameters (a collective when sharded)."""
+        return _norm_of(self, getattr(self, "like", None))
+
+
+def _randn32(shape: tuple[int, ...], *, generator: torch.Generator, dtype: torch.dtype, device: Any) -> Tensor:
+    """float32 standard normal noise whatever the parameter's dtype (for :func:`draw_like`)."""
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def _norm_of(values: Mapping[str, Tensor], like: Optional[Mapping[str, Tensor]]) -> Tensor:
+    """Norm (float32) over all ``values`` (local shards of ``like``'s layout), summed over shards."""
+    if not values:
+        return torch.zeros(())
+    squares = global_sums({name: v.detach().double().square().sum() for name, v in values.items()},
+                          like={name: (like or values)[name] for name in values})
+    return torch.stack(list(squares.values())).sum().sqrt().float()
 
 
 def _default_loss(model: nn.Module, batch: Any) -> Tensor:
@@ -178,42 +196,59 @@ def unlearn_step(
     try:
         with torch.enable_grad():
             loss = (loss_fn or _default_loss)(model, batch)
+            # sharded parameters: the data-parallel mean already (backward through FSDP2)
             grads = compute_gradients(loss, params)
     finally:
         _restore(saved)
     if strategy is not None:
         grads = average_gradients(strategy, grads)
+    # Whole-tensor norms (over all shards when sharded), one collective for all parameters.
+    g_norms = global_norms(grads)
+    p_norms = global_norms({name: p.detach() for name, p in params.items()})
     tiny = torch.finfo(torch.float32).tiny
     displacement = Displacement()
-    intended: list[Tensor] = []
-    lost: list[Tensor] = []
+    displacement.like = dict(params)
+    intended: dict[str, Tensor] = {}
+    lost: dict[str, Tensor] = {}
     with torch.no_grad():
         # The step is built in place in the float32 gradient (a tensor of our own): the work is a
         # few passes over every parameter, which on small batches costs more than the forward.
+        # Everything per parameter is on this rank's local shard (the whole tensor unsharded).
         for name, p in params.items():
-            step = grads[name].float()
-            g_norm = torch.linalg.vector_norm(step)
-            p_norm = torch.linalg.vector_norm(p.detach().float())
+            local = local_view(p)
+            step = local_view(grads[name]).float()
+            g_norm = g_norms[name].float().to(step.device)
+            p_norm = p_norms[name].float().to(step.device)
             step.mul_(torch.where(g_norm > 0, p_norm / g_norm.clamp_min(tiny), torch.zeros_like(g_norm)))
             if noise_std > 0:
-                noise_device = generator.device if generator is not None else p.device
-                noise = torch.randn(p.shape, generator=generator, device=noise_device, dtype=torch.float32)
-                step.add_(noise.to(p.device), alpha=noise_std)
+                if generator is not None:  # the full tensor's draw, this rank's slice
+                    noise = draw_like(p, generator, sample=_randn32)
+                else:
+                    noise = torch.randn(p.shape, device=local.device, dtype=torch.float32)[global_slice(p)]
+                step.add_(noise.to(local.device), alpha=noise_std)
             if fisher is not None:
-                step.div_(fisher[name].to(p.device, torch.float32).mul(damping).add_(1.0))
+                step.div_(fisher[name].to(local.device, torch.float32).mul(damping).add_(1.0))
             step.mul_(delta)
-            intended.append(torch.linalg.vector_norm(step))
-            old = p.detach().clone()
+            intended[name] = step.double().square().sum()
+            old = local.detach().clone()
             # one rounding of the float32 sum to the parameter's dtype (a bf16 weight moves only
             # where the step reaches half a unit in its last place)
             wide = torch.promote_types(old.dtype, torch.float32)
-            p.copy_(old.to(wide) + step.to(wide))
-            displacement[name] = p.detach() - old
+            local.copy_(old.to(wide) + step.to(wide))
+            displacement[name] = local.detach() - old
             if p.dtype in _HALF:
-                lost.append(torch.linalg.vector_norm(step.sub_(displacement[name].float())))
-    displacement.intended_norm = _total_norm(intended)
-    displacement.lost_norm = _total_norm(lost)
+                lost[name] = step.sub_(displacement[name].float()).double().square().sum()
+    displacement.intended_norm = _sum_sqrt(intended, params)
+    displacement.lost_norm = _sum_sqrt(lost, params)
     return displacement
+
+
+def _sum_sqrt(partials: dict[str, Tensor], like: Mapping[str, Tensor]) -> Tensor:
+    """``sqrt(Σ partials)`` over every shard (float32); ``partials`` are per-parameter local sums of squares."""
+    if not partials:
+        return torch.zeros(())
+    sums = global_sums(partials, like={name: like[name] for name in partials})
+    return torch.stack(list(sums.values())).sum().sqrt().float()
 
 
 def _total_norm(norms: list[Tensor]) -> Tensor:
@@ -263,6 +298,15 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
     of it rounds away; the callback then warns once, and ``refresh/displacement`` logs what was
     really applied. Use ``bf16-mixed``/``16-mixed`` (float32 weights) or a larger ``delta``.
 
+    Sharded models (``ModelParallelStrategy``, FSDP2): the unlearn gradient is taken with
+    ``backward()`` through :func:`~lightning_forget.gradients.compute_gradients` (the
+    data-parallel mean, as under DDP; ``.grad`` left as it was), the norms ``‖θ_p‖``, ``‖g_p‖``
+    are reduced over the shards, the noise is the unsharded run's draw sliced to each shard, and
+    the Fisher is kept as local shards (gathered to full tensors only in the checkpoint). The
+    Fisher's per-sample gradients then take one forward and backward per sample, every rank on
+    every sample (not split across ranks, not vectorised): its cost is ``fisher_samples``
+    sequential backwards per task end.
+
     Args:
         delta: unlearn step size δ, relative to each parameter tensor's norm (authors' code:
             1e-5).
@@ -295,7 +339,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
             ``every_n_steps`` or ``unlearn_steps`` below 1, negative ``fisher_samples``.
         KeyError: the batch has no input/target field and no ``loss_fn`` was given, or (with
             ``fisher_samples > 0``) no labels for the Fisher (first step).
-        RuntimeError: a sharded strategy, or a module without ``forward`` and no ``forward_fn``
+        RuntimeError: a module without ``forward`` and no ``forward_fn``
             (``setup``); with ``fisher_samples > 0``, a training loader without a sized dataset
             (first step).
 
@@ -306,8 +350,8 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         Fisher estimates, the count of optimizer steps, and the task counters.
     """
 
-    #: Tested single-process and under DDP; sharded strategies are refused in ``setup``.
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    #: Tested single-process, under DDP and under ModelParallelStrategy (FSDP2).
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ()
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
@@ -356,6 +400,10 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         self.fisher: dict[str, Tensor] = {}
         self.fisher_estimates = 0
         self._fisher_device: dict[str, Tensor] = {}
+        #: name → parameter: the layout the Fisher's local shards have (sharded models).
+        self._layout: dict[str, Tensor] = {}
+        #: The Fisher holds full tensors (loaded from a checkpoint), not yet cut to this rank's shards.
+        self._fisher_full = False
 
     @property
     @override
@@ -367,6 +415,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_fisher_device"] = {}
+        state["_layout"] = {}
         return state
 
     # ------------------------------------------------------------------ the unlearn step
@@ -411,6 +460,15 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         if len(dataset):
             self.unlearn_batch_fields((collate or default_collate)([dataset[0]]))
 
+    def _watch_layout(self, pl_module: "pl.LightningModule") -> None:
+        """Remember the parameters whose layout the Fisher's shards have; cut a loaded (full) Fisher."""
+        self._layout = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        if self._fisher_full and self.fisher:
+            self.fisher = {name: shard_like(value, self._layout[name]).clone() if name in self._layout
+                           and is_sharded(self._layout[name]) else value for name, value in self.fisher.items()}
+            self._fisher_device = {}
+        self._fisher_full = False
+
     def _fisher_on(self, device: torch.device) -> Optional[dict[str, Tensor]]:
         if not self.fisher:
             return None
@@ -426,6 +484,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if not self._first_batch_checked:
             self._check_first_batch(trainer, batch)
+            self._watch_layout(pl_module)
         if self.optimizer_steps % self.every_n_steps != 0 or self.delta == 0.0:
             return
         target = self.unlearn_batch(batch)
@@ -446,7 +505,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
             intended = moved.intended_norm if intended is None else _total_norm([intended, moved.intended_norm])
             lost = moved.lost_norm if lost is None else _total_norm([lost, moved.lost_norm])
         if applied:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in applied.values()]))
+            norm = _norm_of(applied, moved.like)
             pl_module.log("refresh/displacement", norm, on_step=True, on_epoch=False)
             pl_module.log("refresh/intended_displacement", intended, on_step=True, on_epoch=False)
             if not self._warned_resolution and any(v.dtype in _HALF for v in applied.values()):
@@ -472,7 +531,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
     # ------------------------------------------------------------------ the Fisher
     def update_fisher(self, new: Mapping[str, Tensor]) -> None:
         """``F ← τ·F + F_new`` (F = ``new`` when no Fisher was estimated yet)."""
-        new = {name: value.detach().float().cpu() for name, value in new.items()}
+        new = {name: local_view(value).detach().float().cpu() for name, value in new.items()}
         if self.fisher:
             new = {name: self.tau * self.fisher[name] + value if name in self.fisher else value
                    for name, value in new.items()}
@@ -505,7 +564,10 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         n = min(len(dataset), self.fisher_samples)
         order = torch.randperm(len(dataset), generator=rank_generator(self.seed, _FISHER_SALT, task))[:n]
         world, rank = int(trainer.world_size), int(trainer.global_rank)
-        local = order[rank::world].tolist()
+        sharded = is_sharded(pl_module)
+        # Sharded: every rank passes every sample (fisher_diagonal's per-sample backward through
+        # FSDP2 averages the ranks' gradients, equal when the samples are); DDP: the ranks split them.
+        local = order.tolist() if sharded else order[rank::world].tolist()
         kwargs = {"collate_fn": collate} if collate is not None else {}
         loader = DataLoader(Subset(dataset, local), batch_size=self.fisher_batch_size, shuffle=False, **kwargs)
         batches = (self.unlearn_batch_fields(batch) for batch in loader)
@@ -517,7 +579,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
             fisher = {name[len(prefix):]: value for name, value in fisher.items()}
         else:  # more ranks than samples
             fisher = {name: torch.zeros_like(p) for name, p in pl_module.named_parameters() if p.requires_grad}
-        if world > 1:
+        if world > 1 and not sharded:
             sums = {name: value.float() * len(local) for name, value in fisher.items()}
             sums["__count__"] = torch.tensor([float(len(local))], device=device)
             flat = {dtype: trainer.strategy.reduce(v.clone(), reduce_op="sum") for dtype, v in flatten_tensors(sums).items()}
@@ -538,13 +600,17 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
     def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         if self.fisher_samples == 0:
             return
+        self._watch_layout(pl_module)
         self.update_fisher(self.estimate_fisher(trainer, pl_module, task))
 
     # ------------------------------------------------------------------ state
     @override
     def method_state(self) -> dict[str, Any]:
+        # Sharded: the Fisher's local shards gathered to full tensors (a collective on every rank).
+        fisher = {name: value.clone() if self._fisher_full else
+                  full_tensor(value, like=self._layout.get(name)).detach().cpu().clone() for name, value in self.fisher.items()}
         return {
-            "fisher": {name: value.clone() for name, value in self.fisher.items()},
+            "fisher": fisher,
             "fisher_estimates": int(self.fisher_estimates),
             "optimizer_steps": int(self.optimizer_steps),
         }
@@ -555,3 +621,4 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
         self.fisher_estimates = int(state["fisher_estimates"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self._fisher_device = {}
+        self._fisher_full = True  # cut to this rank's shards at the first batch (sharded models)

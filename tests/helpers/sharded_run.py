@@ -35,6 +35,9 @@ from lightning_forget.sharding import full_tensor
 
 NUM_TASKS = 2
 REPLAY = ("ExperienceReplay", "DarkExperienceReplay")
+#: Not compared with one process: k-FPF's buffer holds the ranks' gathered rows (another order than
+#: one process's batch), AdaB²N's module has BatchNorm (per-rank batch statistics, as under DDP).
+PER_RANK = (*REPLAY, "KFPF", "AdaB2N")
 FIRST_GROUP = ["ExperienceReplay", "LRRewarming", "ContinualMetrics", "ContinualEvaluation"]
 BATCH = 4  # per process; one process gets 2 * BATCH
 
@@ -75,6 +78,45 @@ class ShardedUserModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class ShardedNormModule(ShardedUserModule):
+    """The user's module with a ``BatchNorm2d`` (for AdaB²N, which converts it in ``setup``, before
+    ``configure_model`` shards): rows of 8 features viewed as 2 channels of 2×2."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__(lr)
+        self.net = nn.Sequential(nn.Unflatten(1, (2, 2, 2)), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 16),
+                                 nn.ReLU(), nn.Linear(16, 6))
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is not None and not isinstance(self.net, FSDPModule):
+            # the (converted) norm layer as its own unit: the root's parameters stay gathered after
+            # an evaluation forward until the next backward
+            fully_shard(self.net[1], mesh=self.device_mesh["data_parallel"])
+        super().configure_model()
+
+
+def _module(names: list[str]) -> pl.LightningModule:
+    """The module a group runs: with a BatchNorm for AdaB²N."""
+    return ShardedNormModule() if "AdaB2N" in names else ShardedUserModule()
+
+
+def _gradient_callbacks() -> dict[str, Callable[[], Callback]]:
+    """Refresh learning, k-FPF and AdaB²N (gradients outside the step, buffers), sized to matter:
+    a large unlearn step with a strong Fisher damping; k-FPF's sensitivity ranking and fine-tunings
+    every 2 steps (one crossing the mid-task resume) and at each fit's end."""
+    from lightning_forget import callbacks as cbs
+
+    return {
+        "RefreshLearning": lambda: cbs.RefreshLearning(delta=0.05, damping=50.0, noise_std=0.5, fisher_samples=6,
+                                                       fisher_batch_size=4, seed=1),
+        "KFPF": lambda: cbs.KFPF(k=None, interval=2, finetune_steps=2, finetune_batch_size=4, buffer_size=16,
+                                 auto_top=1, seed=3, lr=0.05),
+        "AdaB2N": lambda: cbs.AdaB2N(num_tasks=NUM_TASKS, lambd=0.5),
+    }
+
+
 def _callbacks(names: list[str]) -> list[Callback]:
     from lightning_forget import callbacks as cbs
 
@@ -91,6 +133,7 @@ def _callbacks(names: list[str]) -> list[Callback]:
             # sharding rank 1 must run one more (a sharded forward is collective) or the run hangs.
             every_n_steps=3, samples_per_task=5, batch_size=2, save_csv=False, save_plot=False),
     }
+    make.update(_gradient_callbacks())
     return [make[name]() for name in names]
 
 
@@ -159,7 +202,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     pl.seed_everything(0)
-    module = ShardedUserModule()
+    module = _module(names)
     callbacks = _callbacks(names)
     devices = 1 if strategy_name == "single" else 2
     out: dict[str, Any] = {}
@@ -225,6 +268,16 @@ def classifier_run(root: Path, strategy_name: str) -> dict[str, Any]:
     return {"params": _params(model), "sharded": is_sharded(model)}
 
 
+def _plain_module(names: list[str]) -> pl.LightningModule:
+    """A fresh unsharded module of the group's kind, with AdaB²N's layers where the run has them."""
+    module = _module(names)
+    if "AdaB2N" in names:
+        from lightning_forget.nn.adab2n import convert_adab2n
+
+        convert_adab2n(module, NUM_TASKS, 0.7)
+    return module
+
+
 def main(root: Path, names: list[str]) -> None:
     results: dict[str, Any] = {}
     results["sharded"] = run(root / "a", "sharded", names, save_every=3)
@@ -237,7 +290,7 @@ def main(root: Path, names: list[str]) -> None:
     results["ddp"] = run(root / "c", "ddp", names)
     # One process at the same global batch: replay draws per rank (as under DDP), so the replay
     # callbacks are left out of this comparison, and the sharded run is repeated without them.
-    alone = [name for name in names if name not in REPLAY]
+    alone = [name for name in names if name not in PER_RANK]
     rank = torch.distributed.get_rank()
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
@@ -248,12 +301,12 @@ def main(root: Path, names: list[str]) -> None:
         from lightning_forget.export import load_sharded_checkpoint
 
         final = sorted((root / "a" / "ckpt").glob("*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))[-1]
-        plain = ShardedUserModule()
+        plain = _plain_module(names)
         checkpoint = load_sharded_checkpoint(final, plain)
         from lightning_forget.export import export_plain_checkpoint
 
-        written = export_plain_checkpoint(ShardedUserModule(), root / "plain.ckpt", checkpoint_path=final)
-        again = ShardedUserModule()
+        written = export_plain_checkpoint(_plain_module(names), root / "plain.ckpt", checkpoint_path=final)
+        again = _module(names)  # the exported file holds the plain model (AdaB2N layers back to BatchNorm2d)
         again.load_state_dict(torch.load(written, weights_only=True)["state_dict"])
         results["export"] = {
             "params": _params(plain),
