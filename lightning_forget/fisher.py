@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_forget.batch import logits_of
-from lightning_forget.sharding import is_sharded, local_view
+from lightning_forget.sharding import is_sharded, local_view, reshard
 from lightning_forget.validation import check_bool, check_choice, check_int, check_type
 
 __all__ = ["fisher_diagonal"]
@@ -103,6 +103,7 @@ def fisher_diagonal(
                             fix="pass the number of samples to use, or None for all")
     check_bool("progress", progress)
     check_bool("vectorized", vectorized)
+    reshard(model)  # FSDP2: the sharded parameters, also after an evaluation forward
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError(

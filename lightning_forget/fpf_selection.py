@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_forget.nn.adab2n import AdaB2NBatchNorm2d
-from lightning_forget.sharding import global_sums, local_view
+from lightning_forget.sharding import global_sums, local_view, reshard
 
 __all__ = ["MODULE_TYPES", "ModuleSensitivity", "leaf_modules", "parameters_of", "select_modules"]
 
@@ -160,6 +160,7 @@ class ModuleSensitivity:
         is summed over the shards (:func:`lightning_forget.sharding.global_sums`), so every rank
         ranks the modules alike, as one process does.
         """
+        reshard(model)  # FSDP2: the sharded parameters, also after an evaluation forward
         current = self._current(model)
         if self._previous is not None:
             changes = global_sums(

@@ -88,7 +88,9 @@ def compute_gradients(
     the stash is put back, so ``.grad`` is as before. The result for a sharded parameter is a
     DTensor of its layout holding **the data-parallel mean** of every rank's local gradient
     (what :func:`average_gradients` makes of the local gradients under DDP; it passes DTensors
-    through), a collective every rank must join with the same forward/backward. A parameter
+    through), a collective every rank must join with the same forward/backward. Collect the
+    parameters before the forward (during it FSDP2 puts gathered copies into the module until
+    the backward; a module whose parameters are such copies is refused). A parameter
     that requires gradients but is not in ``params`` would get its ``.grad`` changed: pass every
     trainable parameter the loss depends on (or freeze the others first).
     """
@@ -105,6 +107,14 @@ def compute_gradients(
     if not named:
         return {}
     if any(is_sharded(p) for p in named.values()):
+        gathered = [name for name, p in named.items() if not _is_dtensor(p)]
+        if isinstance(params, nn.Module) and gathered:
+            raise ValueError(
+                f"compute_gradients: the module's parameters {gathered[:3]} are FSDP2's gathered copies (a unit "
+                "holds them from its forward until its backward), not the sharded parameters whose gradient "
+                "FSDP2 writes. Fix: collect the parameters before the forward, e.g. "
+                "`params = dict(model.named_parameters())`, then `compute_gradients(loss, params)`."
+            )
         if create_graph:
             raise NotImplementedError(
                 "compute_gradients(create_graph=True) is not available for sharded (FSDP2) parameters: their "

@@ -42,6 +42,7 @@ __all__ = [
     "global_slice",
     "global_sums",
     "broadcast_buffers",
+    "reshard",
     "is_sharded",
     "kth_largest",
     "local_clone",
@@ -341,6 +342,19 @@ def global_sums(values: Mapping[str, Tensor], like: Optional[Mapping[str, Tensor
     partial = torch.stack([local_view(values[n]).detach().double().sum() for n in names])
     total = _all_reduce_partials(partial, reference)
     return {name: total[i] for i, name in enumerate(names)}
+
+
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 unit of ``module`` back to its sharded parameters (a no-op unsharded).
+
+    FSDP2 keeps the root unit's parameters gathered after a forward that no backward follows (an
+    evaluation forward): until the next backward, ``named_parameters()`` then gives plain full
+    tensors instead of the sharded DTensors. Call it before reading or editing parameters
+    outside the training step (a gradient, a weight edit).
+    """
+    for unit in module.modules():
+        if _is_fsdp(unit):
+            unit.reshard()
 
 
 @torch.no_grad()

@@ -63,6 +63,13 @@ def test_gradient_outside_the_step_is_the_ranks_mean_and_leaves_grad_alone(ranks
         assert result["grad_untouched"]
 
 
+def test_reshard_after_an_evaluation_forward(ranks) -> None:
+    for result in ranks:
+        gathered_after_eval, sharded_again, gradient_error = result["reshard"]
+        assert gathered_after_eval and sharded_again and gradient_error < 1e-6
+        assert "collect the parameters before the forward" in result["gathered_refused"]
+
+
 def test_global_sums_of_shards_and_buffer_broadcast(ranks) -> None:
     for result in ranks:
         assert result["sums"] < 1e-12

@@ -20,7 +20,7 @@ from lightning_forget.gradients import average_gradients, compute_gradients
 from lightning_forget.losses import step_context
 from lightning_forget.optim_step import StepCounter
 from lightning_forget.precision import forward_context
-from lightning_forget.sharding import local_view
+from lightning_forget.sharding import local_view, reshard
 from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, task_schedule
 from lightning_forget.validation import check_bool, check_float, check_int
 
@@ -517,6 +517,7 @@ class KFPF(_BufferCallback):
             return
         self._fix_selection(pl_module)
         assert self.selected is not None
+        reshard(pl_module)  # FSDP2: the sharded parameters, also after an evaluation forward
         params = parameters_of(pl_module, self.selected)
         lrs = self.inner_learning_rates(trainer, params)
         flags = {name: p.requires_grad for name, p in pl_module.named_parameters()}

@@ -31,7 +31,9 @@ from lightning_forget.forward import ModelForward
 from lightning_forget.gradients import average_gradients, compute_gradients, flatten_tensors, unflatten_tensors
 from lightning_forget.optim_step import OptimizerStepHooks
 from lightning_forget.precision import forward_context
-from lightning_forget.sharding import draw_like, full_tensor, global_norms, global_slice, global_sums, is_sharded, local_view, shard_like
+from lightning_forget.sharding import (
+    draw_like, full_tensor, global_norms, global_slice, global_sums, is_sharded, local_view, reshard, shard_like,
+)
 from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback, task_schedule
 from lightning_forget.validation import check_float, check_int, check_type
 
@@ -184,6 +186,7 @@ def unlearn_step(
     damping = check_float("damping", damping, min=0.0, fix="pass a Fisher damping >= 0, e.g. 1e-3")
     noise_std = check_float("noise_std", noise_std, min=0.0, fix="pass a noise scale >= 0, e.g. 1e-3")
     check_type("generator", generator, torch.Generator, allow_none=True)
+    reshard(model)  # FSDP2: the sharded parameters, also after an evaluation forward
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if fisher is not None:
         missing = [name for name in params if name not in fisher]
@@ -462,6 +465,7 @@ class RefreshLearning(OptimizerStepHooks, ContinualCallback):
 
     def _watch_layout(self, pl_module: "pl.LightningModule") -> None:
         """Remember the parameters whose layout the Fisher's shards have; cut a loaded (full) Fisher."""
+        reshard(pl_module)
         self._layout = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
         if self._fisher_full and self.fisher:
             self.fisher = {name: shard_like(value, self._layout[name]).clone() if name in self._layout

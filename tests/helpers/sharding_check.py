@@ -108,6 +108,25 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
     result["gradients"] = max(float((sh.full_tensor(grads[n]) - expected[n]).abs().max()) for n in expected)
     result["gradients_sharded"] = all(sh.is_sharded(g) for g in grads.values())
     result["grad_untouched"] = all(bool((sh.local_view(p.grad) == 7.0).all()) for p in net.parameters())
+    # The root unit keeps its parameters gathered after a forward with no backward (evaluation):
+    # reshard() brings back the sharded DTensors, and the gradient is again the ranks' mean.
+    rooted = copy.deepcopy(plain)
+    fully_shard(rooted[0], mesh=mesh)
+    fully_shard(rooted, mesh=mesh)  # the root owns rooted[2]'s parameters
+    with torch.no_grad():
+        rooted(inputs[rank])
+    gathered_after_eval = not sh.is_sharded(rooted[2].weight)
+    sh.reshard(rooted)
+    params = dict(rooted.named_parameters())  # before the forward: the sharded parameters
+    grads = compute_gradients(rooted(inputs[rank]).square().sum(), params)
+    try:  # after it, the root's parameters are gathered copies: refused, not zeros
+        compute_gradients(rooted(inputs[rank]).square().sum(), rooted)
+        result["gathered_refused"] = ""
+    except ValueError as error:
+        result["gathered_refused"] = str(error)
+    sh.reshard(rooted)
+    result["reshard"] = [gathered_after_eval, sh.is_sharded(rooted[2].weight),
+                         max(float((sh.full_tensor(grads[n]) - expected[n]).abs().max()) for n in expected)]
     # global_sums: of DTensors, and of local shards in the parameters' layout (`like`).
     sums_f = sh.global_sums({n: t.abs() for n, t in full.items()})
     sums_s = sh.global_sums({n: sh.local_view(shard[n]).abs() for n in full}, like=shard)
