@@ -14,6 +14,11 @@ Two rules make such a gradient safe:
    across ranks through ``trainer.strategy.reduce(..., reduce_op="mean")``: one flattened
    collective per dtype, not one per tensor. Every rank must call it (it is a collective).
 
+Sharded parameters (FSDP2 through ``ModelParallelStrategy``) are out of autograd's reach (it
+differentiates the gathered copies each forward makes): :func:`compute_gradients` then takes the
+gradient with ``backward()``, with every ``.grad`` stashed and put back, and FSDP2's
+reduce-scatter makes it the data-parallel mean already (rule 2 then has nothing left to do).
+
 Weight edits decided on one rank (an inner loop run only on rank 0, a choice made from rank 0's
 data) are made identical everywhere with :func:`broadcast_parameters`, one
 ``trainer.strategy.broadcast`` of the flattened tensors.

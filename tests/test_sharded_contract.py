@@ -30,7 +30,7 @@ from tests.helpers.sharded_run import FIRST_GROUP, PER_RANK
 GROUPS = {
     "replay": FIRST_GROUP,
     "logits": ["DarkExperienceReplay", "InfiniteLRSchedule", "LiNeS"],
-    "gradients": ["RefreshLearning", "KFPF"],
+    "gradients": ["RefreshLearning", "KFPF", "FPF"],
     "buffers": ["AdaB2N"],
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]

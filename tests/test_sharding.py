@@ -70,6 +70,11 @@ def test_reshard_after_an_evaluation_forward(ranks) -> None:
         assert "collect the parameters before the forward" in result["gathered_refused"]
 
 
+def test_adab2n_refuses_a_module_sharded_before_its_conversion(ranks) -> None:
+    for result in ranks:
+        assert "already sharded" in result["adab2n_refused"] and "configure_model" in result["adab2n_refused"]
+
+
 def test_global_sums_of_shards_and_buffer_broadcast(ranks) -> None:
     for result in ranks:
         assert result["sums"] < 1e-12

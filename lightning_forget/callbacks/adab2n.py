@@ -34,6 +34,22 @@ def _rows_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Optional[int]:
     return None
 
 
+def check_convertible(module: torch.nn.Module) -> None:
+    """Refuse a module sharded (FSDP2) before its ``BatchNorm2d`` layers were converted.
+
+    Raises:
+        RuntimeError: ``module`` is sharded and still has ``BatchNorm2d`` layers.
+    """
+    if is_sharded(module) and any(type(m) is torch.nn.BatchNorm2d for m in module.modules()):
+        raise RuntimeError(
+            f"AdaB2N converts the BatchNorm2d layers of {type(module).__name__} into AdaB2N layers, but the "
+            "module is already sharded (fully_shard ran before the callback's setup), and a sharded layer cannot "
+            "be replaced. Fix: call `fully_shard` in the module's `configure_model` (Lightning runs it after the "
+            "callbacks' setup), or convert first: `lightning_forget.nn.convert_adab2n(module, num_tasks, kappa)` "
+            "before `fully_shard`."
+        )
+
+
 class AdaB2N(ContinualCallback):
     """AdaB²N (Lyu et al., NeurIPS 2023): task-balanced BatchNorm statistics for a continual run.
 
@@ -196,14 +212,7 @@ class AdaB2N(ContinualCallback):
                     "does not say it (one fit per task). Fix: pass `AdaB2N(num_tasks=...)`."
                 )
             num_tasks = int(datamodule.num_tasks)
-        if is_sharded(pl_module) and any(type(m) is torch.nn.BatchNorm2d for m in pl_module.modules()):
-            raise RuntimeError(
-                f"AdaB2N converts the BatchNorm2d layers of {type(pl_module).__name__} into AdaB2N layers, but the "
-                "module is already sharded (fully_shard ran before the callback's setup), and a sharded layer cannot "
-                "be replaced. Fix: call `fully_shard` in the module's `configure_model` (Lightning runs it after the "
-                "callbacks' setup), or convert first: `lightning_forget.nn.convert_adab2n(module, num_tasks, kappa)` "
-                "before `fully_shard`."
-            )
+        check_convertible(pl_module)
         self._sharded = strategy_name(trainer.strategy) in SHARDED_STRATEGIES and trainer.world_size > 1
         conflicts = adab2n_conflicts(pl_module, num_tasks, self.kappa, self.renormalize)
         if conflicts:

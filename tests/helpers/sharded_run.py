@@ -35,9 +35,9 @@ from lightning_forget.sharding import full_tensor
 
 NUM_TASKS = 2
 REPLAY = ("ExperienceReplay", "DarkExperienceReplay")
-#: Not compared with one process: k-FPF's buffer holds the ranks' gathered rows (another order than
+#: Not compared with one process: k-FPF's (FPF's) buffer holds the ranks' gathered rows (another order than
 #: one process's batch), AdaB²N's module has BatchNorm (per-rank batch statistics, as under DDP).
-PER_RANK = (*REPLAY, "KFPF", "AdaB2N")
+PER_RANK = (*REPLAY, "KFPF", "FPF", "AdaB2N")
 FIRST_GROUP = ["ExperienceReplay", "LRRewarming", "ContinualMetrics", "ContinualEvaluation"]
 BATCH = 4  # per process; one process gets 2 * BATCH
 
@@ -113,6 +113,7 @@ def _gradient_callbacks() -> dict[str, Callable[[], Callback]]:
                                                        fisher_batch_size=4, seed=1),
         "KFPF": lambda: cbs.KFPF(k=None, interval=2, finetune_steps=2, finetune_batch_size=4, buffer_size=16,
                                  auto_top=1, seed=3, lr=0.05),
+        "FPF": lambda: cbs.FPF(finetune_steps=2, finetune_batch_size=4, buffer_size=16, seed=4, lr=0.05),
         "AdaB2N": lambda: cbs.AdaB2N(num_tasks=NUM_TASKS, lambd=0.5),
     }
 

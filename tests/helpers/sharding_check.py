@@ -127,6 +127,17 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
     sh.reshard(rooted)
     result["reshard"] = [gathered_after_eval, sh.is_sharded(rooted[2].weight),
                          max(float((sh.full_tensor(grads[n]) - expected[n]).abs().max()) for n in expected)]
+    # AdaB2N cannot convert the BatchNorm2d layers of a module sharded before its setup.
+    from lightning_forget.callbacks.adab2n import check_convertible
+
+    normed = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    check_convertible(normed)  # not sharded yet: fine
+    fully_shard(normed, mesh=mesh)
+    try:
+        check_convertible(normed)
+        result["adab2n_refused"] = ""
+    except RuntimeError as error:
+        result["adab2n_refused"] = str(error)
     # global_sums: of DTensors, and of local shards in the parameters' layout (`like`).
     sums_f = sh.global_sums({n: t.abs() for n, t in full.items()})
     sums_s = sh.global_sums({n: sh.local_view(shard[n]).abs() for n in full}, like=shard)
