@@ -124,3 +124,9 @@ def test_lines_keeps_theta0_as_shards_and_writes_full_files(launches) -> None:
     assert torch.allclose(_params({"params": files["scaled"]}), _params(sharded), atol=0, rtol=0)
     for kind in ("scaled", "unscaled"):
         assert _close(files[kind], ddp["lines_files"][kind])
+
+
+def test_refresh_keeps_its_fisher_as_shards(launches) -> None:
+    sharded, ddp = launches["gradients"]["sharded"], launches["gradients"]["ddp"]
+    local, total = sharded["refresh_fisher_numel"]
+    assert 0 < local < total and ddp["refresh_fisher_numel"] == [total, total]  # rank 0's shards, not a full copy

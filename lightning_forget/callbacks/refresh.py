@@ -175,7 +175,8 @@ def unlearn_step(
 
     Returns:
         a :class:`Displacement`: parameter name → the displacement really applied (new minus
-        old value, in the parameter's dtype), and the norm of the intended float32 step.
+        old value, in the parameter's dtype; for a sharded parameter, this rank's local shard),
+        and the norm of the intended float32 step (over all shards).
 
     Raises:
         TypeError: a wrong argument type; the default loss on a batch that is not ``(x, y)``.

@@ -239,6 +239,10 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             if cb.output_paths:
                 out["lines_files"] = {kind: {n: v.double().flatten().tolist() for n, v in torch.load(cb.output_paths[kind], weights_only=True).items()}
                                       for kind in ("scaled", "unscaled")}
+    for cb in callbacks:
+        if type(cb).__name__ == "RefreshLearning":  # the Fisher as this rank's shards (numel)
+            out["refresh_fisher_numel"] = [sum(t.numel() for t in cb.fisher.values()),
+                                           sum(p.numel() for p in module.parameters() if p.requires_grad)]
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
