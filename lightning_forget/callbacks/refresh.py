@@ -100,11 +100,7 @@ def _randn32(shape: tuple[int, ...], *, generator: torch.Generator, dtype: torch
 
 def _norm_of(values: Mapping[str, Tensor], like: Optional[Mapping[str, Tensor]]) -> Tensor:
     """Norm (float32) over all ``values`` (local shards of ``like``'s layout), summed over shards."""
-    if not values:
-        return torch.zeros(())
-    squares = global_sums({name: v.detach().double().square().sum() for name, v in values.items()},
-                          like={name: (like or values)[name] for name in values})
-    return torch.stack(list(squares.values())).sum().sqrt().float()
+    return _sum_sqrt({name: v.detach().double().square().sum() for name, v in values.items()}, like or values)
 
 
 def _default_loss(model: nn.Module, batch: Any) -> Tensor:
