@@ -82,7 +82,8 @@ def compute_gradients(
         does not depend on gets zeros.
 
     Raises:
-        ValueError: ``loss`` is not a scalar, or a given tensor does not require gradients.
+        ValueError: ``loss`` is not a scalar, a given tensor does not require gradients, or a
+            sharded module whose parameters are FSDP2's gathered copies (collect them before the forward).
         NotImplementedError: ``create_graph`` with sharded (FSDP2) parameters.
 
     Sharded parameters (FSDP2 DTensors): autograd differentiates the gathered copies FSDP2 makes
