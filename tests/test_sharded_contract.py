@@ -67,7 +67,7 @@ def _numbers(value: Any) -> torch.Tensor:
 
 def _close(a: Any, b: Any) -> bool:
     x, y = _numbers(a), _numbers(b)
-    return x.shape == y.shape and bool(torch.allclose(x, y, atol=TOL, rtol=TOL))
+    return x.shape == y.shape and bool(torch.allclose(x, y, atol=TOL, rtol=TOL, equal_nan=True))
 
 
 @pytest.mark.parametrize(("group", "name"), ROWS, ids=[name for _, name in ROWS])

@@ -91,7 +91,63 @@ def _callbacks(names: list[str]) -> list[Callback]:
             # sharding rank 1 must run one more (a sharded forward is collective) or the run hangs.
             every_n_steps=3, samples_per_task=5, batch_size=2, save_csv=False, save_plot=False),
     }
+    make.update(_unlearning_callbacks())
     return [make[name]() for name in names]
+
+
+# ---------------------------------------------------------------- unlearning group (shunl)
+UNLEARNING_GROUP = ["SCRUB", "ForgetRetainEvaluation", "UnlearningEvaluation"]
+
+
+def _unlearning_callbacks() -> dict[str, Callable[[], Callback]]:
+    from lightning_forget import callbacks as cbs
+
+    return {
+        # The reference (teacher) model, the saliency mask (SalUn's, here on SCRUB's objective) and
+        # gradient surgery in one method: the mechanisms every unlearning method shares.
+        "SCRUB": lambda: cbs.SCRUB(mask_fraction=0.5, alpha=0.5, save_original=False),
+        # 4 and 16 rows per evaluation set over 2 ranks in batches of 3: unequal batch counts per rank.
+        "ForgetRetainEvaluation": lambda: cbs.ForgetRetainEvaluation(batch_size=3, report=False),
+        "UnlearningEvaluation": lambda: cbs.UnlearningEvaluation(batch_size=3, mia="threshold", report=False),
+    }
+
+
+def _unlearning_data(names: list[str], task: int, devices: int) -> Any:
+    """A two-stream forget/retain datamodule (forget class 4, then 5) of 8-d blobs for the unlearning
+    group, each rank reading every second row in order as ``_tasks`` does; ``None`` for other groups."""
+    if not set(names) & set(UNLEARNING_GROUP):
+        return None
+    from torch.utils.data import DistributedSampler
+
+    from lightning_forget.datamodules import ForgetRetainDataModule
+    from lightning_forget.datamodules.forget import PairedDataset
+    from lightning_forget.datamodules.loaders import ResumableDataLoader
+
+    class Paired(ForgetRetainDataModule):
+        def train_dataloader(self) -> DataLoader:
+            data = PairedDataset(self.forget_train_dataset(task), self.retain_train_dataset(task), self.seed, 0)
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+            return ResumableDataLoader(data, batch_size=BATCH * (2 if world == 1 else 1), sampler=sampler)
+
+    gen = torch.Generator().manual_seed(1234)
+    centres = 3.0 * torch.randn(6, 8, generator=gen)
+    x = torch.cat([centres[c] + torch.randn(20, 8, generator=gen) for c in range(6)])
+    y = torch.arange(6).repeat_interleave(20)
+    return Paired(train=(x, y), forget_classes=[[4], [5]], data_ratio=0.86, batch_size=8, task=task)
+
+
+def _unlearning_layout(callbacks: list[Callback], module: nn.Module) -> dict[str, list[int]]:
+    """Numbers each callback's per-parameter state holds on this rank, beside the module's total."""
+    out: dict[str, list[int]] = {}
+    total = sum(p.numel() for p in module.parameters())
+    for cb in callbacks:
+        if type(cb).__name__ == "SCRUB":
+            weights = cb.reference.weights if cb.reference is not None else {}
+            params = dict(module.named_parameters())
+            out["reference"] = [sum(weights[n].numel() for n in params), total]
+            out["mask"] = [sum(m.numel() for m in cb.mask.masks.values()), total]
+    return out
 
 
 def _tasks(batch: int, world: int, rank: int) -> list[tuple[DataLoader, list[DataLoader]]]:
@@ -180,9 +236,10 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             extra.append(_CrashAt(crash_at))
         trainer = _trainer(root / f"{strategy_name}{task}", strategy, devices, [*callbacks, *extra],
                            use_distributed_sampler=False, **kwargs)
-        train, vals = _tasks(BATCH * (2 if devices == 1 else 1), devices, trainer.global_rank)[task]
+        dm = _unlearning_data(names, task, devices)
+        train, vals = _tasks(BATCH * (2 if devices == 1 else 1), devices, trainer.global_rank)[task] if dm is None else (None, None)
         try:
-            trainer.fit(module, train, vals, ckpt_path=resume if task == 1 else None)
+            trainer.fit(module, train, vals, datamodule=dm, ckpt_path=resume if task == 1 else None)
         except _Crash:
             return {"crashed": True}
     out["params"] = _params(module)
@@ -195,6 +252,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             if cb.output_paths:
                 out["lines_files"] = {kind: {n: v.double().flatten().tolist() for n, v in torch.load(cb.output_paths[kind], weights_only=True).items()}
                                       for kind in ("scaled", "unscaled")}
+    out["unlearning_numel"] = _unlearning_layout(callbacks, module)
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
