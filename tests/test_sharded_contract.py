@@ -25,11 +25,14 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.sharded_run import FIRST_GROUP
+from tests.helpers.sharded_run import FIRST_GROUP, UNLEARNING_GROUP
 
 GROUPS = {
     "replay": FIRST_GROUP,
     "logits": ["DarkExperienceReplay", "InfiniteLRSchedule", "LiNeS"],
+    # SCRUB with a saliency mask and gradient surgery: the reference model, the mask and the surgery
+    # every unlearning method shares; the two evaluations with unequal batch counts per rank.
+    "unlearning": UNLEARNING_GROUP,
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -121,3 +124,16 @@ def test_lines_keeps_theta0_as_shards_and_writes_full_files(launches) -> None:
     assert torch.allclose(_params({"params": files["scaled"]}), _params(sharded), atol=0, rtol=0)
     for kind in ("scaled", "unscaled"):
         assert _close(files[kind], ddp["lines_files"][kind])
+
+
+def test_unlearning_reference_and_mask_are_held_as_shards(launches) -> None:
+    result = launches["unlearning"]
+    sharded, ddp, single = result["sharded"], result["ddp"], result["single"]
+    for kind in ("reference", "mask"):
+        local, total = sharded["unlearning_numel"][kind]
+        assert local < total and ddp["unlearning_numel"][kind] == [total, total]  # rank 0's shards, not a full copy
+    # The surgery's per-tensor cosines are over the whole tensors (all shards), as under DDP and one process.
+    cosines = torch.tensor(sharded["unlearning_numel"]["surgery_cosines"])  # step × parameter tensor
+    assert cosines.shape == (4, 4) and bool((cosines < 0).any())  # some tensors conflicted: the surgery acted
+    for other in (ddp, single):
+        assert torch.allclose(cosines, torch.tensor(other["unlearning_numel"]["surgery_cosines"]), atol=TOL)

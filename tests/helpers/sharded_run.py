@@ -102,10 +102,23 @@ UNLEARNING_GROUP = ["SCRUB", "ForgetRetainEvaluation", "UnlearningEvaluation"]
 def _unlearning_callbacks() -> dict[str, Callable[[], Callback]]:
     from lightning_forget import callbacks as cbs
 
+    class SCRUB(cbs.SCRUB):
+        """SCRUB that keeps the per-tensor cosines of each step's gradient surgery."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.cosines: list[list[float]] = []
+
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            if self._surgery is not None and self._surgery.last is not None:
+                self.cosines.append([float(c) for _, c in sorted(self._surgery.last.cosines.items())])
+                self._surgery.last = None
+
     return {
         # The reference (teacher) model, the saliency mask (SalUn's, here on SCRUB's objective) and
         # gradient surgery in one method: the mechanisms every unlearning method shares.
-        "SCRUB": lambda: cbs.SCRUB(mask_fraction=0.5, alpha=0.5, save_original=False),
+        "SCRUB": lambda: SCRUB(mask_fraction=0.5, alpha=0.5, gradient_surgery="project", save_original=False),
         # 4 and 16 rows per evaluation set over 2 ranks in batches of 3: unequal batch counts per rank.
         "ForgetRetainEvaluation": lambda: cbs.ForgetRetainEvaluation(batch_size=3, report=False),
         "UnlearningEvaluation": lambda: cbs.UnlearningEvaluation(batch_size=3, mia="threshold", report=False),
@@ -137,9 +150,10 @@ def _unlearning_data(names: list[str], task: int, devices: int) -> Any:
     return Paired(train=(x, y), forget_classes=[[4], [5]], data_ratio=0.86, batch_size=8, task=task)
 
 
-def _unlearning_layout(callbacks: list[Callback], module: nn.Module) -> dict[str, list[int]]:
-    """Numbers each callback's per-parameter state holds on this rank, beside the module's total."""
-    out: dict[str, list[int]] = {}
+def _unlearning_layout(callbacks: list[Callback], module: nn.Module) -> dict[str, Any]:
+    """Numbers the reference and the mask hold on this rank, beside the module's total; the cosines
+    of the last gradient surgery."""
+    out: dict[str, Any] = {}
     total = sum(p.numel() for p in module.parameters())
     for cb in callbacks:
         if type(cb).__name__ == "SCRUB":
@@ -147,6 +161,7 @@ def _unlearning_layout(callbacks: list[Callback], module: nn.Module) -> dict[str
             params = dict(module.named_parameters())
             out["reference"] = [sum(weights[n].numel() for n in params), total]
             out["mask"] = [sum(m.numel() for m in cb.mask.masks.values()), total]
+            out["surgery_cosines"] = cb.cosines  # each step's per-tensor cosines (over the whole tensors)
     return out
 
 
