@@ -67,6 +67,8 @@ def test_config_runs(config: Path, tmp_path: Any) -> None:
     else:
         args += ["--trainer.fast_dev_run", "2"]
     args += SMALL_DATA.get(config.parent.name, [])
+    if config.name.endswith("_sharded.yaml"):  # its 2-process run: tests/test_sharded_contract.py; here one process
+        args += ["--trainer.strategy", "auto", "--trainer.devices", "1"]
     cli = main(args)
     assert cli is not None and cli.trainer.global_step > 0
     if crosses:
@@ -94,3 +96,20 @@ def test_er_fpf_config_reports_the_model_its_checkpoint_holds(tmp_path: Any) -> 
     metrics = validated.trainer.callback_metrics
     assert [float(metrics[f"val/acc/task_{t}"]) for t in range(2)] == pytest.approx(last_row)
     assert float(metrics["val/acc_avg"]) == pytest.approx(fitted)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name.endswith("_sharded.yaml")], ids=lambda c: c.name)
+def test_sharded_config_builds_model_parallel_and_its_callbacks_accept_it(config: Path, tmp_path: Any) -> None:
+    """A ``*_sharded.yaml`` config builds ``ModelParallelStrategy`` on 2 processes, and every callback
+    it lists accepts that strategy (its run is covered by tests/test_sharded_contract.py)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_forget.tasks import check_strategy
+
+    cli = main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli is not None and isinstance(cli.trainer.strategy, ModelParallelStrategy)
+    assert cli.trainer.num_devices == 2
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ContinualCallback)]
+    assert callbacks
+    for callback in callbacks:
+        check_strategy(callback, cli.trainer)
