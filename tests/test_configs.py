@@ -106,7 +106,7 @@ def test_sharded_config_builds_model_parallel_and_its_callbacks_accept_it(config
 
     from lightning_forget.tasks import check_strategy
 
-    cli = main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    cli = main(["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert cli is not None and isinstance(cli.trainer.strategy, ModelParallelStrategy)
     assert cli.trainer.num_devices == 2
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ContinualCallback)]
