@@ -128,12 +128,13 @@ def test_lines_keeps_theta0_as_shards_and_writes_full_files(launches) -> None:
 
 def test_unlearning_reference_and_mask_are_held_as_shards(launches) -> None:
     result = launches["unlearning"]
-    sharded, ddp, single = result["sharded"], result["ddp"], result["single"]
+    sharded, ddp = result["sharded"], result["ddp"]
     for kind in ("reference", "mask"):
         local, total = sharded["unlearning_numel"][kind]
         assert local < total and ddp["unlearning_numel"][kind] == [total, total]  # rank 0's shards, not a full copy
-    # The surgery's per-tensor cosines are over the whole tensors (all shards), as under DDP and one process.
+    # The surgery's per-tensor cosines are over the whole tensors (all shards), as under DDP. (Not compared
+    # with one process: at a task's first step the teacher is the student, SCRUB's forget gradient is
+    # rounding noise, and its cosines are too; the final weights equal one process's all the same.)
     cosines = torch.tensor(sharded["unlearning_numel"]["surgery_cosines"])  # step × parameter tensor
     assert cosines.shape == (4, 4) and bool((cosines < 0).any())  # some tensors conflicted: the surgery acted
-    for other in (ddp, single):
-        assert torch.allclose(cosines, torch.tensor(other["unlearning_numel"]["surgery_cosines"]), atol=TOL)
+    assert torch.allclose(cosines, torch.tensor(ddp["unlearning_numel"]["surgery_cosines"]), atol=TOL)
