@@ -138,3 +138,14 @@ def test_unlearning_reference_and_mask_are_held_as_shards(launches) -> None:
     cosines = torch.tensor(sharded["unlearning_numel"]["surgery_cosines"])  # step × parameter tensor
     assert cosines.shape == (4, 4) and bool((cosines < 0).any())  # some tensors conflicted: the surgery acted
     assert torch.allclose(cosines, torch.tensor(ddp["unlearning_numel"]["surgery_cosines"]), atol=TOL)
+
+
+def test_unlearning_lm_method_on_a_sharded_causal_lm_equals_ddp(launches) -> None:
+    """NPO on a tiny GPT-2 sharded per block: the reference's forwards through the LM path."""
+    runs = launches["unlearning"]["lm"]
+    sharded, ddp = runs["sharded"], runs["ddp"]
+    assert sharded["param_types"] == ["DTensor"] and sharded["steps"] == ddp["steps"] > 1
+    assert torch.allclose(_params(sharded), _params(ddp), atol=TOL, rtol=TOL)
+    assert _close(sharded["state"], ddp["state"])
+    local, total = sharded["reference_numel"]
+    assert local < total and ddp["reference_numel"] == [total, total]

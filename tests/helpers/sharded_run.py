@@ -152,6 +152,59 @@ def _unlearning_data(names: list[str], task: int, devices: int) -> Any:
     return Paired(train=(x, y), forget_classes=[[4], [5]], data_ratio=0.7, batch_size=8, task=task)
 
 
+class ShardedCausalLM(pl.LightningModule):
+    """A user's tiny GPT-2 (Hugging Face) sharded per transformer block in ``configure_model``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_forget.modules.causal_lm import build_tiny_causal_lm
+
+        self.model = build_tiny_causal_lm("gpt2", vocab_size=257, block_size=128, n_layer=2, n_embd=16, n_head=2)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Any = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                          use_cache=False).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def unlearning_lm_run(root: Path, strategy_name: str) -> dict[str, Any]:
+    """NPO (its reference through the LM path) on the tiny GPT-2 over fictitious-QA forget/retain
+    batches, one fit; the reference's numbers on this rank beside the model's."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_forget.callbacks import NPO
+    from lightning_forget.datamodules import FictitiousQADataModule
+
+    pl.seed_everything(0)
+    module = ShardedCausalLM()
+    dm = FictitiousQADataModule(num_people=4, questions_per_person=2, num_countries=1, forget_percent=25, phase="unlearn",
+                                batch_size=2)
+    npo = NPO(save_original=False)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "sharded" else "ddp"
+    trainer = _trainer(root, strategy, 2, [npo], enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    assert npo.reference is not None and npo.reference.weights is not None
+    return {"params": _params(module), "param_types": sorted({type(p).__name__ for p in module.parameters()}),
+            "steps": int(trainer.global_step), "state": _plain(npo.state_dict()),
+            "reference_numel": [sum(w.numel() for w in npo.reference.weights.values()),
+                                sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())]}
+
+
 def _unlearning_layout(callbacks: list[Callback], module: nn.Module) -> dict[str, Any]:
     """Numbers the reference and the mask hold on this rank, beside the module's total; the cosines
     of the last gradient surgery."""
@@ -317,6 +370,8 @@ def main(root: Path, names: list[str]) -> None:
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
         results["single"] = run(root / f"d{rank}", "single", alone)
+    if names == UNLEARNING_GROUP:
+        results["lm"] = {strategy: unlearning_lm_run(root / f"lm_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if names == FIRST_GROUP:
         results["classifier"] = {strategy: classifier_run(root / f"cls_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if rank == 0:
