@@ -46,6 +46,7 @@ __all__ = [
     "local_clone",
     "local_view",
     "named_local",
+    "reshard",
     "sharding_refusal",
     "shard_like",
     "draw_like",
@@ -330,6 +331,23 @@ def batches_per_rank(size: int, world: int, batch_size: int) -> int:
     return -(-(-(-size // world)) // batch_size)
 
 
+def reshard(module: nn.Module) -> None:
+    """Free every FSDP2 unit's gathered weights in ``module``, so its parameters are the sharded DTensors again.
+
+    A unit that keeps its weights after a forward (an FSDP root: ``reshard_after_forward=False``)
+    has the *gathered* plain tensors registered as its parameters until its next backward or
+    reshard; per-parameter state taken from ``named_parameters()`` then must come after this.
+    A local operation; nothing to do for an unsharded module.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def named_local(params: Union[nn.Module, Iterable[tuple[str, Tensor]]]) -> dict[str, Tensor]:
     """``name → local shard`` of a module's parameters (plain tensors for unsharded ones)."""
     items = params.named_parameters() if isinstance(params, nn.Module) else params
@@ -348,9 +366,6 @@ _REFUSALS: dict[str, str] = {
     "reach FSDP2's sharded parameters (autograd sees the gathered copies).",
     "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",
     "GSLoRA": "Its group norms and merges are over whole tensors, not yet reduced over shards.",
-    "LMUnlearningEvaluation": "Each rank generates and scores its share of the samples (greedy generation stops "
-    "at different lengths, GradNorm takes per-sample gradients of whole tensors), so ranks run different "
-    "numbers of forwards, and a sharded forward is collective.",
 }
 
 

@@ -140,12 +140,16 @@ def test_unlearning_reference_and_mask_are_held_as_shards(launches) -> None:
     assert torch.allclose(cosines, torch.tensor(ddp["unlearning_numel"]["surgery_cosines"]), atol=TOL)
 
 
-def test_unlearning_lm_method_on_a_sharded_causal_lm_equals_ddp(launches) -> None:
-    """NPO on a tiny GPT-2 sharded per block: the reference's forwards through the LM path."""
+def test_unlearning_lm_method_and_evaluation_on_a_sharded_causal_lm_equal_ddp(launches) -> None:
+    """NPO and LMUnlearningEvaluation on a tiny GPT-2 sharded per block: the reference's forwards
+    through the LM path, equal forwards and decoding steps on every rank."""
     runs = launches["unlearning"]["lm"]
     sharded, ddp = runs["sharded"], runs["ddp"]
     assert sharded["param_types"] == ["DTensor"] and sharded["steps"] == ddp["steps"] > 1
     assert torch.allclose(_params(sharded), _params(ddp), atol=TOL, rtol=TOL)
     assert _close(sharded["state"], ddp["state"])
+    # LMUnlearningEvaluation (before and after, greedy generation included) gives DDP's rows.
+    rows = sharded["evaluation"]["method"]["rows"]
+    assert len(rows) == 2 and _close(rows, ddp["evaluation"]["method"]["rows"])
     local, total = sharded["reference_numel"]
     assert local < total and ddp["reference_numel"] == [total, total]

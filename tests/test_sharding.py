@@ -87,3 +87,8 @@ def test_batches_per_rank_is_the_busiest_ranks_count() -> None:
                 assert sh.batches_per_rank(size, world, batch) == -(-busiest // batch), (size, world, batch)
     with pytest.raises(ValueError, match="batch_size=0"):
         sh.batches_per_rank(3, 2, 0)
+
+
+def test_reshard_gives_back_the_sharded_parameters_a_root_keeps_gathered(ranks) -> None:
+    for result in ranks:
+        assert result["reshard"] == [["Parameter"], ["DTensor"]]

@@ -30,7 +30,7 @@ from lightning_forget.distributed import rank_generator
 from lightning_forget.forward import ModelForward
 from lightning_forget.losses import output_loss, remove_training_step_hooks, training_step_hooks
 from lightning_forget.precision import forward_context
-from lightning_forget.sharding import full_tensor, is_sharded
+from lightning_forget.sharding import full_tensor, is_sharded, reshard
 from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback, task_schedule
 from lightning_forget.unlearning import losses as L
 from lightning_forget.unlearning.reference import ReferenceModel, load_pretrained
@@ -393,8 +393,10 @@ class UnlearningMethod(ContinualCallback):
         )
 
     def _compute_mask(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> SaliencyMask:
-        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         sharded = is_sharded(pl_module)
+        if sharded:
+            reshard(pl_module)  # the sharded parameters, not a root's weights gathered since a forward
+        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
         if sharded:
             # autograd.grad does not reach FSDP2's sharded parameters: backward into `.grad` (each
@@ -464,8 +466,7 @@ class UnlearningMethod(ContinualCallback):
                 total = total + forget
                 if self._surgery is not None and self._retain is not None and bool(torch.isfinite(forget.detach())):
                     # g_u apart from the DDP-reduced backward; combined in on_before_optimizer_step
-                    params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
-                    self._surgery.add(forget, params, scale=1.0 / pl_module.trainer.accumulate_grad_batches)
+                    self._surgery.add(forget, pl_module, scale=1.0 / pl_module.trainer.accumulate_grad_batches)
                 else:
                     backward = total
         if not bool(torch.isfinite(total.detach())):
@@ -558,7 +559,10 @@ class UnlearningMethod(ContinualCallback):
         reference = self._reference_state
         if reference is None and self.reference is not None:
             reference = self.reference.state()  # whole tensors gathered from the shards (collective)
-        params = None if self._module is None else dict(self._module.named_parameters())
+        params = None
+        if self._module is not None:
+            reshard(self._module)
+            params = dict(self._module.named_parameters())
         return {
             "reference": None if reference is None else dict(reference),
             "mask": None if self.mask is None else self.mask.state(params),

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module  # what functional_call uses
 
-from lightning_forget.sharding import edit_local, full_tensor, is_sharded, local_clone, shard_like
+from lightning_forget.sharding import edit_local, full_tensor, is_sharded, local_clone, reshard, shard_like
 
 __all__ = ["ReferenceModel", "adapters_disabled", "has_lora_adapters", "load_pretrained", "tuner_layers"]
 
@@ -131,6 +131,8 @@ class ReferenceModel:
         #: Whether the weights are this rank's local shards of a module sharded with FSDP2.
         self.sharded = self.kind == "copy" and is_sharded(module)
         self._layout: dict[str, Tensor] = {}
+        if self.sharded:
+            reshard(module)  # a root unit may hold its gathered weights since a forward: the shards instead
         if self.kind == "copy":
             current = dict(module.named_parameters())
             current.update(dict(module.named_buffers()))
@@ -169,20 +171,15 @@ class ReferenceModel:
         before and after, so the reference forward reads the reference and the backward of the
         live step regathers the live weights.
         """
-        from torch.distributed.fsdp import FSDPModule
-
-        units = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
         assert self.weights is not None
-        for unit in units:
-            unit.reshard()
+        reshard(self.module)
         live = {k: local_clone(t) for k, t in self._layout.items()}
         try:
             for k, t in self._layout.items():
                 edit_local(t, lambda now, ref: ref.to(now.device, now.dtype), self.weights[k])
             yield
         finally:
-            for unit in units:
-                unit.reshard()
+            reshard(self.module)
             for k, t in self._layout.items():
                 edit_local(t, lambda _, value: value, live[k])
 

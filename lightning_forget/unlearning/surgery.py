@@ -33,13 +33,13 @@ with that batch would.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Iterable, Literal, NamedTuple, Optional
+from typing import Any, Iterable, Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from lightning_forget.gradients import average_gradients, compute_gradients
-from lightning_forget.sharding import edit_local, global_dots, is_sharded, local_view, sum_of_squares
+from lightning_forget.sharding import edit_local, global_dots, is_sharded, local_view, reshard, sum_of_squares
 from lightning_forget.validation import check_choice, check_float
 
 __all__ = ["GradientSurgery", "SurgeryResult", "SURGERY_MODES", "clip_global_norm", "concept_preserving_gradient",
@@ -188,17 +188,20 @@ class GradientSurgery:
         self.pending: Optional[dict[str, Tensor]] = None
         self.last: Optional[SurgeryResult] = None
 
-    def add(self, loss: Tensor, params: Mapping[str, Tensor], *, scale: float = 1.0) -> None:
-        """Accumulate ``scale·∇loss`` over ``params`` (name → trainable tensor); the graph is kept.
+    def add(self, loss: Tensor, params: Union[nn.Module, Mapping[str, Tensor]], *, scale: float = 1.0) -> None:
+        """Accumulate ``scale·∇loss`` over ``params`` (a module's trainable parameters, or name →
+        trainable tensor); the graph is kept.
 
         Sharded parameters (FSDP2), which ``torch.autograd.grad`` does not reach: a backward of
         ``scale·loss`` alone into ``.grad`` (set aside before and put back after), which FSDP2
         reduce-scatters: the collected gradient is then already the mean over ranks, and every rank
         must call this in the same steps (a collective).
         """
-        if any(is_sharded(p) for p in params.values()):
+        if isinstance(params, nn.Module) and is_sharded(params):
             grads = self._sharded_gradients(loss * scale, params)
         else:
+            if isinstance(params, nn.Module):
+                params = {n: p for n, p in params.named_parameters() if p.requires_grad}
             grads = compute_gradients(loss * scale, params, retain_graph=True)
         if self.pending is None:
             self.pending = grads
@@ -207,7 +210,10 @@ class GradientSurgery:
                 self.pending[name] = self.pending[name] + g
 
     @staticmethod
-    def _sharded_gradients(loss: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def _sharded_gradients(loss: Tensor, module: nn.Module) -> dict[str, Tensor]:
+        # The sharded parameters (a root unit's gathered weights are freed: the backward regathers them).
+        reshard(module)
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         stashed = {name: p.grad for name, p in params.items()}
         for p in params.values():
             p.grad = None

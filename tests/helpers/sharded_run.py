@@ -184,10 +184,11 @@ class ShardedCausalLM(pl.LightningModule):
 
 def unlearning_lm_run(root: Path, strategy_name: str) -> dict[str, Any]:
     """NPO (its reference through the LM path) on the tiny GPT-2 over fictitious-QA forget/retain
-    batches, one fit; the reference's numbers on this rank beside the model's."""
+    batches, one fit, with LMUnlearningEvaluation before and after (greedy generation: the ranks'
+    prompts stop at different lengths); the reference's numbers on this rank beside the model's."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lightning_forget.callbacks import NPO
+    from lightning_forget.callbacks import NPO, LMUnlearningEvaluation
     from lightning_forget.datamodules import FictitiousQADataModule
 
     pl.seed_everything(0)
@@ -195,12 +196,17 @@ def unlearning_lm_run(root: Path, strategy_name: str) -> dict[str, Any]:
     dm = FictitiousQADataModule(num_people=4, questions_per_person=2, num_countries=1, forget_percent=25, phase="unlearn",
                                 batch_size=2)
     npo = NPO(save_original=False)
+    evaluation = LMUnlearningEvaluation(gradnorm=False, max_new_tokens=6, batch_size=3, progress=False, report=False)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "sharded" else "ddp"
-    trainer = _trainer(root, strategy, 2, [npo], enable_checkpointing=False, limit_val_batches=0)
+    trainer = _trainer(root, strategy, 2, [evaluation, npo], enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
+    from lightning_forget.sharding import reshard
+
+    reshard(module)  # the root unit keeps its gathered weights after the evaluation's forwards
     assert npo.reference is not None and npo.reference.weights is not None
     return {"params": _params(module), "param_types": sorted({type(p).__name__ for p in module.parameters()}),
             "steps": int(trainer.global_step), "state": _plain(npo.state_dict()),
+            "evaluation": _plain(evaluation.state_dict()),
             "reference_numel": [sum(w.numel() for w in npo.reference.weights.values()),
                                 sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())]}
 

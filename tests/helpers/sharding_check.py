@@ -96,6 +96,14 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
         result["gradients_refused"] = ""
     except NotImplementedError as error:
         result["gradients_refused"] = str(error)
+    # A root unit keeps its gathered weights after a forward: reshard() gives the DTensors back.
+    root = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    fully_shard(root, mesh=mesh)
+    with torch.no_grad():
+        root(torch.ones(3, 4))
+    after_forward = sorted({type(p).__name__ for p in root.parameters()})
+    sh.reshard(root)
+    result["reshard"] = [after_forward, sorted({type(p).__name__ for p in root.parameters()})]
     local_bytes = sum(sh.local_clone(t).numel() * t.element_size() for t in shard.values())
     full_bytes = sum(t.numel() * t.element_size() for t in full.values())
     result["bytes"] = [local_bytes, full_bytes]
