@@ -64,7 +64,7 @@ class ForgetRetainEvaluation(ContinualCallback):
 
     Note:
         Saved state: ``rows`` (one dict per finished task) and ``before`` (Acc_f before each
-        task). Supported strategies: single device and DDP.
+        task). Supported strategies: single device, DDP and ``ModelParallelStrategy`` (equal forwards per rank).
     """
 
     supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES

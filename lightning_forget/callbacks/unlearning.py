@@ -149,7 +149,8 @@ class UnlearningMethod(ContinualCallback):
         Saved state: ``reference`` (CPU weights of the reference copy, or ``None``), ``mask``
         (masks and original values, or ``None``), ``best`` (score, epoch and weights of the best
         epoch with ``restore_best``), ``saved`` (paths of the pre-unlearning checkpoints),
-        ``version``. Supported strategies: single device and DDP.
+        ``version``. Supported strategies: single device, DDP and ``ModelParallelStrategy`` (FSDP2: the
+        reference and the mask held as local shards, see docs/sharding.md).
     """
 
     supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES

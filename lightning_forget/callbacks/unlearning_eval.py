@@ -128,7 +128,8 @@ class UnlearningEvaluation(ContinualCallback):
             ``mia_datasets``/``test_dataset`` (at setup).
 
     Note:
-        Saved state: ``rows`` (one dict per evaluation). Supported strategies: single device and DDP.
+        Saved state: ``rows`` (one dict per evaluation). Supported strategies: single device, DDP and
+        ``ModelParallelStrategy`` (equal forwards per rank).
         List it before an unlearning callback whose guard or ``restore_best`` reads its keys.
     """
 
