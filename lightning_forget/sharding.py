@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "batches_per_rank",
     "edit_local",
     "full_tensor",
     "global_dots",
@@ -48,6 +49,7 @@ __all__ = [
     "local_clone",
     "local_view",
     "named_local",
+    "reshard",
     "sharding_refusal",
     "shard_like",
     "draw_like",
@@ -321,6 +323,17 @@ def edit_local(tensor: Tensor, edit: Callable[[Tensor], Tensor], *others: Tensor
     local.copy_(edit(local, *(local_view(o) for o in others)))
 
 
+def batches_per_rank(size: int, world: int, batch_size: int) -> int:
+    """Batches of the rank with the most rows when ``size`` rows are split ``rank::world``.
+
+    A sharded forward is collective: every rank must run this many (a rank with fewer rows runs
+    the rest on a padding row and drops the results), as :class:`DistributedSampler`'s padding does.
+    """
+    if size < 0 or world < 1 or batch_size < 1:
+        raise ValueError(f"batches_per_rank: size={size}, world={world}, batch_size={batch_size} must be >= 0, >= 1, >= 1.")
+    return -(-(-(-size // world)) // batch_size)
+
+
 def named_local(params: Union[nn.Module, Iterable[tuple[str, Tensor]]]) -> dict[str, Tensor]:
     """``name → local shard`` of a module's parameters (plain tensors for unsharded ones)."""
     items = params.named_parameters() if isinstance(params, nn.Module) else params
@@ -389,14 +402,6 @@ def broadcast_buffers(modules: Iterable[nn.Module], *, src: int = 0) -> None:
 _REFUSALS: dict[str, str] = {
     "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",
     "GSLoRA": "Its group norms and merges are over whole tensors, not yet reduced over shards.",
-    "UnlearningMethod": "Its reference model and saliency mask hold whole tensors, not yet shards.",
-    "ForgetRetainEvaluation": "Each rank evaluates its share of the samples, so ranks may run different numbers "
-    "of forwards, and a sharded forward is collective (ContinualEvaluation shows the fix: equal counts).",
-    "UnlearningEvaluation": "Each rank evaluates its share of the samples, so ranks may run different numbers "
-    "of forwards, and a sharded forward is collective (ContinualEvaluation shows the fix: equal counts).",
-    "LMUnlearningEvaluation": "Each rank generates and scores its share of the samples (greedy generation stops "
-    "at different lengths, GradNorm takes per-sample gradients of whole tensors), so ranks run different "
-    "numbers of forwards, and a sharded forward is collective.",
 }
 
 

@@ -15,6 +15,9 @@ from lightning_forget.datamodules.base import ContinualDataModule
 from lightning_forget.tasks import ContinualCallback
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+#: Configs for ModelParallelStrategy (2 processes): built, not run, here (test_sharded_config_builds_...); each is
+#: its plain config plus the strategy, and the sharded runs are tests/test_sharded_contract.py's.
+SHARDED_CONFIGS = [c for c in CONFIGS if c.name.endswith("_sharded.yaml")]
 
 #: Extra overrides that keep a config's data small in tests (the config itself is unchanged).
 SMALL_DATA = {
@@ -52,7 +55,10 @@ def _task_stream(config: Path) -> bool:
     return not data.get("joint") and data.get("task") is None and int(data.get("num_tasks", 2)) > 1
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(p.parents[1] if p.parent.name != "configs" else p.parent)) for p in CONFIGS])
+_RUN = [c for c in CONFIGS if c not in SHARDED_CONFIGS]
+
+
+@pytest.mark.parametrize("config", _RUN, ids=[str(p.relative_to(p.parents[1] if p.parent.name != "configs" else p.parent)) for p in _RUN])
 def test_config_runs(config: Path, tmp_path: Any) -> None:
     """A stream config trains two tasks of two batches each, so its callbacks cross a task
     boundary (task-end fills, Fisher passes, schedule restarts); the others run fast_dev_run."""
@@ -94,3 +100,20 @@ def test_er_fpf_config_reports_the_model_its_checkpoint_holds(tmp_path: Any) -> 
     metrics = validated.trainer.callback_metrics
     assert [float(metrics[f"val/acc/task_{t}"]) for t in range(2)] == pytest.approx(last_row)
     assert float(metrics["val/acc_avg"]) == pytest.approx(fitted)
+
+
+@pytest.mark.parametrize("config", SHARDED_CONFIGS, ids=lambda c: c.name)
+def test_sharded_config_builds_model_parallel_and_its_callbacks_accept_it(config: Path, tmp_path: Any) -> None:
+    """A ``*_sharded.yaml`` config builds ``ModelParallelStrategy`` on 2 processes, and every callback
+    it lists accepts that strategy (its run is covered by tests/test_sharded_contract.py)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_forget.tasks import check_strategy
+
+    cli = main(["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli is not None and isinstance(cli.trainer.strategy, ModelParallelStrategy)
+    assert cli.trainer.num_devices == 2
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ContinualCallback)]
+    assert callbacks
+    for callback in callbacks:
+        check_strategy(callback, cli.trainer)

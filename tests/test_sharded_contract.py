@@ -25,13 +25,16 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.sharded_run import FIRST_GROUP, PER_RANK
+from tests.helpers.sharded_run import FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
 
 GROUPS = {
     "replay": FIRST_GROUP,
     "logits": ["DarkExperienceReplay", "InfiniteLRSchedule", "LiNeS"],
     "gradients": ["RefreshLearning", "KFPF", "FPF"],
     "buffers": ["AdaB2N"],
+    # SCRUB with a saliency mask and gradient surgery: the reference model, the mask and the surgery
+    # every unlearning method shares; the two evaluations with unequal batch counts per rank.
+    "unlearning": UNLEARNING_GROUP,
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -69,7 +72,7 @@ def _numbers(value: Any) -> torch.Tensor:
 
 def _close(a: Any, b: Any) -> bool:
     x, y = _numbers(a), _numbers(b)
-    return x.shape == y.shape and bool(torch.allclose(x, y, atol=TOL, rtol=TOL))
+    return x.shape == y.shape and bool(torch.allclose(x, y, atol=TOL, rtol=TOL, equal_nan=True))
 
 
 @pytest.mark.parametrize(("group", "name"), ROWS, ids=[name for _, name in ROWS])
@@ -130,3 +133,32 @@ def test_refresh_keeps_its_fisher_as_shards(launches) -> None:
     sharded, ddp = launches["gradients"]["sharded"], launches["gradients"]["ddp"]
     local, total = sharded["refresh_fisher_numel"]
     assert 0 < local < total and ddp["refresh_fisher_numel"] == [total, total]  # rank 0's shards, not a full copy
+
+
+def test_unlearning_reference_and_mask_are_held_as_shards(launches) -> None:
+    result = launches["unlearning"]
+    sharded, ddp = result["sharded"], result["ddp"]
+    for kind in ("reference", "mask"):
+        local, total = sharded["unlearning_numel"][kind]
+        assert local < total and ddp["unlearning_numel"][kind] == [total, total]  # rank 0's shards, not a full copy
+    # The surgery's per-tensor cosines are over the whole tensors (all shards), as under DDP. (Not compared
+    # with one process: at a task's first step the teacher is the student, SCRUB's forget gradient is
+    # rounding noise, and its cosines are too; the final weights equal one process's all the same.)
+    cosines = torch.tensor(sharded["unlearning_numel"]["surgery_cosines"])  # step × parameter tensor
+    assert cosines.shape == (4, 4) and bool((cosines < 0).any())  # some tensors conflicted: the surgery acted
+    assert torch.allclose(cosines, torch.tensor(ddp["unlearning_numel"]["surgery_cosines"]), atol=TOL)
+
+
+def test_unlearning_lm_method_and_evaluation_on_a_sharded_causal_lm_equal_ddp(launches) -> None:
+    """NPO and LMUnlearningEvaluation on a tiny GPT-2 sharded per block: the reference's forwards
+    through the LM path, equal forwards and decoding steps on every rank."""
+    runs = launches["unlearning"]["lm"]
+    sharded, ddp = runs["sharded"], runs["ddp"]
+    assert sharded["param_types"] == ["DTensor"] and sharded["steps"] == ddp["steps"] > 1
+    assert torch.allclose(_params(sharded), _params(ddp), atol=TOL, rtol=TOL)
+    assert _close(sharded["state"], ddp["state"])
+    # LMUnlearningEvaluation (before and after, greedy generation included) gives DDP's rows.
+    rows = sharded["evaluation"]["method"]["rows"]
+    assert len(rows) == 2 and _close(rows, ddp["evaluation"]["method"]["rows"])
+    local, total = sharded["reference_numel"]
+    assert local < total and ddp["reference_numel"] == [total, total]

@@ -96,3 +96,13 @@ def test_plain_tensors_pass_through() -> None:
     assert masks["x"].tolist() == [False, True, True, False] and masks["y"].tolist() == [False]
     with pytest.raises(ValueError, match="k=9"):
         sh.topk_mask({"x": t}, 9)
+
+
+def test_batches_per_rank_is_the_busiest_ranks_count() -> None:
+    for size in range(0, 12):
+        for world in (1, 2, 3):
+            for batch in (1, 2, 4):
+                busiest = max(len(range(r, size, world)) for r in range(world))
+                assert sh.batches_per_rank(size, world, batch) == -(-busiest // batch), (size, world, batch)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        sh.batches_per_rank(3, 2, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -13,7 +14,8 @@ from lightning_forget import reporting
 from lightning_forget.forward import ModelForward
 from lightning_forget.metrics.unlearning import ForgetRetainAccuracy, MembershipInference
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback
+from lightning_forget.sharding import batches_per_rank, is_sharded
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback
 from lightning_forget.validation import check_bool, check_choice, check_int, check_str
 
 __all__ = ["ForgetRetainEvaluation"]
@@ -62,10 +64,10 @@ class ForgetRetainEvaluation(ContinualCallback):
 
     Note:
         Saved state: ``rows`` (one dict per finished task) and ``before`` (Acc_f before each
-        task). Supported strategies: single device and DDP.
+        task). Supported strategies: single device, DDP and ``ModelParallelStrategy`` (equal forwards per rank).
     """
 
-    supported_strategies = DDP_STRATEGIES
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ()
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
@@ -123,6 +125,18 @@ class ForgetRetainEvaluation(ContinualCallback):
         # A private generator: iterating the loader must not draw from the global RNG.
         return DataLoader(shard, batch_size=self.batch_size, shuffle=False, generator=torch.Generator())
 
+    def _batches(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", dataset: Dataset) -> Iterator[Any]:
+        """This rank's batches of ``dataset``; under FSDP2 then padding forwards until every rank has
+        run as many as the busiest (a sharded forward is collective; their results are dropped)."""
+        count = 0
+        for batch in self._loader(trainer, dataset):
+            count += 1
+            yield batch
+        if is_sharded(pl_module) and len(dataset):  # type: ignore[arg-type]
+            padding = dataset[0]
+            for _ in range(batches_per_rank(len(dataset), trainer.world_size, self.batch_size) - count):  # type: ignore[arg-type]
+                self._forward(trainer, pl_module, (padding[0][None], torch.as_tensor(padding[1])[None]))
+
     @torch.no_grad()
     def _forward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch[0], batch[1]
@@ -142,7 +156,7 @@ class ForgetRetainEvaluation(ContinualCallback):
         try:
             accuracy = ForgetRetainAccuracy(num_classes=max(sets) + 1).to(pl_module.device)
             for index in sets:
-                for batch in self._loader(trainer, get(index)):
+                for batch in self._batches(trainer, pl_module, get(index)):
                     logits, y = self._forward(trainer, pl_module, batch)
                     label = torch.full_like(y, index)
                     # One "class" per evaluation set: a correct prediction counts for its set.
@@ -155,7 +169,7 @@ class ForgetRetainEvaluation(ContinualCallback):
                 for split, dataset in dm.mia_datasets(task).items():
                     if split == "retain":
                         continue
-                    for batch in self._loader(trainer, dataset):
+                    for batch in self._batches(trainer, pl_module, dataset):
                         mia.update(*self._forward(trainer, pl_module, batch), split=split)
                 row["mia_auc"] = float(mia.compute()["auc"])
         finally:

@@ -30,7 +30,8 @@ from lightning_forget.distributed import rank_generator
 from lightning_forget.forward import ModelForward
 from lightning_forget.losses import output_loss, remove_training_step_hooks, training_step_hooks
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, task_schedule
+from lightning_forget.sharding import full_tensor, is_sharded, reshard
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback, task_schedule
 from lightning_forget.unlearning import losses as L
 from lightning_forget.unlearning.reference import ReferenceModel, load_pretrained
 from lightning_forget.unlearning.saliency import SaliencyMask
@@ -148,10 +149,11 @@ class UnlearningMethod(ContinualCallback):
         Saved state: ``reference`` (CPU weights of the reference copy, or ``None``), ``mask``
         (masks and original values, or ``None``), ``best`` (score, epoch and weights of the best
         epoch with ``restore_best``), ``saved`` (paths of the pre-unlearning checkpoints),
-        ``version``. Supported strategies: single device and DDP.
+        ``version``. Supported strategies: single device, DDP and ``ModelParallelStrategy`` (FSDP2: the
+        reference and the mask held as local shards, see docs/sharding.md).
     """
 
-    supported_strategies = DDP_STRATEGIES
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Whether the method needs the frozen reference model.
     needs_reference: bool = False
     #: Name used in messages.
@@ -296,9 +298,15 @@ class UnlearningMethod(ContinualCallback):
 
     def _get_reference(self, pl_module: "pl.LightningModule") -> ReferenceModel:
         if self.reference is None:
-            self.reference = ReferenceModel(pl_module, offload=self.reference_offload, state=self._reference_state)
-            self._reference_state = self.reference.state()
+            self._set_reference(ReferenceModel(pl_module, offload=self.reference_offload, state=self._reference_state))
+        assert self.reference is not None
         return self.reference
+
+    def _set_reference(self, reference: ReferenceModel) -> None:
+        self.reference = reference
+        # Held as shards under FSDP2: gathered only when a checkpoint asks (method_state), never
+        # kept whole on every rank.
+        self._reference_state = None if reference.sharded else reference.state()
 
     # ------------------------------------------------------------------ setup and task start
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -311,7 +319,8 @@ class UnlearningMethod(ContinualCallback):
         if self.mask_fraction is not None and getattr(trainer, "datamodule", None) is not None:
             self._forget_dataset(trainer, 0)  # fail before training when there is no forget data
         self._module = pl_module
-        self.reference = None
+        if self.reference is None or not (self.reference.sharded and self.reference.module is pl_module):
+            self.reference = None  # rebuilt from the saved weights at its first use
         hooks = training_step_hooks(pl_module)
         hooks.add_batch_transform(self.state_key, self._split_streams)
         hooks.add_loss_term(self.state_key, self._step_loss)
@@ -327,8 +336,7 @@ class UnlearningMethod(ContinualCallback):
         if self.save_original:
             self._save_original(trainer, pl_module, task)
         if self.needs_reference:
-            self.reference = ReferenceModel(pl_module, offload=self.reference_offload)
-            self._reference_state = self.reference.state()
+            self._set_reference(ReferenceModel(pl_module, offload=self.reference_offload))
         if self.mask_fraction is not None:
             self.mask = self._compute_mask(trainer, pl_module, task)
             rank_zero_info(f"{type(self).__name__} task {task}: saliency mask keeps {self.mask.fraction:.3f} of the weights")
@@ -337,12 +345,16 @@ class UnlearningMethod(ContinualCallback):
     def _save_original(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         directory = reporting.results_dir(trainer, self.log_dir)  # every rank: log_dir broadcasts
         path = os.path.join(directory, f"pre_unlearning_task{task}.ckpt")
+        sharded = is_sharded(pl_module)
+        # Whole tensors in the file: gathered on every rank under FSDP2 (a collective), as a checkpoint is.
+        full_state = {k: full_tensor(v) for k, v in pl_module.state_dict().items()} if (
+            sharded or trainer.is_global_zero) else {}
         if trainer.is_global_zero:
             os.makedirs(directory, exist_ok=True)
             base, n = path[: -len(".ckpt")], 1
             while os.path.exists(path):  # never replace a file another run wrote
                 path, n = f"{base}-v{n}.ckpt", n + 1
-            state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in full_state.items()}
             torch.save({"state_dict": state, "task": task, "global_step": trainer.global_step}, path)
             rank_zero_info(f"{type(self).__name__}: pre-unlearning weights of task {task} saved to {path}")
         self.saved.append(path)
@@ -382,8 +394,18 @@ class UnlearningMethod(ContinualCallback):
         )
 
     def _compute_mask(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> SaliencyMask:
+        sharded = is_sharded(pl_module)
+        if sharded:
+            reshard(pl_module)  # the sharded parameters, not a root's weights gathered since a forward
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        if sharded:
+            # autograd.grad does not reach FSDP2's sharded parameters: backward into `.grad` (each
+            # rank runs the whole set, so the reduce-scattered mean is the same gradient), with the
+            # step's `.grad` set aside and put back after.
+            stashed = {n: p.grad for n, p in params.items()}
+            for p in params.values():
+                p.grad = None
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -399,11 +421,19 @@ class UnlearningMethod(ContinualCallback):
                     with torch.enable_grad(), forward_context(trainer):
                         logits = self.model_forward(pl_module, split.input.to(pl_module.device))
                         loss = L.cross_entropy(logits, split.target.to(pl_module.device))  # type: ignore[union-attr]
+                if sharded:
+                    loss.backward()
+                    continue
                 for (n, g), value in zip(grads.items(), torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
                     if value is not None:
                         g.add_(value)
         finally:
             pl_module.train(was_training)
+            if sharded:
+                for n, p in params.items():
+                    if p.grad is not None:
+                        grads[n] = p.grad.detach()
+                    p.grad = stashed[n]
         return SaliencyMask.from_gradients(grads, float(self.mask_fraction), params)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ the step
@@ -437,8 +467,7 @@ class UnlearningMethod(ContinualCallback):
                 total = total + forget
                 if self._surgery is not None and self._retain is not None and bool(torch.isfinite(forget.detach())):
                     # g_u apart from the DDP-reduced backward; combined in on_before_optimizer_step
-                    params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
-                    self._surgery.add(forget, params, scale=1.0 / pl_module.trainer.accumulate_grad_batches)
+                    self._surgery.add(forget, pl_module, scale=1.0 / pl_module.trainer.accumulate_grad_batches)
                 else:
                     backward = total
         if not bool(torch.isfinite(total.detach())):
@@ -528,9 +557,16 @@ class UnlearningMethod(ContinualCallback):
     def method_state(self) -> dict[str, Any]:
         best = None if self.best is None else {"score": float(self.best["score"]), "epoch": int(self.best["epoch"]),
                                                "weights": dict(self.best["weights"])}
+        reference = self._reference_state
+        if reference is None and self.reference is not None:
+            reference = self.reference.state()  # whole tensors gathered from the shards (collective)
+        params = None
+        if self._module is not None:
+            reshard(self._module)
+            params = dict(self._module.named_parameters())
         return {
-            "reference": None if self._reference_state is None else dict(self._reference_state),
-            "mask": None if self.mask is None else self.mask.state(),
+            "reference": None if reference is None else dict(reference),
+            "mask": None if self.mask is None else self.mask.state(params),
             "best": best,
             "saved": list(self.saved),
         }

@@ -14,7 +14,8 @@ from lightning_forget import reporting
 from lightning_forget.batch import BatchFields, logits_of
 from lightning_forget.metrics.unlearning import avg_gap, mia_auc, mia_efficacy, mia_efficacy_svc
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback
+from lightning_forget.sharding import batches_per_rank, is_sharded
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback
 from lightning_forget.forward import ModelForward
 from lightning_forget.unlearning.report import render_table, write_rows
 
@@ -60,6 +61,12 @@ def per_sample_records(trainer: "pl.Trainer", pl_module: "pl.LightningModule", d
             start += len(y)
             rows.append(torch.stack([torch.full_like(index, set_id), index, correct.double(), confidence.double(),
                                      loss.double()], 1))
+        if is_sharded(pl_module) and sizes[name]:
+            # A sharded forward is collective: run the busiest rank's count (the padding's results dropped).
+            padding = fields.split(next(iter(DataLoader(Subset(dataset, [0]), batch_size=1)))).input.to(pl_module.device)
+            for _ in range(batches_per_rank(sizes[name], world, batch_size) - len(loader)):
+                with forward_context(trainer):
+                    model_forward(pl_module, padding) if model_forward is not None else pl_module(padding)
     local = torch.cat(rows) if rows else torch.zeros(0, 5, dtype=torch.float64, device=pl_module.device)
     if world > 1:
         per_rank = sum(math.ceil(n / world) for n in sizes.values())
@@ -121,11 +128,12 @@ class UnlearningEvaluation(ContinualCallback):
             ``mia_datasets``/``test_dataset`` (at setup).
 
     Note:
-        Saved state: ``rows`` (one dict per evaluation). Supported strategies: single device and DDP.
+        Saved state: ``rows`` (one dict per evaluation). Supported strategies: single device, DDP and
+        ``ModelParallelStrategy`` (equal forwards per rank).
         List it before an unlearning callback whose guard or ``restore_best`` reads its keys.
     """
 
-    supported_strategies = DDP_STRATEGIES
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
 
     def __init__(
         self,

@@ -76,6 +76,7 @@ from lightning_forget.metrics.functional_lm import (
     truth_ratio_score,
     zlib_score,
 )
+from lightning_forget.sharding import is_sharded
 from lightning_forget.unlearning.losses import IGNORE_INDEX, shift_for_next_token
 
 __all__ = ["SPLITS", "MIA_ATTACKS", "DEFAULT_PROMPT", "evaluate_lm_unlearning", "shard_indices", "data_hash",
@@ -216,9 +217,20 @@ def _pad_right(rows: Sequence[tuple[Tensor, Tensor]], pad_id: int) -> tuple[Tens
     return ids, labels, mask
 
 
+def _padding_batches(batches: int, synced: bool) -> int:
+    """How many batches this rank runs beyond its ``batches`` so that every rank runs the busiest
+    rank's count (a sharded forward is collective); 0 unless ``synced``."""
+    if not synced:
+        return 0
+    most = torch.tensor([batches], dtype=torch.int64)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most) - batches
+
+
 def _forward_rows(model: Any, rows: list[tuple[Tensor, Tensor]], answer_rows: int, batch_size: int, device: torch.device,
-                  k: float, pad_id: int, texts: Sequence[str]) -> dict[str, Tensor]:
-    """Per-row ``avg_nll``; for the first ``answer_rows`` rows also the answer statistics."""
+                  k: float, pad_id: int, texts: Sequence[str], synced: bool = False) -> dict[str, Tensor]:
+    """Per-row ``avg_nll``; for the first ``answer_rows`` rows also the answer statistics. ``synced``
+    (a sharded model): padding forwards (results dropped) until every rank has run as many batches."""
     order = sorted(range(len(rows)), key=lambda i: int(rows[i][0].numel()))
     out = {"avg_nll": torch.empty(len(rows), dtype=torch.float64)}
     for key in ("exact_memorization", "extraction_strength", "min_k", "min_k_plus_plus"):
@@ -239,6 +251,9 @@ def _forward_rows(model: Any, rows: list[tuple[Tensor, Tensor]], answer_rows: in
             out["extraction_strength"][at] = extraction_strength(answer_logits, token_targets).double()
             out["min_k"][at] = min_k_score(answer_logits, token_targets, k).double()
             out["min_k_plus_plus"][at] = min_k_plus_plus_score(answer_logits, token_targets, k).double()
+    for _ in range(_padding_batches(-(-len(order) // batch_size), synced)):
+        ids, labels, mask = _pad_right(rows[:1] or [(torch.tensor([pad_id]), torch.tensor([IGNORE_INDEX]))], pad_id)
+        _logits(model, ids.to(device), mask.to(device))
     if answer_rows:
         out["zlib"] = zlib_score(out["avg_nll"][:answer_rows], texts)
     return out
@@ -257,13 +272,15 @@ def _gradnorms(model: Any, rows: list[tuple[Tensor, Tensor]], batch_size: int, d
 
 
 def _generate(model: Any, tokenizer: Any, prompts: Sequence[Tensor], batch_size: int, max_new_tokens: int,
-              end_id: int, device: torch.device, bar: Any) -> list[str]:
+              end_id: int, device: torch.device, bar: Any, synced: bool = False) -> list[str]:
     generator = _generator_model(model)
     context = _context_length(generator)
     order = sorted(range(len(prompts)), key=lambda i: int(prompts[i].numel()))
     texts: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
+    padding = _padding_batches(-(-len(order) // batch_size), synced)
+    starts = list(range(0, len(order), batch_size)) + [-1] * padding  # -1: a padding batch (results dropped)
+    for start in starts:
+        chosen = order[start : start + batch_size] if start >= 0 else order[:1]
         width = max(int(prompts[i].numel()) for i in chosen)
         ids = torch.full((len(chosen), width), end_id, dtype=torch.long)
         mask = torch.zeros((len(chosen), width), dtype=torch.long)
@@ -274,9 +291,12 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Tensor], batch_size:
         if new_tokens < 1:
             raise ValueError(f"a prompt of {width} tokens fills the model's context of {context} tokens; nothing can "
                              "be generated. Fix: a model with a longer context, shorter prompts, or generate=False.")
+        # synced (a sharded model): Hugging Face's synced_gpus decodes until every rank's batch is done
         output = generator.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                     max_new_tokens=new_tokens, pad_token_id=end_id, eos_token_id=end_id,
-                                    top_p=None, top_k=None, temperature=None)
+                                    top_p=None, top_k=None, temperature=None, synced_gpus=synced)
+        if start < 0:
+            continue
         for row, i in enumerate(chosen):
             generated = output[row, width:].tolist()
             if end_id in generated:  # open-unlearning cuts the text at the end token
@@ -289,7 +309,7 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Tensor], batch_size:
 def _split_statistics(model: Any, reference_model: Any, tokenizer: Any, name: str, records: list[Mapping[str, Any]],
                       prompts: list[str], indices: list[int], *, batch_size: int, generate: bool, max_new_tokens: int,
                       device: torch.device, k: float, gradnorm: bool, gradnorm_p: float, end_id: int,
-                      bar: Any) -> dict[str, Tensor]:
+                      bar: Any, synced: bool = False) -> dict[str, Tensor]:
     """The per-sample statistics (``(n,)`` float64 tensors and ``index``) of one split's ``indices``."""
     chosen = [records[i] for i in indices]
     chosen_prompts = [prompts[i] for i in indices]
@@ -310,7 +330,7 @@ def _split_statistics(model: Any, reference_model: Any, tokenizer: Any, name: st
     n = len(chosen)
     texts = [tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()) for _, labels in answers]
     with torch.no_grad():
-        forward = _forward_rows(model, rows, n, batch_size, device, k, end_id, texts)
+        forward = _forward_rows(model, rows, n, batch_size, device, k, end_id, texts, synced)
     stats: dict[str, Tensor] = {"index": torch.tensor(indices, dtype=torch.float64)}
     stats["avg_nll"] = forward["avg_nll"][:n]
     stats["probability"] = torch.exp(-stats["avg_nll"])
@@ -326,16 +346,20 @@ def _split_statistics(model: Any, reference_model: Any, tokenizer: Any, name: st
         stats["perturbed_avg_nll"] = mean_wrong
         stats["truth_ratio"] = truth_ratio(stats["paraphrased_avg_nll"], mean_wrong)
         stats["probability_normalised"] = normalised_probability(stats["probability"], sum_wrong_prob)
+    if gradnorm and synced:
+        raise RuntimeError("evaluate_lm_unlearning(gradnorm=True) takes per-sample gradients of whole tensors, which "
+                           "autograd does not reach on a model sharded with FSDP2. Fix: gradnorm=False under "
+                           "ModelParallelStrategy (or strategy='ddp').")
     if gradnorm and name in ("forget", "holdout") and n:
         stats["gradnorm"] = _gradnorms(model, answers, batch_size, device, gradnorm_p, end_id)
-    if reference_model is not None and name in ("forget", "holdout") and n:
+    if reference_model is not None and name in ("forget", "holdout") and (n or synced):
         with torch.no_grad():
             stats["reference_avg_nll"] = _forward_rows(reference_model, answers, 0, batch_size, device, k, end_id,
-                                                       [])["avg_nll"]
+                                                       [], synced)["avg_nll"]
     if generate and name != "holdout":
         prompt_ids = [ids[labels == IGNORE_INDEX] for ids, labels in answers]
         with torch.no_grad():
-            generations = _generate(model, tokenizer, prompt_ids, batch_size, max_new_tokens, end_id, device, bar)
+            generations = _generate(model, tokenizer, prompt_ids, batch_size, max_new_tokens, end_id, device, bar, synced)
         stats["rouge_l"] = torch.tensor([rouge_l_recall(g, t.strip()) for g, t in zip(generations, texts)],
                                         dtype=torch.float64)
     return stats
@@ -540,6 +564,9 @@ def evaluate_lm_unlearning(
     from tqdm.auto import tqdm
 
     shards = {name: shard_indices(len(records), rank, world_size) for name, (records, _) in prepared.items()}
+    # A model sharded with FSDP2: its forwards are collective, so every rank runs as many (padding ones
+    # where its share is shorter) and generation decodes until every rank is done.
+    synced = world_size > 1 and isinstance(model, nn.Module) and is_sharded(model)
     total = sum(len(shards[n]) for n in shards if n != "holdout") if generate else 0
     was_training = model.training
     model.eval()
@@ -549,7 +576,7 @@ def evaluate_lm_unlearning(
             local = {name: _split_statistics(model, reference_model, tokenizer, name, records, prompts, shards[name],
                                              batch_size=batch_size, generate=generate, max_new_tokens=max_new_tokens,
                                              device=device, k=k, gradnorm=gradnorm, gradnorm_p=gradnorm_p,
-                                             end_id=end_id, bar=bar)
+                                             end_id=end_id, bar=bar, synced=synced)
                      for name, (records, prompts) in prepared.items()}
     finally:
         model.train(was_training)

@@ -7,6 +7,12 @@
   run through the module's own forward (``torch.func.functional_call``), on the module's device
   or, with ``offload=True``, kept on the CPU and moved over for each reference forward.
 
+Under FSDP2 (``ModelParallelStrategy``, a module sharded with ``fully_shard``) the frozen copy is
+**this rank's local shards** of the weights (memory ≈ 1/world size): a reference forward swaps them
+into the parameters' shards in place, runs the module (the sharded forward gathers them as it
+gathers the live weights: a collective, so every rank runs the same reference forwards) and swaps
+the live shards back before anything else runs. Adapters-disabled references need no copy here either.
+
 The reference never changes: its parameters do not require gradients, it runs in eval mode
 under ``torch.no_grad()``, and its weights go into the callback's checkpoint as CPU tensors
 (:meth:`ReferenceModel.state`), so a resumed run rebuilds the same reference.
@@ -20,6 +26,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module  # what functional_call uses
+
+from lightning_forget.sharding import edit_local, full_tensor, is_sharded, local_clone, reshard, shard_like
 
 __all__ = ["ReferenceModel", "adapters_disabled", "has_lora_adapters", "load_pretrained", "tuner_layers"]
 
@@ -120,6 +128,11 @@ class ReferenceModel:
             )
         self.kind = "adapters_disabled" if adapters and use_adapters is not False else "copy"
         self.weights: Optional[dict[str, Tensor]] = None
+        #: Whether the weights are this rank's local shards of a module sharded with FSDP2.
+        self.sharded = self.kind == "copy" and is_sharded(module)
+        self._layout: dict[str, Tensor] = {}
+        if self.sharded:
+            reshard(module)  # a root unit may hold its gathered weights since a forward: the shards instead
         if self.kind == "copy":
             current = dict(module.named_parameters())
             current.update(dict(module.named_buffers()))
@@ -128,13 +141,47 @@ class ReferenceModel:
             if missing:
                 raise RuntimeError(f"ReferenceModel: the saved reference weights lack {missing[:5]}; the module changed.")
             device = torch.device("cpu") if self.offload else None
-            self.weights = {k: source[k].detach().to(device or current[k].device, copy=True) for k in current}
+            if self.sharded:
+                self._layout = current
+                # the rank's shards: of the live weights, or cut from the whole saved ones
+                self.weights = {k: local_clone(shard_like(source[k], current[k]) if state is not None else current[k],
+                                               device=device) for k in current}
+            else:
+                self.weights = {k: source[k].detach().to(device or current[k].device, copy=True) for k in current}
 
     def state(self) -> Optional[dict[str, Tensor]]:
-        """CPU copies of the reference's weights (``None`` when the adapters are disabled instead)."""
+        """CPU copies of the reference's weights (``None`` when the adapters are disabled instead).
+
+        Whole tensors: held as shards, they are gathered (a collective under FSDP2: every rank calls
+        it, as at a checkpoint).
+        """
         if self.weights is None:
             return None
+        if self.sharded:
+            return {k: full_tensor(v.to(self._layout[k].device), like=self._layout[k]).detach().cpu()
+                    for k, v in self.weights.items()}
         return {k: v.detach().cpu().clone() for k, v in self.weights.items()}
+
+    @contextmanager
+    def _shards_swapped(self) -> Iterator[None]:
+        """The reference's local shards in the parameters' shards (and its buffers), the live ones after.
+
+        FSDP2 gathers every unit's weights from the local shards at its forward; units that keep
+        their gathered weights after a forward (``reshard_after_forward=False``) are resharded
+        before and after, so the reference forward reads the reference and the backward of the
+        live step regathers the live weights.
+        """
+        assert self.weights is not None
+        reshard(self.module)
+        live = {k: local_clone(t) for k, t in self._layout.items()}
+        try:
+            for k, t in self._layout.items():
+                edit_local(t, lambda now, ref: ref.to(now.device, now.dtype), self.weights[k])
+            yield
+        finally:
+            reshard(self.module)
+            for k, t in self._layout.items():
+                edit_local(t, lambda _, value: value, live[k])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The reference's forward on ``args``/``kwargs``: eval mode, ``no_grad``, the module restored after.
@@ -153,6 +200,9 @@ class ReferenceModel:
                     with adapters_disabled(self.module):
                         return call(self.module) if call is not None else self.module(*args, **kwargs)
                 assert self.weights is not None
+                if self.sharded:
+                    with self._shards_swapped():
+                        return call(self.module) if call is not None else self.module(*args, **kwargs)
                 weights = self.weights
                 if self.offload:
                     device = self.device()

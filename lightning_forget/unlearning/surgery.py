@@ -19,8 +19,9 @@ longer undoes what ``g_p`` preserves; otherwise ``g_u`` is kept. Two forms of th
 
 Both act per parameter tensor (DoCo's granularity), never on the concatenation of all of them. The
 whole-tensor quantities (the dot product and the two squared norms) are computed in one place,
-:func:`whole_tensor_products`; a sharded layout (FSDP2 ``DTensor``) needs its reduction over shards
-added there only.
+:func:`whole_tensor_products`; for sharded gradients (FSDP2 ``DTensor`` s) they are reduced over all
+shards there (:func:`lightning_forget.sharding.global_dots`), and the rest of the surgery is
+elementwise on each rank's shards.
 
 :class:`GradientSurgery` is the piece callbacks use: the unlearning gradient of each micro-batch is
 computed with :func:`torch.autograd.grad` (so the DDP-reduced ``.grad`` holds only the
@@ -32,12 +33,13 @@ with that batch would.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Iterable, Literal, NamedTuple, Optional
+from typing import Any, Iterable, Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from lightning_forget.gradients import average_gradients, compute_gradients
+from lightning_forget.sharding import edit_local, global_dots, is_sharded, local_view, reshard, sum_of_squares
 from lightning_forget.validation import check_choice, check_float
 
 __all__ = ["GradientSurgery", "SurgeryResult", "SURGERY_MODES", "clip_global_norm", "concept_preserving_gradient",
@@ -70,9 +72,19 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 def whole_tensor_products(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     """Per name present in both: ``(a·b, ‖a‖², ‖b‖²)`` over the whole tensor, in at least float32.
 
-    The one place whole-tensor reductions of the surgery happen (a sharded layout would reduce the
-    three partial sums over its shards here).
+    The one place whole-tensor reductions of the surgery happen. Sharded tensors (DTensors) are
+    reduced over all shards, with one collective per quantity for all names (every rank calls it
+    with the same names).
     """
+    shared = [name for name in a if name in b]
+    if any(is_sharded(a[n]) or is_sharded(b[n]) for n in shared):
+        for name in shared:
+            if a[name].numel() != b[name].numel():
+                raise ValueError(f"gradient {name!r} has {a[name].numel()} entries in `unlearn` but {b[name].numel()} in "
+                                 "`preserve`. Fix: pass gradients of the same parameters.")
+        first, second = {n: a[n].detach() for n in shared}, {n: b[n].detach() for n in shared}
+        dots, uu, pp = global_dots(first, second), sum_of_squares(first), sum_of_squares(second)
+        return {n: tuple(x[n].to(_compute_dtype(a[n])) for x in (dots, uu, pp)) for n in shared}  # type: ignore[misc]
     out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     for name, u in a.items():
         if name not in b:
@@ -114,7 +126,8 @@ def concept_preserving_gradient(
 
     Returns:
         :class:`SurgeryResult`: the adjusted ``g_u`` for every name of ``unlearn`` (new tensors, the
-        inputs are untouched) and the per-tensor cosines. The preservation gradient is *not* added:
+        inputs are untouched; this rank's local shards for sharded gradients) and the per-tensor
+        cosines (over the whole tensors). The preservation gradient is *not* added:
         callers decide whether the step also follows ``g_p``.
     """
     check_choice("mode", mode, SURGERY_MODES)
@@ -124,7 +137,7 @@ def concept_preserving_gradient(
     cosines: dict[str, Tensor] = {}
     for name, g_u in unlearn.items():
         if name not in products:
-            gradients[name] = g_u.detach().clone()
+            gradients[name] = local_view(g_u).detach().clone()
             continue
         dot, uu, pp = products[name]
         norm_u, norm_p = uu.sqrt(), pp.sqrt()
@@ -135,8 +148,9 @@ def concept_preserving_gradient(
         else:
             cos = dot / ((norm_u + DOCO_EPS) * (norm_p + DOCO_EPS))
             coeff = torch.where(cos < 0, cos / (norm_p + DOCO_EPS), torch.zeros_like(cos))
-        g_p = preserve[name].detach().to(coeff.dtype)
-        adjusted = g_u.detach().to(coeff.dtype) - (strength * coeff) * g_p
+        # elementwise: on each rank's shard of sharded gradients
+        g_p = local_view(preserve[name]).detach().to(coeff.dtype)
+        adjusted = local_view(g_u).detach().to(coeff.dtype) - (strength * coeff) * g_p
         gradients[name] = adjusted.to(g_u.dtype)
         cosines[name] = cos
     return SurgeryResult(gradients, cosines)
@@ -174,14 +188,41 @@ class GradientSurgery:
         self.pending: Optional[dict[str, Tensor]] = None
         self.last: Optional[SurgeryResult] = None
 
-    def add(self, loss: Tensor, params: Mapping[str, Tensor], *, scale: float = 1.0) -> None:
-        """Accumulate ``scale·∇loss`` over ``params`` (name → trainable tensor); the graph is kept."""
-        grads = compute_gradients(loss * scale, params, retain_graph=True)
+    def add(self, loss: Tensor, params: Union[nn.Module, Mapping[str, Tensor]], *, scale: float = 1.0) -> None:
+        """Accumulate ``scale·∇loss`` over ``params`` (a module's trainable parameters, or name →
+        trainable tensor); the graph is kept.
+
+        Sharded parameters (FSDP2), which ``torch.autograd.grad`` does not reach: a backward of
+        ``scale·loss`` alone into ``.grad`` (set aside before and put back after), which FSDP2
+        reduce-scatters: the collected gradient is then already the mean over ranks, and every rank
+        must call this in the same steps (a collective).
+        """
+        if isinstance(params, nn.Module) and is_sharded(params):
+            grads = self._sharded_gradients(loss * scale, params)
+        else:
+            if isinstance(params, nn.Module):
+                params = {n: p for n, p in params.named_parameters() if p.requires_grad}
+            grads = compute_gradients(loss * scale, params, retain_graph=True)
         if self.pending is None:
             self.pending = grads
         else:
             for name, g in grads.items():
                 self.pending[name] = self.pending[name] + g
+
+    @staticmethod
+    def _sharded_gradients(loss: Tensor, module: nn.Module) -> dict[str, Tensor]:
+        # The sharded parameters (a root unit's gathered weights are freed: the backward regathers them).
+        reshard(module)
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        stashed = {name: p.grad for name, p in params.items()}
+        for p in params.values():
+            p.grad = None
+        try:
+            loss.backward(retain_graph=True)
+            return {name: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for name, p in params.items()}
+        finally:
+            for name, p in params.items():
+                p.grad = stashed[name]
 
     def reset(self) -> None:
         self.pending = None
@@ -205,7 +246,14 @@ class GradientSurgery:
         if missing:
             raise RuntimeError(f"GradientSurgery: no unlearning gradient was collected for {missing[:5]}; the "
                                "trainable parameters changed within an optimizer step.")
-        unlearn = average_gradients(strategy, {name: pending[name] for name in params})
+        sharded = any(is_sharded(p) for p in params.values())
+        # sharded: collected by FSDP2's reduce-scatter, already the mean over ranks
+        unlearn = {name: pending[name] for name in params} if sharded else average_gradients(
+            strategy, {name: pending[name] for name in params})
+        if sharded:
+            for p in params.values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         preserve = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in params.items()}
         if self.clip_norm is not None:
             unlearn, preserve = clip_global_norm(unlearn, self.clip_norm), clip_global_norm(preserve, self.clip_norm)
@@ -213,6 +261,9 @@ class GradientSurgery:
         with torch.no_grad():
             for name, p in params.items():
                 step = result.gradients[name].to(p.dtype)
+                if sharded:  # shard-wise, into the DTensor gradient
+                    edit_local(p.grad, lambda g: (step + g) if self.add_preservation else step)
+                    continue
                 p.grad = (step + preserve[name].to(p.dtype)) if self.add_preservation else step.clone()
         self.last = result
         return result

@@ -135,7 +135,139 @@ def _callbacks(names: list[str]) -> list[Callback]:
             every_n_steps=3, samples_per_task=5, batch_size=2, save_csv=False, save_plot=False),
     }
     make.update(_gradient_callbacks())
+    make.update(_unlearning_callbacks())
     return [make[name]() for name in names]
+
+
+# ---------------------------------------------------------------- unlearning group (shunl)
+UNLEARNING_GROUP = ["SCRUB", "ForgetRetainEvaluation", "UnlearningEvaluation"]
+
+
+def _unlearning_callbacks() -> dict[str, Callable[[], Callback]]:
+    from lightning_forget import callbacks as cbs
+
+    class SCRUB(cbs.SCRUB):
+        """SCRUB that keeps the per-tensor cosines of each step's gradient surgery."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.cosines: list[list[float]] = []
+
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            if self._surgery is not None and self._surgery.last is not None:
+                self.cosines.append([float(c) for _, c in sorted(self._surgery.last.cosines.items())])
+                self._surgery.last = None
+
+    SCRUB.__qualname__ = "SCRUB"  # its state key, as the library's SCRUB's
+    return {
+        # The reference (teacher) model, the saliency mask (SalUn's, here on SCRUB's objective) and
+        # gradient surgery in one method: the mechanisms every unlearning method shares.
+        "SCRUB": lambda: SCRUB(mask_fraction=0.5, alpha=0.5, gradient_surgery="project", save_original=False),
+        # Sets of 5 (validation) and 17 (forget) rows over 2 ranks in batches of 2: rank 0 runs one
+        # batch more, so under sharding rank 1 must run a padding forward or the run hangs.
+        "ForgetRetainEvaluation": lambda: cbs.ForgetRetainEvaluation(batch_size=2, report=False),
+        "UnlearningEvaluation": lambda: cbs.UnlearningEvaluation(batch_size=2, mia="threshold", report=False),
+    }
+
+
+def _unlearning_data(names: list[str], task: int, devices: int) -> Any:
+    """A two-stream forget/retain datamodule (forget class 4, then 5) of 8-d blobs (12 forget and 60, then 48, retained rows) for the unlearning
+    group, each rank reading every second row in order as ``_tasks`` does; ``None`` for other groups."""
+    if not set(names) & set(UNLEARNING_GROUP):
+        return None
+    from torch.utils.data import DistributedSampler
+
+    from lightning_forget.datamodules import ForgetRetainDataModule
+    from lightning_forget.datamodules.forget import PairedDataset
+    from lightning_forget.datamodules.loaders import ResumableDataLoader
+
+    class Paired(ForgetRetainDataModule):
+        def train_dataloader(self) -> DataLoader:
+            data = PairedDataset(self.forget_train_dataset(task), self.retain_train_dataset(task), self.seed, 0)
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+            return ResumableDataLoader(data, batch_size=BATCH * (2 if world == 1 else 1), sampler=sampler)
+
+    gen = torch.Generator().manual_seed(1234)
+    centres = 3.0 * torch.randn(6, 8, generator=gen)
+    x = torch.cat([centres[c] + torch.randn(24, 8, generator=gen) for c in range(6)])
+    y = torch.arange(6).repeat_interleave(24)
+    return Paired(train=(x, y), forget_classes=[[4], [5]], data_ratio=0.7, batch_size=8, task=task)
+
+
+class ShardedCausalLM(pl.LightningModule):
+    """A user's tiny GPT-2 (Hugging Face) sharded per transformer block in ``configure_model``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_forget.modules.causal_lm import build_tiny_causal_lm
+
+        self.model = build_tiny_causal_lm("gpt2", vocab_size=257, block_size=128, n_layer=2, n_embd=16, n_head=2)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Any = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                          use_cache=False).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def unlearning_lm_run(root: Path, strategy_name: str) -> dict[str, Any]:
+    """NPO (its reference through the LM path) on the tiny GPT-2 over fictitious-QA forget/retain
+    batches, one fit, with LMUnlearningEvaluation before and after (greedy generation: the ranks'
+    prompts stop at different lengths); the reference's numbers on this rank beside the model's."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_forget.callbacks import NPO, LMUnlearningEvaluation
+    from lightning_forget.datamodules import FictitiousQADataModule
+
+    pl.seed_everything(0)
+    module = ShardedCausalLM()
+    dm = FictitiousQADataModule(num_people=4, questions_per_person=2, num_countries=1, forget_percent=25, phase="unlearn",
+                                batch_size=2)
+    npo = NPO(save_original=False)
+    evaluation = LMUnlearningEvaluation(gradnorm=False, max_new_tokens=6, batch_size=3, progress=False, report=False)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "sharded" else "ddp"
+    trainer = _trainer(root, strategy, 2, [evaluation, npo], enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    from lightning_forget.sharding import reshard
+
+    reshard(module)  # the root unit keeps its gathered weights after the evaluation's forwards
+    assert npo.reference is not None and npo.reference.weights is not None
+    return {"params": _params(module), "param_types": sorted({type(p).__name__ for p in module.parameters()}),
+            "steps": int(trainer.global_step), "state": _plain(npo.state_dict()),
+            "evaluation": _plain(evaluation.state_dict()),
+            "reference_numel": [sum(w.numel() for w in npo.reference.weights.values()),
+                                sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())]}
+
+
+def _unlearning_layout(callbacks: list[Callback], module: nn.Module) -> dict[str, Any]:
+    """Numbers the reference and the mask hold on this rank, beside the module's total; the cosines
+    of the last gradient surgery."""
+    out: dict[str, Any] = {}
+    total = sum(p.numel() for p in module.parameters())
+    for cb in callbacks:
+        if type(cb).__name__ == "SCRUB":
+            weights = cb.reference.weights if cb.reference is not None else {}
+            params = dict(module.named_parameters())
+            out["reference"] = [sum(weights[n].numel() for n in params), total]
+            out["mask"] = [sum(m.numel() for m in cb.mask.masks.values()), total]
+            out["surgery_cosines"] = cb.cosines  # each step's per-tensor cosines (over the whole tensors)
+    return out
 
 
 def _tasks(batch: int, world: int, rank: int) -> list[tuple[DataLoader, list[DataLoader]]]:
@@ -224,9 +356,10 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             extra.append(_CrashAt(crash_at))
         trainer = _trainer(root / f"{strategy_name}{task}", strategy, devices, [*callbacks, *extra],
                            use_distributed_sampler=False, **kwargs)
-        train, vals = _tasks(BATCH * (2 if devices == 1 else 1), devices, trainer.global_rank)[task]
+        dm = _unlearning_data(names, task, devices)
+        train, vals = _tasks(BATCH * (2 if devices == 1 else 1), devices, trainer.global_rank)[task] if dm is None else (None, None)
         try:
-            trainer.fit(module, train, vals, ckpt_path=resume if task == 1 else None)
+            trainer.fit(module, train, vals, datamodule=dm, ckpt_path=resume if task == 1 else None)
         except _Crash:
             return {"crashed": True}
     out["params"] = _params(module)
@@ -243,6 +376,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
         if type(cb).__name__ == "RefreshLearning":  # the Fisher as this rank's shards (numel)
             out["refresh_fisher_numel"] = [sum(t.numel() for t in cb.fisher.values()),
                                            sum(p.numel() for p in module.parameters() if p.requires_grad)]
+    out["unlearning_numel"] = _unlearning_layout(callbacks, module)
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
@@ -300,6 +434,8 @@ def main(root: Path, names: list[str]) -> None:
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
         results["single"] = run(root / f"d{rank}", "single", alone)
+    if names == UNLEARNING_GROUP:
+        results["lm"] = {strategy: unlearning_lm_run(root / f"lm_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if names == FIRST_GROUP:
         results["classifier"] = {strategy: classifier_run(root / f"cls_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if rank == 0:
