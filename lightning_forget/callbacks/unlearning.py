@@ -28,6 +28,7 @@ from lightning_forget import reporting
 from lightning_forget.batch import BatchFields, stream_names
 from lightning_forget.distributed import rank_generator
 from lightning_forget.forward import ModelForward
+from lightning_forget.gradients import compute_gradients
 from lightning_forget.losses import output_loss, remove_training_step_hooks, training_step_hooks
 from lightning_forget.precision import forward_context
 from lightning_forget.sharding import full_tensor, is_sharded, reshard
@@ -394,18 +395,9 @@ class UnlearningMethod(ContinualCallback):
         )
 
     def _compute_mask(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> SaliencyMask:
-        sharded = is_sharded(pl_module)
-        if sharded:
-            reshard(pl_module)  # the sharded parameters, not a root's weights gathered since a forward
+        reshard(pl_module)  # FSDP2: the sharded parameters, not a root's weights gathered since a forward
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
-        if sharded:
-            # autograd.grad does not reach FSDP2's sharded parameters: backward into `.grad` (each
-            # rank runs the whole set, so the reduce-scattered mean is the same gradient), with the
-            # step's `.grad` set aside and put back after.
-            stashed = {n: p.grad for n, p in params.items()}
-            for p in params.values():
-                p.grad = None
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -421,19 +413,12 @@ class UnlearningMethod(ContinualCallback):
                     with torch.enable_grad(), forward_context(trainer):
                         logits = self.model_forward(pl_module, split.input.to(pl_module.device))
                         loss = L.cross_entropy(logits, split.target.to(pl_module.device))  # type: ignore[union-attr]
-                if sharded:
-                    loss.backward()
-                    continue
-                for (n, g), value in zip(grads.items(), torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
-                    if value is not None:
-                        g.add_(value)
+                # compute_gradients: autograd.grad, or under FSDP2 a backward with `.grad` set aside and put
+                # back (every rank runs the whole set, so the reduce-scattered mean is the same gradient)
+                for n, value in compute_gradients(loss, params).items():
+                    grads[n].add_(value)
         finally:
             pl_module.train(was_training)
-            if sharded:
-                for n, p in params.items():
-                    if p.grad is not None:
-                        grads[n] = p.grad.detach()
-                    p.grad = stashed[n]
         return SaliencyMask.from_gradients(grads, float(self.mask_fraction), params)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ the step

@@ -197,32 +197,15 @@ class GradientSurgery:
         reduce-scatters: the collected gradient is then already the mean over ranks, and every rank
         must call this in the same steps (a collective).
         """
-        if isinstance(params, nn.Module) and is_sharded(params):
-            grads = self._sharded_gradients(loss * scale, params)
-        else:
-            if isinstance(params, nn.Module):
-                params = {n: p for n, p in params.named_parameters() if p.requires_grad}
-            grads = compute_gradients(loss * scale, params, retain_graph=True)
+        if isinstance(params, nn.Module):
+            reshard(params)  # FSDP2: the sharded parameters, not a root unit's weights gathered since the forward
+            params = {n: p for n, p in params.named_parameters() if p.requires_grad}
+        grads = compute_gradients(loss * scale, params, retain_graph=True)
         if self.pending is None:
             self.pending = grads
         else:
             for name, g in grads.items():
                 self.pending[name] = self.pending[name] + g
-
-    @staticmethod
-    def _sharded_gradients(loss: Tensor, module: nn.Module) -> dict[str, Tensor]:
-        # The sharded parameters (a root unit's gathered weights are freed: the backward regathers them).
-        reshard(module)
-        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        stashed = {name: p.grad for name, p in params.items()}
-        for p in params.values():
-            p.grad = None
-        try:
-            loss.backward(retain_graph=True)
-            return {name: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for name, p in params.items()}
-        finally:
-            for name, p in params.items():
-                p.grad = stashed[name]
 
     def reset(self) -> None:
         self.pending = None
