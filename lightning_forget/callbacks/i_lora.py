@@ -615,6 +615,10 @@ class ILoRA(_BufferCallback):
             # also a pending task end that the protocol runs now.
             self._load_into_fast(self._fast_backup)
             self._fast_backup = None
+        # No real step runs between `on_fit_start` and here; ModelParallelStrategy restores a checkpoint
+        # in between, and torch.distributed.checkpoint initialises a stateless optimizer (SGD) by calling
+        # `step()` at lr 0 (twice): not steps of the fit, so the slow learner must not follow them.
+        self._counter.pop()
         super().on_train_start(trainer, pl_module)
 
     @override
@@ -665,11 +669,12 @@ class ILoRA(_BufferCallback):
     def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         super().on_task_end(trainer, pl_module, task)
         if self.save_adapters and self._peft is not None:
-            # Gathered on every rank (a collective under FSDP2), written by rank 0.
+            # Gathered on every rank (a collective under FSDP2), written by rank 0. The folder too is
+            # found on every rank: `trainer.log_dir` broadcasts rank 0's (a collective under DDP as well).
             fast_state, slow_state = self._fast_state(), self.slow_state()
+            folder = self._adapter_folder(trainer)
             if not trainer.is_global_zero:
                 return
-            folder = self._adapter_folder(trainer)
             files = reporting.output_paths(
                 self, folder, {"fast": f"task_{task}_fast.safetensors", "slow": f"task_{task}_slow.safetensors"}
             )

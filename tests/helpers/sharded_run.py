@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from lightning_forget.sharding import full_tensor
 
 NUM_TASKS = 2
-REPLAY = ("ExperienceReplay", "DarkExperienceReplay")
+REPLAY = ("ExperienceReplay", "DarkExperienceReplay", "ILoRA")  # per-rank replay draws (ILoRA's buffer too)
 FIRST_GROUP = ["ExperienceReplay", "LRRewarming", "ContinualMetrics", "ContinualEvaluation"]
 BATCH = 4  # per process; one process gets 2 * BATCH
 
@@ -255,7 +255,8 @@ class ShardedLMModule(pl.LightningModule):
         for module in self.model.modules():
             if type(module).__name__ == "GPT2Block":
                 fully_shard(module, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        # The root holds the embeddings and the head: freed after each forward as the blocks are.
+        fully_shard(self.model, mesh=mesh, reshard_after_forward=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self.model(**batch).loss
@@ -400,6 +401,9 @@ def main(root: Path, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    import faulthandler, os  # TEMPDEBUG
+    if os.environ.get("TRACE_AFTER"):  # TEMPDEBUG
+        faulthandler.dump_traceback_later(int(os.environ["TRACE_AFTER"]), exit=True)  # TEMPDEBUG
     torch.set_num_threads(1)
     # Groups separated by ";" share the launch: OUT_DIR/<i>/result.json per group.
     for index, group in enumerate(sys.argv[2].split(";")):
