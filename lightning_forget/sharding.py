@@ -351,8 +351,6 @@ _REFUSALS: dict[str, str] = {
     "(DDP broadcasts rank 0's at every forward), and its task-end code reads whole tensors.",
     "KFPF": "Its inner loop takes gradients outside the training step (torch.autograd.grad), which do not "
     "reach FSDP2's sharded parameters (autograd sees the gathered copies).",
-    "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",
-    "GSLoRA": "Its group norms and merges are over whole tensors, not yet reduced over shards.",
     "UnlearningMethod": "Its reference model and saliency mask hold whole tensors, not yet shards.",
     "ForgetRetainEvaluation": "Each rank evaluates its share of the samples, so ranks may run different numbers "
     "of forwards, and a sharded forward is collective (ContinualEvaluation shows the fix: equal counts).",

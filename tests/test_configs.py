@@ -14,7 +14,20 @@ from lightning_forget.cli import main
 from lightning_forget.datamodules.base import ContinualDataModule
 from lightning_forget.tasks import ContinualCallback
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def _multi_process(config: Path) -> bool:
+    """Whether the config launches several processes (``devices`` > 1): run by a launch of its
+    own (tests/test_sharded_contract.py), not inside pytest, where Lightning would re-run pytest."""
+    devices = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("devices", 1)
+    return isinstance(devices, int) and devices > 1
+
+
+CONFIGS = [c for c in ALL_CONFIGS if not _multi_process(c)]
+#: Sharded configs (ModelParallelStrategy over 2 processes): parsed and instantiated here; their run
+#: is in the sharded contract launch (tests/helpers/sharded_run.py, `config_run`).
+MULTI_PROCESS_CONFIGS = [c for c in ALL_CONFIGS if _multi_process(c)]
 
 #: Extra overrides that keep a config's data small in tests (the config itself is unchanged).
 SMALL_DATA = {
@@ -36,6 +49,20 @@ SMALL_DATA = {
 def test_configs_exist() -> None:
     names = {str(p.relative_to(p.parents[1])) if p.parent.name != "configs" else p.name for p in CONFIGS}
     assert {"quickstart.yaml", "finetune/split_mnist.yaml", "er/split_mnist.yaml", "joint/split_mnist.yaml"} <= names
+    assert [str(p.relative_to(p.parents[1])) for p in MULTI_PROCESS_CONFIGS] == ["i_lora/vit_split_mnist_sharded.yaml"]
+
+
+@pytest.mark.parametrize("config", MULTI_PROCESS_CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in MULTI_PROCESS_CONFIGS])
+def test_sharded_config_parses_and_instantiates_with_its_strategy(config: Path, tmp_path: Any) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_forget.tasks import SHARDED_STRATEGIES
+
+    cli = main(["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert isinstance(cli.trainer.strategy, ModelParallelStrategy) and cli.trainer.num_devices == 2
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, ContinualCallback):
+            assert set(SHARDED_STRATEGIES) <= set(callback.supported_strategies), type(callback).__name__
 
 
 def _task_stream(config: Path) -> bool:

@@ -30,6 +30,10 @@ from tests.helpers.sharded_run import FIRST_GROUP, REPLAY
 GROUPS = {
     "replay": FIRST_GROUP,
     "logits": ["DarkExperienceReplay", "InfiniteLRSchedule", "LiNeS"],
+    # LoRA: ILoRA on a user's GPT-2 (token batches), GSLoRA on the user's linears (two-stream batches):
+    # two launches of one module each, as the two methods take different batches.
+    "lora_ilora": ["ILoRA"],
+    "lora_gslora": ["GSLoRA"],
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -123,3 +127,23 @@ def test_lines_keeps_theta0_as_shards_and_writes_full_files(launches) -> None:
     assert torch.allclose(_params({"params": files["scaled"]}), _params(sharded), atol=0, rtol=0)
     for kind in ("scaled", "unscaled"):
         assert _close(files[kind], ddp["lines_files"][kind])
+
+
+def test_lora_state_is_kept_as_shards_and_adapter_files_are_whole(launches) -> None:
+    """ILoRA's slow learner and GSLoRA's kept ΔW are rank 0's shards (a full copy under DDP); ILoRA's
+    adapter files hold full tensors equal to DDP's, the slow one the state's slow learner."""
+    for group, key in (("lora_ilora", "ilora_slow_numel"), ("lora_gslora", "gslora_delta_numel")):
+        sharded, ddp = launches[group]["sharded"], launches[group]["ddp"]
+        local, total = sharded[key]
+        assert 0 < local < total and ddp[key] == [total, total], (group, sharded[key], ddp[key])
+    sharded, ddp = launches["lora_ilora"]["sharded"], launches["lora_ilora"]["ddp"]
+    for kind in ("fast", "slow"):
+        assert _close(sharded["ilora_files"][kind], ddp["ilora_files"][kind])
+    assert _close(sharded["ilora_files"]["slow"], sharded["states"]["ILoRA"]["method"]["slow"])
+
+
+def test_sharded_ilora_config_runs_on_two_processes(launches) -> None:
+    """configs/i_lora/vit_split_mnist_sharded.yaml through the CLI (tests/test_configs.py parses it)."""
+    run = launches["lora_ilora"]["config_run"]
+    assert run["world_size"] == 2 and run["sharded"] and run["finite"]
+    assert run["global_step"] == 4 and run["ended"] and all(e == 1 for e in run["ended"])  # both tasks ended

@@ -202,6 +202,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             if cb.output_paths:
                 out["lines_files"] = {kind: {n: v.double().flatten().tolist() for n, v in torch.load(cb.output_paths[kind], weights_only=True).items()}
                                       for kind in ("scaled", "unscaled")}
+    out.update(_lora_extras(root, module, callbacks))
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
@@ -351,6 +352,46 @@ def _same_outputs(module: pl.LightningModule, plain: pl.LightningModule) -> floa
     return float((outs[0] - outs[1]).abs().max())
 
 
+def _lora_extras(root: Path, module: nn.Module, callbacks: list[Callback]) -> dict[str, Any]:
+    """The LoRA callbacks' per-parameter state as this rank holds it (numel: local, full) and
+    ILoRA's last task's adapter files (rank 0 writes them: full tensors)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for cb in callbacks:
+        if type(cb).__name__ == "ILoRA":
+            out["ilora_slow_numel"] = [sum(t.numel() for t in cb._slow.values()),
+                                       sum(p.numel() for p in cb.fast_parameters().values())]
+            files = {kind: sorted(root.rglob(f"task_{NUM_TASKS - 1}_{kind}*.safetensors")) for kind in ("fast", "slow")}
+            if all(files.values()):
+                out["ilora_files"] = {kind: {n: v.double().flatten().tolist() for n, v in load_file(str(paths[-1])).items()}
+                                      for kind, paths in files.items()}
+        elif type(cb).__name__ == "GSLoRA":
+            from lightning_forget.callbacks.gs_lora import lora_layers
+
+            layers = lora_layers(module)
+            out["gslora_delta_numel"] = [sum(v.numel() for d in cb.deltas for v in d.values()),
+                                         sum(layers[n].get_base_layer().weight.numel() for d in cb.deltas for n in d)]
+    return out
+
+
+def config_run(root: Path, config: str) -> dict[str, Any]:
+    """A shipped sharded config through the CLI on this launch's 2 processes, with the overrides of
+    tests/test_configs.py (two tasks of two batches)."""
+    from lightning_forget.cli import main as cli_main
+    from lightning_forget.sharding import is_sharded
+
+    cli = cli_main(["fit", "--config", str(Path(__file__).resolve().parents[2] / config),
+                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+                    "--data.init_args.epochs_per_task", "1", "--trainer.max_epochs", "2",
+                    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                    "--trainer.enable_checkpointing", "false"])
+    params = list(cli.model.parameters())
+    return {"global_step": int(cli.trainer.global_step), "world_size": int(cli.trainer.world_size),
+            "sharded": is_sharded(cli.model), "finite": all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params),
+            "ended": [int(cb._ended) for cb in cli.trainer.callbacks if hasattr(cb, "_ended")]}
+
+
 def _tasks_for(names: list[str]) -> Callable[[int, int, int], list[tuple[DataLoader, Any]]]:
     if "ILoRA" in names or "GSLoRA" in names:
         return functools.partial(_lora_tasks, "ILoRA" in names)
@@ -374,6 +415,8 @@ def main(root: Path, names: list[str]) -> None:
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
         results["single"] = run(root / f"d{rank}", "single", alone)
+    if names == ["ILoRA"]:
+        results["config_run"] = config_run(root / "cfg", "configs/i_lora/vit_split_mnist_sharded.yaml")
     if names == FIRST_GROUP:
         results["classifier"] = {strategy: classifier_run(root / f"cls_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if rank == 0:
@@ -401,9 +444,6 @@ def main(root: Path, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import faulthandler, os  # TEMPDEBUG
-    if os.environ.get("TRACE_AFTER"):  # TEMPDEBUG
-        faulthandler.dump_traceback_later(int(os.environ["TRACE_AFTER"]), exit=True)  # TEMPDEBUG
     torch.set_num_threads(1)
     # Groups separated by ";" share the launch: OUT_DIR/<i>/result.json per group.
     for index, group in enumerate(sys.argv[2].split(";")):
