@@ -194,7 +194,10 @@ class GSLoRA(ContinualCallback):
         Saved state: ``prototypes`` (``{class: mean feature}``), ``deltas`` (per task
         ``{layer: ΔW}``), ``nonzero`` (per task, the edited blocks), ``group_norms`` (per task,
         ``{group: Σ‖M‖_F}``), ``version``.
-        Supported strategies: single device and DDP (every start method); not sharded ones.
+        Supported strategies: single device, DDP (every start method) and ``ModelParallelStrategy``
+        (FSDP2, data parallel): group norms over all shards, the merge and the kept ``ΔW`` shard-wise
+        (LoRA on linear layers only; ``deltas`` in the state are whole tensors, gathered on every
+        rank); see docs/sharding.md.
         The optimizer's LR scheduler is not reset at a task boundary (only the LoRA's optimizer
         state): use one schedule per task by one fit per task when that matters.
     """

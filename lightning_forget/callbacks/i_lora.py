@@ -212,7 +212,8 @@ class ILoRA(_BufferCallback):
         TypeError, ValueError: bad arguments (at construction).
         RuntimeError: in ``setup()``: the module has no ``model_attr`` backbone, the backbone
             holds no Hugging Face model, the PEFT model has no ``adapter``, the strategy is
-            sharded; a plain backbone and a module without ``forward`` nor ``forward_fn``.
+            not supported (single device, DDP and ``ModelParallelStrategy`` are); a plain backbone
+            and a module without ``forward`` nor ``forward_fn``.
             At the first batch: an image batch (no ``input_ids``) for a backbone that takes no
             ``pixel_values`` (e.g. token batches served as tuples).
         ValueError: in ``setup()``: ``layers`` indexes past the model's hidden states.
@@ -222,6 +223,12 @@ class ILoRA(_BufferCallback):
         consistency loss) on replay steps, ``ilora/buffer_size`` every step. Saved state: the
         buffer, the slow adapter tensors (CPU, float32, by adapter-neutral name), the count of real
         optimizer steps, the task counters.
+
+    Note:
+        Under ``ModelParallelStrategy`` (FSDP2) the slow tensors are each rank's local shards of the
+        adapter's layout (ILoRA wraps the backbone in ``setup()``, before ``configure_model`` shards
+        it); the interpolation and the swaps are shard-wise, and the state, the adapter files and a
+        full checkpoint gather whole tensors on every rank (see docs/sharding.md).
     """
 
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
