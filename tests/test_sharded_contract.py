@@ -137,6 +137,9 @@ def test_lora_state_is_kept_as_shards_and_adapter_files_are_whole(launches) -> N
         local, total = sharded[key]
         assert 0 < local < total and ddp[key] == [total, total], (group, sharded[key], ddp[key])
     sharded, ddp = launches["lora_ilora"]["sharded"], launches["lora_ilora"]["ddp"]
+    # PEFT's names survive fully_shard: the same adapter-neutral keys as under DDP.
+    slow = sharded["states"]["ILoRA"]["method"]["slow"]
+    assert sorted(slow) == sorted(ddp["states"]["ILoRA"]["method"]["slow"]) and any(".lora_B." in k for k in slow)
     for kind in ("fast", "slow"):
         assert _close(sharded["ilora_files"][kind], ddp["ilora_files"][kind])
     assert _close(sharded["ilora_files"]["slow"], sharded["states"]["ILoRA"]["method"]["slow"])
