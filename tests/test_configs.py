@@ -49,7 +49,7 @@ SMALL_DATA = {
 def test_configs_exist() -> None:
     names = {str(p.relative_to(p.parents[1])) if p.parent.name != "configs" else p.name for p in CONFIGS}
     assert {"quickstart.yaml", "finetune/split_mnist.yaml", "er/split_mnist.yaml", "joint/split_mnist.yaml"} <= names
-    assert [str(p.relative_to(p.parents[1])) for p in MULTI_PROCESS_CONFIGS] == ["i_lora/vit_split_mnist_sharded.yaml"]
+    assert "i_lora/vit_split_mnist_sharded.yaml" in [str(p.relative_to(p.parents[1])) for p in MULTI_PROCESS_CONFIGS]
 
 
 @pytest.mark.parametrize("config", MULTI_PROCESS_CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in MULTI_PROCESS_CONFIGS])
