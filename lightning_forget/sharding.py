@@ -19,6 +19,8 @@ never read a whole tensor on one rank. This module is the one place that knows h
   local shards of the parameters' own layout (memory ≈ 1/world size), cut from a full tensor
   on load and gathered to a full tensor only for checkpoints, export and reports.
 - :func:`edit_local`: an elementwise weight edit applied to each rank's shard.
+- :func:`as_layout`: a local shard seen as a tensor of its parameter's layout (a DTensor), for a
+  sharded state dict or a whole-tensor reduction of kept local state.
 
 Every helper also takes plain tensors (one process, DDP): then nothing is reduced, sliced or
 gathered, so a callback written with them runs unchanged on every strategy. Only placements a
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 __all__ = [
     "batches_per_rank",
     "edit_local",
+    "as_layout",
     "full_tensor",
     "global_dots",
     "global_norms",
@@ -153,12 +156,26 @@ def full_tensor(tensor: Tensor, like: Optional[Tensor] = None) -> Tensor:
             :func:`local_clone`), or a plain tensor (returned as is).
         like: the parameter whose layout a local shard ``tensor`` has.
     """
-    if like is not None and _is_dtensor(like) and not _is_dtensor(tensor):
-        tensor = DTensor.from_local(
-            tensor.to(like.to_local().device), like.device_mesh, like.placements, run_check=False,
-            shape=like.shape, stride=like.stride(),
-        )
+    if like is not None and not _is_dtensor(tensor):
+        tensor = as_layout(tensor, like)
     return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def as_layout(local: Tensor, like: Tensor) -> Tensor:
+    """A local shard of ``like``'s layout as a tensor of that layout (no collective, no copy).
+
+    A DTensor ``like`` gives a DTensor of its mesh, placements and full shape whose local part is
+    ``local`` (moved to ``like``'s device): what a sharded state dict holds, or what a whole-tensor
+    reduction of local state (:func:`global_norms` of a kept delta) needs to see as sharded. A
+    plain ``like`` returns ``local`` as is.
+    """
+    if not _is_dtensor(like):
+        return local
+    if tuple(local.shape) != tuple(like.to_local().shape):
+        raise ValueError(f"as_layout: local shard of shape {tuple(local.shape)} for a local part of shape "
+                         f"{tuple(like.to_local().shape)}.")
+    return DTensor.from_local(local.to(like.to_local().device), like.device_mesh, like.placements,
+                              run_check=False, shape=like.shape, stride=like.stride())
 
 
 def _shard_groups(tensor: Tensor) -> list[Any]:
@@ -400,8 +417,6 @@ def broadcast_buffers(modules: Iterable[nn.Module], *, src: int = 0) -> None:
 #: Why a method does not run under ``ModelParallelStrategy`` yet (by class name, through the MRO),
 #: quoted by :func:`lightning_forget.tasks.check_strategy` in its refusal.
 _REFUSALS: dict[str, str] = {
-    "ILoRA": "Its slow learner is a copy of whole adapter tensors, not yet kept as shards.",
-    "GSLoRA": "Its group norms and merges are over whole tensors, not yet reduced over shards.",
 }
 
 

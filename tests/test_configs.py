@@ -14,10 +14,20 @@ from lightning_forget.cli import main
 from lightning_forget.datamodules.base import ContinualDataModule
 from lightning_forget.tasks import ContinualCallback
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
-#: Configs for ModelParallelStrategy (2 processes): built, not run, here (test_sharded_config_builds_...); each is
-#: its plain config plus the strategy, and the sharded runs are tests/test_sharded_contract.py's.
-SHARDED_CONFIGS = [c for c in CONFIGS if c.name.endswith("_sharded.yaml")]
+ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def _multi_process(config: Path) -> bool:
+    """Whether the config launches several processes (``devices`` > 1): run by a launch of its
+    own (tests/test_sharded_contract.py), not inside pytest, where Lightning would re-run pytest."""
+    devices = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("devices", 1)
+    return isinstance(devices, int) and devices > 1
+
+
+CONFIGS = [c for c in ALL_CONFIGS if not _multi_process(c)]
+#: Sharded configs (ModelParallelStrategy over 2 processes): parsed and instantiated here; their run
+#: is in the sharded contract launch (tests/helpers/sharded_run.py, `config_run`).
+MULTI_PROCESS_CONFIGS = [c for c in ALL_CONFIGS if _multi_process(c)]
 
 #: Extra overrides that keep a config's data small in tests (the config itself is unchanged).
 SMALL_DATA = {
@@ -39,6 +49,8 @@ SMALL_DATA = {
 def test_configs_exist() -> None:
     names = {str(p.relative_to(p.parents[1])) if p.parent.name != "configs" else p.name for p in CONFIGS}
     assert {"quickstart.yaml", "finetune/split_mnist.yaml", "er/split_mnist.yaml", "joint/split_mnist.yaml"} <= names
+    sharded = {str(p.relative_to(p.parents[1])) for p in MULTI_PROCESS_CONFIGS}
+    assert {"i_lora/vit_split_mnist_sharded.yaml", "unlearning/scrub_digits_sharded.yaml"} <= sharded
 
 
 def _task_stream(config: Path) -> bool:
@@ -55,10 +67,7 @@ def _task_stream(config: Path) -> bool:
     return not data.get("joint") and data.get("task") is None and int(data.get("num_tasks", 2)) > 1
 
 
-_RUN = [c for c in CONFIGS if c not in SHARDED_CONFIGS]
-
-
-@pytest.mark.parametrize("config", _RUN, ids=[str(p.relative_to(p.parents[1] if p.parent.name != "configs" else p.parent)) for p in _RUN])
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(p.parents[1] if p.parent.name != "configs" else p.parent)) for p in CONFIGS])
 def test_config_runs(config: Path, tmp_path: Any) -> None:
     """A stream config trains two tasks of two batches each, so its callbacks cross a task
     boundary (task-end fills, Fisher passes, schedule restarts); the others run fast_dev_run."""
@@ -102,9 +111,9 @@ def test_er_fpf_config_reports_the_model_its_checkpoint_holds(tmp_path: Any) -> 
     assert float(metrics["val/acc_avg"]) == pytest.approx(fitted)
 
 
-@pytest.mark.parametrize("config", SHARDED_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("config", MULTI_PROCESS_CONFIGS, ids=lambda c: c.name)
 def test_sharded_config_builds_model_parallel_and_its_callbacks_accept_it(config: Path, tmp_path: Any) -> None:
-    """A ``*_sharded.yaml`` config builds ``ModelParallelStrategy`` on 2 processes, and every callback
+    """A multi-process (``*_sharded.yaml``) config builds ``ModelParallelStrategy`` on 2 processes, and every callback
     it lists accepts that strategy (its run is covered by tests/test_sharded_contract.py)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 

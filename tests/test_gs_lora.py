@@ -493,3 +493,21 @@ def test_prototype_head_errors_name_the_fix(tmp_path):
         wrong._run(model, x)
     with pytest.raises(ValueError, match="prototype_space"):
         GSLoRA(prototype_space="embedding")
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "gpt2_conv1d"])
+def test_merge_block_formula_equals_peft_delta(fan_in_fan_out) -> None:
+    """The sharded merge's ``ΔW`` block (``GSLoRA._local_delta``, here the whole block: plain weights)
+    equals PEFT's ``get_delta_weight`` for a linear and for GPT-2's transposed Conv1D."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(6, 5) if fan_in_fan_out else nn.Linear(5, 6))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=3, target_modules=["0"], fan_in_fan_out=fan_in_fan_out), net)
+    layer = lora_layers(net)["0"]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    expected = layer.get_delta_weight("default")
+    assert expected.abs().sum() > 0
+    assert torch.allclose(GSLoRA._local_delta(layer), expected, atol=1e-6)

@@ -31,6 +31,7 @@ def test_local_shards_and_their_place_in_the_full_tensor(ranks) -> None:
         assert result["is_sharded"] == [True, False]
         assert result["slices_match"] and result["shard_like"]
         assert result["full_tensor"] and result["full_from_local"]
+        assert result["as_layout"]  # a kept local shard seen as a DTensor: full value and norm of the whole
 
 
 def test_norms_and_dots_over_shards_equal_the_full_tensors(ranks) -> None:

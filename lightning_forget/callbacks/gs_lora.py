@@ -22,7 +22,18 @@ from lightning_forget.forward import ModelForward
 from lightning_forget.lora import LoRASettings, find_blocks
 from lightning_forget.losses import remove_training_step_hooks, training_step_hooks
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback
+from lightning_forget.sharding import (
+    as_layout,
+    edit_local,
+    full_tensor,
+    global_norms,
+    global_slice,
+    is_sharded,
+    local_view,
+    shard_like,
+    sum_of_squares,
+)
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str, message
 
 __all__ = ["GSLoRA", "group_norms", "group_sparsity", "lora_layers", "prototype_distance"]
@@ -183,12 +194,15 @@ class GSLoRA(ContinualCallback):
         Saved state: ``prototypes`` (``{class: mean feature}``), ``deltas`` (per task
         ``{layer: ΔW}``), ``nonzero`` (per task, the edited blocks), ``group_norms`` (per task,
         ``{group: Σ‖M‖_F}``), ``version``.
-        Supported strategies: single device and DDP (every start method); not sharded ones.
+        Supported strategies: single device, DDP (every start method) and ``ModelParallelStrategy``
+        (FSDP2, data parallel): group norms over all shards, the merge and the kept ``ΔW`` shard-wise
+        (LoRA on linear layers only; ``deltas`` in the state are whole tensors, gathered on every
+        rank); see docs/sharding.md.
         The optimizer's LR scheduler is not reset at a task boundary (only the LoRA's optimizer
         state): use one schedule per task by one fit per task when that matters.
     """
 
-    supported_strategies = DDP_STRATEGIES
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
     STATE_VERSION = 2
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ('r', 'lora_alpha', 'target_modules', 'grouping', 'pretrained_ckpt',
@@ -279,7 +293,19 @@ class GSLoRA(ContinualCallback):
 
         if not lora_layers(pl_module):
             config = self.settings.lora_config(pl_module)
-            inject_adapter_in_model(config, pl_module, adapter_name=ADAPTER)
+            # PEFT takes a `_device_mesh` attribute for a transformers model's tensor-parallel mesh and
+            # then reads `model.config`; a LightningModule under ModelParallelStrategy has that attribute
+            # (its data-parallel mesh) and no `config`: the injection would fail. It needs no mesh here
+            # (configure_model shards the LoRA layers afterwards), so it is hidden while PEFT injects.
+            had, mesh = "_device_mesh" in pl_module.__dict__, pl_module.__dict__.get("_device_mesh")
+            pl_module.__dict__["_device_mesh"] = None
+            try:
+                inject_adapter_in_model(config, pl_module, adapter_name=ADAPTER)
+            finally:
+                if had:
+                    pl_module.__dict__["_device_mesh"] = mesh
+                else:
+                    del pl_module.__dict__["_device_mesh"]
         layers = lora_layers(pl_module)
         for name, p in pl_module.named_parameters():
             p.requires_grad_(".lora_A." in name or ".lora_B." in name)
@@ -317,10 +343,11 @@ class GSLoRA(ContinualCallback):
         with torch.no_grad():
             for layer in lora_layers(pl_module).values():
                 a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-                fresh = torch.empty(a.shape, dtype=torch.float32)
+                # The full draw on every rank (the generator advances as unsharded), each rank keeps its slice.
+                fresh = torch.empty(tuple(a.shape), dtype=torch.float32)
                 nn.init.kaiming_uniform_(fresh, a=gain, generator=generator)
-                a.copy_(fresh.to(a.device, a.dtype))
-                b.zero_()
+                edit_local(a, lambda local, v: v.to(local.device, local.dtype), fresh[global_slice(a)])
+                local_view(b).zero_()
 
     def _reset_optimizer_state(self, trainer: "pl.Trainer", pl_module: nn.Module) -> None:
         params = {id(p) for n, p in pl_module.named_parameters() if ".lora_A." in n or ".lora_B." in n}
@@ -330,15 +357,38 @@ class GSLoRA(ContinualCallback):
                     del optimizer.state[p]
 
     def merge(self, pl_module: nn.Module) -> dict[str, Tensor]:
-        """``W += scale·B·A`` for every LoRA layer; returns ``{layer: ΔW}`` (CPU copies)."""
+        """``W += scale·B·A`` for every LoRA layer; returns ``{layer: ΔW}`` (CPU copies).
+
+        Under FSDP2 shard-wise: each rank adds, and returns, the block of ``ΔW`` its shard of ``W``
+        holds, from the whole factors (``A``, ``B``: adapter-sized, gathered one layer at a time).
+        """
         merged: dict[str, Tensor] = {}
         with torch.no_grad():
             for name, layer in lora_layers(pl_module).items():
-                delta = layer.get_delta_weight(ADAPTER)
                 weight = layer.get_base_layer().weight
-                weight.add_(delta.to(weight.dtype))
+                delta = self._local_delta(layer) if is_sharded(weight) else layer.get_delta_weight(ADAPTER)
+                edit_local(weight, lambda local, d: local + d.to(local.device, local.dtype), delta)
                 merged[name] = delta.detach().cpu().clone()
         return merged
+
+    @staticmethod
+    def _local_delta(layer: nn.Module) -> Tensor:
+        """The block of a sharded LoRA linear's ``ΔW = scale·B·A`` (transposed for ``fan_in_fan_out``)
+        that this rank's shard of ``W`` holds."""
+        weight = layer.get_base_layer().weight
+        if not isinstance(layer.get_base_layer(), nn.Linear) and not getattr(layer, "fan_in_fan_out", False):
+            raise RuntimeError(
+                f"GSLoRA merges LoRA on linear layers only under ModelParallelStrategy; {type(layer.get_base_layer()).__name__} "
+                "is not one. Fix: target linear layers (`target_modules`), or use strategy='ddp'."
+            )
+        a = full_tensor(layer.lora_A[ADAPTER].weight).float()
+        b = full_tensor(layer.lora_B[ADAPTER].weight).float()
+        rows, cols = global_slice(weight)
+        if getattr(layer, "fan_in_fan_out", False):  # W is (in, out): ΔW = (B·A)ᵀ
+            block = (b[cols] @ a[:, rows]).T
+        else:
+            block = b[rows] @ a[:, cols]
+        return (block * layer.scaling[ADAPTER]).to(local_view(weight).dtype)
 
     def undo(self, pl_module: nn.Module, task: int) -> None:
         """Subtract task ``task``'s merged ``ΔW`` from the base weights (needs ``keep_deltas``)."""
@@ -349,7 +399,15 @@ class GSLoRA(ContinualCallback):
         with torch.no_grad():
             for name, delta in self.deltas[task].items():
                 weight = layers[name].get_base_layer().weight
-                weight.sub_(delta.to(weight.device, weight.dtype))
+                delta = self._local_of(delta, weight)
+                edit_local(weight, lambda local, d: local - d.to(local.device, local.dtype), delta)
+
+    @staticmethod
+    def _local_of(value: Tensor, weight: Tensor) -> Tensor:
+        """A kept ``ΔW`` in ``weight``'s local layout (its slice when it was restored whole)."""
+        if is_sharded(weight) and tuple(value.shape) == tuple(weight.shape) != tuple(local_view(weight).shape):
+            return shard_like(value, weight)
+        return value
 
     def lora_parameters(self, pl_module: nn.Module) -> "OrderedDict[str, nn.Parameter]":
         """``{name: parameter}`` of the LoRA factors (the only trainable parameters)."""
@@ -404,8 +462,12 @@ class GSLoRA(ContinualCallback):
     def current_group_norms(self, pl_module: nn.Module) -> "OrderedDict[str, float]":
         """``{group: Σ_{M∈g} ‖M‖_F}`` of the LoRA as it is now (see :func:`group_norms`)."""
         params = dict(pl_module.named_parameters())
-        values = group_norms([[params[n] for n in group] for group in self._groups])
-        return OrderedDict(zip(self._group_names, values))
+        if not is_sharded(pl_module):
+            values = group_norms([[params[n] for n in group] for group in self._groups])
+            return OrderedDict(zip(self._group_names, values))
+        # Each matrix's norm over all its shards (one collective for all of them).
+        norms = global_norms({n: params[n] for group in self._groups for n in group})
+        return OrderedDict((g, float(sum(float(norms[n]) for n in group))) for g, group in zip(self._group_names, self._groups))
 
     def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         layers = lora_layers(pl_module)
@@ -413,9 +475,18 @@ class GSLoRA(ContinualCallback):
         norms_before_merge = self.current_group_norms(pl_module)
         merged = self.merge(pl_module)
         norms: dict[str, list[float]] = {}
-        for name, delta in merged.items():
-            weight = layers[name].get_base_layer().weight.detach().float().cpu()
-            norms.setdefault(blocks[name], []).append(float(delta.float().norm() / weight.norm().clamp_min(1e-12)))
+        if is_sharded(pl_module):  # ‖ΔW‖ and ‖W‖ of the whole tensors from the local blocks
+            weights = {name: layers[name].get_base_layer().weight for name in merged}
+            delta_norms = global_norms({name: as_layout(d, weights[name]) for name, d in merged.items()})
+            weight_norms = global_norms(weights)
+            ratios = {name: float(delta_norms[name] / weight_norms[name].clamp_min(1e-12)) for name in merged}
+        else:
+            ratios = {}
+            for name, delta in merged.items():
+                weight = layers[name].get_base_layer().weight.detach().float().cpu()
+                ratios[name] = float(delta.float().norm() / weight.norm().clamp_min(1e-12))
+        for name, ratio in ratios.items():
+            norms.setdefault(blocks[name], []).append(ratio)
         edited = [block for block, values in norms.items() if max(values) > self.zero_tol]
         self.nonzero.append(edited)
         self.group_norms.append(dict(norms_before_merge))
@@ -434,6 +505,9 @@ class GSLoRA(ContinualCallback):
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
         alpha = self.current_alpha(trainer)
         params = dict(pl_module.named_parameters())
+        if is_sharded(pl_module):
+            self._sharded_sparsity_step(params, alpha)
+            return
         with torch.no_grad():
             groups = [[params[n] for n in group] for group in self._groups]
             value = group_sparsity(groups, self.eps)
@@ -448,6 +522,28 @@ class GSLoRA(ContinualCallback):
                             p.grad.add_(step)
         pl_module.log("gs_lora/structure", float(value), on_step=True, on_epoch=False)
         pl_module.log("gs_lora/alpha", alpha, on_step=True, on_epoch=False)
+
+    @torch.no_grad()
+    def _sharded_sparsity_step(self, params: dict[str, Tensor], alpha: float) -> None:
+        """``on_before_optimizer_step`` under FSDP2: each group's ``sqrt(Σ‖M‖² + eps)`` over all shards
+        (one collective), the gradient ``α·M/‖g‖`` added to each rank's shard of the gradient."""
+        squares = sum_of_squares({n: params[n] for group in self._groups for n in group})
+        norms = [torch.sqrt(sum(squares[n] for n in group) + self.eps) for group in self._groups]
+        if alpha > 0:
+            for group, norm in zip(self._groups, norms):
+                for name in group:
+                    p = params[name]
+                    local = local_view(p)
+                    step = (alpha * local.double() / norm).to(local.dtype)
+                    if p.grad is None:
+                        p.grad = as_layout(step.clone(), p)
+                    else:
+                        local_view(p.grad).add_(step)
+        value = float(sum(float(n) for n in norms)) if norms else 0.0
+        module = self._module
+        if module is not None:
+            module.log("gs_lora/structure", value, on_step=True, on_epoch=False)
+            module.log("gs_lora/alpha", alpha, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ the step
     def _split_streams(self, pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> Any:
@@ -611,11 +707,24 @@ class GSLoRA(ContinualCallback):
     def method_state(self) -> dict[str, Any]:
         return {
             "prototypes": {int(c): v.detach().cpu().clone() for c, v in self.prototypes.items()},
-            "deltas": [{k: v.clone() for k, v in d.items()} for d in self.deltas],
+            "deltas": [self._whole_deltas(d) for d in self.deltas],
             "nonzero": [list(n) for n in self.nonzero],
             "group_norms": [dict(n) for n in self.group_norms],
             "prototype_space": self.prototype_space,
         }
+
+    def _whole_deltas(self, deltas: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A task's kept ``ΔW`` as whole tensors: gathered from the local blocks under FSDP2 (a
+        collective: every rank saves its state), copies otherwise."""
+        module = self._module
+        if module is None or not is_sharded(module) or not deltas:
+            return {k: v.clone() for k, v in deltas.items()}
+        layers = lora_layers(module)
+        out = {}
+        for name, delta in deltas.items():
+            weight = layers[name].get_base_layer().weight
+            out[name] = full_tensor(self._local_of(delta, weight), like=weight).detach().cpu().clone()
+        return out
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         if self.prototype and state["prototypes"] and state["prototype_space"] != self.prototype_space:

@@ -22,13 +22,13 @@ from lightning_forget.lora import (
     add_lora,
     adapter_parameters,
     neutral_adapter_names,
-    save_adapter,
     save_adapter_state,
 )
 from lightning_forget.losses import hidden_consistency_loss, output_loss, remove_training_step_hooks, training_step_hooks
 from lightning_forget.modules.causal_lm import IGNORE_INDEX, causal_lm_loss
 from lightning_forget.optim_step import StepCounter
-from lightning_forget.tasks import DDP_STRATEGIES
+from lightning_forget.sharding import as_layout, edit_local, full_tensor, is_sharded, local_clone, local_view, shard_like
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES
 from lightning_forget.validation import check_choice, check_float, check_str, check_type, message
 
 try:  # Python 3.12+
@@ -212,7 +212,8 @@ class ILoRA(_BufferCallback):
         TypeError, ValueError: bad arguments (at construction).
         RuntimeError: in ``setup()``: the module has no ``model_attr`` backbone, the backbone
             holds no Hugging Face model, the PEFT model has no ``adapter``, the strategy is
-            sharded; a plain backbone and a module without ``forward`` nor ``forward_fn``.
+            not supported (single device, DDP and ``ModelParallelStrategy`` are); a plain backbone
+            and a module without ``forward`` nor ``forward_fn``.
             At the first batch: an image batch (no ``input_ids``) for a backbone that takes no
             ``pixel_values`` (e.g. token batches served as tuples).
         ValueError: in ``setup()``: ``layers`` indexes past the model's hidden states.
@@ -222,9 +223,15 @@ class ILoRA(_BufferCallback):
         consistency loss) on replay steps, ``ilora/buffer_size`` every step. Saved state: the
         buffer, the slow adapter tensors (CPU, float32, by adapter-neutral name), the count of real
         optimizer steps, the task counters.
+
+    Note:
+        Under ``ModelParallelStrategy`` (FSDP2) the slow tensors are each rank's local shards of the
+        adapter's layout (ILoRA wraps the backbone in ``setup()``, before ``configure_model`` shards
+        it); the interpolation and the swaps are shard-wise, and the state, the adapter files and a
+        full checkpoint gather whole tensors on every rank (see docs/sharding.md).
     """
 
-    supported_strategies: tuple[str, ...] = DDP_STRATEGIES
+    supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ('lora', 'buffer_size', 'layers', 'model_attr', 'adapter', 'input_key', 'target_key')
     #: Whether the task end edits weights (then it runs inside tasks.atomic_edit).
@@ -324,7 +331,13 @@ class ILoRA(_BufferCallback):
     def slow_state(self) -> "OrderedDict[str, Tensor]":
         """The slow learner's tensors keyed by adapter-neutral names (as :func:`~lightning_forget.lora.adapter_state_dict`)."""
         names = neutral_adapter_names(self.peft_model(), self.adapter)
-        return OrderedDict((names[k], v.detach().cpu().clone()) for k, v in self._slow.items())
+        return OrderedDict((names[k], v.detach().cpu().clone()) for k, v in self._gathered(self._slow).items())
+
+    def _gathered(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Whole tensors of adapter state kept as this rank's shards (a collective under FSDP2: every
+        rank calls it; the tensors as they are otherwise)."""
+        fast = self.fast_parameters()
+        return {k: full_tensor(v, like=fast[k]) for k, v in tensors.items()}
 
     def _wrap(self, pl_module: "pl.LightningModule") -> None:
         from peft import PeftModel
@@ -389,7 +402,17 @@ class ILoRA(_BufferCallback):
                 f"ILoRA: the checkpoint's {learner} adapter lacks {missing[:4]}; it was written with other LoRA "
                 "settings. Fix: resume with the checkpoint's `lora` settings."
             )
-        return OrderedDict((by_neutral[n], v.clone()) for n, v in tensors.items() if n in by_neutral)
+        fast = self.fast_parameters()
+        # Saved whole: under FSDP2 this rank keeps its slice of each (the adapter's own layout).
+        return OrderedDict((by_neutral[n], self._local_of(v, fast[by_neutral[n]]).clone())
+                           for n, v in tensors.items() if n in by_neutral)
+
+    @staticmethod
+    def _local_of(value: Tensor, p: Tensor) -> Tensor:
+        """``value`` in ``p``'s local layout: its slice when it is whole and ``p`` is sharded."""
+        if is_sharded(p) and tuple(value.shape) == tuple(p.shape) and tuple(value.shape) != tuple(local_view(p).shape):
+            return shard_like(value, p)
+        return value
 
     def _sync_device(self) -> None:
         fast = self.fast_parameters()
@@ -401,8 +424,10 @@ class ILoRA(_BufferCallback):
             # A float32 master copy on the parameters' device: under bf16-true/16-true an increment
             # (1 − λ)·(θ_fast − θ_slow) with λ near 1 is below half precision's resolution.
             p = fast[name]
+            value = self._local_of(value, p)  # a copy taken before configure_model sharded the adapter
             if value.device != p.device or value.dtype != torch.float32:
-                self._slow[name] = value.to(p.device, torch.float32)
+                value = value.to(p.device, torch.float32)
+            self._slow[name] = value
 
     def _fast_state(self) -> Optional[dict[str, Tensor]]:
         """The fast learner's tensors by adapter-neutral name (CPU copies), wherever they are now: in
@@ -413,8 +438,8 @@ class ILoRA(_BufferCallback):
         names = neutral_adapter_names(self.peft_model(), self.adapter)
         held = self._fast_backup if self._fast_backup is not None else self._swapped
         if held is None:
-            held = {name: p.detach() for name, p in self.fast_parameters().items()}
-        return {names[k]: v.detach().cpu().clone() for k, v in held.items()}
+            held = {name: local_view(p).detach() for name, p in self.fast_parameters().items()}
+        return {names[k]: v.detach().cpu().clone() for k, v in self._gathered(held).items()}
 
     def _resolve_pending_fast(self) -> None:
         """A checkpoint's fast learner (its weights hold the slow one): kept aside, loaded back into
@@ -427,11 +452,12 @@ class ILoRA(_BufferCallback):
 
     @torch.no_grad()
     def _load_into_fast(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Copy ``tensors`` into the fast adapter; returns the values it held."""
+        """Copy ``tensors`` into the fast adapter; returns the values it held (shard-wise under FSDP2:
+        ``tensors`` and the returned values are this rank's shards)."""
         fast = self.fast_parameters()
-        old = {name: p.detach().clone() for name, p in fast.items()}
+        old = {name: local_clone(p) for name, p in fast.items()}
         for name, p in fast.items():
-            p.copy_(tensors[name])
+            edit_local(p, lambda local, v: v.to(local.device, local.dtype), tensors[name])
         return old
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -457,9 +483,8 @@ class ILoRA(_BufferCallback):
         if self._slow_fresh:
             # setup() ran before the strategy synchronised the weights: under DDP each rank's adapter
             # was initialised from its own RNG state, and only rank 0's survived DDP's broadcast.
-            with torch.no_grad():
-                for name, p in self.fast_parameters().items():
-                    self._slow[name].copy_(p.detach())
+            self._slow = OrderedDict((name, local_clone(p, dtype=torch.float32))
+                                     for name, p in self.fast_parameters().items())
             self._slow_fresh = False
         self._counter.watch(trainer.optimizers)
         self._counter.pop()
@@ -524,7 +549,9 @@ class ILoRA(_BufferCallback):
         ``λ_s = min(1 − 1/(s + 1), λ)`` (``slow_update="ema"``), nothing for ``"frozen"``."""
         if self.slow_update == "frozen":
             return
-        interpolate_(self._slow, dict(self.fast_parameters()), ema_coefficient(self.optimizer_steps, self.ema))
+        # Shard-wise under FSDP2: each rank's slow shard follows its own shard of the adapter.
+        fast = {name: local_view(p) for name, p in self.fast_parameters().items()}
+        interpolate_(self._slow, fast, ema_coefficient(self.optimizer_steps, self.ema))
 
     def _common_width(self, trainer: "pl.Trainer", fields: dict[str, Tensor]) -> dict[str, Tensor]:
         """Token fields padded to the longest width over ranks (the buffer gathers rows of one width)."""
@@ -595,6 +622,10 @@ class ILoRA(_BufferCallback):
             # also a pending task end that the protocol runs now.
             self._load_into_fast(self._fast_backup)
             self._fast_backup = None
+        # No real step runs between `on_fit_start` and here; ModelParallelStrategy restores a checkpoint
+        # in between, and torch.distributed.checkpoint initialises a stateless optimizer (SGD) by calling
+        # `step()` at lr 0 (twice): not steps of the fit, so the slow learner must not follow them.
+        self._counter.pop()
         super().on_train_start(trainer, pl_module)
 
     @override
@@ -612,13 +643,23 @@ class ILoRA(_BufferCallback):
             return
         keys = {id(p): name for name, p in pl_module.named_parameters()}
         missing = []
+        # A full state dict of a sharded module (ModelParallelStrategy(save_distributed_checkpoint=False):
+        # rank 0's holds whole tensors, the others' nothing) needs the slow learner gathered on every rank.
+        gather = is_sharded(pl_module) and not any(is_sharded(v) for v in saved.values() if isinstance(v, Tensor))
         for name, p in self.fast_parameters().items():
             key = keys.get(id(p))
+            slow = self._slow[name].detach()
+            if gather and is_sharded(p):
+                slow = full_tensor(slow, like=p)
             if key is None or key not in saved:
                 missing.append(name)
                 continue
-            saved[key] = self._slow[name].detach().to(saved[key].device, saved[key].dtype).clone()
-        if missing:
+            old = saved[key]
+            value = local_view(old)
+            value = slow.to(value.device, value.dtype).clone()
+            # A sharded state dict (FSDP2's DTensors): this rank's slow shard in the weight's layout.
+            saved[key] = as_layout(value, old) if is_sharded(old) else value
+        if missing and (saved or not is_sharded(pl_module)):
             raise RuntimeError(
                 f"ILoRA: the checkpoint's weights have no entry for the adapter tensors {missing[:4]}, so the slow "
                 "learner cannot be written into them. Fix: keep the PEFT backbone a submodule of the LightningModule "
@@ -634,14 +675,19 @@ class ILoRA(_BufferCallback):
     @override
     def on_task_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         super().on_task_end(trainer, pl_module, task)
-        if self.save_adapters and trainer.is_global_zero and self._peft is not None:
+        if self.save_adapters and self._peft is not None:
+            # Gathered on every rank (a collective under FSDP2), written by rank 0. The folder too is
+            # found on every rank: `trainer.log_dir` broadcasts rank 0's (a collective under DDP as well).
+            fast_state, slow_state = self._fast_state(), self.slow_state()
             folder = self._adapter_folder(trainer)
+            if not trainer.is_global_zero:
+                return
             files = reporting.output_paths(
                 self, folder, {"fast": f"task_{task}_fast.safetensors", "slow": f"task_{task}_slow.safetensors"}
             )
             meta = {"task": int(task), "lora": self.lora.to_dict(), "ema": self.ema, "step": self.optimizer_steps}
-            save_adapter(self._peft, files["fast"], self.adapter, {**meta, "learner": "fast"})
-            save_adapter_state(self.slow_state(), files["slow"], self.adapter, {**meta, "learner": "slow"})
+            save_adapter_state(fast_state, files["fast"], self.adapter, {**meta, "learner": "fast"})
+            save_adapter_state(slow_state, files["slow"], self.adapter, {**meta, "learner": "slow"})
             rank_zero_info(f"ILoRA: adapters of task {task} written to {folder}")
 
     def _adapter_folder(self, trainer: "pl.Trainer") -> Path:

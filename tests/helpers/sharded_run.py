@@ -19,6 +19,7 @@ Plain DDP started inside pytest would re-run pytest in the child, hence the scri
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -34,9 +35,9 @@ from torch.utils.data import DataLoader
 from lightning_forget.sharding import full_tensor
 
 NUM_TASKS = 2
-REPLAY = ("ExperienceReplay", "DarkExperienceReplay")
-#: Not compared with one process: k-FPF's (FPF's) buffer holds the ranks' gathered rows (another order than
-#: one process's batch), AdaB²N's module has BatchNorm (per-rank batch statistics, as under DDP).
+REPLAY = ("ExperienceReplay", "DarkExperienceReplay", "ILoRA")  # per-rank replay draws (ILoRA's buffer too)
+#: Not compared with one process: the replay draws, k-FPF's (FPF's) buffer holds the ranks' gathered rows
+#: (another order than one process's batch), AdaB²N's module has BatchNorm (per-rank batch statistics, as under DDP).
 PER_RANK = (*REPLAY, "KFPF", "FPF", "AdaB2N")
 FIRST_GROUP = ["ExperienceReplay", "LRRewarming", "ContinualMetrics", "ContinualEvaluation"]
 BATCH = 4  # per process; one process gets 2 * BATCH
@@ -98,7 +99,9 @@ class ShardedNormModule(ShardedUserModule):
 
 
 def _module(names: list[str]) -> pl.LightningModule:
-    """The module a group runs: with a BatchNorm for AdaB²N."""
+    """The module a group runs: a tiny GPT-2 for ILoRA, with a BatchNorm for AdaB²N."""
+    if "ILoRA" in names:
+        return ShardedLMModule()
     return ShardedNormModule() if "AdaB2N" in names else ShardedUserModule()
 
 
@@ -129,6 +132,12 @@ def _callbacks(names: list[str]) -> list[Callback]:
         "ContinualMetrics": lambda: cbs.ContinualMetrics(report=False),
         # Blocks net.0 (scale α) and net.2 (scale 1) by name; fixed α, applied at each fit's end.
         "LiNeS": lambda: cbs.LiNeS(alpha=0.3, save_plot=False),
+        # LoRA group (tests/test_sharded_contract.py "lora"): ILoRA on a tiny GPT-2 (LoRA on its attention),
+        # GSLoRA on the user's two linears; no dropout (its draws differ by strategy).
+        "ILoRA": lambda: cbs.ILoRA(lora={"r": 2, "alpha": 4.0, "dropout": 0.0, "kind": "attention"}, ema=0.5,
+                                   buffer_size=16, seed=3),
+        "GSLoRA": lambda: cbs.GSLoRA(r=2, lora_alpha=2.0, target_modules=["net.0", "net.2"], alpha=0.05,
+                                     prototype=True, prototype_retain_weight=0.1, seed=3),
         "ContinualEvaluation": lambda: cbs.ContinualEvaluation(
             # 5 rows over 2 ranks in batches of 2: rank 0 runs 2 forwards, rank 1's 2 rows 1, so under
             # sharding rank 1 must run one more (a sharded forward is collective) or the run hangs.
@@ -357,7 +366,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
         trainer = _trainer(root / f"{strategy_name}{task}", strategy, devices, [*callbacks, *extra],
                            use_distributed_sampler=False, **kwargs)
         dm = _unlearning_data(names, task, devices)
-        train, vals = _tasks(BATCH * (2 if devices == 1 else 1), devices, trainer.global_rank)[task] if dm is None else (None, None)
+        train, vals = _tasks_for(names)(BATCH * (2 if devices == 1 else 1), devices, trainer.global_rank)[task] if dm is None else (None, None)
         try:
             trainer.fit(module, train, vals, datamodule=dm, ckpt_path=resume if task == 1 else None)
         except _Crash:
@@ -377,6 +386,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             out["refresh_fisher_numel"] = [sum(t.numel() for t in cb.fisher.values()),
                                            sum(p.numel() for p in module.parameters() if p.requires_grad)]
     out["unlearning_numel"] = _unlearning_layout(callbacks, module)
+    out.update(_lora_extras(root, module, callbacks))
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
@@ -407,14 +417,170 @@ def classifier_run(root: Path, strategy_name: str) -> dict[str, Any]:
     return {"params": _params(model), "sharded": is_sharded(model)}
 
 
+# ---------------------------------------------------------------- the LoRA group (ILoRA, GSLoRA)
+class ShardedLMModule(pl.LightningModule):
+    """A user's causal LM for FSDP2: a tiny GPT-2 at ``self.model`` (ILoRA wraps it with PEFT LoRA in
+    ``setup``, before ``configure_model``), each block and then the whole model ``fully_shard``-ed."""
+
+    def __init__(self, lr: float = 0.5) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        self.model = GPT2LMHeadModel(config)
+        self.lr = lr
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.model.modules():
+            if type(module).__name__ == "GPT2Block":
+                fully_shard(module, mesh=mesh)
+        # The root holds the embeddings and the head: freed after each forward as the blocks are.
+        fully_shard(self.model, mesh=mesh, reshard_after_forward=True)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.log("val_loss", self.model(**batch).loss, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    """Token rows of one task: ``input_ids``, ``attention_mask`` (the last ``task + row % 2`` positions
+    padded), ``labels`` (-100 at the padding)."""
+
+    def __init__(self, task: int, rows: int) -> None:
+        g = torch.Generator().manual_seed(100 + task)
+        self.ids = torch.randint(1, 16, (rows, 6), generator=g)
+        self.mask = torch.ones(rows, 6, dtype=torch.long)
+        for i in range(rows):
+            self.mask[i, 6 - (task + i % 2):] = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, mask = self.ids[i] * self.mask[i], self.mask[i]
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+class _TwoStreams(torch.utils.data.Dataset):
+    """GS-LoRA's two-stream items: ``{"forget": (x, y), "retain": (x, y)}`` (forget: class ``task`` of
+    the blobs, cycled; retain: classes 2 and 3), with ``.forget``/``.retain`` for the prototypes."""
+
+    def __init__(self, task: int) -> None:
+        from torch.utils.data import TensorDataset
+
+        from tests.helpers.data import BlobStream
+
+        x, y = BlobStream(num_tasks=NUM_TASKS)._data["train"]
+        self.forget = TensorDataset(x[y == task], y[y == task])
+        self.retain = TensorDataset(x[y >= 2], y[y >= 2])
+
+    def __len__(self) -> int:
+        return len(self.retain)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"forget": self.forget[i % len(self.forget)], "retain": self.retain[i]}
+
+
+def _lora_tasks(lm: bool, batch: int, world: int, rank: int) -> list[tuple[DataLoader, Any]]:
+    """As :func:`_tasks` (each rank every second row in order) for the LoRA group's data: token rows
+    (``lm``, with validation loaders: ILoRA evaluates its slow learner) or two-stream items."""
+    from torch.utils.data import DistributedSampler
+
+    from lightning_forget.datamodules.loaders import ResumableDataLoader
+
+    out = []
+    for t in range(NUM_TASKS):
+        data = _Tokens(t, 48) if lm else _TwoStreams(t)
+        vals = [DataLoader(_Tokens(v, 8), batch_size=8) for v in range(NUM_TASKS)] if lm else None
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        out.append((ResumableDataLoader(data, batch_size=batch, sampler=sampler), vals))
+    return out
+
+
 def _plain_module(names: list[str]) -> pl.LightningModule:
-    """A fresh unsharded module of the group's kind, with AdaB²N's layers where the run has them."""
+    """A fresh unsharded module of the group's kind with the layers its callbacks add (AdaB²N's,
+    LoRA's), to load its checkpoint."""
     module = _module(names)
     if "AdaB2N" in names:
         from lightning_forget.nn.adab2n import convert_adab2n
 
         convert_adab2n(module, NUM_TASKS, 0.7)
+    for cb in _callbacks(names):
+        if type(cb).__name__ == "ILoRA":
+            cb._wrap(module)
+        elif type(cb).__name__ == "GSLoRA":
+            cb._inject(module)
     return module
+
+
+@torch.no_grad()
+def _same_outputs(module: pl.LightningModule, plain: pl.LightningModule) -> float:
+    """The largest difference between the outputs of ``module`` and ``plain`` on fixed inputs."""
+    module.eval(), plain.eval()
+    if isinstance(module, ShardedLMModule):
+        ids = torch.randint(1, 16, (3, 6), generator=torch.Generator().manual_seed(7))
+        outs = [m.model(input_ids=ids).logits for m in (module, plain)]
+    else:
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(7))
+        outs = [m.net(x) for m in (module, plain)]
+    return float((outs[0] - outs[1]).abs().max())
+
+
+def _lora_extras(root: Path, module: nn.Module, callbacks: list[Callback]) -> dict[str, Any]:
+    """The LoRA callbacks' per-parameter state as this rank holds it (numel: local, full) and
+    ILoRA's last task's adapter files (rank 0 writes them: full tensors)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for cb in callbacks:
+        if type(cb).__name__ == "ILoRA":
+            out["ilora_slow_numel"] = [sum(t.numel() for t in cb._slow.values()),
+                                       sum(p.numel() for p in cb.fast_parameters().values())]
+            files = {kind: sorted(root.rglob(f"task_{NUM_TASKS - 1}_{kind}*.safetensors")) for kind in ("fast", "slow")}
+            if all(files.values()):
+                out["ilora_files"] = {kind: {n: v.double().flatten().tolist() for n, v in load_file(str(paths[-1])).items()}
+                                      for kind, paths in files.items()}
+        elif type(cb).__name__ == "GSLoRA":
+            from lightning_forget.callbacks.gs_lora import lora_layers
+
+            layers = lora_layers(module)
+            out["gslora_delta_numel"] = [sum(v.numel() for d in cb.deltas for v in d.values()),
+                                         sum(layers[n].get_base_layer().weight.numel() for d in cb.deltas for n in d)]
+    return out
+
+
+def config_run(root: Path, config: str) -> dict[str, Any]:
+    """A shipped sharded config through the CLI on this launch's 2 processes, with the overrides of
+    tests/test_configs.py (two tasks of two batches)."""
+    from lightning_forget.cli import main as cli_main
+    from lightning_forget.sharding import is_sharded
+
+    cli = cli_main(["fit", "--config", str(Path(__file__).resolve().parents[2] / config),
+                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+                    "--data.init_args.epochs_per_task", "1", "--trainer.max_epochs", "2",
+                    "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                    "--trainer.enable_checkpointing", "false"])
+    params = list(cli.model.parameters())
+    return {"global_step": int(cli.trainer.global_step), "world_size": int(cli.trainer.world_size),
+            "sharded": is_sharded(cli.model), "finite": all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params),
+            "ended": [int(cb._ended) for cb in cli.trainer.callbacks if hasattr(cb, "_ended")]}
+
+
+def _tasks_for(names: list[str]) -> Callable[[int, int, int], list[tuple[DataLoader, Any]]]:
+    if "ILoRA" in names or "GSLoRA" in names:
+        return functools.partial(_lora_tasks, "ILoRA" in names)
+    return _tasks
 
 
 def main(root: Path, names: list[str]) -> None:
@@ -436,6 +602,8 @@ def main(root: Path, names: list[str]) -> None:
         results["single"] = run(root / f"d{rank}", "single", alone)
     if names == UNLEARNING_GROUP:
         results["lm"] = {strategy: unlearning_lm_run(root / f"lm_{strategy}", strategy) for strategy in ("sharded", "ddp")}
+    if names == ["ILoRA"]:
+        results["config_run"] = config_run(root / "cfg", "configs/i_lora/vit_split_mnist_sharded.yaml")
     if names == FIRST_GROUP:
         results["classifier"] = {strategy: classifier_run(root / f"cls_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if rank == 0:
@@ -447,11 +615,13 @@ def main(root: Path, names: list[str]) -> None:
         from lightning_forget.export import export_plain_checkpoint
 
         written = export_plain_checkpoint(_plain_module(names), root / "plain.ckpt", checkpoint_path=final)
-        again = _module(names)  # the exported file holds the plain model (AdaB2N layers back to BatchNorm2d)
+        again = _module(names)  # the exported file holds the plain model (AdaB2N layers back to BatchNorm2d, LoRA merged)
         again.load_state_dict(torch.load(written, weights_only=True)["state_dict"])
         results["export"] = {
             "params": _params(plain),
             "plain_checkpoint_params": _params(again),
+            # A module whose method layers the export merged (LoRA): the same function, other weights.
+            "plain_outputs": _same_outputs(plain, again),
             "callbacks": sorted(checkpoint.get("callbacks", {})),
             "checkpoint": final.name,
             "is_dir": final.is_dir(),

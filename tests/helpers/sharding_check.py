@@ -40,6 +40,14 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
     result["full_from_local"] = all(
         torch.equal(sh.full_tensor(sh.local_clone(shard[n]), like=shard[n]), full[n]) for n in full
     )
+    # as_layout: local shards kept aside seen as the parameter's layout (reduced over shards, equal DTensor).
+    viewed = {n: sh.as_layout(sh.local_clone(shard[n]) * 2, shard[n]) for n in full}
+    norms_v = sh.global_norms(viewed)
+    result["as_layout"] = bool(
+        all(torch.equal(sh.full_tensor(viewed[n]), 2 * full[n]) for n in full)
+        and max(abs(float(norms_v[n] - 2 * full[n].double().norm())) for n in full) < 1e-12
+        and sh.as_layout(full["layers.0.weight"], full["layers.0.weight"]) is full["layers.0.weight"]
+    )
     norms_s, norms_f = sh.global_norms(shard), sh.global_norms(full)
     result["norms"] = max(abs(float(norms_s[n] - norms_f[n])) for n in full)
     dots_s, dots_f = sh.global_dots(shard, shard_other), sh.global_dots(full, other)
