@@ -36,7 +36,6 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -69,7 +68,6 @@ def _unet_layer(name: str) -> bool:  # "all": every Linear/Conv of the UNet (not
     return name.startswith("unet.") and "norm" not in name
 
 
-@dataclass(frozen=True)
 class Method:
     """One row of the comparison.
 
@@ -79,12 +77,11 @@ class Method:
     method may change; ``trainer`` extra ``Trainer`` arguments.
     """
 
-    make: Callable[[list[int], int, bool], Optional[pl.Callback]]
-    allowed: Callable[[str], bool]
-    lr: float = 1e-3
-    steps: int = 100
-    closed_form: Optional[Callable[[DiffusionModule, list[int]], Any]] = None
-    trainer: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, make: Callable[[list[int], int, bool], Optional[pl.Callback]], allowed: Callable[[str], bool],
+                 lr: float = 1e-3, steps: int = 100, closed_form: Optional[Callable[[DiffusionModule, list[int]], Any]] = None,
+                 trainer: Optional[dict[str, Any]] = None) -> None:
+        self.make, self.allowed, self.lr, self.steps, self.closed_form = make, allowed, lr, steps, closed_form
+        self.trainer = trainer or {}
 
 
 def _uce(module: DiffusionModule, erase: list[int], lamb: float) -> list[str]:
@@ -93,32 +90,32 @@ def _uce(module: DiffusionModule, erase: list[int], lamb: float) -> list[str]:
 
 def _doco(surgery: Optional[str]) -> Callable[[list[int], int, bool], pl.Callback]:
     return lambda erase, seed, q: DoCo(erase=erase, gradient_surgery=surgery, parameters="all", discriminator_lr=1e-3,
-                                       discriminator_warmup=0 if q else 50, discriminator_width=32,
-                                       num_anchor_samples=8 if q else 64, sample_steps=2 if q else 20, seed=seed)
+                                       discriminator_warmup=0 if q else 40, discriminator_width=32,
+                                       num_anchor_samples=8 if q else 64, sample_steps=2 if q else 10, seed=seed)
 
 
 #: name -> Method. The order is the report's.
 METHODS: dict[str, Method] = {
-    "esd-x": Method(lambda erase, seed, q: ESD(erase=erase, parameters="x", batch_size=8, ddim_steps=2 if q else 25, seed=seed),
-                    _cross, lr=1e-3),
-    "esd-u": Method(lambda erase, seed, q: ESD(erase=erase, parameters="u", batch_size=8, ddim_steps=2 if q else 25, seed=seed),
-                    _not_cross, lr=1e-4),
+    "esd-x": Method(lambda erase, seed, q: ESD(erase=erase, parameters="x", batch_size=8, ddim_steps=2 if q else 10, seed=seed),
+                    _cross, lr=1e-3, steps=50),
+    "esd-u": Method(lambda erase, seed, q: ESD(erase=erase, parameters="u", batch_size=8, ddim_steps=2 if q else 10, seed=seed),
+                    _not_cross, lr=1e-4, steps=50),
     "esd-x-lora": Method(lambda erase, seed, q: ESD(erase=erase, parameters="x", lora_rank=4, batch_size=8,
-                                                    ddim_steps=2 if q else 25, seed=seed), _cross, lr=3e-3),
-    "ca": Method(lambda erase, seed, q: ConceptAblation(erase=erase, anchor=None, batch_size=8, sample_steps=2 if q else 25,
+                                                    ddim_steps=2 if q else 10, seed=seed), _cross, lr=3e-3, steps=50),
+    "ca": Method(lambda erase, seed, q: ConceptAblation(erase=erase, anchor=None, batch_size=8, sample_steps=2 if q else 10,
                                                         num_anchor_samples=8 if q else 64, seed=seed), _cross_kv, lr=1e-3),
     "uce": Method(lambda erase, seed, q: None, _cross_kv, steps=0, closed_form=lambda module, erase: _uce(module, erase, 0.5)),
     # λ = 0.5 (the default) weighs W − W₀ against ‖c‖²; this model's tokens have ‖c‖² ≈ 0.1-0.3, so the default edit moves
     # the erased token's keys/values only ‖c‖²/(λ + ‖c‖²) of the way (docs/results.md); λ = 0.005 is the same edit at ≈ 97 %
     "uce-lamb0.005": Method(lambda erase, seed, q: None, _cross_kv, steps=0,
                             closed_form=lambda module, erase: _uce(module, erase, 0.005)),
-    "salun": Method(lambda erase, seed, q: SalUnDiffusion(erase=erase, num_forget_samples=16 if q else 128,
-                                                          sample_steps=2 if q else 20, batch_size=16 if q else 64,
-                                                          mask_batch_size=64, seed=seed), lambda n: True, lr=1e-4, steps=200),
-    "sfd": Method(lambda erase, seed, q: SFD(erase=erase, batch_size=8 if q else 32, seed=seed), lambda n: True, lr=1e-5,
-                  steps=200, trainer={"gradient_clip_val": 1.0, "gradient_clip_algorithm": "value"}),
-    "doco": Method(_doco("doco"), _unet_layer, lr=1e-4, steps=200),
-    "doco-no-surgery": Method(_doco(None), _unet_layer, lr=1e-4, steps=200),
+    "salun": Method(lambda erase, seed, q: SalUnDiffusion(erase=erase, num_forget_samples=16 if q else 64,
+                                                          sample_steps=2 if q else 10, batch_size=16 if q else 32,
+                                                          mask_batch_size=64, seed=seed), lambda n: True, lr=1e-4, steps=100),
+    "sfd": Method(lambda erase, seed, q: SFD(erase=erase, batch_size=8 if q else 16, seed=seed), lambda n: True, lr=1e-5,
+                  steps=100, trainer={"gradient_clip_val": 1.0, "gradient_clip_algorithm": "value"}),
+    "doco": Method(_doco("doco"), _unet_layer, lr=1e-4, steps=120),
+    "doco-no-surgery": Method(_doco(None), _unet_layer, lr=1e-4, steps=120),
 }
 
 #: --quick: a tiny UNet (a smoke run of every piece, not a measurement).
@@ -140,8 +137,7 @@ def train_model(x: Tensor, y: Tensor, steps: int, seed: int, size: dict[str, Any
                 cache: Optional[Path]) -> tuple[DiffusionModule, float, bool]:
     """The seed's trained model (EMA weights) and its training time; from ``cache`` when it holds one (third value True)."""
     if cache is not None and (cache / "train.json").is_file():
-        info = json.loads((cache / "train.json").read_text())
-        return _model(size, 2e-3, seed, str(cache)), float(info["train_s"]), True
+        return _model(size, 2e-3, seed, str(cache)), steps * training_step_seconds(x, y, seed, size, root), True
     pl.seed_everything(seed, verbose=False)
     module = _model(size, 2e-3, seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -153,6 +149,23 @@ def train_model(x: Tensor, y: Tensor, steps: int, seed: int, size: dict[str, Any
         module.save_pretrained(str(cache))
         (cache / "train.json").write_text(json.dumps({"train_s": elapsed, "steps": steps, "seed": seed, "size": size}))
     return module, elapsed, False
+
+
+def training_step_seconds(x: Tensor, y: Tensor, seed: int, size: dict[str, Any], root: str, steps: int = 20) -> float:
+    """Seconds per training step of a fresh model of ``size`` (steps 6 to ``steps``; the first five warm up), measured now.
+
+    A cached model's training time is this times its steps: measured in the same run, under the same load as the
+    erasures it is compared with (the machine is shared; a time measured in another run is not comparable)."""
+    times = []
+
+    class _Clock(pl.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            times.append(time.perf_counter())
+
+    pl.seed_everything(seed, verbose=False)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    _trainer(root, [_Clock()], steps).fit(_model(size, 2e-3, seed), loader)
+    return (times[-1] - times[4]) / (len(times) - 5)
 
 
 def _base_name(name: str) -> str:
@@ -228,9 +241,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--erase", type=int, default=3, help="the digit to erase")
     parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--erase-steps", type=int, default=None, help="steps of every trained method (default: each method's)")
-    parser.add_argument("--samples-per-class", type=int, default=50)
-    parser.add_argument("--ddim-steps", type=int, default=25)
+    parser.add_argument("--samples-per-class", type=int, default=20)
+    parser.add_argument("--ddim-steps", type=int, default=10)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--shared-model", action="store_true",
+                        help="train one model (the first seed's) and erase it under every seed (the seeds vary the erasure, the "
+                             "judge and the samples, not the model)")
     parser.add_argument("--cache", default=None, help="folder of trained models (one per seed and size; reused)")
     parser.add_argument("--out", default=None, help="folder for results.json and results.md")
     args = parser.parse_args(argv)
@@ -251,11 +267,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     target = [args.erase]
     kept = [c for c in range(10) if c not in target]
     rows: dict[str, dict[str, list[float]]] = {}
+    models: dict[int, tuple[DiffusionModule, float, bool]] = {}
     for seed in args.seeds:
-        cache = None
-        if args.cache and not args.quick:
-            cache = Path(args.cache) / f"digits_w{'-'.join(map(str, args.widths))}_steps{args.train_steps}_seed{seed}"
-        trained, train_time, cached = train_model(x, y, args.train_steps, seed, size, root, cache)
+        model_seed = args.seeds[0] if args.shared_model else seed
+        if model_seed not in models:
+            cache = None
+            if args.cache and not args.quick:
+                cache = Path(args.cache) / f"digits_w{'-'.join(map(str, args.widths))}_steps{args.train_steps}_seed{model_seed}"
+            models[model_seed] = train_model(x, y, args.train_steps, model_seed, size, root, cache)
+        trained, train_time, cached = models[model_seed]
+        if cached and seed != model_seed:  # the load changes during a run: time the training step again beside this seed
+            train_time = args.train_steps * training_step_seconds(x, y, seed, size, root)
         judge, judge_acc = train_judge(x, y, 10, epochs=2 if args.quick else 30, seed=seed)
         common = dict(samples_per_class=args.samples_per_class, seed=seed, num_steps=args.ddim_steps)
         before, _, _ = evaluate_erasure(trained, judge, target, kept, x, y, **common)
@@ -265,7 +287,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"seed {seed} original ({'cached' if cached else 'trained'}, {train_time:.0f}s): "
               + ", ".join(f"{k} {v:.3f}" for k, v in before.items()), flush=True)
         for name in methods:
-            steps = METHODS[name].steps if args.erase_steps is None else args.erase_steps
+            steps = METHODS[name].steps if args.erase_steps is None or METHODS[name].closed_form else args.erase_steps
             result, seconds = erase(name, trained, x, y, target, steps, seed, args.quick, root)
             after, _, _ = evaluate_erasure(result, judge, target, kept, x, y, **common)
             module = result.module if isinstance(result, _OneStep) else result
@@ -276,22 +298,29 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                      "changed_only_allowed": float(all(METHODS[name].allowed(n) for n in changed))}
             for key, value in {**after, **extra}.items():
                 row.setdefault(key, []).append(value)
+            _write(args, rows)
             print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in after.items())
                   + f", {len(changed)} tensors changed, erasure {seconds:.1f}s ({seconds / train_time:.3f}x training)",
                   flush=True)
+    table = _write(args, rows)
+    print(table)
+    return rows
+
+
+def _write(args: argparse.Namespace, rows: dict[str, dict[str, list[float]]]) -> str:
+    """The report's table; written with the rows to ``args.out`` (after every method, so a cut run keeps what it measured)."""
     header = ["erased_rate", "erased_prob", "false_erased_rate", "retained_acc", "fd"]
     lines = ["| method | steps | " + " | ".join(header) + " | time/training |", "|---" * (len(header) + 3) + "|"]
     for name, row in rows.items():
-        steps = str(int(row["steps"][0])) if "steps" in row else "—"
+        steps = str(int(row["steps"][0])) if row.get("steps", [0])[0] else "—"
         ratio = _fmt(row["time_ratio"]) if "time_ratio" in row else f"train {_fmt(row['train_s'])} s"
         lines.append(f"| {name} | {steps} | " + " | ".join(_fmt(row[k]) for k in header) + f" | {ratio} |")
     table = "\n".join(lines)
-    print(table)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
         (Path(args.out) / "results.md").write_text(table + "\n")
-    return rows
+    return table
 
 
 if __name__ == "__main__":
