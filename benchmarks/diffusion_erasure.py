@@ -310,11 +310,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def _write(args: argparse.Namespace, rows: dict[str, dict[str, list[float]]]) -> str:
     """The report's table; written with the rows to ``args.out`` (after every method, so a cut run keeps what it measured)."""
     header = ["erased_rate", "erased_prob", "false_erased_rate", "retained_acc", "fd"]
-    lines = ["| method | steps | " + " | ".join(header) + " | time/training |", "|---" * (len(header) + 3) + "|"]
+    lines = ["| method | steps | seeds | " + " | ".join(header) + " | time/training |", "|---" * (len(header) + 4) + "|"]
     for name, row in rows.items():
         steps = str(int(row["steps"][0])) if row.get("steps", [0])[0] else "—"
         ratio = _fmt(row["time_ratio"]) if "time_ratio" in row else f"train {_fmt(row['train_s'])} s"
-        lines.append(f"| {name} | {steps} | " + " | ".join(_fmt(row[k]) for k in header) + f" | {ratio} |")
+        lines.append(f"| {name} | {steps} | {len(row['erased_rate'])} | " + " | ".join(_fmt(row[k]) for k in header)
+                     + f" | {ratio} |")
     table = "\n".join(lines)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
