@@ -247,6 +247,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--shared-model", action="store_true",
                         help="train one model (the first seed's) and erase it under every seed (the seeds vary the erasure, the "
                              "judge and the samples, not the model)")
+    parser.add_argument("--model-seed", type=int, default=None,
+                        help="with --shared-model: the seed of the shared model (default: the first of --seeds), so a "
+                             "later run can add seeds erasing the same cached model")
     parser.add_argument("--cache", default=None, help="folder of trained models (one per seed and size; reused)")
     parser.add_argument("--out", default=None, help="folder for results.json and results.md")
     args = parser.parse_args(argv)
@@ -269,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rows: dict[str, dict[str, list[float]]] = {}
     models: dict[int, tuple[DiffusionModule, float, bool]] = {}
     for seed in args.seeds:
-        model_seed = args.seeds[0] if args.shared_model else seed
+        model_seed = (args.seeds[0] if args.model_seed is None else args.model_seed) if args.shared_model else seed
         if model_seed not in models:
             cache = None
             if args.cache and not args.quick:
