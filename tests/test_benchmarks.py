@@ -87,10 +87,15 @@ def test_device_check_dry_run_and_quick_on_cpu(tmp_path) -> None:
 
 
 def test_diffusion_erasure_quick(tmp_path) -> None:
-    rows = load_benchmark("diffusion_erasure").main(["--quick", "--out", str(tmp_path)])
-    assert set(rows) == {"original", "esd-x", "uce"}
-    for method in ("esd-x", "uce"):
-        assert 0.0 <= rows[method]["retained_acc"][0] <= 1.0 and rows[method]["time_ratio"][0] > 0
-        # the method itself ran: only its cross-attention parameters changed (ESD-x: attn2; UCE: attn2.to_k/to_v)
-        assert rows[method]["changed_tensors"][0] > 0 and rows[method]["changed_cross_attention_only"][0] == 1.0
-    assert (tmp_path / "results.json").is_file()
+    bench = load_benchmark("diffusion_erasure")
+    rows = bench.main(["--quick", "--out", str(tmp_path)])
+    assert list(rows) == ["original", *bench.METHODS]  # every method of issue 27, DoCo with and without surgery
+    assert {"esd-x", "esd-u", "esd-x-lora", "ca", "uce", "salun", "sfd", "doco", "doco-no-surgery"} <= set(rows)
+    for method in bench.METHODS:
+        row = rows[method]
+        assert 0.0 <= row["retained_acc"][0] <= 1.0 and row["time_ratio"][0] > 0
+        # the method itself ran: it changed parameters, and only those of its set (ESD-x: attn2; UCE, CA: attn2.to_k/to_v;
+        # ESD-u: outside attn2; DoCo "all": the UNet's Linear/Conv layers)
+        assert row["changed_tensors"][0] > 0 and row["changed_only_allowed"][0] == 1.0, method
+    assert 0 < rows["salun"]["changed_share"][0] <= 0.5  # SalUn: only its saliency mask (half the weights) moves
+    assert (tmp_path / "results.json").is_file() and "| doco-no-surgery |" in (tmp_path / "results.md").read_text()
