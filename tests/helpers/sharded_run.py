@@ -91,10 +91,11 @@ def _callbacks(names: list[str]) -> list[Callback]:
             # sharding rank 1 must run one more (a sharded forward is collective) or the run hangs.
             every_n_steps=3, samples_per_task=5, batch_size=2, save_csv=False, save_plot=False),
     }
+    make.update(_erasure_callbacks())
     return [make[name]() for name in names]
 
 
-def _tasks(batch: int, world: int, rank: int) -> list[tuple[DataLoader, list[DataLoader]]]:
+def _tasks(batch: int, world: int, rank: int, dm: Any = None) -> list[tuple[DataLoader, list[DataLoader]]]:
     """Per task: the train loader of this rank and the validation loaders. Under 2 processes each
     rank reads every second row in order (``DistributedSampler(shuffle=False)``; Lightning's own
     sampler would shuffle), so the two ranks' batches together are one process's batch of twice
@@ -104,7 +105,7 @@ def _tasks(batch: int, world: int, rank: int) -> list[tuple[DataLoader, list[Dat
     from lightning_forget.datamodules.loaders import ResumableDataLoader
     from tests.helpers.data import BlobStream
 
-    dm = BlobStream(num_tasks=NUM_TASKS)
+    dm = dm if dm is not None else BlobStream(num_tasks=NUM_TASKS)
     vals = [DataLoader(dm.val_dataset(t), batch_size=8) for t in range(NUM_TASKS)]
     out = []
     for t in range(NUM_TASKS):
@@ -159,7 +160,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     pl.seed_everything(0)
-    module = ShardedUserModule()
+    module = _module_for(names)
     callbacks = _callbacks(names)
     devices = 1 if strategy_name == "single" else 2
     out: dict[str, Any] = {}
@@ -180,7 +181,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             extra.append(_CrashAt(crash_at))
         trainer = _trainer(root / f"{strategy_name}{task}", strategy, devices, [*callbacks, *extra],
                            use_distributed_sampler=False, **kwargs)
-        train, vals = _tasks(BATCH * (2 if devices == 1 else 1), devices, trainer.global_rank)[task]
+        train, vals = _tasks(BATCH * (2 if devices == 1 else 1), devices, trainer.global_rank, _data_for(names))[task]
         try:
             trainer.fit(module, train, vals, ckpt_path=resume if task == 1 else None)
         except _Crash:
@@ -195,6 +196,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             if cb.output_paths:
                 out["lines_files"] = {kind: {n: v.double().flatten().tolist() for n, v in torch.load(cb.output_paths[kind], weights_only=True).items()}
                                       for kind in ("scaled", "unscaled")}
+    _erasure_report(out, callbacks, module)
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
@@ -237,7 +239,7 @@ def main(root: Path, names: list[str]) -> None:
     results["ddp"] = run(root / "c", "ddp", names)
     # One process at the same global batch: replay draws per rank (as under DDP), so the replay
     # callbacks are left out of this comparison, and the sharded run is repeated without them.
-    alone = [name for name in names if name not in REPLAY]
+    alone = [name for name in names if name not in REPLAY and name not in ERASURE_GROUP]
     rank = torch.distributed.get_rank()
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
@@ -248,12 +250,12 @@ def main(root: Path, names: list[str]) -> None:
         from lightning_forget.export import load_sharded_checkpoint
 
         final = sorted((root / "a" / "ckpt").glob("*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))[-1]
-        plain = ShardedUserModule()
+        plain = _module_for(names)
         checkpoint = load_sharded_checkpoint(final, plain)
         from lightning_forget.export import export_plain_checkpoint
 
-        written = export_plain_checkpoint(ShardedUserModule(), root / "plain.ckpt", checkpoint_path=final)
-        again = ShardedUserModule()
+        written = export_plain_checkpoint(_module_for(names), root / "plain.ckpt", checkpoint_path=final)
+        again = _module_for(names)
         again.load_state_dict(torch.load(written, weights_only=True)["state_dict"])
         results["export"] = {
             "params": _params(plain),
@@ -264,6 +266,62 @@ def main(root: Path, names: list[str]) -> None:
         }
         (root / "result.json").write_text(json.dumps(results))
     torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------- concept erasure (ESD, UCE)
+#: ESD and UCE on a user's diffusion module that shards its UNet blocks; both draw per rank through the module's
+#: own denoising loss (and ESD's samples), as under DDP, so they are compared with DDP, not with one process.
+ERASURE_GROUP = ["ESD", "UCE"]
+
+
+def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
+    from lightning_forget.callbacks import ESD, UCE
+
+    return {"ESD": lambda: ESD(erase=[[0], [2]], ddim_steps=2, seed=1),
+            "UCE": lambda: UCE(erase=[[1], [3]], when="task_end")}
+
+
+def _erasure_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
+    """ESD's teacher: the entries this rank holds against the module's (local shards under FSDP2, a full copy under DDP)."""
+    for cb in callbacks:
+        if type(cb).__name__ == "ESD" and cb.teacher is not None:
+            out["esd_teacher_numel"] = [sum(v.numel() for v in cb.teacher.weights.values()),
+                                        sum(p.numel() for p in module.parameters())]
+            out["esd_table_numel"] = int(module.concept_embeddings.numel())
+
+
+def _module_for(names: list[str]) -> pl.LightningModule:
+    return ShardedDiffusion() if names == ERASURE_GROUP else ShardedUserModule()
+
+
+def _data_for(names: list[str]) -> Any:
+    if names != ERASURE_GROUP:
+        return None
+    from tests.helpers.diffusion import DigitImageStream
+
+    return DigitImageStream(num_tasks=NUM_TASKS, samples_per_class=24)  # 48 rows a task: 6 steps of 2 × 4
+
+
+def ShardedDiffusion() -> pl.LightningModule:  # noqa: N802 - a factory named as the class it builds
+    """A user's diffusion module under FSDP2: the library's DiffusionModule with ``configure_model`` sharding each
+    UNet block and then the UNet, and the concept table frozen (a pretrained text embedding's role)."""
+    from tests.helpers.diffusion import TINY_UNET
+    from lightning_forget.modules import DiffusionModule
+
+    class _ShardedDiffusion(DiffusionModule):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            if self.device_mesh is None or isinstance(self.unet, FSDPModule):
+                return
+            mesh = self.device_mesh["data_parallel"]
+            for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.unet, mesh=mesh, reshard_after_forward=True)
+
+    module = _ShardedDiffusion(**{**TINY_UNET, "num_classes": 2 * NUM_TASKS})
+    module.concept_embeddings.requires_grad_(False)
+    return module
 
 
 if __name__ == "__main__":
