@@ -269,16 +269,20 @@ def main(root: Path, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- concept erasure (ESD, UCE)
-#: ESD and UCE on a user's diffusion module that shards its UNet blocks; both draw per rank through the module's
-#: own denoising loss (and ESD's samples), as under DDP, so they are compared with DDP, not with one process.
-ERASURE_GROUP = ["ESD", "UCE"]
+#: ESD, UCE and ErasureEvaluation on a user's diffusion module that shards its UNet blocks; the module's own
+#: denoising loss (and ESD's samples) draw per rank, as under DDP, so the runs are compared with DDP, not with one
+#: process.
+ERASURE_GROUP = ["ESD", "UCE", "ErasureEvaluation"]
 
 
 def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
-    from lightning_forget.callbacks import ESD, UCE
+    from lightning_forget.callbacks import ESD, UCE, ErasureEvaluation
 
     return {"ESD": lambda: ESD(erase=[[0], [2]], ddim_steps=2, seed=1),
-            "UCE": lambda: UCE(erase=[[1], [3]], when="task_end")}
+            "UCE": lambda: UCE(erase=[[1], [3]], when="task_end"),
+            # 4 classes × 3 samples: 6 a rank (the padding of uneven shares is checked in tests/test_erasure.py)
+            "ErasureEvaluation": lambda: ErasureEvaluation(erase=[[0], [2]], samples_per_class=3, judge_epochs=1,
+                                                           num_steps=2, grid_per_class=1)}
 
 
 def _erasure_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
