@@ -417,6 +417,21 @@ def broadcast_buffers(modules: Iterable[nn.Module], *, src: int = 0) -> None:
 #: Why a method does not run under ``ModelParallelStrategy`` yet (by class name, through the MRO),
 #: quoted by :func:`lightning_forget.tasks.check_strategy` in its refusal.
 _REFUSALS: dict[str, str] = {
+    # concept erasure (callbacks/erasure.py and the methods built on ErasureMethod)
+    "ConceptAblation": "Not yet checked against DDP under FSDP2: its anchor images come from the sharded teacher "
+    "(as ESD's samples do), but each step runs the model being trained twice more on them and every rank must "
+    "run as many sharded forwards; ESD and UCE are the erasure methods that run sharded.",
+    "ErasureMethod": "Its sharded teacher (local shards swapped into the module) is checked against DDP for ESD "
+    "only; a method built on it runs sharded once its step is (ESD and UCE do).",
+    "DoCo": "Its discriminator is a replicated module outside the sharded model, trained by the callback's own "
+    "optimizer (nothing all-reduces its gradients under ModelParallelStrategy), its gradient surgery reads "
+    "whole parameter gradients, and its teacher runs the module with whole weight tensors swapped in.",
+    "SalUnDiffusion": "Its saliency mask is computed from a gradient taken at task start outside the training "
+    "step (which does not reach FSDP2's sharded parameters) and held as whole tensors, and its teacher runs the "
+    "module with whole weight tensors swapped in.",
+    "SFD": "Its fake-score network is a second set of whole UNet weights run through the module "
+    "(torch.func.functional_call) and trained by the callback's own optimizer with torch.autograd.grad outside "
+    "the training step, neither of which works on FSDP2's sharded parameters.",
 }
 
 

@@ -51,6 +51,8 @@ class Row:
         }
     )
     data_yaml: dict[str, Any] = field(default_factory=lambda: {"class_path": "tests.helpers.data.BlobStream"})
+    #: The mid-epoch resume's checkpoint step: inside task 1's first epoch (see MID_EPOCH_STEP).
+    mid_step: int = 15
 
     def build(self) -> Any:
         return self.cls(**self.kwargs)
@@ -333,34 +335,36 @@ ROWS = [
     ),
     # Concept erasure on a tiny diffusion model over a 3-task digits image stream: one digit erased per task.
     *[
+        # 2 batches per task-epoch (12 steps a stream): the mid-epoch checkpoint after step 5 is one batch into
+        # task 1's first epoch.
         Row(row_id, cls, kwargs, bad, make_data=DigitImageStream, make_model=partial(tiny_diffusion, unet=unet),
             model_yaml={"class_path": "lightning_forget.modules.DiffusionModule",
                         "init_args": {**TINY_UNET, "unet": unet}},
-            data_yaml={"class_path": "tests.helpers.diffusion.DigitImageStream"})
+            data_yaml={"class_path": "tests.helpers.diffusion.DigitImageStream"}, mid_step=5)
         for row_id, cls, unet, kwargs, bad in [
-            ("ESD", ESD, "conditional", {"erase": [[0], [2], [4]], "ddim_steps": 3, "seed": 1},
+            ("ESD", ESD, "conditional", {"erase": [[0], [2], [4]], "ddim_steps": 2, "seed": 1},
              [({"erase": [0], "negative_guidance": -1.0}, ValueError, "negative_guidance"),
               ({"erase": [0], "parameters": "xattn"}, ValueError, "parameters"), ({"erase": []}, ValueError, "erase")]),
             ("ESD-u-lora-class", ESD, "class", {"erase": [[0], [2], [4]], "parameters": "u", "lora_rank": 2, "ddim_steps": 2},
              [({"erase": [0], "lora_rank": 0}, ValueError, "lora_rank"), ({"erase": [0], "lora_alpha": 2.0}, ValueError, "lora_alpha")]),
             ("ConceptAblation", ConceptAblation, "conditional",
-             {"erase": [[0], [2], [4]], "anchor": 1, "num_anchor_samples": 4, "sample_steps": 2, "prior_preservation": True},
+             {"erase": [[0], [2], [4]], "anchor": 1, "num_anchor_samples": 4, "sample_steps": 1, "prior_preservation": True},
              [({"erase": [0], "anchor": 1.5}, TypeError, "anchor"), ({"erase": [0], "batch_size": 0}, ValueError, "batch_size")]),
             ("UCE", UCE, "conditional", {"erase": [[0], [2], [4]], "when": "task_end"},
              [({"erase": [0], "lamb": 0.0}, ValueError, "lamb"), ({"erase": [0], "when": "fit_end"}, ValueError, "when"),
               ({"erase": [0], "lora_rank": 2}, ValueError, "lora_rank")]),
             ("DoCo", DoCo, "conditional",
              {"erase": [[0], [2], [4]], "discriminator_warmup": 1, "discriminator_width": 8, "num_anchor_samples": 4,
-              "sample_steps": 2, "batch_size": 4},
+              "sample_steps": 1, "batch_size": 4},
              [({"erase": [0], "gradient_surgery": "pcgrad"}, ValueError, "gradient_surgery"),
               ({"erase": [0], "discriminator_lr": 0.0}, ValueError, "discriminator_lr")]),
             ("SalUnDiffusion-class", SalUnDiffusion, "class",
-             {"erase": [[0], [2], [4]], "num_forget_samples": 4, "sample_steps": 2, "batch_size": 4, "mask_batch_size": 4},
+             {"erase": [[0], [2], [4]], "num_forget_samples": 4, "sample_steps": 1, "batch_size": 4, "mask_batch_size": 4},
              [({"erase": [0], "mask_fraction": 0.0}, ValueError, "mask_fraction"), ({"erase": [0], "pseudo": 1.5}, TypeError, "pseudo")]),
             ("SFD-lora", SFD, "conditional", {"erase": [[0], [2], [4]], "batch_size": 4, "parameters": "attn", "lora_rank": 2},
              [({"erase": [0], "t_init": 1.0}, ValueError, "t_init"), ({"erase": [0], "override": 2.5}, TypeError, "override")]),
             ("ErasureEvaluation", ErasureEvaluation, "conditional",
-             {"erase": [[0], [2], [4]], "samples_per_class": 2, "judge_epochs": 1, "num_steps": 2, "grid_per_class": 2},
+             {"erase": [[0], [2], [4]], "samples_per_class": 2, "judge_epochs": 1, "num_steps": 1, "grid_per_class": 1},
              [({"erase": [0], "samples_per_class": 1}, ValueError, "samples_per_class"),
               ({"erase": [0], "data": "cifar"}, ValueError, "data"), ({"erase": [0], "classifier": 3}, TypeError, "classifier")]),
         ]
@@ -370,16 +374,6 @@ ROWS = [
 
 def _ids(rows: list[Row]) -> list[str]:
     return [row.id for row in rows]
-
-
-#: Rows whose fits take tens of seconds on 2 CPU cores (diffusers UNets): their fits run in the slow suite,
-#: except those named for the default suite (the ESD row's 2-process DDP run).
-_SLOW_FITS = {"ESD", "ESD-u-lora-class", "ConceptAblation", "UCE", "ErasureEvaluation"}
-
-
-def _heavy(rows: list[Row], default: tuple[str, ...] = ()) -> list[Any]:
-    return [pytest.param(row, marks=pytest.mark.slow) if row.id in _SLOW_FITS and row.id not in default else row
-            for row in rows]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
@@ -397,7 +391,7 @@ def test_pickles_and_copies(row: Row) -> None:
         assert same_state(other.state_dict(), callback.state_dict())
 
 
-@pytest.mark.parametrize("row", _heavy(ROWS), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
 def test_pickles_and_copies_after_a_fit(row: Row, tmp_path_factory: Any) -> None:
     # The uninterrupted run of the resume test (three tasks): buffers filled, schedules advanced,
     # every task ended.
@@ -419,7 +413,7 @@ def _two_tasks(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-@pytest.mark.parametrize("row", _heavy(ROWS), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
 def test_cli_builds_it_and_runs_through_a_task_boundary(row: Row, tmp_path: Any) -> None:
     # Two tasks of one epoch, two batches each: the first task ends inside the fit.
     data_yaml = copy.deepcopy(row.data_yaml)
@@ -460,7 +454,8 @@ def test_cli_builds_it_and_runs_through_a_task_boundary(row: Row, tmp_path: Any)
 
 
 #: Step 15 of the 3-task × 2-epoch BlobStream (6 batches per epoch): 3 batches into epoch 2,
-#: the first epoch of task 1 (replay buffers hold task 0).
+#: the first epoch of task 1 (replay buffers hold task 0). A row's ``mid_step`` (default this) says
+#: where its stream's mid-epoch checkpoint is.
 MID_EPOCH_STEP = 15
 _FULL_RUNS: dict[str, tuple[torch.Tensor, Any, list[Any], Any]] = {}
 
@@ -478,13 +473,13 @@ def _full_run(row: Row, tmp_path_factory: Any) -> tuple[torch.Tensor, Any, list[
 
 
 @pytest.mark.parametrize("resume", ["epoch_end", "mid_epoch"])
-@pytest.mark.parametrize("row", _heavy(ROWS), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
 def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: Any, tmp_path_factory: Any) -> None:
     full_params, full_state, full_batches, _ = _full_run(row, tmp_path_factory)
     recorder = BatchRecorder()
     # epochs_per_task=2: the checkpoint after epoch 2 (epoch_end) or after step 15 (mid_epoch)
     # is in the middle of task 1.
-    where = {"resume_after_epoch": 2} if resume == "epoch_end" else {"resume_after_step": MID_EPOCH_STEP}
+    where = {"resume_after_epoch": 2} if resume == "epoch_end" else {"resume_after_step": row.mid_step}
     resumed_model, resumed_cb = run_stream(
         tmp_path, row.build, make_data=row.make_data, make_model=row.make_model,
         extra_callbacks=lambda: [recorder], **where,
@@ -497,7 +492,7 @@ def test_resume_mid_task_equals_uninterrupted(row: Row, resume: str, tmp_path: A
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("row", _heavy(ROWS, default=("ESD",)), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", ROWS, ids=_ids(ROWS))
 def test_ddp_ranks_stay_identical(row: Row, tmp_path: Any) -> None:
     # The global RNGs differ by rank before the callback's setup (a datamodule's prepare_data/setup
     # drawing per rank): state copied from the model before DDP's broadcast would differ by rank.

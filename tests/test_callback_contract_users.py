@@ -40,7 +40,7 @@ from lightning_forget.tasks import ContinualCallback
 from tests.helpers.data import BlobStream
 from tests.helpers.harness import same_state
 from tests.helpers.models import TinyConvNet
-from tests.test_callback_contract import ROWS, Row, _FORGET_DATA, _heavy, _ids
+from tests.test_callback_contract import ROWS, Row, _FORGET_DATA, _ids
 from tests.helpers.diffusion import TINY_UNET, DigitImageStream
 from lightning_forget.modules import DiffusionModule
 
@@ -269,6 +269,12 @@ USER_WAYS.update({
 })
 
 
+#: User-mode erasure rows kept in the slow suite (their contract, resume and DDP rows run by default in
+#: tests/test_callback_contract.py; the default suite's time budget does not take both).
+_SLOW_USER_ROWS = {"ESD-u-lora-class", "ConceptAblation", "UCE", "ErasureEvaluation"}
+USER_ROWS = [pytest.param(row, marks=pytest.mark.slow) if row.id in _SLOW_USER_ROWS else row for row in ROWS]
+
+
 def user_way(row: Row) -> UserWay:
     return USER_WAYS.get(row.id, UserWay(_MLP))
 
@@ -340,7 +346,7 @@ CHECKPOINT_GAPS: dict[str, str] = {}
 @pytest.mark.parametrize(
     "row",
     [pytest.param(r, marks=pytest.mark.xfail(reason=CHECKPOINT_GAPS[r.id], strict=True)) if r.id in CHECKPOINT_GAPS else r
-     for r in _heavy(ROWS, default=("ESD",))],
+     for r in USER_ROWS],
     ids=_ids(ROWS),
 )
 def test_user_fit_checkpoint_holds_the_state_after_the_fit(row: Row, tmp_path_factory: Any) -> None:
@@ -357,7 +363,7 @@ def test_user_fit_checkpoint_holds_the_state_after_the_fit(row: Row, tmp_path_fa
         assert same_state(state, fit["state"]), f"fit {number}: the checkpoint's callback state is not the fit's"
 
 
-@pytest.mark.parametrize("row", _heavy(ROWS, default=("ESD",)), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", USER_ROWS, ids=_ids(ROWS))
 def test_user_second_run_in_the_same_folder_changes_no_file_of_the_first(row: Row, tmp_path_factory: Any) -> None:
     run = user_run(row, tmp_path_factory)
     now = file_hashes(run.root)
@@ -365,7 +371,7 @@ def test_user_second_run_in_the_same_folder_changes_no_file_of_the_first(row: Ro
     assert not changed, f"the second run replaced or removed {changed}"
 
 
-@pytest.mark.parametrize("row", _heavy(ROWS, default=("ESD",)), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", USER_ROWS, ids=_ids(ROWS))
 def test_user_validate_and_test_from_the_checkpoint(row: Row, tmp_path_factory: Any, tmp_path: Path) -> None:
     run = user_run(row, tmp_path_factory)
     way = user_way(row)
@@ -431,7 +437,7 @@ def restore_into(callback: ContinualCallback, checkpoint: dict[str, Any], root: 
     call._call_callbacks_load_state_dict(trainer, checkpoint)
 
 
-@pytest.mark.parametrize("row", _heavy(ROWS, default=("ESD",)), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", USER_ROWS, ids=_ids(ROWS))
 def test_user_resume_with_each_argument_changed_continues_or_refuses_naming_it(
     row: Row, tmp_path_factory: Any, tmp_path: Path
 ) -> None:

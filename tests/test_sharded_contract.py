@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.sharded_run import FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
+from tests.helpers.sharded_run import ERASURE_GROUP, FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
 
 GROUPS = {
     "replay": FIRST_GROUP,
@@ -39,6 +39,8 @@ GROUPS = {
     # two launches of one module each, as the two methods take different batches.
     "lora_ilora": ["ILoRA"],
     "lora_gslora": ["GSLoRA"],
+    # ESD and UCE on a user's diffusion module sharding its UNet blocks (its concept table frozen, not sharded)
+    "erasure": ERASURE_GROUP,
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -83,10 +85,13 @@ def _close(a: Any, b: Any) -> bool:
 def test_sharded_run_equals_ddp_and_one_process(launches, group, name) -> None:
     result = launches[group]
     sharded = result["sharded"]
-    assert sharded["param_types"] == ["DTensor"], "the module's parameters were not sharded"
+    unsharded = ["Parameter"] if group == "erasure" else []  # the diffusion module's frozen concept table
+    assert sharded["param_types"] == ["DTensor", *unsharded], "the module's parameters were not sharded"
     assert torch.allclose(_params(sharded), _params(result["ddp"]), atol=TOL, rtol=TOL)
     assert _close(sharded["states"][name], result["ddp"]["states"][name])
-    if name not in PER_RANK:
+    # Per-rank draws (replay, k-FPF's gathered buffer, BatchNorm statistics, the diffusion module's own
+    # loss), as under DDP: no one-process comparison.
+    if name not in PER_RANK and group != "erasure":
         alone = result["sharded_alone"]
         assert torch.allclose(_params(alone), _params(result["single"]), atol=TOL, rtol=TOL)
         assert _close(alone["states"][name], result["single"]["states"][name])
@@ -191,3 +196,12 @@ def test_sharded_ilora_config_runs_on_two_processes(launches) -> None:
     run = launches["lora_ilora"]["config_run"]
     assert run["world_size"] == 2 and run["sharded"] and run["finite"]
     assert run["global_step"] == 4 and run["ended"] and all(e == 1 for e in run["ended"])  # both tasks ended
+
+
+def test_esd_keeps_its_teacher_as_local_shards(launches) -> None:
+    result = launches["erasure"]
+    local, total = result["sharded"]["esd_teacher_numel"]
+    table = result["sharded"]["esd_table_numel"]  # the frozen concept table is not sharded: each rank holds it
+    assert local - table <= (total - table) // 2 + 64 and result["ddp"]["esd_teacher_numel"] == [total, total]
+    # the teacher differs from the final weights (ESD trained after taking it) and equals DDP's, gathered
+    assert not _close(result["sharded"]["states"]["ESD"]["method"]["teacher"], result["sharded"]["params"])

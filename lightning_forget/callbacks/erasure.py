@@ -26,9 +26,10 @@ from torch import Tensor
 
 from lightning_forget.distributed import rank_generator
 from lightning_forget.losses import output_loss, remove_training_step_hooks, training_step_hooks
-from lightning_forget.modules.diffusion import Concept, ddim_sample
+from lightning_forget.modules.diffusion import Concept, ddim_sample, guided_eps
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback, atomic_edit
+from lightning_forget.sharding import is_sharded
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback, atomic_edit, strategy_name
 from lightning_forget.unlearning.erasure import cross_attention_projections, esd_target, parameter_set, uce_edit_projections
 from lightning_forget.unlearning.reference import ReferenceModel, has_lora_adapters
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str, message
@@ -106,7 +107,9 @@ class ErasureMethod(ContinualCallback):
 
     Note:
         Saved state: ``teacher`` (CPU weights of the teacher copy, or ``None``), ``version``.
-        Supported strategies: single device and DDP.
+        Supported strategies: single device and DDP; :class:`ESD` and :class:`UCE` also
+        ``ModelParallelStrategy`` (FSDP2; the teacher as each rank's local shards, :class:`~lightning_forget.unlearning.ReferenceModel`'s sharded mode;
+        LoRA refused there).
     """
 
     supported_strategies = DDP_STRATEGIES
@@ -230,20 +233,44 @@ class ErasureMethod(ContinualCallback):
         in ``[0, num_steps)`` (drawn from ``generator``, then ``x_T``)."""
         stop = int(torch.randint(0, num_steps, (1,), generator=generator))
         noise = torch.randn((labels.shape[0], *self._image_shape(pl_module)), generator=generator).to(pl_module.device)
-        return self.teacher_call(pl_module, lambda model: ddim_sample(
-            model.eps, model.noise_scheduler, labels, noise, int(model.null_label), num_steps, guidance_scale,
-            stop_after=stop))
+        idle = self._idle_forwards(pl_module, stop)
+
+        def run(model: Any) -> tuple[Tensor, Tensor]:
+            x_t, t = ddim_sample(model.eps, model.noise_scheduler, labels, noise, int(model.null_label), num_steps,
+                                 guidance_scale, stop_after=stop)
+            for _ in range(idle):  # discarded: a sharded forward is collective, so every rank runs as many
+                guided_eps(model.eps, x_t, t.clamp(min=0), labels, int(model.null_label), guidance_scale)
+            return x_t, t
+
+        return self.teacher_call(pl_module, run)
+
+    @staticmethod
+    def _idle_forwards(pl_module: "pl.LightningModule", steps: int) -> int:
+        """How many more sampling steps than ``steps`` the rank that draws the most runs (0 unless sharded: each rank
+        draws its own stop, as under DDP, but FSDP2's forwards gather the shards collectively)."""
+        if not is_sharded(pl_module) or not torch.distributed.is_initialized():
+            return 0
+        most = torch.tensor([steps], dtype=torch.long)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return int(most.item()) - steps
 
     @staticmethod
     def _image_shape(pl_module: "pl.LightningModule") -> tuple[int, int, int]:
         config = pl_module.unet.config
         return int(config.in_channels), int(config.sample_size), int(config.sample_size)
 
-    def _get_teacher(self, pl_module: "pl.LightningModule") -> ReferenceModel:
+    def _get_teacher(self, pl_module: "pl.LightningModule") -> Any:
         if self.teacher is None:
             self.teacher = ReferenceModel(pl_module, offload=self.teacher_offload, state=self._teacher_state)
-            self._teacher_state = self.teacher.state()
+            # Under FSDP2 the teacher is this rank's local shards (the checkpoint's full tensors cut to them): the
+            # shards are the state, gathered for a checkpoint only; otherwise its weights are kept beside.
+            self._teacher_state = None if self.teacher.sharded else self.teacher.state()
         return self.teacher
+
+    def _new_teacher(self, pl_module: "pl.LightningModule") -> None:
+        """Take the teacher from the module as it is now (a task's start)."""
+        self.teacher, self._teacher_state = None, None
+        self._get_teacher(pl_module)
 
     # ------------------------------------------------------------------ setup: protocol, parameters, LoRA
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -257,9 +284,16 @@ class ErasureMethod(ContinualCallback):
         for concept in self.erase + (self.keep or []):  # type: ignore[operator]
             for c in concept if isinstance(concept, list) else [concept]:
                 self._index(pl_module, c, "erase" if self.keep is None or c not in self.keep else "keep")
+        if self.lora_rank is not None and strategy_name(trainer.strategy) in SHARDED_STRATEGIES:
+            raise RuntimeError(
+                f"{type(self).__name__}(lora_rank={self.lora_rank}) under ModelParallelStrategy: the LoRA merge at each "
+                "task's end adds whole B·A deltas to the base weights, which are not yet split into shards. Fix: "
+                "lora_rank=None (full fine-tuning of the parameter set, teacher kept as local shards), or strategy='ddp'."
+            )
         if self.trains:
             self.select_parameters(pl_module)
-        self.teacher = None
+        if self.teacher is None or not self.teacher.sharded or self.teacher.module is not pl_module:
+            self.teacher = None  # rebuilt from the saved state (one fit per task keeps a sharded teacher's shards)
         if stage != "fit" or not self.trains:
             return
         hooks = training_step_hooks(pl_module)
@@ -303,8 +337,7 @@ class ErasureMethod(ContinualCallback):
     # ------------------------------------------------------------------ tasks
     def on_task_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", task: int) -> None:
         if self.needs_teacher:
-            self.teacher = ReferenceModel(pl_module, offload=self.teacher_offload)
-            self._teacher_state = self.teacher.state()
+            self._new_teacher(pl_module)
         rank_zero_info(f"{type(self).__name__} task {task}: erasing {self.erase_ids(pl_module, task)}, keeping "
                        f"{self.keep_ids(pl_module, task)}, training `{self.parameters}`"
                        + (f" through LoRA r={self.lora_rank}" if self.lora_rank else ""))
@@ -335,6 +368,8 @@ class ErasureMethod(ContinualCallback):
 
     # ------------------------------------------------------------------ state
     def method_state(self) -> dict[str, Any]:
+        if self.teacher is not None and self.teacher.sharded:  # full tensors gathered for the checkpoint only
+            return {"teacher": self.teacher.state()}
         return {"teacher": None if self._teacher_state is None else dict(self._teacher_state)}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
@@ -389,6 +424,8 @@ class ESD(ErasureMethod):
     method_name = "ESD"
     log_prefix = "esd"
     default_parameters = "x"
+    #: Under ModelParallelStrategy the teacher is kept as local shards (:class:`~lightning_forget.unlearning.ReferenceModel`); LoRA is refused.
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
 
     def __init__(self, erase: ConceptSpec, negative_guidance: float = 1.0, erase_from: Optional[Concept] = None,
                  ddim_steps: int = 50, start_guidance: float = 3.0, batch_size: int = 1, **kwargs: Any) -> None:
@@ -540,10 +577,12 @@ def erase_with_uce(
     guides = list(guide) if isinstance(guide, (list, tuple)) else [guide] * len(erase_ids)
     if len(guides) != len(erase_ids):
         raise ValueError(message("guide", f"one concept or one per erased concept ({len(erase_ids)})", guide))
-    with torch.no_grad():
-        c_e = torch.stack([pl_module.concept_token(c) for c in erase_ids])
-        c_g = torch.stack([pl_module.concept_token(g) for g in guides])
-        c_p = torch.stack([pl_module.concept_token(c) for c in preserve]) if preserve else None
+    from lightning_forget.sharding import full_tensor
+
+    with torch.no_grad():  # a sharded concept table: its rows gathered (a few vectors)
+        c_e = torch.stack([full_tensor(pl_module.concept_token(c)) for c in erase_ids])
+        c_g = torch.stack([full_tensor(pl_module.concept_token(g)) for g in guides])
+        c_p = torch.stack([full_tensor(pl_module.concept_token(c)) for c in preserve]) if preserve else None
     return uce_edit_projections(pl_module.unet, c_e, c_g, c_p, erase_scale, preserve_scale, lamb)
 
 
@@ -576,6 +615,8 @@ class UCE(ErasureMethod):
     default_parameters = "cross-attn"
     needs_teacher = False
     trains = False
+    #: Under ModelParallelStrategy each projection is gathered for its solve and written back shard-wise.
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
 
     def __init__(self, erase: ConceptSpec, guide: Union[None, Concept, list[Optional[Concept]]] = None,
                  erase_scale: float = 1.0, preserve_scale: float = 1.0, lamb: float = 0.5,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_forget import reporting
 from lightning_forget.callbacks.erasure import ConceptSpec, _concept_list
-from lightning_forget.tasks import DDP_STRATEGIES, ContinualCallback
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback
 from lightning_forget.unlearning.erasure_eval import erasure_scores, frechet_metric, judge_features, sample_grid, train_judge
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str, message
 
@@ -58,13 +58,19 @@ def evaluate_erasure(
     k = int(pl_module.num_classes)
     total = k * samples_per_class
     indices = list(range(rank, total, world_size))
-    labels = torch.tensor([i // samples_per_class for i in indices], dtype=torch.long)
-    noise = pl_module.initial_noise(len(indices), seed, indices=indices)
-    images = pl_module.sample(labels, num_steps=num_steps, guidance_scale=guidance_scale, noise=noise).detach()
-    judge = judge.to(images.device)
-    logits, _ = judge_features(judge, images.float())
-    probs = logits.softmax(-1)
-    metric = frechet_metric(judge, images[:1]).to(images.device)
+    # Every rank samples as many images as rank 0 (the most; a rank short of it repeats its last one, left out of
+    # the scores): the same forwards on every rank, which a sharded (FSDP2) model's collective forwards need.
+    n = len(range(0, total, world_size))
+    padded = indices + [indices[-1] if indices else 0] * (n - len(indices))
+    all_labels = torch.tensor([i // samples_per_class for i in padded], dtype=torch.long)
+    noise = pl_module.initial_noise(len(padded), seed, indices=padded)
+    all_images = pl_module.sample(all_labels, num_steps=num_steps, guidance_scale=guidance_scale, noise=noise).detach()
+    judge = judge.to(all_images.device)
+    logits, _ = judge_features(judge, all_images.float())
+    all_probs = logits.softmax(-1)
+    own = len(indices)
+    probs, images, labels = all_probs[:own], all_images[:own], all_labels[:own]
+    metric = frechet_metric(judge, all_images[:1]).to(all_images.device)
     kept_t = torch.tensor(list(kept), dtype=torch.long)
     fake_kept = images[torch.isin(labels, kept_t).to(images.device)]
     real_rows = torch.isin(real_labels, kept_t).nonzero().flatten()[rank::world_size]
@@ -77,10 +83,7 @@ def evaluate_erasure(
     except (RuntimeError, ValueError):  # fewer than two samples on a side
         fd = float("nan")
     if gather is not None and world_size > 1:
-        n = len(range(0, total, world_size))  # rows of rank 0 (the most); pad the others to it
-        pad = n - len(indices)
-        padded = [torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) if pad else t for t in (probs, images, labels.to(images.device))]
-        g_probs, g_images, g_labels = (gather(t) for t in padded)  # (world, n, ...)
+        g_probs, g_images, g_labels = (gather(t) for t in (all_probs, all_images, all_labels.to(all_images.device)))
         order = [(r, j) for j in range(n) for r in range(world_size) if r + j * world_size < total]
         probs = torch.stack([g_probs[r, j] for r, j in order])
         images = torch.stack([g_images[r, j] for r, j in order])
@@ -130,7 +133,8 @@ class ErasureEvaluation(ContinualCallback):
         Saved state: ``rows`` (every evaluation's scores), ``version``.
     """
 
-    supported_strategies = DDP_STRATEGIES
+    #: Under ModelParallelStrategy every rank samples as many images (:func:`evaluate_erasure`); the judge is replicated.
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
     task_end_edits_weights = False
     state_arguments: tuple[str, ...] = ()
 
@@ -189,8 +193,9 @@ class ErasureEvaluation(ContinualCallback):
         self._real = _real_data(self.data)
         if self.judge is None:
             self.judge = self._build_judge(trainer, max(int(pl_module.num_classes), int(self._real[1].max()) + 1))
+        directory = reporting.results_dir(trainer, self.log_dir)  # every rank: trainer.log_dir is a broadcast
         if trainer.is_global_zero:  # announce where the files go, before training
-            self._paths(trainer, "before")
+            self._paths(directory, "before")
 
     def _build_judge(self, trainer: "pl.Trainer", num_classes: int) -> nn.Module:
         if self.classifier is not None:
@@ -207,8 +212,8 @@ class ErasureEvaluation(ContinualCallback):
         rank_zero_info(f"ErasureEvaluation: judge trained on {self.data} (held-out accuracy {accuracy:.3f})")
         return judge
 
-    def _paths(self, trainer: "pl.Trainer", tag: str) -> dict[str, Any]:
-        directory = reporting.results_dir(trainer, self.log_dir)
+    def _paths(self, directory: str, tag: str) -> dict[str, Any]:
+        """The row's files (rank 0 only; ``directory`` from :func:`~lightning_forget.reporting.results_dir` on every rank)."""
         return reporting.output_paths(self, directory, {"json": "erasure.json", "png": f"erasure_samples_{tag}.png"})
 
     # ------------------------------------------------------------------ evaluation
@@ -232,8 +237,9 @@ class ErasureEvaluation(ContinualCallback):
             world_size=trainer.world_size, gather=trainer.strategy.all_gather)
         row = {"tag": tag, "task": task, "erased": erased, **scores}
         self.rows.append(row)
+        directory = reporting.results_dir(trainer, self.log_dir)  # every rank (a broadcast), not rank 0 alone
         if trainer.is_global_zero:
-            paths = self._paths(trainer, tag)
+            paths = self._paths(directory, tag)
             title = f"{tag}: erased {erased}, erased_rate {scores['erased_rate']:.2f}, retained_acc {scores['retained_acc']:.2f}"
             figure = sample_grid(images, labels, self.grid_per_class, int(pl_module.num_classes), title,
                                  getattr(pl_module, "concepts", None))

@@ -179,6 +179,11 @@ def uce_edit_projections(
 ) -> list[str]:
     """Apply :func:`uce_closed_form` in place to every cross-attention k/v projection (or ``layers``); returns their names.
 
+    Sharded projections (FSDP2 ``DTensor`` weights) are edited shard-wise: each weight is gathered
+    for its solve only (one projection at a time, :func:`~lightning_forget.sharding.full_tensor`),
+    and every rank writes its own slice of the result into its shard
+    (:func:`~lightning_forget.sharding.edit_local`); the concept embeddings must be whole tensors.
+
     Raises:
         ValueError: the UNet has no cross-attention k/v projections (UCE needs cross-attention).
     """
@@ -188,6 +193,9 @@ def uce_edit_projections(
     if not projections:
         raise ValueError(message("unet", "a UNet with cross-attention (attn2.to_k / to_v)", type(unet).__name__,
                                  "use DiffusionModule(unet='conditional'); a UNet2DModel has no cross-attention to edit"))
+    from lightning_forget.sharding import edit_local, full_tensor, shard_like
+
     for _, layer in projections:
-        layer.weight.copy_(uce_closed_form(layer.weight, erase, guide, preserve, erase_scale, preserve_scale, lamb))
+        edited = uce_closed_form(full_tensor(layer.weight), erase, guide, preserve, erase_scale, preserve_scale, lamb)
+        edit_local(layer.weight, lambda _local, new: new, shard_like(edited, layer.weight))
     return [n for n, _ in projections]

@@ -22,11 +22,11 @@ def tiny_diffusion(dm: Any = None, unet: str = "conditional", **kwargs: Any) -> 
 
 
 class DigitImageStream(ContinualDataModule):
-    """scikit-learn digits 0..(2·num_tasks − 1) as 8×8 images in [-1, 1], two classes per task (BlobStream's shape:
-    24 training images per class, batches of 8, so 6 batches per task-epoch)."""
+    """scikit-learn digits 0..(2·num_tasks − 1) as 8×8 images in [-1, 1], two classes per task (8 training images
+    per class, batches of 8, so 2 batches per task-epoch: a 3-task × 2-epoch stream is 12 steps)."""
 
     def __init__(self, num_tasks: int = 3, epochs_per_task: int = 1, batch_size: int = 8, seed: int = 0,
-                 samples_per_class: int = 24, task: int | None = None) -> None:
+                 samples_per_class: int = 8, task: int | None = None) -> None:
         super().__init__(num_tasks=num_tasks, epochs_per_task=epochs_per_task, batch_size=batch_size, seed=seed, task=task)
         self.num_classes = 2 * num_tasks
         self.input_shape = (1, 8, 8)

@@ -99,9 +99,11 @@ class ShardedNormModule(ShardedUserModule):
 
 
 def _module(names: list[str]) -> pl.LightningModule:
-    """The module a group runs: a tiny GPT-2 for ILoRA, with a BatchNorm for AdaB²N."""
+    """The module a group runs: a tiny GPT-2 for ILoRA, a diffusion module for erasure, with a BatchNorm for AdaB²N."""
     if "ILoRA" in names:
         return ShardedLMModule()
+    if names == ERASURE_GROUP:
+        return ShardedDiffusion()
     return ShardedNormModule() if "AdaB2N" in names else ShardedUserModule()
 
 
@@ -145,6 +147,7 @@ def _callbacks(names: list[str]) -> list[Callback]:
     }
     make.update(_gradient_callbacks())
     make.update(_unlearning_callbacks())
+    make.update(_erasure_callbacks())
     return [make[name]() for name in names]
 
 
@@ -279,7 +282,7 @@ def _unlearning_layout(callbacks: list[Callback], module: nn.Module) -> dict[str
     return out
 
 
-def _tasks(batch: int, world: int, rank: int) -> list[tuple[DataLoader, list[DataLoader]]]:
+def _tasks(batch: int, world: int, rank: int, dm: Any = None) -> list[tuple[DataLoader, list[DataLoader]]]:
     """Per task: the train loader of this rank and the validation loaders. Under 2 processes each
     rank reads every second row in order (``DistributedSampler(shuffle=False)``; Lightning's own
     sampler would shuffle), so the two ranks' batches together are one process's batch of twice
@@ -289,7 +292,7 @@ def _tasks(batch: int, world: int, rank: int) -> list[tuple[DataLoader, list[Dat
     from lightning_forget.datamodules.loaders import ResumableDataLoader
     from tests.helpers.data import BlobStream
 
-    dm = BlobStream(num_tasks=NUM_TASKS)
+    dm = dm if dm is not None else BlobStream(num_tasks=NUM_TASKS)
     vals = [DataLoader(dm.val_dataset(t), batch_size=8) for t in range(NUM_TASKS)]
     out = []
     for t in range(NUM_TASKS):
@@ -387,6 +390,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
                                            sum(p.numel() for p in module.parameters() if p.requires_grad)]
     out["unlearning_numel"] = _unlearning_layout(callbacks, module)
     out.update(_lora_extras(root, module, callbacks))
+    _erasure_report(out, callbacks, module)
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
@@ -531,9 +535,12 @@ def _same_outputs(module: pl.LightningModule, plain: pl.LightningModule) -> floa
     if isinstance(module, ShardedLMModule):
         ids = torch.randint(1, 16, (3, 6), generator=torch.Generator().manual_seed(7))
         outs = [m.model(input_ids=ids).logits for m in (module, plain)]
-    else:
+    elif hasattr(module, "net"):
         x = torch.randn(5, 8, generator=torch.Generator().manual_seed(7))
         outs = [m.net(x) for m in (module, plain)]
+    else:  # no method layer merged away (the diffusion module): the same parameters
+        a, b = dict(module.named_parameters()), dict(plain.named_parameters())
+        return max(float((a[n] - b[n]).abs().max()) for n in a)
     return float((outs[0] - outs[1]).abs().max())
 
 
@@ -580,7 +587,7 @@ def config_run(root: Path, config: str) -> dict[str, Any]:
 def _tasks_for(names: list[str]) -> Callable[[int, int, int], list[tuple[DataLoader, Any]]]:
     if "ILoRA" in names or "GSLoRA" in names:
         return functools.partial(_lora_tasks, "ILoRA" in names)
-    return _tasks
+    return functools.partial(_tasks, dm=_data_for(names))
 
 
 def main(root: Path, names: list[str]) -> None:
@@ -595,7 +602,7 @@ def main(root: Path, names: list[str]) -> None:
     results["ddp"] = run(root / "c", "ddp", names)
     # One process at the same global batch: replay draws per rank (as under DDP), so the replay
     # callbacks are left out of this comparison, and the sharded run is repeated without them.
-    alone = [name for name in names if name not in PER_RANK]
+    alone = [name for name in names if name not in PER_RANK and name not in ERASURE_GROUP]
     rank = torch.distributed.get_rank()
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
@@ -628,6 +635,62 @@ def main(root: Path, names: list[str]) -> None:
         }
         (root / "result.json").write_text(json.dumps(results))
     torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------- concept erasure (ESD, UCE)
+#: ESD, UCE and ErasureEvaluation on a user's diffusion module that shards its UNet blocks; the module's own
+#: denoising loss (and ESD's samples) draw per rank, as under DDP, so the runs are compared with DDP, not with one
+#: process.
+ERASURE_GROUP = ["ESD", "UCE", "ErasureEvaluation"]
+
+
+def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
+    from lightning_forget.callbacks import ESD, UCE, ErasureEvaluation
+
+    return {"ESD": lambda: ESD(erase=[[0], [2]], ddim_steps=2, seed=1),
+            "UCE": lambda: UCE(erase=[[1], [3]], when="task_end"),
+            # 4 classes × 3 samples: 6 a rank (the padding of uneven shares is checked in tests/test_erasure.py)
+            "ErasureEvaluation": lambda: ErasureEvaluation(erase=[[0], [2]], samples_per_class=3, judge_epochs=1,
+                                                           num_steps=2, grid_per_class=1)}
+
+
+def _erasure_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
+    """ESD's teacher: the entries this rank holds against the module's (local shards under FSDP2, a full copy under DDP)."""
+    for cb in callbacks:
+        if type(cb).__name__ == "ESD" and cb.teacher is not None:
+            out["esd_teacher_numel"] = [sum(v.numel() for v in cb.teacher.weights.values()),
+                                        sum(p.numel() for p in module.parameters())]
+            out["esd_table_numel"] = int(module.concept_embeddings.numel())
+
+
+def _data_for(names: list[str]) -> Any:
+    if names != ERASURE_GROUP:
+        return None
+    from tests.helpers.diffusion import DigitImageStream
+
+    return DigitImageStream(num_tasks=NUM_TASKS, samples_per_class=24)  # 48 rows a task: 6 steps of 2 × 4
+
+
+def ShardedDiffusion() -> pl.LightningModule:  # noqa: N802 - a factory named as the class it builds
+    """A user's diffusion module under FSDP2: the library's DiffusionModule with ``configure_model`` sharding each
+    UNet block and then the UNet, and the concept table frozen (a pretrained text embedding's role)."""
+    from tests.helpers.diffusion import TINY_UNET
+    from lightning_forget.modules import DiffusionModule
+
+    class _ShardedDiffusion(DiffusionModule):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            if self.device_mesh is None or isinstance(self.unet, FSDPModule):
+                return
+            mesh = self.device_mesh["data_parallel"]
+            for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.unet, mesh=mesh, reshard_after_forward=True)
+
+    module = _ShardedDiffusion(**{**TINY_UNET, "num_classes": 2 * NUM_TASKS})
+    module.concept_embeddings.requires_grad_(False)
+    return module
 
 
 if __name__ == "__main__":
