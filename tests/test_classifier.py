@@ -116,6 +116,23 @@ def test_data_that_contradict_the_arguments_fail_at_the_first_batch(tmp_path, ba
     # (labels >= 3 first appear in task 1's data: the fit stops there, with our message)
 
 
+def test_a_test_loader_after_validation_is_checked_too(tmp_path) -> None:
+    """`test` after a fit whose validation checked loader 0: the test loader's first batch is checked
+    afresh (a bad label gets our message, not torch's raw index error)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.helpers.harness import quiet_trainer
+    from lightning_forget.modules import ContinualClassifier
+
+    model = ContinualClassifier(num_classes=2, input_shape=(8,), hidden_sizes=[4], report=False)
+    good = DataLoader(TensorDataset(torch.randn(8, 8), torch.tensor([0, 1] * 4)), batch_size=4)
+    trainer = quiet_trainer(tmp_path, [], max_epochs=1)
+    trainer.fit(model, good, good)
+    bad = DataLoader(TensorDataset(torch.randn(8, 8), torch.tensor([0, 1, 5, 0, 1, 0, 1, 0])), batch_size=4)
+    with pytest.raises(ValueError, match="`num_classes` is 2, but the data has label 5"):
+        trainer.test(model, bad)
+
+
 def test_a_label_outside_num_classes_fails_at_the_first_training_batch(tmp_path) -> None:
     from lightning_forget.modules import ContinualClassifier
 

@@ -159,12 +159,10 @@ class ContinualClassifier(pl.LightningModule):
         # Each epoch (a new task's data, in a continual run) gets its first batch checked.
         self._checked_first_batch = False
 
-    def on_validation_epoch_start(self) -> None:
-        # The sanity check and every validation see their loaders' first batches checked too: a
-        # bad `input_shape`/`num_classes` must fail with our message before Lightning's first step.
+    def _reset_eval_checks(self) -> None:
+        # The sanity check, every validation and every test see their loaders' first batches checked
+        # too: a bad `input_shape`/`num_classes` must fail with our message, not a raw torch error.
         self._checked_eval_loaders = set()
-
-    on_test_epoch_start = on_validation_epoch_start
 
     def _check_first_batch(self, x: Tensor, y: Tensor, loader: Optional[int] = None) -> None:
         """A clear error, naming the argument, when the data contradict ``input_shape``/``num_classes``.
@@ -286,6 +284,7 @@ class ContinualClassifier(pl.LightningModule):
             self.log(f"{stage}/acc_avg", seen.mean(), prog_bar=stage == "val", add_dataloader_idx=False, sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
+        self._reset_eval_checks()
         if not self._sanity_checking():
             self.val_matrix.reset_row(current_task(self.trainer))
 
@@ -296,6 +295,7 @@ class ContinualClassifier(pl.LightningModule):
         self._log_row(self.val_matrix, "val")
 
     def on_test_epoch_start(self) -> None:
+        self._reset_eval_checks()
         self.test_matrix.reset_row(current_task(self.trainer))
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
