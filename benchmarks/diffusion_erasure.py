@@ -252,7 +252,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                              "later run can add seeds erasing the same cached model")
     parser.add_argument("--cache", default=None, help="folder of trained models (one per seed and size; reused)")
     parser.add_argument("--out", default=None, help="folder for results.json and results.md")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="FOLDER",
+                        help="no run: join the complete seeds of earlier runs' results.json (a run cut mid-seed keeps only the "
+                             "seeds every method finished) and write the table to --out")
     args = parser.parse_args(argv)
+    if args.combine:
+        rows = combine([Path(folder) / "results.json" for folder in args.combine])
+        print(_write(args, rows))
+        return rows
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -308,6 +315,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     table = _write(args, rows)
     print(table)
     return rows
+
+
+def combine(paths: list[Path]) -> dict[str, dict[str, list[float]]]:
+    """The rows of several runs' ``results.json`` joined seed by seed; of each run only the seeds that every method
+    finished (a run stopped mid-seed has longer lists for the methods it reached)."""
+    joined: dict[str, dict[str, list[float]]] = {}
+    for path in paths:
+        rows = json.loads(path.read_text())["rows"]
+        complete = min(len(row["erased_rate"]) for row in rows.values())
+        for name, row in rows.items():
+            for key, values in row.items():
+                joined.setdefault(name, {}).setdefault(key, []).extend(values[:complete])
+    return joined
 
 
 def _write(args: argparse.Namespace, rows: dict[str, dict[str, list[float]]]) -> str:
