@@ -301,6 +301,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--retain-eval", type=int, default=40, help="retain questions evaluated (0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=80, help="greedy generation length in bytes (ROUGE-L)")
     parser.add_argument("--no-generate", action="store_true", help="skip generation (no ROUGE-L in model utility)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="no Target/Retain rows (a run of further seeds beside one that has them)")
     parser.add_argument("--no-gradnorm", action="store_true",
                         help="skip the GradNorm attack (one backward per forget and holdout sample)")
     parser.add_argument("--out", default="runs/unlearning_lm")
@@ -372,7 +374,8 @@ def _run(args: argparse.Namespace, lrs: dict[str, float]) -> dict[str, Any]:
         dm = FictitiousQADataModule(**data, forget_percent=percent)
         if percent not in retain_stats:
             retain_stats[percent] = _evaluate(_load(lm_models.model_dir(models, "retain", percent)), dm, args)
-        for label, path in (("Target", target), ("Retain", lm_models.model_dir(models, "retain", percent))):
+        baselines = () if args.no_baselines else (("Target", target), ("Retain", lm_models.model_dir(models, "retain", percent)))
+        for label, path in baselines:
             metrics = _metrics(_evaluate(_load(path), dm, args, retain_stats[percent]))
             if not args.no_gradnorm:  # GradNorm's cost: the same evaluation without it
                 metrics["eval_seconds_without_gradnorm"] = _evaluate(_load(path), dm, args, retain_stats[percent],
