@@ -339,6 +339,11 @@ def user_run(row: Row, tmp_path_factory: Any) -> UserRun:
     return run
 
 
+#: Slow-fit rows whose user-mode run (one shared run) stays in the default suite: ESD, and the LM
+#: evaluation (its user's module has no forward: evaluated through `.model`).
+_DEFAULT_USER_ROWS = ("ESD", "LMUnlearningEvaluation")
+
+
 #: Rows whose fit still leaves the module different from its checkpoint (known gaps, to close in the
 #: callback); none today (ILoRA's checkpoints hold the slow learner in the weights, the fast one in its state).
 CHECKPOINT_GAPS: dict[str, str] = {}
@@ -347,7 +352,7 @@ CHECKPOINT_GAPS: dict[str, str] = {}
 @pytest.mark.parametrize(
     "row",
     [pytest.param(r, marks=pytest.mark.xfail(reason=CHECKPOINT_GAPS[r.id], strict=True)) if r.id in CHECKPOINT_GAPS else r
-     for r in _heavy(ROWS, default=("ESD",))],
+     for r in _heavy(ROWS, default=_DEFAULT_USER_ROWS)],
     ids=_ids(ROWS),
 )
 def test_user_fit_checkpoint_holds_the_state_after_the_fit(row: Row, tmp_path_factory: Any) -> None:
@@ -364,7 +369,7 @@ def test_user_fit_checkpoint_holds_the_state_after_the_fit(row: Row, tmp_path_fa
         assert same_state(state, fit["state"]), f"fit {number}: the checkpoint's callback state is not the fit's"
 
 
-@pytest.mark.parametrize("row", _heavy(ROWS, default=("ESD",)), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS, default=_DEFAULT_USER_ROWS), ids=_ids(ROWS))
 def test_user_second_run_in_the_same_folder_changes_no_file_of_the_first(row: Row, tmp_path_factory: Any) -> None:
     run = user_run(row, tmp_path_factory)
     now = file_hashes(run.root)
@@ -372,7 +377,7 @@ def test_user_second_run_in_the_same_folder_changes_no_file_of_the_first(row: Ro
     assert not changed, f"the second run replaced or removed {changed}"
 
 
-@pytest.mark.parametrize("row", _heavy(ROWS, default=("ESD",)), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS, default=_DEFAULT_USER_ROWS), ids=_ids(ROWS))
 def test_user_validate_and_test_from_the_checkpoint(row: Row, tmp_path_factory: Any, tmp_path: Path) -> None:
     run = user_run(row, tmp_path_factory)
     way = user_way(row)
@@ -438,7 +443,7 @@ def restore_into(callback: ContinualCallback, checkpoint: dict[str, Any], root: 
     call._call_callbacks_load_state_dict(trainer, checkpoint)
 
 
-@pytest.mark.parametrize("row", _heavy(ROWS, default=("ESD",)), ids=_ids(ROWS))
+@pytest.mark.parametrize("row", _heavy(ROWS, default=_DEFAULT_USER_ROWS), ids=_ids(ROWS))
 def test_user_resume_with_each_argument_changed_continues_or_refuses_naming_it(
     row: Row, tmp_path_factory: Any, tmp_path: Path
 ) -> None:
