@@ -70,9 +70,10 @@ METHODS: dict[str, Callable[[int], Any]] = {
 LR = {"GA": 1e-4, "GradDiff": 1e-4, "GradDiff-KL": 1e-4, "NPO": 1e-4, "SimNPO": 1e-4, "IdkPO": 1e-4, "RMU": 1e-4}
 #: LoRA of the comparison: rank 8 on the attention projections (c_attn, c_proj of each block).
 LORA = {"r": 8, "alpha": 16.0, "kind": "attention"}
-#: What lm_models builds when --models holds no models (the full run; --quick: TINY).
+#: What lm_models builds when --models holds no models (the full run; --quick: TINY): each model
+#: trains until an epoch's mean training loss is at most 0.1 (the 120 epochs are a cap).
 BUILD = {"num_people": 40, "questions_per_person": 5, "num_countries": 5, "batch_size": 16, "n_layer": 2,
-         "n_embd": 128, "n_head": 4, "epochs": 40, "lr": 3e-3}
+         "n_embd": 128, "n_head": 4, "epochs": 120, "fit_loss": 0.1, "lr": 3e-3}
 TINY = {"num_people": 8, "questions_per_person": 2, "num_countries": 1, "batch_size": 16, "n_layer": 1, "n_embd": 32,
         "n_head": 2, "epochs": 15, "lr": 1e-2}
 KEYS = ("forget_quality", "model_utility", "privacy_leakage", "mia_min_k", "mia_loss", "extraction_strength",
@@ -143,16 +144,23 @@ def _eval_splits(dm: FictitiousQADataModule, retain_eval: int) -> dict[str, Any]
     return splits
 
 
-def _evaluate(model: Any, dm: FictitiousQADataModule, args: argparse.Namespace, retain_stats: Any = None) -> dict[str, Any]:
+def _evaluate(model: Any, dm: FictitiousQADataModule, args: argparse.Namespace, retain_stats: Any = None,
+              gradnorm: Optional[bool] = None) -> dict[str, Any]:
+    """``evaluate_lm_unlearning``'s result, with its wall time in ``result["seconds"]``."""
+    start = time.perf_counter()
     result = evaluate_lm_unlearning(model, _eval_splits(dm, args.retain_eval), dm.tokenizer, retain_stats=retain_stats,
                                     batch_size=32, generate=not args.no_generate, max_new_tokens=args.max_new_tokens,
-                                    gradnorm=False, progress=False)
+                                    gradnorm=not args.no_gradnorm if gradnorm is None else gradnorm, progress=False)
+    result["seconds"] = time.perf_counter() - start
     return result
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, Any]:
     m = result["metrics"]
-    return {k: (None if m.get(k) is None else float(m[k])) for k in (*KEYS, "retain_probability", "world_facts_probability")}
+    out = {k: (None if m.get(k) is None else float(m[k]))
+           for k in (*KEYS, "mia_gradnorm", "holdout_probability", "retain_probability", "world_facts_probability")}
+    out["eval_seconds"] = result.get("seconds")
+    return out
 
 
 def _load(path: Path) -> Any:
@@ -225,7 +233,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["split"], r["method"]), []).append(r)
     for (split, method), runs in groups.items():
         row: dict[str, Any] = {"split": split, "method": method}
-        for key in (*KEYS, "retain_probability", "seconds", "peak_rss_mb", "state_mb", "trainable"):
+        for key in (*KEYS, "mia_gradnorm", "holdout_probability", "retain_probability", "seconds", "eval_seconds",
+                    "eval_seconds_without_gradnorm", "peak_rss_mb", "state_mb", "trainable"):
             row[key] = _mean(runs, key)
         for key in ("forget_quality", "model_utility"):
             values = [float(r[key]) for r in runs if r.get(key) is not None]
@@ -292,6 +301,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--retain-eval", type=int, default=40, help="retain questions evaluated (0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=80, help="greedy generation length in bytes (ROUGE-L)")
     parser.add_argument("--no-generate", action="store_true", help="skip generation (no ROUGE-L in model utility)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="no Target/Retain rows (a run of further seeds beside one that has them)")
+    parser.add_argument("--no-gradnorm", action="store_true",
+                        help="skip the GradNorm attack (one backward per forget and holdout sample)")
     parser.add_argument("--out", default="runs/unlearning_lm")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -361,8 +374,12 @@ def _run(args: argparse.Namespace, lrs: dict[str, float]) -> dict[str, Any]:
         dm = FictitiousQADataModule(**data, forget_percent=percent)
         if percent not in retain_stats:
             retain_stats[percent] = _evaluate(_load(lm_models.model_dir(models, "retain", percent)), dm, args)
-        for label, path in (("Target", target), ("Retain", lm_models.model_dir(models, "retain", percent))):
+        baselines = () if args.no_baselines else (("Target", target), ("Retain", lm_models.model_dir(models, "retain", percent)))
+        for label, path in baselines:
             metrics = _metrics(_evaluate(_load(path), dm, args, retain_stats[percent]))
+            if not args.no_gradnorm:  # GradNorm's cost: the same evaluation without it
+                metrics["eval_seconds_without_gradnorm"] = _evaluate(_load(path), dm, args, retain_stats[percent],
+                                                                     gradnorm=False)["seconds"]
             rows.append({"method": label, "split": percent, "seed": 0, "seconds": 0.0, **metrics})
             print(f"  forget{percent:g} {label}: " + " ".join(f"{k}={metrics[k]:.3g}" for k in KEYS if metrics[k] is not None),
                   flush=True)

@@ -64,6 +64,8 @@ def test_unlearning_lm_eval_quick() -> None:
     assert set(summary["samples_per_second"]) == {"batched", "per_sample"}  # --quick: 1 process
     assert all(v > 0 for v in summary["samples_per_second"].values())
     assert summary["max_metric_difference"]["per_sample_vs_batched"] < 1e-4
+    assert len(summary["runs"]) == 1 and set(summary["ratios"]) == {"batched / per_sample"}
+    assert all(summary["cpu_ms_per_sample"][w]["median"] > 0 for w in ("batched", "per_sample"))
 
 
 def test_sharded_memory_quick() -> None:

@@ -23,7 +23,7 @@ import yaml
 from lightning_forget.callbacks import ContinualEvaluation, ContinualMetrics, DarkExperienceReplay, ExperienceReplay, LiNeS, LRRewarming
 from lightning_forget.callbacks import FPF, KFPF, AdaB2N, ForgetRetainEvaluation, GSLoRA, ILoRA, InfiniteLRSchedule, RefreshLearning
 from lightning_forget.callbacks import SCRUB, FineTune, GradDiff, GradientAscent, L1Sparse, RandomLabels, SalUn, UnlearningEvaluation
-from lightning_forget.callbacks import NPO, RMU, IdkPO, SimNPO
+from lightning_forget.callbacks import NPO, RMU, IdkPO, LMUnlearningEvaluation, SimNPO
 from lightning_forget.callbacks import ESD, SFD, UCE, ConceptAblation, DoCo, SalUnDiffusion
 from lightning_forget.callbacks.erasure_eval import ErasureEvaluation
 from lightning_forget.cli import main
@@ -320,6 +320,21 @@ ROWS = [
              [({"layer": "("}, ValueError, "layer"), ({"steering_coeff": 0.0}, ValueError, "steering_coeff")]),
         ]
     ],
+    # The TOFU metrics of a causal LM while it unlearns (the current task's person as the forget
+    # set; no generation, no GradNorm, no reference attack, to keep the row's evaluations cheap),
+    # fine-tuning on the retained people.
+    Row(
+        "LMUnlearningEvaluation",
+        LMUnlearningEvaluation,
+        {"report": False, "generate": False, "gradnorm": False, "reference": False, "progress": False, "batch_size": 8},
+        [({"every_n_epochs": 0}, ValueError, "every_n_epochs"), ({"splits": ["retain"]}, ValueError, "splits"),
+         ({"save_best": True}, ValueError, "save_best"), ({"k": 2.0}, ValueError, "k"),
+         ({"score_weights": {"forget_quality": 1.0}}, ValueError, "score_weights")],
+        make_data=partial(QAForgetStream, retain_only=True),
+        make_model=qa_lm,
+        model_yaml={"class_path": "lightning_forget.modules.CausalLMModule", "init_args": dict(TINY_QA_LM)},
+        data_yaml={"class_path": "tests.helpers.qa_stream.QAForgetStream", "init_args": {"retain_only": True}},
+    ),
     Row(
         "UnlearningEvaluation",
         UnlearningEvaluation,

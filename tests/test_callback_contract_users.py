@@ -178,10 +178,14 @@ def instruction_tasks() -> list[TaskData]:
             for t in range(NUM_TASKS)]
 
 
-def qa_tasks() -> list[TaskData]:
-    """The LM unlearning rows: per task a plain DataLoader of two-stream QA rows (person t forgotten)."""
+def qa_tasks(datamodule: bool = False) -> list[TaskData]:
+    """The LM unlearning rows: per task a plain DataLoader of two-stream QA rows (person t forgotten);
+    ``datamodule=True``: per task the stream fixed to that task (LMUnlearningEvaluation reads its splits)."""
     from lightning_forget.datamodules.fictitious_qa import collate_qa
     from tests.helpers.qa_stream import QAForgetStream
+
+    if datamodule:
+        return [TaskData(datamodule=QAForgetStream(num_tasks=NUM_TASKS, task=t, retain_only=True)) for t in range(NUM_TASKS)]
 
     dm = QAForgetStream(num_tasks=NUM_TASKS)
     vals = [DataLoader(dm.val_dataset(t), batch_size=2, collate_fn=collate_qa) for t in range(NUM_TASKS)]
@@ -232,6 +236,9 @@ USER_WAYS: dict[str, UserWay] = {
     # The LM methods on a user's module keeping a Hugging Face GPT-2 in `self.model` (no forward).
     **{row_id: UserWay(lambda row_id: UserQALM(), qa_tasks, kwargs={"forward_fn": "model"})
        for row_id in ("NPO", "SimNPO", "IdkPO", "RMU")},
+    # The LM evaluation reads its splits from a fixed-task datamodule; the user's module keeps the
+    # Hugging Face GPT-2 in `self.model` and has no forward.
+    "LMUnlearningEvaluation": UserWay(lambda row_id: UserQALM(), lambda: qa_tasks(datamodule=True)),
     "UnlearningEvaluation": UserWay(_FORGET_MLP, lambda: forget_tasks(retain_only=True),
                                     kwargs={"forward_fn": "net", "report": True}),
 }
@@ -336,6 +343,7 @@ def user_run(row: Row, tmp_path_factory: Any) -> UserRun:
     run = UserRun(module, callback, tasks, fits, first_files, root)
     _USER_RUNS[row.id] = run
     return run
+
 
 
 #: Rows whose fit still leaves the module different from its checkpoint (known gaps, to close in the

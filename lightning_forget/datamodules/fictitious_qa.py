@@ -129,19 +129,27 @@ def _vocabularies(rng: random.Random) -> dict[str, list[str]]:
 
 
 def fictitious_people(count: int, seed: int = 0) -> list[dict[str, str]]:
-    """``count`` fictitious people with distinct names and attributes drawn from the built-in vocabularies."""
+    """``count`` fictitious people with distinct names and attributes drawn from the built-in vocabularies.
+
+    Person ``i`` is the same whatever ``count`` is (``fictitious_people(n)`` is a prefix of
+    ``fictitious_people(m)`` for ``n ≤ m``): the names come from one seeded shuffle and each
+    person's attributes from its own seeded generator, so datamodules of different forget shares
+    (which generate different numbers of people) agree on every person they share.
+    """
     rng = random.Random(f"people-{seed}")
     vocab = _vocabularies(rng)
-    names = rng.sample([f"{f} {l}" for f in _FIRST for l in _LAST], count)
+    names = [f"{f} {l}" for f in _FIRST for l in _LAST]
+    rng.shuffle(names)
     people = []
-    for name in names:
+    for i, name in enumerate(names[:count]):
+        own = random.Random(f"people-{seed}-{i}")
         person = {"name": name}
         for key in ("city", "year", "profession", "genre", "father", "mother", "award", "language", "university",
                     "hobby", "pet", "colour", "siblings", "home", "instrument"):
-            person[key] = rng.choice(vocab[key])
-        person["work1"], person["work2"] = rng.sample(vocab["work1"], 2)
-        person["mentor"], person["spouse"] = rng.sample([p for p in vocab["mentor"] if p != name], 2)
-        person["debut"] = str(min(int(person["year"]) + rng.randint(20, 35), 2023))
+            person[key] = own.choice(vocab[key])
+        person["work1"], person["work2"] = own.sample(vocab["work1"], 2)
+        person["mentor"], person["spouse"] = own.sample([p for p in vocab["mentor"] if p != name], 2)
+        person["debut"] = str(min(int(person["year"]) + own.randint(20, 35), 2023))
         people.append(person)
     return people
 
@@ -152,13 +160,16 @@ def _fill(template: str, name: str, value: str) -> str:
 
 
 def _records(entities: Sequence[dict[str, str]], templates: Sequence[tuple[str, str, str, str]], vocab: dict[str, list[str]],
-             num_perturbed: int, rng: random.Random) -> list[dict[str, Any]]:
+             num_perturbed: int, rng_key: str) -> list[dict[str, Any]]:
     records = []
     for entity in entities:
         name = entity["name"]
         for question, answer, paraphrase, key in templates:
             value = entity[key]
-            wrong = rng.sample([v for v in vocab[key] if v != value], num_perturbed)
+            # Each question's wrong answers from its own generator: a record does not depend on
+            # which other people are generated with it (the forget people of every split agree).
+            own = random.Random(f"{rng_key}-{name}-{key}")
+            wrong = own.sample([v for v in vocab[key] if v != value], num_perturbed)
             records.append({
                 "question": question.format(n=name),
                 "answer": _fill(answer, name, value),
@@ -174,9 +185,8 @@ def _records(entities: Sequence[dict[str, str]], templates: Sequence[tuple[str, 
 def people_records(people: Sequence[dict[str, str]], questions_per_person: int = 20, num_perturbed: int = 5,
                    seed: int = 0) -> list[dict[str, Any]]:
     """The QA records of ``people`` (:func:`fictitious_people`): the first ``questions_per_person`` templates each."""
-    rng = random.Random(f"records-{seed}")
     return _records(people, _PERSON_TEMPLATES[:questions_per_person], _vocabularies(random.Random(f"people-{seed}")),
-                    num_perturbed, rng)
+                    num_perturbed, f"records-{seed}")
 
 
 def world_fact_records(num_countries: int = 30, num_perturbed: int = 5, seed: int = 0) -> list[dict[str, Any]]:
@@ -186,7 +196,7 @@ def world_fact_records(num_countries: int = 30, num_perturbed: int = 5, seed: in
     countries = []
     for name in _place_names(rng, num_countries, _COUNTRY_ENDS):
         countries.append({"name": name, **{k: rng.choice(vocab[k]) for k in ("capital", "currency", "language", "animal")}})
-    return _records(countries, _FACT_TEMPLATES, vocab, num_perturbed, rng)
+    return _records(countries, _FACT_TEMPLATES, vocab, num_perturbed, f"world-{seed}")
 
 
 def _check_records(records: Any, path: str, need_perturbed: bool = False) -> list[dict[str, Any]]:

@@ -172,6 +172,21 @@ def _logits(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return getattr(output, "logits", output)
 
 
+def _callable_model(model: Any) -> Any:
+    """The module to call: ``model``, or its ``.model`` when it is a LightningModule without a ``forward``.
+
+    A user's LightningModule often keeps the Hugging Face model in ``self.model`` and calls it in
+    ``training_step`` without defining ``forward``; calling such a module would raise.
+    """
+    import lightning.pytorch as pl
+
+    inner = getattr(model, "model", None)
+    if (isinstance(model, pl.LightningModule) and type(model).forward is pl.LightningModule.forward
+            and isinstance(inner, nn.Module)):
+        return inner
+    return model
+
+
 def _generator_model(model: Any) -> Any:
     """The object with Hugging Face ``generate`` (the model, or a LightningModule's ``.model``)."""
     for candidate in (model, getattr(model, "model", None)):
@@ -497,7 +512,9 @@ def evaluate_lm_unlearning(
     Args:
         model: a Hugging Face causal LM, or a module called as ``model(input_ids=...,
             attention_mask=...)`` returning logits (``CausalLMModule``); generation uses its
-            ``.generate`` (or its ``.model``'s). Evaluated in eval mode (its mode restored after).
+            ``.generate`` (or its ``.model``'s). A LightningModule without ``forward`` is evaluated
+            through its ``.model`` (a user's module keeping the HF model there). Evaluated in eval mode
+            (its mode restored after).
         splits: ``{"forget": ..., "retain": ..., "holdout": ..., "world_facts": ...}`` (``forget``
             required), each a :class:`~lightning_forget.datamodules.QADataset` (its records and
             prompts) or a list of records with ``question``, ``answer`` and, for Truth Ratios,
@@ -552,6 +569,7 @@ def evaluate_lm_unlearning(
         raise ValueError(f"tokenizer must have an int eos_id (the end id after each answer), got {end_id!r} from "
                          f"{type(tokenizer).__name__}. Fix: a tokenizer with an end-of-sequence token.")
     retain = load_stats(retain_stats) if retain_stats is not None else None
+    model = _callable_model(model)
     device = torch.device(device) if device is not None else _device_of(model)
     prepared = {name: _split_records(name, data, prompt_format) for name, data in splits.items()}
     empty = [name for name, (records, _) in prepared.items() if not records]

@@ -46,7 +46,7 @@ from lightning_forget.modules.causal_lm import CausalLMModule
 from lightning_forget.unlearning.losses import shift_for_next_token
 from lightning_forget.validation import check_float, check_int, check_str, message
 
-__all__ = ["DATA_FILE", "TRAINING_FILE", "build_models", "data_settings", "load_data_settings", "model_dir",
+__all__ = ["DATA_FILE", "TRAINING_FILE", "StopWhenFitted", "build_models", "data_settings", "load_data_settings", "model_dir",
            "score_splits", "train_model"]
 
 #: The datamodule's arguments, beside each saved model.
@@ -114,21 +114,55 @@ def score_splits(model: torch.nn.Module, dm: FictitiousQADataModule, batch_size:
     return scores
 
 
+class StopWhenFitted(pl.Callback):
+    """Stop training once an epoch's mean training loss is at most ``loss`` (checked at each epoch end).
+
+    The models of the benchmark must all fit their training set alike (the retain model is the
+    gold standard the unlearned target is compared with); a fixed number of epochs does not
+    ensure it: at a constant learning rate the loss of this tiny model falls slowly and then
+    drops steeply after a data- and order-dependent number of epochs, so the same epoch count
+    left two of three retain models half fitted. ``epochs`` is then only the cap.
+    """
+
+    def __init__(self, loss: float) -> None:
+        self.loss = check_float("fit_loss", loss, min=0, min_inclusive=False)
+        self._sum, self._count = 0.0, 0
+        self.epoch_losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._sum += float(loss.detach())
+        self._count += 1
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._count:
+            return
+        self.epoch_losses.append(self._sum / self._count)
+        self._sum, self._count = 0.0, 0
+        if self.epoch_losses[-1] <= self.loss:
+            trainer.should_stop = True
+
+
 def train_model(dm: FictitiousQADataModule, out: Path, *, model: str = "gpt2", n_layer: int = 2, n_embd: int = 128,
                 n_head: int = 4, pretrained_path: Optional[str] = None, epochs: int = 30, lr: float = 2e-3,
-                seed: int = 0, accelerator: str = "cpu", block_size: Optional[int] = None) -> dict[str, Any]:
+                seed: int = 0, accelerator: str = "cpu", block_size: Optional[int] = None,
+                fit_loss: Optional[float] = None) -> dict[str, Any]:
     """Fine-tune one model on ``dm``'s training phase, save it to ``out`` and return what ``training.json`` holds.
 
     ``block_size``: positions of a model built from a config (default: the data's longest example).
+    ``fit_loss``: stop as soon as an epoch's mean training loss (answer-token NLL) is at most this
+    (:class:`StopWhenFitted`; ``epochs`` is then the cap); ``None`` trains ``epochs`` epochs.
     """
     pl.seed_everything(seed, workers=True)
     module = CausalLMModule(model=model, vocab_size=dm.vocab_size, block_size=block_size or dm.block_size,  # type: ignore[arg-type]
                             n_layer=n_layer,
                             n_embd=n_embd, n_head=n_head, pretrained_path=pretrained_path,
                             optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0))
+    stop = StopWhenFitted(fit_loss) if fit_loss is not None else None
     trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, default_root_dir=str(out))
+                         num_sanity_val_steps=0, default_root_dir=str(out), callbacks=[stop] if stop else None)
     start = time.perf_counter()
     trainer.fit(module, dm)
     seconds = time.perf_counter() - start
@@ -144,7 +178,9 @@ def train_model(dm: FictitiousQADataModule, out: Path, *, model: str = "gpt2", n
         settings["tokenizer"] = str(out)  # the copy beside the model
     (out / DATA_FILE).write_text(json.dumps(settings, indent=1))
     record = {"phase": dm.phase, "model": pretrained_path or model, "n_layer": n_layer, "n_embd": n_embd,
-              "n_head": n_head, "epochs": epochs, "lr": lr, "seed": seed, "batch_size": dm.batch_size,
+              "n_head": n_head, "epochs": epochs, "epochs_trained": trainer.current_epoch, "fit_loss": fit_loss,
+              "final_train_loss": stop.epoch_losses[-1] if stop and stop.epoch_losses else None,
+              "lr": lr, "seed": seed, "batch_size": dm.batch_size,
               "seconds": seconds, "parameters": sum(p.numel() for p in module.model.parameters()), "scores": scores}
     (out / TRAINING_FILE).write_text(json.dumps(record, indent=1))
     return record
@@ -155,7 +191,7 @@ def build_models(out: str | os.PathLike[str], *, forget_percents: Sequence[float
                  data_seed: int = 0, tokenizer: Optional[str] = None, batch_size: int = 32, model: str = "gpt2",
                  n_layer: int = 2, n_embd: int = 128, n_head: int = 4, pretrained_path: Optional[str] = None,
                  epochs: int = 30, lr: float = 2e-3, seed: int = 0, accelerator: str = "cpu",
-                 verbose: bool = True) -> dict[str, dict[str, Any]]:
+                 fit_loss: Optional[float] = None, verbose: bool = True) -> dict[str, dict[str, Any]]:
     """Train and save the target model and one retain model per forget split; returns each one's ``training.json``.
 
     The target model does not depend on the split (it trains on every person); its ``data.json``
@@ -174,7 +210,7 @@ def build_models(out: str | os.PathLike[str], *, forget_percents: Sequence[float
     common = dict(num_people=num_people, questions_per_person=questions_per_person, num_countries=num_countries,
                   num_perturbed=num_perturbed, seed=data_seed, tokenizer=tokenizer, batch_size=batch_size)
     recipe = dict(model=model, n_layer=n_layer, n_embd=n_embd, n_head=n_head, pretrained_path=pretrained_path,
-                  epochs=epochs, lr=lr, seed=seed, accelerator=accelerator)
+                  epochs=epochs, lr=lr, seed=seed, accelerator=accelerator, fit_loss=fit_loss)
     # One context length for every model: the longest example of any split's data (the holdout
     # set grows with the forget share), with room for IdkPO's "I don't know" answers.
     recipe["block_size"] = max(FictitiousQADataModule(forget_percent=p, **common).block_size for p in percents) + 32  # type: ignore[arg-type]
@@ -187,7 +223,8 @@ def build_models(out: str | os.PathLike[str], *, forget_percents: Sequence[float
         records[folder.name] = record
         if verbose:
             shown = ", ".join(f"{split} p={s['probability']:.3f} acc={s['accuracy']:.3f}" for split, s in record["scores"].items())
-            print(f"{folder.name}: {record['seconds']:.0f} s, {record['parameters']} parameters; {shown}", flush=True)
+            print(f"{folder.name}: {record['seconds']:.0f} s, {record['epochs_trained']} epochs, "
+                  f"{record['parameters']} parameters; {shown}", flush=True)
     Path(out, "models.json").write_text(json.dumps(records, indent=1))
     return records
 
@@ -208,7 +245,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=30, help="epochs (the cap with --fit-loss)")
+    parser.add_argument("--fit-loss", type=float, default=None,
+                        help="stop once an epoch's mean training loss is at most this (every model fits alike)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -224,7 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, Any]]:
                         questions_per_person=args.questions_per_person, num_countries=args.num_countries,
                         data_seed=args.data_seed, tokenizer=args.tokenizer, batch_size=args.batch_size, model=args.model,
                         n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, pretrained_path=args.pretrained,
-                        epochs=args.epochs, lr=args.lr, seed=args.seed, accelerator=args.accelerator)
+                        epochs=args.epochs, lr=args.lr, seed=args.seed, accelerator=args.accelerator,
+                        fit_loss=args.fit_loss)
 
 
 if __name__ == "__main__":
