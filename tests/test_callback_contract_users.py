@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import typing
 import warnings
 from dataclasses import dataclass
