@@ -418,11 +418,8 @@ def broadcast_buffers(modules: Iterable[nn.Module], *, src: int = 0) -> None:
 #: quoted by :func:`lightning_forget.tasks.check_strategy` in its refusal.
 _REFUSALS: dict[str, str] = {
     # concept erasure (callbacks/erasure.py and the methods built on ErasureMethod)
-    "ConceptAblation": "Not yet checked against DDP under FSDP2: its anchor images come from the sharded teacher "
-    "(as ESD's samples do), but each step runs the model being trained twice more on them and every rank must "
-    "run as many sharded forwards; ESD and UCE are the erasure methods that run sharded.",
     "ErasureMethod": "Its sharded teacher (local shards swapped into the module) is checked against DDP for ESD "
-    "only; a method built on it runs sharded once its step is (ESD and UCE do).",
+    "and ConceptAblation only; a method built on it runs sharded once its step is (ESD, ConceptAblation and UCE do).",
     "DoCo": "Its discriminator is a replicated module outside the sharded model, trained by the callback's own "
     "optimizer (nothing all-reduces its gradients under ModelParallelStrategy), its gradient surgery reads "
     "whole parameter gradients, and its teacher runs the module with whole weight tensors swapped in.",

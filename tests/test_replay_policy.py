@@ -399,6 +399,9 @@ if __name__ == "__main__":
         with open(f"{out}/steps{task}_rank{trainer.global_rank}.json", "w") as handle:
             json.dump({"steps": steps.rows, "policy": [callback.update, callback.draw_mode],
                        "buffer_tasks": callback.buffer.task_ids().tolist()}, handle)
+    # End the process group before the interpreter exits: gloo's threads torn down at exit can abort
+    # the process ("terminate called without an active exception") after the work is done.
+    torch.distributed.destroy_process_group()
 '''
 
 

@@ -14,6 +14,7 @@ from lightning_forget.gradients import synced_gradients
 from lightning_forget.modules.diffusion import Concept
 from lightning_forget.nn.discriminator import PatchGANDiscriminator, patchgan_blocks
 from lightning_forget.precision import forward_context
+from lightning_forget.tasks import DDP_STRATEGIES
 from lightning_forget.unlearning.surgery import SURGERY_MODES, GradientSurgery
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str
 
@@ -88,6 +89,9 @@ class DoCo(ConceptAblation):
 
     method_name = "DoCo"
     log_prefix = "doco"
+    #: Not ConceptAblation's sharded support: the discriminator and its optimizer live outside the sharded model
+    #: (see lightning_forget.sharding's refusal table).
+    supported_strategies = DDP_STRATEGIES
     default_parameters = "cross-attn"
     state_arguments = ConceptAblation.state_arguments + ("discriminator_width", "discriminator_blocks")
 

@@ -485,6 +485,9 @@ class ConceptAblation(ErasureMethod):
     method_name = "ConceptAblation"
     log_prefix = "ca"
     default_parameters = "cross-attn"
+    #: Under ModelParallelStrategy: the anchors are sampled with the sharded teacher, the same count on every rank
+    #: (a collective forward each), and each step runs the same forwards on every rank.
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
 
     def __init__(self, erase: ConceptSpec, anchor: Optional[Concept] = None, num_anchor_samples: int = 64,
                  sample_steps: int = 50, batch_size: int = 4, prior_preservation: bool = False, prior_weight: float = 1.0,

@@ -641,14 +641,17 @@ def main(root: Path, names: list[str]) -> None:
 #: ESD, UCE and ErasureEvaluation on a user's diffusion module that shards its UNet blocks; the module's own
 #: denoising loss (and ESD's samples) draw per rank, as under DDP, so the runs are compared with DDP, not with one
 #: process.
-ERASURE_GROUP = ["ESD", "UCE", "ErasureEvaluation"]
+ERASURE_GROUP = ["ESD", "UCE", "ConceptAblation", "ErasureEvaluation"]
 
 
 def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
-    from lightning_forget.callbacks import ESD, UCE, ErasureEvaluation
+    from lightning_forget.callbacks import ESD, UCE, ConceptAblation, ErasureEvaluation
 
     return {"ESD": lambda: ESD(erase=[[0], [2]], ddim_steps=2, seed=1),
             "UCE": lambda: UCE(erase=[[1], [3]], when="task_end"),
+            # anchors sampled with the sharded teacher (4 a task, 2 DDIM steps), the same on every rank
+            "ConceptAblation": lambda: ConceptAblation(erase=[[1], [3]], num_anchor_samples=4, sample_steps=2, batch_size=2,
+                                                       seed=1),
             # 4 classes × 3 samples: 6 a rank (the padding of uneven shares is checked in tests/test_erasure.py)
             "ErasureEvaluation": lambda: ErasureEvaluation(erase=[[0], [2]], samples_per_class=3, judge_epochs=1,
                                                            num_steps=2, grid_per_class=1)}
