@@ -42,6 +42,13 @@ ConceptSpec = Union[Concept, Sequence[Concept], Sequence[Sequence[Concept]]]
 MODEL_PROTOCOL = ("eps", "null_label", "noise_scheduler", "unet", "concept_index", "initial_noise", "add_noise")
 
 
+def check_optional_concept(name: str, value: Any, expected: str) -> Any:
+    """``value`` if it is ``None`` or one concept (an id or a name, not a bool); else a TypeError naming ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+        raise TypeError(message(name, expected, value))
+    return value
+
+
 def _concept_list(name: str, value: Any, allow_none: bool = False) -> Optional[list[Any]]:
     """Normalise a concept argument: one concept, a list, or a list of lists (one per task)."""
     if value is None:
@@ -431,9 +438,7 @@ class ESD(ErasureMethod):
                  ddim_steps: int = 50, start_guidance: float = 3.0, batch_size: int = 1, **kwargs: Any) -> None:
         super().__init__(erase, **kwargs)
         self.negative_guidance = check_float("negative_guidance", negative_guidance, min=0)
-        if erase_from is not None and (isinstance(erase_from, bool) or not isinstance(erase_from, (int, str))):
-            raise TypeError(message("erase_from", "None or a concept id or name", erase_from))
-        self.erase_from = erase_from
+        self.erase_from = check_optional_concept("erase_from", erase_from, "None or a concept id or name")
         self.ddim_steps = check_int("ddim_steps", ddim_steps, min=1)
         self.start_guidance = check_float("start_guidance", start_guidance, min=0)
         self.batch_size = check_int("batch_size", batch_size, min=1)
@@ -493,9 +498,7 @@ class ConceptAblation(ErasureMethod):
                  sample_steps: int = 50, batch_size: int = 4, prior_preservation: bool = False, prior_weight: float = 1.0,
                  **kwargs: Any) -> None:
         super().__init__(erase, **kwargs)
-        if anchor is not None and (isinstance(anchor, bool) or not isinstance(anchor, (int, str))):
-            raise TypeError(message("anchor", "None (the null concept) or a concept id or name", anchor))
-        self.anchor = anchor
+        self.anchor = check_optional_concept("anchor", anchor, "None (the null concept) or a concept id or name")
         self.num_anchor_samples = check_int("num_anchor_samples", num_anchor_samples, min=1)
         self.sample_steps = check_int("sample_steps", sample_steps, min=1)
         self.batch_size = check_int("batch_size", batch_size, min=1)
@@ -628,7 +631,7 @@ class UCE(ErasureMethod):
             raise ValueError(message("lora_rank", "None for UCE (a closed-form edit of the weights)", kwargs["lora_rank"]))
         super().__init__(erase, **kwargs)
         for g in guide if isinstance(guide, list) else [guide]:
-            if g is not None and (isinstance(g, bool) or not isinstance(g, (int, str))):
+            if g is not None and (isinstance(g, bool) or not isinstance(g, (int, str))):  # the message names the whole list
                 raise TypeError(message("guide", "None (the null concept), a concept id or name, or a list of them", guide))
         self.guide = guide
         self.erase_scale = check_float("erase_scale", erase_scale, min=0)

@@ -9,12 +9,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_forget.callbacks.erasure import ConceptSpec, ErasureMethod
+from lightning_forget.callbacks.erasure import ConceptSpec, ErasureMethod, check_optional_concept
 from lightning_forget.modules.diffusion import Concept
 from lightning_forget.precision import forward_context
 from lightning_forget.unlearning.saliency import SaliencyMask
 from lightning_forget.unlearning.surgery import clip_global_norm
-from lightning_forget.validation import check_float, check_int, message
+from lightning_forget.validation import check_float, check_int
 
 __all__ = ["SalUnDiffusion", "antithetic_timesteps"]
 
@@ -86,9 +86,7 @@ class SalUnDiffusion(ErasureMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(erase, retain_weight=0.0 if retain_weight is None else retain_weight, **kwargs)
-        if pseudo is not None and (isinstance(pseudo, bool) or not isinstance(pseudo, (int, str))):
-            raise TypeError(message("pseudo", "None ((c + 1) mod K) or a concept id or name", pseudo))
-        self.pseudo = pseudo
+        self.pseudo = check_optional_concept("pseudo", pseudo, "None ((c + 1) mod K) or a concept id or name")
         self.mask_fraction = check_float("mask_fraction", mask_fraction, min=0, max=1, min_inclusive=False, allow_none=True,
                                          fix="pass the share of weights that may change, e.g. 0.5, or None")
         self.num_forget_samples = check_int("num_forget_samples", num_forget_samples, min=1)

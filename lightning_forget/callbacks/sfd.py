@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.stateless import _reparametrize_module
 
-from lightning_forget.callbacks.erasure import ConceptSpec, ErasureMethod
+from lightning_forget.callbacks.erasure import ConceptSpec, ErasureMethod, check_optional_concept
 from lightning_forget.gradients import average_gradients
 from lightning_forget.modules.diffusion import Concept
 from lightning_forget.precision import forward_context
@@ -98,9 +98,7 @@ class SFD(ErasureMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(erase, **kwargs)
-        if override is not None and (isinstance(override, bool) or not isinstance(override, (int, str))):
-            raise TypeError(message("override", "None, 'random' or a concept id or name", override))
-        self.override = override
+        self.override = check_optional_concept("override", override, "None, 'random' or a concept id or name")
         self.alpha = check_float("alpha", alpha, min=0)
         self.t_init = check_float("t_init", t_init, min=0, max=1, min_inclusive=False, max_inclusive=False)
         self.t_min = check_float("t_min", t_min, min=0, max=1, max_inclusive=False)
