@@ -184,11 +184,11 @@ def _shard_groups(tensor: Tensor) -> list[Any]:
     return [tensor.device_mesh.get_group(mesh_dim) for mesh_dim, _ in _shard_dims(tensor)]
 
 
-def _all_reduce_partials(partials: Tensor, like: Sequence[Tensor]) -> Tensor:
-    """Sum per-tensor partial values over the shard group(s) of the tensors in ``like``."""
+def _all_reduce_partials(partials: Tensor, like: Sequence[Tensor], op: Any = None) -> Tensor:
+    """Sum (or ``op``) per-tensor partial values over the shard group(s) of the tensors in ``like``."""
     groups = next((g for g in map(_shard_groups, like) if g), [])
     for group in groups:
-        torch.distributed.all_reduce(partials, group=group)
+        torch.distributed.all_reduce(partials, op=op or torch.distributed.ReduceOp.SUM, group=group)
     return partials
 
 
@@ -206,9 +206,22 @@ def sum_of_squares(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {name: total[i] for i, name in enumerate(names)}
 
 
-def global_norms(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The L2 norm of each whole tensor (float64); see :func:`sum_of_squares`."""
-    return {name: value.sqrt() for name, value in sum_of_squares(tensors).items()}
+def global_norms(tensors: Mapping[str, Tensor], p: float = 2.0) -> dict[str, Tensor]:
+    """The ``p``-norm (L2 by default; 1 or ``inf`` too) of each whole tensor (float64); see
+    :func:`sum_of_squares` (one collective for all names)."""
+    if p == 2:
+        return {name: value.sqrt() for name, value in sum_of_squares(tensors).items()}
+    if p == 1:
+        return global_sums({name: local_view(t).abs() for name, t in tensors.items()}, like=tensors)
+    if p != float("inf"):
+        raise ValueError(f"global_norms: p must be 1, 2 or inf, got {p!r}.")
+    names = list(tensors)
+    if not names:
+        return {}
+    local = [local_view(tensors[n]).detach().double().abs() for n in names]
+    partial = torch.stack([x.max() if x.numel() else x.new_zeros(()) for x in local])
+    total = _all_reduce_partials(partial, [tensors[n] for n in names], torch.distributed.ReduceOp.MAX)
+    return {name: total[i] for i, name in enumerate(names)}
 
 
 def global_dots(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:

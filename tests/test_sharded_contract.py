@@ -161,8 +161,8 @@ def test_unlearning_reference_and_mask_are_held_as_shards(launches) -> None:
 
 
 def test_unlearning_lm_method_and_evaluation_on_a_sharded_causal_lm_equal_ddp(launches) -> None:
-    """NPO and LMUnlearningEvaluation on a tiny GPT-2 sharded per block: the reference's forwards
-    through the LM path, equal forwards and decoding steps on every rank."""
+    """NPO and LMUnlearningEvaluation (GradNorm included) on a tiny GPT-2 sharded per block: the reference's
+    forwards through the LM path, equal forwards, backwards and decoding steps on every rank."""
     runs = launches["unlearning"]["lm"]
     sharded, ddp = runs["sharded"], runs["ddp"]
     assert sharded["param_types"] == ["DTensor"] and sharded["steps"] == ddp["steps"] > 1
@@ -171,6 +171,10 @@ def test_unlearning_lm_method_and_evaluation_on_a_sharded_causal_lm_equal_ddp(la
     # LMUnlearningEvaluation (before and after, greedy generation included) gives DDP's rows.
     rows = sharded["evaluation"]["method"]["rows"]
     assert len(rows) == 2 and _close(rows, ddp["evaluation"]["method"]["rows"])
+    # GradNorm, its per-sample backwards taken in turns by the ranks (3 forget and 3 holdout rows: shares of
+    # 2 and 1), gives DDP's per-sample scores before and after the fit.
+    assert [[len(g[s]) for s in ("forget", "holdout")] for g in sharded["gradnorms"]] == [[3, 3], [3, 3]]
+    assert _close(sharded["gradnorms"], ddp["gradnorms"]) and sharded["gradnorms"][0] != sharded["gradnorms"][1]
     local, total = sharded["reference_numel"]
     assert local < total and ddp["reference_numel"] == [total, total]
 

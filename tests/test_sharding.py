@@ -36,7 +36,7 @@ def test_local_shards_and_their_place_in_the_full_tensor(ranks) -> None:
 
 def test_norms_and_dots_over_shards_equal_the_full_tensors(ranks) -> None:
     for result in ranks:
-        assert result["norms"] < 1e-12 and result["dots"] < 1e-12
+        assert result["norms"] < 1e-12 and result["dots"] < 1e-12 and result["pnorms"] < 1e-12
 
 
 def test_global_topk_selects_the_unsharded_set_with_ties(ranks) -> None:
@@ -97,6 +97,9 @@ def test_plain_tensors_pass_through() -> None:
     assert masks["x"].tolist() == [False, True, True, False] and masks["y"].tolist() == [False]
     with pytest.raises(ValueError, match="k=9"):
         sh.topk_mask({"x": t}, 9)
+    assert [float(sh.global_norms({"x": -t}, p)["x"]) for p in (1, float("inf"))] == [15.0, 5.0]
+    with pytest.raises(ValueError, match="p must be 1, 2 or inf, got 3"):
+        sh.global_norms({"x": t}, 3)
 
 
 def test_batches_per_rank_is_the_busiest_ranks_count() -> None:

@@ -149,10 +149,3 @@ def test_lines_sharded_refuses_the_sweep_and_task_end(kwargs) -> None:
         LiNeS(**kwargs).setup(trainer, TinyRegressor(), "fit")
 
 
-def test_lm_unlearning_evaluation_sharded_refuses_gradnorm_only() -> None:
-    from lightning_forget.callbacks import LMUnlearningEvaluation
-
-    trainer = SimpleNamespace(strategy=_model_parallel())
-    check_strategy(LMUnlearningEvaluation(gradnorm=False), trainer)  # the other metrics run sharded
-    with pytest.raises(RuntimeError, match=r"gradnorm=True.*ModelParallelStrategy.*Fix: pass gradnorm=False"):
-        LMUnlearningEvaluation().setup(trainer, TinyRegressor(), "fit")

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_forget import reporting
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback, strategy_name
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback
 from lightning_forget.unlearning.lm_eval import SPLITS, evaluate_lm_unlearning, load_stats, split_hashes
 from lightning_forget.unlearning.reference import ReferenceModel
 from lightning_forget.unlearning.report import render_table, write_rows
@@ -154,7 +154,8 @@ class LMUnlearningEvaluation(ContinualCallback):
     Note:
         Saved state: ``rows`` (one dict of metrics per evaluation) and ``best_score``.
         Supported strategies: single device, DDP and `ModelParallelStrategy` (FSDP2; equal forwards and
-        decoding steps on every rank, `gradnorm=False` required).
+        decoding steps on every rank; GradNorm's per-sample backwards taken in turns by the ranks, world
+        size × as many as under DDP, see :func:`~lightning_forget.unlearning.lm_eval.evaluate_lm_unlearning`).
     """
 
     supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
@@ -263,12 +264,6 @@ class LMUnlearningEvaluation(ContinualCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if self.gradnorm and strategy_name(trainer.strategy) in SHARDED_STRATEGIES:
-            raise RuntimeError(
-                "LMUnlearningEvaluation(gradnorm=True) takes per-sample gradients of whole tensors (the GradNorm "
-                f"attack), which autograd does not reach on a model sharded by {type(trainer.strategy).__name__} "
-                "(FSDP2). Fix: pass gradnorm=False under this strategy (its other metrics run sharded), or use "
-                "strategy='ddp'.")
         splits = self._splits(trainer)
         hashes = split_hashes(splits, self._datamodule(trainer).tokenizer)
         if self.retain_stats is not None:

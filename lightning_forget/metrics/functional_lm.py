@@ -250,21 +250,30 @@ def gradnorm_score(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
         raise ValueError(f"p must be 1, 2 or inf, got {p!r}. Fix: pass p=2 (TOFU, MUSE).")
     params = [q for q in (parameters if parameters is not None else model.parameters()) if q.requires_grad]
     if not params:
-        raise ValueError("gradnorm_score needs parameters that require grad, got none. "
-                         "Fix: pass `parameters=` or unfreeze the model (or skip the GradNorm attack).")
-    targets = tokenwise_labels(labels[:, 1:])
-    _lengths(targets)
+        raise ValueError(GRADNORM_NO_PARAMETERS)
     with torch.enable_grad():
-        output = model(input_ids=input_ids, attention_mask=attention_mask)
-        logits = getattr(output, "logits", output)[:, :-1, :]
-        log_probs, mask = token_log_probs(logits, targets)
-        losses = -log_probs.sum(-1) / mask.sum(-1)
+        losses = gradnorm_losses(model, input_ids, labels, attention_mask)
         scores = []
         for i in range(losses.shape[0]):
             grads = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < losses.shape[0], allow_unused=True)
             norms = [g.detach().to(torch.promote_types(g.dtype, torch.float32)).norm(p=p) for g in grads if g is not None]
             scores.append(torch.stack([n.double() for n in norms]).mean())
     return torch.stack(scores).detach()
+
+
+GRADNORM_NO_PARAMETERS = ("gradnorm_score needs parameters that require grad, got none. "
+                          "Fix: pass `parameters=` or unfreeze the model (or skip the GradNorm attack).")
+
+
+def gradnorm_losses(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
+                    attention_mask: Optional[Tensor] = None) -> Tensor:
+    """The ``(B,)`` losses :func:`gradnorm_score` differentiates (one forward, with the graph)."""
+    targets = tokenwise_labels(labels[:, 1:])
+    _lengths(targets)
+    output = model(input_ids=input_ids, attention_mask=attention_mask)
+    logits = getattr(output, "logits", output)[:, :-1, :]
+    log_probs, mask = token_log_probs(logits, targets)
+    return -log_probs.sum(-1) / mask.sum(-1)
 
 
 def reference_score(avg_nll: Tensor, reference_avg_nll: Tensor) -> Tensor:

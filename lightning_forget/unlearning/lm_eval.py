@@ -62,6 +62,8 @@ from lightning_forget.metrics.functional_lm import (
     exact_memorization,
     extraction_strength,
     forget_quality,
+    GRADNORM_NO_PARAMETERS,
+    gradnorm_losses,
     gradnorm_score,
     membership_auc,
     min_k_plus_plus_score,
@@ -286,6 +288,49 @@ def _gradnorms(model: Any, rows: list[tuple[Tensor, Tensor]], batch_size: int, d
     return scores
 
 
+def _sharded_gradnorms(model: nn.Module, rows: list[tuple[Tensor, Tensor]], device: torch.device, p: float,
+                       pad_id: int) -> Tensor:
+    """:func:`gradnorm_score` of each row on a model sharded with FSDP2.
+
+    A sharded backward is collective and FSDP2 averages its gradients over the ranks, so the ranks
+    take turns: at turn ``(i, owner)`` every rank forwards its ``i``-th row (a padding row past its
+    share) and backpropagates ``world · loss`` on the owner and zero elsewhere, which leaves the
+    owner's per-sample gradient in the shards (through :func:`compute_gradients`, ``.grad`` kept);
+    its per-tensor ``p``-norms are reduced over the shards (:func:`global_norms`). Every rank runs
+    ``world ×`` the longest share's count of forward/backward pairs, one row each (GradNorm's
+    official code forwards one sample at a time too). A trainable tensor the loss does not reach
+    counts with norm 0 here (:func:`gradnorm_score` leaves it out of the mean).
+    """
+    import torch.distributed as dist
+
+    from lightning_forget.gradients import compute_gradients
+    from lightning_forget.sharding import global_norms, reshard
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    reshard(model)  # the sharded parameters (FSDP2 keeps the root's gathered after a forward without backward)
+    params = {name: q for name, q in model.named_parameters() if q.requires_grad}
+    if not params:
+        raise ValueError(GRADNORM_NO_PARAMETERS)
+    scores = torch.empty(len(rows), dtype=torch.float64)
+    for i in range(len(rows) + _padding_batches(len(rows), True)):
+        mine = i < len(rows)
+        ids, labels, mask = _pad_right([rows[i] if mine else (torch.tensor([pad_id, pad_id]),
+                                                              torch.tensor([IGNORE_INDEX, IGNORE_INDEX]))], pad_id)
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        for owner in range(world):
+            with torch.enable_grad():
+                if mine and owner == rank:
+                    loss = gradnorm_losses(model, ids, labels, mask)[0] * world
+                else:
+                    output = model(input_ids=ids, attention_mask=mask)
+                    loss = getattr(output, "logits", output).sum() * 0.0
+                grads = compute_gradients(loss, params)
+            norms = global_norms(grads, p)
+            if mine and owner == rank:
+                scores[i] = torch.stack(list(norms.values())).mean()
+    return scores
+
+
 def _generate(model: Any, tokenizer: Any, prompts: Sequence[Tensor], batch_size: int, max_new_tokens: int,
               end_id: int, device: torch.device, bar: Any, synced: bool = False) -> list[str]:
     generator = _generator_model(model)
@@ -361,11 +406,9 @@ def _split_statistics(model: Any, reference_model: Any, tokenizer: Any, name: st
         stats["perturbed_avg_nll"] = mean_wrong
         stats["truth_ratio"] = truth_ratio(stats["paraphrased_avg_nll"], mean_wrong)
         stats["probability_normalised"] = normalised_probability(stats["probability"], sum_wrong_prob)
-    if gradnorm and synced:
-        raise RuntimeError("evaluate_lm_unlearning(gradnorm=True) takes per-sample gradients of whole tensors, which "
-                           "autograd does not reach on a model sharded with FSDP2. Fix: gradnorm=False under "
-                           "ModelParallelStrategy (or strategy='ddp').")
-    if gradnorm and name in ("forget", "holdout") and n:
+    if gradnorm and name in ("forget", "holdout") and synced:  # every rank joins, with or without rows
+        stats["gradnorm"] = _sharded_gradnorms(model, answers, device, gradnorm_p, end_id)
+    elif gradnorm and name in ("forget", "holdout") and n:
         stats["gradnorm"] = _gradnorms(model, answers, batch_size, device, gradnorm_p, end_id)
     if reference_model is not None and name in ("forget", "holdout") and (n or synced):
         with torch.no_grad():
@@ -531,7 +574,9 @@ def evaluate_lm_unlearning(
         max_new_tokens: generation length (200 in TOFU; capped by the model's context).
         device: where the inputs go (default: the model's parameters' device).
         k: the share of lowest tokens of Min-K and Min-K++ (0.4 in TOFU).
-        gradnorm: compute the GradNorm attack (a backward per forget/holdout sample).
+        gradnorm: compute the GradNorm attack (a backward per forget/holdout sample; on a model sharded
+            with FSDP2 every rank runs world size × its longest share of them, in turns, as a sharded
+            backward averages over the ranks).
         gradnorm_p: its norm (2 in TOFU).
         prompt_format: the prompt of records given as dicts (``{question}`` is replaced).
         progress: a progress bar over generation (on rank 0).

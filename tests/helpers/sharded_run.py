@@ -238,21 +238,38 @@ class ShardedCausalLM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def _GradNormRecorder(**kwargs: Any) -> Callback:  # noqa: N802 - a factory named as the class it builds
+    """LMUnlearningEvaluation keeping each evaluation's per-sample GradNorm scores (forget, holdout)."""
+    from lightning_forget.callbacks import LMUnlearningEvaluation
+
+    class _Recorder(LMUnlearningEvaluation):
+        def __init__(self) -> None:
+            super().__init__(**kwargs)
+            self.gradnorms: list[dict[str, list[float]]] = []
+
+        def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+            result = super().evaluate(trainer, pl_module)
+            self.gradnorms.append({split: result["per_sample"][split]["gradnorm"] for split in ("forget", "holdout")})
+            return result
+
+    return _Recorder()
+
+
 def unlearning_lm_run(root: Path, strategy_name: str) -> dict[str, Any]:
     """NPO (its reference through the LM path) on the tiny GPT-2 over fictitious-QA forget/retain
     batches, one fit, with LMUnlearningEvaluation before and after (greedy generation: the ranks'
     prompts stop at different lengths); the reference's numbers on this rank beside the model's."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lightning_forget.callbacks import NPO, LMUnlearningEvaluation
+    from lightning_forget.callbacks import NPO
     from lightning_forget.datamodules import FictitiousQADataModule
 
     pl.seed_everything(0)
     module = ShardedCausalLM()
-    dm = FictitiousQADataModule(num_people=4, questions_per_person=2, num_countries=1, forget_percent=25, phase="unlearn",
+    dm = FictitiousQADataModule(num_people=4, questions_per_person=3, num_countries=1, forget_percent=25, phase="unlearn",
                                 batch_size=2)
     npo = NPO(save_original=False)
-    evaluation = LMUnlearningEvaluation(gradnorm=False, max_new_tokens=6, batch_size=3, progress=False, report=False)
+    evaluation = _GradNormRecorder(max_new_tokens=6, batch_size=3, progress=False, report=False)  # GradNorm on
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "sharded" else "ddp"
     trainer = _trainer(root, strategy, 2, [evaluation, npo], enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
@@ -262,7 +279,7 @@ def unlearning_lm_run(root: Path, strategy_name: str) -> dict[str, Any]:
     assert npo.reference is not None and npo.reference.weights is not None
     return {"params": _params(module), "param_types": sorted({type(p).__name__ for p in module.parameters()}),
             "steps": int(trainer.global_step), "state": _plain(npo.state_dict()),
-            "evaluation": _plain(evaluation.state_dict()),
+            "evaluation": _plain(evaluation.state_dict()), "gradnorms": evaluation.gradnorms,
             "reference_numel": [sum(w.numel() for w in npo.reference.weights.values()),
                                 sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())]}
 

@@ -50,6 +50,9 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
     )
     norms_s, norms_f = sh.global_norms(shard), sh.global_norms(full)
     result["norms"] = max(abs(float(norms_s[n] - norms_f[n])) for n in full)
+    # p = 1 and inf (GradNorm's norms) over the shards; rank 1 holds no row of layers.1.weight.
+    result["pnorms"] = max(abs(float(sh.global_norms(shard, p)[n] - full[n].double().norm(p=p)))
+                           for p in (1, float("inf")) for n in full)
     dots_s, dots_f = sh.global_dots(shard, shard_other), sh.global_dots(full, other)
     result["dots"] = max(abs(float(dots_s[n] - dots_f[n])) for n in full)
     # Top-k with exact ties: magnitudes rounded to one decimal repeat across tensors and ranks.
