@@ -41,6 +41,8 @@ GROUPS = {
     "lora_gslora": ["GSLoRA"],
     # ESD and UCE on a user's diffusion module sharding its UNet blocks (its concept table frozen, not sharded)
     "erasure": ERASURE_GROUP,
+    # LiNeS' α sweep scored by validation forwards (every rank runs them) and its task-end edit, in one run
+    "lines": ["LiNeSSweep", "LiNeSTaskEnd"],
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -118,8 +120,9 @@ def test_sharded_checkpoint_loads_into_one_process(launches, group) -> None:
     if set(plain["params"]) <= set(export["params"]):
         assert torch.allclose(_params(plain), _params({"params": {n: export["params"][n] for n in plain["params"]}}), atol=0, rtol=0)
     assert export["plain_outputs"] < 1e-5  # the plain module computes what the exported one does
+    classes = launches[group]["sharded"]["classes"]  # a group's name -> the callback's class
     for name in GROUPS[group]:
-        assert any(key.startswith(name) for key in export["callbacks"]), (name, export["callbacks"])
+        assert any(key.startswith(classes[name]) for key in export["callbacks"]), (name, export["callbacks"])
 
 
 def test_library_classifier_shards_itself_and_equals_ddp(launches) -> None:
@@ -138,6 +141,17 @@ def test_lines_keeps_theta0_as_shards_and_writes_full_files(launches) -> None:
     assert torch.allclose(_params({"params": files["scaled"]}), _params(sharded), atol=0, rtol=0)
     for kind in ("scaled", "unscaled"):
         assert _close(files[kind], ddp["lines_files"][kind])
+
+
+def test_lines_sweep_scores_equal_ddp_and_one_process(launches) -> None:
+    """Each α of the sweep is written shard-wise, scored by validation forwards every rank runs, and
+    restored: the scores (task 0's accuracy at the last fit's end) are DDP's and one process's."""
+    result = launches["lines"]
+    sweeps = [result[run]["lines_sweeps"]["LiNeSSweep"] for run in ("sharded", "ddp", "single", "resumed")]
+    assert all(sweep == sweeps[0] for sweep in sweeps[1:])
+    scores = dict(sweeps[0])
+    assert len(set(scores.values())) > 1  # the α's score apart: the choice is not the grid's first by a tie
+    assert result["sharded"]["states"]["LiNeSSweep"]["method"]["applied_alpha"] == max(scores, key=scores.get) != 1.0
 
 
 def test_refresh_keeps_its_fisher_as_shards(launches) -> None:

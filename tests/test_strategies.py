@@ -138,14 +138,3 @@ def test_model_parallel_is_accepted_or_refused_with_its_reason() -> None:
         with pytest.raises(RuntimeError, match=rf"{name} does not support strategy='model_parallel'") as error:
             check_strategy(cls.__new__(cls), trainer)  # an instance, without constructor arguments
         assert reason.strip() in str(error.value) and "docs/sharding.md" in str(error.value)
-
-
-@pytest.mark.parametrize("kwargs", [{"alpha_grid": [0.1, 0.5], "monitor": "val_acc"}, {"apply_at": "task_end"}],
-                         ids=["alpha_grid", "task_end"])
-def test_lines_sharded_refuses_the_sweep_and_task_end(kwargs) -> None:
-    trainer = SimpleNamespace(strategy=_model_parallel())
-    LiNeS(alpha=0.3).setup(trainer, TinyRegressor(), "fit")  # fixed α at fit end runs sharded
-    with pytest.raises(RuntimeError, match=r"ModelParallelStrategy runs apply_at='fit_end' with a fixed `alpha`.*Fix"):
-        LiNeS(**kwargs).setup(trainer, TinyRegressor(), "fit")
-
-

@@ -15,9 +15,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_forget import merging, reporting
-from lightning_forget.sharding import edit_local, full_tensor, is_sharded, local_clone, shard_like
+from lightning_forget.sharding import edit_local, full_tensor, is_sharded, local_clone, reshard, shard_like
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, atomic_edit, fit_ends_after_batch, strategy_name
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, atomic_edit, fit_ends_after_batch
 from lightning_forget.tasks import ContinualCallback
 from lightning_forget.validation import check_bool
 
@@ -287,8 +287,9 @@ class LiNeS(ContinualCallback):
     local shards (in the parameters' layout, never a full copy per rank; a θ_0 loaded from
     ``pretrained_ckpt`` or a checkpoint is cut to the rank's slice), the scaling is applied to
     each shard, and the files and the checkpointed ``theta0`` are full tensors gathered for
-    export only. There only ``apply_at="fit_end"`` with a fixed ``alpha`` runs (the sweep's
-    scoring forwards and ``task_end`` are refused in ``setup``). FSDP1 and DeepSpeed are refused:
+    export only. A sweep's scoring forwards are collective there: ``monitor`` scores on the fit's
+    validation loaders (Lightning's sampler gives every rank as many batches), and a ``score_fn``
+    must run as many forwards on every rank. FSDP1 and DeepSpeed are refused:
     scale a consolidated checkpoint with :func:`lightning_forget.merging.lines_scale` instead.
 
     **Choosing α.** Either a fixed ``alpha`` or a sweep over ``alpha_grid``: for each α the
@@ -359,7 +360,8 @@ class LiNeS(ContinualCallback):
         processes; use the files.
     """
 
-    #: Tested single-process, under DDP and under ModelParallelStrategy (FSDP2, ``fit_end``, fixed α).
+    #: Tested single-process, under DDP and under ModelParallelStrategy (FSDP2: a fixed α, an α sweep scored
+    #: by ``monitor``, ``task_end``).
     supported_strategies: tuple[str, ...] = DDP_STRATEGIES + SHARDED_STRATEGIES
     #: Constructor arguments whose change a resume refuses (see ContinualCallback.state_arguments).
     state_arguments: tuple[str, ...] = ('apply_at', 'pretrained_ckpt', 'layer_pattern', 'depth_map')
@@ -467,13 +469,6 @@ class LiNeS(ContinualCallback):
                 "Fix: train without the callback, then scale the consolidated checkpoint with "
                 "`lightning_forget.merging.lines_scale(pretrained, finetuned, alpha)`."
             )
-        if strategy_name(trainer.strategy) in SHARDED_STRATEGIES and (self.alpha_grid is not None or self.apply_at != "fit_end"):
-            raise RuntimeError(
-                f"LiNeS under ModelParallelStrategy runs apply_at='fit_end' with a fixed `alpha` only; got "
-                f"`apply_at`={self.apply_at!r}, `alpha_grid`={self.alpha_grid!r} (the sweep's scoring forwards "
-                "and the task-end edit are not supported sharded). Fix: pass `alpha=<value>` without "
-                "`alpha_grid` and apply_at='fit_end', or use strategy='ddp'."
-            )
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -541,7 +536,9 @@ class LiNeS(ContinualCallback):
 
     @staticmethod
     def _snapshot(pl_module: "pl.LightningModule") -> dict[str, Tensor]:
-        # This rank's shards under FSDP2 (the whole tensors otherwise).
+        # This rank's shards under FSDP2 (the whole tensors otherwise); after an evaluation forward
+        # (a sanity check, a sweep's scoring) FSDP2's root unit holds gathered copies until resharded.
+        reshard(pl_module)
         return {n: local_clone(p, device="cpu") for n, p in pl_module.named_parameters() if p.is_floating_point()}
 
     def _gathered(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -573,6 +570,7 @@ class LiNeS(ContinualCallback):
     @staticmethod
     @torch.no_grad()
     def _write(pl_module: "pl.LightningModule", state: Mapping[str, Tensor]) -> None:
+        reshard(pl_module)  # the sharded parameters, not the copies an evaluation forward left gathered
         params = dict(pl_module.named_parameters())
         for name, value in state.items():  # shard-wise: each value is the rank's local part
             edit_local(params[name], lambda local, v: v.to(device=local.device, dtype=local.dtype), value)

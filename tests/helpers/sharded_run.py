@@ -98,12 +98,27 @@ class ShardedNormModule(ShardedUserModule):
         super().configure_model()
 
 
+class ShardedRootModule(ShardedUserModule):
+    """The user's module with its first linear left in the root unit (only the last is a unit of its own): the
+    root's parameters stay gathered after an evaluation forward until resharded (LiNeS' "lines" group)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is None or isinstance(self.net, FSDPModule):
+            return
+        fully_shard(self.net[2], mesh=self.device_mesh["data_parallel"])
+        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+
 def _module(names: list[str]) -> pl.LightningModule:
     """The module a group runs: a tiny GPT-2 for ILoRA, a diffusion module for erasure, with a BatchNorm for AdaB²N."""
     if "ILoRA" in names:
         return ShardedLMModule()
     if names == ERASURE_GROUP:
         return ShardedDiffusion()
+    if "LiNeSSweep" in names:
+        return ShardedRootModule()
     return ShardedNormModule() if "AdaB2N" in names else ShardedUserModule()
 
 
@@ -134,6 +149,10 @@ def _callbacks(names: list[str]) -> list[Callback]:
         "ContinualMetrics": lambda: cbs.ContinualMetrics(report=False),
         # Blocks net.0 (scale α) and net.2 (scale 1) by name; fixed α, applied at each fit's end.
         "LiNeS": lambda: cbs.LiNeS(alpha=0.3, save_plot=False),
+        # "lines" group: an α sweep scored by the module's task-0 val_acc (collective validation forwards) at each fit's
+        # end, and a fixed α at each task's end (relative to the task's start), both in one run.
+        "LiNeSSweep": lambda: cbs.LiNeS(alpha_grid=[1.0, 0.4, 0.0], monitor="val_acc/dataloader_idx_0", save_plot=False),
+        "LiNeSTaskEnd": lambda: cbs.LiNeS(alpha=0.5, apply_at="task_end", save_plot=False),
         # LoRA group (tests/test_sharded_contract.py "lora"): ILoRA on a tiny GPT-2 (LoRA on its attention),
         # GSLoRA on the user's two linears; no dropout (its draws differ by strategy).
         "ILoRA": lambda: cbs.ILoRA(lora={"r": 2, "alpha": 4.0, "dropout": 0.0, "kind": "attention"}, ema=0.5,
@@ -391,8 +410,13 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             trainer.fit(module, train, vals, datamodule=dm, ckpt_path=resume if task == 1 else None)
         except _Crash:
             return {"crashed": True}
+    from lightning_forget.sharding import reshard
+
+    reshard(module)  # a root unit with parameters keeps them gathered after the last validation's forwards
     out["params"] = _params(module)
-    out["states"] = {type(cb).__name__: _plain(cb.state_dict()) for cb in callbacks}
+    # keyed by the names given (a class can run twice in a group, e.g. LiNeSSweep and LiNeSTaskEnd)
+    out["states"] = {name: _plain(cb.state_dict()) for name, cb in zip(names, callbacks)}
+    out["classes"] = {name: type(cb).__name__ for name, cb in zip(names, callbacks)}
     out["param_types"] = sorted({type(p).__name__ for p in module.parameters()})
     for cb in callbacks:
         if type(cb).__name__ == "LiNeS":
@@ -401,6 +425,8 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             if cb.output_paths:
                 out["lines_files"] = {kind: {n: v.double().flatten().tolist() for n, v in torch.load(cb.output_paths[kind], weights_only=True).items()}
                                       for kind in ("scaled", "unscaled")}
+    out["lines_sweeps"] = {name: sorted(cb.sweep_scores.items()) for name, cb in zip(names, callbacks)
+                           if type(cb).__name__ == "LiNeS" and cb.alpha_grid is not None}
     for cb in callbacks:
         if type(cb).__name__ == "RefreshLearning":  # the Fisher as this rank's shards (numel)
             out["refresh_fisher_numel"] = [sum(t.numel() for t in cb.fisher.values()),
@@ -414,7 +440,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
         roundtrip = _callbacks(names)
         for fresh, cb in zip(roundtrip, callbacks):
             fresh.load_state_dict(cb.state_dict())
-        out["roundtrip"] = {type(cb).__name__: _plain(cb.state_dict()) for cb in roundtrip}
+        out["roundtrip"] = {name: _plain(cb.state_dict()) for name, cb in zip(names, roundtrip)}
     return out
 
 
