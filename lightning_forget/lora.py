@@ -75,6 +75,7 @@ __all__ = [
     "is_linear_like",
     "load_adapter",
     "load_adapter_state_dict",
+    "local_delta",
     "match_target_modules",
     "neutral_adapter_names",
     "peft_model_of",
@@ -357,6 +358,33 @@ class LoRASettings:
             return cls(**value)
         raise TypeError(message(argument, "a LoRASettings or a mapping of its fields", value,
                                 f"e.g. {argument}=LoRASettings(r=8, alpha=32) or {argument}={{'r': 8}}"))
+
+
+def local_delta(layer: nn.Module, adapter: str, owner: str) -> Tensor:
+    """A PEFT LoRA linear's ``ΔW = scale·B·A`` (transposed for ``fan_in_fan_out``), the block this
+    rank's shard of ``W`` holds under FSDP2 (the whole ``ΔW`` for plain weights).
+
+    The factors are adapter-sized and gathered whole (a collective when sharded: every rank calls
+    it for the same layers in the same order). ``owner`` names the caller in the error raised for a
+    LoRA layer that is not a linear (a convolution's delta is not a block product).
+    """
+    from lightning_forget.sharding import full_tensor, global_slice, local_view
+
+    base = layer.get_base_layer()
+    weight = base.weight
+    if not isinstance(base, nn.Linear) and not getattr(layer, "fan_in_fan_out", False):
+        raise RuntimeError(
+            f"{owner} merges LoRA on linear layers only under ModelParallelStrategy; {type(base).__name__} "
+            "is not one. Fix: target linear layers, or use strategy='ddp'."
+        )
+    a = full_tensor(layer.lora_A[adapter].weight).float()
+    b = full_tensor(layer.lora_B[adapter].weight).float()
+    rows, cols = global_slice(weight)
+    if getattr(layer, "fan_in_fan_out", False):  # W is (in, out): ΔW = (B·A)ᵀ
+        block = (b[cols] @ a[:, rows]).T
+    else:
+        block = b[rows] @ a[:, cols]
+    return (block * layer.scaling[adapter]).to(local_view(weight).dtype)
 
 
 def peft_model_of(module: nn.Module) -> nn.Module:

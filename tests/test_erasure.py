@@ -300,16 +300,18 @@ def test_gpu_scale_config_parses() -> None:
     assert exit_info.value.code in (0, None)
 
 
-def test_model_parallel_runs_esd_uce_and_ca_and_refuses_lora_and_doco_naming_the_reason() -> None:
+def test_model_parallel_runs_esd_uce_and_ca_and_refuses_conv_lora_and_doco_naming_the_reason() -> None:
     # ESD, UCE and ConceptAblation run under ModelParallelStrategy (tests/test_sharded_contract.py, group "erasure"); ESD's LoRA
-    # merge is not shard-wise yet: setup refuses it with the reason and the fix.
+    # merge is shard-wise for linear layers: setup refuses LoRA on convolutions with the reason and the fix.
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     trainer = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
-    with pytest.raises(RuntimeError, match=r"lora_rank=2\) under ModelParallelStrategy.*Fix: lora_rank=None"):
-        ESD(erase=[1], lora_rank=2).setup(trainer, tiny_diffusion(), "validate")
+    with pytest.raises(RuntimeError, match=r"lora_rank=2, parameters='all'\) under ModelParallelStrategy puts LoRA on "
+                                           r"layers that are not Linear.*Fix: a set of linear layers"):
+        ESD(erase=[1], lora_rank=2, parameters="all").setup(trainer, tiny_diffusion(), "validate")
+    ESD(erase=[1], lora_rank=2).setup(trainer, tiny_diffusion(), "validate")  # LoRA on linears: group "erasure_lora"
     ESD(erase=[1]).setup(trainer, tiny_diffusion(), "validate")
     UCE(erase=[1]).setup(trainer, tiny_diffusion(), "validate")
     ConceptAblation(erase=[1]).setup(trainer, tiny_diffusion(), "validate")

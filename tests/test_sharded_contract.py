@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.sharded_run import ERASURE_GROUP, FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
+from tests.helpers.sharded_run import ERASURE_GROUP, ERASURE_LORA_GROUP, FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
 
 GROUPS = {
     "replay": FIRST_GROUP,
@@ -43,6 +43,8 @@ GROUPS = {
     "erasure": ERASURE_GROUP,
     # LiNeS' α sweep scored by validation forwards (every rank runs them) and its task-end edit, in one run
     "lines": ["LiNeSSweep", "LiNeSTaskEnd"],
+    # ESD with LoRA (rank 2) on the cross-attention of the same sharded diffusion module
+    "erasure_lora": ERASURE_LORA_GROUP,
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -87,13 +89,13 @@ def _close(a: Any, b: Any) -> bool:
 def test_sharded_run_equals_ddp_and_one_process(launches, group, name) -> None:
     result = launches[group]
     sharded = result["sharded"]
-    unsharded = ["Parameter"] if group == "erasure" else []  # the diffusion module's frozen concept table
+    unsharded = ["Parameter"] if group.startswith("erasure") else []  # the diffusion module's frozen concept table
     assert sharded["param_types"] == ["DTensor", *unsharded], "the module's parameters were not sharded"
     assert torch.allclose(_params(sharded), _params(result["ddp"]), atol=TOL, rtol=TOL)
     assert _close(sharded["states"][name], result["ddp"]["states"][name])
     # Per-rank draws (replay, k-FPF's gathered buffer, BatchNorm statistics, the diffusion module's own
     # loss), as under DDP: no one-process comparison.
-    if name not in PER_RANK and group != "erasure":
+    if name not in PER_RANK and not group.startswith("erasure"):
         alone = result["sharded_alone"]
         assert torch.allclose(_params(alone), _params(result["single"]), atol=TOL, rtol=TOL)
         assert _close(alone["states"][name], result["single"]["states"][name])

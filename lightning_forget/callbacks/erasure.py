@@ -28,7 +28,8 @@ from lightning_forget.distributed import rank_generator
 from lightning_forget.losses import output_loss, remove_training_step_hooks, training_step_hooks
 from lightning_forget.modules.diffusion import Concept, ddim_sample, guided_eps
 from lightning_forget.precision import forward_context
-from lightning_forget.sharding import is_sharded
+from lightning_forget.lora import local_delta
+from lightning_forget.sharding import edit_local, is_sharded, local_view, reshard
 from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback, atomic_edit, strategy_name
 from lightning_forget.unlearning.erasure import cross_attention_projections, esd_target, parameter_set, uce_edit_projections
 from lightning_forget.unlearning.reference import ReferenceModel, has_lora_adapters
@@ -115,8 +116,8 @@ class ErasureMethod(ContinualCallback):
     Note:
         Saved state: ``teacher`` (CPU weights of the teacher copy, or ``None``), ``version``.
         Supported strategies: single device and DDP; :class:`ESD` and :class:`UCE` also
-        ``ModelParallelStrategy`` (FSDP2; the teacher as each rank's local shards, :class:`~lightning_forget.unlearning.ReferenceModel`'s sharded mode;
-        LoRA refused there).
+        ``ModelParallelStrategy`` (FSDP2; the teacher as each rank's local shards, :class:`~lightning_forget.unlearning.ReferenceModel`'s sharded mode,
+        or the adapters disabled with LoRA; LoRA on linear layers only there, merged shard-wise).
     """
 
     supported_strategies = DDP_STRATEGIES
@@ -291,14 +292,19 @@ class ErasureMethod(ContinualCallback):
         for concept in self.erase + (self.keep or []):  # type: ignore[operator]
             for c in concept if isinstance(concept, list) else [concept]:
                 self._index(pl_module, c, "erase" if self.keep is None or c not in self.keep else "keep")
-        if self.lora_rank is not None and strategy_name(trainer.strategy) in SHARDED_STRATEGIES:
-            raise RuntimeError(
-                f"{type(self).__name__}(lora_rank={self.lora_rank}) under ModelParallelStrategy: the LoRA merge at each "
-                "task's end adds whole B·A deltas to the base weights, which are not yet split into shards. Fix: "
-                "lora_rank=None (full fine-tuning of the parameter set, teacher kept as local shards), or strategy='ddp'."
-            )
         if self.trains:
             self.select_parameters(pl_module)
+        if self.lora_rank is not None and strategy_name(trainer.strategy) in SHARDED_STRATEGIES:
+            from peft.tuners.lora import LoraLayer
+
+            convs = [n for n, m in pl_module.unet.named_modules()
+                     if isinstance(m, LoraLayer) and not isinstance(m.get_base_layer(), torch.nn.Linear)]
+            if convs:
+                raise RuntimeError(
+                    f"{type(self).__name__}(lora_rank={self.lora_rank}, parameters={self.parameters!r}) under "
+                    f"ModelParallelStrategy puts LoRA on layers that are not Linear ({convs[:3]}); the merge at each "
+                    "task's end is shard-wise for linear layers only. Fix: a set of linear layers (e.g. "
+                    "parameters='x', the cross-attention), lora_rank=None, or strategy='ddp'.")
         if self.teacher is None or not self.teacher.sharded or self.teacher.module is not pl_module:
             self.teacher = None  # rebuilt from the saved state (one fit per task keeps a sharded teacher's shards)
         if stage != "fit" or not self.trains:
@@ -386,16 +392,25 @@ class ErasureMethod(ContinualCallback):
 
 @torch.no_grad()
 def merge_lora_into_base(unet: torch.nn.Module) -> None:
-    """Add every LoRA layer's delta to its base weight and zero ``lora_B`` (the adapters then add nothing)."""
+    """Add every LoRA layer's delta to its base weight and zero ``lora_B`` (the adapters then add nothing).
+
+    Under FSDP2 shard-wise: each rank adds the block of ``ΔW`` its shard of the base weight holds
+    (:func:`lightning_forget.lora.local_delta`, linear layers only) and zeroes its shard of ``lora_B``.
+    """
     from peft.tuners.lora import LoraLayer
 
+    reshard(unet)  # the sharded weights, not copies an evaluation forward left gathered
     for module in unet.modules():
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    base = module.get_base_layer()
-                    base.weight.add_(module.get_delta_weight(adapter).to(base.weight.dtype))
-                    module.lora_B[adapter].weight.zero_()
+                    weight = module.get_base_layer().weight
+                    if is_sharded(weight):
+                        delta = local_delta(module, adapter, "merge_lora_into_base")
+                    else:
+                        delta = module.get_delta_weight(adapter)
+                    edit_local(weight, lambda local, d: local + d.to(local.device, local.dtype), delta)
+                    local_view(module.lora_B[adapter].weight).zero_()
 
 
 class ESD(ErasureMethod):
@@ -431,7 +446,7 @@ class ESD(ErasureMethod):
     method_name = "ESD"
     log_prefix = "esd"
     default_parameters = "x"
-    #: Under ModelParallelStrategy the teacher is kept as local shards (:class:`~lightning_forget.unlearning.ReferenceModel`); LoRA is refused.
+    #: Under ModelParallelStrategy the teacher is kept as local shards (:class:`~lightning_forget.unlearning.ReferenceModel`); LoRA on linears.
     supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
 
     def __init__(self, erase: ConceptSpec, negative_guidance: float = 1.0, erase_from: Optional[Concept] = None,

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from lightning_forget.batch import BatchFields, stream_names
 from lightning_forget.forward import ModelForward
-from lightning_forget.lora import LoRASettings, find_blocks
+from lightning_forget.lora import LoRASettings, find_blocks, local_delta
 from lightning_forget.losses import remove_training_step_hooks, training_step_hooks
 from lightning_forget.precision import forward_context
 from lightning_forget.sharding import (
@@ -373,22 +373,8 @@ class GSLoRA(ContinualCallback):
 
     @staticmethod
     def _local_delta(layer: nn.Module) -> Tensor:
-        """The block of a sharded LoRA linear's ``ΔW = scale·B·A`` (transposed for ``fan_in_fan_out``)
-        that this rank's shard of ``W`` holds."""
-        weight = layer.get_base_layer().weight
-        if not isinstance(layer.get_base_layer(), nn.Linear) and not getattr(layer, "fan_in_fan_out", False):
-            raise RuntimeError(
-                f"GSLoRA merges LoRA on linear layers only under ModelParallelStrategy; {type(layer.get_base_layer()).__name__} "
-                "is not one. Fix: target linear layers (`target_modules`), or use strategy='ddp'."
-            )
-        a = full_tensor(layer.lora_A[ADAPTER].weight).float()
-        b = full_tensor(layer.lora_B[ADAPTER].weight).float()
-        rows, cols = global_slice(weight)
-        if getattr(layer, "fan_in_fan_out", False):  # W is (in, out): ΔW = (B·A)ᵀ
-            block = (b[cols] @ a[:, rows]).T
-        else:
-            block = b[rows] @ a[:, cols]
-        return (block * layer.scaling[ADAPTER]).to(local_view(weight).dtype)
+        """The block of a sharded LoRA linear's ``ΔW`` this rank's shard of ``W`` holds (:func:`~lightning_forget.lora.local_delta`)."""
+        return local_delta(layer, ADAPTER, "GSLoRA")
 
     def undo(self, pl_module: nn.Module, task: int) -> None:
         """Subtract task ``task``'s merged ``ΔW`` from the base weights (needs ``keep_deltas``)."""

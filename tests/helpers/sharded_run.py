@@ -115,7 +115,7 @@ def _module(names: list[str]) -> pl.LightningModule:
     """The module a group runs: a tiny GPT-2 for ILoRA, a diffusion module for erasure, with a BatchNorm for AdaB²N."""
     if "ILoRA" in names:
         return ShardedLMModule()
-    if names == ERASURE_GROUP:
+    if _is_erasure(names):
         return ShardedDiffusion()
     if "LiNeSSweep" in names:
         return ShardedRootModule()
@@ -568,6 +568,8 @@ def _plain_module(names: list[str]) -> pl.LightningModule:
             cb._wrap(module)
         elif type(cb).__name__ == "GSLoRA":
             cb._inject(module)
+        elif type(cb).__name__ == "ESD" and cb.lora_rank is not None:
+            cb.select_parameters(module)  # its LoRA layers
     return module
 
 
@@ -581,6 +583,11 @@ def _same_outputs(module: pl.LightningModule, plain: pl.LightningModule) -> floa
     elif hasattr(module, "net"):
         x = torch.randn(5, 8, generator=torch.Generator().manual_seed(7))
         outs = [m.net(x) for m in (module, plain)]
+    elif set(dict(module.named_parameters())) != set(dict(plain.named_parameters())):  # ESD's LoRA merged away
+        config, gen = module.unet.config, torch.Generator().manual_seed(7)
+        x = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=gen)
+        context = torch.randn(2, 1, config.cross_attention_dim, generator=gen)
+        outs = [m.unet(x, torch.tensor([3, 17]), encoder_hidden_states=context).sample for m in (module, plain)]
     else:  # no method layer merged away (the diffusion module): the same parameters
         a, b = dict(module.named_parameters()), dict(plain.named_parameters())
         return max(float((a[n] - b[n]).abs().max()) for n in a)
@@ -645,7 +652,7 @@ def main(root: Path, names: list[str]) -> None:
     results["ddp"] = run(root / "c", "ddp", names)
     # One process at the same global batch: replay draws per rank (as under DDP), so the replay
     # callbacks are left out of this comparison, and the sharded run is repeated without them.
-    alone = [name for name in names if name not in PER_RANK and name not in ERASURE_GROUP]
+    alone = [name for name in names if name not in PER_RANK and not _is_erasure([name])]
     rank = torch.distributed.get_rank()
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
@@ -685,6 +692,15 @@ def main(root: Path, names: list[str]) -> None:
 #: denoising loss (and ESD's samples) draw per rank, as under DDP, so the runs are compared with DDP, not with one
 #: process.
 ERASURE_GROUP = ["ESD", "UCE", "ConceptAblation", "ErasureEvaluation"]
+#: ESD with PEFT LoRA on the cross-attention's linears (injected before configure_model shards them, merged shard-wise
+#: at each task's end, the teacher the module with its adapters disabled): a group of its own, as ESD's parameter set
+#: and LoRA's would freeze each other in one run.
+ERASURE_LORA_GROUP = ["ESDLoRA"]
+
+
+def _is_erasure(names: list[str]) -> bool:
+    """A group of erasure callbacks (on the diffusion module, its own draws per rank)."""
+    return bool(set(names) & {*ERASURE_GROUP, *ERASURE_LORA_GROUP})
 
 
 def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
@@ -692,6 +708,7 @@ def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
 
     return {"ESD": lambda: ESD(erase=[[0], [2]], ddim_steps=2, seed=1),
             "UCE": lambda: UCE(erase=[[1], [3]], when="task_end"),
+            "ESDLoRA": lambda: ESD(erase=[[0], [2]], lora_rank=2, ddim_steps=2, seed=1),
             # anchors sampled with the sharded teacher (4 a task, 2 DDIM steps), the same on every rank
             "ConceptAblation": lambda: ConceptAblation(erase=[[1], [3]], num_anchor_samples=4, sample_steps=2, batch_size=2,
                                                        seed=1),
@@ -703,14 +720,14 @@ def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
 def _erasure_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
     """ESD's teacher: the entries this rank holds against the module's (local shards under FSDP2, a full copy under DDP)."""
     for cb in callbacks:
-        if type(cb).__name__ == "ESD" and cb.teacher is not None:
+        if type(cb).__name__ == "ESD" and cb.teacher is not None and cb.teacher.weights is not None:
             out["esd_teacher_numel"] = [sum(v.numel() for v in cb.teacher.weights.values()),
                                         sum(p.numel() for p in module.parameters())]
             out["esd_table_numel"] = int(module.concept_embeddings.numel())
 
 
 def _data_for(names: list[str]) -> Any:
-    if names != ERASURE_GROUP:
+    if not _is_erasure(names):
         return None
     from tests.helpers.diffusion import DigitImageStream
 
