@@ -102,7 +102,7 @@ def _module(names: list[str]) -> pl.LightningModule:
     """The module a group runs: a tiny GPT-2 for ILoRA, a diffusion module for erasure, with a BatchNorm for AdaB²N."""
     if "ILoRA" in names:
         return ShardedLMModule()
-    if names == ERASURE_GROUP:
+    if _is_erasure(names):
         return ShardedDiffusion()
     return ShardedNormModule() if "AdaB2N" in names else ShardedUserModule()
 
@@ -148,6 +148,7 @@ def _callbacks(names: list[str]) -> list[Callback]:
     make.update(_gradient_callbacks())
     make.update(_unlearning_callbacks())
     make.update(_erasure_callbacks())
+    make.update(_erasure_b_callbacks())
     return [make[name]() for name in names]
 
 
@@ -391,6 +392,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
     out["unlearning_numel"] = _unlearning_layout(callbacks, module)
     out.update(_lora_extras(root, module, callbacks))
     _erasure_report(out, callbacks, module)
+    _erasure_b_report(out, callbacks, module)
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
@@ -602,7 +604,7 @@ def main(root: Path, names: list[str]) -> None:
     results["ddp"] = run(root / "c", "ddp", names)
     # One process at the same global batch: replay draws per rank (as under DDP), so the replay
     # callbacks are left out of this comparison, and the sharded run is repeated without them.
-    alone = [name for name in names if name not in PER_RANK and name not in ERASURE_GROUP]
+    alone = [name for name in names if name not in PER_RANK and not _is_erasure(names)]
     rank = torch.distributed.get_rank()
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
@@ -667,7 +669,7 @@ def _erasure_report(out: dict[str, Any], callbacks: list[Callback], module: nn.M
 
 
 def _data_for(names: list[str]) -> Any:
-    if names != ERASURE_GROUP:
+    if not _is_erasure(names):
         return None
     from tests.helpers.diffusion import DigitImageStream
 
@@ -694,6 +696,42 @@ def ShardedDiffusion() -> pl.LightningModule:  # noqa: N802 - a factory named as
     module = _ShardedDiffusion(**{**TINY_UNET, "num_classes": 2 * NUM_TASKS})
     module.concept_embeddings.requires_grad_(False)
     return module
+
+
+# ---------------------------------------------------------------------------- concept erasure b (DoCo, SalUnDiffusion)
+#: DoCo and SalUnDiffusion on the erasure group's diffusion module, compared with DDP as that group is.
+ERASURE_B_GROUP = ["DoCo", "SalUnDiffusion"]
+
+
+def _is_erasure(names: list[str]) -> bool:
+    return names in (ERASURE_GROUP, ERASURE_B_GROUP)
+
+
+def _erasure_b_callbacks() -> dict[str, Callable[[], Callback]]:
+    from lightning_forget.callbacks import DoCo, SalUnDiffusion
+
+    return {
+        # adversarial from global step 3 (task 0's step 3, and all of task 1, where the resume is); the surgery
+        # (cosines over all shards, both gradients clipped by their norm over all shards) adds the preservation
+        # gradient, so SalUn's term (inside it) moves the weights too
+        "DoCo": lambda: DoCo(erase=[[1], [3]], num_anchor_samples=4, sample_steps=2, batch_size=2, discriminator_warmup=2,
+                             discriminator_width=4, discriminator_blocks=1, add_preservation=True, seed=1),
+        # the mask (global top half over all shards) over every Linear/Conv (the last setup's parameter set wins):
+        # not "full", which would train the module's unsharded concept table
+        "SalUnDiffusion": lambda: SalUnDiffusion(erase=[[0], [2]], parameters="all", num_forget_samples=4, sample_steps=2,
+                                                 batch_size=2, mask_batch_size=2, seed=2),
+    }
+
+
+def _erasure_b_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
+    """SalUn's mask: the entries this rank holds against the trained parameters' (local shards under FSDP2); DoCo's
+    last surgery's per-tensor cosines."""
+    for cb in callbacks:
+        if type(cb).__name__ == "SalUnDiffusion" and cb.mask is not None:
+            out["salun_mask_numel"] = [sum(m.numel() for m in cb.mask.masks.values()),
+                                       sum(p.numel() for p in module.parameters() if p.requires_grad)]
+        if type(cb).__name__ == "DoCo" and cb._surgery is not None and cb._surgery.last is not None:
+            out["doco_cosines"] = [float(c) for _, c in sorted(cb._surgery.last.cosines.items())]
 
 
 if __name__ == "__main__":
