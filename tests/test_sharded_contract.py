@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.sharded_run import ERASURE_GROUP, FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
+from tests.helpers.sharded_run import ERASURE_B_GROUP, ERASURE_GROUP, FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
 
 GROUPS = {
     "replay": FIRST_GROUP,
@@ -41,6 +41,9 @@ GROUPS = {
     "lora_gslora": ["GSLoRA"],
     # ESD and UCE on a user's diffusion module sharding its UNet blocks (its concept table frozen, not sharded)
     "erasure": ERASURE_GROUP,
+    # DoCo (discriminator replicated, gradient surgery over all shards) and SalUnDiffusion (saliency mask: a global
+    # top-k over all shards, held as local shards) together on that module
+    "erasure_b": ERASURE_B_GROUP,
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -85,13 +88,13 @@ def _close(a: Any, b: Any) -> bool:
 def test_sharded_run_equals_ddp_and_one_process(launches, group, name) -> None:
     result = launches[group]
     sharded = result["sharded"]
-    unsharded = ["Parameter"] if group == "erasure" else []  # the diffusion module's frozen concept table
+    unsharded = ["Parameter"] if group.startswith("erasure") else []  # the diffusion module's frozen concept table
     assert sharded["param_types"] == ["DTensor", *unsharded], "the module's parameters were not sharded"
     assert torch.allclose(_params(sharded), _params(result["ddp"]), atol=TOL, rtol=TOL)
     assert _close(sharded["states"][name], result["ddp"]["states"][name])
     # Per-rank draws (replay, k-FPF's gathered buffer, BatchNorm statistics, the diffusion module's own
     # loss), as under DDP: no one-process comparison.
-    if name not in PER_RANK and group != "erasure":
+    if name not in PER_RANK and not group.startswith("erasure"):
         alone = result["sharded_alone"]
         assert torch.allclose(_params(alone), _params(result["single"]), atol=TOL, rtol=TOL)
         assert _close(alone["states"][name], result["single"]["states"][name])
@@ -205,3 +208,16 @@ def test_esd_keeps_its_teacher_as_local_shards(launches) -> None:
     assert local - table <= (total - table) // 2 + 64 and result["ddp"]["esd_teacher_numel"] == [total, total]
     # the teacher differs from the final weights (ESD trained after taking it) and equals DDP's, gathered
     assert not _close(result["sharded"]["states"]["ESD"]["method"]["teacher"], result["sharded"]["params"])
+
+
+def test_salun_mask_is_held_as_shards_and_doco_surgery_takes_cosines_over_all_shards(launches) -> None:
+    """SalUnDiffusion's mask is rank 0's shards (a full copy under DDP), the gathered one equal to DDP's (through the
+    state compared above); DoCo's last surgery's per-tensor cosines are over the whole tensors, as under DDP."""
+    sharded, ddp = launches["erasure_b"]["sharded"], launches["erasure_b"]["ddp"]
+    local, total = sharded["salun_mask_numel"]
+    assert 0 < local < total and ddp["salun_mask_numel"] == [total, total]
+    masks = sharded["states"]["SalUnDiffusion"]["method"]["mask"]["masks"]
+    assert sum(sum(m) for m in masks.values()) == round(0.5 * total)  # the global top half, gathered whole
+    cosines = torch.tensor(sharded["doco_cosines"])
+    assert bool((cosines < 0).any())  # some tensors conflicted: the surgery acted
+    assert torch.allclose(cosines, torch.tensor(ddp["doco_cosines"]), atol=TOL)

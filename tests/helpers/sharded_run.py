@@ -103,7 +103,7 @@ def _module(names: list[str]) -> pl.LightningModule:
     if "ILoRA" in names:
         return ShardedLMModule()
     if _is_erasure(names):
-        return ShardedDiffusion()
+        return _erasure_b_module() if names == ERASURE_B_GROUP else ShardedDiffusion()
     return ShardedNormModule() if "AdaB2N" in names else ShardedUserModule()
 
 
@@ -721,6 +721,15 @@ def _erasure_b_callbacks() -> dict[str, Callable[[], Callback]]:
         "SalUnDiffusion": lambda: SalUnDiffusion(erase=[[0], [2]], parameters="all", num_forget_samples=4, sample_steps=2,
                                                  batch_size=2, mask_batch_size=2, seed=2),
     }
+
+
+def _erasure_b_module() -> pl.LightningModule:
+    """The erasure group's module at AdamW lr 1e-4 (not 1e-3): Adam scales each entry's step by its own gradient
+    size, so entries whose gradient is rounding noise would move by O(lr) in directions that differ between the
+    sharded and the DDP run (reductions in another order)."""
+    module = ShardedDiffusion()
+    module.lr = 1e-4
+    return module
 
 
 def _erasure_b_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
