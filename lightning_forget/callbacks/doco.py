@@ -14,7 +14,7 @@ from lightning_forget.gradients import synced_gradients
 from lightning_forget.modules.diffusion import Concept
 from lightning_forget.nn.discriminator import PatchGANDiscriminator, patchgan_blocks
 from lightning_forget.precision import forward_context
-from lightning_forget.sharding import is_sharded
+from lightning_forget.sharding import is_sharded, reshard
 from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES
 from lightning_forget.unlearning.surgery import SURGERY_MODES, GradientSurgery
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str
@@ -198,8 +198,9 @@ class DoCo(ConceptAblation):
         pl_module.log("doco/cdc_loss", cdc.detach(), on_step=True, on_epoch=False)
         if self._surgery is None:
             return cdc
-        # the module: its trainable parameters, under FSDP2 the sharded ones (not a unit's gathered copies)
-        self._surgery.add(cdc, pl_module, scale=1.0 / trainer.accumulate_grad_batches)
+        reshard(pl_module)  # FSDP2: the sharded parameters, not a root unit's weights gathered since the forward
+        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        self._surgery.add(cdc, params, scale=1.0 / trainer.accumulate_grad_batches)
         return None
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
