@@ -212,7 +212,9 @@ def test_esd_keeps_its_teacher_as_local_shards(launches) -> None:
 
 def test_salun_mask_is_held_as_shards_and_doco_surgery_takes_cosines_over_all_shards(launches) -> None:
     """SalUnDiffusion's mask is rank 0's shards (a full copy under DDP), the gathered one equal to DDP's (through the
-    state compared above); DoCo's last surgery's per-tensor cosines are over the whole tensors, as under DDP."""
+    state compared above); DoCo's last surgery's per-tensor cosines are over the whole tensors, as under DDP, and its
+    replicated discriminator is the same on every rank (its gradient averaged over the ranks: each sees its own
+    batch, so the state comparison of rank 0 alone would not see a missing average)."""
     sharded, ddp = launches["erasure_b"]["sharded"], launches["erasure_b"]["ddp"]
     local, total = sharded["salun_mask_numel"]
     assert 0 < local < total and ddp["salun_mask_numel"] == [total, total]
@@ -221,3 +223,5 @@ def test_salun_mask_is_held_as_shards_and_doco_surgery_takes_cosines_over_all_sh
     cosines = torch.tensor(sharded["doco_cosines"])
     assert bool((cosines < 0).any())  # some tensors conflicted: the surgery acted
     assert torch.allclose(cosines, torch.tensor(ddp["doco_cosines"]), atol=TOL)
+    for run in (sharded, launches["erasure_b"]["resumed"], ddp):
+        assert run["doco_discriminator_spread"] == 0.0

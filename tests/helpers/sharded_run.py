@@ -734,13 +734,20 @@ def _erasure_b_module() -> pl.LightningModule:
 
 def _erasure_b_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
     """SalUn's mask: the entries this rank holds against the trained parameters' (local shards under FSDP2); DoCo's
-    last surgery's per-tensor cosines."""
+    last surgery's per-tensor cosines and how far its discriminator differs between the ranks."""
     for cb in callbacks:
         if type(cb).__name__ == "SalUnDiffusion" and cb.mask is not None:
             out["salun_mask_numel"] = [sum(m.numel() for m in cb.mask.masks.values()),
                                        sum(p.numel() for p in module.parameters() if p.requires_grad)]
         if type(cb).__name__ == "DoCo" and cb._surgery is not None and cb._surgery.last is not None:
             out["doco_cosines"] = [float(c) for _, c in sorted(cb._surgery.last.cosines.items())]
+        if type(cb).__name__ == "DoCo" and cb.discriminator is not None and torch.distributed.is_initialized():
+            # the replicated discriminator: its largest difference between the ranks (a collective, every rank here)
+            flat = torch.cat([p.detach().flatten() for p in cb.discriminator.parameters()])
+            high, low = flat.clone(), flat.clone()
+            torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+            out["doco_discriminator_spread"] = float((high - low).max())
 
 
 if __name__ == "__main__":
