@@ -433,12 +433,6 @@ _REFUSALS: dict[str, str] = {
     # concept erasure (callbacks/erasure.py and the methods built on ErasureMethod)
     "ErasureMethod": "Its sharded teacher (local shards swapped into the module) is checked against DDP for ESD "
     "and ConceptAblation only; a method built on it runs sharded once its step is (ESD, ConceptAblation and UCE do).",
-    "DoCo": "Its discriminator is a replicated module outside the sharded model, trained by the callback's own "
-    "optimizer (nothing all-reduces its gradients under ModelParallelStrategy), its gradient surgery reads "
-    "whole parameter gradients, and its teacher runs the module with whole weight tensors swapped in.",
-    "SalUnDiffusion": "Its saliency mask is computed from a gradient taken at task start outside the training "
-    "step (which does not reach FSDP2's sharded parameters) and held as whole tensors, and its teacher runs the "
-    "module with whole weight tensors swapped in.",
     "SFD": "Its fake-score network is a second set of whole UNet weights run through the module "
     "(torch.func.functional_call) and trained by the callback's own optimizer with torch.autograd.grad outside "
     "the training step, neither of which works on FSDP2's sharded parameters.",

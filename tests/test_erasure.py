@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_forget.callbacks import ESD, UCE, ConceptAblation, DoCo
+from lightning_forget.callbacks import ESD, UCE, ConceptAblation, DoCo, SalUnDiffusion
 from lightning_forget.callbacks.erasure_eval import ErasureEvaluation, evaluate_erasure
 from lightning_forget.distributed import rank_generator
 from lightning_forget.modules.diffusion import ddim_sample, digits_data
@@ -300,7 +300,7 @@ def test_gpu_scale_config_parses() -> None:
     assert exit_info.value.code in (0, None)
 
 
-def test_model_parallel_runs_esd_uce_and_ca_and_refuses_conv_lora_and_doco_naming_the_reason() -> None:
+def test_model_parallel_runs_the_erasure_methods_and_refuses_conv_lora_naming_the_fix() -> None:
     # ESD, UCE and ConceptAblation run under ModelParallelStrategy (tests/test_sharded_contract.py, group "erasure"); ESD's LoRA
     # merge is shard-wise for linear layers: setup refuses LoRA on convolutions with the reason and the fix.
     from types import SimpleNamespace
@@ -315,8 +315,12 @@ def test_model_parallel_runs_esd_uce_and_ca_and_refuses_conv_lora_and_doco_namin
     ESD(erase=[1]).setup(trainer, tiny_diffusion(), "validate")
     UCE(erase=[1]).setup(trainer, tiny_diffusion(), "validate")
     ConceptAblation(erase=[1]).setup(trainer, tiny_diffusion(), "validate")
-    with pytest.raises(RuntimeError, match="DoCo does not support strategy='model_parallel'.*discriminator"):
-        DoCo(erase=[1]).setup(trainer, tiny_diffusion(), "validate")
+    # DoCo and SalUnDiffusion run sharded (group "erasure_b"); their LoRA (not checked sharded, unlike ESD's) is refused
+    DoCo(erase=[1]).setup(trainer, tiny_diffusion(), "validate")
+    SalUnDiffusion(erase=[1]).setup(trainer, tiny_diffusion(), "validate")
+    for method in (DoCo, SalUnDiffusion):
+        with pytest.raises(RuntimeError, match=rf"{method.__name__}\(lora_rank=2\) under ModelParallelStrategy.*Fix"):
+            method(erase=[1], lora_rank=2).setup(trainer, tiny_diffusion(), "validate")
 
 
 def test_evaluation_samples_as_many_images_on_every_rank_and_gathers_the_one_process_result() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.sharded_run import ERASURE_GROUP, ERASURE_LORA_GROUP, FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
+from tests.helpers.sharded_run import ERASURE_B_GROUP, ERASURE_GROUP, ERASURE_LORA_GROUP, FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
 
 GROUPS = {
     "replay": FIRST_GROUP,
@@ -45,6 +45,9 @@ GROUPS = {
     "lines": ["LiNeSSweep", "LiNeSTaskEnd"],
     # ESD with LoRA (rank 2) on the cross-attention of the same sharded diffusion module
     "erasure_lora": ERASURE_LORA_GROUP,
+    # DoCo (discriminator replicated, gradient surgery over all shards) and SalUnDiffusion (saliency mask: a global
+    # top-k over all shards, held as local shards) together on that module
+    "erasure_b": ERASURE_B_GROUP,
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
@@ -225,3 +228,20 @@ def test_esd_keeps_its_teacher_as_local_shards(launches) -> None:
     assert local - table <= (total - table) // 2 + 64 and result["ddp"]["esd_teacher_numel"] == [total, total]
     # the teacher differs from the final weights (ESD trained after taking it) and equals DDP's, gathered
     assert not _close(result["sharded"]["states"]["ESD"]["method"]["teacher"], result["sharded"]["params"])
+
+
+def test_salun_mask_is_held_as_shards_and_doco_surgery_takes_cosines_over_all_shards(launches) -> None:
+    """SalUnDiffusion's mask is rank 0's shards (a full copy under DDP), the gathered one equal to DDP's (through the
+    state compared above); DoCo's last surgery's per-tensor cosines are over the whole tensors, as under DDP, and its
+    replicated discriminator is the same on every rank (its gradient averaged over the ranks: each sees its own
+    batch, so the state comparison of rank 0 alone would not see a missing average)."""
+    sharded, ddp = launches["erasure_b"]["sharded"], launches["erasure_b"]["ddp"]
+    local, total = sharded["salun_mask_numel"]
+    assert 0 < local < total and ddp["salun_mask_numel"] == [total, total]
+    masks = sharded["states"]["SalUnDiffusion"]["method"]["mask"]["masks"]
+    assert sum(sum(m) for m in masks.values()) == round(0.5 * total)  # the global top half, gathered whole
+    cosines = torch.tensor(sharded["doco_cosines"])
+    assert bool((cosines < 0).any())  # some tensors conflicted: the surgery acted
+    assert torch.allclose(cosines, torch.tensor(ddp["doco_cosines"]), atol=TOL)
+    for run in (sharded, launches["erasure_b"]["resumed"], ddp):
+        assert run["doco_discriminator_spread"] == 0.0

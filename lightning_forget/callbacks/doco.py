@@ -14,7 +14,8 @@ from lightning_forget.gradients import synced_gradients
 from lightning_forget.modules.diffusion import Concept
 from lightning_forget.nn.discriminator import PatchGANDiscriminator, patchgan_blocks
 from lightning_forget.precision import forward_context
-from lightning_forget.tasks import DDP_STRATEGIES
+from lightning_forget.sharding import is_sharded, reshard
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES
 from lightning_forget.unlearning.surgery import SURGERY_MODES, GradientSurgery
 from lightning_forget.validation import check_bool, check_choice, check_float, check_int, check_str
 
@@ -83,15 +84,20 @@ class DoCo(ConceptAblation):
 
     Note:
         Saved state: the base's ``teacher``, plus ``discriminator`` (weights) and
-        ``discriminator_optimizer`` (Adam state). Supported strategies: single device and DDP (the
-        discriminator's gradient is averaged across ranks; it starts from the same seeded weights).
+        ``discriminator_optimizer`` (Adam state). Supported strategies: single device, DDP (the
+        discriminator's gradient is averaged across ranks; it starts from the same seeded weights)
+        and ``ModelParallelStrategy`` (FSDP2; ``lora_rank`` refused there): the teacher and the
+        anchors as :class:`ConceptAblation`'s, the discriminator replicated (its gradient averaged
+        over the ranks as under DDP), the surgery's norms and dot products over all shards and its
+        edit shard-wise (:class:`~lightning_forget.unlearning.GradientSurgery`).
     """
 
     method_name = "DoCo"
     log_prefix = "doco"
-    #: Not ConceptAblation's sharded support: the discriminator and its optimizer live outside the sharded model
-    #: (see lightning_forget.sharding's refusal table).
-    supported_strategies = DDP_STRATEGIES
+    #: Under ModelParallelStrategy (ConceptAblation's sharded teacher and anchors) the discriminator stays replicated
+    #: (small, outside the sharded model): its gradient is averaged over the ranks as under DDP; the surgery's
+    #: cosines are over all shards.
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
     default_parameters = "cross-attn"
     state_arguments = ConceptAblation.state_arguments + ("discriminator_width", "discriminator_blocks")
 
@@ -192,11 +198,17 @@ class DoCo(ConceptAblation):
         pl_module.log("doco/cdc_loss", cdc.detach(), on_step=True, on_epoch=False)
         if self._surgery is None:
             return cdc
+        reshard(pl_module)  # FSDP2: the sharded parameters, not a root unit's weights gathered since the forward
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         self._surgery.add(cdc, params, scale=1.0 / trainer.accumulate_grad_batches)
         return None
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        if trainer.global_step <= self.discriminator_warmup + 1 and is_sharded(pl_module):
+            # No update yet in this fit (the warm-up leaves the gradients empty): any state the model's optimizer
+            # holds is the lr-0 step torch.distributed.checkpoint takes to create it at a sharded save or load; an
+            # Adam would count it in its bias correction, which DDP's run does not. The first update is Adam's first.
+            getattr(optimizer, "_optimizer", optimizer).state.clear()
         if not self._adversarial_phase(trainer):
             for p in pl_module.parameters():  # the warm-up trains the discriminator only
                 p.grad = None

@@ -131,6 +131,8 @@ class ErasureMethod(ContinualCallback):
     #: Whether the method trains (``False``: a closed-form edit; no parameters are frozen).
     trains: bool = True
     state_arguments: tuple[str, ...] = ("erase", "parameters", "lora_rank", "lora_alpha")
+    #: Whether ``lora_rank`` runs under ModelParallelStrategy (ESD: its shard-wise merge is tested; refused otherwise).
+    sharded_lora: bool = False
     task_end_edits_weights = True
 
     def __init__(
@@ -294,6 +296,11 @@ class ErasureMethod(ContinualCallback):
                 self._index(pl_module, c, "erase" if self.keep is None or c not in self.keep else "keep")
         if self.trains:
             self.select_parameters(pl_module)
+        if self.lora_rank is not None and strategy_name(trainer.strategy) in SHARDED_STRATEGIES and not self.sharded_lora:
+            raise RuntimeError(
+                f"{type(self).__name__}(lora_rank={self.lora_rank}) under ModelParallelStrategy: LoRA on a sharded module "
+                "is checked against DDP for ESD only (its shard-wise merge); this method's LoRA path is not. Fix: "
+                "lora_rank=None (full fine-tuning of the parameter set, sharded), or strategy='ddp'.")
         if self.lora_rank is not None and strategy_name(trainer.strategy) in SHARDED_STRATEGIES:
             from peft.tuners.lora import LoraLayer
 
@@ -448,6 +455,7 @@ class ESD(ErasureMethod):
     default_parameters = "x"
     #: Under ModelParallelStrategy the teacher is kept as local shards (:class:`~lightning_forget.unlearning.ReferenceModel`); LoRA on linears.
     supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
+    sharded_lora = True
 
     def __init__(self, erase: ConceptSpec, negative_guidance: float = 1.0, erase_from: Optional[Concept] = None,
                  ddim_steps: int = 50, start_guidance: float = 3.0, batch_size: int = 1, **kwargs: Any) -> None:

@@ -10,8 +10,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_forget.callbacks.erasure import ConceptSpec, ErasureMethod, check_optional_concept
+from lightning_forget.gradients import compute_gradients
 from lightning_forget.modules.diffusion import Concept
 from lightning_forget.precision import forward_context
+from lightning_forget.sharding import reshard
+from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES
 from lightning_forget.unlearning.saliency import SaliencyMask
 from lightning_forget.unlearning.surgery import clip_global_norm
 from lightning_forget.validation import check_float, check_int
@@ -65,11 +68,17 @@ class SalUnDiffusion(ErasureMethod):
 
     Note:
         Saved state: the base's ``teacher``, ``mask`` (masks and original values). Supported
-        strategies: single device and DDP (every rank computes the same mask from the same images).
+        strategies: single device and DDP (every rank computes the same mask from the same images),
+        and ``ModelParallelStrategy`` (FSDP2; ``lora_rank`` refused there): the mask's gradient is
+        taken with a backward FSDP2 reduce-scatters (every rank runs the same images, so the mean is
+        that gradient), clipped by its norm over all shards, and the mask is the global top-``k``
+        over all shards, held (with the original values) as each rank's local shards; the teacher
+        is kept as local shards too. The checkpoint holds full tensors, gathered for it only.
     """
 
     method_name = "SalUnDiffusion"
     log_prefix = "salun_gen"
+    supported_strategies = DDP_STRATEGIES + SHARDED_STRATEGIES
     default_parameters = "full"
     state_arguments = ErasureMethod.state_arguments + ("mask_fraction", "pseudo")
 
@@ -96,14 +105,16 @@ class SalUnDiffusion(ErasureMethod):
         self.alpha = retain_weight
         self.mask: Optional[SaliencyMask] = None
         self._forget: Optional[tuple[Tensor, Tensor]] = None
+        self._module: Optional["pl.LightningModule"] = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_forget"] = None
+        state.update(_forget=None, _module=None)
         return state
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._module = pl_module  # the layout of a sharded mask's shards, gathered for a checkpoint
         if self.alpha is None:
             channels, size, _ = self._image_shape(pl_module)
             self.retain_weight = 1e-3 * channels * size * size
@@ -141,6 +152,7 @@ class SalUnDiffusion(ErasureMethod):
 
     def compute_mask(self, pl_module: "pl.LightningModule", task: int) -> SaliencyMask:
         images, labels = self.forget_images(pl_module, task)
+        reshard(pl_module)  # FSDP2: the sharded parameters, not a root's weights gathered by the sampling's forwards
         params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         generator = torch.Generator().manual_seed(self.seed + 104729 * task)
@@ -152,9 +164,9 @@ class SalUnDiffusion(ErasureMethod):
                 x_t, t, noise = self._noised(pl_module, x0, generator)
                 with torch.enable_grad(), forward_context(pl_module.trainer):
                     loss = (noise - pl_module.eps(x_t, t, c)).float().square().sum(dim=(1, 2, 3)).mean()
-                    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                named = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
-                for n, g in clip_global_norm(named, 1.0).items():
+                # autograd.grad, or under FSDP2 a backward with `.grad` set aside (every rank runs the same
+                # images, so the reduce-scattered mean is this gradient); the clip's norm is over all shards
+                for n, g in clip_global_norm(compute_gradients(loss, params), 1.0).items():
                     total[n].add_(g)
         finally:
             pl_module.train(was_training)
@@ -190,7 +202,11 @@ class SalUnDiffusion(ErasureMethod):
     # ------------------------------------------------------------------ state
     def method_state(self) -> dict[str, Any]:
         state = super().method_state()
-        state["mask"] = None if self.mask is None else self.mask.state()
+        params = None
+        if self.mask is not None and not self.mask.full and self._module is not None:
+            reshard(self._module)
+            params = dict(self._module.named_parameters())
+        state["mask"] = None if self.mask is None else self.mask.state(params)  # shards gathered (a collective)
         return state
 
     def load_method_state(self, state: dict[str, Any]) -> None:

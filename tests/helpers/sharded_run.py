@@ -116,7 +116,7 @@ def _module(names: list[str]) -> pl.LightningModule:
     if "ILoRA" in names:
         return ShardedLMModule()
     if _is_erasure(names):
-        return ShardedDiffusion()
+        return _erasure_b_module() if names == ERASURE_B_GROUP else ShardedDiffusion()
     if "LiNeSSweep" in names:
         return ShardedRootModule()
     return ShardedNormModule() if "AdaB2N" in names else ShardedUserModule()
@@ -167,6 +167,7 @@ def _callbacks(names: list[str]) -> list[Callback]:
     make.update(_gradient_callbacks())
     make.update(_unlearning_callbacks())
     make.update(_erasure_callbacks())
+    make.update(_erasure_b_callbacks())
     return [make[name]() for name in names]
 
 
@@ -434,6 +435,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
     out["unlearning_numel"] = _unlearning_layout(callbacks, module)
     out.update(_lora_extras(root, module, callbacks))
     _erasure_report(out, callbacks, module)
+    _erasure_b_report(out, callbacks, module)
     out["global_step"] = int(trainer.global_step)
     out["strategy"] = [type(trainer.strategy).__name__, int(trainer.world_size)]
     if strategy_name == "sharded":
@@ -700,7 +702,7 @@ ERASURE_LORA_GROUP = ["ESDLoRA"]
 
 def _is_erasure(names: list[str]) -> bool:
     """A group of erasure callbacks (on the diffusion module, its own draws per rank)."""
-    return bool(set(names) & {*ERASURE_GROUP, *ERASURE_LORA_GROUP})
+    return bool(set(names) & {*ERASURE_GROUP, *ERASURE_LORA_GROUP, *ERASURE_B_GROUP})
 
 
 def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
@@ -754,6 +756,54 @@ def ShardedDiffusion() -> pl.LightningModule:  # noqa: N802 - a factory named as
     module = _ShardedDiffusion(**{**TINY_UNET, "num_classes": 2 * NUM_TASKS})
     module.concept_embeddings.requires_grad_(False)
     return module
+
+
+# ---------------------------------------------------------------------------- concept erasure b (DoCo, SalUnDiffusion)
+#: DoCo and SalUnDiffusion on the erasure group's diffusion module, compared with DDP as that group is.
+ERASURE_B_GROUP = ["DoCo", "SalUnDiffusion"]
+
+
+def _erasure_b_callbacks() -> dict[str, Callable[[], Callback]]:
+    from lightning_forget.callbacks import DoCo, SalUnDiffusion
+
+    return {
+        # adversarial from global step 3 (task 0's step 3, and all of task 1, where the resume is); the surgery
+        # (cosines over all shards, both gradients clipped by their norm over all shards) adds the preservation
+        # gradient, so SalUn's term (inside it) moves the weights too
+        "DoCo": lambda: DoCo(erase=[[1], [3]], num_anchor_samples=4, sample_steps=2, batch_size=2, discriminator_warmup=2,
+                             discriminator_width=4, discriminator_blocks=1, add_preservation=True, seed=1),
+        # the mask (global top half over all shards) over every Linear/Conv (the last setup's parameter set wins):
+        # not "full", which would train the module's unsharded concept table
+        "SalUnDiffusion": lambda: SalUnDiffusion(erase=[[0], [2]], parameters="all", num_forget_samples=4, sample_steps=2,
+                                                 batch_size=2, mask_batch_size=2, seed=2),
+    }
+
+
+def _erasure_b_module() -> pl.LightningModule:
+    """The erasure group's module at AdamW lr 1e-4 (not 1e-3): Adam scales each entry's step by its own gradient
+    size, so entries whose gradient is rounding noise would move by O(lr) in directions that differ between the
+    sharded and the DDP run (reductions in another order)."""
+    module = ShardedDiffusion()
+    module.lr = 1e-4
+    return module
+
+
+def _erasure_b_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
+    """SalUn's mask: the entries this rank holds against the trained parameters' (local shards under FSDP2); DoCo's
+    last surgery's per-tensor cosines and how far its discriminator differs between the ranks."""
+    for cb in callbacks:
+        if type(cb).__name__ == "SalUnDiffusion" and cb.mask is not None:
+            out["salun_mask_numel"] = [sum(m.numel() for m in cb.mask.masks.values()),
+                                       sum(p.numel() for p in module.parameters() if p.requires_grad)]
+        if type(cb).__name__ == "DoCo" and cb._surgery is not None and cb._surgery.last is not None:
+            out["doco_cosines"] = [float(c) for _, c in sorted(cb._surgery.last.cosines.items())]
+        if type(cb).__name__ == "DoCo" and cb.discriminator is not None and torch.distributed.is_initialized():
+            # the replicated discriminator: its largest difference between the ranks (a collective, every rank here)
+            flat = torch.cat([p.detach().flatten() for p in cb.discriminator.parameters()])
+            high, low = flat.clone(), flat.clone()
+            torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+            out["doco_discriminator_spread"] = float((high - low).max())
 
 
 if __name__ == "__main__":
