@@ -39,6 +39,8 @@ GROUPS = {
     # two launches of one module each, as the two methods take different batches.
     "lora_ilora": ["ILoRA"],
     "lora_gslora": ["GSLoRA"],
+    # GS-LoRA++ on a user's GPT-2 classifier: LoRA on its c_attn/c_fc (transformers' Conv1D, weight (in, out))
+    "lora_gslora_conv1d": ["GSLoRAConv1D"],
     # ESD and UCE on a user's diffusion module sharding its UNet blocks (its concept table frozen, not sharded)
     "erasure": ERASURE_GROUP,
 }
@@ -205,3 +207,38 @@ def test_esd_keeps_its_teacher_as_local_shards(launches) -> None:
     assert local - table <= (total - table) // 2 + 64 and result["ddp"]["esd_teacher_numel"] == [total, total]
     # the teacher differs from the final weights (ESD trained after taking it) and equals DDP's, gathered
     assert not _close(result["sharded"]["states"]["ESD"]["method"]["teacher"], result["sharded"]["params"])
+
+
+def test_gslora_merges_conv1d_lora_shard_wise(launches) -> None:
+    """GS-LoRA on GPT-2's Conv1D layers (PEFT's fan_in_fan_out; FSDP2 shards the weight's input dim): each
+    task's merged ΔW is nonzero, kept as rank 0's block (a full copy under DDP), and equals DDP's; the rest
+    (final weights, whole kept ΔW, resume, export) is the group's rows of the contract tests above."""
+    sharded, ddp = launches["lora_gslora_conv1d"]["sharded"], launches["lora_gslora_conv1d"]["ddp"]
+    layers = sharded["conv1d_layers"]
+    assert len(layers) == 4 and all(kind == ["Conv1D", True] for kind in layers.values())
+    local, total = sharded["gslora_delta_numel"]
+    assert 0 < local < total and ddp["gslora_delta_numel"] == [total, total]
+    norms = sharded["conv1d_delta_norms"]
+    assert len(norms) == 2 and min(norms) > 1e-3 and _close(norms, ddp["conv1d_delta_norms"])
+
+
+def test_ilora_full_state_dict_checkpoint_equals_ddp_resumes_and_exports(launches) -> None:
+    """ILoRA under ModelParallelStrategy(save_distributed_checkpoint=False): the checkpoint is one file whose
+    weights (the slow learner in the adapter, gathered on every rank for rank 0's full state dict) and ILoRA
+    state equal DDP's file of the same step; a crash resumed from that file ends where DDP ends; the file
+    exports to a plain GPT-2 computing what the PEFT module loaded from it computes."""
+    run = launches["lora_ilora"]["full_state"]
+    assert run["is_file"] and run["crashed_first"]
+    sharded, ddp = run["files"]["sharded"], run["files"]["ddp"]
+    assert sorted(sharded["state_dict"]) == sorted(ddp["state_dict"])
+    assert _close(sharded["state_dict"], ddp["state_dict"]) and _close(sharded["ilora"], ddp["ilora"])
+    slow = sharded["ilora"]["method"]["slow"]
+    fast = sharded["ilora"]["method"]["fast"]
+    assert not _close(slow, fast)  # the learners differ: the weights below hold the slow one
+    for key, value in slow.items():
+        weight = "model." + key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        assert _close(sharded["state_dict"][weight], value), key
+    assert run["resumed"]["param_types"] == ["DTensor"]
+    assert torch.allclose(_params(run["resumed"]), _params(run["ddp"]), atol=TOL, rtol=TOL)
+    assert _close(run["resumed"]["states"]["ILoRA"], run["ddp"]["states"]["ILoRA"])
+    assert run["export_outputs"] < 1e-5
