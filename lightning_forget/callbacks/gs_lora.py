@@ -196,8 +196,8 @@ class GSLoRA(ContinualCallback):
         ``{group: Σ‖M‖_F}``), ``version``.
         Supported strategies: single device, DDP (every start method) and ``ModelParallelStrategy``
         (FSDP2, data parallel): group norms over all shards, the merge and the kept ``ΔW`` shard-wise
-        (LoRA on linear layers only; ``deltas`` in the state are whole tensors, gathered on every
-        rank); see docs/sharding.md.
+        (LoRA on ``nn.Linear`` or transformers' ``Conv1D`` layers; ``deltas`` in the state are whole
+        tensors, gathered on every rank); see docs/sharding.md.
         The optimizer's LR scheduler is not reset at a task boundary (only the LoRA's optimizer
         state): use one schedule per task by one fit per task when that matters.
     """
@@ -378,8 +378,8 @@ class GSLoRA(ContinualCallback):
         weight = layer.get_base_layer().weight
         if not isinstance(layer.get_base_layer(), nn.Linear) and not getattr(layer, "fan_in_fan_out", False):
             raise RuntimeError(
-                f"GSLoRA merges LoRA on linear layers only under ModelParallelStrategy; {type(layer.get_base_layer()).__name__} "
-                "is not one. Fix: target linear layers (`target_modules`), or use strategy='ddp'."
+                "GSLoRA merges LoRA on linear layers (nn.Linear, Conv1D) only under ModelParallelStrategy; "
+                f"{type(layer.get_base_layer()).__name__} is not one. Fix: target linear layers (`target_modules`), or use strategy='ddp'."
             )
         a = full_tensor(layer.lora_A[ADAPTER].weight).float()
         b = full_tensor(layer.lora_B[ADAPTER].weight).float()
