@@ -379,7 +379,8 @@ class GSLoRA(ContinualCallback):
         if not isinstance(layer.get_base_layer(), nn.Linear) and not getattr(layer, "fan_in_fan_out", False):
             raise RuntimeError(
                 "GSLoRA merges LoRA on linear layers (nn.Linear, Conv1D) only under ModelParallelStrategy; "
-                f"{type(layer.get_base_layer()).__name__} is not one. Fix: target linear layers (`target_modules`), or use strategy='ddp'."
+                f"{type(layer.get_base_layer()).__name__} is not one. Fix: target linear layers (`target_modules`), "
+                "or use strategy='ddp'."
             )
         a = full_tensor(layer.lora_A[ADAPTER].weight).float()
         b = full_tensor(layer.lora_B[ADAPTER].weight).float()
