@@ -242,3 +242,11 @@ def test_ilora_full_state_dict_checkpoint_equals_ddp_resumes_and_exports(launche
     assert torch.allclose(_params(run["resumed"]), _params(run["ddp"]), atol=TOL, rtol=TOL)
     assert _close(run["resumed"]["states"]["ILoRA"], run["ddp"]["states"]["ILoRA"])
     assert run["export_outputs"] < 1e-5
+
+
+def test_merge_command_reads_sharded_checkpoint_folders(launches) -> None:
+    """``lightning-forget merge`` on two checkpoint folders of the sharded GPT-2 run merges what the plain
+    modules they load into merge to (TIES), and writes a checkpoint without training state."""
+    run = launches["lora_gslora_conv1d"]["merge_folders"]
+    assert run["same_names"] and run["moved"] > 1e-4 and run["difference"] < 1e-6
+    assert "state_dict" in run["keys"] and not any(k.startswith("optimizer") or k in ("loops", "callbacks") for k in run["keys"])

@@ -561,6 +561,28 @@ def _conv1d_lora_callbacks() -> dict[str, Callable[[], Callback]]:
                                                  prototype=True, prototype_retain_weight=0.1, seed=5)}
 
 
+def merge_folders_run(root: Path, names: list[str]) -> dict[str, Any]:
+    """``lightning-forget merge`` (:func:`~lightning_forget.merge_cli.merge_checkpoints`) on two sharded
+    checkpoint folders of the GPT-2 run (TIES, θ_0 the one of step 3): against TIES of the two plain modules the
+    folders load into, and whether the written checkpoint loads strictly into the module."""
+    from lightning_forget.export import load_sharded_checkpoint
+    from lightning_forget.merge_cli import merge_checkpoints
+    from lightning_forget.merging import merge
+
+    folders = [root / "a" / "ckpt" / f"step={step}.ckpt" for step in (3, 6)]
+    written = root / "merged.ckpt"
+    got = merge_checkpoints(str(folders[0]), [str(folders[1])], str(written), method="ties", k=0.5)
+    modules = [_plain_module(names) for _ in folders]
+    for module, folder in zip(modules, folders):
+        load_sharded_checkpoint(folder, module)
+    expected = merge(modules[0], modules[1:], method="ties", k=0.5)
+    checkpoint = torch.load(written, weights_only=False)
+    _plain_module(names).load_state_dict(checkpoint["state_dict"])  # strict
+    moved = max(float((expected[n] - modules[0].state_dict()[n]).abs().max()) for n in expected)
+    return {"difference": max(float((got[n] - expected[n]).abs().max()) for n in expected), "moved": moved,
+            "keys": sorted(checkpoint), "same_names": sorted(got) == sorted(expected)}
+
+
 def _conv1d_layout(module: nn.Module, callbacks: list[Callback]) -> dict[str, Any]:
     """For GSLoRAConv1D: each LoRA layer's base class and ``fan_in_fan_out``, each task's kept ΔW norm."""
     from lightning_forget.callbacks.gs_lora import lora_layers
@@ -720,6 +742,8 @@ def main(root: Path, names: list[str]) -> None:
     if names == ["ILoRA"]:
         results["config_run"] = config_run(root / "cfg", "configs/i_lora/vit_split_mnist_sharded.yaml")
         results["full_state"] = ilora_full_state_run(root, names)
+    if names == ["GSLoRAConv1D"] and rank == 0:
+        results["merge_folders"] = merge_folders_run(root, names)
     if names == FIRST_GROUP:
         results["classifier"] = {strategy: classifier_run(root / f"cls_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if rank == 0:
