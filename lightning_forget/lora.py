@@ -374,7 +374,7 @@ def local_delta(layer: nn.Module, adapter: str, owner: str) -> Tensor:
     weight = base.weight
     if not isinstance(base, nn.Linear) and not getattr(layer, "fan_in_fan_out", False):
         raise RuntimeError(
-            f"{owner} merges LoRA on linear layers only under ModelParallelStrategy; {type(base).__name__} "
+            f"{owner} merges LoRA on linear layers (nn.Linear, transformers' Conv1D) only under ModelParallelStrategy; {type(base).__name__} "
             "is not one. Fix: target linear layers, or use strategy='ddp'."
         )
     a = full_tensor(layer.lora_A[adapter].weight).float()

@@ -13,7 +13,9 @@ takes ``--config`` and ``--print_config`` like ``fit``. Its merge options (``--m
 arguments of :func:`lightning_forget.merging.merge`, read from its signature: their defaults and
 help are that function's.
 
-Inputs are Lightning checkpoints (their ``state_dict`` is merged; no key is renamed) or plain
+Inputs are Lightning checkpoints (their ``state_dict`` is merged; no key is renamed; the checkpoint
+folder of a sharded strategy, ``ModelParallelStrategy``, is joined in this process first, see
+:func:`lightning_forget.export.consolidate_sharded_checkpoint`) or plain
 state dicts saved with ``torch.save``, loaded with ``torch.load(weights_only=True)``; a file
 holding other Python objects (e.g. hyperparameters that are classes) falls back to the full
 unpickler with a warning, so only load files you trust. The output is the merged state dict;
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -43,12 +46,14 @@ from lightning_forget.validation import check_bool, check_str, check_type, messa
 __all__ = ["MERGE_SKIPPED_ARGUMENTS", "add_merge_arguments", "main", "merge_checkpoints"]
 
 _TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+_OPTIMIZER_KEY = re.compile(r"optimizer_\d+$")
 
 #: Arguments of :func:`lightning_forget.merging.merge` the command does not expose: the models
 #: themselves (given as paths) and ``depth_map`` (a per-parameter dict, for the Python API).
 MERGE_SKIPPED_ARGUMENTS = frozenset({"pretrained", "finetuned_list", "depth_map"})
 
-_INPUT_FIX = "pass a Lightning checkpoint (.ckpt) or a state dict saved with torch.save"
+_INPUT_FIX = ("pass a Lightning checkpoint (.ckpt: a file, or the folder of a sharded strategy) or a state dict saved "
+              "with torch.save")
 
 
 def add_merge_arguments(parser: Any) -> list[str]:
@@ -97,7 +102,14 @@ def _read(name: str, path: str) -> tuple[dict[str, torch.Tensor], Optional[dict[
     if not os.path.exists(path):
         raise FileNotFoundError(message(name, "the path of an existing file", path, _INPUT_FIX))
     if os.path.isdir(path):
-        raise IsADirectoryError(message(name, "a file, not a directory", path, _INPUT_FIX))
+        from lightning_forget.export import consolidate_sharded_checkpoint, is_sharded_checkpoint
+
+        if not is_sharded_checkpoint(path):
+            raise IsADirectoryError(message(
+                name, "a file, not a directory (or the checkpoint folder of a sharded strategy)", path, _INPUT_FIX))
+        # ModelParallelStrategy's distributed checkpoint: joined in this process (full tensors).
+        checkpoint = consolidate_sharded_checkpoint(path)
+        return dict(checkpoint["state_dict"]), checkpoint
     unreadable = ValueError(message(name, "a file torch.load can read", path, _INPUT_FIX))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -160,7 +172,8 @@ def merge_checkpoints(
     checkpoint = loaded[0][1]
     out: Any = merged
     if checkpoint is not None:
-        out = {k: v for k, v in checkpoint.items() if k not in _TRAINING_STATE_KEYS}
+        # (a consolidated sharded checkpoint holds its optimizers as optimizer_0, optimizer_1, ...)
+        out = {k: v for k, v in checkpoint.items() if k not in _TRAINING_STATE_KEYS and not _OPTIMIZER_KEY.match(k)}
         out["state_dict"] = merged
         out["lightning_forget_merge"] = {**options, "inputs": [pretrained, *finetuned]}
     directory = os.path.dirname(os.path.abspath(output))

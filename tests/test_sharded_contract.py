@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +38,8 @@ GROUPS = {
     # two launches of one module each, as the two methods take different batches.
     "lora_ilora": ["ILoRA"],
     "lora_gslora": ["GSLoRA"],
+    # GS-LoRA++ on a user's GPT-2 classifier: LoRA on its c_attn/c_fc (transformers' Conv1D, weight (in, out))
+    "lora_gslora_conv1d": ["GSLoRAConv1D"],
     # ESD and UCE on a user's diffusion module sharding its UNet blocks (its concept table frozen, not sharded)
     "erasure": ERASURE_GROUP,
     # LiNeS' α sweep scored by validation forwards (every rank runs them) and its task-end edit, in one run
@@ -245,3 +246,44 @@ def test_salun_mask_is_held_as_shards_and_doco_surgery_takes_cosines_over_all_sh
     assert torch.allclose(cosines, torch.tensor(ddp["doco_cosines"]), atol=TOL)
     for run in (sharded, launches["erasure_b"]["resumed"], ddp):
         assert run["doco_discriminator_spread"] == 0.0
+def test_gslora_merges_conv1d_lora_shard_wise(launches) -> None:
+    """GS-LoRA on GPT-2's Conv1D layers (PEFT's fan_in_fan_out; FSDP2 shards the weight's input dim): each
+    task's merged ΔW is nonzero, kept as rank 0's block (a full copy under DDP), and equals DDP's; the rest
+    (final weights, whole kept ΔW, resume, export) is the group's rows of the contract tests above."""
+    sharded, ddp = launches["lora_gslora_conv1d"]["sharded"], launches["lora_gslora_conv1d"]["ddp"]
+    layers = sharded["conv1d_layers"]
+    assert len(layers) == 4 and all(kind == ["Conv1D", True] for kind in layers.values())
+    local, total = sharded["gslora_delta_numel"]
+    assert 0 < local < total and ddp["gslora_delta_numel"] == [total, total]
+    norms = sharded["conv1d_delta_norms"]
+    assert len(norms) == 2 and min(norms) > 1e-3 and _close(norms, ddp["conv1d_delta_norms"])
+
+
+def test_ilora_full_state_dict_checkpoint_equals_ddp_resumes_and_exports(launches) -> None:
+    """ILoRA under ModelParallelStrategy(save_distributed_checkpoint=False): the checkpoint is one file whose
+    weights (the slow learner in the adapter, gathered on every rank for rank 0's full state dict) and ILoRA
+    state equal DDP's file of the same step; a crash resumed from that file ends where DDP ends; the file
+    exports to a plain GPT-2 computing what the PEFT module loaded from it computes."""
+    run = launches["lora_ilora"]["full_state"]
+    assert run["is_file"] and run["crashed_first"]
+    sharded, ddp = run["files"]["sharded"], run["files"]["ddp"]
+    assert sorted(sharded["state_dict"]) == sorted(ddp["state_dict"])
+    assert _close(sharded["state_dict"], ddp["state_dict"]) and _close(sharded["ilora"], ddp["ilora"])
+    slow = sharded["ilora"]["method"]["slow"]
+    fast = sharded["ilora"]["method"]["fast"]
+    assert not _close(slow, fast)  # the learners differ: the weights below hold the slow one
+    for key, value in slow.items():
+        weight = "model." + key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        assert _close(sharded["state_dict"][weight], value), key
+    assert run["resumed"]["param_types"] == ["DTensor"]
+    assert torch.allclose(_params(run["resumed"]), _params(run["ddp"]), atol=TOL, rtol=TOL)
+    assert _close(run["resumed"]["states"]["ILoRA"], run["ddp"]["states"]["ILoRA"])
+    assert run["export_outputs"] < 1e-5
+
+
+def test_merge_command_reads_sharded_checkpoint_folders(launches) -> None:
+    """``lightning-forget merge`` on two checkpoint folders of the sharded GPT-2 run merges what the plain
+    modules they load into merge to (TIES), and writes a checkpoint without training state."""
+    run = launches["lora_gslora_conv1d"]["merge_folders"]
+    assert run["same_names"] and run["moved"] > 1e-4 and run["difference"] < 1e-6
+    assert "state_dict" in run["keys"] and not any(k.startswith("optimizer") or k in ("loops", "callbacks") for k in run["keys"])

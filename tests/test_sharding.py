@@ -56,6 +56,15 @@ def test_merging_on_sharded_state_dicts_equals_full_ones(ranks) -> None:
         assert all(diff < 1e-6 for diff in result["merging"].values()), result["merging"]
 
 
+def test_merging_a_sharded_gpt2_state_dict_equals_the_unsharded_merge(ranks) -> None:
+    """A sharded model's state dict (DTensors: no storage of their own, ``data_ptr()`` 0) with parameters of
+    equal shapes (GPT-2's blocks) and a tied weight (``lm_head``/``wte``): each parameter merged as its own,
+    the tied pair as one, as for the unsharded model; passed as state dicts or as the modules."""
+    for result in ranks:
+        merged = result["merging_gpt2"]
+        assert len(merged) == 6 and all(diff < 1e-6 for diff in merged.values()), merged
+
+
 def test_gradient_outside_the_step_is_the_ranks_mean_and_leaves_grad_alone(ranks) -> None:
     # autograd.grad does not reach FSDP2's sharded weights (it sees the gathered copies); the helper
     # takes backward() with .grad stashed: the sharded gradient equals the mean DDP computes.

@@ -196,8 +196,8 @@ class GSLoRA(ContinualCallback):
         ``{group: Σ‖M‖_F}``), ``version``.
         Supported strategies: single device, DDP (every start method) and ``ModelParallelStrategy``
         (FSDP2, data parallel): group norms over all shards, the merge and the kept ``ΔW`` shard-wise
-        (LoRA on linear layers only; ``deltas`` in the state are whole tensors, gathered on every
-        rank); see docs/sharding.md.
+        (LoRA on ``nn.Linear`` or transformers' ``Conv1D`` layers; ``deltas`` in the state are whole
+        tensors, gathered on every rank); see docs/sharding.md.
         The optimizer's LR scheduler is not reset at a task boundary (only the LoRA's optimizer
         state): use one schedule per task by one fit per task when that matters.
     """
@@ -563,8 +563,14 @@ class GSLoRA(ContinualCallback):
             if self.prototype_retain_weight > 0:
                 retain = self.fields.split(self._retain_batch)
                 with forward_context(trainer):
-                    retain_features = self._run(pl_module, retain.input)[1]
+                    retain_logits, retain_features = self._run(pl_module, retain.input)
                 proto = proto + self.prototype_retain_weight * self._prototype_distance(retain_features, retain.target)
+                if is_sharded(pl_module):
+                    # FSDP2 gathers a unit's weights for the backward when the gradient reaches the unit's
+                    # output: a loss on the head's input alone (the logits unused) would run the backward of
+                    # the layers before the head (a final norm in the head's unit) on freed weights. The
+                    # logits join the graph at weight zero (no change to any gradient).
+                    proto = proto + 0.0 * retain_logits.float().sum()
             pl_module.log("gs_lora/prototype_loss", proto.detach(), on_step=True, on_epoch=False)
             loss = loss + proto
         return loss

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lightning_forget.sharding import local_view
 from lightning_forget.validation import check_float, message
 
 __all__ = ["StateLike", "task_vector"]
@@ -55,7 +56,14 @@ def state_and_params(obj: StateLike, what: str) -> tuple[dict[str, Tensor], list
 
 
 def _storage_key(t: Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.storage_offset())
+    """Equal for two entries that are one tensor. A sharded entry (an FSDP2 state dict's DTensor) has no
+    storage of its own (``data_ptr()`` is 0 for every DTensor): its local shard's storage tells ties
+    apart (the entries of one tied parameter share it); a shard without storage (an empty shard) is
+    taken as untied."""
+    local = local_view(t)
+    if local is not t and local.data_ptr() == 0:
+        return (-id(t), tuple(t.shape), (), 0)
+    return (local.data_ptr(), tuple(t.shape), tuple(local.stride()), local.storage_offset())
 
 
 def _drop_tied_aliases(state: Mapping[str, Tensor], names: list[str]) -> list[str]:

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_forget.callbacks.gs_lora import GSLoRA
 from lightning_forget.sharding import full_tensor
 
 NUM_TASKS = 2
@@ -115,6 +116,8 @@ def _module(names: list[str]) -> pl.LightningModule:
     """The module a group runs: a tiny GPT-2 for ILoRA, a diffusion module for erasure, with a BatchNorm for AdaB²N."""
     if "ILoRA" in names:
         return ShardedLMModule()
+    if "GSLoRAConv1D" in names:
+        return ShardedGPT2Classifier()
     if _is_erasure(names):
         return _erasure_b_module() if names == ERASURE_B_GROUP else ShardedDiffusion()
     if "LiNeSSweep" in names:
@@ -165,6 +168,7 @@ def _callbacks(names: list[str]) -> list[Callback]:
             every_n_steps=3, samples_per_task=5, batch_size=2, save_csv=False, save_plot=False),
     }
     make.update(_gradient_callbacks())
+    make.update(_conv1d_lora_callbacks())
     make.update(_unlearning_callbacks())
     make.update(_erasure_callbacks())
     make.update(_erasure_b_callbacks())
@@ -380,11 +384,13 @@ class _CrashAt(Callback):
 
 
 def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | None = None,
-        resume: str | None = None, save_every: int | None = None) -> dict[str, Any]:
+        resume: str | None = None, save_every: int | None = None, momentum: float | None = None) -> dict[str, Any]:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     pl.seed_everything(0)
     module = _module(names)
+    if momentum is not None:
+        module.momentum = momentum
     callbacks = _callbacks(names)
     devices = 1 if strategy_name == "single" else 2
     out: dict[str, Any] = {}
@@ -393,6 +399,9 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
             continue  # the checkpoint is inside task 1: task 0's fit happened before it
         strategy = {
             "sharded": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            # full-state-dict checkpoints: one file, rank 0 writing whole tensors (ILoRA's extra runs)
+            "sharded_full": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                                          save_distributed_checkpoint=False),
             "ddp": lambda: "ddp",
             "single": lambda: "auto",
         }[strategy_name]()
@@ -434,6 +443,7 @@ def run(root: Path, strategy_name: str, names: list[str], *, crash_at: int | Non
                                            sum(p.numel() for p in module.parameters() if p.requires_grad)]
     out["unlearning_numel"] = _unlearning_layout(callbacks, module)
     out.update(_lora_extras(root, module, callbacks))
+    out.update(_conv1d_layout(module, callbacks))
     _erasure_report(out, callbacks, module)
     _erasure_b_report(out, callbacks, module)
     out["global_step"] = int(trainer.global_step)
@@ -499,7 +509,8 @@ class ShardedLMModule(pl.LightningModule):
         self.log("val_loss", self.model(**batch).loss, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        # momentum: ILoRA's full-state-dict runs (Lightning cannot resume a full checkpoint of a stateless optimizer)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=getattr(self, "momentum", 0.0))
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -541,6 +552,95 @@ class _TwoStreams(torch.utils.data.Dataset):
         return {"forget": self.forget[i % len(self.forget)], "retain": self.retain[i]}
 
 
+# ------------------------------------------------ GS-LoRA on GPT-2's Conv1D (group "lora_gslora_conv1d")
+class _GPT2Net(nn.Module):
+    """A tiny GPT-2 (transformers' ``GPT2Model``: its attention and MLP are ``Conv1D``, weight (in, out))
+    over each 8-feature row read as 2 tokens of 4 features (``inputs_embeds``), a linear head on the
+    last token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        config = GPT2Config(vocab_size=4, n_positions=2, n_embd=4, n_layer=2, n_head=2, n_inner=6,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        self.gpt2 = GPT2Model(config)
+        self.head = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.gpt2(inputs_embeds=x.view(len(x), 2, 4), use_cache=False).last_hidden_state
+        return self.head(hidden[:, -1])
+
+
+class ShardedGPT2Classifier(ShardedUserModule):
+    """The user's classifier with a GPT-2 body (``self.net``), each GPT-2 block and then the net
+    ``fully_shard``-ed (FSDP2 shards dim 0 of each stored weight: the *input* dim of a Conv1D)."""
+
+    def __init__(self, lr: float = 0.5) -> None:
+        super().__init__(lr)
+        self.net = _GPT2Net()
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is None or isinstance(self.net, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.net.gpt2.h:
+            fully_shard(block, mesh=mesh)
+        # The root holds the embeddings, the final norm and the head (all frozen under GS-LoRA): freed
+        # after each forward, as docs/sharding.md advises for roots.
+        fully_shard(self.net, mesh=mesh, reshard_after_forward=True)
+
+
+def _conv1d_lora_callbacks() -> dict[str, Callable[[], Callback]]:
+    """GS-LoRA++ on the GPT-2's ``c_attn`` and ``c_fc`` (``Conv1D``: PEFT's ``fan_in_fan_out``), one group
+    per block, a group-sparse weight and prototypes large enough to matter."""
+
+    class GSLoRAConv1D(GSLoRA):
+        pass
+
+    GSLoRAConv1D.__qualname__ = "GSLoRAConv1D"  # its state key
+
+    return {"GSLoRAConv1D": lambda: GSLoRAConv1D(r=2, lora_alpha=4.0, target_modules=["c_attn", "c_fc"], alpha=0.05,
+                                                 prototype=True, prototype_retain_weight=0.1, seed=5)}
+
+
+def merge_folders_run(root: Path, names: list[str]) -> dict[str, Any]:
+    """``lightning-forget merge`` (:func:`~lightning_forget.merge_cli.merge_checkpoints`) on two sharded
+    checkpoint folders of the GPT-2 run (TIES, θ_0 the one of step 3): against TIES of the two plain modules the
+    folders load into, and whether the written checkpoint loads strictly into the module."""
+    from lightning_forget.export import load_sharded_checkpoint
+    from lightning_forget.merge_cli import merge_checkpoints
+    from lightning_forget.merging import merge
+
+    folders = [root / "a" / "ckpt" / f"step={step}.ckpt" for step in (3, 6)]
+    written = root / "merged.ckpt"
+    got = merge_checkpoints(str(folders[0]), [str(folders[1])], str(written), method="ties", k=0.5)
+    modules = [_plain_module(names) for _ in folders]
+    for module, folder in zip(modules, folders):
+        load_sharded_checkpoint(folder, module)
+    expected = merge(modules[0], modules[1:], method="ties", k=0.5)
+    checkpoint = torch.load(written, weights_only=False)
+    _plain_module(names).load_state_dict(checkpoint["state_dict"])  # strict
+    moved = max(float((expected[n] - modules[0].state_dict()[n]).abs().max()) for n in expected)
+    return {"difference": max(float((got[n] - expected[n]).abs().max()) for n in expected), "moved": moved,
+            "keys": sorted(checkpoint), "same_names": sorted(got) == sorted(expected)}
+
+
+def _conv1d_layout(module: nn.Module, callbacks: list[Callback]) -> dict[str, Any]:
+    """For GSLoRAConv1D: each LoRA layer's base class and ``fan_in_fan_out``, each task's kept ΔW norm."""
+    from lightning_forget.callbacks.gs_lora import lora_layers
+
+    for cb in callbacks:
+        if type(cb).__name__ == "GSLoRAConv1D":
+            return {"conv1d_layers": {n: [type(m.get_base_layer()).__name__, bool(m.fan_in_fan_out)]
+                                      for n, m in lora_layers(module).items()},
+                    "conv1d_delta_norms": [float(sum(float(full_tensor(v).norm()) for v in d.values()))
+                                           for d in cb.method_state()["deltas"]]}
+    return {}
+
+
 def _lora_tasks(lm: bool, batch: int, world: int, rank: int) -> list[tuple[DataLoader, Any]]:
     """As :func:`_tasks` (each rank every second row in order) for the LoRA group's data: token rows
     (``lm``, with validation loaders: ILoRA evaluates its slow learner) or two-stream items."""
@@ -568,7 +668,7 @@ def _plain_module(names: list[str]) -> pl.LightningModule:
     for cb in _callbacks(names):
         if type(cb).__name__ == "ILoRA":
             cb._wrap(module)
-        elif type(cb).__name__ == "GSLoRA":
+        elif isinstance(cb, GSLoRA):  # GSLoRAConv1D too
             cb._inject(module)
         elif type(cb).__name__ == "ESD" and cb.lora_rank is not None:
             cb.select_parameters(module)  # its LoRA layers
@@ -610,12 +710,42 @@ def _lora_extras(root: Path, module: nn.Module, callbacks: list[Callback]) -> di
             if all(files.values()):
                 out["ilora_files"] = {kind: {n: v.double().flatten().tolist() for n, v in load_file(str(paths[-1])).items()}
                                       for kind, paths in files.items()}
-        elif type(cb).__name__ == "GSLoRA":
+        elif isinstance(cb, GSLoRA):  # GSLoRAConv1D too
             from lightning_forget.callbacks.gs_lora import lora_layers
 
             layers = lora_layers(module)
             out["gslora_delta_numel"] = [sum(v.numel() for d in cb.deltas for v in d.values()),
                                          sum(layers[n].get_base_layer().weight.numel() for d in cb.deltas for n in d)]
+    return out
+
+
+def ilora_full_state_run(root: Path, names: list[str]) -> dict[str, Any]:
+    """ILoRA with full-state-dict checkpoints (``ModelParallelStrategy(save_distributed_checkpoint=False)``:
+    one file; rank 0's state dict holds whole tensors, the other ranks' nothing, so the slow learner
+    written into its weights is gathered on every rank): a crash in task 1 after the file of step 4,
+    a resume from that file, and the uninterrupted DDP run with its file of the same step; on rank 0
+    both files' weights and ILoRA state, and the export of the sharded run's file to a plain module
+    (its function against the PEFT module's). SGD with momentum: Lightning (2.6) fails to resume a
+    full checkpoint whose optimizer has no state (``_rekey_optimizer_state_if_needed``)."""
+    crashed = run(root / "f", "sharded_full", names, crash_at=5, save_every=4, momentum=0.5)
+    ckpt = root / "f" / "ckpt" / "step=4.ckpt"
+    out: dict[str, Any] = {"crashed_first": crashed.get("crashed", False), "is_file": ckpt.is_file()}
+    out["resumed"] = run(root / "f", "sharded_full", names, resume=str(ckpt), momentum=0.5)
+    out["ddp"] = run(root / "g", "ddp", names, save_every=4, momentum=0.5)
+    if torch.distributed.get_rank() == 0:
+        from lightning_forget.export import export_plain_checkpoint
+
+        files = {"sharded": ckpt, "ddp": root / "g" / "ckpt" / "step=4.ckpt"}
+        loaded = {kind: torch.load(path, weights_only=False) for kind, path in files.items()}
+        out["files"] = {kind: {"state_dict": _plain(c["state_dict"]),
+                               "ilora": _plain(next(v for k, v in c["callbacks"].items() if k.startswith("ILoRA")))}
+                        for kind, c in loaded.items()}
+        peft = _plain_module(names)
+        peft.load_state_dict(loaded["sharded"]["state_dict"])
+        written = export_plain_checkpoint(_plain_module(names), root / "plain_full.ckpt", checkpoint_path=ckpt)
+        plain = _module(names)
+        plain.load_state_dict(torch.load(written, weights_only=True)["state_dict"])
+        out["export_outputs"] = _same_outputs(peft, plain)
     return out
 
 
@@ -637,7 +767,7 @@ def config_run(root: Path, config: str) -> dict[str, Any]:
 
 
 def _tasks_for(names: list[str]) -> Callable[[int, int, int], list[tuple[DataLoader, Any]]]:
-    if "ILoRA" in names or "GSLoRA" in names:
+    if "ILoRA" in names or "GSLoRA" in names or "GSLoRAConv1D" in names:
         return functools.partial(_lora_tasks, "ILoRA" in names)
     return functools.partial(_tasks, dm=_data_for(names))
 
@@ -663,6 +793,9 @@ def main(root: Path, names: list[str]) -> None:
         results["lm"] = {strategy: unlearning_lm_run(root / f"lm_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if names == ["ILoRA"]:
         results["config_run"] = config_run(root / "cfg", "configs/i_lora/vit_split_mnist_sharded.yaml")
+        results["full_state"] = ilora_full_state_run(root, names)
+    if names == ["GSLoRAConv1D"] and rank == 0:
+        results["merge_folders"] = merge_folders_run(root, names)
     if names == FIRST_GROUP:
         results["classifier"] = {strategy: classifier_run(root / f"cls_{strategy}", strategy) for strategy in ("sharded", "ddp")}
     if rank == 0:

@@ -18,6 +18,43 @@ def _full(seed: int) -> dict[str, torch.Tensor]:
             "layers.2.weight": torch.randn(8, generator=g)}
 
 
+def _merging_gpt2(mesh) -> dict[str, float]:
+    """``lightning_forget.merging`` on the state dicts of a tiny GPT-2 sharded as ``fully_shard`` makes it
+    (``Conv1D`` weights, ``lm_head`` tied to ``wte``, two blocks: parameters of equal shapes) against the
+    same merges of the unsharded models' state dicts: the largest difference per merge."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_forget import sharding as sh
+    from lightning_forget.merging import lines_scale, task_arithmetic, ties_merge
+
+    config = GPT2Config(vocab_size=10, n_positions=6, n_embd=4, n_layer=2, n_head=2, n_inner=6)
+    plain = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        plain.append(GPT2LMHeadModel(config))
+    models = [copy.deepcopy(m) for m in plain]
+    for model in models:
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    merges = {
+        "task_arithmetic": lambda b, fs: task_arithmetic(b, fs, scaling=0.3),
+        "ties": lambda b, fs: ties_merge(b, fs, k=0.3),
+        "lines_scale": lambda b, fs: lines_scale(b, fs[0], alpha=0.5, beta=0.5),
+    }
+    out: dict[str, float] = {}
+    for label, merge in merges.items():
+        expected = merge(plain[0].state_dict(), [m.state_dict() for m in plain[1:]])
+        for kind, args in (("state_dict", [m.state_dict() for m in models]), ("module", models)):
+            got = merge(args[0], args[1:])
+            assert sorted(got) == sorted(expected), (label, kind)
+            out[f"{label}/{kind}"] = max(float((sh.full_tensor(got[n]) - expected[n]).abs().max()) for n in expected)
+    return out
+
+
 def worker(rank: int, world: int, port: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -162,6 +199,7 @@ def worker(rank: int, world: int, port: str, out: str) -> None:
     norm.num_batches_tracked.fill_(rank + 5)
     sh.broadcast_buffers([norm])
     result["buffers"] = [norm.running_mean.tolist(), int(norm.num_batches_tracked)]
+    result["merging_gpt2"] = _merging_gpt2(mesh)
     local_bytes = sum(sh.local_clone(t).numel() * t.element_size() for t in shard.values())
     full_bytes = sum(t.numel() * t.element_size() for t in full.values())
     result["bytes"] = [local_bytes, full_bytes]
