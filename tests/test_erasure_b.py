@@ -141,6 +141,24 @@ def test_doco_warmup_trains_only_the_discriminator_then_only_cross_attention_key
     assert all(torch.equal(teacher.weights[n], start[n]) for n in teacher.weights if n in start)  # the teacher is frozen
 
 
+def test_doco_warmup_lasts_warmup_plus_one_steps_as_the_reference_code(tmp_path: Path) -> None:
+    """The reference code trains the model once ``global_step > doco_dlr_warmup_steps`` (its step count starts at
+    0), so ``discriminator_warmup=1`` leaves steps 0 and 1 to the discriminator and step 2 moves the model."""
+
+    class Moved(Callback):
+        def __init__(self) -> None:
+            self.moved: list[bool] = []
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            self.moved.append(any(not torch.equal(p, start[n]) for n, p in pl_module.named_parameters()))
+
+    module = tiny()
+    start = {n: p.detach().clone() for n, p in module.named_parameters()}
+    moved = Moved()
+    _fit(tmp_path, module, [_doco(discriminator_warmup=1), moved], steps=3)
+    assert moved.moved == [False, False, True]
+
+
 def test_doco_without_surgery_steps_on_the_summed_losses_and_saves_the_discriminator(tmp_path: Path) -> None:
     module = tiny(unet="class")
     callback = _doco(gradient_surgery=None, discriminator_warmup=0)
