@@ -426,9 +426,6 @@ _REFUSALS: dict[str, str] = {
     "SalUnDiffusion": "Its saliency mask is computed from a gradient taken at task start outside the training "
     "step (which does not reach FSDP2's sharded parameters) and held as whole tensors, and its teacher runs the "
     "module with whole weight tensors swapped in.",
-    "SFD": "Its fake-score network is a second set of whole UNet weights run through the module "
-    "(torch.func.functional_call) and trained by the callback's own optimizer with torch.autograd.grad outside "
-    "the training step, neither of which works on FSDP2's sharded parameters.",
 }
 
 

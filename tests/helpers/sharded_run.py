@@ -102,7 +102,7 @@ def _module(names: list[str]) -> pl.LightningModule:
     """The module a group runs: a tiny GPT-2 for ILoRA, a diffusion module for erasure, with a BatchNorm for AdaB²N."""
     if "ILoRA" in names:
         return ShardedLMModule()
-    if names == ERASURE_GROUP:
+    if _is_erasure(names):
         return ShardedDiffusion()
     return ShardedNormModule() if "AdaB2N" in names else ShardedUserModule()
 
@@ -602,7 +602,7 @@ def main(root: Path, names: list[str]) -> None:
     results["ddp"] = run(root / "c", "ddp", names)
     # One process at the same global batch: replay draws per rank (as under DDP), so the replay
     # callbacks are left out of this comparison, and the sharded run is repeated without them.
-    alone = [name for name in names if name not in PER_RANK and name not in ERASURE_GROUP]
+    alone = [name for name in names if name not in PER_RANK and not _is_erasure([name])]
     rank = torch.distributed.get_rank()
     if alone:
         results["sharded_alone"] = run(root / "e", "sharded", alone) if alone != names else results["sharded"]
@@ -654,11 +654,13 @@ def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
                                                        seed=1),
             # 4 classes × 3 samples: 6 a rank (the padding of uneven shares is checked in tests/test_erasure.py)
             "ErasureEvaluation": lambda: ErasureEvaluation(erase=[[0], [2]], samples_per_class=3, judge_epochs=1,
-                                                           num_steps=2, grid_per_class=1)}
+                                                           num_steps=2, grid_per_class=1),
+            **_sfd_callbacks()}
 
 
 def _erasure_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
     """ESD's teacher: the entries this rank holds against the module's (local shards under FSDP2, a full copy under DDP)."""
+    _sfd_report(out, callbacks, module)
     for cb in callbacks:
         if type(cb).__name__ == "ESD" and cb.teacher is not None:
             out["esd_teacher_numel"] = [sum(v.numel() for v in cb.teacher.weights.values()),
@@ -667,7 +669,7 @@ def _erasure_report(out: dict[str, Any], callbacks: list[Callback], module: nn.M
 
 
 def _data_for(names: list[str]) -> Any:
-    if names != ERASURE_GROUP:
+    if not _is_erasure(names):
         return None
     from tests.helpers.diffusion import DigitImageStream
 
@@ -696,9 +698,39 @@ def ShardedDiffusion() -> pl.LightningModule:  # noqa: N802 - a factory named as
     return module
 
 
+# ---------------------------------------------------------------------------- SFD (shsfd)
+#: SFD alone (its parameter set and loss term would clash with ESD's in one trainer) on the same sharded diffusion module.
+SFD_GROUP = ["SFD"]
+
+
+def _is_erasure(names: list[str]) -> bool:
+    """Whether a group runs on the diffusion module (the erasure group, SFD's)."""
+    return bool(set(names) & {*ERASURE_GROUP, *SFD_GROUP})
+
+
+def _sfd_callbacks() -> dict[str, Callable[[], Callback]]:
+    from lightning_forget.callbacks import SFD
+
+    # The generator trains the UNet's Linear/Conv weights ("all": the norms and the concept table stay frozen, the
+    # fake score trains them too); the fake's Adam and both weights sized to move the weights beyond the tolerance.
+    return {"SFD": lambda: SFD(erase=[[0], [2]], batch_size=2, parameters="all", fake_lr=1e-3, forget_weight=1.0,
+                               fake_forget_weight=1.0, seed=1)}
+
+
+def _sfd_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
+    """SFD's fake score network: the entries this rank holds against the module's, and its Adam moments'."""
+    for cb in callbacks:
+        if type(cb).__name__ == "SFD" and cb.fake is not None:
+            moments = [v for s in cb.fake_optimizer.state.values() for v in s.values() if v.dim() > 0]
+            out["sfd_fake_numel"] = [sum(v.numel() for v in cb.fake.values()), sum(p.numel() for p in module.parameters()),
+                                     sum(v.numel() for v in moments)]
+            out["sfd_table_numel"] = int(module.concept_embeddings.numel())
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     # Groups separated by ";" share the launch: OUT_DIR/<i>/result.json per group.
     for index, group in enumerate(sys.argv[2].split(";")):
         main(Path(sys.argv[1]) / str(index), group.split(","))
     torch.distributed.destroy_process_group()
+
