@@ -713,7 +713,7 @@ def _sfd_callbacks() -> dict[str, Callable[[], Callback]]:
 
     # The generator trains the UNet's Linear/Conv weights ("all": the norms and the concept table stay frozen, the
     # fake score trains them too); the fake's Adam and both weights sized to move the weights beyond the tolerance.
-    return {"SFD": lambda: SFD(erase=[[0], [2]], batch_size=2, parameters="all", fake_lr=1e-3, forget_weight=1.0,
+    return {"SFD": lambda: SFD(erase=[[0], [2]], batch_size=2, parameters="all", fake_lr=1e-2, forget_weight=1.0,
                                fake_forget_weight=1.0, seed=1)}
 
 
