@@ -78,9 +78,11 @@ class SFD(ErasureMethod):
     teacher and the fake score network are each rank's **local shards** of the module's parameter
     layout (never a whole copy per rank), and the fake's Adam steps those shards (elementwise,
     so it equals the whole tensors' step). The network's forward cannot take other weights
-    through :func:`torch.func.functional_call` there (FSDP2 gathers the shards of the parameters
-    it owns at each forward and backward, whatever tensors are substituted), so the fake (or the
-    teacher) is **swapped into the module's own shards** around each use
+    through :func:`torch.func.functional_call` there: FSDP2's pre-forward hook sets the weights it
+    gathers from its own shards on the modules, over the substitutes, so the call silently runs
+    the live weights (checked with torch 2.13 on a ``fully_shard``-ed ``Linear``), and its
+    backward regathers them too. The fake (or the teacher) is therefore **swapped into the
+    module's own shards** around each use
     (:func:`~lightning_forget.unlearning.reference.local_shards_swapped`), and anything that
     differentiates through it runs its backward before the live shards come back:
 
