@@ -308,6 +308,10 @@ def test_sfd_runs_under_model_parallel_but_refuses_lora_there() -> None:
     SFD(erase=[1]).setup(trainer, tiny(), "validate")
     with pytest.raises(RuntimeError, match=r"SFD\(lora_rank=2\) under ModelParallelStrategy.*Fix: lora_rank=None"):
         SFD(erase=[1], lora_rank=2, parameters="attn").setup(trainer, tiny(), "validate")
+    sharded = SFD(erase=[1])
+    sharded.teacher = SimpleNamespace(sharded=True)  # a teacher held as shards: a graph through it cannot be kept
+    with pytest.raises(RuntimeError, match=r"teacher_eps_with_input_grad under ModelParallelStrategy.*Fix"):
+        sharded.teacher_eps_with_input_grad(tiny(), torch.zeros(1, 1, 8, 8), torch.tensor([3]), torch.tensor([0]))
 
 
 def test_sfd_refuses_bad_arguments() -> None:

@@ -255,8 +255,17 @@ class SFD(ErasureMethod):
             return pl_module.eps(x_t, t, labels)
 
     def teacher_eps_with_input_grad(self, pl_module: "pl.LightningModule", x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        """``ε*(x_t, t, c)`` of the frozen teacher, differentiable with respect to ``x_t`` (SiD needs it)."""
+        """``ε*(x_t, t, c)`` of the frozen teacher, differentiable with respect to ``x_t`` (SiD needs it).
+
+        Not under FSDP2: a graph through the sharded module would regather the live weights at its
+        backward; the sharded step takes the teacher's input gradient inside its swap instead
+        (:func:`~lightning_forget.gradients.input_vjp`).
+        """
         teacher = self._get_teacher(pl_module)
+        if teacher.sharded:
+            raise RuntimeError("SFD.teacher_eps_with_input_grad under ModelParallelStrategy: its backward would run "
+                               "after the teacher's shards are swapped out. Fix: take the input gradient inside the "
+                               "teacher call, e.g. teacher(lambda model: input_vjp(model.eps-based fn, x_t, grad)).")
 
         def call(model: Any) -> Tensor:
             with torch.enable_grad(), forward_context(pl_module.trainer):
