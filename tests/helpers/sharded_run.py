@@ -714,7 +714,7 @@ def _sfd_callbacks() -> dict[str, Callable[[], Callback]]:
     # The generator trains the UNet's Linear/Conv weights ("all": the norms and the concept table stay frozen, the
     # fake score trains them too); the fake's Adam sized to move its weights beyond the tolerance. The forgotten
     # class's SiD term (the same code with other labels) is left out to keep the launch short.
-    return {"SFD": lambda: SFD(erase=[[0], [2]], batch_size=2, parameters="all", fake_lr=1e-2, forget_weight=0.0,
+    return {"SFD": lambda: SFD(erase=[[0], [2]], batch_size=1, parameters="all", fake_lr=1e-2, forget_weight=0.0,
                                fake_forget_weight=1.0, seed=1)}
 
 
