@@ -42,6 +42,7 @@ __all__ = [
     "broadcast_parameters",
     "compute_gradients",
     "flatten_tensors",
+    "input_vjp",
     "synced_gradients",
     "unflatten_tensors",
 ]
@@ -146,6 +147,21 @@ def _sharded_gradients(loss: Tensor, named: dict[str, Tensor], *, retain_graph: 
     finally:
         for name, p in named.items():
             p.grad = stash[name]
+
+
+def input_vjp(fn: Any, x: Tensor, grad: Tensor) -> Tensor:
+    """``(∂fn(x)/∂x)ᵀ · grad``: the gradient of ``⟨fn(x), grad⟩`` with respect to the input ``x`` only.
+
+    ``fn`` runs on a detached copy of ``x`` (with gradients enabled, whatever the caller's mode) and
+    its backward reaches that copy alone: no parameter's ``.grad`` is written (under FSDP2 nothing
+    is reduce-scattered). A frozen network's input gradient can so be taken at once, e.g. while
+    another set of weights is swapped in, instead of in a later backward.
+    """
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fn(leaf)
+        (value,) = torch.autograd.grad(out, leaf, grad_outputs=grad.to(out.dtype))
+    return value
 
 
 def flatten_tensors(tensors: Mapping[str, Tensor]) -> dict[torch.dtype, Tensor]:

@@ -431,8 +431,8 @@ def broadcast_buffers(modules: Iterable[nn.Module], *, src: int = 0) -> None:
 #: quoted by :func:`lightning_forget.tasks.check_strategy` in its refusal.
 _REFUSALS: dict[str, str] = {
     # concept erasure (callbacks/erasure.py and the methods built on ErasureMethod)
-    "ErasureMethod": "Its sharded teacher (local shards swapped into the module) is checked against DDP for ESD "
-    "and ConceptAblation only; a method built on it runs sharded once its step is (ESD, ConceptAblation and UCE do).",
+    "ErasureMethod": "A method built on it runs sharded once its own step is checked against DDP (the library's "
+    "ESD, UCE, ConceptAblation, DoCo, SalUnDiffusion and SFD are: declare supported_strategies to opt in).",
     "SFD": "Its fake-score network is a second set of whole UNet weights run through the module "
     "(torch.func.functional_call) and trained by the callback's own optimizer with torch.autograd.grad outside "
     "the training step, neither of which works on FSDP2's sharded parameters.",

@@ -276,6 +276,62 @@ def test_sfd_trains_the_generator_and_its_fake_score_with_the_teacher_frozen(tmp
     assert all(torch.equal(restored._build_fake(module)[n], v.detach()) for n, v in callback.fake.items())
 
 
+def test_sfd_sharded_path_on_one_process_equals_its_unsharded_path(tmp_path: Path) -> None:
+    """SFD's FSDP2 code path (the fake swapped into the module's own weights, its backward inside the swap with every
+    parameter made to require gradients; the generator's gradient through both networks' input VJPs) run on plain
+    parameters gives the gradients and the fake step of the direct path (the 2-process check: the sharded launch)."""
+    from lightning_forget.callbacks import SFD
+
+    class Swapping(SFD):
+        def _build_fake(self, pl_module: Any) -> dict[str, torch.Tensor]:
+            fake = super()._build_fake(pl_module)
+            self._layout = dict(pl_module.named_parameters())  # what the sharded build keeps: the module's parameters
+            return fake
+
+    runs = []
+    for cls in (SFD, Swapping):
+        module, grads = tiny(), _Grads()
+        # "all": the norms and the concept table stay frozen in the generator, the fake trains them (lr sized to show)
+        callback = cls(erase=[1], batch_size=2, parameters="all", forget_weight=0.5, fake_forget_weight=1.0, fake_lr=1e-2)
+        # The swaps write into the parameters the step's graph saved: FSDP2 regathers them at the backward (the live
+        # values by then); on one process autograd keeps the saved values instead of refusing the edit.
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            _fit(tmp_path / cls.__name__, module, [callback, grads], steps=1)
+        runs.append((grads.grads, {n: v.detach().clone() for n, v in callback.fake.items()}))
+    (direct, fake), (swapped, swapped_fake) = runs
+    frozen = {n for n, g in direct[0].items() if g is None}
+    assert len(direct) == len(swapped) == 1 and not frozen
+    # The generator's gradient sums the teacher's and the fake's input terms, which nearly cancel while the fake is
+    # still close to the teacher: one backward and two VJPs round differently, so the check is relative to each
+    # tensor's norm (a term missing or counted twice is off by O(1)).
+    errors = [float((swapped[0][n] - g).norm() / g.norm()) for n, g in direct[0].items()]
+    assert max(errors) < 1e-3, max(errors)
+    start = dict(tiny().named_parameters())
+    for name, v in fake.items():
+        torch.testing.assert_close(swapped_fake[name], v, atol=1e-5, rtol=1e-4)
+    moved = {n for n, v in fake.items() if not torch.equal(v, start[n].detach())}
+    # the fake trains weights the generator keeps frozen: the concept table, the norms
+    assert "concept_embeddings" in moved and any("norm" in n for n in moved) and len(moved) > len(fake) // 2
+
+
+def test_sfd_runs_under_model_parallel_but_refuses_lora_there() -> None:
+    # SFD runs sharded (tests/test_sharded_contract.py, group "sfd"); the LoRA merge is not shard-wise: refused in setup.
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_forget.callbacks import SFD
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    SFD(erase=[1]).setup(trainer, tiny(), "validate")
+    with pytest.raises(RuntimeError, match=r"SFD\(lora_rank=2\) under ModelParallelStrategy.*Fix: lora_rank=None"):
+        SFD(erase=[1], lora_rank=2, parameters="attn").setup(trainer, tiny(), "validate")
+    sharded = SFD(erase=[1])
+    sharded.teacher = SimpleNamespace(sharded=True)  # a teacher held as shards: a graph through it cannot be kept
+    with pytest.raises(RuntimeError, match=r"teacher_eps_with_input_grad under ModelParallelStrategy.*Fix"):
+        sharded.teacher_eps_with_input_grad(tiny(), torch.zeros(1, 1, 8, 8), torch.tensor([3]), torch.tensor([0]))
+
+
 def test_sfd_refuses_bad_arguments() -> None:
     from lightning_forget.callbacks import SFD
 

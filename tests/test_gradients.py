@@ -16,6 +16,7 @@ from lightning_forget.gradients import (
     broadcast_parameters,
     compute_gradients,
     flatten_tensors,
+    input_vjp,
     synced_gradients,
     unflatten_tensors,
 )
@@ -51,6 +52,19 @@ def test_grad_untouched_during_accumulation() -> None:
     compute_gradients(nn.functional.mse_loss(model(x[4:]), y[4:]), model)
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, before[name])
+
+
+def test_input_vjp_is_the_input_gradient_and_leaves_parameters_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, grad = torch.randn(5, 3), torch.randn(5, 2)
+    leaf = x.clone().requires_grad_(True)
+    (model(leaf) * grad).sum().backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # taken with gradients on whatever the caller's mode
+        value = input_vjp(model, x, grad)
+    torch.testing.assert_close(value, leaf.grad)
+    assert all(p.grad is None for p in model.parameters()) and not value.requires_grad
 
 
 def test_unused_and_frozen_parameters() -> None:

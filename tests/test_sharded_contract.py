@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.sharded_run import ERASURE_B_GROUP, ERASURE_GROUP, ERASURE_LORA_GROUP, FIRST_GROUP, PER_RANK, UNLEARNING_GROUP
+from tests.helpers.sharded_run import (ERASURE_B_GROUP, ERASURE_GROUP, ERASURE_LORA_GROUP, FIRST_GROUP, PER_RANK, SFD_GROUP,
+                                       UNLEARNING_GROUP, _is_erasure)
 
 GROUPS = {
     "replay": FIRST_GROUP,
@@ -49,9 +50,15 @@ GROUPS = {
     # DoCo (discriminator replicated, gradient surgery over all shards) and SalUnDiffusion (saliency mask: a global
     # top-k over all shards, held as local shards) together on that module
     "erasure_b": ERASURE_B_GROUP,
+    # SFD on the same module, alone (its parameter set and loss term would clash with ESD's in one trainer)
+    "sfd": SFD_GROUP,
 }
 ROWS = [(group, name) for group, names in GROUPS.items() for name in names]
 TOL = 1e-5
+#: SFD's fake Adam (β₁ = 0) state is its last raw gradient, whose nearly cancelling terms (the fake starts as the
+#: teacher) round differently through FSDP2's reduce-scatter and the sharded step's separate input VJPs than through
+#: DDP's one backward, and Adam's normalised steps carry that rounding on: a few entries differ by ~1e-5.
+STATE_TOL = {"SFD": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -84,22 +91,22 @@ def _numbers(value: Any) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _close(a: Any, b: Any) -> bool:
+def _close(a: Any, b: Any, tol: float = TOL) -> bool:
     x, y = _numbers(a), _numbers(b)
-    return x.shape == y.shape and bool(torch.allclose(x, y, atol=TOL, rtol=TOL, equal_nan=True))
+    return x.shape == y.shape and bool(torch.allclose(x, y, atol=tol, rtol=tol, equal_nan=True))
 
 
 @pytest.mark.parametrize(("group", "name"), ROWS, ids=[name for _, name in ROWS])
 def test_sharded_run_equals_ddp_and_one_process(launches, group, name) -> None:
     result = launches[group]
     sharded = result["sharded"]
-    unsharded = ["Parameter"] if group.startswith("erasure") else []  # the diffusion module's frozen concept table
+    unsharded = ["Parameter"] if _is_erasure(GROUPS[group]) else []  # the diffusion module's frozen concept table
     assert sharded["param_types"] == ["DTensor", *unsharded], "the module's parameters were not sharded"
     assert torch.allclose(_params(sharded), _params(result["ddp"]), atol=TOL, rtol=TOL)
-    assert _close(sharded["states"][name], result["ddp"]["states"][name])
+    assert _close(sharded["states"][name], result["ddp"]["states"][name], STATE_TOL.get(name, TOL))
     # Per-rank draws (replay, k-FPF's gathered buffer, BatchNorm statistics, the diffusion module's own
     # loss), as under DDP: no one-process comparison.
-    if name not in PER_RANK and not group.startswith("erasure"):
+    if name not in PER_RANK and not _is_erasure(GROUPS[group]):
         alone = result["sharded_alone"]
         assert torch.allclose(_params(alone), _params(result["single"]), atol=TOL, rtol=TOL)
         assert _close(alone["states"][name], result["single"]["states"][name])
@@ -246,6 +253,8 @@ def test_salun_mask_is_held_as_shards_and_doco_surgery_takes_cosines_over_all_sh
     assert torch.allclose(cosines, torch.tensor(ddp["doco_cosines"]), atol=TOL)
     for run in (sharded, launches["erasure_b"]["resumed"], ddp):
         assert run["doco_discriminator_spread"] == 0.0
+
+
 def test_gslora_merges_conv1d_lora_shard_wise(launches) -> None:
     """GS-LoRA on GPT-2's Conv1D layers (PEFT's fan_in_fan_out; FSDP2 shards the weight's input dim): each
     task's merged ΔW is nonzero, kept as rank 0's block (a full copy under DDP), and equals DDP's; the rest
@@ -287,3 +296,15 @@ def test_merge_command_reads_sharded_checkpoint_folders(launches) -> None:
     run = launches["lora_gslora_conv1d"]["merge_folders"]
     assert run["same_names"] and run["moved"] > 1e-4 and run["difference"] < 1e-6
     assert "state_dict" in run["keys"] and not any(k.startswith("optimizer") or k in ("loops", "callbacks") for k in run["keys"])
+def test_sfd_keeps_its_fake_score_network_as_local_shards(launches) -> None:
+    """SFD's fake score network and its Adam moments are rank 0's shards (a full copy under DDP); gathered for
+    the state they equal DDP's (test_sharded_run_equals_ddp_and_one_process) and moved away from the teacher."""
+    result = launches["sfd"]
+    local, total, moments = result["sharded"]["sfd_fake_numel"]
+    table = result["sharded"]["sfd_table_numel"]  # the frozen concept table is not sharded: each rank holds it
+    assert local - table <= (total - table) // 2 + 64 and moments == 2 * local
+    assert result["ddp"]["sfd_fake_numel"] == [total, total, 2 * total]
+    state = result["sharded"]["states"]["SFD"]["method"]
+    fake = state["fake"]["weights"]
+    assert set(fake) <= set(state["teacher"]) and len(fake) == len(result["sharded"]["params"])
+    assert not _close(fake, {n: state["teacher"][n] for n in fake})  # the fake trained (its own Adam)

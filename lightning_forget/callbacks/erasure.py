@@ -115,9 +115,12 @@ class ErasureMethod(ContinualCallback):
 
     Note:
         Saved state: ``teacher`` (CPU weights of the teacher copy, or ``None``), ``version``.
-        Supported strategies: single device and DDP; :class:`ESD` and :class:`UCE` also
+        Supported strategies: single device and DDP; every method in the library (:class:`ESD`,
+        :class:`UCE`, :class:`ConceptAblation`, :class:`DoCo`, :class:`SalUnDiffusion`, :class:`SFD`) also
         ``ModelParallelStrategy`` (FSDP2; the teacher as each rank's local shards, :class:`~lightning_forget.unlearning.ReferenceModel`'s sharded mode,
-        or the adapters disabled with LoRA; LoRA on linear layers only there, merged shard-wise).
+        or, for ESD with LoRA, the adapters disabled). ``lora_rank`` under sharding: ESD only, on linear
+        layers, merged shard-wise (:attr:`sharded_lora`); a subclass of your own declares
+        ``supported_strategies`` once its step is checked sharded.
     """
 
     supported_strategies = DDP_STRATEGIES

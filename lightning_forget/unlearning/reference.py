@@ -29,7 +29,7 @@ from torch.nn.utils.stateless import _reparametrize_module  # what functional_ca
 
 from lightning_forget.sharding import edit_local, full_tensor, is_sharded, local_clone, reshard, shard_like
 
-__all__ = ["ReferenceModel", "adapters_disabled", "has_lora_adapters", "load_pretrained", "tuner_layers"]
+__all__ = ["ReferenceModel", "adapters_disabled", "has_lora_adapters", "load_pretrained", "local_shards_swapped", "tuner_layers"]
 
 
 def load_pretrained(module: nn.Module, path: str, owner: str) -> None:
@@ -82,6 +82,31 @@ def adapters_disabled(module: nn.Module) -> Iterator[None]:
     finally:
         for layer, value in zip(layers, previous):
             layer._disable_adapters = value
+
+
+@contextmanager
+def local_shards_swapped(module: nn.Module, layout: dict[str, Tensor], weights: dict[str, Tensor]) -> Iterator[None]:
+    """``weights`` (local shards of ``layout``'s tensors, by name) written into the module's own shards, the live ones after.
+
+    FSDP2 gathers every unit's weights from the local shards at its forward (and, for a unit
+    resharded after its forward, again at its backward): a forward, or a forward and its
+    backward, run inside the ``with`` block read ``weights``. Units that keep their gathered
+    weights after a forward (``reshard_after_forward=False``) are resharded before and after, so
+    the backward of the live step regathers the live weights. Names of ``layout`` missing from
+    ``weights`` keep their live values. Used by :class:`ReferenceModel`'s sharded mode and by
+    trainable weight sets kept as shards (SFD's fake score network).
+    """
+    reshard(module)
+    names = [k for k in layout if k in weights]
+    live = {k: local_clone(layout[k]) for k in names}
+    try:
+        for k in names:
+            edit_local(layout[k], lambda now, ref: ref.to(now.device, now.dtype), weights[k])
+        yield
+    finally:
+        reshard(module)
+        for k in names:
+            edit_local(layout[k], lambda _, value: value, live[k])
 
 
 def _base_trainable(module: nn.Module) -> list[str]:
@@ -162,26 +187,10 @@ class ReferenceModel:
                     for k, v in self.weights.items()}
         return {k: v.detach().cpu().clone() for k, v in self.weights.items()}
 
-    @contextmanager
-    def _shards_swapped(self) -> Iterator[None]:
-        """The reference's local shards in the parameters' shards (and its buffers), the live ones after.
-
-        FSDP2 gathers every unit's weights from the local shards at its forward; units that keep
-        their gathered weights after a forward (``reshard_after_forward=False``) are resharded
-        before and after, so the reference forward reads the reference and the backward of the
-        live step regathers the live weights.
-        """
+    def _shards_swapped(self) -> Any:
+        """The reference's local shards in the parameters' shards (and its buffers), the live ones after."""
         assert self.weights is not None
-        reshard(self.module)
-        live = {k: local_clone(t) for k, t in self._layout.items()}
-        try:
-            for k, t in self._layout.items():
-                edit_local(t, lambda now, ref: ref.to(now.device, now.dtype), self.weights[k])
-            yield
-        finally:
-            reshard(self.module)
-            for k, t in self._layout.items():
-                edit_local(t, lambda _, value: value, live[k])
+        return local_shards_swapped(self.module, self._layout, self.weights)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The reference's forward on ``args``/``kwargs``: eval mode, ``no_grad``, the module restored after.

@@ -835,7 +835,7 @@ ERASURE_LORA_GROUP = ["ESDLoRA"]
 
 def _is_erasure(names: list[str]) -> bool:
     """A group of erasure callbacks (on the diffusion module, its own draws per rank)."""
-    return bool(set(names) & {*ERASURE_GROUP, *ERASURE_LORA_GROUP, *ERASURE_B_GROUP})
+    return bool(set(names) & {*ERASURE_GROUP, *ERASURE_LORA_GROUP, *ERASURE_B_GROUP, *SFD_GROUP})
 
 
 def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
@@ -849,11 +849,13 @@ def _erasure_callbacks() -> dict[str, Callable[[], Callback]]:
                                                        seed=1),
             # 4 classes × 3 samples: 6 a rank (the padding of uneven shares is checked in tests/test_erasure.py)
             "ErasureEvaluation": lambda: ErasureEvaluation(erase=[[0], [2]], samples_per_class=3, judge_epochs=1,
-                                                           num_steps=2, grid_per_class=1)}
+                                                           num_steps=2, grid_per_class=1),
+            **_sfd_callbacks()}
 
 
 def _erasure_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
     """ESD's teacher: the entries this rank holds against the module's (local shards under FSDP2, a full copy under DDP)."""
+    _sfd_report(out, callbacks, module)
     for cb in callbacks:
         if type(cb).__name__ == "ESD" and cb.teacher is not None and cb.teacher.weights is not None:
             out["esd_teacher_numel"] = [sum(v.numel() for v in cb.teacher.weights.values()),
@@ -937,6 +939,29 @@ def _erasure_b_report(out: dict[str, Any], callbacks: list[Callback], module: nn
             torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
             torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
             out["doco_discriminator_spread"] = float((high - low).max())
+# ---------------------------------------------------------------------------- SFD (shsfd)
+#: SFD alone (its parameter set and loss term would clash with ESD's in one trainer) on the same sharded diffusion module.
+SFD_GROUP = ["SFD"]
+
+
+def _sfd_callbacks() -> dict[str, Callable[[], Callback]]:
+    from lightning_forget.callbacks import SFD
+
+    # The generator trains the UNet's Linear/Conv weights ("all": the norms and the concept table stay frozen, the
+    # fake score trains them too); the fake's Adam sized to move its weights beyond the tolerance. The forgotten
+    # class's SiD term (the same code with other labels) is left out to keep the launch short.
+    return {"SFD": lambda: SFD(erase=[[0], [2]], batch_size=1, parameters="all", fake_lr=1e-2, forget_weight=0.0,
+                               fake_forget_weight=1.0, seed=1)}
+
+
+def _sfd_report(out: dict[str, Any], callbacks: list[Callback], module: nn.Module) -> None:
+    """SFD's fake score network: the entries this rank holds against the module's, and its Adam moments'."""
+    for cb in callbacks:
+        if type(cb).__name__ == "SFD" and cb.fake is not None:
+            moments = [v for s in cb.fake_optimizer.state.values() for v in s.values() if v.dim() > 0]
+            out["sfd_fake_numel"] = [sum(v.numel() for v in cb.fake.values()), sum(p.numel() for p in module.parameters()),
+                                     sum(v.numel() for v in moments)]
+            out["sfd_table_numel"] = int(module.concept_embeddings.numel())
 
 
 if __name__ == "__main__":
@@ -945,3 +970,4 @@ if __name__ == "__main__":
     for index, group in enumerate(sys.argv[2].split(";")):
         main(Path(sys.argv[1]) / str(index), group.split(","))
     torch.distributed.destroy_process_group()
+
