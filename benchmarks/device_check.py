@@ -68,6 +68,15 @@ CALLBACK_CONFIGS: dict[str, str] = {
     "L1Sparse": "unlearning/l1sparse_digits.yaml",
     "SCRUB": "unlearning/scrub_digits.yaml",
     "SalUn": "unlearning/salun_digits.yaml",
+    # one fit each (no task stream): max_steps instead of epochs per task
+    "LMGradientAscent": "unlearning_lm/ga_fqa.yaml",
+    "LMGradDiff": "unlearning_lm/graddiff_fqa.yaml",
+    "ESD": "erasure/esd_digits.yaml",
+    "UCE": "erasure/uce_digits.yaml",
+    "ConceptAblation": "erasure/ca_digits.yaml",
+    "DoCo": "erasure/doco_digits.yaml",
+    "SalUnDiffusion": "erasure/salun_digits.yaml",
+    "SFD": "erasure/sfd_digits.yaml",
 }
 
 #: Trainer overrides per setting, and whether it needs CUDA.
@@ -90,13 +99,36 @@ SMALL = {"kfpf": ["--model.init_args.resnet_width", "4", "--trainer.callbacks.in
 QUICK_CALLBACKS = ("ExperienceReplay", "LiNeS")
 
 
+def _class_of(config: str, key: str) -> type:
+    import importlib
+
+    import yaml
+
+    path = str((yaml.safe_load((ROOT / "configs" / config).read_text()).get(key) or {}).get("class_path", ""))
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _shards_itself(config: str) -> bool:
+    """Whether the config's LightningModule overrides ``configure_model`` (ModelParallelStrategy refuses one that does not)."""
+    return _class_of(config, "model").configure_model is not pl.LightningModule.configure_model
+
+
+def _is_stream(config: str) -> bool:
+    """Whether the config's datamodule runs a task stream in one fit (it takes ``epochs_per_task``)."""
+    import inspect
+
+    return "epochs_per_task" in inspect.signature(_class_of(config, "data")).parameters
+
+
 def _contract_args(config: str, setting: str, root: str, batches: int) -> list[str]:
+    # A stream: two tasks of `batches` steps; one fit (unlearning of a language model, concept erasure): 2 × `batches` steps.
+    length = (["--data.init_args.epochs_per_task", "1", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", str(batches)]
+              if _is_stream(config) else ["--trainer.max_steps", str(2 * batches), "--trainer.max_epochs", "-1"])
     return [
         "fit", "--config", str(ROOT / "configs" / config), *SETTINGS[setting][1],
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", root,
-        "--data.init_args.epochs_per_task", "1", "--trainer.max_epochs", "2",
-        "--trainer.limit_train_batches", str(batches), "--trainer.limit_val_batches", "1",
-        "--trainer.enable_checkpointing", "false", *SMALL.get(config.split("/")[0], []),
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", root, *length,
+        "--trainer.limit_val_batches", "1", "--trainer.enable_checkpointing", "false", *SMALL.get(config.split("/")[0], []),
     ]
 
 
@@ -105,6 +137,12 @@ def contract_run(name: str, setting: str, batches: int) -> dict[str, Any]:
     from lightning_forget.cli import main as cli_main
 
     row: dict[str, Any] = {"callback": name, "config": CALLBACK_CONFIGS[name], "setting": setting}
+    if "model_parallel" in setting and not _shards_itself(CALLBACK_CONFIGS[name]):
+        row.update(status="skipped", seconds=0.0, peak_mb=None,
+                   message="the config's module has no configure_model (ModelParallelStrategy needs one): subclass it "
+                   "with fully_shard in configure_model as docs/sharding.md shows; the sharded runs of this callback "
+                   "are in tests/test_sharded_contract.py")
+        return row
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     environment = dict(os.environ)  # a strategy sets MASTER_ADDR/PORT, ranks...: the next run starts clean
@@ -132,13 +170,14 @@ def contract_run(name: str, setting: str, batches: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- step-time ratios
-def _resnet_run(callbacks: list[Any], precision: str, batches: int, seed: int = 0) -> dict[str, Any]:
-    """A ResNet (width 20) on Split MNIST; with 3 batches or fewer (``--quick``) an MLP on Split Digits."""
+def _resnet_run(callbacks: list[Any], precision: str, batches: int, seed: int = 0, norm: bool = False) -> dict[str, Any]:
+    """A ResNet (width 20) on Split MNIST; with 3 batches or fewer (``--quick``) an MLP on Split Digits,
+    unless the pair needs the ResNet's BatchNorm layers (``norm``: AdaB²N converts them)."""
     from lightning_forget.datamodules import SplitDigits, SplitMNIST
     from lightning_forget.modules import ContinualClassifier
 
     pl.seed_everything(seed, verbose=False)
-    small = batches <= 3
+    small = batches <= 3 and not norm
     data = (SplitDigits if small else SplitMNIST)(batch_size=32, epochs_per_task=1, seed=seed)
     model = ContinualClassifier(backbone="mlp" if small else "resnet", resnet_width=20, num_classes=10,
                                 input_shape=(1, 8, 8) if small else (1, 28, 28), num_tasks=5, report=False,
@@ -191,15 +230,15 @@ def _timed_fit(model: Any, data: Any, callbacks: list[Any], precision: str, batc
 def _ratio_runs() -> dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., dict[str, Any]]]]:
     from lightning_forget.callbacks import AdaB2N, DarkExperienceReplay, ExperienceReplay, RefreshLearning
 
-    def resnet(make: Callable[[], list[Any]]) -> Callable[..., dict[str, Any]]:
-        return lambda precision, batches: _resnet_run(make(), precision, batches)
+    def resnet(make: Callable[[], list[Any]], norm: bool = False) -> Callable[..., dict[str, Any]]:
+        return lambda precision, batches: _resnet_run(make(), precision, batches, norm=norm)
 
     finetune = resnet(list)
     return {
         "ER vs fine-tuning": (resnet(lambda: [ExperienceReplay(buffer_size=200)]), finetune),
         "DER++ vs fine-tuning": (resnet(lambda: [DarkExperienceReplay(buffer_size=200)]), finetune),
-        "AdaB2N vs BatchNorm (DER++)": (resnet(lambda: [DarkExperienceReplay(buffer_size=200), AdaB2N()]),
-                                        resnet(lambda: [DarkExperienceReplay(buffer_size=200)])),
+        "AdaB2N vs BatchNorm (DER++)": (resnet(lambda: [DarkExperienceReplay(buffer_size=200), AdaB2N()], norm=True),
+                                        resnet(lambda: [DarkExperienceReplay(buffer_size=200)], norm=True)),
         "refresh vs ER": (resnet(lambda: [ExperienceReplay(buffer_size=200), RefreshLearning(fisher_samples=64)]),
                           resnet(lambda: [ExperienceReplay(buffer_size=200)])),
         "I-LoRA vs ER-LoRA": (partial(_vit_run, "i_lora"), partial(_vit_run, "er_lora")),
@@ -250,17 +289,31 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help=f"callbacks {QUICK_CALLBACKS}, one ratio, 3 batches")
     parser.add_argument("--dry-run", action="store_true", help="train nothing: write the plan")
     parser.add_argument("--batches", type=int, default=None, help="training batches per task (default 12; quick 3)")
+    parser.add_argument("--callbacks", default=None, help=f"comma-separated subset of {sorted(CALLBACK_CONFIGS)}")
+    parser.add_argument("--settings", default=None, help=f"comma-separated subset of {sorted(SETTINGS)} (default: the "
+                        "device's: the CUDA ones on a GPU, the CPU ones otherwise)")
     args = parser.parse_args(argv)
     import lightning
 
     cuda = torch.cuda.is_available()
     batches = args.batches or (3 if args.quick else 12)
     names = list(QUICK_CALLBACKS) if args.quick else list(CALLBACK_CONFIGS)
+    if args.callbacks:
+        names = [n.strip() for n in args.callbacks.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(CALLBACK_CONFIGS))
+        if unknown:
+            parser.error(f"--callbacks: unknown {unknown}; choose from {sorted(CALLBACK_CONFIGS)}")
     pairs = ["ER vs fine-tuning"] if args.quick else list(_ratio_runs())
     notes: list[str] = []
     settings = [s for s, (needs_cuda, _) in SETTINGS.items() if needs_cuda == cuda]
     if args.quick and not cuda:
         settings = ["cpu_32"]
+    if args.settings:
+        settings = [n.strip() for n in args.settings.split(",") if n.strip()]
+        bad = [n for n in settings if n not in SETTINGS or (SETTINGS[n][0] and not cuda)]
+        if bad:
+            parser.error(f"--settings: {bad} unknown or needing CUDA (none here); choose from "
+                         f"{[n for n, (c, _) in SETTINGS.items() if cuda or not c]}")
     if not cuda:
         skipped = [s for s, (needs_cuda, _) in SETTINGS.items() if needs_cuda]
         notes.append(f"skipped {skipped}: no CUDA device here (they need accelerator='gpu'); ran {settings} instead. "

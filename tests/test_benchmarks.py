@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers.benchmarks import load_benchmark
 
 
@@ -86,6 +88,12 @@ def test_device_check_dry_run_and_quick_on_cpu(tmp_path) -> None:
     (ratio,) = report["ratios"]
     assert ratio["status"] == "ok" and ratio["ratio"] > 0
     assert (tmp_path / "quick" / "device_check.json").is_file() and "| ER vs fine-tuning |" in (tmp_path / "quick" / "device_check.md").read_text()
+    # A config whose module does not shard itself (no configure_model) is skipped under ModelParallelStrategy, with why.
+    skipped = bench.contract_run("ESD", "cpu_model_parallel", 1)
+    assert skipped["status"] == "skipped" and "configure_model" in skipped["message"]
+    assert bench._shards_itself(bench.CALLBACK_CONFIGS["ExperienceReplay"])  # the library's classifier does
+    with pytest.raises(SystemExit):
+        bench.main(["--callbacks", "ESD,NoSuchCallback", "--dry-run", "--out", str(tmp_path / "bad")])
 
 
 def test_diffusion_erasure_quick(tmp_path) -> None:
