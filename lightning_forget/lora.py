@@ -69,6 +69,7 @@ __all__ = [
     "LoRASettings",
     "adapter_parameters",
     "adapter_state_dict",
+    "add_delta_to_base",
     "add_lora",
     "find_blocks",
     "find_target_modules",
@@ -385,6 +386,22 @@ def local_delta(layer: nn.Module, adapter: str, owner: str) -> Tensor:
     else:
         block = b[rows] @ a[:, cols]
     return (block * layer.scaling[adapter]).to(local_view(weight).dtype)
+
+
+@torch.no_grad()
+def add_delta_to_base(layer: nn.Module, adapter: str, owner: str) -> Tensor:
+    """``W += ΔW`` for one PEFT LoRA layer's ``adapter``; returns the ``ΔW`` added.
+
+    On a plain weight the whole ``get_delta_weight``; under FSDP2 the block this rank's shard of
+    ``W`` holds (:func:`local_delta`, a collective: every rank calls it for the same layers in the
+    same order), added shard-wise. ``owner`` names the caller in :func:`local_delta`'s error.
+    """
+    from lightning_forget.sharding import edit_local, is_sharded
+
+    weight = layer.get_base_layer().weight
+    delta = local_delta(layer, adapter, owner) if is_sharded(weight) else layer.get_delta_weight(adapter)
+    edit_local(weight, lambda local, d: local + d.to(local.device, local.dtype), delta)
+    return delta
 
 
 def peft_model_of(module: nn.Module) -> nn.Module:

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_forget.callbacks import GSLoRA
 from lightning_forget.callbacks.gs_lora import group_sparsity, lora_layers
+from lightning_forget.lora import local_delta
 from lightning_forget.datamodules import ForgetRetainDataModule
 from lightning_forget.modules import ContinualClassifier
 from tests.helpers.harness import params_vector, quiet_trainer, run_ddp_pair, run_stream, flat_tensors
@@ -497,7 +498,7 @@ def test_prototype_head_errors_name_the_fix(tmp_path):
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "gpt2_conv1d"])
 def test_merge_block_formula_equals_peft_delta(fan_in_fan_out) -> None:
-    """The sharded merge's ``ΔW`` block (``GSLoRA._local_delta``, here the whole block: plain weights)
+    """The sharded merge's ``ΔW`` block (``lora.local_delta``, here the whole block: plain weights)
     equals PEFT's ``get_delta_weight`` for a linear and for GPT-2's transposed Conv1D."""
     from peft import LoraConfig, inject_adapter_in_model
     from transformers.pytorch_utils import Conv1D
@@ -510,4 +511,4 @@ def test_merge_block_formula_equals_peft_delta(fan_in_fan_out) -> None:
         layer.lora_B["default"].weight.normal_()
     expected = layer.get_delta_weight("default")
     assert expected.abs().sum() > 0
-    assert torch.allclose(GSLoRA._local_delta(layer), expected, atol=1e-6)
+    assert torch.allclose(local_delta(layer, "default", "GSLoRA"), expected, atol=1e-6)

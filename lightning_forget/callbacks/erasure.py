@@ -28,8 +28,8 @@ from lightning_forget.distributed import rank_generator
 from lightning_forget.losses import output_loss, remove_training_step_hooks, training_step_hooks
 from lightning_forget.modules.diffusion import Concept, ddim_sample, guided_eps
 from lightning_forget.precision import forward_context
-from lightning_forget.lora import local_delta
-from lightning_forget.sharding import edit_local, is_sharded, local_view, reshard
+from lightning_forget.lora import add_delta_to_base
+from lightning_forget.sharding import is_sharded, local_view, reshard
 from lightning_forget.tasks import DDP_STRATEGIES, SHARDED_STRATEGIES, ContinualCallback, atomic_edit, strategy_name
 from lightning_forget.unlearning.erasure import cross_attention_projections, esd_target, parameter_set, uce_edit_projections
 from lightning_forget.unlearning.reference import ReferenceModel, has_lora_adapters
@@ -299,12 +299,12 @@ class ErasureMethod(ContinualCallback):
                 self._index(pl_module, c, "erase" if self.keep is None or c not in self.keep else "keep")
         if self.trains:
             self.select_parameters(pl_module)
-        if self.lora_rank is not None and strategy_name(trainer.strategy) in SHARDED_STRATEGIES and not self.sharded_lora:
-            raise RuntimeError(
-                f"{type(self).__name__}(lora_rank={self.lora_rank}) under ModelParallelStrategy: LoRA on a sharded module "
-                "is checked against DDP for ESD only (its shard-wise merge); this method's LoRA path is not. Fix: "
-                "lora_rank=None (full fine-tuning of the parameter set, sharded), or strategy='ddp'.")
         if self.lora_rank is not None and strategy_name(trainer.strategy) in SHARDED_STRATEGIES:
+            if not self.sharded_lora:
+                raise RuntimeError(
+                    f"{type(self).__name__}(lora_rank={self.lora_rank}) under ModelParallelStrategy: LoRA on a sharded "
+                    "module is checked against DDP for ESD only (its shard-wise merge); this method's LoRA path is not. "
+                    "Fix: lora_rank=None (full fine-tuning of the parameter set, sharded), or strategy='ddp'.")
             from peft.tuners.lora import LoraLayer
 
             convs = [n for n, m in pl_module.unet.named_modules()
@@ -414,12 +414,7 @@ def merge_lora_into_base(unet: torch.nn.Module) -> None:
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    weight = module.get_base_layer().weight
-                    if is_sharded(weight):
-                        delta = local_delta(module, adapter, "merge_lora_into_base")
-                    else:
-                        delta = module.get_delta_weight(adapter)
-                    edit_local(weight, lambda local, d: local + d.to(local.device, local.dtype), delta)
+                    add_delta_to_base(module, adapter, "merge_lora_into_base")
                     local_view(module.lora_B[adapter].weight).zero_()
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from lightning_forget.batch import BatchFields, stream_names
 from lightning_forget.forward import ModelForward
-from lightning_forget.lora import LoRASettings, find_blocks, local_delta
+from lightning_forget.lora import LoRASettings, add_delta_to_base, find_blocks
 from lightning_forget.losses import remove_training_step_hooks, training_step_hooks
 from lightning_forget.precision import forward_context
 from lightning_forget.sharding import (
@@ -365,16 +365,8 @@ class GSLoRA(ContinualCallback):
         merged: dict[str, Tensor] = {}
         with torch.no_grad():
             for name, layer in lora_layers(pl_module).items():
-                weight = layer.get_base_layer().weight
-                delta = self._local_delta(layer) if is_sharded(weight) else layer.get_delta_weight(ADAPTER)
-                edit_local(weight, lambda local, d: local + d.to(local.device, local.dtype), delta)
-                merged[name] = delta.detach().cpu().clone()
+                merged[name] = add_delta_to_base(layer, ADAPTER, "GSLoRA").detach().cpu().clone()
         return merged
-
-    @staticmethod
-    def _local_delta(layer: nn.Module) -> Tensor:
-        """The block of a sharded LoRA linear's ``ΔW`` this rank's shard of ``W`` holds (:func:`~lightning_forget.lora.local_delta`)."""
-        return local_delta(layer, ADAPTER, "GSLoRA")
 
     def undo(self, pl_module: nn.Module, task: int) -> None:
         """Subtract task ``task``'s merged ``ΔW`` from the base weights (needs ``keep_deltas``)."""
